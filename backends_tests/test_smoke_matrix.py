@@ -1,0 +1,9 @@
+"""The matrix itself: every backend loads, and round-trips arrays on its device."""
+
+import numpy as np
+
+
+def test_backend_round_trip(backend, dtype):
+    x = backend.asarray(np.arange(6.0).reshape(2, 3), dtype)
+    assert x.dtype == backend.dtype(dtype)
+    np.testing.assert_array_equal(backend.to_numpy(x), np.arange(6.0).reshape(2, 3))

@@ -1,0 +1,12 @@
+"""fastrpb: linear attention and FFT relative positional bias for every array library.
+
+One implementation, written against the Python array API standard, that runs on
+NumPy, CuPy, PyTorch, JAX (and any compliant library) arrays. See ``DESIGN.md`` and
+Zubkov & Gavrilov, "FastRPB: a Scalable Relative Positional Encoding for Long
+Sequence Tasks" (arXiv:2202.11364).
+"""
+
+from .bias import rpb, rpb_init, rpb_matrix, rpb_nd, symmetric_table
+
+__all__ = ["rpb", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
+__version__ = "0.1.0"

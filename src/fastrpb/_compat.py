@@ -1,0 +1,144 @@
+"""The one place where fastrpb meets array libraries.
+
+Every public function resolves its array namespace here, once, and passes ``xp``
+down to private helpers. This module is also the single home of what the array API
+standard does not give us; each helper says why it exists. No other module imports
+a framework or branches on one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "namespace",
+    "device_of",
+    "check_floating",
+    "compute_dtype",
+    "fft_namespace",
+    "next_fast_len",
+    "seeded_normal",
+    "int_arg",
+]
+
+
+def namespace(**arrays: Any) -> Any:
+    """Resolve the array namespace of named inputs (``None`` values are ignored).
+
+    Every value must be an array of a library the array API knows; all must come
+    from one library and live on one device. Errors name the offending argument.
+    """
+    given = {name: x for name, x in arrays.items() if x is not None}
+    for name, x in given.items():
+        if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+            raise TypeError(
+                f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any array API "
+                f"library), got {type(x).__name__}"
+            )
+    try:
+        xp = array_api_compat.array_namespace(*given.values())
+    except TypeError as exc:
+        kinds = ", ".join(f"{n}: {type(x).__module__}.{type(x).__name__}" for n, x in given.items())
+        raise TypeError(f"all arrays must come from one array library, got {kinds}") from exc
+    devices = {name: device_of(x) for name, x in given.items()}
+    # Under jax.jit the device of a tracer is unknown (None); there is nothing to compare.
+    known = {name: d for name, d in devices.items() if d is not None}
+    first = next(iter(known.items()), None)
+    if first is not None:
+        for name, d in known.items():
+            if d != first[1]:
+                raise ValueError(
+                    f"all arrays must be on one device: {first[0]} is on {first[1]!r} "
+                    f"but {name} is on {d!r}"
+                )
+    return xp
+
+
+def device_of(x: Any) -> Any:
+    """The device of ``x`` (``None`` for a JAX tracer inside ``jit``)."""
+    return array_api_compat.device(x)
+
+
+def check_floating(xp: Any, name: str, x: Any) -> None:
+    """Reject integer, bool and complex arrays with a message naming ``name``."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}"
+        )
+
+
+def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
+    """Return ``(result_dtype, compute_dtype)`` for floating inputs.
+
+    The result dtype follows the standard's promotion. Half precision (float16,
+    bfloat16) is computed in float32: CPU backends lack half-precision FFTs, CUDA
+    ones need power-of-two sizes for them, and reductions over long sequences lose
+    too much in 8 bits of mantissa.
+    """
+    result = xp.result_type(*arrays)
+    if result == xp.float64:
+        return result, xp.float64
+    return result, xp.float32
+
+
+def fft_namespace(xp: Any) -> Any:
+    """The FFT extension of ``xp``; it is optional in the standard, so say so if missing."""
+    fft = getattr(xp, "fft", None)
+    if fft is None:
+        raise TypeError(
+            f"the array library {getattr(xp, '__name__', xp)!r} does not provide the array "
+            "API FFT extension, which FastRPB needs (for array-api-strict, enable the "
+            "'fft' extension)"
+        )
+    return fft
+
+
+def next_fast_len(n: int) -> int:
+    """The smallest 5-smooth integer (2^a 3^b 5^c) that is ``>= n``.
+
+    The standard has no ``next_fast_len``; every FFT library is fastest on
+    5-smooth sizes and slow on sizes with large prime factors (2L - 1 = 1567 is
+    prime for L = 784). Pure Python: the candidates are few (O(log^3 n)).
+    """
+    if n <= 1:
+        return 1
+    best = 2 ** math.ceil(math.log2(n))
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            # smallest power of two lifting p35 to >= n
+            quotient = -(-n // p35)
+            candidate = p35 * (1 << max(0, (quotient - 1).bit_length()))
+            best = min(best, candidate)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def seeded_normal(xp: Any, shape: tuple[int, ...], *, seed: int, dtype: Any, device: Any) -> Any:
+    """Standard normal samples from an explicit seed, created on ``device``.
+
+    The standard has no random number generation. We draw with NumPy's
+    ``default_rng(seed)`` (so a seed gives the same numbers on every backend) and
+    move the small result to the requested namespace and device once. Only used
+    for parameters (tables, projections), never inside a forward pass.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    sample = np.random.default_rng(int(seed)).standard_normal(shape)
+    return xp.asarray(sample, dtype=dtype, device=device)
+
+
+def int_arg(name: str, value: Any, *, minimum: int) -> int:
+    """Validate a Python integer argument (shapes, lengths, counts)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
