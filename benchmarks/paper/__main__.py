@@ -1,0 +1,69 @@
+"""``python -m benchmarks.paper [--quick] [--seeds N] [--steps N] [--tasks ...] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .settings import FULL, QUICK, TASKS
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from .model import VARIANTS
+
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.paper",
+        description="Train every attention variant on Fashion-MNIST and ListOps for several seeds; "
+        "write results.json, results.md and curves.png into --out.",
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI (seconds, not a result)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 3; --quick: 2)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (same for every model)")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: paper-results or paper-results-quick)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, one process each (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
+    ap.add_argument("--replace", action="store_true",
+                    help="overwrite top-level results of another configuration in --out (per-run files never mix)")
+    a = ap.parse_args(argv)
+    if a.seeds is not None and a.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    if a.steps is not None and a.steps < 1:
+        ap.error("--steps must be >= 1")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    settings = QUICK if a.quick else FULL
+    if a.steps is not None:
+        settings = dataclasses.replace(settings, steps=a.steps)
+    if a.threads is not None:
+        settings = dataclasses.replace(settings, threads=a.threads)
+    seeds = list(range(a.seeds if a.seeds is not None else (2 if a.quick else 3)))
+    out = a.out or Path("paper-results-quick" if a.quick else "paper-results")
+
+    from .data import DataMissing
+    from .runner import ConfigMismatch, default_command, sweep
+
+    try:
+        import torch  # noqa: F401 - imported once here so forked workers share it
+        import tqdm  # noqa: F401
+    except ImportError as exc:
+        print(f"error: the paper benchmark needs PyTorch and tqdm ({exc}); pip install 'fastrpb[torch,bench]'", file=sys.stderr)
+        return 2
+    try:
+        sweep(settings=settings, tasks=list(a.tasks), variants=list(a.variants), seeds=seeds, out=out,
+              jobs=a.jobs, replace=a.replace, command=default_command(),
+              log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (DataMissing, ConfigMismatch) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
