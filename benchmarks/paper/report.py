@@ -74,7 +74,9 @@ def _compare(results: dict, task: str, a: str, b: str) -> dict | None:
     na, nb = len(ra["seeds"]), len(rb["seeds"])
     diff = ra["acc_mean"] - rb["acc_mean"]
     se = math.sqrt(ra["acc_std"] ** 2 / na + rb["acc_std"] ** 2 / nb)
-    if diff > 2 * se and diff > 0:
+    if min(na, nb) < 2:
+        verdict = "not resolved (one seed: no spread to judge by)"
+    elif diff > 2 * se and diff > 0:
         verdict = "held"
     elif diff < -2 * se and diff < 0:
         verdict = "did not hold (the opposite was seen)"

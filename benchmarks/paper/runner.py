@@ -165,7 +165,7 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
         if reuse:
             log(f"{task}: reusing {reuse} finished run(s) of this configuration")
         t0 = time.perf_counter()
-        data = load_task(task, settings)
+        data = load_task(task, settings, cache=out / "data")
         task_info[task] = {**task_stats(data), "load_s": time.perf_counter() - t0}
         todo += [(data, v, sd) for v, sd in need]
     warm_imports()

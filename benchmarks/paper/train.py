@@ -10,10 +10,12 @@ process*, and "extra" is that peak minus the RSS just before the model was built
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,29 @@ class TaskData:
     len_test: np.ndarray | None = None
 
 
-def load_task(task: str, s: Settings) -> TaskData:
+def _listops_cached(spec, cache: Path | None):
+    """Generate (or load from ``cache``) encoded ListOps for ``spec``: ids, lengths, labels."""
+    from . import data
+
+    key = None
+    if cache is not None:
+        h = hashlib.sha256(repr(spec).encode() + Path(data.__file__).read_bytes()).hexdigest()[:12]
+        key = cache / f"listops-{h}.npz"
+        if key.exists():
+            z = np.load(key)
+            return z["ids"], z["lengths"], z["labels"]
+    seqs, labels = data.generate_listops(spec)
+    ids, lengths = data.encode_listops(seqs)
+    if key is not None:
+        key.parent.mkdir(parents=True, exist_ok=True)
+        tmp = key.with_name(key.stem + f".tmp{os.getpid()}.npz")
+        np.savez_compressed(tmp, ids=ids, lengths=lengths, labels=labels)
+        os.replace(tmp, key)
+    return ids, lengths, labels
+
+
+def load_task(task: str, s: Settings, cache: Path | None = None) -> TaskData:
+    """The arrays of one task; generated ListOps is cached under ``cache`` (keyed by spec and generator code)."""
     from . import data
 
     if task == "fmnist":
@@ -44,10 +68,8 @@ def load_task(task: str, s: Settings) -> TaskData:
     if task == "listops":
         common = dict(min_len=s.listops_min_len, max_len=s.listops_max_len,
                       max_depth=s.listops_max_depth, max_args=s.listops_max_args)
-        tr, ytr = data.generate_listops(data.ListOpsSpec(s.listops_train, seed=s.data_seed, **common))
-        te, yte = data.generate_listops(data.ListOpsSpec(s.listops_test, seed=s.data_seed + 1, **common))
-        xtr, ltr = data.encode_listops(tr)
-        xte, lte = data.encode_listops(te)
+        xtr, ltr, ytr = _listops_cached(data.ListOpsSpec(s.listops_train, seed=s.data_seed, **common), cache)
+        xte, lte, yte = _listops_cached(data.ListOpsSpec(s.listops_test, seed=s.data_seed + 1, **common), cache)
         return TaskData(task, xtr, ytr, xte, yte, ltr, lte)
     raise ValueError(f"unknown task {task!r}")
 
