@@ -231,7 +231,7 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str) ->
         "O(L log L) by FFT.",
         "",
         f"Accuracy is measured once, after the last step, on the {s['fmnist_test']} / {s['listops_test']} test "
-        "examples (no model selection on the test set). " + results["time_measure"].capitalize() + ". "
+        "examples (no model selection on the test set). Time: " + results["time_measure"] + ". "
         "Memory: " + results["memory_measure"] + ".",
         "",
         "## Results",
