@@ -376,3 +376,33 @@ def test_two_devices_are_rejected(backend):
         pytest.skip(f"{backend.name} offers a single device here")
     with pytest.raises(ValueError, match=r"one device: v is on .* but w is on"):
         fastrpb.rpb(v, w)
+
+
+# ----------------------------------------------------------------- properties
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    L=st.integers(1, 40),
+    extra=st.integers(0, 5),
+    heads=st.sampled_from([(), (1,), (3,)]),
+    causal=st.booleans(),
+    a=st.integers(0, 2),
+    b=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_rpb_property(backend, L, extra, heads, causal, a, b, seed):
+    """Random lengths, tables, head shapes, causal and skip against the dense oracle."""
+    rng = np.random.default_rng(seed)
+    inner = max(L - a - b, 0)
+    M = max(inner, 1) + extra
+    v = rng.standard_normal((2, *heads, L, 2)) if heads else rng.standard_normal((L, 2))
+    w = rng.standard_normal((*heads, 2 * M - 1))
+    if a + b > L:
+        with pytest.raises(ValueError, match="skip"):
+            fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
+        return
+    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
+    assert_close(backend, out, oracle_rpb(v, w, causal, (a, b)), "float64")
