@@ -28,6 +28,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
     ap.add_argument("--replace", action="store_true",
                     help="overwrite top-level results of another configuration in --out (per-run files never mix)")
+    ap.add_argument("--report-partial", action="store_true",
+                    help="train nothing; report the finished runs of this configuration, marked partial")
     a = ap.parse_args(argv)
     if a.seeds is not None and a.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         sweep(settings=settings, tasks=list(a.tasks), variants=list(a.variants), seeds=seeds, out=out,
-              jobs=a.jobs, replace=a.replace, command=default_command(),
+              jobs=a.jobs, replace=a.replace, command=default_command(), partial=a.report_partial,
               log=lambda m: print(m, file=sys.stderr, flush=True))
     except (DataMissing, ConfigMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -135,15 +135,20 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: list[int], out: Path,
-          jobs: int = 1, replace: bool = False, command: str | None = None, log=print) -> dict:
-    """Run (or reuse) every (task, variant, seed); write results.json / .md / curves.png."""
+          jobs: int = 1, replace: bool = False, command: str | None = None, partial: bool = False,
+          log=print) -> dict:
+    """Run (or reuse) every (task, variant, seed); write results.json / .md / curves.png.
+
+    ``partial=True`` trains nothing: it reports the runs of this configuration that have
+    finished so far, marked ``"partial": true`` with the list of missing runs.
+    """
     from . import report
 
     code = code_digest()
     h = config_hash(settings, code)
     out.mkdir(parents=True, exist_ok=True)
     top = out / "results.json"
-    if top.exists() and not replace:
+    if top.exists() and not replace and not (partial and json.loads(top.read_text()).get("partial")):
         old = json.loads(top.read_text())
         same = (old.get("config_hash") == h and old.get("tasks") == tasks and old.get("variants") == variants
                 and old.get("seeds") == seeds)
@@ -167,7 +172,8 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
         t0 = time.perf_counter()
         data = load_task(task, settings, cache=out / "data")
         task_info[task] = {**task_stats(data), "load_s": time.perf_counter() - t0}
-        todo += [(data, v, sd) for v, sd in need]
+        if not partial:
+            todo += [(data, v, sd) for v, sd in need]
     warm_imports()
     ctx = mp.get_context("fork")
     running: dict[int, tuple] = {}
@@ -196,13 +202,21 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
                 log(f"FAILED {task} {v} seed {sd}:\n{msg}")
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed; first: {failures[0][:3]}\n{failures[0][3]}")
-    runs = []
+    runs, missing = [], []
     for task in tasks:
         for v in variants:
             for sd in seeds:
-                r = json.loads(run_path(out, h, task, v, sd).read_text())
+                path = run_path(out, h, task, v, sd)
+                if not path.exists():
+                    missing.append({"task": task, "variant": v, "seed": sd})
+                    continue
+                r = json.loads(path.read_text())
                 assert r["config_hash"] == h
                 runs.append(r)
+    if missing and not partial:
+        raise RuntimeError(f"{len(missing)} run(s) have no result: {missing[:3]}")
+    if not runs:
+        raise RuntimeError(f"no finished runs of configuration {h} in {out / 'runs' / h}")
     results = {
         "config_hash": h,
         "code_digest": code,
@@ -224,6 +238,8 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
                           "'extra' = that peak minus the worker's RSS before the model was built",
         "time_measure": "median wall time of one optimiser step (forward, backward, clip, AdamW) "
                         "over the steps after the first 5, per seed; the table shows the median over seeds",
+        "partial": bool(missing),
+        "missing_runs": missing,
         "runs": runs,
         "summary": summarise(runs),
     }
