@@ -2,9 +2,10 @@
 
 The experiment must exercise the library, so this module contains no attention maths
 of its own: every attention output comes from ``fastrpb.softmax_attention`` or
-``fastrpb.linear_attention``, every FastRPB term from ``fastrpb.rpb`` (1-d, ListOps) or
-``fastrpb.rpb_nd`` (2-d, images), and the softmax logits bias from
-``fastrpb.rpb_matrix``, all on torch tensors through the array API.
+``fastrpb.linear_attention``, every FastRPB term from those functions' ``rpb=`` (1-d, ListOps) or
+``rpb_tables=``/``rpb_grid=`` (2-d, images) arguments, which call ``fastrpb.rpb`` and
+``fastrpb.rpb_nd``, and the softmax logits bias from ``fastrpb.rpb_matrix``, all on
+torch tensors through the array API.
 
 Variants (same width, depth, optimiser and steps):
 
@@ -114,21 +115,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         B, L, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
-        km = None
-        if key_mask is not None:
-            v = v * key_mask[:, None, :, None]  # padding gives no FastRPB term either
-            km = key_mask[:, None, :]  # (B, 1, L) broadcasts over heads
+        # (B, 1, L) broadcasts over heads; the library also keeps padding out of the FastRPB term
+        km = key_mask[:, None, :] if key_mask is not None else None
         var = self.variant
-        if var.attention == "softmax":
-            bias = self._logits_bias(L) if var.bias == "logits" else None
-            o = fastrpb.softmax_attention(q, k, v, key_mask=km, logits_bias=bias)
-        else:
-            o = fastrpb.linear_attention(q, k, v, feature_map=var.attention, key_mask=km)
-        if var.bias == "rpb":
+        bias: dict = {}
+        if var.bias == "rpb":  # FastRPB: the library adds B @ v to the attention output
             if self.geom.kind == "grid":
-                o = o + fastrpb.rpb_nd(v, list(self.tables), self.geom.grid, skip=self.geom.skip)
+                bias = dict(rpb_tables=list(self.tables), rpb_grid=self.geom.grid, rpb_skip=self.geom.skip)
             else:
-                o = o + fastrpb.rpb(v, self.tables[0], skip=self.geom.skip)
+                bias = dict(rpb=self.tables[0], rpb_skip=self.geom.skip)
+        if var.attention == "softmax":
+            logits = self._logits_bias(L) if var.bias == "logits" else None
+            o = fastrpb.softmax_attention(q, k, v, key_mask=km, logits_bias=logits, **bias)
+        else:
+            o = fastrpb.linear_attention(q, k, v, feature_map=var.attention, key_mask=km, **bias)
         return self.out(o.transpose(1, 2).reshape(B, L, -1))
 
 
