@@ -175,6 +175,9 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
         if not partial:
             todo += [(data, v, sd) for v, sd in need]
     warm_imports()
+    # seed by seed (an interrupted sweep still has every model), the slowest models first
+    cost = {"fmnist": 2, "listops": 1}
+    todo.sort(key=lambda t: (t[2], not t[1].startswith("softmax"), -cost.get(t[0].name, 0)))
     ctx = mp.get_context("fork")
     running: dict[int, tuple] = {}
     free_slots = list(range(jobs))

@@ -21,9 +21,9 @@ TASKS = ("fmnist", "listops")
 class Settings:
     # --- data
     fmnist_train: int = 10_000
-    fmnist_test: int = 1_000
+    fmnist_test: int = 500
     listops_train: int = 5_000
-    listops_test: int = 1_000
+    listops_test: int = 500
     listops_min_len: int = 500
     listops_max_len: int = 600
     listops_max_depth: int = 10
@@ -35,15 +35,15 @@ class Settings:
     layers: int = 2
     d_ff: int = 64
     # --- optimisation (identical for every variant)
-    steps: int = 200
+    steps: int = 150
     batch: int = 8
     lr: float = 2e-3
     warmup: float = 0.1  # fraction of the steps
     weight_decay: float = 0.01
     clip: float = 1.0
     # --- evaluation
-    eval_points: int = 4  # learning-curve evaluations (the last is the final test)
-    curve_examples: int = 250  # test examples at the intermediate curve points
+    eval_points: int = 3  # learning-curve evaluations (the last is the final test)
+    curve_examples: int = 100  # test examples at the intermediate curve points
     eval_batch: int = 50
     # --- execution (does not change results, so not hashed)
     threads: int = 1
