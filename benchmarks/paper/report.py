@@ -141,16 +141,19 @@ def plot(results: dict, path: Path) -> None:
             k = max(1, len(loss) // 20)
             smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
             ax_loss.plot(np.arange(len(smooth)) + k, smooth, **kw)
+            correct = np.mean([r["train_correct"] for r in rs], axis=0) / rs[0]["batch"] * 100
+            smooth_acc = np.convolve(correct, np.ones(k) / k, mode="valid")
+            ax_acc.plot(np.arange(len(smooth_acc)) + k, smooth_acc, alpha=0.8, **kw)
             steps = [p["step"] for p in rs[0]["curve"]]
             acc = np.array([[p["acc"] for p in r["curve"]] for r in rs]) * 100
             ax_acc.errorbar(steps, acc.mean(0), yerr=acc.std(0, ddof=1) if len(rs) > 1 else None,
-                            capsize=3, marker="o", ms=3, **kw)
-        ax_loss.set_title(f"{task}: training loss (mean over seeds, moving average)")
+                            capsize=3, marker="o", ms=4, color=kw["color"], linestyle="none")
+        ax_loss.set_title(f"{task}: training loss (mean over seeds, moving average)", fontsize=10)
         ax_loss.set_xlabel("step")
-        ax_acc.set_title(f"{task}: test accuracy % (mean ± std over seeds)")
+        ax_acc.set_title(f"{task}: accuracy %: training batches (lines), test (points, ± std)", fontsize=10)
         ax_acc.set_xlabel("step")
         ax_acc.axhline(100 * results["data"][task]["majority_class_test_acc"], color="grey", lw=0.8)
-    axes[0][1].legend(fontsize=7, loc="best")
+    axes[0][0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

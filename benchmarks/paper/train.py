@@ -188,6 +188,7 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
     pos = 0
     curve_at = sorted({max(1, round(s.steps * (i + 1) / s.eval_points)) for i in range(s.eval_points)})
     losses: list[float] = []
+    train_correct: list[int] = []  # per batch: a free learning curve (training accuracy)
     step_times: list[float] = []
     curve: list[dict] = []
     eval_time = 0.0
@@ -203,7 +204,8 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
         for g in opt.param_groups:
             g["lr"] = _lr(step, s)
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(xb, mask), yb)
+        logits = model(xb, mask)
+        loss = torch.nn.functional.cross_entropy(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
@@ -212,6 +214,7 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
         lv = float(loss.detach())
         finite = finite and math.isfinite(lv)
         losses.append(lv)
+        train_correct.append(int((logits.detach().argmax(-1) == yb).sum()))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{lv:.3f}", refresh=False)
@@ -235,6 +238,8 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
         "n_test": int(len(d.y_test)),
         "curve": curve,
         "loss": losses,
+        "train_correct": train_correct,
+        "batch": s.batch,
         "loss_finite": finite,
         "step_time_median_s": float(np.median(timed)),
         "step_time_mean_s": float(np.mean(timed)),
