@@ -122,3 +122,28 @@ def test_quick_run_end_to_end(tmp_path: Path):
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
     assert "GENERATED" in text and res["config_hash"] in text and "36.37" in text
+
+
+def test_logits_bias_is_the_same_table_as_fastrpb():
+    """The softmax+logits variant's dense bias is the matrix that FastRPB applies to v."""
+    if not _torch_selected():
+        pytest.skip("the paper models are PyTorch modules; torch is not in FASTRPB_BACKENDS")
+    import torch
+
+    import fastrpb
+    from benchmarks.paper.model import Attention, Geometry, Variant
+
+    torch.manual_seed(0)
+    for geom, L in ((Geometry("grid", 12, (3, 4)), 13), (Geometry("seq", 9), 8)):
+        att = Attention(8, 2, Variant.parse("softmax+logits"), geom, seed=1)
+        with torch.no_grad():
+            for t in att.tables:
+                t.normal_()
+        dense = att._logits_bias(L).double()  # (H, L, L), class token row/column zero
+        v = torch.randn(2, L, 3, dtype=torch.float64)
+        tables = [t.double() for t in att.tables]
+        if geom.kind == "grid":
+            want = fastrpb.rpb_nd(v, tables, geom.grid, skip=(1, 0))
+        else:
+            want = fastrpb.rpb(v, tables[0], skip=(1, 0))
+        torch.testing.assert_close(dense @ v, want, rtol=1e-5, atol=1e-5)  # dense summed in float32
