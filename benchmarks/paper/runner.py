@@ -67,6 +67,19 @@ def _worker(d: TaskData, variant: str, seed: int, s: Settings, h: str, path: str
     os._exit(0)
 
 
+def _timing_worker(d: TaskData, variants: list[str], s: Settings, h: str, path: str) -> None:
+    from .timing import interleaved_step_times
+
+    try:
+        res = interleaved_step_times(d, variants, s, rounds=s.timing_rounds)
+        res["config_hash"] = h
+        _atomic_write(Path(path), json.dumps(res))
+    except BaseException:  # noqa: BLE001
+        _atomic_write(Path(path).with_suffix(".error.json"), json.dumps({"error": traceback.format_exc()}))
+        os._exit(1)
+    os._exit(0)
+
+
 def versions() -> dict:
     from importlib import metadata
 
@@ -164,6 +177,7 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
     load_start = os.getloadavg()
     todo = []
     task_info = {}
+    datas: dict[str, TaskData] = {}
     for task in tasks:
         need = [(v, sd) for v in variants for sd in seeds if not run_path(out, h, task, v, sd).exists()]
         reuse = len(variants) * len(seeds) - len(need)
@@ -171,6 +185,7 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
             log(f"{task}: reusing {reuse} finished run(s) of this configuration")
         t0 = time.perf_counter()
         data = load_task(task, settings, cache=out / "data")
+        datas[task] = data
         task_info[task] = {**task_stats(data), "load_s": time.perf_counter() - t0}
         if not partial:
             todo += [(data, v, sd) for v, sd in need]
@@ -203,6 +218,21 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
                 msg = json.loads(err.read_text())["error"] if err.exists() else f"exit code {p.exitcode}"
                 failures.append((task, v, sd, msg))
                 log(f"FAILED {task} {v} seed {sd}:\n{msg}")
+    # interleaved step timing, alone on the machine (no training worker running)
+    timing = {}
+    for task in tasks:
+        tpath = out / "runs" / h / task / ("timing-" + "_".join(v.replace("+", "_") for v in variants) + ".json")
+        if not tpath.exists() and not partial and settings.timing_rounds > 0:
+            log(f"{task}: interleaved step timing of {len(variants)} variants, {settings.timing_rounds} rounds")
+            p = ctx.Process(target=_timing_worker, args=(datas[task], variants, settings, h, str(tpath)))
+            p.start()
+            p.join()
+            if p.exitcode != 0 or not tpath.exists():
+                err = tpath.with_suffix(".error.json")
+                msg = json.loads(err.read_text())["error"] if err.exists() else f"exit code {p.exitcode}"
+                failures.append((task, "timing", -1, msg))
+        if tpath.exists():
+            timing[task] = json.loads(tpath.read_text())
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed; first: {failures[0][:3]}\n{failures[0][3]}")
     runs, missing = [], []
@@ -243,6 +273,10 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
                         "over the steps after the first 5, per seed; the table shows the median over seeds",
         "partial": bool(missing),
         "missing_runs": missing,
+        "timing_measure": "in one process per task, one optimiser step of each variant in "
+                          "turn on the same training batch, for several rounds after a warm-up step; "
+                          "the minimum over rounds",
+        "timing": timing,
         "runs": runs,
         "summary": summarise(runs),
     }

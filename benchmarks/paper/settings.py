@@ -46,6 +46,8 @@ class Settings:
     # the learning curves then show training loss and training accuracy (free, from the batches)
     curve_examples: int = 100  # test examples at the intermediate curve points
     eval_batch: int = 50
+    # --- interleaved step timing after training (see timing.py); 0 = none
+    timing_rounds: int = 5
     # --- execution (does not change results, so not hashed)
     threads: int = 1
 
@@ -73,6 +75,7 @@ QUICK = Settings(
     eval_points=2,  # exercises the intermediate evaluation too
     curve_examples=16,
     eval_batch=16,
+    timing_rounds=2,
 )
 
 
@@ -80,7 +83,7 @@ def code_digest() -> str:
     """Hash of the library source and of the experiment code that runs the models."""
     here = Path(__file__).resolve().parent
     lib = Path(__import__("fastrpb").__file__).resolve().parent
-    files = sorted(lib.glob("*.py")) + sorted(here / n for n in ("data.py", "model.py", "train.py", "settings.py"))
+    files = sorted(lib.glob("*.py")) + sorted(here / n for n in ("data.py", "model.py", "train.py", "settings.py", "timing.py"))
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
