@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: paper-results or paper-results-quick)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, one process each (default 1)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="runs trained at the same time, one process each (default: 2, or 1 on a 1-core machine)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
     ap.add_argument("--replace", action="store_true",
                     help="overwrite top-level results of another configuration in --out (per-run files never mix)")
@@ -33,6 +35,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.seeds is not None and a.seeds < 1:
         ap.error("--seeds must be >= 1")
+    if a.jobs < 1:
+        ap.error("--jobs must be >= 1")
     if a.steps is not None and a.steps < 1:
         ap.error("--steps must be >= 1")
     return a
