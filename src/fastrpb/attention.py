@@ -179,12 +179,17 @@ def _add_bias(
     if key_mask is not None:
         # a padding key must not leak into the output through the bias either
         v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
-    if rpb is not None:
-        term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip)
-    else:
-        if causal:
-            raise ValueError("the N-d bias (rpb_tables/rpb_grid) is not causal; use rpb= for causal attention")
-        term = _bias.rpb_nd(v, rpb_tables, rpb_grid, skip=rpb_skip)
+    if rpb_tables is not None and causal:
+        raise ValueError("the N-d bias (rpb_tables/rpb_grid) is not causal; use rpb= for causal attention")
+    try:
+        if rpb is not None:
+            term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip)
+        else:
+            term = _bias.rpb_nd(v, rpb_tables, rpb_grid, skip=rpb_skip)
+    except (TypeError, ValueError) as exc:
+        # fastrpb.bias names its own arguments (w, tables, grid, skip); say where they came from
+        given = "rpb" if rpb is not None else "rpb_tables/rpb_grid"
+        raise type(exc)(f"in the FastRPB term ({given}=, rpb_skip=): {exc}") from exc
     return out + xp.astype(term, out.dtype, copy=False)
 
 
