@@ -476,8 +476,34 @@ def _bad_calls(backend):
         ("state Dk", lambda: linear_attention_step(elu_state, a(2, 6), a(2, 6), v[:, 0, :]), ValueError, r"state.S must have shape"),
         ("state lead", lambda: linear_attention_step(elu_state, a(3, 4), a(3, 4), a(3, 3)), ValueError, r"leading dimensions of state"),
         ("state type", lambda: linear_attention_step((1, 2), q[:, 0, :], k[:, 0, :], v[:, 0, :]), TypeError, r"state must be a LinearAttentionState"),
+        ("mixed libraries", lambda: linear_attention(q, k, _other_library(backend, v)), TypeError, r"one array library|v must be an array"),
         ("step width", lambda: linear_attention_step(None, q[:, 0, :], a(2, 3), v[:, 0, :]), ValueError, r"k_t must have the width Dk of q_t"),
     ]
+
+
+def _other_library(backend, x):
+    """``x`` as an array of another library than the backend's."""
+    xn = backend.to_numpy(x)
+    if backend.name == "numpy":
+        import array_api_strict
+
+        return array_api_strict.asarray(xn)
+    return xn
+
+
+def test_empty_sequences(backend, rng):
+    (q, k, v), _ = _inputs(backend, rng, "float64", Lq=0)
+    for name in ("elu", "sikf"):
+        for causal in (False, True):
+            out = linear_attention(q, k, v, feature_map=name, causal=causal)
+            assert out.shape == (2, 0, 3)
+        out, state = linear_attention(q, k, v, feature_map=name, causal=True, return_state=True)
+        (q1, k1, v1), (qn, kn, vn) = _inputs(backend, rng, "float64", Lq=1)
+        out_t, _ = linear_attention_step(state, q1[:, 0, :], k1[:, 0, :], v1[:, 0, :], feature_map=name)
+        assert_close(backend, out_t, _oracle(name, qn, kn, vn, causal=True, eps=1e-6)[:, 0], "float64")
+    (q, k, v), _ = _inputs(backend, rng, "float64", Lq=3, Lk=0)
+    np.testing.assert_array_equal(backend.to_numpy(linear_attention(q, k, v, feature_map="sikf")), np.zeros((2, 3, 3)))
+    np.testing.assert_array_equal(backend.to_numpy(softmax_attention(q, k, v)), np.zeros((2, 3, 3)))
 
 
 def test_bad_input_errors(backend):
