@@ -155,3 +155,15 @@ def test_resolve_names_callables_and_errors(backend):
     with pytest.raises(ValueError, match=r"x has width D = 2 but the favor projection has shape \(m, d\) = \(4, 3\)"):
         fm.favor(w).queries(backend.asarray(np.zeros((2, 2))))
     assert math.isclose(1.0, 1.0)
+
+
+def test_maps_under_jit(backend, rng):
+    if backend.jit is None:
+        pytest.skip(f"{backend.name} has no jit")
+    x, xn = _input(backend, rng, "float64")
+    for fmap, formula in ((fm.sikf(), lambda a: np.exp(a - a.max(-1, keepdims=True))), (fm.elu(), oracles.elu1)):
+        assert_close(backend, backend.jit(fmap.queries)(x), formula(xn), "float64")
+    w = backend.jit(lambda like: random_projection(6, 4, seed=5, like=like))(x)
+    np.testing.assert_array_equal(backend.to_numpy(w), backend.to_numpy(random_projection(6, 4, seed=5, like=x)))
+    f = fm.favor(w)
+    assert_close(backend, backend.jit(f.keys)(x), backend.to_numpy(f.keys(x)), "float64")

@@ -417,7 +417,8 @@ def linear_attention(
     over all keys ``j`` (non-causal) or ``j <= i`` (causal); the second term is
     present only with ``rpb=`` (or ``rpb_tables=``/``rpb_grid=``).
 
-    Non-causal: ``phi(Q) (phi(K)^T [V, 1])``, O(L F Dv) time. Causal: chunks of ``C``
+    Non-causal: ``phi(Q) (phi(K)^T V)`` over ``phi(Q) sum_j phi(k_j)``, O(L F Dv) time.
+    Causal: chunks of ``C``
     tokens, a masked ``tril(Qc Kc^T) [Vc, 1]`` inside each chunk and an exclusive prefix
     sum of the chunk states ``Kc^T [Vc, 1]`` across chunks, O(L C F + L F Dv) time and
     O(L (F + Dv) + (L / C) F Dv) memory. For ``sikf``/``favor`` the exponentials are
