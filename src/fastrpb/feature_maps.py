@@ -38,6 +38,12 @@ from ._compat import (
 
 __all__ = [
     "FeatureMap",
+    "ELU",
+    "ReLU",
+    "SIKF",
+    "DPFP",
+    "FAVOR",
+    "RFF",
     "elu",
     "relu",
     "sikf",
