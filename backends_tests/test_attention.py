@@ -64,8 +64,8 @@ def test_other_maps_match_dense_oracle(backend, rng, name):
 
 @pytest.mark.parametrize("name", ["elu", "sikf"])
 def test_causal_lengths_and_chunk_sizes(backend, rng, name):
-    # L = 1; L shorter than, equal to, a multiple of, and not a multiple of C
-    for L, C in ((1, 64), (5, 1), (5, 5), (8, 4), (13, 3), (13, 64)):
+    # L = 1 (shorter than C), C = 1, L a multiple of C, L not a multiple of C
+    for L, C in ((1, 64), (5, 1), (8, 4), (13, 3)):
         (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", lead=(), Lq=L)
         out = linear_attention(q, k, v, feature_map=name, causal=True, chunk_size=C)
         assert_close(backend, out, _oracle(name, qn, kn, vn, causal=True, eps=1e-6), "float64")
@@ -230,7 +230,7 @@ def test_sikf_decoding_rescales_without_overflow(backend, rng):
 
 # --------------------------------------------------------------------------- SIKF numerics
 def test_sikf_large_logits_are_finite(backend, rng):
-    L = 10
+    L = 7
     qn = rng.uniform(-1e4, 1e4, (2, L, 4))
     kn = rng.uniform(-1e4, 1e4, (2, L, 4))
     vn = rng.standard_normal((2, L, 3))
@@ -321,7 +321,7 @@ def test_softmax_attention_is_stable_and_cross(backend, rng):
 
 # --------------------------------------------------------------------------- arrays and devices
 def test_results_stay_on_the_input_library_and_device(backend, dtype, rng):
-    (q, k, v), _ = _inputs(backend, rng, dtype, Lq=5)
+    (q, k, v), _ = _inputs(backend, rng, dtype)
     work = backend.xp.float64 if dtype == "float64" else backend.xp.float32
     for out in (
         linear_attention(q, k, v, feature_map="sikf"),
@@ -344,10 +344,10 @@ def _device(x):
 
 
 def test_inputs_are_not_mutated(backend, rng):
-    (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", Lq=6)
-    mask_n = rng.random((2, 6)) > 0.2
+    (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64")
+    mask_n = rng.random((2, 7)) > 0.2
     mask = backend.asarray(mask_n, None)
-    wn = rng.standard_normal(11)
+    wn = rng.standard_normal(13)
     w = backend.asarray(wn)
     for name in ("elu", "sikf"):
         for causal in (False, True):

@@ -268,6 +268,11 @@ def _normalise(xp: Any, num: Any, den: Any, eps: Any) -> Any:
 def _features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple[Any, Any]:
     """Query and key features; padding keys get exactly zero features."""
     fq, fk = fmap._queries(xp, q), fmap._keys(xp, k)
+    if fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(
+            f"feature_map {fmap.signature} gives queries {fq.shape[-1]} features but keys "
+            f"{fk.shape[-1]}; they must match"
+        )
     if key_mask is not None:
         fk = xp.where(key_mask[..., None], fk, xp.zeros((), dtype=fk.dtype, device=device_of(fk)))
     return fq, fk
