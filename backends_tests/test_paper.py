@@ -117,11 +117,13 @@ def test_quick_run_end_to_end(tmp_path: Path):
     # the docs page is generated from the JSON
     page = tmp_path / "experiments.md"
     env = _env()
-    gen = subprocess.run([sys.executable, "-m", "benchmarks.paper.report", str(out / "results.json"), "--page", str(page)],
+    gen = subprocess.run([sys.executable, "-m", "benchmarks.paper.report", str(out / "results.json"), "--page", str(page),
+                          "--extra", str(out / "results.json")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
     assert "GENERATED" in text and res["config_hash"] in text and "36.37" in text
+    assert "## Further sweep" in text and "## Summary" in text and "identical test accuracies" in text
 
 
 def test_logits_bias_is_the_same_table_as_fastrpb():

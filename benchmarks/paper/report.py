@@ -180,7 +180,10 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- docs page
-def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str) -> str:
+def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
+         extras: list[tuple[dict, str, str]] = ()) -> str:
+    """The Experiments page; ``extras`` are (results, path as given, plot path relative to the page)
+    of further sweeps with the same settings (e.g. more seeds for some models)."""
     s = results["settings"]
     v = results["versions"]
     m = results["machine"]
@@ -211,7 +214,9 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str) ->
         "apt-get install -y dataset-fashion-mnist   # Fashion-MNIST, from Debian",
         "pip install -e '.[torch,bench]'",
         f"PYTHONPATH=src:. {results['command']}",
-        f"PYTHONPATH=src:. python -m benchmarks.paper.report {results_arg} --page docs/experiments.md",
+        *[f"PYTHONPATH=src:. {ex['command']}" for ex, _, _ in extras],
+        f"PYTHONPATH=src:. python -m benchmarks.paper.report {results_arg} --page docs/experiments.md"
+        + "".join(f" --extra {arg}" for _, arg, _ in extras),
         "```",
         "",
         f"- Config hash `{results['config_hash']}` (settings and code); finished {results['finished_utc']}, "
@@ -273,7 +278,71 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str) ->
         "",
     ]
     lines += _plain_statement(results, cl)
+    for ex, arg, ex_plot in extras:
+        lines += _extra_section(results, ex, arg, ex_plot)
+    lines += _summary(results, [ex for ex, _, _ in extras])
     return "\n".join(lines) + "\n"
+
+
+def _extra_section(main: dict, ex: dict, arg: str, plot_rel: str) -> list[str]:
+    same = ex["config_hash"] == main["config_hash"]
+    names = ", ".join(VARIANT_TITLES.get(v, v) for v in ex["variants"])
+    out = [
+        f"## Further sweep: {ex['settings']['steps']} steps, {len(ex['seeds'])} seeds ({names})",
+        "",
+        f"These models were run again with {len(ex['seeds'])} seeds and {ex['settings']['steps']} steps "
+        f"(`{ex['command']}`, results in `{arg}`, {ex['sweep_wall_s'] / 60:.0f} min). "
+        + ("Settings and code are identical to the main sweep (same config hash "
+           f"`{ex['config_hash']}`)." if same else _differences(main, ex)),
+        "",
+    ]
+    shared = []
+    for r in ex["runs"]:
+        for m in main["runs"]:
+            if (m["task"], m["variant"], m["seed"]) == (r["task"], r["variant"], r["seed"]):
+                shared.append(abs(m["test_acc"] - r["test_acc"]))
+    if shared and same:
+        worst = max(shared)
+        out.append(
+            f"Reproducibility: the {len(shared)} (task, model, seed) runs that both sweeps trained give "
+            + ("identical test accuracies." if worst == 0 else f"test accuracies that differ by up to {100 * worst:.2f} points.")
+        )
+        out.append("")
+    out += [table(ex), f"![learning curves, more seeds]({plot_rel})", "", claims_md(ex), ""]
+    return out
+
+
+def _differences(main: dict, ex: dict) -> str:
+    diff = [f"{k} = {v} (main sweep: {main['settings'].get(k)})" for k, v in ex["settings"].items()
+            if main["settings"].get(k) != v]
+    code = "the same code" if ex.get("code_digest") == main.get("code_digest") else "**different code**"
+    return (f"Config hash `{ex['config_hash']}`: " + ("; ".join(diff) if diff else "the same settings")
+            + f", {code} (digest `{ex.get('code_digest')}`).")
+
+
+def _summary(main: dict, extras: list[dict]) -> list[str]:
+    """Every claim in every sweep, side by side."""
+    sweeps = [main, *extras]
+    heads = [f"{sw['settings']['steps']} steps, {len(sw['seeds'])} seeds" + (" (main)" if i == 0 else "")
+             for i, sw in enumerate(sweeps)]
+    cells: dict[tuple, dict[int, str]] = {}
+    titles: dict[tuple, str] = {}
+    for i, sw in enumerate(sweeps):
+        for c in claims(sw):
+            key = (c["task"], c["a"], c["b"])
+            titles[key] = c["claim"]
+            word = c["verdict"].split(" (")[0]
+            cells.setdefault(key, {})[i] = f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f}: {word}"
+    out = ["## Summary", "",
+           "Accuracy difference in points ± standard error, and the verdict, for every claim in every sweep.", "",
+           "| task | claim | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(sweeps)]
+    for task in main["tasks"]:
+        name = {"fmnist": "Fashion-MNIST", "listops": "ListOps"}.get(task, task)
+        for key, title in titles.items():
+            if key[0] == task:
+                out.append(f"| {name} | {title} | " + " | ".join(cells[key].get(i, "—") for i in range(len(sweeps))) + " |")
+    out.append("")
+    return out
 
 
 def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
@@ -311,9 +380,21 @@ def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
             f"{VARIANT_TITLES.get(best['variant'], best['variant'])}, reaches {100 * best['acc_mean']:.1f} ± "
             f"{100 * best['acc_std']:.1f} %, against {100 * maj:.1f} % for always answering the most frequent digit."
         )
+    for task in results["tasks"]:
+        rows = [r for r in results["summary"] if r["task"] == task]
+        maj = results["data"][task]["majority_class_test_acc"]
+        if rows and max(r["acc_mean"] for r in rows) - maj < 0.02:
+            name = {"fmnist": "Fashion-MNIST", "listops": "ListOps"}.get(task, task)
+            out.append(f"- **No model learned {name} at this scale**: every mean test accuracy is within 2 points of "
+                       f"always answering the most frequent label ({100 * maj:.1f} %), so the claims cannot be judged "
+                       "on this task here; it needs far more training than this budget allows.")
     out.append("")
-    out.append("These are small models trained for few steps on a shared 2-core CPU; a claim that is not resolved "
-               "here may well hold at the paper's scale, and one that held here is evidence, not proof.")
+    out.append("These are small models trained for few steps on a shared 2-core CPU, early in training; "
+               "a claim that is not resolved here may well hold at "
+               "the paper's scale, and one that held here is evidence, not proof. The library's `softmax_attention` "
+               "is a plain array-API implementation (the exact reference), not a fused kernel such as PyTorch's "
+               "`scaled_dot_product_attention`, so softmax times here are higher than a tuned softmax would give; "
+               "compare linear variants with each other.")
     return out
 
 
@@ -322,14 +403,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("results", type=Path, help="results.json written by `python -m benchmarks.paper`")
     ap.add_argument("--page", type=Path, help="write the Experiments docs page here (e.g. docs/experiments.md)")
     ap.add_argument("--outputs", action="store_true", help="also rewrite results.md and curves.png next to the JSON")
+    ap.add_argument("--extra", type=Path, action="append", default=[],
+                    help="results.json of a further sweep (e.g. more seeds for some models) to add to the page")
     a = ap.parse_args(argv)
     results = json.loads(a.results.read_text())
     if a.outputs:
         write_outputs(results, a.results.parent)
     if a.page:
         rel = lambda p: os.path.relpath(p, a.page.parent)  # noqa: E731
+        extras = [(json.loads(x.read_text()), str(x), rel(x.parent / "curves.png")) for x in a.extra]
         a.page.write_text(page(results, results_rel=rel(a.results), plot_rel=rel(a.results.parent / "curves.png"),
-                                 results_arg=str(a.results)))
+                                 results_arg=str(a.results), extras=extras))
         print(f"wrote {a.page}")
     if not a.page and not a.outputs:
         print(table(results))
