@@ -223,7 +223,7 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
         f"sweep wall time {results['sweep_wall_s'] / 60:.1f} min with {results['jobs']} worker(s) of "
         f"{s['threads']} thread(s) each.",
         f"- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("git_commit", "git_dirty")) +
-        (f"; git commit `{v['git_commit'][:10]}`{' (uncommitted changes)' if v.get('git_dirty') else ''}" if v.get("git_commit") else ""),
+        (f"; git commit `{v['git_commit'][:10]}`{' (uncommitted changes)' if v.get('git_dirty') else ''}" if v.get("git_commit") else "") + ".",
         f"- Machine: {m.get('cpu', '?')}, {m.get('affinity_cpus', m.get('cpus'))} CPU cores usable, "
         f"{m.get('mem_gb', '?')} GB RAM, {m.get('platform')}. Load average "
         f"{results['loadavg_start'][0]:.1f} at the start and {results['loadavg_end'][0]:.1f} at the end: the machine "
@@ -286,7 +286,7 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
 
 def _extra_section(main: dict, ex: dict, arg: str, plot_rel: str) -> list[str]:
     same = ex["config_hash"] == main["config_hash"]
-    names = ", ".join(VARIANT_TITLES.get(v, v) for v in ex["variants"])
+    names = "; ".join(VARIANT_TITLES.get(v, v) for v in ex["variants"])
     out = [
         f"## Further sweep: {ex['settings']['steps']} steps, {len(ex['seeds'])} seeds ({names})",
         "",
@@ -308,7 +308,7 @@ def _extra_section(main: dict, ex: dict, arg: str, plot_rel: str) -> list[str]:
             + ("identical test accuracies." if worst == 0 else f"test accuracies that differ by up to {100 * worst:.2f} points.")
         )
         out.append("")
-    out += [table(ex), f"![learning curves, more seeds]({plot_rel})", "", claims_md(ex), ""]
+    out += [table(ex), f"![learning curves, further sweep]({plot_rel})", "", claims_md(ex), ""]
     return out
 
 
