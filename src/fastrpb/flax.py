@@ -247,6 +247,15 @@ class MultiheadLinearAttention(nnx.Module):
             check_layer_rpb(rpb, self.heads, self.causal, kind=FastRPB, kind_nd=FastRPBnd)
         self.rpb = rpb
 
+    def _bias_arguments(self) -> dict:
+        """The FastRPB term as ``linear_attention`` takes it: the core adds it (padding
+        keys' values excluded), in its compute dtype."""
+        if self.rpb is None:
+            return {}
+        if isinstance(self.rpb, FastRPBnd):
+            return dict(rpb_tables=self.rpb.weights(), rpb_grid=self.rpb.grid, rpb_skip=self.rpb.skip)
+        return dict(rpb=self.rpb.weights(), rpb_skip=self.rpb.skip)
+
     # heads: (..., L, H * Dh) <-> (..., H, L, Dh)
     def _split(self, x: jax.Array) -> jax.Array:
         x = jnp.reshape(x, (*x.shape[:-1], self.heads, self.head_dim))
@@ -278,13 +287,12 @@ class MultiheadLinearAttention(nnx.Module):
         mask = None if key_mask is None else key_mask[..., None, :]  # broadcast over heads
         result = fastrpb.linear_attention(
             q, k, v, feature_map=self.feature_map, causal=self.causal, key_mask=mask,
-            eps=self.eps, chunk_size=self.chunk_size, return_state=return_cache,
+            eps=self.eps, chunk_size=self.chunk_size, return_state=return_cache, **self._bias_arguments(),
         )
         out, state = result if return_cache else (result, None)
         values = None
-        if self.rpb is not None:
+        if return_cache and self.rpb is not None:  # decoding needs the values for the bias
             values = v if mask is None else jnp.where(mask[..., None], v, jnp.zeros((), dtype=v.dtype))
-            out = out + self.rpb(values)
         y = self.out_proj(self._merge(out))
         return (y, LayerCache(state, values)) if return_cache else y
 
