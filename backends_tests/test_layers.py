@@ -231,7 +231,7 @@ def test_torch_layer_errors(tb):
     with pytest.raises(ValueError, match="d_model = 8"):
         layer(tb.asarray(np.zeros((1, 3, 5)), "float32"))
     with pytest.raises(ValueError, match="L = 9 tokens"):
-        frt.FastRPB(2, 8)(tb.asarray(np.zeros((2, 9, 3)), "float32"))
+        frt.FastRPB(2, 8, device=tb.device)(tb.asarray(np.zeros((2, 9, 3)), "float32"))
 
 
 def test_torch_compile_runs(tb, rng):
