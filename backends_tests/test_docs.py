@@ -148,3 +148,20 @@ def test_page_code_runs(page, tmp_path):
         pytest.skip("no block can run here: " + "; ".join(f"line {k}: {v}" for k, v in skipped.items()))
     for line, reason in skipped.items():  # shown with -rA / -s; the rest of the page ran
         print(f"docs/{page}: skipped the block at line {line}: {reason}")
+
+
+def test_figures_script_runs(tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        names, explicit = requested()
+        if explicit:
+            pytest.skip(f"matplotlib is not installed ({exc}) and FASTRPB_BACKENDS is narrowed")
+        raise RuntimeError(f"the figure script is part of the suite but matplotlib is missing ({exc}): pip install -e '.[docs]'") from exc
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])), "MPLBACKEND": "Agg"}
+    subprocess.run(
+        [sys.executable, str(DOCS / "figures" / "make_figures.py"), "--out", str(tmp_path)],
+        cwd=ROOT, env=env, check=True, capture_output=True, timeout=300,
+    )
+    assert (tmp_path / "fastrpb_bias.png").stat().st_size > 10_000
+    assert (DOCS / "figures" / "fastrpb_bias.png").exists(), "the committed figure is missing: run docs/figures/make_figures.py"
