@@ -110,7 +110,10 @@ def _torch_reference(layer, x, key_mask=None):
     out = fastrpb.linear_attention(q, k, v, feature_map=layer.feature_map, causal=layer.causal, key_mask=mask)
     if layer.rpb is not None:
         vb = v if mask is None else v * mask[..., None]
-        out = out + fastrpb.rpb(vb, layer.rpb.weights(), causal=layer.causal, skip=layer.rpb.skip)
+        if hasattr(layer.rpb, "grid"):
+            out = out + fastrpb.rpb_nd(vb, layer.rpb.weights(), layer.rpb.grid, skip=layer.rpb.skip)
+        else:
+            out = out + fastrpb.rpb(vb, layer.rpb.weights(), causal=layer.causal, skip=layer.rpb.skip)
     return F.linear(out.transpose(-3, -2).flatten(-2), layer.out_proj.weight, layer.out_proj.bias)
 
 
@@ -173,6 +176,20 @@ def test_torch_mha_is_the_functional_core(tb, rng, causal):
     assert_close(tb, layer(x), tb.to_numpy(_torch_reference(layer, x)), "float64")
     # any leading dimensions
     assert tuple(layer(tb.asarray(_x(rng, 2, 2, 5, 12))).shape) == (2, 2, 5, 12)
+
+
+def test_torch_mha_with_nd_bias(tb, rng):
+    import torch
+
+    import fastrpb.torch as frt
+
+    # a class token and a 3 x 4 image with 2 channel tokens per pixel
+    bias = frt.FastRPBnd(3, (3, 4, 2), axes=(0, 1), skip=(1, 0), device=tb.device, dtype=torch.float64)
+    layer = _torch_mha(tb, rpb=bias)
+    x = tb.asarray(_x(rng, 2, 25, 12))
+    assert_close(tb, layer(x), tb.to_numpy(_torch_reference(layer, x)), "float64")
+    with pytest.raises(ValueError, match="FastRPBnd"):
+        frt.MultiheadLinearAttention(12, 3, rpb=bias, causal=True)
 
 
 def test_torch_mha_without_rpb(tb, rng):
