@@ -378,6 +378,21 @@ def test_flax_trains_with_optax(jb, rng):
     assert float(loss) < float(first)
 
 
+def test_flax_layers_built_under_jit(jb):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import fastrpb.flax as frf
+
+    # sharded initialisation builds the model inside nnx.jit: the seed is a tracer there
+    model = nnx.jit(lambda: frf.MultiheadLinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0)))()
+    table = np.asarray(model.rpb.table[...])
+    assert table.shape == (3, 31) and 0 < table.std() < 0.1
+    nd = nnx.jit(lambda: frf.FastRPBnd(2, (3, 4), symmetric=True, rngs=nnx.Rngs(1)))()
+    assert [t[...].shape for t in nd.tables] == [(2, 3), (2, 4)]
+    assert model(jnp.ones((1, 5, 12))).shape == (1, 5, 12)
+
+
 def test_flax_layer_errors(jb):
     from flax import nnx
 

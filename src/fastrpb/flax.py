@@ -31,16 +31,29 @@ from fastrpb._layers import LayerCache, check_axes, check_grid, check_heads, che
 __all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache"]
 
 
-def _seed(seed: int | None, rngs: nnx.Rngs | None) -> int:
-    """An explicit seed, or one drawn from ``rngs.params()`` (the usual Flax way)."""
+def _init_table(
+    heads: int | None, max_len: int, symmetric: bool, *, seed: int | None, rngs: nnx.Rngs | None, offset: int,
+    param_dtype: Any, scale: float,
+) -> jax.Array:
+    """The paper's initialisation, ``fastrpb.rpb_init``, with an explicit seed or one drawn
+    from ``rngs.params()``.
+
+    Inside a traced constructor (a model built under ``nnx.jit``, e.g. for sharded
+    initialisation) the key cannot become a Python seed; the same distribution
+    (normal, standard deviation ``scale``) is then drawn with ``jax.random``.
+    """
     if seed is not None:
-        return int_arg("seed", seed, minimum=0)
-    if rngs is None:
+        seed = int_arg("seed", seed, minimum=0) + offset
+    elif rngs is None:
         raise TypeError("pass rngs=nnx.Rngs(...) (or an explicit seed=) to initialise the bias table")
-    return int(jax.random.randint(rngs.params(), (), 0, 2**31 - 1))
-
-
-def _init_table(heads: int | None, max_len: int, symmetric: bool, seed: int, param_dtype: Any, scale: float) -> jax.Array:
+    else:
+        key = rngs.params()
+        try:
+            seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        except jax.errors.ConcretizationTypeError:
+            shape = (2 * max_len - 1,) if heads is None else (heads, 2 * max_len - 1)
+            table = (scale * jax.random.normal(key, shape, dtype=jnp.float32)).astype(param_dtype)
+            return table[..., max_len - 1 :] if symmetric else table
     table = fastrpb.rpb_init(heads, max_len, seed=seed, like=jnp.empty((0,), dtype=param_dtype), scale=scale)
     # A symmetric table stores offsets 0 .. M-1 only: the non-negative half of the draw.
     return table[..., max_len - 1 :] if symmetric else table
@@ -92,7 +105,9 @@ class FastRPB(nnx.Module):
         self.causal = bool(causal)
         self.symmetric = bool(symmetric)
         self.skip = check_skip(skip)
-        self.table = nnx.Param(_init_table(self.heads, self.max_len, self.symmetric, _seed(seed, rngs), param_dtype, scale))
+        self.table = nnx.Param(
+            _init_table(self.heads, self.max_len, self.symmetric, seed=seed, rngs=rngs, offset=0, param_dtype=param_dtype, scale=scale)
+        )
 
     def weights(self) -> jax.Array:
         """The full table ``(heads, 2 max_len - 1)`` (expanded from ``h`` when symmetric)."""
@@ -154,10 +169,12 @@ class FastRPBnd(nnx.Module):
         self.symmetric = bool(symmetric)
         self.skip = check_skip(skip)
         self.causal = False
-        seed = _seed(seed, rngs)
         lengths = [max(self.grid[a] for a in self.axes)] if self.share else [self.grid[a] for a in self.axes]
         self.tables = nnx.List(
-            [nnx.Param(_init_table(self.heads, m, self.symmetric, seed + n, param_dtype, scale)) for n, m in enumerate(lengths)]
+            [
+                nnx.Param(_init_table(self.heads, m, self.symmetric, seed=seed, rngs=rngs, offset=n, param_dtype=param_dtype, scale=scale))
+                for n, m in enumerate(lengths)
+            ]
         )
 
     def weights(self) -> list[jax.Array | None]:
