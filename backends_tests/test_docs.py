@@ -51,7 +51,7 @@ def test_mkdocs_build_strict(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
-    assert (tmp_path / "site" / "api" / "core" / "index.html").exists()
+    assert (tmp_path / "site" / "api" / "attention" / "index.html").exists()
 
 
 def code_blocks(page: str) -> list[dict]:
