@@ -403,3 +403,27 @@ def test_flax_layer_errors(jb):
     layer = frf.MultiheadLinearAttention(8, 2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="causal=True"):
         layer.step(jb.asarray(np.zeros((1, 8)), "float32"))
+
+
+
+def _doctest(name: str, **extra) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), extraglobs=extra, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, (name, result)
+
+
+def test_torch_docstring_examples(tb):
+    """The examples in the docstrings (shown in the API reference) run."""
+    import torch
+
+    if tb.name != "torch":
+        pytest.skip("the docstring examples run on CPU")
+    _doctest("fastrpb.torch", torch=torch)
+
+
+def test_flax_docstring_examples(jb):
+    if jb.name != "jax":
+        pytest.skip("the docstring examples run on the default device, once")
+    _doctest("fastrpb.flax")
