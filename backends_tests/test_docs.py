@@ -27,7 +27,7 @@ from backends import load, requested
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-RUN = ["quickstart.md", "cookbook.md", "troubleshooting.md"]
+RUN = ["quickstart.md", "cookbook.md", "troubleshooting.md", "../README.md"]
 
 FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
