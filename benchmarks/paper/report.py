@@ -375,8 +375,8 @@ def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
         maj = results["data"]["listops"]["majority_class_test_acc"]
         ref = ", ".join(f"{k} {val:.2f}" for k, val in LRA_LISTOPS.items())
         out.append(
-            f"- **ListOps in context**: the Long Range Arena leaderboard reports accuracy % {ref} (full-size models, "
-            f"lengths up to 2000, 5 000+ steps of large batches). Here the best small model, "
+            f"- **ListOps in context**: the Long Range Arena leaderboard reports accuracy % {ref} (full-size models "
+            f"trained on sequences of up to 2000 tokens). Here the best small model, "
             f"{VARIANT_TITLES.get(best['variant'], best['variant'])}, reaches {100 * best['acc_mean']:.1f} ± "
             f"{100 * best['acc_std']:.1f} %, against {100 * maj:.1f} % for always answering the most frequent digit."
         )
@@ -395,6 +395,7 @@ def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
                "is a plain array-API implementation (the exact reference), not a fused kernel such as PyTorch's "
                "`scaled_dot_product_attention`, so softmax times here are higher than a tuned softmax would give; "
                "compare linear variants with each other.")
+    out.append("")
     return out
 
 
