@@ -21,12 +21,13 @@ from typing import Any
 
 # Absolute imports only: this module is itself called ``flax`` inside the package.
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
 import fastrpb
 from fastrpb._compat import int_arg
-from fastrpb._layers import LayerCache, check_axes, check_grid, check_heads, check_layer_rpb, check_skip
+from fastrpb._layers import AttentionLayer, LayerCache, check_axes, check_grid, check_heads, check_layer_rpb, check_skip
 
 __all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache"]
 
@@ -190,7 +191,7 @@ class FastRPBnd(nnx.Module):
         return fastrpb.rpb_nd(v, self.weights(), self.grid, skip=self.skip)
 
 
-class MultiheadLinearAttention(nnx.Module):
+class MultiheadLinearAttention(nnx.Module, AttentionLayer):
     r"""Multi-head linear attention with an optional FastRPB term on the values.
 
     ``y = W_o [ LinearAttention(x W_q, x W_k, x W_v) + B (x W_v) ]`` per head, the
@@ -239,20 +240,7 @@ class MultiheadLinearAttention(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
     ) -> None:
-        self.d_model = int_arg("d_model", d_model, minimum=1)
-        self.heads = int_arg("heads", heads, minimum=1)
-        if head_dim is None:
-            if self.d_model % self.heads:
-                raise ValueError(
-                    f"d_model = {self.d_model} is not divisible by heads = {self.heads}; pass head_dim explicitly"
-                )
-            head_dim = self.d_model // self.heads
-        self.head_dim = int_arg("head_dim", head_dim, minimum=1)
-        self.feature_map = feature_map
-        self.causal = bool(causal)
-        self.eps = float(eps)
-        self.chunk_size = int_arg("chunk_size", chunk_size, minimum=1)
-        inner = self.heads * self.head_dim
+        inner = self._configure(d_model, heads, head_dim, feature_map, causal, eps, chunk_size)
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(self.d_model, inner, **kw)
         self.k_proj = nnx.Linear(self.d_model, inner, **kw)
@@ -264,28 +252,14 @@ class MultiheadLinearAttention(nnx.Module):
             check_layer_rpb(rpb, self.heads, self.causal, kind=FastRPB, kind_nd=FastRPBnd)
         self.rpb = rpb
 
-    def _bias_arguments(self) -> dict:
-        """The FastRPB term as ``linear_attention`` takes it: the core adds it (padding
-        keys' values excluded), in its compute dtype."""
-        if self.rpb is None:
-            return {}
-        if isinstance(self.rpb, FastRPBnd):
-            return dict(rpb_tables=self.rpb.weights(), rpb_grid=self.rpb.grid, rpb_skip=self.rpb.skip)
-        return dict(rpb=self.rpb.weights(), rpb_skip=self.rpb.skip)
+    _bias_nd = FastRPBnd
 
-    # heads: (..., L, H * Dh) <-> (..., H, L, Dh)
-    def _split(self, x: jax.Array) -> jax.Array:
-        x = jnp.reshape(x, (*x.shape[:-1], self.heads, self.head_dim))
-        return jnp.swapaxes(x, -3, -2)
-
-    def _merge(self, x: jax.Array) -> jax.Array:
-        x = jnp.swapaxes(x, -3, -2)
-        return jnp.reshape(x, (*x.shape[:-2], self.heads * self.head_dim))
-
-    def _check_input(self, x: Any, name: str, ndim: int) -> None:
-        if not hasattr(x, "shape") or x.ndim < ndim or x.shape[-1] != self.d_model:
-            want = "(..., L, d_model)" if ndim == 2 else "(..., d_model)"
-            raise ValueError(f"{name} must have shape {want} with d_model = {self.d_model}, got {getattr(x, 'shape', type(x).__name__)}")
+    def _check_input(self, x: Any, name: str, ndim: int) -> Any:
+        # NumPy inputs are welcome (nnx.Linear takes them); the layer then works in JAX.
+        if not isinstance(x, (jax.Array, np.ndarray)):
+            raise TypeError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
+        super()._check_input(jnp.asarray(x), name, ndim)
+        return jnp
 
     def __call__(
         self, x: jax.Array, key_mask: jax.Array | None = None, *, return_cache: bool = False
@@ -297,21 +271,7 @@ class MultiheadLinearAttention(nnx.Module):
         ``return_cache=True`` (causal layers) also returns the `LayerCache` for
         `step`.
         """
-        self._check_input(x, "x", 2)
-        if return_cache and not self.causal:
-            raise ValueError("return_cache=True needs a causal layer (MultiheadLinearAttention(..., causal=True))")
-        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
-        mask = None if key_mask is None else key_mask[..., None, :]  # broadcast over heads
-        result = fastrpb.linear_attention(
-            q, k, v, feature_map=self.feature_map, causal=self.causal, key_mask=mask,
-            eps=self.eps, chunk_size=self.chunk_size, return_state=return_cache, **self._bias_arguments(),
-        )
-        out, state = result if return_cache else (result, None)
-        values = None
-        if return_cache and self.rpb is not None:  # decoding needs the values for the bias
-            values = v if mask is None else jnp.where(mask[..., None], v, jnp.zeros((), dtype=v.dtype))
-        y = self.out_proj(self._merge(out))
-        return (y, LayerCache(state, values)) if return_cache else y
+        return self._attend(x, key_mask, return_cache)
 
     def step(self, x_t: jax.Array, cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.
@@ -320,25 +280,4 @@ class MultiheadLinearAttention(nnx.Module):
         FastRPB the cache also keeps the values, so its shape grows by one token per
         step (under ``jit`` each length compiles once).
         """
-        if not self.causal:
-            raise ValueError("step() decodes causally: build the layer with causal=True")
-        if self.rpb is not None and self.rpb.skip[1]:
-            raise ValueError(
-                f"step() cannot honour skip = {self.rpb.skip}: while decoding it is unknown which tokens "
-                "are the last ones; use skip=(a, 0)"
-            )
-        self._check_input(x_t, "x_t", 1)
-        x = x_t[..., None, :]
-        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
-        state = None if cache is None else cache.state
-        out, state = fastrpb.linear_attention_step(
-            state, q[..., 0, :], k[..., 0, :], v[..., 0, :], feature_map=self.feature_map, eps=self.eps
-        )
-        out = out[..., None, :]
-        values = None
-        if self.rpb is not None:
-            values = v if cache is None or cache.values is None else jnp.concatenate([cache.values, v], axis=-2)
-            if values.shape[-2] > self.rpb.skip[0]:  # the newest token is not a skipped one
-                out = out + self.rpb(values)[..., -1:, :]
-        y = self.out_proj(self._merge(out))[..., 0, :]
-        return y, LayerCache(state, values)
+        return self._decode(x_t, cache)

@@ -24,7 +24,7 @@ from torch import nn
 
 import fastrpb
 from fastrpb._compat import int_arg
-from fastrpb._layers import LayerCache, check_axes, check_grid, check_heads, check_layer_rpb, check_skip
+from fastrpb._layers import AttentionLayer, LayerCache, check_axes, check_grid, check_heads, check_layer_rpb, check_skip
 
 __all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache"]
 
@@ -194,7 +194,7 @@ class FastRPBnd(nn.Module):
         return f"heads={self.heads}, grid={self.grid}, axes={self.axes}, share={self.share}, symmetric={self.symmetric}, skip={self.skip}"
 
 
-class MultiheadLinearAttention(nn.Module):
+class MultiheadLinearAttention(nn.Module, AttentionLayer):
     r"""Multi-head linear attention with an optional FastRPB term on the values.
 
     ``y = W_o [ LinearAttention(x W_q, x W_k, x W_v) + B (x W_v) ]`` per head, the
@@ -250,20 +250,7 @@ class MultiheadLinearAttention(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.d_model = int_arg("d_model", d_model, minimum=1)
-        self.heads = int_arg("heads", heads, minimum=1)
-        if head_dim is None:
-            if self.d_model % self.heads:
-                raise ValueError(
-                    f"d_model = {self.d_model} is not divisible by heads = {self.heads}; pass head_dim explicitly"
-                )
-            head_dim = self.d_model // self.heads
-        self.head_dim = int_arg("head_dim", head_dim, minimum=1)
-        self.feature_map = feature_map
-        self.causal = bool(causal)
-        self.eps = float(eps)
-        self.chunk_size = int_arg("chunk_size", chunk_size, minimum=1)
-        inner = self.heads * self.head_dim
+        inner = self._configure(d_model, heads, head_dim, feature_map, causal, eps, chunk_size)
         kw = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(self.d_model, inner, **kw)
         self.k_proj = nn.Linear(self.d_model, inner, **kw)
@@ -275,28 +262,12 @@ class MultiheadLinearAttention(nn.Module):
             check_layer_rpb(rpb, self.heads, self.causal, kind=FastRPB, kind_nd=FastRPBnd)
         self.rpb = rpb
 
-    def _bias_arguments(self) -> dict:
-        """The FastRPB term as ``linear_attention`` takes it: the core adds it (padding
-        keys' values excluded), in its compute dtype."""
-        if self.rpb is None:
-            return {}
-        if isinstance(self.rpb, FastRPBnd):
-            return dict(rpb_tables=self.rpb.weights(), rpb_grid=self.rpb.grid, rpb_skip=self.rpb.skip)
-        return dict(rpb=self.rpb.weights(), rpb_skip=self.rpb.skip)
+    _bias_nd = FastRPBnd
 
-    # heads: (..., L, H * Dh) <-> (..., H, L, Dh)
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)
-
-    def _merge(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(-3, -2).flatten(-2)
-
-    def _check_input(self, x: torch.Tensor, name: str, ndim: int) -> None:
+    def _check_input(self, x: Any, name: str, ndim: int) -> Any:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim < ndim or x.shape[-1] != self.d_model:
-            want = "(..., L, d_model)" if ndim == 2 else "(..., d_model)"
-            raise ValueError(f"{name} must have shape {want} with d_model = {self.d_model}, got {tuple(x.shape)}")
+        return super()._check_input(x, name, ndim)
 
     def forward(
         self, x: torch.Tensor, key_mask: torch.Tensor | None = None, *, return_cache: bool = False
@@ -313,21 +284,7 @@ class MultiheadLinearAttention(nn.Module):
         return_cache : bool
             Causal layers only: also return the `LayerCache` to continue with `step`.
         """
-        self._check_input(x, "x", 2)
-        if return_cache and not self.causal:
-            raise ValueError("return_cache=True needs a causal layer (MultiheadLinearAttention(..., causal=True))")
-        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
-        mask = None if key_mask is None else key_mask[..., None, :]  # broadcast over heads
-        result = fastrpb.linear_attention(
-            q, k, v, feature_map=self.feature_map, causal=self.causal, key_mask=mask,
-            eps=self.eps, chunk_size=self.chunk_size, return_state=return_cache, **self._bias_arguments(),
-        )
-        out, state = result if return_cache else (result, None)
-        values = None
-        if return_cache and self.rpb is not None:  # decoding needs the values for the bias
-            values = v if mask is None else torch.where(mask[..., None], v, torch.zeros((), dtype=v.dtype, device=v.device))
-        y = self.out_proj(self._merge(out))
-        return (y, LayerCache(state, values)) if return_cache else y
+        return self._attend(x, key_mask, return_cache)
 
     def step(self, x_t: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.
@@ -336,28 +293,7 @@ class MultiheadLinearAttention(nn.Module):
         forward pass. Without FastRPB the cache has a fixed size; with it the cache
         also keeps the values (the bias of a new token weighs every earlier value).
         """
-        if not self.causal:
-            raise ValueError("step() decodes causally: build the layer with causal=True")
-        if self.rpb is not None and self.rpb.skip[1]:
-            raise ValueError(
-                f"step() cannot honour skip = {self.rpb.skip}: while decoding it is unknown which tokens "
-                "are the last ones; use skip=(a, 0)"
-            )
-        self._check_input(x_t, "x_t", 1)
-        x = x_t[..., None, :]
-        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
-        state = None if cache is None else cache.state
-        out, state = fastrpb.linear_attention_step(
-            state, q[..., 0, :], k[..., 0, :], v[..., 0, :], feature_map=self.feature_map, eps=self.eps
-        )
-        out = out[..., None, :]
-        values = None
-        if self.rpb is not None:
-            values = v if cache is None or cache.values is None else torch.cat([cache.values, v], dim=-2)
-            if values.shape[-2] > self.rpb.skip[0]:  # the newest token is not a skipped one
-                out = out + self.rpb(values)[..., -1:, :]
-        y = self.out_proj(self._merge(out))[..., 0, :]
-        return y, LayerCache(state, values)
+        return self._decode(x_t, cache)
 
     def extra_repr(self) -> str:
         return (
