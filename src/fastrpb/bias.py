@@ -23,10 +23,11 @@ from ._compat import (
     check_floating,
     compute_dtype,
     device_of,
-    fft_namespace,
     int_arg,
+    irfft,
     namespace,
     next_fast_len,
+    rfft,
     seeded_normal,
 )
 
@@ -89,9 +90,19 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     offset ``t >= 0`` at index ``t``, offset ``t < 0`` at ``n + t``. With
     ``n >= 2L - 1`` no product wraps around, so the first ``L`` outputs of the
     circular convolution are exactly the Toeplitz product.
+
+    Speed and memory (see ``docs/performance.md``):
+
+    - the FFTs run along the *last* axis of the transposed values ``(..., D, L)``:
+      CPU FFT libraries (MKL, pocketfft) are several times faster on contiguous
+      transforms than on the strided sequence axis of ``(..., L, D)``;
+    - long inputs are transformed a block of feature columns at a time, so the
+      complex spectra and padded copies (each about twice the size of ``v``) are
+      never all alive at once: peak extra memory stays near two copies of ``v``
+      instead of six to eight, and the small blocks stay in cache.
     """
-    fft = fft_namespace(xp)
     L = v.shape[-2]
+    D = v.shape[-1]
     M = (w.shape[-1] + 1) // 2
     n = next_fast_len(2 * L - 1)
     nonneg = w[..., M - 1 : M - 1 + L]  # offsets 0 .. L-1
@@ -101,10 +112,31 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
         negative = w[..., M - L : M - 1]  # offsets -(L-1) .. -1, in that order
         zeros = xp.zeros((*w.shape[:-1], n - (2 * L - 1)), dtype=w.dtype, device=device_of(w))
         kernel = xp.concat([nonneg, zeros, negative], axis=-1)
-    kernel_f = fft.rfft(kernel, n=n, axis=-1)
-    v_f = fft.rfft(v, n=n, axis=-2)
-    out = fft.irfft(kernel_f[..., None] * v_f, n=n, axis=-2)
-    return out[..., :L, :]
+    kernel_f = rfft(xp, kernel, n=n)[..., None, :]  # (..., 1, n // 2 + 1)
+    columns = xp.matrix_transpose(v)  # (..., D, L): the sequence on the last axis
+
+    def convolve(block: Any) -> Any:
+        spectrum = rfft(xp, block, n=n) * kernel_f
+        return irfft(xp, spectrum, n=n, consume=True)[..., :L]
+
+    lead = math.prod(_broadcast_lead(v.shape[:-2], w.shape[:-1]))
+    per_column = max(1, lead) * (n // 2 + 1) * 2 * _itemsize(xp, v.dtype)
+    block = max(1, _BLOCK_BYTES // per_column)
+    if block >= D:
+        out = convolve(columns)
+    else:
+        out = xp.concat([convolve(columns[..., d : min(d + block, D), :]) for d in range(0, D, block)], axis=-2)
+    return xp.matrix_transpose(out)
+
+
+# Spectrum bytes per block of feature columns in ``_toeplitz``: small enough that the
+# per-block buffers are a small fraction of a long input, large enough that the
+# per-block overhead is negligible.
+_BLOCK_BYTES = 16 * 2**20
+
+
+def _itemsize(xp: Any, dtype: Any) -> int:
+    return 8 if dtype == xp.float64 else 4
 
 
 def _pad_rows(xp: Any, x: Any, a: int, b: int) -> Any:
