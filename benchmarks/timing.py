@@ -1,0 +1,89 @@
+"""Interleaved timing: warm up, calibrate, then rounds of A B C A B C ...
+
+Every variant of one comparison is sampled once per round, in the same round, so a
+machine that slows down (other jobs, thermal limits) slows all of them alike and the
+ratios survive. Each sample times ``number`` back-to-back calls, chosen so that a
+sample lasts at least ``min_sample`` seconds (microsecond steps need many calls);
+the clock is read only after the backend's ``sync`` (CUDA synchronise, JAX
+``block_until_ready``, CuPy stream synchronise).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _one(fn: Callable[[], Any], sync: Callable[[Any], None], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        out = fn()
+        sync(out)
+    elapsed = time.perf_counter() - start
+    del out
+    return elapsed / number
+
+
+def check_outputs(bench: Any, variants: list, outputs: dict[str, Any], *, dtype: str) -> dict[str, str]:
+    """Compare each same-output variant's result with ours; return {name: problem}."""
+    ours = next(v for v in variants if v.ours)
+    ref = bench.to_numpy(outputs[ours.name]).astype(np.float64)
+    scale = float(np.max(np.abs(ref))) if ref.size else 1.0
+    tol = {"float64": 1e-9, "float32": 2e-3, "float16": 5e-2, "bfloat16": 1e-1}[dtype] * max(scale, 1e-30)
+    problems = {}
+    for v in variants:
+        if v.ours or not v.same_output:
+            continue
+        got = bench.to_numpy(outputs[v.name]).astype(np.float64)
+        if got.shape != ref.shape:
+            problems[v.name] = f"shape {got.shape} != ours {ref.shape}"
+        elif not np.all(np.abs(got - ref) <= tol):
+            problems[v.name] = f"max |diff| {float(np.max(np.abs(got - ref))):.3g} > {tol:.3g}"
+    return problems
+
+
+def measure(
+    bench: Any,
+    variants: list,
+    *,
+    dtype: str,
+    repeats: int,
+    min_repeats: int = 3,
+    min_sample: float = 0.005,
+    budget: float = 10.0,
+) -> dict[str, Any]:
+    """Time ``variants`` interleaved; return raw samples, medians and the check."""
+    sync = bench.sync
+    # warm-up: the first call compiles (jax.jit), plans FFTs, faults in pages
+    outputs = {}
+    for v in variants:
+        out = v.fn()
+        sync(out)
+        outputs[v.name] = out
+    problems = check_outputs(bench, variants, outputs, dtype=dtype)
+    del outputs, out
+    first = {v.name: _one(v.fn, sync, 1) for v in variants}
+    number = {name: max(1, math.ceil(min_sample / max(t, 1e-9))) for name, t in first.items()}
+    round_time = sum(first[n] * number[n] for n in first)
+    rounds = int(min(repeats, max(min_repeats, budget // max(round_time, 1e-9))))
+    samples: dict[str, list[float]] = {v.name: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            samples[v.name].append(_one(v.fn, sync, number[v.name]))
+    return {
+        "number": number,
+        "rounds": rounds,
+        "samples_s": samples,
+        "median_s": {name: float(np.median(s)) for name, s in samples.items()},
+        "check": problems,
+    }
+
+
+def paired_ratio(samples: dict[str, list[float]], ours: str, ref: str) -> float:
+    """Median over rounds of ``t_ref / t_ours`` (each round's pair ran back to back)."""
+    a = np.asarray(samples[ours])
+    b = np.asarray(samples[ref])
+    return float(np.median(b / a))
