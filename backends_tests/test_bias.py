@@ -1,0 +1,408 @@
+"""FastRPB against a float64 dense Toeplitz oracle built in NumPy from its definition."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import fastrpb
+from backends import assert_close
+
+
+# ----------------------------------------------------------------- oracle (NumPy, float64)
+def dense_bias(w: np.ndarray, L: int, causal: bool = False) -> np.ndarray:
+    """``B[..., i, j] = w[..., M - 1 + i - j]``, straight from the definition."""
+    M = (w.shape[-1] + 1) // 2
+    i, j = np.arange(L)[:, None], np.arange(L)[None, :]
+    B = w[..., M - 1 + i - j]
+    return np.where(j <= i, B, 0.0) if causal else B
+
+
+def oracle_rpb(v, w, causal=False, skip=(0, 0)):
+    a, b = skip
+    L = v.shape[-2]
+    inner = v[..., a : L - b, :]
+    out = dense_bias(w, inner.shape[-2], causal) @ inner
+    lead = np.broadcast_shapes(w.shape[:-1], v.shape[:-2])
+    full = np.zeros((*lead, L, v.shape[-1]))
+    full[..., a : L - b, :] = out
+    return full
+
+
+def oracle_rpb_nd(v, tables, grid, skip=(0, 0)):
+    """B[p, p'] = sum_a w_a(p_a - p'_a), built explicitly over all grid positions."""
+    a, b = skip
+    L = v.shape[-2]
+    positions = np.array(np.unravel_index(np.arange(int(np.prod(grid))), grid)).T  # (N, k)
+    lead = np.broadcast_shapes(v.shape[:-2], *(t.shape[:-1] for t in tables if t is not None))
+    B = np.zeros((*lead, len(positions), len(positions)))
+    for axis, t in enumerate(tables):
+        if t is None:
+            continue
+        M = (t.shape[-1] + 1) // 2
+        offsets = positions[:, None, axis] - positions[None, :, axis]
+        B = B + t[..., M - 1 + offsets]
+    full = np.zeros((*lead, L, v.shape[-1]))
+    full[..., a : L - b, :] = B @ v[..., a : L - b, :]
+    return full
+
+
+def test_oracle_is_convolution_not_correlation():
+    # Guards the oracle itself: out[1] must pick w(+1) * v[0].
+    w = np.array([0.0, 0.0, 10.0, 1.0, 0.0])  # M = 3, w(0) = 10, w(+1) = 1, w(-1) = 0
+    v = np.array([[1.0], [0.0], [0.0]])
+    np.testing.assert_array_equal(oracle_rpb(v, w)[:, 0], [10.0, 1.0, 0.0])
+
+
+# ----------------------------------------------------------------- rpb
+@pytest.mark.parametrize("L", [1, 2, 3, 7, 64, 97, 784])
+def test_rpb_matches_dense(backend, dtype, rng, L):
+    M = L + 3
+    v = rng.standard_normal((2, L, 5))
+    w = rng.standard_normal((2 * M - 1,))
+    out = fastrpb.rpb(backend.asarray(v, dtype), backend.asarray(w, dtype))
+    assert out.dtype == backend.dtype(dtype)
+    assert_close(backend, out, oracle_rpb(v, w), dtype, scale=np.abs(oracle_rpb(v, w)).max() + L**0.5)
+
+
+@pytest.mark.parametrize("L", [1, 5, 64, 1567])
+def test_rpb_causal_matches_dense(backend, rng, L):
+    v = rng.standard_normal((L, 3))
+    w = rng.standard_normal((2 * L - 1,))
+    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=True)
+    assert_close(backend, out, oracle_rpb(v, w, causal=True), "float64")
+
+
+def test_rpb_direction_and_causality(backend):
+    # out[i] = sum_j w(i - j) v[j]: an impulse at j = 2 lands at i = 2 + t with weight w(t).
+    M, L = 6, 6
+    w = np.arange(1.0, 2 * M)  # w(t) = M + t, distinct for every offset
+    v = np.zeros((L, 1))
+    v[2, 0] = 1.0
+    full = backend.to_numpy(fastrpb.rpb(backend.asarray(v), backend.asarray(w)))[:, 0]
+    np.testing.assert_allclose(full, [M + i - 2 for i in range(L)], atol=1e-9)
+    causal = backend.to_numpy(fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=True))[:, 0]
+    np.testing.assert_allclose(causal, [0, 0] + [M + i - 2 for i in range(2, L)], atol=1e-9)
+
+
+@pytest.mark.parametrize("L", [1567, 2048])
+def test_rpb_long_prime_lengths(backend, rng, L):
+    v = rng.standard_normal((L, 2))
+    w = rng.standard_normal((2 * L - 1,)) / L
+    expected = oracle_rpb(v, w)
+    assert_close(backend, fastrpb.rpb(backend.asarray(v), backend.asarray(w)), expected, "float64")
+
+
+def test_rpb_table_longer_than_sequence_uses_central_entries(backend, rng):
+    L, M = 5, 40
+    v = rng.standard_normal((L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    central = w[M - L : M + L - 1]
+    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w))
+    assert_close(backend, out, oracle_rpb(v, central), "float64")
+
+
+def test_rpb_per_head_tables_broadcast(backend, rng):
+    v = rng.standard_normal((2, 3, 9, 4))  # (B, H, L, D)
+    w = rng.standard_normal((3, 2 * 9 - 1))  # (H, 2M-1)
+    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w))
+    assert tuple(out.shape) == (2, 3, 9, 4)
+    assert_close(backend, out, oracle_rpb(v, w), "float64")
+    # a table with more leading dimensions than the values
+    w2 = rng.standard_normal((2, 1, 2 * 9 - 1))
+    v2 = rng.standard_normal((9, 4))
+    out2 = fastrpb.rpb(backend.asarray(v2), backend.asarray(w2))
+    assert tuple(out2.shape) == (2, 1, 9, 4)
+    assert_close(backend, out2, oracle_rpb(v2, w2), "float64")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("skip", [(0, 0), (1, 0), (0, 1), (1, 1), (2, 3), (4, 4)])
+def test_rpb_skip(backend, rng, skip, causal):
+    L = 8
+    v = rng.standard_normal((2, L, 3))
+    M = L - skip[0] - skip[1] + 1
+    w = rng.standard_normal((2 * M - 1,))
+    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=skip)
+    expected = oracle_rpb(v, w, causal=causal, skip=skip)
+    assert_close(backend, out, expected, "float64")
+    got = backend.to_numpy(out)
+    assert np.all(got[:, : skip[0]] == 0) and np.all(got[:, L - skip[1] :] == 0)
+
+
+def test_rpb_dtype_promotion_and_half_precision(backend, rng, dtype):
+    v = rng.standard_normal((6, 2))
+    w = rng.standard_normal((11,))
+    out = fastrpb.rpb(backend.asarray(v, dtype), backend.asarray(w, dtype))
+    assert out.dtype == backend.dtype(dtype)
+    if dtype != "float64":
+        mixed = fastrpb.rpb(backend.asarray(v, dtype), backend.asarray(w, "float64"))
+        assert mixed.dtype == backend.xp.float64
+
+
+def test_rpb_stays_on_library_and_device(backend, rng):
+    v = backend.asarray(rng.standard_normal((4, 2)))
+    w = backend.asarray(rng.standard_normal((7,)))
+    out = fastrpb.rpb(v, w)
+    assert backend.namespace_of(out) is backend.namespace_of(v)
+    from fastrpb._compat import device_of
+
+    assert device_of(out) == device_of(v)
+
+
+def test_rpb_does_not_mutate_inputs(backend, rng):
+    v_np = rng.standard_normal((5, 3))
+    w_np = rng.standard_normal((9,))
+    v, w = backend.asarray(v_np), backend.asarray(w_np)
+    fastrpb.rpb(v, w, causal=True, skip=(1, 1))
+    np.testing.assert_array_equal(backend.to_numpy(v), v_np)
+    np.testing.assert_array_equal(backend.to_numpy(w), w_np)
+
+
+# ----------------------------------------------------------------- rpb_matrix, symmetric_table
+@pytest.mark.parametrize("causal", [False, True])
+def test_rpb_matrix_matches_definition(backend, rng, causal):
+    w = rng.standard_normal((3, 2 * 6 - 1))
+    B = fastrpb.rpb_matrix(backend.asarray(w), 4, causal=causal)
+    assert_close(backend, B, dense_bias(w[:, 6 - 4 : 6 + 3], 4, causal), "float64")
+
+
+def test_rpb_equals_rpb_matrix_product(backend, rng):
+    w = backend.asarray(rng.standard_normal((2, 2 * 10 - 1)))
+    v = backend.asarray(rng.standard_normal((2, 10, 3)))
+    dense = backend.xp.matmul(fastrpb.rpb_matrix(w, 10), v)
+    assert_close(backend, fastrpb.rpb(v, w), backend.to_numpy(dense), "float64")
+
+
+def test_symmetric_table(backend, rng):
+    h = rng.standard_normal((2, 4))
+    w = backend.to_numpy(fastrpb.symmetric_table(backend.asarray(h)))
+    assert w.shape == (2, 7)
+    for t in range(-3, 4):
+        np.testing.assert_array_equal(w[:, 3 + t], h[:, abs(t)])
+
+
+# ----------------------------------------------------------------- rpb_nd
+@pytest.mark.parametrize(
+    "grid, with_table",
+    [
+        ((7,), (True,)),
+        ((3, 4), (True, True)),
+        ((4, 3, 2), (True, True, False)),  # (H, W, C): no bias across colour channels
+        ((2, 3, 2, 2), (True, False, True, True)),
+        ((1, 5), (True, True)),
+    ],
+)
+@pytest.mark.parametrize("skip", [(0, 0), (1, 0), (1, 2)])
+def test_rpb_nd_matches_dense(backend, rng, grid, with_table, skip):
+    L = int(np.prod(grid)) + sum(skip)
+    v = rng.standard_normal((2, L, 3))
+    tables = [rng.standard_normal((2, 2 * (g + 1) - 1)) if t else None for g, t in zip(grid, with_table)]
+    out = fastrpb.rpb_nd(
+        backend.asarray(v), [None if t is None else backend.asarray(t) for t in tables], grid, skip=skip
+    )
+    assert_close(backend, out, oracle_rpb_nd(v, tables, grid, skip), "float64")
+
+
+def test_rpb_nd_one_axis_equals_rpb(backend, rng):
+    v = backend.asarray(rng.standard_normal((3, 12, 2)))
+    w = backend.asarray(rng.standard_normal((23,)))
+    assert_close(backend, fastrpb.rpb_nd(v, [w], (12,)), backend.to_numpy(fastrpb.rpb(v, w)), "float64")
+
+
+def test_rpb_nd_half_precision(backend, rng, dtype):
+    v = rng.standard_normal((1 + 12, 4))
+    tables = [rng.standard_normal((5,)), rng.standard_normal((7,))]
+    out = fastrpb.rpb_nd(backend.asarray(v, dtype), [backend.asarray(t, dtype) for t in tables], (3, 4), skip=(1, 0))
+    assert out.dtype == backend.dtype(dtype)
+    expected = oracle_rpb_nd(v, tables, (3, 4), (1, 0))
+    assert_close(backend, out, expected, dtype)
+
+
+# ----------------------------------------------------------------- rpb_init
+def test_rpb_init(backend):
+    like = backend.asarray(np.zeros(3), "float32")
+    w = fastrpb.rpb_init(4, 10, seed=0, like=like)
+    assert tuple(w.shape) == (4, 19) and w.dtype == backend.xp.float32
+    got = backend.to_numpy(w)
+    assert 0 < np.abs(got).max() < 0.1
+    again = backend.to_numpy(fastrpb.rpb_init(4, 10, seed=0, like=like))
+    np.testing.assert_array_equal(got, again)
+    assert not np.array_equal(got, backend.to_numpy(fastrpb.rpb_init(4, 10, seed=1, like=like)))
+    assert tuple(fastrpb.rpb_init(None, 3, seed=0, like=like).shape) == (5,)
+
+
+# ----------------------------------------------------------------- jit and gradients
+@pytest.mark.parametrize("causal", [False, True])
+def test_rpb_under_jit(backend, rng, causal):
+    if backend.jit is None:
+        pytest.skip(f"{backend.name} has no jit")
+    v = rng.standard_normal((2, 9, 3))
+    w = rng.standard_normal((2 * 9 - 1,))
+    f = backend.jit(functools.partial(fastrpb.rpb, causal=causal, skip=(1, 0)))
+    assert_close(backend, f(backend.asarray(v), backend.asarray(w)), oracle_rpb(v, w[1:-1], causal, (1, 0)), "float64")
+    g = backend.jit(lambda v, a, b: fastrpb.rpb_nd(v, [a, b], (2, 4), skip=(1, 0)))
+    tables = [rng.standard_normal((3,)), rng.standard_normal((7,))]
+    out = g(backend.asarray(v), *(backend.asarray(t) for t in tables))
+    assert_close(backend, out, oracle_rpb_nd(v, tables, (2, 4), (1, 0)), "float64")
+
+
+def _loss_fns():
+    return {
+        "rpb": lambda xp, v, w: xp.sum(fastrpb.rpb(v, w) ** 2),
+        "rpb_causal_skip": lambda xp, v, w: xp.sum(xp.sin(fastrpb.rpb(v, w, causal=True, skip=(1, 1)))),
+        "rpb_nd": lambda xp, v, w: xp.sum(fastrpb.rpb_nd(v, [w[2:-2], w[3:-3]], (2, 3)) ** 2),
+        "rpb_matrix": lambda xp, v, w: xp.sum(xp.matmul(fastrpb.rpb_matrix(w, 6), v) ** 2),
+    }
+
+
+@pytest.mark.parametrize("which", list(_loss_fns()))
+def test_rpb_gradients(backend, rng, which):
+    loss = _loss_fns()[which]
+    v_np = rng.standard_normal((6, 2))
+    w_np = rng.standard_normal((11,))
+    if backend.grad == "torch":
+        torch = backend.native
+        v = torch.tensor(v_np, dtype=torch.float64, device=backend.device, requires_grad=True)
+        w = torch.tensor(w_np, dtype=torch.float64, device=backend.device, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda v, w: loss(backend.xp, v, w), (v, w))
+    elif backend.grad == "jax":
+        jax = backend.native
+        f = lambda v, w: loss(backend.xp, v, w)  # noqa: E731
+        gv, gw = jax.grad(f, argnums=(0, 1))(backend.asarray(v_np), backend.asarray(w_np))
+        numeric = _finite_differences(lambda a, b: float(f(backend.asarray(a), backend.asarray(b))), v_np, w_np)
+        np.testing.assert_allclose(backend.to_numpy(gv), numeric[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(backend.to_numpy(gw), numeric[1], rtol=1e-6, atol=1e-6)
+    else:
+        pytest.skip(f"{backend.name} has no automatic differentiation")
+
+
+def _finite_differences(f, *args, h=1e-6):
+    grads = []
+    for k, x in enumerate(args):
+        g = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            plus = [a.copy() for a in args]
+            minus = [a.copy() for a in args]
+            plus[k][idx] += h
+            minus[k][idx] -= h
+            g[idx] = (f(*plus) - f(*minus)) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+# ----------------------------------------------------------------- errors
+def test_errors_name_the_argument(backend, rng):
+    xp = backend.xp
+    v = backend.asarray(rng.standard_normal((2, 5, 3)))
+    w = backend.asarray(rng.standard_normal((9,)))
+    with pytest.raises(ValueError, match=r"w must have an odd last dimension.*got length 8"):
+        fastrpb.rpb(v, backend.asarray(np.zeros(8)))
+    with pytest.raises(ValueError, match=r"L = 5 tokens.*M = 3"):
+        fastrpb.rpb(v, backend.asarray(np.zeros(5)))
+    with pytest.raises(ValueError, match=r"v must have shape \(\.\.\., L, D\).*\(5,\)"):
+        fastrpb.rpb(backend.asarray(np.zeros(5)), w)
+    with pytest.raises(TypeError, match=r"v must have a real floating dtype.*int"):
+        fastrpb.rpb(backend.asarray(np.zeros((5, 3), dtype=np.int32), None), w)
+    with pytest.raises(TypeError, match=r"w must have a real floating dtype.*bool"):
+        fastrpb.rpb(v, xp.asarray(np.zeros(9, dtype=bool), device=backend.device))
+    with pytest.raises(TypeError, match=r"v must be an array.*list"):
+        fastrpb.rpb([[1.0, 2.0]], w)
+    with pytest.raises(TypeError, match=r"w must be an array.*float"):
+        fastrpb.rpb(v, 1.5)
+    with pytest.raises(ValueError, match=r"skip\[0\] must be >= 0, got -1"):
+        fastrpb.rpb(v, w, skip=(-1, 0))
+    with pytest.raises(ValueError, match=r"skip = \(3, 3\) skips 6 tokens but the sequence has only L = 5"):
+        fastrpb.rpb(v, w, skip=(3, 3))
+    with pytest.raises(TypeError, match=r"skip must be a pair"):
+        fastrpb.rpb(v, w, skip=1)
+    with pytest.raises(ValueError, match=r"leading dimensions of w \(3,\).*v \(2,\)"):
+        fastrpb.rpb(v, backend.asarray(np.zeros((3, 9))))
+    with pytest.raises(ValueError, match=r"grid \(2, 2\) holds 4 tokens but v has L = 5"):
+        fastrpb.rpb_nd(v, [w, w], (2, 2))
+    with pytest.raises(ValueError, match=r"tables has 1 entries but grid has 2 axes"):
+        fastrpb.rpb_nd(v, [w], (5, 1))
+    with pytest.raises(ValueError, match=r"tables\[1\].*L = 5 tokens.*M = 2"):
+        fastrpb.rpb_nd(backend.asarray(np.zeros((10, 3))), [w, backend.asarray(np.zeros(3))], (2, 5))
+    with pytest.raises(ValueError, match=r"grid\[0\] must be >= 1, got 0"):
+        fastrpb.rpb_nd(v, [w], (0,))
+    with pytest.raises(ValueError, match=r"L = 6 tokens.*M = 5"):
+        fastrpb.rpb_matrix(w, 6)
+    with pytest.raises(TypeError, match=r"h must have a real floating dtype"):
+        fastrpb.symmetric_table(backend.asarray(np.zeros(3, dtype=np.int64), None))
+    with pytest.raises(TypeError, match=r"seed must be an int"):
+        fastrpb.rpb_init(2, 4, seed=0.5, like=v)
+    with pytest.raises(ValueError, match=r"max_len must be >= 1, got 0"):
+        fastrpb.rpb_init(2, 0, seed=0, like=v)
+
+
+def test_complex_input_is_rejected(backend):
+    if backend.name == "array_api_strict":
+        x = backend.xp.asarray(np.zeros((4, 2), dtype=np.complex128))
+    else:
+        x = backend.asarray(np.zeros((4, 2), dtype=np.complex128), None)
+    with pytest.raises(TypeError, match=r"v must have a real floating dtype.*complex"):
+        fastrpb.rpb(x, backend.asarray(np.zeros(7)))
+
+
+def test_mixing_libraries_is_rejected(backend):
+    other = np.zeros(7) if backend.name != "numpy" else _other_library_array()
+    if other is None:
+        pytest.skip("no second array library installed")
+    v = backend.asarray(np.zeros((4, 2)))
+    with pytest.raises(TypeError, match=r"one array library.*v: .*w: "):
+        fastrpb.rpb(v, other)
+
+
+def _other_library_array():
+    import array_api_strict
+
+    return array_api_strict.asarray(np.zeros(7))
+
+
+def test_two_devices_are_rejected(backend):
+    # array-api-strict simulates several devices; torch with CUDA has two real ones.
+    if backend.name == "array_api_strict":
+        xp = backend.xp
+        v = xp.zeros((4, 2), dtype=xp.float64)
+        w = xp.zeros((7,), dtype=xp.float64, device=xp.Device("device1"))
+    elif backend.name == "torch_cuda":
+        torch = backend.native
+        v = torch.zeros((4, 2), dtype=torch.float64, device="cuda")
+        w = torch.zeros((7,), dtype=torch.float64)
+    else:
+        pytest.skip(f"{backend.name} offers a single device here")
+    with pytest.raises(ValueError, match=r"one device: v is on .* but w is on"):
+        fastrpb.rpb(v, w)
+
+
+# ----------------------------------------------------------------- properties
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    L=st.integers(1, 40),
+    extra=st.integers(0, 5),
+    heads=st.sampled_from([(), (1,), (3,)]),
+    causal=st.booleans(),
+    a=st.integers(0, 2),
+    b=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_rpb_property(backend, L, extra, heads, causal, a, b, seed):
+    """Random lengths, tables, head shapes, causal and skip against the dense oracle."""
+    rng = np.random.default_rng(seed)
+    inner = max(L - a - b, 0)
+    M = max(inner, 1) + extra
+    v = rng.standard_normal((2, *heads, L, 2)) if heads else rng.standard_normal((L, 2))
+    w = rng.standard_normal((*heads, 2 * M - 1))
+    if a + b > L:
+        with pytest.raises(ValueError, match="skip"):
+            fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
+        return
+    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
+    assert_close(backend, out, oracle_rpb(v, w, causal, (a, b)), "float64")
