@@ -82,6 +82,8 @@ def main(argv: list[str]) -> int:
     from .cases import CASES
 
     bench = load(spec["backend"], spec["dtype"])
+    if os.environ.get("FASTRPB_BENCH_THREADS") and bench.name.startswith("torch"):
+        bench.native.set_num_threads(int(os.environ["FASTRPB_BENCH_THREADS"]))
     case = CASES[spec["case"]]
     for L in spec["sizes"]:
         built = case.build(bench, L, spec["dtype"], cap_bytes=spec["cap_bytes"], quick=spec["quick"])

@@ -43,6 +43,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="largest quadratic intermediate (dense matrix, naive cumsum) a reference may build")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--quick", action="store_true", help="small sizes and few rounds: under a minute")
+    p.add_argument("--threads", type=int, default=None,
+                   help="PyTorch intra-op threads (default: PyTorch's own choice, one per core)")
+    p.add_argument("--jobs", type=int, default=2, help="memory processes run at once (they measure RSS, not time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -70,7 +73,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype, repeats=args.repeats or (3 if args.quick else 7),
         budget=args.budget if args.budget is not None else (0.5 if args.quick else 4.0),
         min_sample=0.002 if args.quick else 0.005, cap_bytes=int(args.cap_gib * 2**30),
-        quick=bool(args.quick), memory=not args.no_memory,
+        quick=bool(args.quick), memory=not args.no_memory, threads=args.threads, jobs=max(1, args.jobs),
     )
 
 
@@ -141,19 +144,32 @@ def run_memory(cfg: dict, results: list[dict], progress: bool, out_dir: str) -> 
     bar = _progress(len(groups), not progress, "memory")
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # large buffers are mmapped and returned at free
+    if cfg.get("threads"):
+        env["FASTRPB_BENCH_THREADS"] = str(cfg["threads"])
     import fastrpb
 
     roots = [os.path.dirname(os.path.dirname(os.path.abspath(fastrpb.__file__))),
              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
     env["PYTHONPATH"] = os.pathsep.join(roots + [env.get("PYTHONPATH", "")])
     by_key = {(r["case"], r["backend"], r["L"]): r for r in results}
-    for (case, bname), g in groups.items():
+    pending = list(groups.items())
+    running: list[tuple[tuple[str, str], dict, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < cfg["jobs"]:
+            (case, bname), g = pending.pop(0)
+            spec = dict(case=case, backend=bname, dtype=cfg["dtype"], sizes=sorted(g["sizes"]),
+                        variants=sorted(g["variants"]), cap_bytes=cfg["cap_bytes"], quick=cfg["quick"])
+            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            running.append(((case, bname), g, proc))
+        (case, bname), g, proc = running.pop(0)
         bar.set_postfix_str(f"{case} {bname}")
-        spec = dict(case=case, backend=bname, dtype=cfg["dtype"], sizes=sorted(g["sizes"]),
-                    variants=sorted(g["variants"]), cap_bytes=cfg["cap_bytes"], quick=cfg["quick"])
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=900)
-        for line in proc.stdout.splitlines():
+        try:
+            stdout, stderr = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        for line in stdout.splitlines():
             try:
                 m = json.loads(line)
             except json.JSONDecodeError:
@@ -167,8 +183,8 @@ def run_memory(cfg: dict, results: list[dict], progress: bool, out_dir: str) -> 
         if proc.returncode != 0:
             for L in g["sizes"]:
                 rec = by_key.get((case, bname, L))
-                if rec is not None and "memory" not in rec:
-                    rec["memory_error"] = proc.stderr.strip().splitlines()[-1:] or ["failed"]
+                if rec is not None:
+                    rec["memory_error"] = (stderr.strip().splitlines() or ["failed"])[-1]
         bar.update()
     bar.close()
 
@@ -188,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in skipped.items():
         print(f"skipping backend {name}: {why}", file=sys.stderr)
     progress = not args.no_progress
+    if cfg["threads"] and "torch" in " ".join(benches):
+        import torch
+
+        torch.set_num_threads(cfg["threads"])
     machine = report.machine_info()
     results = run_timing(cfg, benches, progress)
     if cfg["memory"]:
