@@ -35,6 +35,18 @@ def namespace(**arrays: Any) -> Any:
     from one library and live on one device. Errors name the offending argument.
     """
     given = {name: x for name, x in arrays.items() if x is not None}
+    kinds = {type(x) for x in given.values()}
+    if len(kinds) == 1:
+        # Fast path, called once per public call (a decoding step is a few microseconds
+        # of arithmetic): the namespace of one array type is always the same, and
+        # NumPy arrays all live on the CPU.
+        kind = kinds.pop()
+        xp = _NAMESPACES.get(kind)
+        if xp is not None:
+            if kind is np.ndarray:
+                return xp
+            _check_devices(given)
+            return xp
     for name, x in given.items():
         if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
             raise TypeError(
@@ -44,8 +56,19 @@ def namespace(**arrays: Any) -> Any:
     try:
         xp = array_api_compat.array_namespace(*given.values())
     except TypeError as exc:
-        kinds = ", ".join(f"{n}: {type(x).__module__}.{type(x).__name__}" for n, x in given.items())
-        raise TypeError(f"all arrays must come from one array library, got {kinds}") from exc
+        kinds_text = ", ".join(f"{n}: {type(x).__module__}.{type(x).__name__}" for n, x in given.items())
+        raise TypeError(f"all arrays must come from one array library, got {kinds_text}") from exc
+    _check_devices(given)
+    if len({type(x) for x in given.values()}) == 1:
+        _NAMESPACES[type(next(iter(given.values())))] = xp
+    return xp
+
+
+# array type -> namespace, filled by ``namespace`` once a type has been resolved
+_NAMESPACES: dict[type, Any] = {}
+
+
+def _check_devices(given: dict[str, Any]) -> None:
     devices = {name: device_of(x) for name, x in given.items()}
     # Under jax.jit the device of a tracer is unknown (None); there is nothing to compare.
     known = {name: d for name, d in devices.items() if d is not None}
@@ -57,7 +80,6 @@ def namespace(**arrays: Any) -> Any:
                     f"all arrays must be on one device: {first[0]} is on {first[1]!r} "
                     f"but {name} is on {d!r}"
                 )
-    return xp
 
 
 def device_of(x: Any) -> Any:
@@ -67,11 +89,27 @@ def device_of(x: Any) -> Any:
 
 def check_floating(xp: Any, name: str, x: Any) -> None:
     """Reject integer, bool and complex arrays with a message naming ``name``."""
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not _real_floating(xp, x.dtype):
         raise TypeError(
             f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
             f"float64), got {x.dtype}"
         )
+
+
+def _real_floating(xp: Any, dtype: Any) -> bool:
+    # ``xp.isdtype`` costs microseconds (NumPy parses its arguments each time) and is
+    # asked several times per decoding step: remember the answer per (library, dtype).
+    try:
+        key = (xp.__name__, dtype)
+        known = _FLOATING.get(key)
+    except TypeError:  # an unhashable dtype: ask every time
+        return bool(xp.isdtype(dtype, "real floating"))
+    if known is None:
+        known = _FLOATING[key] = bool(xp.isdtype(dtype, "real floating"))
+    return known
+
+
+_FLOATING: dict[tuple[str, Any], bool] = {}
 
 
 def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
