@@ -49,6 +49,14 @@ def _itemsize(dtype: str) -> int:
 
 
 # ------------------------------------------------------------------------- FastRPB
+PAPER_MAX_LEN = 65536
+LONGEST_ON = ("torch", "torch_cuda", "jax_gpu", "cupy")  # backends that run L = 262,144 (the memory target)
+
+
+def _rpb_applies(backend: str, L: int, cfg: dict) -> bool:
+    return L < 262144 or backend in LONGEST_ON or cfg.get("sizes_explicit", False)
+
+
 def build_rpb(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool) -> Built:
     v = bench.random((BATCH, HEADS, L, FEATURES), seed=1, dtype=dtype)
     w = bench.random((HEADS, 2 * L - 1), seed=2, dtype=dtype, scale=0.01)
@@ -59,11 +67,14 @@ def build_rpb(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool) ->
     floor = jit(baselines.rpb_floor(bench))
     variants = [
         Variant("fastrpb", lambda: ours(v, w), ours=True),
-        Variant("native", lambda: native(v, w)),
-        Variant("paper_2L-1", lambda: paper(v, w)),
+        Variant("native", lambda: native(v, w), memory=False),
         Variant("fft_floor", lambda: floor(v), same_output=False),
     ]
     skipped = {}
+    if L <= PAPER_MAX_LEN:
+        variants.insert(2, Variant("paper_2L-1", lambda: paper(v, w)))
+    else:
+        skipped["paper_2L-1"] = f"its FFT length 2L - 1 = {2 * L - 1:,} is prime: tens of seconds a call; run up to L = {PAPER_MAX_LEN:,}"
     dense_bytes = HEADS * L * L * _itemsize(dtype)
     if dense_bytes <= cap_bytes:
         xp = bench.xp
@@ -105,6 +116,8 @@ def build_attention(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bo
 
 
 SOFTMAX_MAX_LEN = 16384  # O(L^2) time: 65,536 would take minutes per call on 2 cores
+NAIVE_MAX_LEN = 16384  # the target's length; beyond it the naive cumsum takes many seconds a call
+CAUSAL_MAX_LEN = 65536
 
 
 def build_causal(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool) -> Built:
@@ -122,7 +135,9 @@ def build_causal(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool)
         native = jit(baselines.causal_chunked(bench))
         variants.append(Variant("native", lambda: native(q, k, v)))
     naive_bytes = L * FEATURES * FEATURES * _itemsize(dtype) * (2 if bench.name.startswith("jax") else 1)
-    if naive_bytes <= 2 * cap_bytes:
+    if L > NAIVE_MAX_LEN:
+        skipped["naive_cumsum"] = f"O(L F Dv) memory and time; run up to L = {NAIVE_MAX_LEN:,}"
+    elif naive_bytes <= 2 * cap_bytes:
         naive = jit(baselines.causal_naive(bench))
         variants.append(Variant("naive_cumsum", lambda: naive(q, k, v)))
     else:
@@ -168,11 +183,12 @@ def build_decode(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool)
 
 
 CASES: dict[str, Case] = {
-    "rpb": Case("rpb", "FastRPB: fastrpb.rpb vs native FFT, paper-style 2L-1 FFT, FFT floor, dense product", build_rpb),
+    "rpb": Case("rpb", "FastRPB: fastrpb.rpb vs native FFT, paper-style 2L-1 FFT, FFT floor, dense product", build_rpb,
+                applies=_rpb_applies),
     "attention": Case("attention", "Non-causal linear attention (ELU+1) vs hand-written native and the bare matmuls",
                       build_attention),
     "causal": Case("causal", "Causal linear attention vs native chunked, naive cumsum, softmax and our non-causal",
-                   build_causal),
+                   build_causal, applies=lambda b, L, cfg: L <= CAUSAL_MAX_LEN or cfg.get("sizes_explicit", False)),
     "decode": Case("decode", "Decoding: one linear_attention_step (1, 8 heads, 64) vs a hand-written native step",
                    build_decode, sizes=(1,), unit="tokens"),
 }

@@ -265,6 +265,7 @@ def plots(payload: dict, out: str) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:  # pragma: no cover - matplotlib is in the bench extra
         return []
     from .cases import CASES
@@ -297,6 +298,10 @@ def plots(payload: dict, out: str) -> list[str]:
                     label = f"{n} (slope {s:.2f})" if s is not None else n
                     ax.loglog(Ls, ys, marker="o", lw=2.2 if ours else 1.2, ls="-" if ours else "--", label=label)
                     drew = True
+                Ls_all = sorted({r["L"] for r in mine})
+                ax.set_xticks(Ls_all)
+                ax.set_xticklabels([f"{L // 1024}k" if L >= 1024 else str(L) for L in Ls_all])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 ax.set_title(f"{case_name} on {b}")
                 ax.set_xlabel("sequence length L")
                 ax.set_ylabel("median time (s)" if kind == "time" else "peak extra memory (bytes)")

@@ -44,7 +44,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--quick", action="store_true", help="small sizes and few rounds: under a minute")
     p.add_argument("--threads", type=int, default=None,
-                   help="PyTorch intra-op threads (default: PyTorch's own choice, one per core)")
+                   help="threads of PyTorch, BLAS and OpenMP (default: each library's own choice, one per core)")
     p.add_argument("--jobs", type=int, default=2, help="memory processes run at once (they measure RSS, not time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -69,7 +69,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     names = tuple(b.strip() for b in args.backends.split(",")) if args.backends else ALL
     explicit = args.backends is not None
     return dict(
-        sizes=sizes, memory_sizes=memory_sizes, cases=cases, backends=names, explicit=explicit,
+        sizes=sizes, sizes_explicit=args.sizes is not None, memory_sizes=memory_sizes, cases=cases, backends=names, explicit=explicit,
         dtype=args.dtype, repeats=args.repeats or (3 if args.quick else 7),
         budget=args.budget if args.budget is not None else (0.5 if args.quick else 4.0),
         min_sample=0.002 if args.quick else 0.005, cap_bytes=int(args.cap_gib * 2**30),

@@ -58,14 +58,18 @@ def measure(
     """Time ``variants`` interleaved; return raw samples, medians and the check."""
     sync = bench.sync
     # warm-up: the first call compiles (jax.jit), plans FFTs, faults in pages
-    outputs = {}
+    outputs, warm = {}, {}
     for v in variants:
+        start = time.perf_counter()
         out = v.fn()
         sync(out)
+        warm[v.name] = time.perf_counter() - start
         outputs[v.name] = out
     problems = check_outputs(bench, variants, outputs, dtype=dtype)
     del outputs, out
-    first = {v.name: _one(v.fn, sync, 1) for v in variants}
+    # calibrate the calls per sample on a second, warm call; a warm-up slower than
+    # ten samples needs one call per sample whatever compiling cost, so skip it
+    first = {v.name: warm[v.name] if warm[v.name] > 10 * min_sample else _one(v.fn, sync, 1) for v in variants}
     number = {name: max(1, math.ceil(min_sample / max(t, 1e-9))) for name, t in first.items()}
     round_time = sum(first[n] * number[n] for n in first)
     rounds = int(min(repeats, max(min_repeats, budget // max(round_time, 1e-9))))

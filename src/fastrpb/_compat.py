@@ -23,6 +23,7 @@ __all__ = [
     "next_fast_len",
     "rfft",
     "irfft",
+    "elu_plus_one",
     "seeded_normal",
     "int_arg",
 ]
@@ -204,6 +205,31 @@ def irfft(xp: Any, x: Any, *, n: int, axis: int = -1, consume: bool = False) -> 
     if scipy_fft is not None:
         return scipy_fft.irfft(x, n=n, axis=axis, workers=-1, overwrite_x=consume)
     return fft_namespace(xp).irfft(x, n=n, axis=axis)
+
+
+def elu_plus_one(xp: Any, x: Any) -> Any:
+    """``elu(x) + 1`` = ``x + 1`` for ``x > 0``, ``exp(x)`` otherwise (Katharopoulos et al.).
+
+    The standard has no ELU. Portable form: ``exp(min(x, 0)) + max(x, 0)``, four
+    passes and exact in every dtype (``exp(x) - 1 + 1`` would lose the small values in
+    bfloat16). Linear attention is bound by these elementwise passes, not by its
+    matmuls, so where a library has a faster way it is used:
+
+    - PyTorch: its fused ``elu`` kernel plus one add, two passes (float32/float64
+      only: in half precision ``elu(x) + 1`` rounds ``exp(x) - 1`` first);
+    - NumPy: the same four passes, but in place: two allocations instead of four.
+    """
+    if array_api_compat.is_torch_namespace(xp) and x.dtype in (xp.float32, xp.float64):
+        import torch  # already imported: x is a torch.Tensor
+
+        return torch.nn.functional.elu(x) + 1.0
+    if array_api_compat.is_numpy_namespace(xp) and isinstance(x, np.ndarray) and x.ndim > 0:
+        out = np.minimum(x, 0)
+        np.exp(out, out=out)
+        out += np.maximum(x, 0)
+        return out
+    zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
+    return xp.exp(xp.minimum(x, zero)) + xp.maximum(x, zero)
 
 
 def seeded_normal(xp: Any, shape: tuple[int, ...], *, seed: int, dtype: Any, device: Any) -> Any:
