@@ -24,6 +24,7 @@ __all__ = [
     "rfft",
     "irfft",
     "elu_plus_one",
+    "multiply_into",
     "seeded_normal",
     "int_arg",
 ]
@@ -205,6 +206,29 @@ def irfft(xp: Any, x: Any, *, n: int, axis: int = -1, consume: bool = False) -> 
     if scipy_fft is not None:
         return scipy_fft.irfft(x, n=n, axis=axis, workers=-1, overwrite_x=consume)
     return fft_namespace(xp).irfft(x, n=n, axis=axis)
+
+
+def multiply_into(xp: Any, a: Any, b: Any) -> Any:
+    """``a * b``, written into ``a``'s memory where the library allows it.
+
+    Only for an ``a`` that the caller has just created and never reads again (an FFT
+    spectrum). The standard has no in-place operations (JAX has none at all), but on
+    CPU a fresh output buffer of the size of ``a`` costs more in page faults than the
+    product itself: for FastRPB at L = 1,024 that was a quarter of the call.
+    NumPy and PyTorch (outside autograd) multiply in place; others allocate.
+    """
+    shape = tuple(a.shape)
+    if len(b.shape) <= len(shape) and all(
+        db in (1, da) for da, db in zip(reversed(shape), reversed(tuple(b.shape)))
+    ):
+        if array_api_compat.is_numpy_namespace(xp) and isinstance(a, np.ndarray) and a.ndim > 0:
+            return np.multiply(a, b, out=a)
+        if array_api_compat.is_torch_namespace(xp):
+            import torch  # already imported: a is a torch.Tensor
+
+            if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+                return a.mul_(b)
+    return a * b
 
 
 def elu_plus_one(xp: Any, x: Any) -> Any:

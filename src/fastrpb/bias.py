@@ -25,6 +25,7 @@ from ._compat import (
     device_of,
     int_arg,
     irfft,
+    multiply_into,
     namespace,
     next_fast_len,
     rfft,
@@ -118,7 +119,7 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     columns = xp.matrix_transpose(v)  # (..., D, L): the sequence on the last axis
 
     def convolve(block: Any, k_f: Any) -> Any:
-        spectrum = rfft(xp, block, n=n) * k_f
+        spectrum = multiply_into(xp, rfft(xp, block, n=n), k_f)
         return irfft(xp, spectrum, n=n, consume=True)[..., :L]
 
     itemsize = _itemsize(xp, v.dtype)
