@@ -33,8 +33,8 @@ def _run_harness(tmp_path, *args: str) -> dict:
 
 
 def test_harness_smoke(tmp_path):
-    payload = _run_harness(tmp_path, "--backends", "numpy", "--sizes", "64,128", "--memory-sizes", "128",
-                           "--repeats", "3", "--budget", "0.05")
+    payload = _run_harness(tmp_path, "--quick", "--backends", "numpy", "--sizes", "64,128", "--memory-sizes", "128",
+                           "--budget", "0.05")
     results = payload["results"]
     cases = {r["case"] for r in results}
     assert "rpb" in cases

@@ -132,6 +132,27 @@ TARGETS: list[Target] = [
 ]
 
 
+def crossovers(results: list[dict]) -> list[dict]:
+    """Per backend, the shortest L from which causal linear attention beats softmax at every measured L."""
+    out = []
+    for b in dict.fromkeys(r["backend"] for r in results if r["case"] == "causal"):
+        rows = sorted((r for r in results if r["case"] == "causal" and r["backend"] == b and "error" not in r),
+                      key=lambda r: r["L"])
+        ref = next((n for r in rows for n in r.get("speedup", {}) if n.startswith("softmax")), None)
+        if ref is None:
+            continue
+        pts = [(r["L"], r["speedup"][ref]) for r in rows if ref in r.get("speedup", {})]
+        if not pts:
+            continue
+        L_cross = None
+        for i, (L, _) in enumerate(pts):
+            if all(s > 1.0 for _, s in pts[i:]):
+                L_cross = L
+                break
+        out.append(dict(backend=b, reference=ref, crossover_L=L_cross, measured=pts))
+    return out
+
+
 def evaluate_targets(results: list[dict]) -> list[dict]:
     rows = []
     for t in TARGETS:
@@ -186,6 +207,13 @@ def markdown(payload: dict) -> str:
     for t in payload["targets"]:
         lines.append(f"| {t['text']} | {t['backend']} | {t['L']:,} | {t['shown']} | {'yes' if t['met'] else '**no**'} |")
     results = payload["results"]
+    if payload.get("crossovers"):
+        lines += ["", "## Crossover: causal linear attention against exact softmax", "",
+                  "| backend | softmax reference | linear is faster from L = | speedup at each L |", "|---|---|---:|---|"]
+        for c in payload["crossovers"]:
+            at = "never (in the measured range)" if c["crossover_L"] is None else f"{c['crossover_L']:,}"
+            pts = ", ".join(f"{L:,}: {s:.2f}x" for L, s in c["measured"])
+            lines.append(f"| {c['backend']} | {c['reference']} | {at} | {pts} |")
     for case_name in dict.fromkeys(r["case"] for r in results):
         case = CASES[case_name]
         lines += ["", f"## {case.title}", ""]

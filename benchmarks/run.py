@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = dict(config={k: v for k, v in cfg.items()}, machine=machine, versions=report.versions(),
                    skipped_backends=skipped, results=results, wall_s=time.time() - t0)
     payload["targets"] = report.evaluate_targets(results)
+    payload["crossovers"] = report.crossovers(results)
     paths = report.write_all(payload, args.out)
     print(report.summary(payload))
     print("wrote " + ", ".join(paths))
