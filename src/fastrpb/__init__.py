@@ -6,7 +6,22 @@ Zubkov & Gavrilov, "FastRPB: a Scalable Relative Positional Encoding for Long
 Sequence Tasks" (arXiv:2202.11364).
 """
 
+from . import feature_maps
+from .attention import LinearAttentionState, linear_attention, linear_attention_step, softmax_attention
 from .bias import rpb, rpb_init, rpb_matrix, rpb_nd, symmetric_table
+from .feature_maps import random_projection
 
-__all__ = ["rpb", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
+__all__ = [
+    "rpb",
+    "rpb_nd",
+    "rpb_matrix",
+    "symmetric_table",
+    "rpb_init",
+    "feature_maps",
+    "linear_attention",
+    "linear_attention_step",
+    "softmax_attention",
+    "LinearAttentionState",
+    "random_projection",
+]
 __version__ = "0.1.0"

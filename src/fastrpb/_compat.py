@@ -26,7 +26,9 @@ __all__ = [
     "elu_plus_one",
     "multiply_into",
     "seeded_normal",
+    "seeded_projection",
     "int_arg",
+    "register_pytree",
 ]
 
 
@@ -268,6 +270,64 @@ def seeded_normal(xp: Any, shape: tuple[int, ...], *, seed: int, dtype: Any, dev
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     sample = np.random.default_rng(int(seed)).standard_normal(shape)
     return xp.asarray(sample, dtype=dtype, device=device)
+
+
+def seeded_projection(
+    xp: Any, m: int, d: int, *, seed: int, orthogonal: bool, dtype: Any, device: Any
+) -> Any:
+    """An ``(m, d)`` Gaussian random projection from an explicit seed, on ``device``.
+
+    ``orthogonal=True`` stacks ``ceil(m / d)`` independent Haar-random orthogonal
+    ``d x d`` blocks (QR of a Gaussian block, signs fixed by ``diag(R)``) and gives
+    each row the norm of an independent Gaussian ``d``-vector (chi-distributed), so
+    every row is marginally ``N(0, I_d)`` but rows inside a block are exactly
+    orthogonal (Choromanski et al. 2021, "orthogonal random features"). The standard
+    has no random numbers and its ``linalg`` extension is optional, so the draw and
+    the QR are done once in NumPy (float64) and the small result is moved, as in
+    ``seeded_normal``. Only used for parameters, never inside a forward pass.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    rng = np.random.default_rng(int(seed))
+    if orthogonal:
+        blocks = []
+        for _ in range(-(-m // d)):
+            q, r = np.linalg.qr(rng.standard_normal((d, d)))
+            signs = np.where(np.diag(r) < 0, -1.0, 1.0)
+            blocks.append((q * signs).T)  # rows orthonormal, Haar distributed
+        norms = np.linalg.norm(rng.standard_normal((m, d)), axis=1)
+        sample = np.concatenate(blocks, axis=0)[:m] * norms[:, None]
+    else:
+        sample = rng.standard_normal((m, d))
+    return xp.asarray(sample, dtype=dtype, device=device)
+
+
+_PYTREES: set[type] = set()
+
+
+def register_pytree(xp: Any, cls: type, static: tuple[str, ...]) -> None:
+    """Make the NamedTuple ``cls`` a JAX pytree whose ``static`` fields are aux data.
+
+    A NamedTuple is a JAX pytree by default, but then every field is a leaf and a
+    string field (the decoding state's feature-map signature) cannot cross
+    ``jax.jit``. Registering it keeps such fields static. Done lazily, the first time
+    a ``cls`` is built with JAX arrays, so importing fastrpb never imports JAX.
+    """
+    if cls in _PYTREES or not array_api_compat.is_jax_namespace(xp):
+        return
+    import jax  # already imported: xp is jax.numpy
+
+    fields = cls._fields  # type: ignore[attr-defined]
+    dynamic = tuple(f for f in fields if f not in static)
+
+    def flatten(obj: Any) -> tuple[tuple, tuple]:
+        return tuple(getattr(obj, f) for f in dynamic), tuple(getattr(obj, f) for f in static)
+
+    def unflatten(aux: tuple, children: tuple) -> Any:
+        return cls(**dict(zip(dynamic, children)), **dict(zip(static, aux)))
+
+    jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+    _PYTREES.add(cls)
 
 
 def int_arg(name: str, value: Any, *, minimum: int) -> int:

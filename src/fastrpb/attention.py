@@ -1,0 +1,733 @@
+r"""Linear attention (non-causal, chunked causal, decoding) and exact softmax attention.
+
+Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs: Fast
+Autoregressive Transformers with Linear Attention", ICML) replaces ``exp(q . k)`` by a
+kernel ``phi(q) . phi(k)`` that factorises, so
+
+.. math::
+    \mathrm{out}_i = \frac{\sum_j \phi(q_i) \cdot \phi(k_j)\, v_j}
+                          {\sum_j \phi(q_i) \cdot \phi(k_j) + \varepsilon}
+                   = \frac{\phi(q_i)^\top (\sum_j \phi(k_j) v_j^\top)}
+                          {\phi(q_i)^\top \sum_j \phi(k_j) + \varepsilon}
+
+costs O(L F Dv) instead of O(L^2). In the causal (chunked) algorithm the normaliser
+rides along as a ones column of the values, ``[V, 1]``, so every product serves both;
+non-causal it is one extra matrix-vector product (cheaper there than the column).
+
+The FastRPB term ``B V`` (Zubkov & Gavrilov 2022, arXiv:2202.11364) is added by
+``fastrpb.bias``; nothing here repeats its maths.
+
+Exponential maps (``sikf``, ``favor``)
+--------------------------------------
+Their features are ``exp`` of a log-feature, ``phi(x)_f = exp(l(x)_f)``, and
+``exp`` of raw logits overflows. We never form them: with per-feature key offsets
+``c_f`` folded into the queries, ``sum_f exp(a_f) exp(b_f) = sum_f exp(a_f + c_f)
+exp(b_f - c_f)``, every key feature is <= 1 and every query row is scaled so that its
+largest feature is 1. Non-causal, ``c_f`` is the maximum of ``l(k)_f`` over all keys.
+Causal, the offsets only look back: chunk ``n`` uses the running maximum up to its
+own end, and the carried state of earlier chunks is rescaled as that maximum grows,
+so a large late key cannot underflow earlier ones (decoding does the same per
+token). One limit remains: inside a chunk the keys share the chunk's frame, so a key
+feature more than ~80 units (float32; ~700 in float64) above an earlier key's in
+the same chunk underflows the earlier key for the queries between them. For these maps ``eps`` is *relative*: it is added in the frame where the
+largest single kernel term a query sees, ``max_{j, f} exp(l(q_i)_f + l(k_j)_f)``, is 1,
+
+.. math::
+    \mathrm{out}_i = \frac{\sum_j K_{ij} v_j}{\sum_j K_{ij} + \varepsilon\, s_i},
+    \qquad s_i = \max_{j \text{ visible}, f} e^{l(q_i)_f + l(k_j)_f},
+
+which is invariant to shifting a query row or all keys (as the kernel is), never
+swamps a denominator (it is at least ``s_i``), and does not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from . import bias as _bias
+from ._compat import (
+    check_floating,
+    compute_dtype,
+    device_of,
+    int_arg,
+    namespace,
+    register_pytree,
+)
+from .feature_maps import FeatureMap, resolve
+
+__all__ = ["linear_attention", "linear_attention_step", "softmax_attention", "LinearAttentionState"]
+
+
+class LinearAttentionState(NamedTuple):
+    """What causal linear attention carries from one token to the next.
+
+    ``S[..., f, :] = sum_j phi(k_j)_f v_j`` and ``z[..., f] = sum_j phi(k_j)_f`` over the
+    keys seen so far, in the compute dtype (float32 for half-precision inputs). For the
+    exponential maps both are stored relative to ``offset``: the running maximum of the
+    log-features of the keys, per feature, so ``S`` and ``z`` hold
+    ``exp(l(k_j)_f - offset_f)``-weighted sums, every weight <= 1 (``offset`` is
+    ``-inf`` before any key); it is ``None`` for the other maps. ``feature_map`` is the
+    signature of the map that made the state (static under ``jax.jit``: the state is
+    a JAX pytree of ``S``, ``z`` and ``offset``).
+    """
+
+    S: Any  # (..., F, Dv)
+    z: Any  # (..., F)
+    offset: Any  # (..., F) or None
+    feature_map: str
+
+
+# --------------------------------------------------------------------------- checks
+def _lead(*shapes: tuple) -> tuple:
+    """Broadcast leading shapes (already validated)."""
+    n = max((len(s) for s in shapes), default=0)
+    padded = [(1,) * (n - len(s)) + tuple(s) for s in shapes]
+    return tuple(max(dims) if 1 in dims else dims[0] for dims in zip(*padded))
+
+
+def _check_broadcast(named: dict[str, tuple], what: str) -> tuple:
+    items = list(named.items())
+    n = max((len(s) for _, s in items), default=0)
+    for axis in range(1, n + 1):
+        sizes = {name: s[-axis] for name, s in items if len(s) >= axis and s[-axis] != 1}
+        if len(set(sizes.values())) > 1:
+            shown = ", ".join(f"{name} {tuple(s)}" for name, s in items)
+            raise ValueError(f"the {what} do not broadcast: {shown}")
+    return _lead(*named.values())
+
+
+def _check_qkv(xp: Any, q: Any, k: Any, v: Any) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_floating(xp, name, x)
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., L, D) with at least 2 dimensions, got shape {tuple(x.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"k must have the width Dk of q: q has shape {tuple(q.shape)} (Dk = {q.shape[-1]}) "
+            f"but k has shape {tuple(k.shape)} (Dk = {k.shape[-1]})"
+        )
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"v must have one row per key: k has shape {tuple(k.shape)} (Lk = {k.shape[-2]}) "
+            f"but v has shape {tuple(v.shape)} ({v.shape[-2]} rows)"
+        )
+    _check_broadcast({"q": q.shape[:-2], "k": k.shape[:-2], "v": v.shape[:-2]}, "leading dimensions of q, k and v")
+
+
+def _check_key_mask(xp: Any, key_mask: Any, k: Any, lead: tuple) -> None:
+    if key_mask is None:
+        return
+    if not xp.isdtype(key_mask.dtype, "bool"):
+        raise TypeError(f"key_mask must be a bool array (True = a key to attend to), got dtype {key_mask.dtype}")
+    if key_mask.ndim < 1 or key_mask.shape[-1] != k.shape[-2]:
+        raise ValueError(
+            f"key_mask must have shape (..., Lk) with Lk = {k.shape[-2]} (the number of keys), "
+            f"got shape {tuple(key_mask.shape)}"
+        )
+    _check_broadcast({"key_mask": key_mask.shape[:-1], "q, k, v": lead}, "leading dimensions of key_mask and q, k, v")
+
+
+def _bool_arg(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _eps_arg(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a non-negative float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps}")
+    return eps
+
+
+def _rpb_tables(rpb: Any, rpb_tables: Any, rpb_grid: Any) -> dict[str, Any]:
+    """Named bias tables for namespace checks; validates which bias arguments go together."""
+    if rpb is not None and (rpb_tables is not None or rpb_grid is not None):
+        raise ValueError("give either rpb (a 1-d bias table) or rpb_tables with rpb_grid (the N-d bias), not both")
+    if (rpb_tables is None) != (rpb_grid is None):
+        raise ValueError("rpb_tables and rpb_grid go together: the N-d bias needs one table (or None) per grid axis and the grid")
+    if rpb is not None:
+        return {"rpb": rpb}
+    if rpb_tables is not None:
+        if not isinstance(rpb_tables, (tuple, list)):
+            raise TypeError(f"rpb_tables must be a sequence with one table (or None) per grid axis, got {type(rpb_tables).__name__}")
+        return {f"rpb_tables[{i}]": t for i, t in enumerate(rpb_tables) if t is not None}
+    return {}
+
+
+def _add_bias(
+    xp: Any,
+    out: Any,
+    v: Any,
+    key_mask: Any,
+    *,
+    rpb: Any,
+    rpb_tables: Any,
+    rpb_grid: Any,
+    rpb_skip: Any,
+    causal: bool,
+) -> Any:
+    """``out + B v`` (the FastRPB term), in ``out``'s dtype; padding keys give no bias."""
+    if rpb is None and rpb_tables is None:
+        return out
+    Lq, Lk = out.shape[-2], v.shape[-2]
+    if Lq != Lk:
+        raise ValueError(
+            f"the FastRPB term (rpb=/rpb_tables=) needs as many queries as keys (B is L x L), "
+            f"got Lq = {Lq} and Lk = {Lk}"
+        )
+    if key_mask is not None:
+        # a padding key must not leak into the output through the bias either
+        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+    if rpb_tables is not None and causal:
+        raise ValueError("the N-d bias (rpb_tables/rpb_grid) is not causal; use rpb= for causal attention")
+    try:
+        if rpb is not None:
+            term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip)
+        else:
+            term = _bias.rpb_nd(v, rpb_tables, rpb_grid, skip=rpb_skip)
+    except (TypeError, ValueError) as exc:
+        # fastrpb.bias names its own arguments (w, tables, grid, skip); say where they came from
+        given = "rpb" if rpb is not None else "rpb_tables/rpb_grid"
+        raise type(exc)(f"in the FastRPB term ({given}=, rpb_skip=): {exc}") from exc
+    return out + xp.astype(term, out.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- helpers
+def _full(xp: Any, like: Any, shape: tuple, value: float) -> Any:
+    return xp.full(shape, value, dtype=like.dtype, device=device_of(like))
+
+
+def _neg_inf(xp: Any, like: Any) -> Any:
+    return xp.asarray(-math.inf, dtype=like.dtype, device=device_of(like))
+
+
+def _finite_or_zero(xp: Any, x: Any) -> Any:
+    """Replace ``-inf`` (no visible key) by 0 so that offsets never produce ``inf - inf``."""
+    return xp.where(x == -math.inf, xp.zeros((), dtype=x.dtype, device=device_of(x)), x)
+
+
+def _take(x: Any, axis: int, start: int, stop: int) -> Any:
+    """``x[start:stop]`` along a negative ``axis``."""
+    return x[(..., slice(start, stop)) + (slice(None),) * (-axis - 1)]
+
+
+def _shift(xp: Any, x: Any, s: int, axis: int, fill: float) -> Any:
+    """Shift ``x`` by ``s`` positions towards the end of ``axis`` (negative), filling the start."""
+    n = x.shape[axis]
+    s = min(s, n)
+    shape = list(x.shape)
+    shape[axis] = s
+    return xp.concat([_full(xp, x, tuple(shape), fill), _take(x, axis, 0, n - s)], axis=axis)
+
+
+def _cummax(xp: Any, x: Any, axis: int) -> Any:
+    """Inclusive running maximum along a negative ``axis``, by doubling (log2 n passes).
+
+    The standard has ``cumulative_sum`` but no cumulative maximum.
+    """
+    s = 1
+    while s < x.shape[axis]:
+        x = xp.maximum(x, _shift(xp, x, s, axis, -math.inf))
+        s *= 2
+    return x
+
+
+def _pad_chunks(xp: Any, x: Any, length: int, C: int, fill: float) -> Any:
+    """Pad the sequence axis (-2) of ``x`` to ``length`` with ``fill``; reshape to ``(..., N, C, .)``."""
+    L = x.shape[-2]
+    if length > L:
+        x = xp.concat([x, _full(xp, x, (*x.shape[:-2], length - L, x.shape[-1]), fill)], axis=-2)
+    return xp.reshape(x, (*x.shape[:-2], length // C, C, x.shape[-1]))
+
+
+def _unchunk(xp: Any, y: Any, L: int) -> Any:
+    y = xp.reshape(y, (*y.shape[:-3], y.shape[-3] * y.shape[-2], y.shape[-1]))
+    return y[..., :L, :]
+
+
+def _with_ones(xp: Any, v: Any) -> Any:
+    """``[v, 1]``: the normaliser rides along as the last column of the same products."""
+    return xp.concat([v, xp.ones((*v.shape[:-1], 1), dtype=v.dtype, device=device_of(v))], axis=-1)
+
+
+def _normalise(xp: Any, num: Any, den: Any, eps: Any) -> Any:
+    """``num / (den + eps)``; a zero denominator (no visible key) gives 0."""
+    den = den + eps
+    # The numerator is exactly zero wherever the denominator is (no key was visible),
+    # so dividing by 1 there returns the zeros without ever touching small denominators.
+    den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
+    return num / den
+
+
+# --------------------------------------------------------------------------- cores
+def _features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple[Any, Any]:
+    """Query and key features; padding keys get exactly zero features."""
+    fq, fk = fmap._queries(xp, q), fmap._keys(xp, k)
+    if fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(
+            f"feature_map {fmap.signature} gives queries {fq.shape[-1]} features but keys "
+            f"{fk.shape[-1]}; they must match"
+        )
+    if key_mask is not None:
+        fk = xp.where(key_mask[..., None], fk, xp.zeros((), dtype=fk.dtype, device=device_of(fk)))
+    return fq, fk
+
+
+def _log_features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple[Any, Any]:
+    """Log-features of an exponential map; padding keys get ``-inf`` (feature 0)."""
+    lq, lk = fmap._log_queries(xp, q), fmap._log_keys(xp, k)
+    if key_mask is not None:
+        lk = xp.where(key_mask[..., None], lk, _neg_inf(xp, lk))
+    # each query row relative to its maximum: later sums stay small and exact
+    lq = lq - xp.max(lq, axis=-1, keepdims=True)
+    return lq, lk
+
+
+def _fold_queries(xp: Any, lq: Any, offset: Any) -> tuple[Any, Any, Any]:
+    """Query features ``exp(lq + offset - top - m)``, each row's largest feature 1.
+
+    ``offset (..., F)`` (key offsets per feature, folded into the queries) broadcasts
+    against ``lq (..., F)``. ``top`` is the largest offset, subtracted first so that no
+    sum of two large logits is ever rounded; ``m`` is the row maximum after that.
+    Returns ``(features, m, top)`` with ``m`` and ``top`` finite.
+    """
+    top = _finite_or_zero(xp, xp.max(offset, axis=-1, keepdims=True))
+    t = lq + (offset - top)
+    m = _finite_or_zero(xp, xp.max(t, axis=-1, keepdims=True))
+    return xp.exp(t - m), m, top
+
+
+def _noncausal(xp: Any, fq: Any, fk: Any, v: Any) -> tuple[Any, Any]:
+    """``phi(Q) (phi(K)^T V)`` and ``phi(Q) sum_j phi(k_j)``: O(L F Dv) time, O(F Dv) memory.
+
+    The normaliser is a separate matrix-vector product here, not a ones column on
+    ``V``: that column costs a copy of ``V`` and an odd-width (Dv + 1) product, about
+    20 % of the whole call on CPU (measured with PyTorch, L = 1024, F = Dv = 64).
+    """
+    num = xp.matmul(fq, xp.matmul(xp.matrix_transpose(fk), v))
+    den = xp.matmul(fq, xp.matrix_transpose(xp.sum(fk, axis=-2, keepdims=True)))
+    return num, den
+
+
+def _noncausal_exp(xp: Any, lq: Any, lk: Any, v: Any, eps: float) -> tuple[Any, Any, Any]:
+    offset = xp.max(lk, axis=-2, keepdims=True)  # (..., 1, F): per feature, over all keys
+    fk = xp.exp(lk - _finite_or_zero(xp, offset))
+    fq, _, _ = _fold_queries(xp, lq, offset)
+    # every query sees every key, so the largest kernel term is 1 in this frame: eps as is
+    return (*_noncausal(xp, fq, fk, v), eps)
+
+
+def _causal(xp: Any, fq: Any, fk: Any, v1: Any, C: int) -> tuple[Any, Any]:
+    """Chunked causal linear attention; returns ``[num, den]`` and the final state.
+
+    Inside each chunk of ``C`` tokens a masked ``tril(Qc Kc^T) [Vc, 1]``; across chunks an
+    exclusive prefix sum of the chunk states ``Kc^T [Vc, 1]``, applied as ``Qc S_prev``.
+    """
+    L = fq.shape[-2]
+    length = -(-L // C) * C
+    qc = _pad_chunks(xp, fq, length, C, 0.0)
+    kc = _pad_chunks(xp, fk, length, C, 0.0)  # padding keys have zero features
+    vc = _pad_chunks(xp, v1, length, C, 0.0)
+    y = xp.matmul(xp.tril(xp.matmul(qc, xp.matrix_transpose(kc))), vc)
+    states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv + 1)
+    if states.shape[-3] == 1:
+        return _unchunk(xp, y, L), states[..., 0, :, :]
+    prefix = xp.cumulative_sum(states, axis=-3, include_initial=True)
+    y = y + xp.matmul(qc, prefix[..., :-1, :, :])
+    return _unchunk(xp, y, L), prefix[..., -1, :, :]
+
+
+def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple[Any, Any, Any, Any]:
+    """Chunked causal attention for an exponential map, with look-back offsets.
+
+    Chunk ``n`` works relative to ``R_n``, the running maximum (per feature) of the
+    key log-features up to the end of chunk ``n``. The chunk states are summed by a
+    rescaled scan, ``X_n = sum_{m <= n} exp(R_m - R_n) Kc_m^T [Vc_m, 1]``, every factor
+    <= 1, so no sum overflows and a key is only lost when it is negligible next to a
+    key that the same queries see. Returns ``[num, den]``, the per-row eps in the
+    chunk frame, the final chunk state and its offset.
+    """
+    L = lq.shape[-2]
+    length = -(-L // C) * C
+    lq = _pad_chunks(xp, lq, length, C, 0.0)
+    lk = _pad_chunks(xp, lk, length, C, -math.inf)  # padding keys: feature 0
+    vc = _pad_chunks(xp, v1, length, C, 0.0)
+    running = _cummax(xp, lk, -2) if eps > 0 else None  # per token, inside each chunk
+    chunk_max = running[..., -1, :] if running is not None else xp.max(lk, axis=-2)
+    R = _cummax(xp, chunk_max, -2)  # (..., N, F), inclusive over chunks
+    R_safe = _finite_or_zero(xp, R)
+    kc = xp.exp(lk - R_safe[..., None, :])
+    qc, m, top = _fold_queries(xp, lq, R[..., None, :])
+    if running is not None:
+        # the largest kernel term query i sees, in this chunk's frame (<= 1)
+        R_before = _shift(xp, R, 1, -2, -math.inf)
+        seen = xp.maximum(running, R_before[..., None, :])  # key running max up to token i
+        s = xp.max(lq + (seen - top), axis=-1, keepdims=True)
+        eps_rows = eps * xp.exp(s - m)
+    else:
+        eps_rows = 0.0
+    y = xp.matmul(xp.tril(xp.matmul(qc, xp.matrix_transpose(kc))), vc)
+    X = xp.matmul(xp.matrix_transpose(kc), vc)  # chunk states, chunk n in frame R_n
+    s_ = 1
+    while s_ < X.shape[-3]:
+        decay = xp.exp(_shift(xp, R, s_, -2, -math.inf) - R_safe)
+        X = X + decay[..., None] * _shift(xp, X, s_, -3, 0.0)
+        s_ *= 2
+    if X.shape[-3] > 1:
+        carried = _shift(xp, X, 1, -3, 0.0)  # chunk n-1's inclusive state, frame R_{n-1}
+        rescale = xp.exp(_shift(xp, R, 1, -2, -math.inf) - R_safe)  # to frame R_n
+        y = y + xp.matmul(qc, rescale[..., None] * carried)
+    eps_rows = _unchunk(xp, eps_rows, L) if running is not None else eps_rows
+    return _unchunk(xp, y, L), eps_rows, X[..., -1, :, :], R[..., -1, :]
+
+
+def _state(xp: Any, fmap: FeatureMap, total: Any, offset: Any) -> LinearAttentionState:
+    """Split a ``(..., F, Dv + 1)`` state into ``S`` and ``z``."""
+    register_pytree(xp, LinearAttentionState, ("feature_map",))
+    S, z = total[..., :-1], total[..., -1]
+    if offset is not None:
+        offset = xp.broadcast_to(offset, z.shape)
+    return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
+
+
+# --------------------------------------------------------------------------- public
+def linear_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    feature_map: Any = "elu",
+    causal: bool = False,
+    key_mask: Any = None,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    rpb: Any = None,
+    rpb_tables: Sequence[Any | None] | None = None,
+    rpb_grid: Sequence[int] | None = None,
+    rpb_skip: tuple[int, int] = (0, 0),
+    return_state: bool = False,
+) -> Any:
+    r"""Kernelised linear attention, optionally with the FastRPB term.
+
+    .. math::
+        \mathrm{out}_i = \frac{\sum_j \phi(q_i) \cdot \phi(k_j)\, v_j}
+                              {\sum_j \phi(q_i) \cdot \phi(k_j) + \varepsilon}
+                         \;+\; \sum_j w_{i - j}\, v_j
+
+    over all keys ``j`` (non-causal) or ``j <= i`` (causal); the second term is
+    present only with ``rpb=`` (or ``rpb_tables=``/``rpb_grid=``).
+
+    Non-causal: ``phi(Q) (phi(K)^T V)`` over ``phi(Q) sum_j phi(k_j)``, O(L F Dv) time.
+    Causal: chunks of ``C``
+    tokens, a masked ``tril(Qc Kc^T) [Vc, 1]`` inside each chunk and an exclusive prefix
+    sum of the chunk states ``Kc^T [Vc, 1]`` across chunks, O(L C F + L F Dv) time and
+    O(L (F + Dv) + (L / C) F Dv) memory. For ``sikf``/``favor`` the exponentials are
+    formed with offsets that cancel (see the module docstring): outputs are finite
+    for any finite logits, and ``eps`` is relative to the largest kernel term.
+    Non-causal results and decoding are accurate at any logit scale; causal results
+    while no key feature rises more than ~80 (float32) above an earlier key's inside
+    one chunk (else the queries between lose the earlier key: finite, possibly zero
+    output; a smaller ``chunk_size`` helps, 1 is exact).
+
+    Parameters
+    ----------
+    q : array, shape (..., Lq, Dk)
+    k : array, shape (..., Lk, Dk)
+    v : array, shape (..., Lk, Dv)
+        Real floating; leading dimensions broadcast. float16/bfloat16 are computed in
+        float32 and returned in their dtype.
+    feature_map : str, FeatureMap or callable
+        ``"elu"``, ``"relu"``, ``"sikf"``, ``"dpfp"``, a map from
+        ``fastrpb.feature_maps`` (e.g. ``favor(projection)``) or a callable applied to
+        both queries and keys.
+    causal : bool
+        Query ``i`` sees keys ``j <= i``; needs ``Lq == Lk``.
+    key_mask : bool array, shape (..., Lk), optional
+        False marks a padding key: excluded from numerator and normaliser (and from
+        the FastRPB term). A query that sees no key gets zeros.
+    eps : float
+        Added to the normaliser (relative to the largest kernel term for the
+        exponential maps).
+    chunk_size : int
+        Chunk length ``C`` of the causal algorithm.
+    rpb : array, shape (..., 2M - 1), optional
+        FastRPB table: adds ``fastrpb.rpb(v, rpb, causal=causal, skip=rpb_skip)``.
+    rpb_tables, rpb_grid : optional
+        N-d FastRPB instead (non-causal): adds ``fastrpb.rpb_nd(v, rpb_tables, rpb_grid, skip=rpb_skip)``.
+    rpb_skip : (int, int)
+        Tokens at the start and end that neither give nor receive the bias.
+    return_state : bool
+        Causal only: also return the ``LinearAttentionState`` after the last token, so
+        ``linear_attention_step`` continues the sequence (the state does not carry the
+        FastRPB term).
+
+    Returns
+    -------
+    array, shape (..., Lq, Dv)
+        Or ``(out, state)`` with ``return_state=True``.
+
+    References
+    ----------
+    Katharopoulos et al. (2020), "Transformers are RNNs: Fast Autoregressive
+    Transformers with Linear Attention", ICML. Zubkov & Gavrilov (2022), "FastRPB: a
+    Scalable Relative Positional Encoding for Long Sequence Tasks", arXiv:2202.11364.
+    """
+    fmap = resolve(feature_map)
+    tables = _rpb_tables(rpb, rpb_tables, rpb_grid)
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, **tables, **fmap._arrays())
+    _check_qkv(xp, q, k, v)
+    lead = _lead(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    _check_key_mask(xp, key_mask, k, lead)
+    causal = _bool_arg("causal", causal)
+    return_state = _bool_arg("return_state", return_state)
+    eps = _eps_arg(eps)
+    C = int_arg("chunk_size", chunk_size, minimum=1)
+    fmap._check_width(q.shape[-1], "q")
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    if causal and Lq != Lk:
+        raise ValueError(f"causal=True needs as many queries as keys, got q with Lq = {Lq} and k with Lk = {Lk}")
+    if return_state and not causal:
+        raise ValueError("return_state=True needs causal=True: a decoding state continues a causal sequence")
+    result, work = compute_dtype(xp, q, k, v, *tables.values())
+    qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    offset = None
+    if Lq == 0 or Lk == 0:
+        fk = fmap._keys(xp, kw)
+        shape = (*_lead(lead, () if key_mask is None else key_mask.shape[:-1]), Lq, v.shape[-1])
+        out = xp.zeros(shape, dtype=work, device=device_of(v))
+        final = xp.zeros((*shape[:-2], fk.shape[-1], v.shape[-1] + 1), dtype=work, device=device_of(v))
+        if fmap.exponential:
+            offset = _neg_inf(xp, final)
+    elif fmap.exponential:
+        lq, lk = _log_features(xp, fmap, qw, kw, key_mask)
+        if causal:
+            total, eps_rows, final, offset = _causal_exp(xp, lq, lk, _with_ones(xp, vw), min(C, Lq), eps)
+            num, den = total[..., :-1], total[..., -1:]
+        else:
+            num, den, eps_rows = _noncausal_exp(xp, lq, lk, vw, eps)
+        out = _normalise(xp, num, den, eps_rows)
+    else:
+        fq, fk = _features(xp, fmap, qw, kw, key_mask)
+        if causal:
+            total, final = _causal(xp, fq, fk, _with_ones(xp, vw), min(C, Lq))
+            num, den = total[..., :-1], total[..., -1:]
+        else:
+            num, den = _noncausal(xp, fq, fk, vw)
+        out = _normalise(xp, num, den, eps)
+    out = _add_bias(
+        xp, out, vw, key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
+    )
+    out = xp.astype(out, result, copy=False)
+    if return_state:
+        return out, _state(xp, fmap, final, offset)
+    return out
+
+
+def linear_attention_step(
+    state: LinearAttentionState | None,
+    q_t: Any,
+    k_t: Any,
+    v_t: Any,
+    *,
+    feature_map: Any = "elu",
+    eps: float = 1e-6,
+) -> tuple[Any, LinearAttentionState]:
+    r"""One decoding step of causal linear attention: O(F Dv) per token.
+
+    .. math::
+        S \leftarrow S + \phi(k_t) v_t^\top, \quad z \leftarrow z + \phi(k_t), \quad
+        \mathrm{out}_t = \frac{\phi(q_t)^\top S}{\phi(q_t)^\top z + \varepsilon}
+
+    Stepping token by token reproduces ``linear_attention(..., causal=True)``; start
+    from ``state=None`` or from the state that ``linear_attention(...,
+    return_state=True)`` returns after a prompt. For ``sikf``/``favor`` the state keeps
+    a running key offset per feature and rescales ``S`` and ``z`` when it grows, so
+    no step overflows whatever the key magnitudes.
+
+    Parameters
+    ----------
+    state : LinearAttentionState or None
+        The state after the previous tokens (made with the same feature map).
+    q_t, k_t : array, shape (..., Dk)
+    v_t : array, shape (..., Dv)
+        The new token. Half precision is computed in float32; the state stays in the
+        compute dtype.
+    feature_map, eps
+        As in ``linear_attention``.
+
+    Returns
+    -------
+    (array of shape (..., Dv), LinearAttentionState)
+    """
+    fmap = resolve(feature_map)
+    if state is not None and not isinstance(state, LinearAttentionState):
+        raise TypeError(f"state must be a LinearAttentionState or None, got {type(state).__name__}")
+    held = {} if state is None else {"state.S": state.S, "state.z": state.z, "state.offset": state.offset}
+    xp = namespace(q_t=q_t, k_t=k_t, v_t=v_t, **held, **fmap._arrays())
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        check_floating(xp, name, x)
+        if x.ndim < 1:
+            raise ValueError(f"{name} must have shape (..., D) with at least 1 dimension, got a 0-d array")
+    if k_t.shape[-1] != q_t.shape[-1]:
+        raise ValueError(
+            f"k_t must have the width Dk of q_t: q_t has shape {tuple(q_t.shape)} but k_t has shape {tuple(k_t.shape)}"
+        )
+    lead = _check_broadcast(
+        {"q_t": q_t.shape[:-1], "k_t": k_t.shape[:-1], "v_t": v_t.shape[:-1]}, "leading dimensions of q_t, k_t and v_t"
+    )
+    fmap._check_width(q_t.shape[-1], "q_t")
+    eps = _eps_arg(eps)
+    result, work = compute_dtype(xp, q_t, k_t, v_t)
+    qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q_t, k_t, v_t))
+    Dv = v_t.shape[-1]
+    if fmap.exponential:
+        lq, lk = _log_features(xp, fmap, qw, kw, None)
+        F = lk.shape[-1]
+    else:
+        fq, fk = _features(xp, fmap, qw, kw, None)
+        F = fk.shape[-1]
+    if state is None:
+        S = xp.zeros((F, Dv), dtype=work, device=device_of(v_t))
+        z = xp.zeros((F,), dtype=work, device=device_of(v_t))
+        offset = _neg_inf(xp, z) if fmap.exponential else None
+    else:
+        S, z, offset = _check_state(xp, fmap, state, F, Dv, lead)
+        S, z = xp.astype(S, work, copy=False), xp.astype(z, work, copy=False)
+        offset = None if offset is None else xp.astype(offset, work, copy=False)
+    if fmap.exponential:
+        new_offset = xp.maximum(offset, lk)
+        safe = _finite_or_zero(xp, new_offset)  # never -inf: lk is finite
+        decay = xp.exp(offset - safe)
+        fk = xp.exp(lk - safe)
+        S = decay[..., None] * S + fk[..., None] * vw[..., None, :]
+        z = decay * z + fk
+        fq, _, _ = _fold_queries(xp, lq, new_offset)  # token frame: the largest term is 1
+        offset = new_offset
+    else:
+        S = S + fk[..., None] * vw[..., None, :]
+        z = z + fk
+    num = xp.matmul(fq[..., None, :], S)[..., 0, :]
+    den = xp.sum(fq * z, axis=-1, keepdims=True) + eps
+    den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
+    out = xp.astype(num / den, result, copy=False)
+    register_pytree(xp, LinearAttentionState, ("feature_map",))
+    if offset is not None:
+        offset = xp.broadcast_to(offset, z.shape)
+    return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
+
+
+def _check_state(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple) -> tuple:
+    if state.feature_map != fmap.signature:
+        raise ValueError(
+            f"state was made by feature map {state.feature_map!r} but feature_map is {fmap.signature!r}; "
+            "continue a sequence with the map that started it"
+        )
+    S, z, offset = state.S, state.z, state.offset
+    for name, x in (("state.S", S), ("state.z", z)):
+        check_floating(xp, name, x)
+    if S.ndim < 2 or tuple(S.shape[-2:]) != (F, Dv):
+        raise ValueError(
+            f"state.S must have shape (..., F, Dv) = (..., {F}, {Dv}) for these inputs, got shape {tuple(S.shape)}"
+        )
+    if tuple(z.shape) != tuple(S.shape[:-1]):
+        raise ValueError(f"state.z must have shape {tuple(S.shape[:-1])} (that of state.S without Dv), got {tuple(z.shape)}")
+    if fmap.exponential:
+        if offset is None or tuple(offset.shape) != tuple(z.shape):
+            got = None if offset is None else tuple(offset.shape)
+            raise ValueError(f"state.offset must have shape {tuple(z.shape)} for feature map {fmap.signature!r}, got {got}")
+    elif offset is not None:
+        raise ValueError(f"state.offset must be None for feature map {fmap.signature!r}, got an array")
+    _check_broadcast({"state": tuple(z.shape[:-1]), "q_t, k_t, v_t": lead}, "leading dimensions of state and the token")
+    return S, z, offset
+
+
+def softmax_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    key_mask: Any = None,
+    logits_bias: Any = None,
+    scale: float | None = None,
+    rpb: Any = None,
+    rpb_tables: Sequence[Any | None] | None = None,
+    rpb_grid: Sequence[int] | None = None,
+    rpb_skip: tuple[int, int] = (0, 0),
+) -> Any:
+    r"""Exact (quadratic) softmax attention, the reference for linear attention.
+
+    .. math::
+        \mathrm{out}_i = \sum_j \frac{e^{a_{ij}}}{\sum_{j'} e^{a_{ij'}}}\, v_j
+                         \;+\; \sum_j w_{i - j}\, v_j, \qquad
+        a_{ij} = s\, q_i \cdot k_j + b_{ij}
+
+    over the visible keys, computed max-subtracted (stable for any finite logits).
+    O(Lq Lk) time and memory.
+
+    Parameters
+    ----------
+    q, k, v : arrays, shapes (..., Lq, Dk), (..., Lk, Dk), (..., Lk, Dv)
+    causal : bool
+        Query ``i`` sees keys ``j <= i``; needs ``Lq == Lk``.
+    key_mask : bool array, shape (..., Lk), optional
+        False marks a padding key. A query that sees no key gets zeros.
+    logits_bias : array, broadcastable to (..., Lq, Lk), optional
+        Added to the logits, e.g. ``rpb_matrix(w, L)`` (the T5-style use of a table).
+    scale : float, optional
+        ``s``; default ``1 / sqrt(Dk)``.
+    rpb, rpb_tables, rpb_grid, rpb_skip
+        Add the FastRPB term, as in ``linear_attention``.
+    """
+    tables = _rpb_tables(rpb, rpb_tables, rpb_grid)
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, **tables)
+    _check_qkv(xp, q, k, v)
+    lead = _lead(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    _check_key_mask(xp, key_mask, k, lead)
+    causal = _bool_arg("causal", causal)
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    if causal and Lq != Lk:
+        raise ValueError(f"causal=True needs as many queries as keys, got q with Lq = {Lq} and k with Lk = {Lk}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    named = {"logits_bias": logits_bias} if logits_bias is not None else {}
+    if logits_bias is not None:
+        check_floating(xp, "logits_bias", logits_bias)
+        shape = tuple(logits_bias.shape)
+        if len(shape) < 1 or shape[-1] not in (1, Lk) or (len(shape) >= 2 and shape[-2] not in (1, Lq)):
+            raise ValueError(f"logits_bias must broadcast to (..., Lq, Lk) = (..., {Lq}, {Lk}), got shape {shape}")
+        _check_broadcast({"logits_bias": shape[:-2], "q, k, v": lead}, "leading dimensions of logits_bias and q, k, v")
+    result, work = compute_dtype(xp, q, k, v, *tables.values(), *named.values())
+    qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    logits = xp.matmul(qw, xp.matrix_transpose(kw)) * scale
+    if logits_bias is not None:
+        logits = logits + xp.astype(logits_bias, work, copy=False)
+    visible = None
+    if causal:
+        i = xp.arange(Lq, dtype=xp.int32, device=device_of(q))
+        visible = i[:, None] >= i[None, :]
+    if key_mask is not None:
+        km = key_mask[..., None, :]
+        visible = km if visible is None else xp.logical_and(visible, km)
+    if visible is not None:
+        logits = xp.where(visible, logits, _neg_inf(xp, logits))
+    if Lk == 0:
+        out = xp.zeros((*logits.shape[:-1], v.shape[-1]), dtype=work, device=device_of(v))
+    else:
+        top = _finite_or_zero(xp, xp.max(logits, axis=-1, keepdims=True))
+        p = xp.exp(logits - top)
+        den = xp.sum(p, axis=-1, keepdims=True)
+        den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
+        out = xp.matmul(p, vw) / den
+    out = _add_bias(
+        xp, out, vw, key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
+    )
+    return xp.astype(out, result, copy=False)

@@ -1,0 +1,467 @@
+r"""Kernel feature maps for linear attention.
+
+A feature map turns ``(..., L, D)`` into features ``(..., L, F)`` so that the
+attention kernel factorises, :math:`K(q, k) = \phi_q(q) \cdot \phi_k(k)`, and
+attention costs O(L F Dv) instead of O(L^2) (Katharopoulos et al. 2020, "Transformers
+are RNNs: Fast Autoregressive Transformers with Linear Attention", ICML).
+
+Every map exposes ``queries(x)``, ``keys(x)`` (equal for symmetric maps), ``features(d)``
+(its ``F`` for input width ``d``), a ``name`` and a ``signature`` (the name with its
+parameters, stored in decoding states). Maps are made by the functions below; the
+parameter-free ones can be named by a string in ``linear_attention``. A plain callable
+is accepted as a symmetric map.
+
+The *exponential* maps (``sikf``, ``favor``) are defined by their logarithm; their
+``queries``/``keys`` subtract stabilising offsets that cancel in attention's
+normalisation (a constant per query row, and one constant per sequence for keys).
+``linear_attention`` does not call them: it works on the logarithms directly and
+chooses per-feature offsets itself (see ``fastrpb.attention``).
+
+Half-precision inputs are computed in float32 and returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._compat import (
+    check_floating,
+    compute_dtype,
+    device_of,
+    int_arg,
+    namespace,
+    seeded_projection,
+)
+
+__all__ = [
+    "FeatureMap",
+    "ELU",
+    "ReLU",
+    "SIKF",
+    "DPFP",
+    "FAVOR",
+    "RFF",
+    "elu",
+    "relu",
+    "sikf",
+    "dpfp",
+    "favor",
+    "rff",
+    "random_projection",
+    "resolve",
+    "NAMES",
+]
+
+
+def _zero(xp: Any, x: Any) -> Any:
+    return xp.zeros((), dtype=x.dtype, device=device_of(x))
+
+
+def _relu(xp: Any, x: Any) -> Any:
+    return xp.maximum(x, _zero(xp, x))
+
+
+class FeatureMap:
+    """Base of the feature maps: public entry points around private array kernels.
+
+    Subclasses implement ``_queries(xp, x)`` and ``_keys(xp, x)`` on arrays already
+    in the compute dtype (exponential maps implement ``_log_queries``/``_log_keys``
+    instead), ``features(d)`` and, if they hold arrays, ``_arrays()``.
+    """
+
+    name: ClassVar[str] = "feature map"
+    #: True for maps defined as ``exp`` of a log-feature (``sikf``, ``favor``).
+    exponential: ClassVar[bool] = False
+
+    # -- public ---------------------------------------------------------------
+    def queries(self, x: Any) -> Any:
+        """Query features ``(..., L, F)`` of ``x: (..., L, D)``."""
+        return self._public(x, self._queries)
+
+    def keys(self, x: Any) -> Any:
+        """Key features ``(..., L, F)`` of ``x: (..., L, D)``."""
+        return self._public(x, self._keys)
+
+    def features(self, d: int) -> int | None:
+        """The number of features ``F`` for input width ``d``."""
+        raise NotImplementedError
+
+    @property
+    def signature(self) -> str:
+        """The name with its parameters; decoding states record it."""
+        return self.name
+
+    # -- private --------------------------------------------------------------
+    def _public(self, x: Any, kernel: Callable[[Any, Any], Any]) -> Any:
+        xp = namespace(x=x, **self._arrays())
+        check_floating(xp, "x", x)
+        if x.ndim < 1:
+            raise ValueError(f"x must have shape (..., D) with at least 1 dimension, got a 0-d array")
+        self._check_width(x.shape[-1], "x")
+        result, work = compute_dtype(xp, x)
+        out = kernel(xp, xp.astype(x, work, copy=False))
+        return xp.astype(out, result, copy=False)
+
+    def _arrays(self) -> dict[str, Any]:
+        """Arrays held by the map, named for namespace/device checks."""
+        return {}
+
+    def _check_width(self, d: int, name: str) -> None:
+        """Reject an input width the map cannot take (maps with a projection)."""
+
+    def _queries(self, xp: Any, x: Any) -> Any:
+        if self.exponential:
+            lx = self._log_queries(xp, x)
+            # one offset per row (query): its largest feature becomes 1
+            return xp.exp(lx - xp.max(lx, axis=-1, keepdims=True))
+        raise NotImplementedError
+
+    def _keys(self, xp: Any, x: Any) -> Any:
+        if self.exponential:
+            lx = self._log_keys(xp, x)
+            if lx.ndim < 2 or lx.shape[-2] == 0 or lx.shape[-1] == 0:
+                return xp.exp(lx)
+            # one offset shared by every key of the sequence (and every feature)
+            return xp.exp(lx - xp.max(lx, axis=(-2, -1), keepdims=True))
+        raise NotImplementedError
+
+    def _log_queries(self, xp: Any, x: Any) -> Any:
+        raise NotImplementedError
+
+    def _log_keys(self, xp: Any, x: Any) -> Any:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- maps
+@dataclass(frozen=True)
+class ELU(FeatureMap):
+    r"""``elu(x) + 1`` (Katharopoulos et al. 2020, "Transformers are RNNs"), F = D.
+
+    .. math:: \phi(x) = \begin{cases} x + 1 & x > 0 \\ e^{x} & x \le 0 \end{cases}
+
+    Computed as ``exp(min(x, 0)) + max(x, 0)``, which is ``where(x > 0, x + 1, exp(x))``
+    bit for bit (``1 + x`` for ``x > 0``, ``exp(x) + 0`` otherwise): no ``exp(x) - 1 + 1``
+    round trip (which loses the small values in bfloat16), no ``exp`` of a large
+    positive ``x`` (whose ``inf`` would turn gradients into ``inf * 0``), and no
+    boolean mask and select, which cost more than the whole map on CPU backends.
+    """
+
+    name: ClassVar[str] = "elu"
+
+    def features(self, d: int) -> int:
+        return int_arg("d", d, minimum=0)
+
+    def _queries(self, xp: Any, x: Any) -> Any:
+        zero = _zero(xp, x)
+        return xp.exp(xp.minimum(x, zero)) + xp.maximum(x, zero)
+
+    _keys = _queries
+
+
+@dataclass(frozen=True)
+class ReLU(FeatureMap):
+    r"""``relu(x) = max(x, 0)``, F = D.
+
+    A row whose features are all zero has no attention mass; ``linear_attention``
+    then returns zeros for it (the denominator is guarded).
+    """
+
+    name: ClassVar[str] = "relu"
+
+    def features(self, d: int) -> int:
+        return int_arg("d", d, minimum=0)
+
+    def _queries(self, xp: Any, x: Any) -> Any:
+        return _relu(xp, x)
+
+    _keys = _queries
+
+
+@dataclass(frozen=True)
+class SIKF(FeatureMap):
+    r"""The shift-invariant kernel of FastRPB, :math:`\phi(x) = e^{x - c}`, F = D.
+
+    .. math:: K(q, k) = \sum_f e^{q_f} e^{k_f}
+
+    Attention with this kernel is invariant to adding a constant to a query row or
+    to all keys of a sequence, exactly as softmax attention is (Zubkov & Gavrilov
+    2022, "FastRPB: a Scalable Relative Positional Encoding for Long Sequence
+    Tasks", arXiv:2202.11364). The offsets ``c`` only keep ``exp`` in range and cancel
+    in the normalisation: ``queries`` uses each row's maximum, ``keys`` the maximum
+    over the whole sequence. (The paper's code subtracts a mean, which overflows for
+    large logits.) ``linear_attention`` picks finer offsets (per feature, looking
+    only back in causal mode); see ``fastrpb.attention``.
+    """
+
+    name: ClassVar[str] = "sikf"
+    exponential: ClassVar[bool] = True
+
+    def features(self, d: int) -> int:
+        return int_arg("d", d, minimum=0)
+
+    def _log_queries(self, xp: Any, x: Any) -> Any:
+        return x
+
+    _log_keys = _log_queries
+
+
+@dataclass(frozen=True)
+class DPFP(FeatureMap):
+    r"""Deterministic parameter-free projection (Schlag, Irie & Schmidhuber 2021,
+    "Linear Transformers Are Secretly Fast Weight Programmers", ICML), F = 2 D nu.
+
+    .. math::
+        r(x) = [\mathrm{relu}(x), \mathrm{relu}(-x)] \in \mathbb{R}^{2D}, \quad
+        \phi(x) = [\, r(x) \odot \mathrm{roll}(r(x), i) \,]_{i = 1..\nu}
+    """
+
+    nu: int = 1
+    name: ClassVar[str] = "dpfp"
+
+    def __post_init__(self) -> None:
+        int_arg("nu", self.nu, minimum=1)
+
+    @property
+    def signature(self) -> str:
+        return f"dpfp(nu={self.nu})"
+
+    def features(self, d: int) -> int:
+        return 2 * int_arg("d", d, minimum=0) * self.nu
+
+    def _queries(self, xp: Any, x: Any) -> Any:
+        r = xp.concat([_relu(xp, x), _relu(xp, -x)], axis=-1)
+        return xp.concat([r * xp.roll(r, i, axis=-1) for i in range(1, self.nu + 1)], axis=-1)
+
+    _keys = _queries
+
+
+class _Projected(FeatureMap):
+    """A map holding an explicit ``(m, d)`` projection."""
+
+    projection: Any
+
+    def _arrays(self) -> dict[str, Any]:
+        return {"projection": self.projection}
+
+    def _check_width(self, d: int, name: str) -> None:
+        m, width = self.projection.shape
+        if d != width:
+            raise ValueError(
+                f"{name} has width D = {d} but the {self.name} projection has shape "
+                f"(m, d) = ({m}, {width}); it needs d == D"
+            )
+
+    def _project(self, xp: Any, x: Any) -> Any:
+        w = xp.astype(self.projection, x.dtype, copy=False)
+        return xp.matmul(x, xp.matrix_transpose(w))
+
+    @property
+    def signature(self) -> str:
+        m, d = self.projection.shape
+        return f"{self.name}(m={m}, d={d})"
+
+
+def _check_projection(projection: Any) -> None:
+    xp = namespace(projection=projection)
+    check_floating(xp, "projection", projection)
+    if projection.ndim != 2 or projection.shape[0] < 1 or projection.shape[1] < 1:
+        raise ValueError(f"projection must have shape (m, d) with m, d >= 1, got shape {tuple(projection.shape)}")
+
+
+@dataclass(frozen=True, eq=False)
+class FAVOR(_Projected):
+    r"""Performer FAVOR+ positive random features for the softmax kernel, F = m.
+
+    .. math::
+        \phi(x) = \frac{1}{\sqrt m} \exp\!\big(W x - \tfrac{|x|^2}{2} - c\big), \qquad
+        \mathbb{E}_W[\phi(q) \cdot \phi(k)] = e^{q \cdot k} e^{-c_q - c_k}
+
+    with rows of ``W`` distributed as ``N(0, I)`` (``random_projection``; orthogonal
+    rows lower the variance). The stabilisers ``c`` cancel in attention's
+    normalisation: one per query row, one shared by all keys of a sequence
+    (Choromanski et al. 2021, "Rethinking Attention with Performers", ICLR).
+    The kernel is ``exp(q . k)``: to approximate ``softmax_attention``'s default
+    ``scale = 1/sqrt(D)``, multiply ``q`` and ``k`` by ``D ** -0.25`` first.
+    """
+
+    projection: Any
+    name: ClassVar[str] = "favor"
+    exponential: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_projection(self.projection)
+
+    def features(self, d: int) -> int:
+        return self.projection.shape[0]
+
+    def _log_queries(self, xp: Any, x: Any) -> Any:
+        m = self.projection.shape[0]
+        return self._project(xp, x) - (xp.sum(x * x, axis=-1, keepdims=True) * 0.5 + 0.5 * math.log(m))
+
+    _log_keys = _log_queries
+
+
+@dataclass(frozen=True, eq=False)
+class RFF(_Projected):
+    r"""Random Fourier features for the Gaussian kernel (Rahimi & Recht 2007,
+    "Random Features for Large-Scale Kernel Machines", NeurIPS), F = 2 m.
+
+    .. math::
+        \phi(x) = \frac{1}{\sqrt m} [\cos(W x), \sin(W x)], \qquad
+        \mathbb{E}_W[\phi(x) \cdot \phi(y)] = e^{-|x - y|^2 / 2}
+
+    with rows of ``W`` distributed as ``N(0, I)``. Unlike the other maps these
+    features are not non-negative: the kernel estimate, and so a linear-attention
+    denominator, can be small or negative for a finite ``m``. Use it as a kernel
+    estimate (or with inputs whose kernel values are well away from zero).
+    """
+
+    projection: Any
+    name: ClassVar[str] = "rff"
+
+    def __post_init__(self) -> None:
+        _check_projection(self.projection)
+
+    def features(self, d: int) -> int:
+        return 2 * self.projection.shape[0]
+
+    def _queries(self, xp: Any, x: Any) -> Any:
+        wx = self._project(xp, x)
+        scale = 1.0 / math.sqrt(self.projection.shape[0])
+        return xp.concat([xp.cos(wx), xp.sin(wx)], axis=-1) * scale
+
+    _keys = _queries
+
+
+@dataclass(frozen=True, eq=False)
+class _Callable(FeatureMap):
+    """A plain callable used as a symmetric map (same features for queries and keys)."""
+
+    function: Callable[[Any], Any]
+    name: ClassVar[str] = "callable"
+
+    @property
+    def signature(self) -> str:
+        label = getattr(self.function, "__qualname__", None) or type(self.function).__qualname__
+        return f"callable({label})"
+
+    def features(self, d: int) -> None:
+        """Unknown: a plain callable does not declare its width."""
+        return None
+
+    def _queries(self, xp: Any, x: Any) -> Any:
+        out = self.function(x)
+        label = f"the output of feature_map {self.signature}"
+        namespace(**{"the input": x, label: out})
+        check_floating(xp, label, out)
+        if out.ndim != x.ndim or tuple(out.shape[:-1]) != tuple(x.shape[:-1]):
+            got = tuple(out.shape)
+            raise ValueError(
+                f"feature_map {self.signature} must return an array of shape "
+                f"{(*x.shape[:-1], 'F')} for input shape {tuple(x.shape)}, got {got}"
+            )
+        return xp.astype(out, x.dtype, copy=False)
+
+    _keys = _queries
+
+
+# --------------------------------------------------------------------------- factories
+def elu() -> FeatureMap:
+    """``elu(x) + 1`` features (Katharopoulos et al. 2020), F = D. See ``ELU``."""
+    return ELU()
+
+
+def relu() -> FeatureMap:
+    """``relu(x)`` features, F = D. See ``ReLU``."""
+    return ReLU()
+
+
+def sikf() -> FeatureMap:
+    """The shift-invariant kernel ``exp(x - c)`` of FastRPB (arXiv:2202.11364), F = D. See ``SIKF``."""
+    return SIKF()
+
+
+def dpfp(nu: int = 1) -> FeatureMap:
+    """Deterministic parameter-free projection (Schlag et al. 2021), F = 2 D nu. See ``DPFP``."""
+    return DPFP(int_arg("nu", nu, minimum=1))
+
+
+def favor(projection: Any) -> FeatureMap:
+    """Performer FAVOR+ positive random features for ``exp(q . k)``, F = m. See ``FAVOR``.
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        Rows distributed as ``N(0, I)``, e.g. ``random_projection(m, D, seed=..., like=q)``.
+    """
+    return FAVOR(projection)
+
+
+def rff(projection: Any) -> FeatureMap:
+    """Random Fourier features for ``exp(-|x - y|^2 / 2)``, F = 2 m. See ``RFF``.
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        Rows distributed as ``N(0, I)``, e.g. ``random_projection(m, D, seed=..., like=x)``.
+    """
+    return RFF(projection)
+
+
+def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, like: Any) -> Any:
+    """An ``(m, d)`` random projection whose rows are marginally ``N(0, I_d)``.
+
+    With ``orthogonal=True`` (the default, Performer's "orthogonal random features")
+    rows come in blocks of ``d`` exactly orthogonal directions (QR of a Gaussian block)
+    with independent chi-distributed norms: unbiased like i.i.d. rows, with lower
+    variance (Choromanski et al. 2021, "Rethinking Attention with Performers").
+    ``orthogonal=False`` gives i.i.d. Gaussian rows.
+
+    Parameters
+    ----------
+    m, d : int
+        Number of random features and input width.
+    seed : int
+        Seed of NumPy's ``default_rng``; the same numbers on every backend.
+    orthogonal : bool
+        Orthogonal blocks (default) or i.i.d. rows.
+    like : array
+        The projection is created in the namespace, on the device and (if floating)
+        in the dtype of ``like``.
+    """
+    xp = namespace(like=like)
+    m = int_arg("m", m, minimum=1)
+    d = int_arg("d", d, minimum=1)
+    if not isinstance(orthogonal, bool):
+        raise TypeError(f"orthogonal must be a bool, got {type(orthogonal).__name__}")
+    dtype = like.dtype if xp.isdtype(like.dtype, "real floating") else xp.float32
+    return seeded_projection(xp, m, d, seed=seed, orthogonal=orthogonal, dtype=dtype, device=device_of(like))
+
+
+_BY_NAME: dict[str, Callable[[], FeatureMap]] = {"elu": elu, "relu": relu, "sikf": sikf, "dpfp": dpfp}
+#: The names ``linear_attention(feature_map=...)`` accepts.
+NAMES: tuple[str, ...] = tuple(_BY_NAME)
+
+
+def resolve(feature_map: Any, name: str = "feature_map") -> FeatureMap:
+    """A ``FeatureMap`` from a map, one of ``NAMES``, or a plain callable (symmetric)."""
+    if isinstance(feature_map, FeatureMap):
+        return feature_map
+    if isinstance(feature_map, str):
+        try:
+            return _BY_NAME[feature_map]()
+        except KeyError:
+            raise ValueError(
+                f"{name} {feature_map!r} is not a known feature map; valid names are "
+                f"{', '.join(repr(n) for n in NAMES)} (or pass a map from fastrpb.feature_maps "
+                "or a callable)"
+            ) from None
+    if callable(feature_map):
+        return _Callable(feature_map)
+    raise TypeError(
+        f"{name} must be a feature-map name ({', '.join(NAMES)}), a map from "
+        f"fastrpb.feature_maps or a callable, got {type(feature_map).__name__}"
+    )
