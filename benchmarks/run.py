@@ -21,7 +21,7 @@ from .cases import CASES
 from .timing import measure, paired_ratio
 
 DEFAULT_SIZES = (256, 1024, 4096, 16384, 65536, 262144)
-QUICK_SIZES = (256, 1024, 4096)
+QUICK_SIZES = (256, 1024)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
