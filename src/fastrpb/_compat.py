@@ -49,6 +49,13 @@ def namespace(**arrays: Any) -> Any:
         if xp is not None:
             if kind is np.ndarray:
                 return xp
+            if array_api_compat.is_torch_namespace(xp):
+                # a tensor's device is an attribute; array_api_compat.device() runs a
+                # chain of type checks first
+                first = next(iter(given.values())).device
+                if any(x.device != first for x in given.values()):
+                    _check_devices(given)  # raises, naming the arguments
+                return xp
             _check_devices(given)
             return xp
     for name, x in given.items():
@@ -124,10 +131,23 @@ def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
     ones need power-of-two sizes for them, and reductions over long sequences lose
     too much in 8 bits of mantissa.
     """
+    # promotion depends only on the dtypes: remember it (result_type costs microseconds
+    # per call, several times per decoding step)
+    try:
+        key = (xp.__name__, *(x.dtype for x in arrays))
+        known = _PROMOTED.get(key)
+    except (TypeError, AttributeError):
+        key, known = None, None
+    if known is not None:
+        return known
     result = xp.result_type(*arrays)
-    if result == xp.float64:
-        return result, xp.float64
-    return result, xp.float32
+    pair = (result, xp.float64 if result == xp.float64 else xp.float32)
+    if key is not None:
+        _PROMOTED[key] = pair
+    return pair
+
+
+_PROMOTED: dict[tuple, tuple[Any, Any]] = {}
 
 
 def fft_namespace(xp: Any) -> Any:
@@ -248,7 +268,9 @@ def elu_plus_one(xp: Any, x: Any) -> Any:
     if array_api_compat.is_torch_namespace(xp) and x.dtype in (xp.float32, xp.float64):
         import torch  # already imported: x is a torch.Tensor
 
-        return torch.nn.functional.elu(x) + 1.0
+        # in place on elu's fresh output (its backward reads the input, not the
+        # output): a second tensor of the size of x costs page faults
+        return torch.nn.functional.elu(x).add_(1.0)
     if array_api_compat.is_numpy_namespace(xp) and isinstance(x, np.ndarray) and x.ndim > 0:
         out = np.minimum(x, 0)
         np.exp(out, out=out)
