@@ -72,14 +72,15 @@ def build_rpb(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool) ->
     ]
     skipped = {}
     if L <= PAPER_MAX_LEN:
-        variants.insert(2, Variant("paper_2L-1", lambda: paper(v, w)))
+        # its memory is measured while it is cheap: past 16,384 one call takes seconds
+        variants.insert(2, Variant("paper_2L-1", lambda: paper(v, w), memory=L <= 16384))
     else:
         skipped["paper_2L-1"] = f"its FFT length 2L - 1 = {2 * L - 1:,} is prime: tens of seconds a call; run up to L = {PAPER_MAX_LEN:,}"
     dense_bytes = HEADS * L * L * _itemsize(dtype)
     if dense_bytes <= cap_bytes:
         xp = bench.xp
         dense = jit(lambda v, w: xp.matmul(fastrpb.rpb_matrix(w, L), v))
-        variants.append(Variant("dense", lambda: dense(v, w)))
+        variants.append(Variant("dense", lambda: dense(v, w), memory=False))  # L^2 by construction
     else:
         skipped["dense"] = f"the {HEADS} x L x L matrix needs {dense_bytes / 2**30:.1f} GiB > cap"
     return Built(variants, BATCH * HEADS * L * FEATURES * _itemsize(dtype), skipped)
@@ -110,7 +111,7 @@ def build_attention(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bo
     variants = [
         Variant("fastrpb", lambda: ours(q, k, v), ours=True),
         Variant("native", lambda: native(q, k, v)),
-        Variant("matmul_roofline", lambda: roofline(q, k, v), same_output=False),
+        Variant("matmul_roofline", lambda: roofline(q, k, v), same_output=False, memory=False),
     ]
     return Built(variants, BATCH * HEADS * L * FEATURES * _itemsize(dtype))
 
@@ -139,7 +140,7 @@ def build_causal(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool)
         skipped["naive_cumsum"] = f"O(L F Dv) memory and time; run up to L = {NAIVE_MAX_LEN:,}"
     elif naive_bytes <= 2 * cap_bytes:
         naive = jit(baselines.causal_naive(bench))
-        variants.append(Variant("naive_cumsum", lambda: naive(q, k, v)))
+        variants.append(Variant("naive_cumsum", lambda: naive(q, k, v), memory=False))  # L F Dv by construction
     else:
         skipped["naive_cumsum"] = f"its per-head L x F x Dv buffer needs {naive_bytes / 2**30:.1f} GiB > 2 x cap"
     softmax = baselines.softmax_native(bench)
@@ -157,9 +158,9 @@ def build_causal(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool)
                 xp = bench.xp
                 qt, kt, vt = (xp.permute_dims(x, (0, 2, 1, 3)) for x in (q, k, v))
                 sm = jit(softmax)
-                variants.append(Variant(name, lambda: sm(qt, kt, vt), same_output=False))
+                variants.append(Variant(name, lambda: sm(qt, kt, vt), same_output=False, memory=False))
         else:
-            variants.append(Variant(name, lambda: softmax(q, k, v), same_output=False))
+            variants.append(Variant(name, lambda: softmax(q, k, v), same_output=False, memory=False))
     return Built(variants, BATCH * HEADS * L * FEATURES * _itemsize(dtype), skipped)
 
 

@@ -200,6 +200,8 @@ def markdown(payload: dict) -> str:
         "- Times in milliseconds. `speedup` = t(reference) / t(fastrpb): above 1, the library is faster. "
         "Memory: peak extra bytes of one call (RSS high-water mark, separate process per case), "
         "and that divided by the size of the values v.",
+        "- † a slow reference (a warm call over 1.5 s) sampled once instead of every round; "
+        "the library itself is always timed every round.",
     ]
     if payload.get("skipped_backends"):
         lines.append("- Backends not run: " + "; ".join(f"{k} ({r})" for k, r in payload["skipped_backends"].items()))
@@ -231,7 +233,8 @@ def markdown(payload: dict) -> str:
                 for n in refs:
                     if n in r["median_s"]:
                         bad = " **mismatch**" if n in r.get("check", {}) else ""
-                        cells.append(f"{_ms(r['median_s'][n])} ({r['speedup'][n]:.2f}x){bad}")
+                        once = " †" if n in r.get("sampled_once", ()) else ""
+                        cells.append(f"{_ms(r['median_s'][n])}{once} ({r['speedup'][n]:.2f}x){bad}")
                     else:
                         cells.append("-")
                 mem = r.get("memory", {}).get(ours)

@@ -113,7 +113,7 @@ def run_timing(cfg: dict, benches: dict, progress: bool) -> list[dict]:
             if not built.variants:
                 raise RuntimeError("no variant to run")
             m = measure(bench, built.variants, dtype=cfg["dtype"], repeats=cfg["repeats"],
-                        min_sample=cfg["min_sample"], budget=cfg["budget"])
+                        min_sample=cfg["min_sample"], budget=cfg["budget"], heavy=0.3 if cfg["quick"] else 1.5)
             record.update(m)
             ours = next(v.name for v in built.variants if v.ours)
             record["ours"] = ours
