@@ -82,9 +82,12 @@ def measure(
         v = next(x for x in variants if x.name == name)
         samples[name].append(_one(v.fn, sync, 1) if compiles else warm[name])
     timed = [v for v in variants if v.name not in once]
-    # calibrate the calls per sample on a second, warm call; a warm-up slower than
-    # ten samples needs one call per sample whatever compiling cost, so skip it
-    first = {v.name: warm[v.name] if warm[v.name] > 10 * min_sample else _one(v.fn, sync, 1) for v in timed}
+    # calibrate the calls per sample (and the rounds the budget allows) on a second,
+    # warm call; an eager warm-up slower than ten samples already says "one call"
+    first = {
+        v.name: warm[v.name] if warm[v.name] > 10 * min_sample and not compiles else _one(v.fn, sync, 1)
+        for v in timed
+    }
     number = {name: max(1, math.ceil(min_sample / max(t, 1e-9))) for name, t in first.items()}
     number.update({name: 1 for name in once})
     round_time = sum(first[n] * number[n] for n in first)
