@@ -25,6 +25,7 @@ __all__ = [
     "irfft",
     "elu_plus_one",
     "multiply_into",
+    "cumulative_sum",
     "seeded_normal",
     "seeded_projection",
     "int_arg",
@@ -228,6 +229,27 @@ def irfft(xp: Any, x: Any, *, n: int, axis: int = -1, consume: bool = False) -> 
     if scipy_fft is not None:
         return scipy_fft.irfft(x, n=n, axis=axis, workers=-1, overwrite_x=consume)
     return fft_namespace(xp).irfft(x, n=n, axis=axis)
+
+
+def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False) -> Any:
+    """``xp.cumulative_sum``, with a faster native path on JAX.
+
+    XLA lowers ``jnp.cumsum`` on CPU to a windowed reduction that runs at a fraction of
+    memory speed: for the chunk states of causal linear attention (L = 16,384) it took
+    a third of the whole call. ``jax.lax.associative_scan`` computes the same sums
+    (in a different order of additions) 1.7x faster there, under ``jit`` and ``grad``.
+    """
+    if array_api_compat.is_jax_namespace(xp):
+        from jax import lax  # already imported: xp is jax.numpy
+
+        axis = axis % x.ndim
+        out = lax.associative_scan(xp.add, x, axis=axis)
+        if include_initial:
+            shape = list(x.shape)
+            shape[axis] = 1
+            out = xp.concat([xp.zeros(shape, dtype=out.dtype, device=device_of(x)), out], axis=axis)
+        return out
+    return xp.cumulative_sum(x, axis=axis, include_initial=include_initial)
 
 
 def multiply_into(xp: Any, a: Any, b: Any) -> Any:
