@@ -50,6 +50,7 @@ from . import bias as _bias
 from ._compat import (
     check_floating,
     compute_dtype,
+    cumulative_sum,
     device_of,
     int_arg,
     namespace,
@@ -346,7 +347,7 @@ def _causal(xp: Any, fq: Any, fk: Any, v1: Any, C: int) -> tuple[Any, Any]:
     states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv + 1)
     if states.shape[-3] == 1:
         return _unchunk(xp, y, L), states[..., 0, :, :]
-    prefix = xp.cumulative_sum(states, axis=-3, include_initial=True)
+    prefix = cumulative_sum(xp, states, axis=-3, include_initial=True)
     y = y + xp.matmul(qc, prefix[..., :-1, :, :])
     return _unchunk(xp, y, L), prefix[..., -1, :, :]
 
