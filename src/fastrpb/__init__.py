@@ -25,3 +25,13 @@ __all__ = [
     "random_projection",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The framework layers load only on request: ``fastrpb.torch`` / ``fastrpb.flax``
+    # (or ``import fastrpb.torch``); ``import fastrpb`` never imports a framework.
+    if name in ("torch", "flax"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,11 +4,12 @@ Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs: Fast
 Autoregressive Transformers with Linear Attention", ICML) replaces ``exp(q . k)`` by a
 kernel ``phi(q) . phi(k)`` that factorises, so
 
-.. math::
-    \mathrm{out}_i = \frac{\sum_j \phi(q_i) \cdot \phi(k_j)\, v_j}
-                          {\sum_j \phi(q_i) \cdot \phi(k_j) + \varepsilon}
-                   = \frac{\phi(q_i)^\top (\sum_j \phi(k_j) v_j^\top)}
-                          {\phi(q_i)^\top \sum_j \phi(k_j) + \varepsilon}
+$$
+\mathrm{out}_i = \frac{\sum_j \phi(q_i) \cdot \phi(k_j)\, v_j}
+{\sum_j \phi(q_i) \cdot \phi(k_j) + \varepsilon}
+= \frac{\phi(q_i)^\top (\sum_j \phi(k_j) v_j^\top)}
+{\phi(q_i)^\top \sum_j \phi(k_j) + \varepsilon}
+$$
 
 costs O(L F Dv) instead of O(L^2). In the causal (chunked) algorithm the normaliser
 rides along as a ones column of the values, ``[V, 1]``, so every product serves both;
@@ -32,9 +33,10 @@ feature more than ~80 units (float32; ~700 in float64) above an earlier key's in
 the same chunk underflows the earlier key for the queries between them. For these maps ``eps`` is *relative*: it is added in the frame where the
 largest single kernel term a query sees, ``max_{j, f} exp(l(q_i)_f + l(k_j)_f)``, is 1,
 
-.. math::
-    \mathrm{out}_i = \frac{\sum_j K_{ij} v_j}{\sum_j K_{ij} + \varepsilon\, s_i},
-    \qquad s_i = \max_{j \text{ visible}, f} e^{l(q_i)_f + l(k_j)_f},
+$$
+\mathrm{out}_i = \frac{\sum_j K_{ij} v_j}{\sum_j K_{ij} + \varepsilon\, s_i},
+\qquad s_i = \max_{j \text{ visible}, f} e^{l(q_i)_f + l(k_j)_f},
+$$
 
 which is invariant to shifting a query row or all keys (as the kernel is), never
 swamps a denominator (it is at least ``s_i``), and does not depend on the chunk size.
@@ -424,10 +426,11 @@ def linear_attention(
 ) -> Any:
     r"""Kernelised linear attention, optionally with the FastRPB term.
 
-    .. math::
-        \mathrm{out}_i = \frac{\sum_j \phi(q_i) \cdot \phi(k_j)\, v_j}
-                              {\sum_j \phi(q_i) \cdot \phi(k_j) + \varepsilon}
-                         \;+\; \sum_j w_{i - j}\, v_j
+    $$
+    \mathrm{out}_i = \frac{\sum_j \phi(q_i) \cdot \phi(k_j)\, v_j}
+    {\sum_j \phi(q_i) \cdot \phi(k_j) + \varepsilon}
+    \;+\; \sum_j w_{i - j}\, v_j
+    $$
 
     over all keys ``j`` (non-causal) or ``j <= i`` (causal); the second term is
     present only with ``rpb=`` (or ``rpb_tables=``/``rpb_grid=``).
@@ -549,9 +552,10 @@ def linear_attention_step(
 ) -> tuple[Any, LinearAttentionState]:
     r"""One decoding step of causal linear attention: O(F Dv) per token.
 
-    .. math::
-        S \leftarrow S + \phi(k_t) v_t^\top, \quad z \leftarrow z + \phi(k_t), \quad
-        \mathrm{out}_t = \frac{\phi(q_t)^\top S}{\phi(q_t)^\top z + \varepsilon}
+    $$
+    S \leftarrow S + \phi(k_t) v_t^\top, \quad z \leftarrow z + \phi(k_t), \quad
+    \mathrm{out}_t = \frac{\phi(q_t)^\top S}{\phi(q_t)^\top z + \varepsilon}
+    $$
 
     Stepping token by token reproduces ``linear_attention(..., causal=True)``; start
     from ``state=None`` or from the state that ``linear_attention(...,
@@ -674,10 +678,11 @@ def softmax_attention(
 ) -> Any:
     r"""Exact (quadratic) softmax attention, the reference for linear attention.
 
-    .. math::
-        \mathrm{out}_i = \sum_j \frac{e^{a_{ij}}}{\sum_{j'} e^{a_{ij'}}}\, v_j
-                         \;+\; \sum_j w_{i - j}\, v_j, \qquad
-        a_{ij} = s\, q_i \cdot k_j + b_{ij}
+    $$
+    \mathrm{out}_i = \sum_j \frac{e^{a_{ij}}}{\sum_{j'} e^{a_{ij'}}}\, v_j
+    \;+\; \sum_j w_{i - j}\, v_j, \qquad
+    a_{ij} = s\, q_i \cdot k_j + b_{ij}
+    $$
 
     over the visible keys, computed max-subtracted (stable for any finite logits).
     O(Lq Lk) time and memory.

@@ -174,7 +174,9 @@ def _pad_rows(xp: Any, x: Any, a: int, b: int) -> Any:
 def rpb(v: Any, w: Any, *, causal: bool = False, skip: tuple[int, int] = (0, 0)) -> Any:
     r"""Apply the relative positional bias ``B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
 
-    .. math:: \mathrm{out}_{i} = \sum_{j} w_{M-1+i-j}\, v_{j}
+    $$
+    \mathrm{out}_{i} = \sum_{j} w_{M-1+i-j}\, v_{j}
+    $$
 
     computed by real FFTs of the smallest 5-smooth length ``>= 2L - 1``: O(L log L)
     time and O(L) extra memory, never an ``L x L`` matrix.
@@ -286,7 +288,9 @@ def rpb_nd(
 ) -> Any:
     r"""Separable N-d relative positional bias for tokens on a row-major grid.
 
-    .. math:: B_{p, p'} = \sum_a w_a(p_a - p'_a)
+    $$
+    B_{p, p'} = \sum_a w_a(p_a - p'_a)
+    $$
 
     For each axis ``a`` with a table, ``v`` is summed over the other grid axes, the
     1-d Toeplitz product is applied along axis ``a`` by FFT, and the result is

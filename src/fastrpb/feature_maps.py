@@ -1,7 +1,7 @@
 r"""Kernel feature maps for linear attention.
 
 A feature map turns ``(..., L, D)`` into features ``(..., L, F)`` so that the
-attention kernel factorises, :math:`K(q, k) = \phi_q(q) \cdot \phi_k(k)`, and
+attention kernel factorises, $K(q, k) = \phi_q(q) \cdot \phi_k(k)$, and
 attention costs O(L F Dv) instead of O(L^2) (Katharopoulos et al. 2020, "Transformers
 are RNNs: Fast Autoregressive Transformers with Linear Attention", ICML).
 
@@ -141,7 +141,9 @@ class FeatureMap:
 class ELU(FeatureMap):
     r"""``elu(x) + 1`` (Katharopoulos et al. 2020, "Transformers are RNNs"), F = D.
 
-    .. math:: \phi(x) = \begin{cases} x + 1 & x > 0 \\ e^{x} & x \le 0 \end{cases}
+    $$
+    \phi(x) = \begin{cases} x + 1 & x > 0 \\ e^{x} & x \le 0 \end{cases}
+    $$
 
     Computed as ``exp(min(x, 0)) + max(x, 0)``, which is ``where(x > 0, x + 1, exp(x))``
     bit for bit (``1 + x`` for ``x > 0``, ``exp(x) + 0`` otherwise): no ``exp(x) - 1 + 1``
@@ -183,9 +185,11 @@ class ReLU(FeatureMap):
 
 @dataclass(frozen=True)
 class SIKF(FeatureMap):
-    r"""The shift-invariant kernel of FastRPB, :math:`\phi(x) = e^{x - c}`, F = D.
+    r"""The shift-invariant kernel of FastRPB, $\phi(x) = e^{x - c}$, F = D.
 
-    .. math:: K(q, k) = \sum_f e^{q_f} e^{k_f}
+    $$
+    K(q, k) = \sum_f e^{q_f} e^{k_f}
+    $$
 
     Attention with this kernel is invariant to adding a constant to a query row or
     to all keys of a sequence, exactly as softmax attention is (Zubkov & Gavrilov
@@ -214,9 +218,10 @@ class DPFP(FeatureMap):
     r"""Deterministic parameter-free projection (Schlag, Irie & Schmidhuber 2021,
     "Linear Transformers Are Secretly Fast Weight Programmers", ICML), F = 2 D nu.
 
-    .. math::
-        r(x) = [\mathrm{relu}(x), \mathrm{relu}(-x)] \in \mathbb{R}^{2D}, \quad
-        \phi(x) = [\, r(x) \odot \mathrm{roll}(r(x), i) \,]_{i = 1..\nu}
+    $$
+    r(x) = [\mathrm{relu}(x), \mathrm{relu}(-x)] \in \mathbb{R}^{2D}, \quad
+    \phi(x) = [\, r(x) \odot \mathrm{roll}(r(x), i) \,]_{i = 1..\nu}
+    $$
     """
 
     nu: int = 1
@@ -276,9 +281,10 @@ def _check_projection(projection: Any) -> None:
 class FAVOR(_Projected):
     r"""Performer FAVOR+ positive random features for the softmax kernel, F = m.
 
-    .. math::
-        \phi(x) = \frac{1}{\sqrt m} \exp\!\big(W x - \tfrac{|x|^2}{2} - c\big), \qquad
-        \mathbb{E}_W[\phi(q) \cdot \phi(k)] = e^{q \cdot k} e^{-c_q - c_k}
+    $$
+    \phi(x) = \frac{1}{\sqrt m} \exp\!\big(W x - \tfrac{|x|^2}{2} - c\big), \qquad
+    \mathbb{E}_W[\phi(q) \cdot \phi(k)] = e^{q \cdot k} e^{-c_q - c_k}
+    $$
 
     with rows of ``W`` distributed as ``N(0, I)`` (``random_projection``; orthogonal
     rows lower the variance). The stabilisers ``c`` cancel in attention's
@@ -310,9 +316,10 @@ class RFF(_Projected):
     r"""Random Fourier features for the Gaussian kernel (Rahimi & Recht 2007,
     "Random Features for Large-Scale Kernel Machines", NeurIPS), F = 2 m.
 
-    .. math::
-        \phi(x) = \frac{1}{\sqrt m} [\cos(W x), \sin(W x)], \qquad
-        \mathbb{E}_W[\phi(x) \cdot \phi(y)] = e^{-|x - y|^2 / 2}
+    $$
+    \phi(x) = \frac{1}{\sqrt m} [\cos(W x), \sin(W x)], \qquad
+    \mathbb{E}_W[\phi(x) \cdot \phi(y)] = e^{-|x - y|^2 / 2}
+    $$
 
     with rows of ``W`` distributed as ``N(0, I)``. Unlike the other maps these
     features are not non-negative: the kernel estimate, and so a linear-attention

@@ -1,0 +1,344 @@
+"""Flax NNX layers: ``nnx.Module`` wrappers that own ``nnx.Param`` and call the core.
+
+Import it explicitly (``import fastrpb.flax``); ``import fastrpb`` alone never imports
+JAX or Flax. Every computation goes through the functional core
+(``fastrpb.linear_attention``, ``fastrpb.linear_attention_step``, ``fastrpb.rpb``,
+``fastrpb.rpb_nd``, ``fastrpb.rpb_matrix``). The modules work under ``nnx.jit`` /
+``jax.jit`` and train with ``optax`` through ``nnx.Optimizer``.
+
+Examples
+--------
+>>> from flax import nnx
+>>> import jax.numpy as jnp, fastrpb.flax as frf
+>>> layer = frf.MultiheadLinearAttention(64, heads=4, rpb=128, rngs=nnx.Rngs(0))
+>>> y = layer(jnp.ones((2, 100, 64)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# Absolute imports only: this module is itself called ``flax`` inside the package.
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import fastrpb
+from fastrpb._compat import int_arg
+from fastrpb._layers import LayerCache, check_axes, check_grid, check_heads, check_layer_rpb, check_skip
+
+__all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache"]
+
+
+def _init_table(
+    heads: int | None, max_len: int, symmetric: bool, *, seed: int | None, rngs: nnx.Rngs | None, offset: int,
+    param_dtype: Any, scale: float,
+) -> jax.Array:
+    """The paper's initialisation, ``fastrpb.rpb_init``, with an explicit seed or one drawn
+    from ``rngs.params()``.
+
+    Inside a traced constructor (a model built under ``nnx.jit``, e.g. for sharded
+    initialisation) the key cannot become a Python seed; the same distribution
+    (normal, standard deviation ``scale``) is then drawn with ``jax.random``.
+    """
+    if seed is not None:
+        seed = int_arg("seed", seed, minimum=0) + offset
+    elif rngs is None:
+        raise TypeError("pass rngs=nnx.Rngs(...) (or an explicit seed=) to initialise the bias table")
+    else:
+        key = rngs.params()
+        try:
+            seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        except jax.errors.ConcretizationTypeError:
+            shape = (2 * max_len - 1,) if heads is None else (heads, 2 * max_len - 1)
+            table = (scale * jax.random.normal(key, shape, dtype=jnp.float32)).astype(param_dtype)
+            return table[..., max_len - 1 :] if symmetric else table
+    table = fastrpb.rpb_init(heads, max_len, seed=seed, like=jnp.empty((0,), dtype=param_dtype), scale=scale)
+    # A symmetric table stores offsets 0 .. M-1 only: the non-negative half of the draw.
+    return table[..., max_len - 1 :] if symmetric else table
+
+
+class FastRPB(nnx.Module):
+    r"""FastRPB on the values: ``out = B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
+
+    The table is an ``nnx.Param`` initialised as in the paper (``fastrpb.rpb_init``)
+    and applied with ``fastrpb.rpb`` by FFT in O(L log L).
+
+    Parameters
+    ----------
+    heads : int or None
+        One table per head ``(heads, 2 max_len - 1)``, or ``None`` for one table.
+    max_len : int
+        ``M``, the longest sequence the table serves.
+    causal : bool
+        Only earlier tokens bias later ones.
+    symmetric : bool
+        Learn ``h`` of shape ``(heads, max_len)`` and use ``w(t) = h[|t|]``.
+    skip : (int, int)
+        Tokens at the start and end (BOS/EOS) without bias.
+    rngs : nnx.Rngs
+        The initial draw's seed comes from ``rngs.params()`` unless ``seed`` is given.
+    seed : int, optional
+        Explicit seed of the initial draw.
+    scale : float
+        Standard deviation of the initial draw.
+    param_dtype :
+        Dtype of the table.
+    """
+
+    def __init__(
+        self,
+        heads: int | None,
+        max_len: int,
+        causal: bool = False,
+        symmetric: bool = False,
+        skip: tuple[int, int] = (0, 0),
+        *,
+        rngs: nnx.Rngs | None = None,
+        seed: int | None = None,
+        scale: float = 1e-2,
+        param_dtype: Any = jnp.float32,
+    ) -> None:
+        self.heads = check_heads(heads)
+        self.max_len = int_arg("max_len", max_len, minimum=1)
+        self.causal = bool(causal)
+        self.symmetric = bool(symmetric)
+        self.skip = check_skip(skip)
+        self.table = nnx.Param(
+            _init_table(self.heads, self.max_len, self.symmetric, seed=seed, rngs=rngs, offset=0, param_dtype=param_dtype, scale=scale)
+        )
+
+    def weights(self) -> jax.Array:
+        """The full table ``(heads, 2 max_len - 1)`` (expanded from ``h`` when symmetric)."""
+        table = self.table[...]
+        return fastrpb.symmetric_table(table) if self.symmetric else table
+
+    def __call__(self, v: jax.Array) -> jax.Array:
+        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``."""
+        return fastrpb.rpb(v, self.weights(), causal=self.causal, skip=self.skip)
+
+    def matrix(self, L: int) -> jax.Array:
+        """The dense ``(heads, L, L)`` matrix ``B``, e.g. as a softmax logits bias."""
+        return fastrpb.rpb_matrix(self.weights(), L, causal=self.causal)
+
+
+class FastRPBnd(nnx.Module):
+    r"""Separable N-d FastRPB for tokens laid out row-major on a grid.
+
+    ``B[p, p'] = sum_a w_a(p_a - p'_a)`` over the biased axes, applied with
+    ``fastrpb.rpb_nd``. For RGB images with one token per pixel and channel use
+    ``grid=(H, W, 3)`` and ``axes=(0, 1)``.
+
+    Parameters
+    ----------
+    heads : int or None
+        Tables per head, or ``None`` for shared tables.
+    grid : sequence of int
+        ``(G_1, ..., G_k)``; the sequence has ``prod(grid)`` tokens plus ``skip``.
+    axes : sequence of int, optional
+        The grid axes with a table (default: all).
+    share : bool
+        One table for all biased axes, sized for the longest of them.
+    symmetric : bool
+        Learn ``h`` and use ``w(t) = h[|t|]``.
+    skip : (int, int)
+        Tokens before and after the grid without bias.
+    rngs, seed, scale, param_dtype :
+        As in `FastRPB`.
+    """
+
+    def __init__(
+        self,
+        heads: int | None,
+        grid: Sequence[int],
+        *,
+        axes: Sequence[int] | None = None,
+        share: bool = False,
+        symmetric: bool = False,
+        skip: tuple[int, int] = (0, 0),
+        rngs: nnx.Rngs | None = None,
+        seed: int | None = None,
+        scale: float = 1e-2,
+        param_dtype: Any = jnp.float32,
+    ) -> None:
+        self.heads = check_heads(heads)
+        self.grid = check_grid(grid)
+        self.axes = check_axes(axes, self.grid)
+        self.share = bool(share)
+        self.symmetric = bool(symmetric)
+        self.skip = check_skip(skip)
+        self.causal = False
+        lengths = [max(self.grid[a] for a in self.axes)] if self.share else [self.grid[a] for a in self.axes]
+        self.tables = nnx.List(
+            [
+                nnx.Param(_init_table(self.heads, m, self.symmetric, seed=seed, rngs=rngs, offset=n, param_dtype=param_dtype, scale=scale))
+                for n, m in enumerate(lengths)
+            ]
+        )
+
+    def weights(self) -> list[jax.Array | None]:
+        """One full table (or ``None``) per grid axis, as ``fastrpb.rpb_nd`` takes them."""
+        full = [fastrpb.symmetric_table(t[...]) if self.symmetric else t[...] for t in self.tables]
+        out: list[jax.Array | None] = [None] * len(self.grid)
+        for n, a in enumerate(self.axes):
+            out[a] = full[0] if self.share else full[n]
+        return out
+
+    def __call__(self, v: jax.Array) -> jax.Array:
+        """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``."""
+        return fastrpb.rpb_nd(v, self.weights(), self.grid, skip=self.skip)
+
+
+class MultiheadLinearAttention(nnx.Module):
+    r"""Multi-head linear attention with an optional FastRPB term on the values.
+
+    ``y = W_o [ LinearAttention(x W_q, x W_k, x W_v) + B (x W_v) ]`` per head, the
+    paper's "Attn(Q, K, V) + B V", through ``fastrpb.linear_attention`` and a
+    `FastRPB` / `FastRPBnd` module.
+
+    Parameters
+    ----------
+    d_model : int
+        Width of the input and output.
+    heads : int
+        Number of heads.
+    feature_map : str or feature map
+        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"`` or an object from
+        ``fastrpb.feature_maps``.
+    rpb : None, int, FastRPB or FastRPBnd
+        ``None``: no bias. An int: a new ``FastRPB(heads, rpb, causal=causal)``. A
+        module: used as is (heads ``heads`` or ``None``; causal if the layer is).
+    causal : bool
+        Causal attention; enables `step`.
+    rngs : nnx.Rngs
+        Initialises the projections (and the bias table).
+    head_dim : int, optional
+        Width of each head (default ``d_model // heads``).
+    use_bias : bool
+        Biases in the four projections.
+    eps, chunk_size :
+        Passed to ``fastrpb.linear_attention``.
+    dtype, param_dtype :
+        Computation and parameter dtypes of the projections (as ``nnx.Linear``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        feature_map: Any = "sikf",
+        rpb: Any = None,
+        causal: bool = False,
+        *,
+        rngs: nnx.Rngs,
+        head_dim: int | None = None,
+        use_bias: bool = True,
+        eps: float = 1e-6,
+        chunk_size: int = 64,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ) -> None:
+        self.d_model = int_arg("d_model", d_model, minimum=1)
+        self.heads = int_arg("heads", heads, minimum=1)
+        if head_dim is None:
+            if self.d_model % self.heads:
+                raise ValueError(
+                    f"d_model = {self.d_model} is not divisible by heads = {self.heads}; pass head_dim explicitly"
+                )
+            head_dim = self.d_model // self.heads
+        self.head_dim = int_arg("head_dim", head_dim, minimum=1)
+        self.feature_map = feature_map
+        self.causal = bool(causal)
+        self.eps = float(eps)
+        self.chunk_size = int_arg("chunk_size", chunk_size, minimum=1)
+        inner = self.heads * self.head_dim
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(self.d_model, inner, **kw)
+        self.k_proj = nnx.Linear(self.d_model, inner, **kw)
+        self.v_proj = nnx.Linear(self.d_model, inner, **kw)
+        self.out_proj = nnx.Linear(inner, self.d_model, **kw)
+        if rpb is not None and not isinstance(rpb, nnx.Module):
+            rpb = FastRPB(self.heads, int_arg("rpb (max_len)", rpb, minimum=1), causal=self.causal, rngs=rngs, param_dtype=param_dtype)
+        if rpb is not None:
+            check_layer_rpb(rpb, self.heads, self.causal, kind=FastRPB, kind_nd=FastRPBnd)
+        self.rpb = rpb
+
+    def _bias_arguments(self) -> dict:
+        """The FastRPB term as ``linear_attention`` takes it: the core adds it (padding
+        keys' values excluded), in its compute dtype."""
+        if self.rpb is None:
+            return {}
+        if isinstance(self.rpb, FastRPBnd):
+            return dict(rpb_tables=self.rpb.weights(), rpb_grid=self.rpb.grid, rpb_skip=self.rpb.skip)
+        return dict(rpb=self.rpb.weights(), rpb_skip=self.rpb.skip)
+
+    # heads: (..., L, H * Dh) <-> (..., H, L, Dh)
+    def _split(self, x: jax.Array) -> jax.Array:
+        x = jnp.reshape(x, (*x.shape[:-1], self.heads, self.head_dim))
+        return jnp.swapaxes(x, -3, -2)
+
+    def _merge(self, x: jax.Array) -> jax.Array:
+        x = jnp.swapaxes(x, -3, -2)
+        return jnp.reshape(x, (*x.shape[:-2], self.heads * self.head_dim))
+
+    def _check_input(self, x: Any, name: str, ndim: int) -> None:
+        if not hasattr(x, "shape") or x.ndim < ndim or x.shape[-1] != self.d_model:
+            want = "(..., L, d_model)" if ndim == 2 else "(..., d_model)"
+            raise ValueError(f"{name} must have shape {want} with d_model = {self.d_model}, got {getattr(x, 'shape', type(x).__name__)}")
+
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array | None = None, *, return_cache: bool = False
+    ) -> jax.Array | tuple[jax.Array, LayerCache]:
+        """Attend over ``x: (..., L, d_model)``.
+
+        ``key_mask: (..., L)`` bool, ``True`` for real tokens and ``False`` for
+        padding (excluded exactly from attention and from the bias).
+        ``return_cache=True`` (causal layers) also returns the `LayerCache` for
+        `step`.
+        """
+        self._check_input(x, "x", 2)
+        if return_cache and not self.causal:
+            raise ValueError("return_cache=True needs a causal layer (MultiheadLinearAttention(..., causal=True))")
+        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        mask = None if key_mask is None else key_mask[..., None, :]  # broadcast over heads
+        result = fastrpb.linear_attention(
+            q, k, v, feature_map=self.feature_map, causal=self.causal, key_mask=mask,
+            eps=self.eps, chunk_size=self.chunk_size, return_state=return_cache, **self._bias_arguments(),
+        )
+        out, state = result if return_cache else (result, None)
+        values = None
+        if return_cache and self.rpb is not None:  # decoding needs the values for the bias
+            values = v if mask is None else jnp.where(mask[..., None], v, jnp.zeros((), dtype=v.dtype))
+        y = self.out_proj(self._merge(out))
+        return (y, LayerCache(state, values)) if return_cache else y
+
+    def step(self, x_t: jax.Array, cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache]:
+        """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.
+
+        Returns ``(y_t, cache)``; stepping reproduces the causal forward pass. With
+        FastRPB the cache also keeps the values, so its shape grows by one token per
+        step (under ``jit`` each length compiles once).
+        """
+        if not self.causal:
+            raise ValueError("step() decodes causally: build the layer with causal=True")
+        if self.rpb is not None and self.rpb.skip[1]:
+            raise ValueError(
+                f"step() cannot honour skip = {self.rpb.skip}: while decoding it is unknown which tokens "
+                "are the last ones; use skip=(a, 0)"
+            )
+        self._check_input(x_t, "x_t", 1)
+        x = x_t[..., None, :]
+        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        state = None if cache is None else cache.state
+        out, state = fastrpb.linear_attention_step(
+            state, q[..., 0, :], k[..., 0, :], v[..., 0, :], feature_map=self.feature_map, eps=self.eps
+        )
+        out = out[..., None, :]
+        values = None
+        if self.rpb is not None:
+            values = v if cache is None or cache.values is None else jnp.concatenate([cache.values, v], axis=-2)
+            if values.shape[-2] > self.rpb.skip[0]:  # the newest token is not a skipped one
+                out = out + self.rpb(values)[..., -1:, :]
+        y = self.out_proj(self._merge(out))[..., 0, :]
+        return y, LayerCache(state, values)
