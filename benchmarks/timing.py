@@ -1,4 +1,4 @@
-"""Interleaved timing: warm up, calibrate, then rounds of A B C A B C ...
+"""Interleaved timing: warm up, calibrate, then rounds of A B C, B C A, C A B ...
 
 Every variant of one comparison is sampled once per round, in the same round, so a
 machine that slows down (other jobs, thermal limits) slows all of them alike and the
@@ -10,6 +10,7 @@ the clock is read only after the backend's ``sync`` (CUDA synchronise, JAX
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from typing import Any, Callable
@@ -25,6 +26,20 @@ def _one(fn: Callable[[], Any], sync: Callable[[Any], None], number: int) -> flo
     elapsed = time.perf_counter() - start
     del out
     return elapsed / number
+
+
+def _settle(elapsed: float) -> None:
+    """Let the runtime finish releasing what the last sample allocated before the next.
+
+    JAX frees a call's buffers on a background thread after ``block_until_ready``
+    returns, and the OS unmaps large blocks lazily: a call that follows one which
+    dropped a 512 MiB buffer (JAX's softmax logits at L = 4,096) ran 3x slower. The
+    pause (a quarter of the sample, at most 0.2 s; none for samples under 20 ms) is
+    outside the timed region.
+    """
+    if elapsed > 0.02:
+        gc.collect()
+        time.sleep(min(0.2, 0.25 * elapsed))
 
 
 def check_outputs(bench: Any, variants: list, outputs: dict[str, Any], *, dtype: str) -> dict[str, str]:
@@ -73,6 +88,7 @@ def measure(
         sync(out)
         warm[v.name] = time.perf_counter() - start
         outputs[v.name] = out
+        _settle(warm[v.name])
     problems = check_outputs(bench, variants, outputs, dtype=dtype)
     del outputs, out
     compiles = bench.name.startswith("jax")
@@ -81,20 +97,26 @@ def measure(
     for name in once:
         v = next(x for x in variants if x.name == name)
         samples[name].append(_one(v.fn, sync, 1) if compiles else warm[name])
+        _settle(samples[name][-1])
     timed = [v for v in variants if v.name not in once]
     # calibrate the calls per sample (and the rounds the budget allows) on a second,
     # warm call; an eager warm-up slower than ten samples already says "one call"
-    first = {
-        v.name: warm[v.name] if warm[v.name] > 10 * min_sample and not compiles else _one(v.fn, sync, 1)
-        for v in timed
-    }
+    first = {}
+    for v in timed:
+        first[v.name] = warm[v.name] if warm[v.name] > 10 * min_sample and not compiles else _one(v.fn, sync, 1)
+        _settle(first[v.name])
     number = {name: max(1, math.ceil(min_sample / max(t, 1e-9))) for name, t in first.items()}
     number.update({name: 1 for name in once})
     round_time = sum(first[n] * number[n] for n in first)
     rounds = int(min(repeats, max(min_repeats, budget // max(round_time, 1e-9))))
-    for _ in range(rounds):
-        for v in timed:
+    for r in range(rounds):
+        # rotate the order every round: a call that follows one which freed a large
+        # buffer pays the page faults of re-mapping it (on JAX a 512 MiB softmax made
+        # the next call 3x slower), so no variant may always come first
+        shift = r % len(timed) if timed else 0
+        for v in timed[shift:] + timed[:shift]:
             samples[v.name].append(_one(v.fn, sync, number[v.name]))
+            _settle(samples[v.name][-1] * number[v.name])
     return {
         "number": number,
         "rounds": rounds,
