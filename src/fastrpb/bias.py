@@ -23,10 +23,12 @@ from ._compat import (
     check_floating,
     compute_dtype,
     device_of,
-    fft_namespace,
     int_arg,
+    irfft,
+    multiply_into,
     namespace,
     next_fast_len,
+    rfft,
     seeded_normal,
 )
 
@@ -89,9 +91,21 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     offset ``t >= 0`` at index ``t``, offset ``t < 0`` at ``n + t``. With
     ``n >= 2L - 1`` no product wraps around, so the first ``L`` outputs of the
     circular convolution are exactly the Toeplitz product.
+
+    Speed and memory (see ``docs/performance.md``):
+
+    - the FFTs run along the *last* axis of the transposed values ``(..., D, L)``:
+      CPU FFT libraries (MKL, pocketfft) are several times faster on contiguous
+      transforms than on the strided sequence axis of ``(..., L, D)``;
+    - long inputs are transformed in blocks of (leading index, feature column) rows
+      of at most ``_BLOCK_BYTES`` of spectrum, so the padded copies and complex
+      spectra (each about twice the size of ``v``) are never all alive at once:
+      peak extra memory is about three times ``v``, the output included, instead of
+      six to eight, and each block's buffers are reused by the allocator and stay
+      closer to cache.
     """
-    fft = fft_namespace(xp)
     L = v.shape[-2]
+    D = v.shape[-1]
     M = (w.shape[-1] + 1) // 2
     n = next_fast_len(2 * L - 1)
     nonneg = w[..., M - 1 : M - 1 + L]  # offsets 0 .. L-1
@@ -101,10 +115,46 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
         negative = w[..., M - L : M - 1]  # offsets -(L-1) .. -1, in that order
         zeros = xp.zeros((*w.shape[:-1], n - (2 * L - 1)), dtype=w.dtype, device=device_of(w))
         kernel = xp.concat([nonneg, zeros, negative], axis=-1)
-    kernel_f = fft.rfft(kernel, n=n, axis=-1)
-    v_f = fft.rfft(v, n=n, axis=-2)
-    out = fft.irfft(kernel_f[..., None] * v_f, n=n, axis=-2)
-    return out[..., :L, :]
+    kernel_f = rfft(xp, kernel, n=n)[..., None, :]  # (..., 1, n // 2 + 1)
+    columns = xp.matrix_transpose(v)  # (..., D, L): the sequence on the last axis
+
+    def convolve(block: Any, k_f: Any) -> Any:
+        spectrum = multiply_into(xp, rfft(xp, block, n=n), k_f)
+        return irfft(xp, spectrum, n=n, consume=True)[..., :L]
+
+    itemsize = _itemsize(xp, v.dtype)
+    per_row = (n // 2 + 1) * 2 * itemsize  # spectrum bytes of one (head, feature) row
+    lead = _broadcast_lead(v.shape[:-2], w.shape[:-1])
+    G = math.prod(lead)
+    if G * D * per_row <= _BLOCK_BYTES:
+        return xp.matrix_transpose(convolve(columns, kernel_f))
+    # Long input: blocks of (leading index, feature column) rows. A block takes whole
+    # cache lines of each row of v (a multiple of 64 bytes of features: reading a
+    # few strided columns would drag in their neighbours every time), and as many
+    # leading indices as fit in the block budget.
+    line = max(1, 64 // itemsize)
+    cols = min(D, max(line, (_BLOCK_BYTES // per_row) // line * line))
+    heads = max(1, _BLOCK_BYTES // (per_row * cols))
+    columns = xp.reshape(xp.broadcast_to(columns, (*lead, D, L)), (G, D, L))
+    kernel_f = xp.reshape(xp.broadcast_to(kernel_f, (*lead, 1, n // 2 + 1)), (G, 1, n // 2 + 1))
+    rows = []
+    for g in range(0, G, heads):
+        g_end = min(g + heads, G)
+        parts = [convolve(columns[g:g_end, d : min(d + cols, D), :], kernel_f[g:g_end, ...]) for d in range(0, D, cols)]
+        rows.append(parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2))
+    out = rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
+    return xp.matrix_transpose(xp.reshape(out, (*lead, D, L)))
+
+
+# Spectrum bytes per block in ``_toeplitz``: small enough that a block's buffers are a
+# small fraction of a long input (and below glibc's 32 MiB mmap ceiling, so freed
+# blocks are recycled instead of page-faulted in again), large enough that the
+# per-call overhead of an FFT is negligible. Inputs below it are not blocked.
+_BLOCK_BYTES = 32 * 2**20
+
+
+def _itemsize(xp: Any, dtype: Any) -> int:
+    return 8 if dtype == xp.float64 else 4
 
 
 def _pad_rows(xp: Any, x: Any, a: int, b: int) -> Any:

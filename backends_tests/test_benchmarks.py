@@ -1,0 +1,76 @@
+"""The benchmark suite never rots: run the harness on tiny sizes and read its outputs.
+
+Also checks the FFT blocking of long inputs (normally above 32 MiB of spectrum, far
+too big for a unit test) by shrinking the block budget: results must still match the
+float64 dense oracle on every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastrpb
+import fastrpb.bias
+from backends import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_harness(tmp_path, *args: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), ROOT, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "benchmarks", "--out", str(tmp_path), "--no-progress", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "results.json") as fh:
+        return json.load(fh)
+
+
+def test_harness_smoke(tmp_path):
+    payload = _run_harness(tmp_path, "--quick", "--backends", "numpy", "--sizes", "64,128", "--memory-sizes", "128",
+                           "--budget", "0.05")
+    results = payload["results"]
+    cases = {r["case"] for r in results}
+    assert "rpb" in cases
+    have_attention = hasattr(fastrpb, "linear_attention")
+    if have_attention:
+        assert {"attention", "causal", "decode"} <= cases
+    for r in results:
+        if r["case"] != "rpb" and not have_attention:
+            continue
+        assert "error" not in r, r
+        assert not r["check"], f"a reference disagrees with fastrpb: {r['check']}"
+        assert r["rounds"] >= 3
+        assert all(len(s) == (1 if n in r["sampled_once"] else r["rounds"]) for n, s in r["samples_s"].items())
+        assert set(r["speedup"]) == set(r["median_s"]) - {r["ours"]}
+    rpb128 = next(r for r in results if r["case"] == "rpb" and r["L"] == 128)
+    assert {"fastrpb", "native", "paper_2L-1", "fft_floor", "dense"} <= set(rpb128["median_s"])
+    assert rpb128["memory"]["fastrpb"]["extra_bytes"] >= 0
+    assert payload["machine"]["logical_cpus"] >= 1 and "numpy" in payload["versions"]
+    assert any(t["id"] == "rpb-paper" for t in payload["targets"]) is False  # torch-only targets
+    md = (tmp_path / "results.md").read_text()
+    assert "## Targets" in md and "paper_2L-1" in md and "| 128 |" in md
+    assert (tmp_path / "rpb_time.png").stat().st_size > 0
+    assert (tmp_path / "rpb_memory.png").stat().st_size > 0
+
+
+def test_blocked_fft_path_matches_dense_oracle(backend, monkeypatch, rng):
+    """Long inputs go through blocks; shrink the budget so small ones do too."""
+    monkeypatch.setattr(fastrpb.bias, "_BLOCK_BYTES", 3000)
+    dtype = "float64" if "float64" in backend.dtypes else "float32"
+    L, D, H = 37, 20, 3
+    v = rng.standard_normal((2, H, L, D))
+    w = rng.standard_normal((H, 2 * L + 5))
+    M = (w.shape[-1] + 1) // 2
+    i = np.arange(L)
+    dense = w[:, M - 1 + i[:, None] - i[None, :]]  # (H, L, L)
+    for causal in (False, True):
+        B = np.where(i[:, None] >= i[None, :], dense, 0.0) if causal else dense
+        got = fastrpb.rpb(backend.asarray(v, dtype), backend.asarray(w, dtype), causal=causal)
+        assert_close(backend, got, B @ v, dtype)
