@@ -24,7 +24,8 @@ import resource
 import sys
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or ``None`` off Linux."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -35,7 +36,8 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0); ``False`` where it cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -62,11 +64,11 @@ def measure_call(bench, fn, warm_up: bool = True) -> dict:
         peak = bench.gpu_memory_peak()
         del out
         return {"extra_bytes": max(0, peak - before), "method": f"{bench.name} allocator peak"}
-    if _reset_hwm() and _status_kb("VmRSS") is not None:
-        before = _status_kb("VmRSS") * 1024
+    if reset_peak_rss() and status_kb("VmRSS") is not None:
+        before = status_kb("VmRSS") * 1024
         out = fn()
         bench.sync(out)
-        peak = _status_kb("VmHWM") * 1024
+        peak = status_kb("VmHWM") * 1024
         del out
         return {"extra_bytes": max(0, peak - before), "method": "RSS high-water mark (clear_refs)"}
     before = _maxrss_bytes()

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..memory import reset_peak_rss, status_kb
 from .settings import Settings
 
 
@@ -83,27 +84,6 @@ def task_stats(d: TaskData) -> dict:
         lens = d.len_train - 1
         out["len_min"], out["len_max"], out["len_mean"] = int(lens.min()), int(lens.max()), float(lens.mean())
     return out
-
-
-# ----------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------- training
@@ -177,7 +157,7 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
 
     torch.set_num_threads(s.threads)
     reset_ok = reset_peak_rss()
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     torch.manual_seed(seed)
     vocab = None if d.name == "fmnist" else len(data_mod.VOCAB)
     model = Classifier(vocab=vocab, n_classes=10, d=s.d_model, heads=s.heads, layers=s.layers,
@@ -223,7 +203,7 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
             curve.append({"step": step + 1, "acc": evaluate(model, d, s.curve_examples, s), "n": min(s.curve_examples, len(d.y_test))})
             eval_time += time.perf_counter() - t0
     train_time = time.perf_counter() - t_start - eval_time
-    hwm = _status_kb("VmHWM")
+    hwm = status_kb("VmHWM")
     t0 = time.perf_counter()
     final = evaluate(model, d, len(d.y_test), s)
     eval_time += time.perf_counter() - t0
