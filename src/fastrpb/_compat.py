@@ -29,6 +29,8 @@ __all__ = [
     "seeded_normal",
     "seeded_projection",
     "int_arg",
+    "skip_arg",
+    "grid_arg",
     "register_pytree",
 ]
 
@@ -381,3 +383,17 @@ def int_arg(name: str, value: Any, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def skip_arg(skip: Any) -> tuple[int, int]:
+    """Validate ``skip = (a, b)``: token counts before and after the biased tokens."""
+    if not isinstance(skip, (tuple, list)) or len(skip) != 2:
+        raise TypeError(f"skip must be a pair (a, b) of token counts, got {skip!r}")
+    return (int_arg("skip[0]", skip[0], minimum=0), int_arg("skip[1]", skip[1], minimum=0))
+
+
+def grid_arg(grid: Any) -> tuple[int, ...]:
+    """Validate a token grid ``(G_1, ..., G_k)``: a non-empty sequence of positive ints."""
+    if not isinstance(grid, (tuple, list)) or len(grid) == 0:
+        raise TypeError(f"grid must be a non-empty sequence of ints, got {grid!r}")
+    return tuple(int_arg(f"grid[{k}]", g, minimum=1) for k, g in enumerate(grid))

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from ._compat import device_of, int_arg, namespace
 from .attention import linear_attention, linear_attention_step
 
-__all__ = ["LayerCache", "AttentionLayer", "check_skip", "check_grid", "check_axes", "check_heads"]
+__all__ = ["LayerCache", "AttentionLayer", "check_axes", "check_heads"]
 
 
 class LayerCache(NamedTuple):
@@ -37,18 +37,6 @@ def check_heads(heads: Any, *, allow_none: bool = True) -> int | None:
     if heads is None and allow_none:
         return None
     return int_arg("heads", heads, minimum=1)
-
-
-def check_skip(skip: Any) -> tuple[int, int]:
-    if not isinstance(skip, (tuple, list)) or len(skip) != 2:
-        raise TypeError(f"skip must be a pair (a, b) of token counts, got {skip!r}")
-    return (int_arg("skip[0]", skip[0], minimum=0), int_arg("skip[1]", skip[1], minimum=0))
-
-
-def check_grid(grid: Any) -> tuple[int, ...]:
-    if not isinstance(grid, (tuple, list)) or len(grid) == 0:
-        raise TypeError(f"grid must be a non-empty sequence of ints, got {grid!r}")
-    return tuple(int_arg(f"grid[{k}]", g, minimum=1) for k, g in enumerate(grid))
 
 
 def check_axes(axes: Any, grid: tuple[int, ...]) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ from ._compat import (
     check_floating,
     compute_dtype,
     device_of,
+    grid_arg,
     int_arg,
     irfft,
     multiply_into,
@@ -30,6 +31,7 @@ from ._compat import (
     next_fast_len,
     rfft,
     seeded_normal,
+    skip_arg,
 )
 
 __all__ = ["rpb", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
@@ -64,10 +66,7 @@ def _check_length(L: int, M: int, name: str) -> None:
 
 
 def _check_skip(skip: Any, L: int) -> tuple[int, int]:
-    if not isinstance(skip, (tuple, list)) or len(skip) != 2:
-        raise TypeError(f"skip must be a pair (a, b) of token counts, got {skip!r}")
-    a = int_arg("skip[0]", skip[0], minimum=0)
-    b = int_arg("skip[1]", skip[1], minimum=0)
+    a, b = skip_arg(skip)
     if a + b > L:
         raise ValueError(f"skip = ({a}, {b}) skips {a + b} tokens but the sequence has only L = {L}")
     return a, b
@@ -313,9 +312,7 @@ def rpb_nd(
     """
     if not isinstance(tables, (tuple, list)):
         raise TypeError(f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}")
-    if not isinstance(grid, (tuple, list)) or len(grid) == 0:
-        raise TypeError(f"grid must be a non-empty sequence of ints, got {grid!r}")
-    grid = tuple(int_arg(f"grid[{k}]", g, minimum=1) for k, g in enumerate(grid))
+    grid = grid_arg(grid)
     if len(tables) != len(grid):
         raise ValueError(f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis")
     named = {f"tables[{k}]": t for k, t in enumerate(tables)}

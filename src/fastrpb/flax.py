@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import fastrpb
-from fastrpb._compat import int_arg
-from fastrpb._layers import AttentionLayer, LayerCache, check_axes, check_grid, check_heads, check_layer_rpb, check_skip
+from fastrpb._compat import grid_arg, int_arg, skip_arg
+from fastrpb._layers import AttentionLayer, LayerCache, check_axes, check_heads, check_layer_rpb
 
 __all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache"]
 
@@ -105,7 +105,7 @@ class FastRPB(nnx.Module):
         self.max_len = int_arg("max_len", max_len, minimum=1)
         self.causal = bool(causal)
         self.symmetric = bool(symmetric)
-        self.skip = check_skip(skip)
+        self.skip = skip_arg(skip)
         self.table = nnx.Param(
             _init_table(self.heads, self.max_len, self.symmetric, seed=seed, rngs=rngs, offset=0, param_dtype=param_dtype, scale=scale)
         )
@@ -164,11 +164,11 @@ class FastRPBnd(nnx.Module):
         param_dtype: Any = jnp.float32,
     ) -> None:
         self.heads = check_heads(heads)
-        self.grid = check_grid(grid)
+        self.grid = grid_arg(grid)
         self.axes = check_axes(axes, self.grid)
         self.share = bool(share)
         self.symmetric = bool(symmetric)
-        self.skip = check_skip(skip)
+        self.skip = skip_arg(skip)
         self.causal = False
         lengths = [max(self.grid[a] for a in self.axes)] if self.share else [self.grid[a] for a in self.axes]
         self.tables = nnx.List(

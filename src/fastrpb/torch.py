@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 import fastrpb
-from fastrpb._compat import int_arg
-from fastrpb._layers import AttentionLayer, LayerCache, check_axes, check_grid, check_heads, check_layer_rpb, check_skip
+from fastrpb._compat import grid_arg, int_arg, skip_arg
+from fastrpb._layers import AttentionLayer, LayerCache, check_axes, check_heads, check_layer_rpb
 
 __all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache"]
 
@@ -100,7 +100,7 @@ class FastRPB(nn.Module):
         self.max_len = int_arg("max_len", max_len, minimum=1)
         self.causal = bool(causal)
         self.symmetric = bool(symmetric)
-        self.skip = check_skip(skip)
+        self.skip = skip_arg(skip)
         table = _init_table(self.heads, self.max_len, self.symmetric, _seed(seed), _like(device, dtype), scale)
         self.table = nn.Parameter(table)
 
@@ -165,11 +165,11 @@ class FastRPBnd(nn.Module):
     ) -> None:
         super().__init__()
         self.heads = check_heads(heads)
-        self.grid = check_grid(grid)
+        self.grid = grid_arg(grid)
         self.axes = check_axes(axes, self.grid)
         self.share = bool(share)
         self.symmetric = bool(symmetric)
-        self.skip = check_skip(skip)
+        self.skip = skip_arg(skip)
         self.causal = False
         seed = _seed(seed)
         like = _like(device, dtype)
