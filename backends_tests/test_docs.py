@@ -8,7 +8,12 @@
   there) is skipped for the reason.
 - A ``python`` block followed directly by a ``text`` block that starts with
   ``SomeError: message`` must raise exactly that: the troubleshooting page shows the
-  real messages.
+  real messages. Any other ``text`` block right after a ``python`` block is what the
+  code prints, and it must print exactly that (trailing spaces aside): the README and
+  the home page show real output.
+- The built site works offline: formulas are MathML made at build time, nothing is
+  loaded from another host, and headless Chromium (when installed) renders every
+  page from 127.0.0.1 without a request elsewhere.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from backends import load, requested
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-RUN = ["quickstart.md", "cookbook.md", "troubleshooting.md", "../README.md"]
+RUN = ["index.md", "quickstart.md", "cookbook.md", "troubleshooting.md", "../README.md"]
 
 FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
@@ -325,9 +330,12 @@ def runnable(page: str) -> list[dict]:
         expect = None
         following = blocks[n + 1] if n + 1 < len(blocks) else None
         if following is not None and following["lang"] == "text" and not text[block["end"] : following["start"]].strip():
-            m = ERROR_LINE.match(following["code"].strip().splitlines()[0])
+            shown = following["code"].strip()
+            m = ERROR_LINE.match(shown.splitlines()[0]) if shown else None
             if m:
                 expect = dict(type=m.group("type").rsplit(".", 1)[-1], message=m.group("message"))
+            else:
+                expect = dict(output=shown)
         out.append(dict(line=block["line"], code=block["code"], expect=expect, needs=sorted(_needs(block["code"]))))
     return out
 
@@ -352,21 +360,28 @@ def _unavailable(name: str) -> str | None:
 
 
 DRIVER = r"""
-import json, sys, traceback
+import contextlib, io, json, sys, traceback
 blocks = json.load(open(sys.argv[1]))
 failures = []
+def lines(text):
+    return [line.rstrip() for line in text.strip().splitlines()]
 for b in blocks:
     where = f"{sys.argv[2]}, block at line {b['line']}"
+    expect = b["expect"] or {}
+    printed = io.StringIO()
     try:
-        exec(compile(b["code"], where, "exec"), {"__name__": "__main__"})
+        with contextlib.redirect_stdout(printed):
+            exec(compile(b["code"], where, "exec"), {"__name__": "__main__"})
     except Exception as exc:
-        if b["expect"] is None:
+        if "type" not in expect:
             failures.append(f"{where} raised:\n{traceback.format_exc()}")
-        elif type(exc).__name__ != b["expect"]["type"] or " ".join(str(exc).split()) != " ".join(b["expect"]["message"].split()):
-            failures.append(f"{where}: the page shows\n  {b['expect']['type']}: {b['expect']['message']}\nbut the code raises\n  {type(exc).__name__}: {exc}")
+        elif type(exc).__name__ != expect["type"] or " ".join(str(exc).split()) != " ".join(expect["message"].split()):
+            failures.append(f"{where}: the page shows\n  {expect['type']}: {expect['message']}\nbut the code raises\n  {type(exc).__name__}: {exc}")
     else:
-        if b["expect"] is not None:
-            failures.append(f"{where} should raise {b['expect']['type']} but ran")
+        if "type" in expect:
+            failures.append(f"{where} should raise {expect['type']} but ran")
+        elif "output" in expect and lines(printed.getvalue()) != lines(expect["output"]):
+            failures.append(f"{where}: the page shows the output\n{expect['output']}\nbut the code prints\n{printed.getvalue()}")
 if failures:
     sys.exit("\n\n".join(failures))
 """
