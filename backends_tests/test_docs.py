@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import http.server
 import json
@@ -124,7 +125,7 @@ def test_site_has_no_raw_tex(site):
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-extensions", "--remote-debugging-pipe",
+    "--disable-extensions", "--disable-dev-shm-usage", "--remote-debugging-pipe",
 )
 
 
@@ -136,24 +137,36 @@ class DevTools:
     every message), so one pipe serves the page and its workers.
     """
 
-    def __init__(self, executable: str, profile: Path):
+    def __init__(self, executable: str, profile: Path, log: Path):
         to_browser_r, self._w = os.pipe()
         self._r, from_browser_w = os.pipe()
+        # the child's ends must not be 3 or 4 themselves, or one redirection undoes the other
+        to_browser_r, from_browser_w = (self._above_4(fd) for fd in (to_browser_r, from_browser_w))
         # the shell moves the pipe ends onto fds 3 and 4, where chromium expects them
         command = " ".join([
             'exec "$0"', *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank",
             f"3<&{to_browser_r}", f"4>&{from_browser_w}", f"{to_browser_r}<&-", f"{from_browser_w}>&-",
         ])
-        self.proc = subprocess.Popen(
-            ["bash", "-c", command, executable], pass_fds=(to_browser_r, from_browser_w),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        self.log = log
+        with log.open("wb") as stderr:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                ["bash", "-c", command, executable], pass_fds=(to_browser_r, from_browser_w),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            )
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buffer = b""
         self._next = 0
         self._responses: dict[int, dict] = {}
         self.events: list[dict] = []
+
+    @staticmethod
+    def _above_4(fd: int) -> int:
+        if fd > 4:
+            return fd
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(fd)
+        return high
 
     def close(self) -> None:
         try:
@@ -182,7 +195,8 @@ class DevTools:
             return False
         chunk = os.read(self._r, 1 << 20)
         if not chunk:
-            raise RuntimeError(f"chromium closed the DevTools pipe (exit code {self.proc.poll()})")
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"chromium closed the DevTools pipe (exit code {self.proc.poll()}); its log ends:\n{tail}")
         self._buffer += chunk
         *messages, self._buffer = self._buffer.split(b"\0")
         for raw in messages:
@@ -213,14 +227,13 @@ class DevTools:
             raise RuntimeError(f"{method} failed: {response['error']}")
         return response.get("result", {})
 
-    def wait_event(self, method: str, session: str, timeout: float = 30) -> None:
+    def wait_event(self, method: str, session: str, since: int, timeout: float = 30) -> None:
+        """Wait for ``method`` on ``session`` among the events from index ``since`` on."""
         deadline = time.monotonic() + timeout
-        start = len(self.events)
-        while not any(e["method"] == method and e.get("sessionId") == session for e in self.events[start:]):
+        while not any(e["method"] == method and e.get("sessionId") == session for e in self.events[since:]):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {method} within {timeout} s")
             self.pump(0.5)
-            start = max(0, start - 1)
 
 
 # Runs in each page: the formulas as the browser laid them out, and TeX left in visible text.
@@ -265,7 +278,7 @@ def test_site_renders_offline_in_chromium(site, tmp_path):
     base = f"http://127.0.0.1:{server.server_address[1]}/"
     pages = sorted(p.relative_to(site).as_posix() for p in site.rglob("index.html"))
     assert "mathematics/index.html" in pages
-    browser = DevTools(executable, tmp_path / "profile")
+    browser = DevTools(executable, tmp_path / "profile", tmp_path / "chromium.log")
     problems, requested_urls, totals = [], set(), {"maths": 0, "stacked": 0}
     try:
         for page in pages:
@@ -276,8 +289,9 @@ def test_site_renders_offline_in_chromium(site, tmp_path):
             browser.call("Network.enable", session=session)
             browser.call("Page.enable", session=session)
             browser.call("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True}, session=session)
+            since = len(browser.events)
             browser.call("Page.navigate", {"url": url}, session=session)
-            browser.wait_event("Page.loadEventFired", session)
+            browser.wait_event("Page.loadEventFired", session, since)
             quiet_until = time.monotonic() + 1.0  # let late requests (the search worker) show up
             while time.monotonic() < quiet_until:
                 browser.pump(0.2)
