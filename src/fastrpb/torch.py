@@ -277,6 +277,7 @@ class MultiheadLinearAttention(nn.Module, AttentionLayer):
         Parameters
         ----------
         x : Tensor, shape (..., L, d_model)
+            The token embeddings (batch first); queries, keys and values all come from it.
         key_mask : bool Tensor, shape (..., L), optional
             ``True`` for real tokens, ``False`` for padding (the opposite of
             ``torch.nn.MultiheadAttention``'s ``key_padding_mask``). Padding keys are
