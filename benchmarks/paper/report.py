@@ -181,9 +181,11 @@ def write_outputs(results: dict, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- docs page
 def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
-         extras: list[tuple[dict, str, str]] = ()) -> str:
+         extras: list[tuple[dict, str, str]] = (), autoregressive: tuple[list, dict, str, str] | None = None) -> str:
     """The Experiments page; ``extras`` are (results, path as given, plot path relative to the page)
-    of further sweeps with the same settings (e.g. more seeds for some models)."""
+    of further sweeps with the same settings (e.g. more seeds for some models); ``autoregressive`` is
+    (runs, sweep metadata, samples plot relative to the page, results path as given) of
+    ``python -m benchmarks.paper.autoregressive``."""
     s = results["settings"]
     v = results["versions"]
     m = results["machine"]
@@ -215,8 +217,10 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
         "pip install -e '.[torch,bench]'",
         f"PYTHONPATH=src:. {results['command']}",
         *[f"PYTHONPATH=src:. {ex['command']}" for ex, _, _ in extras],
+        *([f"PYTHONPATH=src:. {autoregressive[1]['command']}"] if autoregressive is not None else []),
         f"PYTHONPATH=src:. python -m benchmarks.paper.report {results_arg} --page docs/experiments.md"
-        + "".join(f" --extra {arg}" for _, arg, _ in extras),
+        + "".join(f" --extra {arg}" for _, arg, _ in extras)
+        + (f" --autoregressive {Path(autoregressive[3]).parent}" if autoregressive is not None else ""),
         "```",
         "",
         f"- Config hash `{results['config_hash']}` (settings and code); finished {results['finished_utc']}, "
@@ -281,6 +285,11 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
     for ex, arg, ex_plot in extras:
         lines += _extra_section(results, ex, arg, ex_plot)
     lines += _summary(results, [ex for ex, _, _ in extras])
+    if autoregressive is not None:
+        from .arreport import section
+
+        runs, meta, samples_rel, arg = autoregressive
+        lines += [section(runs, meta, samples_rel=samples_rel, results_arg=arg)]
     return "\n".join(lines) + "\n"
 
 
@@ -406,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--outputs", action="store_true", help="also rewrite results.md and curves.png next to the JSON")
     ap.add_argument("--extra", type=Path, action="append", default=[],
                     help="results.json of a further sweep (e.g. more seeds for some models) to add to the page")
+    ap.add_argument("--autoregressive", type=Path, default=None,
+                    help="output directory of `python -m benchmarks.paper.autoregressive` (results.json, sweep.json, "
+                         "samples.png) to add to the page")
     a = ap.parse_args(argv)
     results = json.loads(a.results.read_text())
     if a.outputs:
@@ -413,8 +425,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.page:
         rel = lambda p: os.path.relpath(p, a.page.parent)  # noqa: E731
         extras = [(json.loads(x.read_text()), str(x), rel(x.parent / "curves.png")) for x in a.extra]
+        ar = None
+        if a.autoregressive is not None:
+            d = a.autoregressive
+            ar = (json.loads((d / "results.json").read_text()), json.loads((d / "sweep.json").read_text()),
+                  rel(d / "samples.png"), str(d / "results.json"))
         a.page.write_text(page(results, results_rel=rel(a.results), plot_rel=rel(a.results.parent / "curves.png"),
-                                 results_arg=str(a.results), extras=extras))
+                                 results_arg=str(a.results), extras=extras, autoregressive=ar))
         print(f"wrote {a.page}")
     if not a.page and not a.outputs:
         print(table(results))
