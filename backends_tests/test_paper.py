@@ -237,3 +237,16 @@ def test_ar_quick_run_end_to_end(tmp_path: Path):
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
     assert "## Autoregressive Fashion-MNIST" in text and meta["config_hash"] in text and "--autoregressive" in text
+
+
+def test_presets_on_the_command_line():
+    from benchmarks.paper.__main__ import parse
+    from benchmarks.paper.settings import PRESETS
+
+    a = parse(["--preset", "listops-short"])
+    assert a.preset == "listops-short" and a.tasks == ["listops"]
+    assert PRESETS["listops-short"].listops_max_len <= 512
+    assert parse(["--quick"]).preset == "quick" and parse([]).preset == "full"
+    assert parse([]).tasks == ["fmnist", "listops"]
+    with pytest.raises(SystemExit):
+        parse(["--quick", "--preset", "listops-short"])

@@ -318,6 +318,7 @@ def _extra_section(main: dict, ex: dict, arg: str, plot_rel: str) -> list[str]:
         )
         out.append("")
     out += [table(ex), f"![learning curves, further sweep]({plot_rel})", "", claims_md(ex), ""]
+    out += _plain_statement(ex, claims(ex), closing=False)
     return out
 
 
@@ -354,7 +355,7 @@ def _summary(main: dict, extras: list[dict]) -> list[str]:
     return out
 
 
-def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
+def _plain_statement(results: dict, cl: list[dict], *, closing: bool = True) -> list[str]:
     out = ["### In words", ""]
     for task in results["tasks"]:
         tc = [c for c in cl if c["task"] == task]
@@ -385,7 +386,8 @@ def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
         ref = ", ".join(f"{k} {val:.2f}" for k, val in LRA_LISTOPS.items())
         out.append(
             f"- **ListOps in context**: the Long Range Arena leaderboard reports accuracy % {ref} (full-size models "
-            f"trained on sequences of up to 2000 tokens). Here the best small model, "
+            f"trained on sequences of 500-2000 tokens). Here, on expressions of {results['settings']['listops_min_len']}-"
+            f"{results['settings']['listops_max_len']} tokens, the best small model, "
             f"{VARIANT_TITLES.get(best['variant'], best['variant'])}, reaches {100 * best['acc_mean']:.1f} ± "
             f"{100 * best['acc_std']:.1f} %, against {100 * maj:.1f} % for always answering the most frequent digit."
         )
@@ -398,6 +400,8 @@ def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
                        f"always answering the most frequent label ({100 * maj:.1f} %), so the claims cannot be judged "
                        "on this task here; it needs far more training than this budget allows.")
     out.append("")
+    if not closing:
+        return out
     out.append("These are small models trained for few steps on a shared 2-core CPU, early in training; "
                "a claim that is not resolved here may well hold at "
                "the paper's scale, and one that held here is evidence, not proof. The library's `softmax_attention` "
