@@ -250,3 +250,17 @@ def test_presets_on_the_command_line():
     assert parse([]).tasks == ["fmnist", "listops"]
     with pytest.raises(SystemExit):
         parse(["--quick", "--preset", "listops-short"])
+
+
+def test_ar_decoding_cost_measurement_runs():
+    """``ardecode`` times both decoding paths from a real prefilled state (smoke test of the measurement)."""
+    if not _torch_selected():
+        pytest.skip("the paper models are PyTorch modules; torch is not in FASTRPB_BACKENDS")
+    from benchmarks.paper.ardecode import measure, table
+
+    res = measure(widths=((8, 2),), positions=(5, 9), batch=2, reps=2, rounds=1)
+    assert [r["position"] for r in res["rows"]] == [5, 9]
+    for r in res["rows"]:
+        assert r["linear_ms_per_token"] > 0 and r["softmax_ms_per_token"] > 0
+        assert r["speedup"] == pytest.approx(r["softmax_ms_per_token"] / r["linear_ms_per_token"])
+    assert table(res).count("\n") == 3

@@ -179,7 +179,27 @@ def samples_plot(runs: list[dict], meta: dict, path: Path, test_images=None) -> 
     plt.close(fig)
 
 
-def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str, heading: str = "##") -> str:
+def decode_md(decode: dict) -> list[str]:
+    from .ardecode import table as decode_table
+
+    rows = decode["rows"]
+    parts = []
+    for d in dict.fromkeys(r["d_model"] for r in rows):
+        rs = sorted((r for r in rows if r["d_model"] == d), key=lambda r: r["position"])
+        lo, hi = rs[0], rs[-1]
+        parts.append(
+            f"width {d}: from {lo['position']} to {hi['position']} tokens the linear step goes from "
+            f"{lo['linear_ms_per_token']:.2f} to {hi['linear_ms_per_token']:.2f} ms/token and the softmax cache from "
+            f"{lo['softmax_ms_per_token']:.2f} to {hi['softmax_ms_per_token']:.2f} ms/token (linear speed-up "
+            f"{lo['speedup']:.1f}x to {hi['speedup']:.1f}x)")
+    words = ("The attention layer alone (`python -m benchmarks.paper.ardecode`: one layer, batch "
+             f"{rows[0]['batch']}, the best of {decode['rounds']} rounds of {decode['reps']} steps; a sampler adds a "
+             "fixed cost per token for embeddings, MLPs and sampling): " + "; ".join(parts) + ".")
+    return ["", decode_table(decode), "", words]
+
+
+def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str, heading: str = "##",
+            decode: dict | None = None) -> str:
     s = meta["settings"]
     tokens = s["side"] * s["side"]
     m = meta["machine"]
@@ -236,9 +256,19 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         claims_md(meta),
         "",
         *in_words(meta),
+        *(decode_md(decode) if decode else []),
         "",
     ]
     return "\n".join(lines)
+
+
+def load_dir(out: Path) -> tuple[list[dict], dict, dict | None]:
+    """``results.json``, ``sweep.json`` and (if measured) ``decode-scaling.json`` of an output directory."""
+    import json
+
+    dec = out / "decode-scaling.json"
+    return (json.loads((out / "results.json").read_text()), json.loads((out / "sweep.json").read_text()),
+            json.loads(dec.read_text()) if dec.exists() else None)
 
 
 def write_outputs(runs: list[dict], meta: dict, out: Path) -> None:
@@ -251,4 +281,22 @@ def write_outputs(runs: list[dict], meta: dict, out: Path) -> None:
     except DataMissing:  # the grid is still useful without the row of test images
         test = None
     samples_plot(runs, meta, out / "samples.png", test)
-    (out / "results.md").write_text(section(runs, meta, samples_rel="samples.png", results_arg=str(out / "results.json")) + "\n")
+    dec = load_dir(out)[2] if (out / "results.json").exists() else None
+    (out / "results.md").write_text(
+        section(runs, meta, samples_rel="samples.png", results_arg=str(out / "results.json"), decode=dec) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.paper.arreport DIR``: rewrite DIR's results.md and samples.png from its JSON files."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("out", type=Path, help="output directory of `python -m benchmarks.paper.autoregressive`")
+    a = ap.parse_args(argv)
+    runs, meta, _ = load_dir(a.out)
+    write_outputs(runs, meta, a.out)
+    print(f"wrote {a.out / 'results.md'} and {a.out / 'samples.png'}")
+
+
+if __name__ == "__main__":
+    main()

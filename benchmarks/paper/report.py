@@ -181,10 +181,11 @@ def write_outputs(results: dict, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- docs page
 def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
-         extras: list[tuple[dict, str, str]] = (), autoregressive: tuple[list, dict, str, str] | None = None) -> str:
+         extras: list[tuple[dict, str, str]] = (), autoregressive: tuple[list, dict, str, str, dict | None] | None = None) -> str:
     """The Experiments page; ``extras`` are (results, path as given, plot path relative to the page)
     of further sweeps with the same settings (e.g. more seeds for some models); ``autoregressive`` is
-    (runs, sweep metadata, samples plot relative to the page, results path as given) of
+    (runs, sweep metadata, samples plot relative to the page, results path as given, decoding-cost
+    measurement or None) of
     ``python -m benchmarks.paper.autoregressive``."""
     s = results["settings"]
     v = results["versions"]
@@ -218,6 +219,8 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
         f"PYTHONPATH=src:. {results['command']}",
         *[f"PYTHONPATH=src:. {ex['command']}" for ex, _, _ in extras],
         *([f"PYTHONPATH=src:. {autoregressive[1]['command']}"] if autoregressive is not None else []),
+        *([f"PYTHONPATH=src:. python -m benchmarks.paper.ardecode --out {Path(autoregressive[3]).parent}/decode-scaling.json"]
+          if autoregressive is not None and autoregressive[4] is not None else []),
         f"PYTHONPATH=src:. python -m benchmarks.paper.report {results_arg} --page docs/experiments.md"
         + "".join(f" --extra {arg}" for _, arg, _ in extras)
         + (f" --autoregressive {Path(autoregressive[3]).parent}" if autoregressive is not None else ""),
@@ -288,8 +291,8 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
     if autoregressive is not None:
         from .arreport import section
 
-        runs, meta, samples_rel, arg = autoregressive
-        lines += [section(runs, meta, samples_rel=samples_rel, results_arg=arg)]
+        runs, meta, samples_rel, arg, decode = autoregressive
+        lines += [section(runs, meta, samples_rel=samples_rel, results_arg=arg, decode=decode)]
     return "\n".join(lines) + "\n"
 
 
@@ -432,8 +435,10 @@ def main(argv: list[str] | None = None) -> None:
         ar = None
         if a.autoregressive is not None:
             d = a.autoregressive
-            ar = (json.loads((d / "results.json").read_text()), json.loads((d / "sweep.json").read_text()),
-                  rel(d / "samples.png"), str(d / "results.json"))
+            from .arreport import load_dir
+
+            runs, meta, decode = load_dir(d)
+            ar = (runs, meta, rel(d / "samples.png"), str(d / "results.json"), decode)
         a.page.write_text(page(results, results_rel=rel(a.results), plot_rel=rel(a.results.parent / "curves.png"),
                                  results_arg=str(a.results), extras=extras, autoregressive=ar))
         print(f"wrote {a.page}")
