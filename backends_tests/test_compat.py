@@ -1,8 +1,9 @@
 """The namespace layer's own helpers (pure Python: no backend involved)."""
 
+import numpy as np
 import pytest
 
-from fastrpb._compat import MIN_API_VERSION, int_arg, namespace, next_fast_len
+from fastrpb._compat import MIN_API_VERSION, _next_fast_len_portable, int_arg, namespace, next_fast_len
 
 
 def _is_5_smooth(n: int) -> bool:
@@ -12,9 +13,10 @@ def _is_5_smooth(n: int) -> bool:
     return n == 1
 
 
-def test_next_fast_len_is_the_smallest_5_smooth_length():
+@pytest.mark.parametrize("fast_len", [pytest.param(next_fast_len, id="native"), pytest.param(_next_fast_len_portable, id="portable")])
+def test_next_fast_len_is_the_smallest_5_smooth_length(fast_len):
     for n in range(1, 3000):
-        m = next_fast_len(n)
+        m = fast_len(n)
         assert m >= n and _is_5_smooth(m), n
         assert not any(_is_5_smooth(k) for k in range(n, m)), n
 
@@ -136,3 +138,53 @@ def test_state_is_a_jax_pytree_in_a_fresh_process(script):
     env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- gaps of the standard, per backend
+@pytest.mark.parametrize("axis", [-1, -2, -3])
+def test_cumulative_max(backend, rng, axis):
+    from fastrpb._compat import cumulative_max
+
+    xn = rng.standard_normal((2, 5, 7, 3))
+    got = backend.to_numpy(cumulative_max(backend.xp, backend.asarray(xn), axis))
+    np.testing.assert_array_equal(got, np.maximum.accumulate(xn, axis=axis))
+
+
+@pytest.mark.parametrize(
+    "before, after, axis, value",
+    [pytest.param(2, 1, -2, 0.0, id="rows"), pytest.param(0, 3, -1, -np.inf, id="end-neg-inf"), pytest.param(1, 0, -3, 5.0, id="start")],
+)
+def test_pad_axis(backend, rng, before, after, axis, value):
+    from fastrpb._compat import pad_axis
+
+    xn = rng.standard_normal((2, 4, 3))
+    widths = [(0, 0)] * 3
+    widths[axis] = (before, after)
+    got = backend.to_numpy(pad_axis(backend.xp, backend.asarray(xn), before, after, axis=axis, value=value))
+    np.testing.assert_array_equal(got, np.pad(xn, widths, constant_values=value))
+
+
+@pytest.mark.parametrize("s", [0, 1, 3, 9])
+def test_shift(backend, rng, s):
+    from fastrpb._compat import shift
+
+    xn = rng.standard_normal((2, 4, 3))
+    expected = np.full_like(xn, -np.inf)
+    expected[:, min(s, 4):, :] = xn[:, : 4 - min(s, 4), :]
+    got = backend.to_numpy(shift(backend.xp, backend.asarray(xn), s, -2, -np.inf))
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        pytest.param([(2, 1), (3,)], (2, 3), id="stretch"),
+        pytest.param([(1,), (0,)], (0,), id="one-and-zero"),
+        pytest.param([(0, 1), (1, 4)], (0, 4), id="empty-batch"),
+        pytest.param([(), (5, 2)], (5, 2), id="scalar"),
+    ],
+)
+def test_broadcast_shapes(shapes, expected):
+    from fastrpb._validate import broadcast_shapes
+
+    assert broadcast_shapes(*shapes) == expected == np.broadcast_shapes(*shapes)
