@@ -19,66 +19,21 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from . import _validate
 from ._compat import (
-    check_floating,
     compute_dtype,
     device_of,
-    grid_arg,
-    int_arg,
     irfft,
     multiply_into,
     namespace,
     next_fast_len,
     rfft,
-    seeded_normal,
-    skip_arg,
 )
+from ._compat import pad_axis as _pad_rows
+from ._random import seeded_normal
+from ._validate import broadcast_shapes as _broadcast_lead
 
 __all__ = ["rpb", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
-
-
-# --------------------------------------------------------------------------- checks
-def _check_values(xp: Any, v: Any, name: str = "v") -> None:
-    check_floating(xp, name, v)
-    if v.ndim < 2:
-        raise ValueError(f"{name} must have shape (..., L, D) with at least 2 dimensions, got shape {tuple(v.shape)}")
-
-
-def _table_half_length(xp: Any, w: Any, name: str) -> int:
-    """Validate a table ``(..., 2M - 1)`` and return ``M``."""
-    check_floating(xp, name, w)
-    if w.ndim < 1:
-        raise ValueError(f"{name} must have shape (..., 2M - 1), got a 0-d array")
-    n = w.shape[-1]
-    if n % 2 == 0:
-        raise ValueError(
-            f"{name} must have an odd last dimension 2M - 1 (offsets -(M-1)..M-1), got length {n}"
-        )
-    return (n + 1) // 2
-
-
-def _check_length(L: int, M: int, name: str) -> None:
-    if L > M:
-        raise ValueError(
-            f"the sequence is longer than the bias table {name}: L = {L} tokens but the "
-            f"table covers at most M = {M} (shape (..., {2 * M - 1}))"
-        )
-
-
-def _check_skip(skip: Any, L: int) -> tuple[int, int]:
-    a, b = skip_arg(skip)
-    if a + b > L:
-        raise ValueError(f"skip = ({a}, {b}) skips {a + b} tokens but the sequence has only L = {L}")
-    return a, b
-
-
-def _check_broadcast(w_lead: tuple, v_lead: tuple, name: str) -> None:
-    for dw, dv in zip(reversed(w_lead), reversed(v_lead)):
-        if dw != 1 and dv != 1 and dw != dv:
-            raise ValueError(
-                f"the leading dimensions of {name} {tuple(w_lead)} do not broadcast against "
-                f"the leading dimensions of v {tuple(v_lead)}"
-            )
 
 
 # --------------------------------------------------------------------------- kernels
@@ -153,20 +108,7 @@ _BLOCK_BYTES = 32 * 2**20
 
 
 def _itemsize(xp: Any, dtype: Any) -> int:
-    return 8 if dtype == xp.float64 else 4
-
-
-def _pad_rows(xp: Any, x: Any, a: int, b: int) -> Any:
-    """Zero rows before and after the sequence axis (-2): the skipped tokens' output."""
-    if a == 0 and b == 0:
-        return x
-    parts = []
-    if a:
-        parts.append(xp.zeros((*x.shape[:-2], a, x.shape[-1]), dtype=x.dtype, device=device_of(x)))
-    parts.append(x)
-    if b:
-        parts.append(xp.zeros((*x.shape[:-2], b, x.shape[-1]), dtype=x.dtype, device=device_of(x)))
-    return xp.concat(parts, axis=-2)
+    return xp.finfo(dtype).bits // 8
 
 
 # --------------------------------------------------------------------------- public
@@ -203,28 +145,27 @@ def rpb(v: Any, w: Any, *, causal: bool = False, skip: tuple[int, int] = (0, 0))
     Zubkov & Gavrilov (2022), "FastRPB: a Scalable Relative Positional Encoding for
     Long Sequence Tasks", arXiv:2202.11364.
     """
+    # -- validate, resolve the namespace once
+    causal = _validate.flag("causal", causal)
+    _validate.required(v=v, w=w)
     xp = namespace(v=v, w=w)
-    _check_values(xp, v)
-    M = _table_half_length(xp, w, "w")
-    a, b = _check_skip(skip, v.shape[-2])
+    _validate.values(xp, "v", v)
+    M = _validate.table(xp, "w", w)
+    a, b = _validate.skip_fits(skip, v.shape[-2])
     L = v.shape[-2] - a - b
-    _check_length(L, M, "w")
-    _check_broadcast(w.shape[:-1], v.shape[:-2], "w")
+    _validate.table_length(L, M, "w")
+    lead = _validate.broadcast({"w": w.shape[:-1], "v": v.shape[:-2]})
+    # -- compute
     result, work = compute_dtype(xp, v, w)
     inner = v[..., a : v.shape[-2] - b, :]
-    if L == 0:
-        out = inner
+    if math.prod((*lead, L, v.shape[-1])) == 0:
+        # nothing to transform (PyTorch's CPU FFT fails on empty arrays)
+        out = xp.zeros((*lead, L, v.shape[-1]), dtype=work, device=device_of(v))
     else:
-        out = _toeplitz(xp, xp.astype(inner, work, copy=False), xp.astype(w, work, copy=False), causal=bool(causal))
+        out = _toeplitz(xp, xp.astype(inner, work, copy=False), xp.astype(w, work, copy=False), causal=causal)
     out = _pad_rows(xp, out, a, b)
-    shape = (*_broadcast_lead(w.shape[:-1], v.shape[:-2]), *v.shape[-2:])
+    shape = (*lead, *v.shape[-2:])
     return xp.astype(xp.broadcast_to(out, shape), result, copy=False)
-
-
-def _broadcast_lead(*shapes: tuple) -> tuple:
-    n = max(len(s) for s in shapes)
-    padded = [(1,) * (n - len(s)) + tuple(s) for s in shapes]
-    return tuple(max(dims) if 1 in dims else dims[0] for dims in zip(*padded))
 
 
 def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
@@ -243,10 +184,12 @@ def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
     causal : bool
         Zero the entries above the diagonal (``j > i``).
     """
+    L = _validate.integer("L", L, minimum=0)
+    causal = _validate.flag("causal", causal)
+    _validate.required(w=w)
     xp = namespace(w=w)
-    M = _table_half_length(xp, w, "w")
-    L = int_arg("L", L, minimum=0)
-    _check_length(L, M, "w")
+    M = _validate.table(xp, "w", w)
+    _validate.table_length(L, M, "w")
     dev = device_of(w)
     # int32 indices suffice below 46341 tokens (and JAX has int64 only with x64 on)
     index_dtype = xp.int32 if L * L < 2**31 else xp.int64
@@ -271,8 +214,9 @@ def symmetric_table(h: Any) -> Any:
     -------
     array, shape (..., 2M - 1)
     """
+    _validate.required(h=h)
     xp = namespace(h=h)
-    check_floating(xp, "h", h)
+    _validate.floating(xp, "h", h)
     if h.ndim < 1 or h.shape[-1] < 1:
         raise ValueError(f"h must have shape (..., M) with M >= 1, got shape {tuple(h.shape)}")
     return xp.concat([xp.flip(h[..., 1:], axis=-1), h], axis=-1)
@@ -310,15 +254,17 @@ def rpb_nd(
         Tokens at the start and end (e.g. a class token) outside the grid; their
         output rows are zero.
     """
+    # -- validate, resolve the namespace once
     if not isinstance(tables, (tuple, list)):
         raise TypeError(f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}")
-    grid = grid_arg(grid)
+    grid = _validate.grid(grid)
     if len(tables) != len(grid):
         raise ValueError(f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis")
+    _validate.required(v=v)
     named = {f"tables[{k}]": t for k, t in enumerate(tables)}
     xp = namespace(v=v, **named)
-    _check_values(xp, v)
-    a, b = _check_skip(skip, v.shape[-2])
+    _validate.values(xp, "v", v)
+    a, b = _validate.skip_fits(skip, v.shape[-2])
     L = v.shape[-2] - a - b
     if math.prod(grid) != L:
         raise ValueError(
@@ -328,17 +274,19 @@ def rpb_nd(
     present = {name: t for name, t in named.items() if t is not None}
     for k, (name, t) in enumerate(named.items()):
         if t is not None:
-            _check_length(grid[k], _table_half_length(xp, t, name), name)
-            _check_broadcast(t.shape[:-1], v.shape[:-2], name)
+            _validate.table_length(grid[k], _validate.table(xp, name, t), name)
+            _validate.broadcast({name: t.shape[:-1], "v": v.shape[:-2]})
+    # the tables must fit each other too, not only v
+    lead = _validate.broadcast({"v": v.shape[:-2], **{name: t.shape[:-1] for name, t in present.items()}})
+    # -- compute
     result, work = compute_dtype(xp, v, *present.values())
-    lead = _broadcast_lead(v.shape[:-2], *(t.shape[:-1] for t in present.values()))
     inner = xp.astype(v[..., a : v.shape[-2] - b, :], work, copy=False)
     D = v.shape[-1]
     cube = xp.reshape(inner, (*inner.shape[:-2], *grid, D))
     k_axes = len(grid)
     total = xp.zeros((*lead, *grid, D), dtype=work, device=device_of(v))
     for axis, table in enumerate(tables):
-        if table is None:
+        if table is None or math.prod(total.shape) == 0:  # nothing to transform (as in rpb)
             continue
         # grid axis `axis` sits at position -(k_axes + 1) + axis of `cube`
         others = tuple(-(k_axes + 1) + o for o in range(k_axes) if o != axis)
@@ -370,11 +318,14 @@ def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Any, scale: fl
     scale : float
         Standard deviation of the normal draw.
     """
-    xp = namespace(like=like)
-    max_len = int_arg("max_len", max_len, minimum=1)
+    max_len = _validate.integer("max_len", max_len, minimum=1)
     shape: tuple[int, ...] = (2 * max_len - 1,)
     if heads is not None:
-        shape = (int_arg("heads", heads, minimum=1), *shape)
+        shape = (_validate.integer("heads", heads, minimum=1), *shape)
+    seed = _validate.seed(seed)
+    scale = _validate.non_negative("scale", scale)
+    _validate.required(like=like)
+    xp = namespace(like=like)
     dtype = like.dtype if xp.isdtype(like.dtype, "real floating") else xp.float32
     _, work = compute_dtype(xp, xp.empty((0,), dtype=dtype, device=device_of(like)))
     table = seeded_normal(xp, shape, seed=seed, dtype=work, device=device_of(like)) * scale

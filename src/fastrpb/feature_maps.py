@@ -22,20 +22,16 @@ Half-precision inputs are computed in float32 and returned in the input dtype.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ._compat import (
-    check_floating,
-    compute_dtype,
-    device_of,
-    elu_plus_one,
-    int_arg,
-    namespace,
-    seeded_projection,
-)
+from . import _validate
+from ._compat import compute_dtype, device_of, elu_plus_one, namespace
+from ._random import seeded_projection
+from ._validate import check_floating, int_arg
 
 __all__ = [
     "FeatureMap",
@@ -97,10 +93,9 @@ class FeatureMap:
 
     # -- private --------------------------------------------------------------
     def _public(self, x: Any, kernel: Callable[[Any, Any], Any]) -> Any:
+        _validate.required(x=x)
         xp = namespace(x=x, **self._arrays())
-        check_floating(xp, "x", x)
-        if x.ndim < 1:
-            raise ValueError(f"x must have shape (..., D) with at least 1 dimension, got a 0-d array")
+        _validate.values(xp, "x", x, ndim=1)
         self._check_width(x.shape[-1], "x")
         result, work = compute_dtype(xp, x)
         out = kernel(xp, xp.astype(x, work, copy=False))
@@ -271,6 +266,7 @@ class _Projected(FeatureMap):
 
 
 def _check_projection(projection: Any) -> None:
+    _validate.required(projection=projection)
     xp = namespace(projection=projection)
     check_floating(xp, "projection", projection)
     if projection.ndim != 2 or projection.shape[0] < 1 or projection.shape[1] < 1:
@@ -440,11 +436,12 @@ def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, lik
         The projection is created in the namespace, on the device and (if floating)
         in the dtype of ``like``.
     """
+    m = _validate.integer("m", m, minimum=1)
+    d = _validate.integer("d", d, minimum=1)
+    seed = _validate.seed(seed)
+    orthogonal = _validate.flag("orthogonal", orthogonal)
+    _validate.required(like=like)
     xp = namespace(like=like)
-    m = int_arg("m", m, minimum=1)
-    d = int_arg("d", d, minimum=1)
-    if not isinstance(orthogonal, bool):
-        raise TypeError(f"orthogonal must be a bool, got {type(orthogonal).__name__}")
     dtype = like.dtype if xp.isdtype(like.dtype, "real floating") else xp.float32
     return seeded_projection(xp, m, d, seed=seed, orthogonal=orthogonal, dtype=dtype, device=device_of(like))
 
@@ -467,9 +464,27 @@ def resolve(feature_map: Any, name: str = "feature_map") -> FeatureMap:
                 f"{', '.join(repr(n) for n in NAMES)} (or pass a map from fastrpb.feature_maps "
                 "or a callable)"
             ) from None
+    if isinstance(feature_map, type) and issubclass(feature_map, FeatureMap):
+        raise TypeError(
+            f"{name} must be a feature map, got the class {feature_map.__name__} itself: "
+            f"make one with its factory, e.g. {name}=fastrpb.feature_maps.{feature_map.name}(...)"
+        )
+    if _is_factory(feature_map):
+        raise TypeError(
+            f"{name} must be a feature map, got the factory {feature_map.__name__} itself: call it, "
+            f"{name}=fastrpb.feature_maps.{feature_map.__name__}(...) (a plain callable is used as "
+            "the map, so an uncalled factory would be applied to the inputs)"
+        )
     if callable(feature_map):
         return _Callable(feature_map)
     raise TypeError(
         f"{name} must be a feature-map name ({', '.join(NAMES)}), a map from "
         f"fastrpb.feature_maps or a callable, got {type(feature_map).__name__}"
     )
+
+
+def _is_factory(value: Any) -> bool:
+    """Whether ``value`` is a function that makes a feature map (``fastrpb.feature_maps.dpfp``):
+    its return annotation says ``FeatureMap``."""
+    annotations = getattr(value, "__annotations__", None) if inspect.isfunction(value) else None
+    return bool(annotations) and annotations.get("return") in ("FeatureMap", FeatureMap)
