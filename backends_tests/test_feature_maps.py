@@ -294,3 +294,22 @@ def test_hedgehog_projection_gradients(backend, rng, causal):
         np.testing.assert_allclose(backend.to_numpy(got), numeric, rtol=1e-6, atol=1e-7)
     else:
         pytest.skip(f"{backend.name} has no automatic differentiation")
+
+
+@pytest.mark.parametrize("name", ["taylor", "hedgehog"])
+def test_taylor_hedgehog_decoding_matches_causal_oracle(backend, rng, name):
+    from fastrpb import linear_attention_step
+
+    (q, k, v), (qn, kn, vn) = _attention_inputs(backend, rng, "float64", L=6)
+    if name == "hedgehog":
+        w, wn = _hedgehog_projection(backend, rng)
+        fmap, phi = fm.hedgehog(w), lambda a: oracles.hedgehog(a, wn)
+    else:
+        fmap, phi = "taylor", oracles.taylor
+    expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=True, eps=1e-6)
+    prompt, state = linear_attention(q[:, :4, :], k[:, :4, :], v[:, :4, :], feature_map=fmap, causal=True, return_state=True)
+    outs = [backend.to_numpy(prompt)]
+    for t in range(4, 6):
+        out_t, state = linear_attention_step(state, q[:, t, :], k[:, t, :], v[:, t, :], feature_map=fmap)
+        outs.append(backend.to_numpy(out_t)[:, None, :])
+    assert_close(backend, backend.asarray(np.concatenate(outs, axis=1)), expected, "float64")
