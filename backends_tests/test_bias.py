@@ -543,3 +543,15 @@ def test_rpb_nd_causal_errors(backend):
         fastrpb.rpb_nd(v, [w, w], (2, 3), causal="yes")
     with pytest.raises(ValueError, match=r"tables\[1\].*L = 4 tokens.*M = 3"):
         fastrpb.rpb_nd(backend.asarray(np.zeros((8, 2))), [w, w], (2, 4), causal=True)
+
+
+def test_rpb_nd_causal_blocked_path_matches_dense(backend, monkeypatch, rng):
+    """Long inputs go through blocks of columns; shrink the budget so small ones do too."""
+    grid = (3, 4, 2)
+    v = rng.standard_normal((2, 3, 24, 5))
+    tables = [rng.standard_normal((3, 5)), None, rng.standard_normal((2, 1, 3))]
+    expected = oracle_rpb_nd_causal(v, tables, grid)
+    for budget in (1, 3000, 20000):  # one column per block, several columns, several heads
+        monkeypatch.setattr(fastrpb.bias, "_BLOCK_BYTES", budget)
+        out = fastrpb.rpb_nd(backend.asarray(v), [None if t is None else backend.asarray(t) for t in tables], grid, causal=True)
+        assert_close(backend, out, expected, "float64")

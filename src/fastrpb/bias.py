@@ -367,7 +367,7 @@ def rpb_nd(
     total = xp.zeros((*lead, *grid, D), dtype=work, device=device_of(v))
     if causal and present:
         works = [None if t is None else xp.astype(t, work, copy=False) for t in tables]
-        total = total + _raster_causal(xp, cube, works, grid)
+        total = _raster_causal(xp, cube, works, grid)  # already (*lead, *grid, D)
     for axis, table in enumerate(tables):
         if table is None or causal:
             continue
@@ -420,11 +420,39 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
     axes = tuple(range(-k, 0))
     kernel_f = rfftn(xp, kernel, s=n, axes=axes)
     kernel_f = xp.reshape(kernel_f, (*kernel_f.shape[:-k], 1, *kernel_f.shape[-k:]))  # a D axis
-    lead = cube.ndim - k - 1
-    columns = xp.permute_dims(cube, (*range(lead), cube.ndim - 1, *range(lead, lead + k)))
-    spectrum = multiply_into(xp, rfftn(xp, columns, s=n, axes=axes), kernel_f)
-    out = irfftn(xp, spectrum, s=n, axes=axes, consume=True)
-    out = out[(..., *(slice(0, g) for g in grid))]
+    nlead = cube.ndim - k - 1
+    columns = xp.permute_dims(cube, (*range(nlead), cube.ndim - 1, *range(nlead, nlead + k)))
+    crop = (..., *(slice(0, g) for g in grid))
+
+    def convolve(block: Any, k_f: Any) -> Any:
+        spectrum = multiply_into(xp, rfftn(xp, block, s=n, axes=axes), k_f)
+        return irfftn(xp, spectrum, s=n, axes=axes, consume=True)[crop]
+
+    # The padded spectrum of one (leading index, feature) column is about 2^k times
+    # the column: long inputs go in blocks of columns of at most _BLOCK_BYTES of
+    # spectrum (as in ``_toeplitz``), so the work space stays bounded.
+    D = cube.shape[-1]
+    spec = tuple(kernel_f.shape[-k:])
+    per_col = math.prod(spec) * 2 * _itemsize(xp, cube.dtype)
+    lead = _broadcast_lead(columns.shape[:nlead], kernel_f.shape[: -k - 1])
+    G = math.prod(lead)
+    if G * D * per_col <= _BLOCK_BYTES:
+        out = convolve(columns, kernel_f)
+    else:
+        cols = max(1, min(D, _BLOCK_BYTES // per_col))
+        heads = max(1, _BLOCK_BYTES // (per_col * cols))
+        columns = xp.reshape(xp.broadcast_to(columns, (*lead, D, *grid)), (G, D, *grid))
+        kernel_f = xp.reshape(xp.broadcast_to(kernel_f, (*lead, 1, *spec)), (G, 1, *spec))
+        rows = []
+        for g in range(0, G, heads):
+            g_end = min(g + heads, G)
+            # a copy of each cropped block, so its padded output is freed at once
+            parts = [
+                xp.asarray(convolve(columns[g:g_end, d : min(d + cols, D), ...], kernel_f[g:g_end, ...]), copy=True)
+                for d in range(0, D, cols)
+            ]
+            rows.append(parts[0] if len(parts) == 1 else xp.concat(parts, axis=1))
+        out = xp.reshape(rows[0] if len(rows) == 1 else xp.concat(rows, axis=0), (*lead, D, *grid))
     return xp.permute_dims(out, (*range(out.ndim - k - 1), *range(out.ndim - k, out.ndim), out.ndim - k - 1))
 
 
