@@ -34,6 +34,26 @@ def rff(x, w):
     return np.concatenate([np.cos(wx), np.sin(wx)], axis=-1) / np.sqrt(w.shape[0])
 
 
+def taylor(x):
+    """Based's second-order Taylor features in fla's order: 1, x / d^(1/4), x_i^2 / sqrt(2d),
+    x_i x_j / sqrt(d) for i < j (row by row), so phi(q).phi(k) = 1 + s + s^2 / 2, s = q.k / sqrt(d)."""
+    d = x.shape[-1]
+    i, j = np.triu_indices(d, 1)
+    ones = np.ones((*x.shape[:-1], 1))
+    return np.concatenate([ones, x / d**0.25, x**2 / np.sqrt(2 * d), x[..., i] * x[..., j] / np.sqrt(d)], axis=-1)
+
+
+def hedgehog(x, w):
+    """Hedgehog features [softmax(x W^T), softmax(-x W^T)], each softmax over its m features."""
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    z = x @ w.T
+    return np.concatenate([softmax(z), softmax(-z)], axis=-1)
+
+
 # ------------------------------------------------------------------ attention
 
 
@@ -110,15 +130,23 @@ def toeplitz(w, L, *, causal=False, skip=(0, 0)):
     return B
 
 
-def toeplitz_nd(tables, grid):
-    """Separable N-d bias matrix B[(p), (p')] = sum_a w_a(p_a - p'_a), row-major grid."""
+def toeplitz_nd(tables, grid, *, causal=False):
+    """Separable N-d bias matrix B[..., (p), (p')] = sum_a w_a(p_a - p'_a), row-major grid.
+
+    Tables may have leading (head) dimensions; they broadcast. causal=True keeps only
+    the pairs whose p' comes no later than p in raster (row-major) order, i.e. the
+    lower triangle of the L x L matrix.
+    """
     positions = np.stack(np.unravel_index(np.arange(int(np.prod(grid))), grid), axis=-1)
     L = positions.shape[0]
-    B = np.zeros((L, L))
+    lead = np.broadcast_shapes(*(np.shape(w)[:-1] for w in tables if w is not None))
+    B = np.zeros((*lead, L, L))
     for axis, w in enumerate(tables):
         if w is None:
             continue
         M = (w.shape[-1] + 1) // 2
         offsets = positions[:, None, axis] - positions[None, :, axis]
-        B = B + w[M - 1 + offsets]
+        B = B + w[..., M - 1 + offsets]
+    if causal:
+        B = B * np.tril(np.ones((L, L)))
     return B

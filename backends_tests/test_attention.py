@@ -467,7 +467,6 @@ def _bad_calls(backend):
         ("rpb both", lambda: linear_attention(q, k, v, rpb=a(9), rpb_tables=(a(3),), rpb_grid=(5,)), ValueError, r"either rpb"),
         ("rpb cross", lambda: linear_attention(a(2, 3, 4), k, v, rpb=a(9)), ValueError, r"FastRPB term.*Lq = 3 and Lk = 5"),
         ("rpb short", lambda: linear_attention(q, k, v, rpb=a(5)), ValueError, r"L = 5 tokens but the table covers at most M = 3"),
-        ("rpb_nd causal", lambda: linear_attention(q, k, v, causal=True, rpb_tables=(a(9),), rpb_grid=(5,)), ValueError, r"N-d bias .* is not causal"),
         ("logits_bias shape", lambda: softmax_attention(q, k, v, logits_bias=a(5, 4)), ValueError, r"logits_bias must broadcast to \(\.\.\., Lq, Lk\)"),
         ("scale", lambda: softmax_attention(q, k, v, scale="big"), TypeError, r"scale must be a float"),
         ("state map", lambda: linear_attention_step(elu_state, q[:, 0, :], k[:, 0, :], v[:, 0, :], feature_map="relu"), ValueError, r"state was made by feature map 'elu' but feature_map is 'relu'"),

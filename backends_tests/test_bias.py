@@ -406,3 +406,152 @@ def test_rpb_property(backend, L, extra, heads, causal, a, b, seed):
         return
     out = fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
     assert_close(backend, out, oracle_rpb(v, w, causal, (a, b)), "float64")
+
+
+# ----------------------------------------------------------------- rpb_nd, causal (raster order)
+import oracles
+
+
+def oracle_rpb_nd_causal(v, tables, grid, skip=(0, 0)):
+    """The dense raster-causal N-d bias (oracles.toeplitz_nd, lower triangle) on the grid tokens."""
+    a, b = skip
+    L = v.shape[-2]
+    B = oracles.toeplitz_nd(tables, grid, causal=True)
+    inner = B @ v[..., a : L - b, :]
+    full = np.zeros((*inner.shape[:-2], L, v.shape[-1]))
+    full[..., a : L - b, :] = inner
+    return full
+
+
+def test_causal_nd_oracle_is_raster_order():
+    # Guards the oracle: on a (2, 2) grid token (1, 0) sees (0, 0), (0, 1) (an earlier row,
+    # though a later column) and itself; token (0, 1) sees (0, 0) and itself, not (1, 0).
+    # w_rows(-1, 0, 1) = (0, 10, 1), w_cols(-1, 0, 1) = (0, 100, 2).
+    B = oracles.toeplitz_nd([np.array([0.0, 10.0, 1.0]), np.array([0.0, 100.0, 2.0])], (2, 2), causal=True)
+    np.testing.assert_array_equal(B[2], [1.0 + 100.0, 1.0 + 0.0, 10.0 + 100.0, 0.0])
+    np.testing.assert_array_equal(B[1], [10.0 + 2.0, 10.0 + 100.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    "grid, with_table",
+    [
+        ((7,), (True,)),
+        ((3, 4), (True, True)),
+        ((4, 3), (False, True)),
+        ((4, 3, 2), (True, True, False)),  # (H, W, C): no bias across colour channels
+        ((2, 3, 2, 2), (True, False, True, True)),
+        ((1, 5), (True, True)),
+        ((3, 1, 2), (True, True, True)),
+        ((3, 2), (False, False)),
+    ],
+)
+@pytest.mark.parametrize("skip", [(0, 0), (1, 0), (1, 2)])
+def test_rpb_nd_causal_matches_dense(backend, rng, grid, with_table, skip):
+    L = int(np.prod(grid)) + sum(skip)
+    v = rng.standard_normal((2, L, 3))
+    # tables longer than their axis (M = G + 1): only the central entries are used
+    tables = [rng.standard_normal((2, 2 * (g + 1) - 1)) if t else None for g, t in zip(grid, with_table)]
+    out = fastrpb.rpb_nd(
+        backend.asarray(v), [None if t is None else backend.asarray(t) for t in tables], grid, causal=True, skip=skip
+    )
+    expected = oracle_rpb_nd_causal(v, tables, grid, skip) if any(with_table) else np.zeros_like(v)
+    assert_close(backend, out, expected, "float64")
+
+
+def test_rpb_nd_causal_per_head_tables_broadcast(backend, rng):
+    grid = (3, 4)
+    v = rng.standard_normal((2, 3, 12, 4))  # (batch, heads, L, D)
+    tables = [rng.standard_normal((4, 1, 1, 5)), rng.standard_normal((7,))]  # a new leading axis, and shared
+    out = fastrpb.rpb_nd(backend.asarray(v), [backend.asarray(t) for t in tables], grid, causal=True)
+    expected = oracle_rpb_nd_causal(v, tables, grid)
+    assert out.shape == (4, 2, 3, 12, 4) == expected.shape
+    assert_close(backend, out, expected, "float64")
+    # one table per head (H, 2M - 1) against values (B, H, L, D)
+    heads = [rng.standard_normal((3, 5)), rng.standard_normal((3, 7))]
+    out = fastrpb.rpb_nd(backend.asarray(v), [backend.asarray(t) for t in heads], grid, causal=True)
+    assert_close(backend, out, oracle_rpb_nd_causal(v, heads, grid), "float64")
+
+
+def test_rpb_nd_causal_dtypes(backend, rng, dtype):
+    grid = (3, 2, 2)
+    v = rng.standard_normal((2, 1 + 12, 4))
+    tables = [rng.standard_normal((5,)), rng.standard_normal((3,)), None]
+    vb = backend.asarray(v, dtype)
+    tb = [None if t is None else backend.asarray(t, dtype) for t in tables]
+    out = fastrpb.rpb_nd(vb, tb, grid, causal=True, skip=(1, 0))
+    assert out.dtype == backend.dtype(dtype)
+    got = [backend.to_numpy(vb).astype(np.float64)] + [None if t is None else backend.to_numpy(t).astype(np.float64) for t in tb]
+    assert_close(backend, out, oracle_rpb_nd_causal(got[0], got[1:], grid, (1, 0)), dtype)
+
+
+def test_rpb_nd_causal_under_jit(backend, rng):
+    if backend.jit is None:
+        pytest.skip(f"{backend.name} has no jit")
+    v = rng.standard_normal((2, 1 + 12, 3))
+    tables = [rng.standard_normal((5,)), rng.standard_normal((2, 7))]
+    f = backend.jit(lambda v, a, b: fastrpb.rpb_nd(v, [a, None, b], (3, 1, 4), causal=True, skip=(1, 0)))
+    out = f(backend.asarray(v), *(backend.asarray(t) for t in tables))
+    assert_close(backend, out, oracle_rpb_nd_causal(v, [tables[0], None, tables[1]], (3, 1, 4), (1, 0)), "float64")
+
+
+def test_rpb_nd_causal_gradients(backend, rng):
+    grid = (2, 3)
+    v_np = rng.standard_normal((1 + 6, 2))
+    a_np, b_np = rng.standard_normal((3,)), rng.standard_normal((2, 5))
+
+    def loss(xp, v, a, b):
+        return xp.sum(xp.sin(fastrpb.rpb_nd(v, [a, b], grid, causal=True, skip=(1, 0))))
+
+    if backend.grad == "torch":
+        torch = backend.native
+        args = [torch.tensor(x, dtype=torch.float64, device=backend.device, requires_grad=True) for x in (v_np, a_np, b_np)]
+        assert torch.autograd.gradcheck(lambda *xs: loss(backend.xp, *xs), tuple(args))
+    elif backend.grad == "jax":
+        jax = backend.native
+        f = lambda *xs: loss(backend.xp, *xs)
+        grads = jax.grad(f, argnums=(0, 1, 2))(*(backend.asarray(x) for x in (v_np, a_np, b_np)))
+        numeric = _finite_differences(lambda *xs: float(f(*(backend.asarray(x) for x in xs))), v_np, a_np, b_np)
+        for got, want in zip(grads, numeric):
+            np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-6, atol=1e-6)
+    else:
+        pytest.skip(f"{backend.name} has no automatic differentiation")
+
+
+def test_causal_nd_bias_in_attention(backend, rng, dtype):
+    from fastrpb import linear_attention, softmax_attention
+
+    grid = (3, 2, 2)
+    L = 1 + 12 + 1
+    arrays = [backend.asarray(rng.standard_normal((2, L, d)), dtype) for d in (4, 4, 3)]
+    tables = [backend.asarray(rng.standard_normal((2, 1, 2 * g - 1)), dtype) for g in grid[:2]] + [None]
+    qn, kn, vn = (backend.to_numpy(x).astype(np.float64) for x in arrays)
+    wn = [None if t is None else backend.to_numpy(t).astype(np.float64) for t in tables]
+    term = oracle_rpb_nd_causal(vn, wn, grid, (1, 1))
+    kw = {"causal": True, "rpb_tables": tables, "rpb_grid": grid, "rpb_skip": (1, 1)}
+    out = linear_attention(*arrays, chunk_size=4, **kw)
+    expected = oracles.kernel_attention(oracles.elu1(qn), oracles.elu1(kn), vn, causal=True, eps=1e-6) + term
+    assert out.dtype == arrays[0].dtype
+    assert_close(backend, out, expected, dtype)
+    out = softmax_attention(*arrays, **kw)
+    assert_close(backend, out, oracles.softmax_attention(qn, kn, vn, causal=True) + term, dtype)
+
+
+def test_rpb_nd_causal_errors(backend):
+    v = backend.asarray(np.zeros((6, 2)))
+    w = backend.asarray(np.zeros(5))
+    with pytest.raises(TypeError, match=r"causal must be a bool, got str"):
+        fastrpb.rpb_nd(v, [w, w], (2, 3), causal="yes")
+    with pytest.raises(ValueError, match=r"tables\[1\].*L = 4 tokens.*M = 3"):
+        fastrpb.rpb_nd(backend.asarray(np.zeros((8, 2))), [w, w], (2, 4), causal=True)
+
+
+def test_rpb_nd_causal_blocked_path_matches_dense(backend, monkeypatch, rng):
+    """Long inputs go through blocks of columns; shrink the budget so small ones do too."""
+    grid = (3, 4, 2)
+    v = rng.standard_normal((2, 3, 24, 5))
+    tables = [rng.standard_normal((3, 5)), None, rng.standard_normal((2, 1, 3))]
+    expected = oracle_rpb_nd_causal(v, tables, grid)
+    for budget in (1, 3000, 20000):  # one column per block, several columns, several heads
+        monkeypatch.setattr(fastrpb.bias, "_BLOCK_BYTES", budget)
+        out = fastrpb.rpb_nd(backend.asarray(v), [None if t is None else backend.asarray(t) for t in tables], grid, causal=True)
+        assert_close(backend, out, expected, "float64")

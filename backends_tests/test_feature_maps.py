@@ -164,3 +164,152 @@ def test_maps_under_jit(backend, rng):
     np.testing.assert_array_equal(backend.to_numpy(w), backend.to_numpy(random_projection(6, 4, seed=5, like=x)))
     f = fm.favor(w)
     assert_close(backend, backend.jit(f.keys)(x), backend.to_numpy(f.keys(x)), "float64")
+
+
+# ----------------------------------------------------------------- Taylor (Based) and Hedgehog
+from fastrpb import linear_attention
+
+
+def _hedgehog_projection(backend, rng, m=6, d=4):
+    wn = rng.standard_normal((m, d))
+    return backend.asarray(wn), wn
+
+
+def test_taylor_features_match_formula(backend, dtype, rng):
+    x, xn = _input(backend, rng, dtype)
+    t = fm.taylor()
+    for got in (t.queries(x), t.keys(x)):
+        assert got.dtype == x.dtype and got.shape[-1] == t.features(4) == 1 + 4 + 10
+        assert_close(backend, got, oracles.taylor(xn), dtype)
+    assert isinstance(fm.resolve("taylor"), fm.Taylor) and t.signature == "taylor"
+    assert [t.features(d) for d in (0, 1, 16)] == [1, 1 + 1 + 1, 1 + 16 + 136]
+    for d in (1, 2):  # no pairs i < j, one pair
+        y, yn = _input(backend, rng, dtype, shape=(3, d))
+        assert_close(backend, t.queries(y), oracles.taylor(yn), dtype)
+
+
+def test_taylor_kernel_is_second_order_exp(backend, rng):
+    # phi(q) . phi(k) = 1 + s + s^2 / 2 with s = q . k / sqrt(D): fla's and Based's scaling
+    qn, kn = rng.standard_normal((5, 6)), rng.standard_normal((7, 6))
+    t = fm.taylor()
+    K = backend.to_numpy(t.queries(backend.asarray(qn))) @ backend.to_numpy(t.keys(backend.asarray(kn))).T
+    s = qn @ kn.T / np.sqrt(6)
+    np.testing.assert_allclose(K, 1 + s + s**2 / 2, rtol=1e-12, atol=1e-12)
+    assert K.min() >= 0.5 - 1e-12
+
+
+def test_hedgehog_features_match_formula(backend, dtype, rng):
+    x, xn = _input(backend, rng, dtype)
+    w, wn = _hedgehog_projection(backend, rng)
+    h = fm.hedgehog(backend.xp.astype(w, x.dtype))
+    wn = backend.to_numpy(backend.xp.astype(w, x.dtype)).astype(np.float64)
+    for got in (h.queries(x), h.keys(x)):
+        assert got.dtype == x.dtype and got.shape[-1] == h.features(4) == 12
+        assert_close(backend, got, oracles.hedgehog(xn, wn), dtype)
+        halves = backend.to_numpy(got).reshape(*got.shape[:-1], 2, 6).sum(-1)
+        np.testing.assert_allclose(halves, 1.0, rtol=2e-2 if dtype in ("float16", "bfloat16") else 1e-5)
+    assert h.signature == "hedgehog(m=6, d=4)"
+    # stable for large logits: the softmaxes never overflow
+    big = backend.asarray(np.full((3, 4), 1e4) * rng.standard_normal((3, 4)), "float32")
+    assert np.all(np.isfinite(backend.to_numpy(fm.hedgehog(backend.asarray(wn, "float32")).queries(big))))
+
+
+def test_taylor_and_hedgehog_errors(backend, rng):
+    w, _ = _hedgehog_projection(backend, rng)
+    with pytest.raises(ValueError, match=r"x has width D = 3 but the hedgehog projection has shape \(m, d\) = \(6, 4\)"):
+        fm.hedgehog(w).queries(backend.asarray(np.zeros((2, 3))))
+    with pytest.raises(ValueError, match=r"q has width D = 3 but the hedgehog projection"):
+        x = backend.asarray(np.zeros((2, 3)))
+        linear_attention(x, x, x, feature_map=fm.hedgehog(w))
+    with pytest.raises(ValueError, match="projection must have shape"):
+        fm.hedgehog(backend.asarray(np.zeros(3)))
+    with pytest.raises(TypeError, match="projection must have a real floating dtype"):
+        fm.hedgehog(backend.asarray(np.zeros((2, 2), dtype=np.int32), None))
+    with pytest.raises(TypeError, match="x must have a real floating dtype"):
+        fm.taylor().keys(backend.asarray(np.arange(3), None))
+    with pytest.raises(ValueError, match="d must be >= 0"):
+        fm.taylor().features(-1)
+
+
+def _attention_inputs(backend, rng, dtype, L=9, d=4):
+    arrays = [backend.asarray(rng.standard_normal((2, L, d)) * 0.8, dtype) for _ in range(2)]
+    arrays.append(backend.asarray(rng.standard_normal((2, L, 3)), dtype))
+    return arrays, [backend.to_numpy(a).astype(np.float64) for a in arrays]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", ["taylor", "taylor_name", "hedgehog"])
+def test_taylor_hedgehog_attention_match_dense_oracle(backend, dtype, rng, name, causal):
+    (q, k, v), (qn, kn, vn) = _attention_inputs(backend, rng, dtype)
+    if name == "hedgehog":
+        w, wn = _hedgehog_projection(backend, rng)
+        fmap, phi = fm.hedgehog(w), lambda a: oracles.hedgehog(a, wn)
+    else:
+        fmap, phi = ("taylor" if name == "taylor_name" else fm.taylor()), oracles.taylor
+    out = linear_attention(q, k, v, feature_map=fmap, causal=causal, chunk_size=4)
+    assert out.dtype == q.dtype and out.shape == (2, 9, 3)
+    expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=causal, eps=1e-6)
+    assert_close(backend, out, expected, dtype)
+
+
+def test_taylor_hedgehog_under_jit(backend, rng):
+    if backend.jit is None:
+        pytest.skip(f"{backend.name} has no jit")
+    (q, k, v), (qn, kn, vn) = _attention_inputs(backend, rng, "float64")
+    w, wn = _hedgehog_projection(backend, rng)
+    f = backend.jit(lambda q, k, v, w: linear_attention(q, k, v, feature_map=fm.hedgehog(w), causal=True))
+    expected = oracles.kernel_attention(oracles.hedgehog(qn, wn), oracles.hedgehog(kn, wn), vn, causal=True, eps=1e-6)
+    assert_close(backend, f(q, k, v, w), expected, "float64")
+    g = backend.jit(lambda q, k, v: linear_attention(q, k, v, feature_map="taylor"))
+    expected = oracles.kernel_attention(oracles.taylor(qn), oracles.taylor(kn), vn, eps=1e-6)
+    assert_close(backend, g(q, k, v), expected, "float64")
+
+
+def _central_differences(f, x, h=1e-6):
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        g[idx] = (f(plus) - f(minus)) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_hedgehog_projection_gradients(backend, rng, causal):
+    (q, k, v), _ = _attention_inputs(backend, rng, "float64", L=6, d=3)
+    wn = rng.standard_normal((4, 3))
+
+    def loss(w):
+        out = linear_attention(q, k, v, feature_map=fm.hedgehog(w), causal=causal, chunk_size=4)
+        return backend.xp.sum(backend.xp.sin(out))
+
+    if backend.grad == "torch":
+        torch = backend.native
+        w = torch.tensor(wn, dtype=torch.float64, device=backend.device, requires_grad=True)
+        assert torch.autograd.gradcheck(loss, (w,))
+    elif backend.grad == "jax":
+        got = backend.native.grad(loss)(backend.asarray(wn))
+        numeric = _central_differences(lambda a: float(loss(backend.asarray(a))), wn)
+        np.testing.assert_allclose(backend.to_numpy(got), numeric, rtol=1e-6, atol=1e-7)
+    else:
+        pytest.skip(f"{backend.name} has no automatic differentiation")
+
+
+@pytest.mark.parametrize("name", ["taylor", "hedgehog"])
+def test_taylor_hedgehog_decoding_matches_causal_oracle(backend, rng, name):
+    from fastrpb import linear_attention_step
+
+    (q, k, v), (qn, kn, vn) = _attention_inputs(backend, rng, "float64", L=6)
+    if name == "hedgehog":
+        w, wn = _hedgehog_projection(backend, rng)
+        fmap, phi = fm.hedgehog(w), lambda a: oracles.hedgehog(a, wn)
+    else:
+        fmap, phi = "taylor", oracles.taylor
+    expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=True, eps=1e-6)
+    prompt, state = linear_attention(q[:, :4, :], k[:, :4, :], v[:, :4, :], feature_map=fmap, causal=True, return_state=True)
+    outs = [backend.to_numpy(prompt)]
+    for t in range(4, 6):
+        out_t, state = linear_attention_step(state, q[:, t, :], k[:, t, :], v[:, t, :], feature_map=fmap)
+        outs.append(backend.to_numpy(out_t)[:, None, :])
+    assert_close(backend, backend.asarray(np.concatenate(outs, axis=1)), expected, "float64")

@@ -41,6 +41,7 @@ __all__ = [
     "rfft",
     "irfft",
     "elu_plus_one",
+    "softmax",
     "multiply_into",
     "cumulative_sum",
     "cumulative_max",
@@ -267,6 +268,26 @@ def irfft(xp: Any, x: Any, *, n: int, axis: int = -1, consume: bool = False) -> 
     return fft_namespace(xp).irfft(x, n=n, axis=axis)
 
 
+def rfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...]) -> Any:
+    """N-d real FFT of sizes ``s`` over ``axes`` (zero-padded), in ``x``'s namespace.
+
+    Same native fast path as ``rfft``: NumPy arrays go to ``scipy.fft`` with all CPU
+    workers; every other library uses its array API FFT extension.
+    """
+    scipy_fft = _scipy_fft_for(xp, x)
+    if scipy_fft is not None:
+        return scipy_fft.rfftn(x, s=s, axes=axes, workers=-1)
+    return fft_namespace(xp).rfftn(x, s=s, axes=axes)
+
+
+def irfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...], consume: bool = False) -> Any:
+    """Inverse N-d real FFT of sizes ``s`` over ``axes``; ``consume`` as in ``irfft``."""
+    scipy_fft = _scipy_fft_for(xp, x)
+    if scipy_fft is not None:
+        return scipy_fft.irfftn(x, s=s, axes=axes, workers=-1, overwrite_x=consume)
+    return fft_namespace(xp).irfftn(x, s=s, axes=axes)
+
+
 def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False) -> Any:
     """``xp.cumulative_sum``, with a faster native path on JAX.
 
@@ -336,6 +357,13 @@ def elu_plus_one(xp: Any, x: Any) -> Any:
         return out
     zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
     return xp.exp(xp.minimum(x, zero)) + xp.maximum(x, zero)
+
+
+def softmax(xp: Any, x: Any, axis: int = -1) -> Any:
+    """``exp(x) / sum(exp(x))`` along ``axis``, stabilised by the maximum (the standard
+    has no softmax). Portable code; exact for any finite input (the largest term is 1)."""
+    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+    return e / xp.sum(e, axis=axis, keepdims=True)
 
 
 # --------------------------------------------------------------------------- shifting and padding

@@ -120,13 +120,11 @@ def _add_bias(
     if key_mask is not None:
         # a padding key must not leak into the output through the bias either
         v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
-    if rpb_tables is not None and causal:
-        raise ValueError("the N-d bias (rpb_tables/rpb_grid) is not causal; use rpb= for causal attention")
     try:
         if rpb is not None:
             term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip)
         else:
-            term = _bias.rpb_nd(v, rpb_tables, rpb_grid, skip=rpb_skip)
+            term = _bias.rpb_nd(v, rpb_tables, rpb_grid, causal=causal, skip=rpb_skip)
     except (TypeError, ValueError) as exc:
         # fastrpb.bias names its own arguments (w, tables, grid, skip); say where they came from
         given = "rpb" if rpb is not None else "rpb_tables/rpb_grid"
@@ -353,7 +351,7 @@ def linear_attention(
         Values, one row per key. All three real floating; leading dimensions broadcast. float16/bfloat16 are computed in
         float32 and returned in their dtype.
     feature_map : str, FeatureMap or callable
-        ``"elu"``, ``"relu"``, ``"sikf"``, ``"dpfp"``, a map from
+        ``"elu"``, ``"relu"``, ``"sikf"``, ``"dpfp"``, ``"taylor"``, a map from
         ``fastrpb.feature_maps`` (e.g. ``favor(projection)``) or a callable applied to
         both queries and keys.
     causal : bool
@@ -369,7 +367,8 @@ def linear_attention(
     rpb : array, shape (..., 2M - 1), optional
         FastRPB table: adds ``fastrpb.rpb(v, rpb, causal=causal, skip=rpb_skip)``.
     rpb_tables, rpb_grid : optional
-        N-d FastRPB instead (non-causal): adds ``fastrpb.rpb_nd(v, rpb_tables, rpb_grid, skip=rpb_skip)``.
+        N-d FastRPB instead: adds ``fastrpb.rpb_nd(v, rpb_tables, rpb_grid, causal=causal, skip=rpb_skip)``
+        (causal: raster order over the grid).
     rpb_skip : (int, int)
         Tokens at the start and end that neither give nor receive the bias.
     return_state : bool

@@ -24,10 +24,12 @@ from ._compat import (
     compute_dtype,
     device_of,
     irfft,
+    irfftn,
     multiply_into,
     namespace,
     next_fast_len,
     rfft,
+    rfftn,
 )
 from ._compat import pad_axis as _pad_rows
 from ._random import seeded_normal
@@ -227,17 +229,27 @@ def rpb_nd(
     tables: Sequence[Any | None],
     grid: Sequence[int],
     *,
+    causal: bool = False,
     skip: tuple[int, int] = (0, 0),
 ) -> Any:
     r"""Separable N-d relative positional bias for tokens on a row-major grid.
 
     $$
     B_{p, p'} = \sum_a w_a(p_a - p'_a)
+    \qquad \big(\text{causal: } 0 \text{ unless } p' \preceq p \text{ in raster order}\big)
     $$
 
     For each axis ``a`` with a table, ``v`` is summed over the other grid axes, the
     1-d Toeplitz product is applied along axis ``a`` by FFT, and the result is
     broadcast back and added: O(L log L) time, never an ``L x L`` matrix.
+
+    ``causal=True`` keeps only the tokens ``p'`` that come no later than ``p`` in
+    row-major (raster) order. Whether ``p'`` comes first depends only on the offset
+    ``t = p - p'`` (its first non-zero component is positive, or ``t = 0``), so the
+    causal bias is one N-d convolution of ``v`` with the masked kernel
+    ``K(t) = sum_a w_a(t_a)`` on the offset lattice; it is computed by one N-d real
+    FFT of 5-smooth sizes ``>= 2 G_a - 1``: O(L log L) time, about ``2^k L`` numbers
+    of extra memory per feature column for ``k`` grid axes.
 
     Parameters
     ----------
@@ -250,11 +262,26 @@ def rpb_nd(
         ``(G_1, ..., G_k)`` with ``prod(grid) == L - a - b``. The paper's 2-d image
         bias is ``grid=(H, W)``; with colour channels as tokens ``grid=(H, W, C)`` and
         ``tables=(w, w, None)``.
+    causal : bool
+        Raster order: ``p'`` contributes to ``p`` only if it comes no later
+        row-major (the lower triangle of ``B`` in token order).
     skip : (int, int)
         Tokens at the start and end (e.g. a class token) outside the grid; their
         output rows are zero.
+
+    Returns
+    -------
+    array, shape broadcast(v.shape[:-2], tables' leading dimensions) + (L, D)
+        In the promoted dtype of ``v`` and the tables, on their device.
+
+    References
+    ----------
+    Zubkov & Gavrilov (2022), "FastRPB: a Scalable Relative Positional Encoding for
+    Long Sequence Tasks", arXiv:2202.11364 (the 2-d bias; the causal raster form is
+    ours).
     """
     # -- validate, resolve the namespace once
+    causal = _validate.flag("causal", causal)
     if not isinstance(tables, (tuple, list)):
         raise TypeError(f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}")
     grid = _validate.grid(grid)
@@ -285,8 +312,11 @@ def rpb_nd(
     cube = xp.reshape(inner, (*inner.shape[:-2], *grid, D))
     k_axes = len(grid)
     total = xp.zeros((*lead, *grid, D), dtype=work, device=device_of(v))
+    if causal and present and math.prod(total.shape) > 0:
+        works = [None if t is None else xp.astype(t, work, copy=False) for t in tables]
+        total = _raster_causal(xp, cube, works, grid)  # already (*lead, *grid, D)
     for axis, table in enumerate(tables):
-        if table is None or math.prod(total.shape) == 0:  # nothing to transform (as in rpb)
+        if table is None or causal or math.prod(total.shape) == 0:  # nothing to transform (as in rpb)
             continue
         # grid axis `axis` sits at position -(k_axes + 1) + axis of `cube`
         others = tuple(-(k_axes + 1) + o for o in range(k_axes) if o != axis)
@@ -298,6 +328,79 @@ def rpb_nd(
     out = xp.reshape(total, (*lead, L, D))
     out = _pad_rows(xp, out, a, b)
     return xp.astype(out, result, copy=False)
+
+
+def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int, ...]) -> Any:
+    """Causal (raster order) N-d bias of ``cube: (..., G_1, ..., G_k, D)`` by one N-d FFT.
+
+    ``out[p] = sum_{p'} K(p - p') cube[p']`` with ``K(t) = sum_a w_a(t_a)`` where ``t``
+    is raster-non-negative (its first non-zero component positive, or ``t = 0``) and
+    0 elsewhere. Offsets are laid out circularly on each axis as in ``_toeplitz``
+    (``t_a >= 0`` at index ``t_a``, ``t_a < 0`` at ``n_a + t_a``); with
+    ``n_a >= 2 G_a - 1`` nothing wraps around, so the first ``G_a`` outputs along
+    every axis are the linear convolution. Tables are in the compute dtype with
+    ``M_a >= G_a``. The grid axes go last (``(..., D, G_1, ..., G_k)``) so the FFTs
+    run over contiguous axes.
+    """
+    k = len(grid)
+    n = tuple(next_fast_len(2 * g - 1) for g in grid)
+    dev = device_of(cube)
+    kernel: Any = None  # rpb_nd calls this only with at least one table
+    mask: Any = None  # raster-non-negative offsets, built from the last axis forwards
+    for axis in reversed(range(k)):
+        shape = [1] * k
+        shape[axis] = n[axis]
+        index = xp.reshape(xp.arange(n[axis], dtype=xp.int32, device=dev), tuple(shape))
+        positive = (index >= 1) & (index < grid[axis])  # offsets 1 .. G - 1 (the rest: < 0 or unused)
+        mask = (index >= 0) & (index < grid[axis]) if mask is None else positive | ((index == 0) & mask)
+        w = tables[axis]
+        if w is None:
+            continue
+        G, M = grid[axis], (w.shape[-1] + 1) // 2
+        parts = [w[..., M - 1 : M - 1 + G]]  # offsets 0 .. G - 1
+        if n[axis] > G:
+            parts.append(xp.zeros((*w.shape[:-1], n[axis] - (2 * G - 1)), dtype=w.dtype, device=dev))
+            parts.append(w[..., M - G : M - 1])  # offsets -(G - 1) .. -1
+        line = xp.reshape(xp.concat(parts, axis=-1), (*w.shape[:-1], *shape))
+        kernel = line if kernel is None else kernel + line
+    kernel = xp.where(mask, kernel, xp.zeros((), dtype=kernel.dtype, device=dev))
+    axes = tuple(range(-k, 0))
+    kernel_f = rfftn(xp, kernel, s=n, axes=axes)
+    kernel_f = xp.reshape(kernel_f, (*kernel_f.shape[:-k], 1, *kernel_f.shape[-k:]))  # a D axis
+    nlead = cube.ndim - k - 1
+    columns = xp.permute_dims(cube, (*range(nlead), cube.ndim - 1, *range(nlead, nlead + k)))
+    crop = (..., *(slice(0, g) for g in grid))
+
+    def convolve(block: Any, k_f: Any) -> Any:
+        spectrum = multiply_into(xp, rfftn(xp, block, s=n, axes=axes), k_f)
+        return irfftn(xp, spectrum, s=n, axes=axes, consume=True)[crop]
+
+    # The padded spectrum of one (leading index, feature) column is about 2^k times
+    # the column: long inputs go in blocks of columns of at most _BLOCK_BYTES of
+    # spectrum (as in ``_toeplitz``), so the work space stays bounded.
+    D = cube.shape[-1]
+    spec = tuple(kernel_f.shape[-k:])
+    per_col = math.prod(spec) * 2 * _itemsize(xp, cube.dtype)
+    lead = _broadcast_lead(columns.shape[:nlead], kernel_f.shape[: -k - 1])
+    G = math.prod(lead)
+    if G * D * per_col <= _BLOCK_BYTES:
+        out = convolve(columns, kernel_f)
+    else:
+        cols = max(1, min(D, _BLOCK_BYTES // per_col))
+        heads = max(1, _BLOCK_BYTES // (per_col * cols))
+        columns = xp.reshape(xp.broadcast_to(columns, (*lead, D, *grid)), (G, D, *grid))
+        kernel_f = xp.reshape(xp.broadcast_to(kernel_f, (*lead, 1, *spec)), (G, 1, *spec))
+        rows = []
+        for g in range(0, G, heads):
+            g_end = min(g + heads, G)
+            # a copy of each cropped block, so its padded output is freed at once
+            parts = [
+                xp.asarray(convolve(columns[g:g_end, d : min(d + cols, D), ...], kernel_f[g:g_end, ...]), copy=True)
+                for d in range(0, D, cols)
+            ]
+            rows.append(parts[0] if len(parts) == 1 else xp.concat(parts, axis=1))
+        out = xp.reshape(rows[0] if len(rows) == 1 else xp.concat(rows, axis=0), (*lead, D, *grid))
+    return xp.permute_dims(out, (*range(out.ndim - k - 1), *range(out.ndim - k, out.ndim), out.ndim - k - 1))
 
 
 def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Any, scale: float = 1e-2) -> Any:
