@@ -37,6 +37,8 @@ __all__ = [
     "skip_fits",
     "attention_inputs",
     "key_mask",
+    "causal_lengths",
+    "logits_bias",
     "bias_arguments",
     "int_arg",
     "skip_arg",
@@ -253,6 +255,23 @@ def key_mask(xp: Any, mask: Any, Lk: int, lead: tuple) -> tuple:
             f"key_mask must have shape (..., Lk) with Lk = {Lk} (the number of keys), got shape {tuple(mask.shape)}"
         )
     return broadcast({"key_mask": mask.shape[:-1], "q, k, v": lead})
+
+
+def causal_lengths(causal: bool, Lq: int, Lk: int) -> None:
+    """Causal attention needs as many queries as keys."""
+    if causal and Lq != Lk:
+        raise ValueError(f"causal=True needs as many queries as keys, got q with Lq = {Lq} and k with Lk = {Lk}")
+
+
+def logits_bias(xp: Any, bias: Any, Lq: int, Lk: int, lead: tuple) -> None:
+    """An additive logits bias: real floating, broadcasting to ``(..., Lq, Lk)``."""
+    if bias is None:
+        return
+    floating(xp, "logits_bias", bias)
+    shape = tuple(bias.shape)
+    if len(shape) < 1 or shape[-1] not in (1, Lk) or (len(shape) >= 2 and shape[-2] not in (1, Lq)):
+        raise ValueError(f"logits_bias must broadcast to (..., Lq, Lk) = (..., {Lq}, {Lk}), got shape {shape}")
+    broadcast({"logits_bias": shape[:-2], "q, k, v": lead})
 
 
 def bias_arguments(rpb: Any, rpb_tables: Any, rpb_grid: Any, rpb_skip: Any) -> dict[str, Any]:

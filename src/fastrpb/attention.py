@@ -81,21 +81,6 @@ class LinearAttentionState(NamedTuple):
 
 
 # --------------------------------------------------------------------------- checks
-def _causal_lengths(causal: bool, Lq: int, Lk: int) -> None:
-    if causal and Lq != Lk:
-        raise ValueError(f"causal=True needs as many queries as keys, got q with Lq = {Lq} and k with Lk = {Lk}")
-
-
-def _check_logits_bias(xp: Any, logits_bias: Any, Lq: int, Lk: int, lead: tuple) -> None:
-    if logits_bias is None:
-        return
-    _validate.floating(xp, "logits_bias", logits_bias)
-    shape = tuple(logits_bias.shape)
-    if len(shape) < 1 or shape[-1] not in (1, Lk) or (len(shape) >= 2 and shape[-2] not in (1, Lq)):
-        raise ValueError(f"logits_bias must broadcast to (..., Lq, Lk) = (..., {Lq}, {Lk}), got shape {shape}")
-    _validate.broadcast({"logits_bias": shape[:-2], "q, k, v": lead})
-
-
 def _add_bias(
     xp: Any,
     out: Any,
@@ -137,10 +122,6 @@ def _as(xp: Any, x: Any, dtype: Any) -> Any:
     """``astype(x, dtype, copy=False)``, skipping the call (microseconds of wrapper per
     array, several per decoding step) when ``x`` already has ``dtype``."""
     return x if x.dtype == dtype else xp.astype(x, dtype, copy=False)
-
-
-def _full(xp: Any, like: Any, shape: tuple, value: float) -> Any:
-    return xp.full(shape, value, dtype=like.dtype, device=device_of(like))
 
 
 def _neg_inf(xp: Any, like: Any) -> Any:
@@ -400,7 +381,7 @@ def linear_attention(
     out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     fmap._check_width(q.shape[-1], "q")
     Lq, Lk = q.shape[-2], k.shape[-2]
-    _causal_lengths(causal, Lq, Lk)
+    _validate.causal_lengths(causal, Lq, Lk)
     if return_state and not causal:
         raise ValueError("return_state=True needs causal=True: a decoding state continues a causal sequence")
     # -- compute
@@ -629,8 +610,8 @@ def softmax_attention(
     lead = _validate.attention_inputs(xp, q, k, v)
     _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     Lq, Lk = q.shape[-2], k.shape[-2]
-    _causal_lengths(causal, Lq, Lk)
-    _check_logits_bias(xp, logits_bias, Lq, Lk, lead)
+    _validate.causal_lengths(causal, Lq, Lk)
+    _validate.logits_bias(xp, logits_bias, Lq, Lk, lead)
     # -- compute
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
