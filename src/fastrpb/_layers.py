@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from ._compat import device_of, grid_arg, int_arg, namespace, skip_arg
 from .attention import linear_attention, linear_attention_step
@@ -241,7 +241,7 @@ class AttentionLayer:
         self._map = None if arrays else fmap
         self._map_class = type(fmap)
         self._map_fields = {
-            f.name: getattr(fmap, f.name) for f in dataclasses.fields(fmap) if f.init and f.name not in arrays
+            f.name: getattr(fmap, f.name) for f in dataclasses.fields(cast(Any, fmap)) if f.init and f.name not in arrays
         } if arrays else {}
         self._map_arrays = tuple(arrays)
         return arrays

@@ -166,7 +166,7 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         return self._bias_of(v)
 
 
-def _own_map_arrays(layer: nn.Module, feature_map: Any, device: Any, dtype: Any) -> None:
+def _own_map_arrays(layer: AttentionLayer, feature_map: Any, device: Any, dtype: Any) -> None:
     """The arrays of the feature map (favor's / rff's projection) become buffers:
     saved in the ``state_dict``, loaded, moved and cast with the module (a copy: the
     caller's array is never written to)."""
@@ -175,6 +175,7 @@ def _own_map_arrays(layer: nn.Module, feature_map: Any, device: Any, dtype: Any)
             raise TypeError(
                 f"the {name} of feature_map must be a torch.Tensor for a PyTorch layer, got {type(array).__name__}"
             )
+        assert isinstance(layer, nn.Module)
         layer.register_buffer(f"feature_map_{name}", array.detach().to(device=device, dtype=dtype).clone())
 
 
@@ -424,6 +425,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
     # run softmax attention on these weights, in eval mode without gradients): that
     # path is taken only when this flag is True.
     _qkv_same_embed_dim = False
+    out_proj: nn.Linear
 
     def __init__(
         self,
