@@ -607,3 +607,229 @@ def test_docstring_examples(framework):
         _doctest("fastrpb.torch", torch=torch)
     else:
         _doctest("fastrpb.flax")
+
+
+# --------------------------------------------------------------------------- drop-in (PyTorch)
+def _lma(tb: Backend, E: int = 12, H: int = 3, **kw: Any) -> Any:
+    import torch
+
+    import fastrpb.torch as frt
+
+    torch.manual_seed(0)
+    layer = frt.LinearMultiheadAttention(E, H, device=tb.device, dtype=torch.float64, **kw)
+    with torch.no_grad():  # torch's initialisation zeroes the biases: give them values to test
+        if layer.in_proj_bias is not None:
+            layer.in_proj_bias.normal_()
+            layer.out_proj.bias.normal_()
+    return layer
+
+
+def _lma_oracle(tb: Backend, layer: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray, **kw: Any) -> np.ndarray:
+    """Batch-first (N, L, E) NumPy in and out."""
+    fw = Framework("torch", tb)
+    E = layer.embed_dim
+    b = fw.numpy(layer.in_proj_bias) if layer.in_proj_bias is not None else np.zeros(3 * E)
+    bo = fw.numpy(layer.out_proj.bias) if layer.out_proj.bias is not None else np.zeros(E)
+    projections = [
+        (fw.numpy(layer.q_proj_weight).T, b[:E]),
+        (fw.numpy(layer.k_proj_weight).T, b[E : 2 * E]),
+        (fw.numpy(layer.v_proj_weight).T, b[2 * E :]),
+        (fw.numpy(layer.out_proj.weight).T, bo),
+    ]
+    if layer.rpb is not None:
+        w = fw.raw_tables(layer.rpb)[0]
+        kw["bias"] = lambda vals: bias_oracle(w, vals, causal=layer.rpb.causal)
+    return multihead_oracle(projections, layer.num_heads, q, k, v, eps=layer.eps, **kw)
+
+
+def _causal_masks(tb: Backend, L: int) -> dict[str, Any]:
+    import torch
+
+    above = np.triu(np.ones((L, L), dtype=bool), 1)
+    return {
+        "is_causal": dict(is_causal=True),
+        "bool-mask": dict(attn_mask=torch.as_tensor(above, device=tb.device)),
+        "float-mask": dict(attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(L, device=tb.device)),
+        "hint-and-mask": dict(is_causal=True, attn_mask=torch.as_tensor(above, device=tb.device)),
+    }
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+@pytest.mark.parametrize("padding", [None, "bool", "float"])
+def test_lma_matches_dense_oracle(tb, rng, batch_first, padding):
+    import torch
+
+    layer = _lma(tb, batch_first=batch_first, rpb=16)
+    qn = rng.standard_normal((2, 9, 12))
+    keep = _padding(2, 9)
+    kpm = None
+    if padding == "bool":
+        kpm = torch.as_tensor(~keep, device=tb.device)  # torch's polarity: True = pad
+    elif padding == "float":
+        kpm = torch.as_tensor(np.where(keep, 0.0, -np.inf), device=tb.device)
+    x = tb.asarray(qn if batch_first else np.swapaxes(qn, 0, 1))
+    out, weights = layer(x, x, x, key_padding_mask=kpm)
+    assert weights is None  # need_weights=True (the default): never formed, documented
+    expected = _lma_oracle(tb, layer, qn, qn, qn, keep=None if padding is None else keep)
+    assert_close(tb, out, expected if batch_first else np.swapaxes(expected, 0, 1), "float64")
+
+
+@pytest.mark.parametrize("how", ["is_causal", "bool-mask", "float-mask", "hint-and-mask"])
+def test_lma_causal_calls(tb, rng, how):
+    layer = _lma(tb, batch_first=True, rpb=16, causal=False, feature_map="elu")
+    layer.rpb = _lma(tb, batch_first=True, rpb=16, causal=True).rpb  # a causal bias on a non-causal layer
+    qn = rng.standard_normal((2, 9, 12))
+    x = tb.asarray(qn)
+    out, _ = layer(x, x, x, need_weights=False, **_causal_masks(tb, 9)[how])
+    assert_close(tb, out, _lma_oracle(tb, layer, qn, qn, qn, causal=True, feature="elu"), "float64")
+
+
+def test_lma_cross_attention_kdim_vdim_unbatched(tb, rng):
+    layer = _lma(tb, kdim=5, vdim=7, dropout=0.5)
+    layer.eval()  # dropout off
+    qn, kn, vn = rng.standard_normal((2, 4, 12)), rng.standard_normal((2, 6, 5)), rng.standard_normal((2, 6, 7))
+    out, _ = layer(*(tb.asarray(np.swapaxes(a, 0, 1)) for a in (qn, kn, vn)))
+    assert_close(tb, out, np.swapaxes(_lma_oracle(tb, layer, qn, kn, vn), 0, 1), "float64")
+    # unbatched (L, E), as torch accepts
+    out, _ = layer(tb.asarray(qn[0]), tb.asarray(kn[0]), tb.asarray(vn[0]))
+    assert_close(tb, out, _lma_oracle(tb, layer, qn[:1], kn[:1], vn[:1])[0], "float64")
+
+
+def test_lma_dropout_acts_in_training(tb, rng):
+    import torch
+
+    layer = _lma(tb, dropout=0.5)
+    x = tb.asarray(rng.standard_normal((5, 2, 12)))
+    torch.manual_seed(1)
+    a, _ = layer(x, x, x)
+    torch.manual_seed(2)
+    b, _ = layer(x, x, x)
+    assert not torch.allclose(a, b)
+    layer.eval()
+    assert torch.equal(layer(x, x, x)[0], layer(x, x, x)[0])
+
+
+def test_lma_loads_a_torch_multihead_attention_state(tb, rng):
+    import torch
+
+    torch.manual_seed(3)
+    mha = torch.nn.MultiheadAttention(12, 3, batch_first=True, device=tb.device, dtype=torch.float64)
+    layer = _lma(tb, batch_first=True)
+    layer.load_state_dict(mha.state_dict())  # the packed in_proj_weight is split
+    E = 12
+    w = mha.in_proj_weight.detach()
+    assert torch.equal(layer.q_proj_weight, w[:E]) and torch.equal(layer.v_proj_weight, w[2 * E :])
+    qn = rng.standard_normal((2, 6, 12))
+    x = tb.asarray(qn)
+    assert_close(tb, layer(x, x, x)[0], _lma_oracle(tb, layer, qn, qn, qn), "float64")
+
+
+def _encoder(tb: Backend, lma: Any) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoderLayer(12, 4, dim_feedforward=24, dropout=0.0, batch_first=True, device=tb.device, dtype=torch.float64)
+    enc.self_attn = lma
+    return enc
+
+
+def test_lma_in_transformer_encoder_layer(tb, rng):
+    import torch
+
+    import fastrpb.torch as frt
+
+    lma = frt.LinearMultiheadAttention(12, 4, batch_first=True, rpb=16, device=tb.device, dtype=torch.float64)
+    enc = _encoder(tb, lma)
+    x = tb.asarray(rng.standard_normal((2, 10, 12)))
+    pad = torch.zeros((2, 10), dtype=torch.bool, device=tb.device)
+    pad[0, -2:] = True
+    train_out = enc(x, src_key_padding_mask=pad)
+    enc.eval()
+    with torch.no_grad():  # torch's fused native fast path (softmax) must not be taken
+        eval_out = enc(x, src_key_padding_mask=pad)
+    assert_close(tb, eval_out, tb.to_numpy(train_out), "float64")
+    enc.train()
+    target = tb.asarray(rng.standard_normal((2, 10, 12)))
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = ((enc(x, src_key_padding_mask=pad) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert lma.rpb.table.grad is not None and float(lma.rpb.table.grad.abs().sum()) > 0
+
+
+def test_lma_in_transformer_decoder_layer(tb, rng):
+    import torch
+
+    import fastrpb.torch as frt
+
+    torch.manual_seed(0)
+    kw = dict(device=tb.device, dtype=torch.float64)
+    dec = torch.nn.TransformerDecoderLayer(12, 4, dim_feedforward=24, dropout=0.0, **kw)  # sequence-first
+    dec.self_attn = frt.LinearMultiheadAttention(12, 4, rpb=16, causal=True, **kw)
+    dec.multihead_attn = frt.LinearMultiheadAttention(12, 4, **kw)
+    tgt = tb.asarray(rng.standard_normal((7, 2, 12)))  # (T, N, E)
+    memory = tb.asarray(rng.standard_normal((11, 2, 12)))  # (S, N, E): cross-attention, S != T
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(7, device=tb.device, dtype=torch.float64)
+    target = tb.asarray(rng.standard_normal((7, 2, 12)))
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = ((dec(tgt, memory, tgt_mask=mask) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    # causal: an output never depends on later target tokens
+    later = tgt.clone()
+    later[5:] = 100.0
+    with torch.no_grad():
+        assert_close(tb, dec(later, memory, tgt_mask=mask)[:5], tb.to_numpy(dec(tgt, memory, tgt_mask=mask)[:5]), "float64")
+
+
+LMA_ERRORS = {
+    "add_bias_kv": (dict(add_bias_kv=True), None, ValueError, "add_bias_kv"),
+    "add_zero_attn": (dict(add_zero_attn=True), None, ValueError, "add_zero_attn"),
+    "indivisible": (dict(E=10), None, ValueError, "divisible"),
+    "dropout": (dict(dropout=1.5), None, ValueError, "dropout"),
+    "mask-not-causal": (dict(), dict(attn_mask=lambda t: t.ones((5, 5), dtype=t.bool).tril()), ValueError, "causal mask"),
+    "mask-additive": (dict(), dict(attn_mask=lambda t: t.zeros((5, 5), dtype=t.float64) + 0.5), ValueError, "causal mask"),
+    "mask-3d": (dict(), dict(attn_mask=lambda t: t.zeros((6, 5, 5), dtype=t.bool)), ValueError, "2-d"),
+    "mask-int": (dict(), dict(attn_mask=lambda t: t.zeros((5, 5), dtype=t.int64)), TypeError, "bool or floating"),
+    "padding-shape": (dict(), dict(key_padding_mask=lambda t: t.zeros((2, 4), dtype=t.bool)), ValueError, "key_padding_mask"),
+    "padding-additive": (dict(), dict(key_padding_mask=lambda t: t.full((2, 5), 0.5, dtype=t.float64)), ValueError, "-inf"),
+    "causal-call-noncausal-bias": (dict(rpb=8), dict(is_causal=True), ValueError, "build the layer with causal=True"),
+    "nested": (dict(), "nested", TypeError, "packed sequences"),
+    "rank": (dict(), "rank", ValueError, "batched 3-d"),
+}
+
+
+@pytest.mark.parametrize("case", list(LMA_ERRORS))
+def test_lma_errors(tb, case):
+    import torch
+
+    build, call, error, phrase = LMA_ERRORS[case]
+    with pytest.raises(error, match=phrase):
+        layer = _lma(tb, **build)
+        x = torch.zeros((5, 2, 12), dtype=torch.float64, device=tb.device)
+        if call == "nested":
+            nt = torch.nested.nested_tensor([torch.zeros(3, 12), torch.zeros(5, 12)], layout=torch.jagged, dtype=torch.float64, device=tb.device)
+            layer(nt, nt, nt)
+        elif call == "rank":
+            layer(x[None], x, x)
+        elif call is not None:
+            layer(x, x, x, **{k: v(torch) if callable(v) else v for k, v in call.items()})
+
+
+def test_lma_cross_attention_with_bias_needs_equal_lengths(tb):
+    import torch
+
+    layer = _lma(tb, rpb=8)
+    q, kv = (torch.zeros((n, 2, 12), dtype=torch.float64, device=tb.device) for n in (3, 5))
+    with pytest.raises(ValueError, match="Lq = 3 and Lk = 5"):
+        layer(q, kv, kv)
