@@ -833,3 +833,84 @@ def test_lma_cross_attention_with_bias_needs_equal_lengths(tb):
     q, kv = (torch.zeros((n, 2, 12), dtype=torch.float64, device=tb.device) for n in (3, 5))
     with pytest.raises(ValueError, match="Lq = 3 and Lk = 5"):
         layer(q, kv, kv)
+
+
+# --------------------------------------------------------------------------- FSDP2 (PyTorch)
+FSDP2_SCRIPT = r'''
+import os, sys, socket
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+STEPS = 3
+
+
+def build():
+    import fastrpb.torch as frt
+    torch.manual_seed(0)
+    return frt.MultiheadLinearAttention(8, 2, rpb=12, causal=True, dtype=torch.float64)
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 10, 8, generator=g, dtype=torch.float64), torch.randn(4, 10, 8, generator=g, dtype=torch.float64)
+
+
+def train(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
+def worker(rank, world, port, out):
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = build()
+    fully_shard(model.rpb)
+    fully_shard(model)
+    x, y = data()
+    n = x.shape[0] // world
+    train(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(full, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, out), nprocs=2, join=True)
+    ref = build()
+    train(ref, *data())
+    got = torch.load(out)
+    for k, v in ref.state_dict().items():
+        err = (got[k] - v).abs().max().item()
+        assert err < 1e-10, (k, err)
+    print("ok", sorted(got))
+'''
+
+
+@pytest.mark.slow
+def test_fsdp2_per_submodule_training_equals_one_process(tb, tmp_path):
+    """``fully_shard(model.rpb); fully_shard(model)`` on 2 gloo processes (127.0.0.1),
+    3 SGD steps on half a batch each: the parameters equal one process on the whole
+    batch. Works because the attention layer calls its bias module (FSDP2 gathers the
+    table in that call) instead of reading the table itself."""
+    if tb.name != "torch":
+        pytest.skip("gloo on CPU, once")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out.pt")], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok" in done.stdout
