@@ -529,7 +529,7 @@ def test_flax_jit_gives_the_eager_numbers(rng):
     keep = _padding(2, 11)
     jitted = nnx.jit(lambda m, x, mask: m(x, mask))
     assert_close(fw.backend, jitted(layer, fw.array(xn), fw.mask(keep)), layer_oracle(fw, layer, xn, keep), "float64")
-    prefix, cache = layer(fw.array(xn[:, :4]), return_cache=True)
+    _, cache = layer(fw.array(xn[:, :4]), return_cache=True)
     y_t, cache = nnx.jit(lambda m, x_t, c: m.step(x_t, c))(layer, fw.array(xn[:, 4]), cache)
     assert_close(fw.backend, y_t, layer_oracle(fw, layer, xn[:, :5])[:, 4], "float64")
 
@@ -910,7 +910,7 @@ def test_fsdp2_per_submodule_training_equals_one_process(tb, tmp_path):
     script = tmp_path / "fsdp2.py"
     script.write_text(FSDP2_SCRIPT)
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "out.pt")], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), str(tmp_path / "out.pt")], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok" in done.stdout

@@ -18,7 +18,7 @@ from .attention import linear_attention, linear_attention_step
 from .bias import rpb, rpb_matrix, rpb_nd, symmetric_table
 from .feature_maps import FeatureMap, resolve
 
-__all__ = ["LayerCache", "BiasLayer", "BiasNdLayer", "AttentionLayer", "check_axes", "check_heads"]
+__all__ = ["AttentionLayer", "BiasLayer", "BiasNdLayer", "LayerCache", "check_axes", "check_heads"]
 
 
 class LayerCache(NamedTuple):

@@ -21,15 +21,21 @@ from typing import Any
 
 # Absolute imports only: this module is itself called ``flax`` inside the package.
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import fastrpb
 from fastrpb._compat import int_arg
-from fastrpb._layers import AttentionLayer, BiasLayer, BiasNdLayer, LayerCache, check_layer_rpb
+from fastrpb._layers import (
+    AttentionLayer,
+    BiasLayer,
+    BiasNdLayer,
+    LayerCache,
+    check_layer_rpb,
+)
 
-__all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache", "FeatureMapArray"]
+__all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "MultiheadLinearAttention"]
 
 
 class FeatureMapArray(nnx.Variable):

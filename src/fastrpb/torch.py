@@ -25,9 +25,15 @@ from torch import nn
 
 import fastrpb
 from fastrpb._compat import int_arg, namespace
-from fastrpb._layers import AttentionLayer, BiasLayer, BiasNdLayer, LayerCache, check_layer_rpb
+from fastrpb._layers import (
+    AttentionLayer,
+    BiasLayer,
+    BiasNdLayer,
+    LayerCache,
+    check_layer_rpb,
+)
 
-__all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LinearMultiheadAttention", "LayerCache"]
+__all__ = ["FastRPB", "FastRPBnd", "LayerCache", "LinearMultiheadAttention", "MultiheadLinearAttention"]
 
 
 def _seed(seed: int | None) -> int:
