@@ -16,6 +16,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,13 @@ def _array(variable: nnx.Variable) -> jax.Array:
     return jnp.asarray(variable[...])
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
+    # Compiled as one unit, eagerly or inlined in an outer nnx.jit: bitwise the same
+    # table both ways (unjitted, XLA fuses the product differently: 1-ulp differences).
+    return scale * jax.random.normal(key, shape, dtype=jnp.float32)
+
+
 def _init_table(
     heads: int | None, max_len: int, symmetric: bool, *, seed: int | None, rngs: nnx.Rngs | None, offset: int,
     param_dtype: Any, scale: float,
@@ -71,7 +79,7 @@ def _init_table(
     elif rngs is None:
         raise TypeError("pass rngs=nnx.Rngs(...) (or an explicit seed=) to initialise the bias table")
     else:
-        table = (scale * jax.random.normal(rngs.params(), shape, dtype=jnp.float32)).astype(param_dtype)
+        table = _normal(rngs.params(), shape, scale).astype(param_dtype)
     # A symmetric table stores offsets 0 .. M-1 only: the non-negative half of the draw.
     return table[..., max_len - 1 :] if symmetric else table
 
