@@ -760,6 +760,13 @@ def test_lma_in_transformer_encoder_layer(tb, rng):
         losses.append(float(loss))
     assert losses[-1] < losses[0]
     assert lma.rpb.table.grad is not None and float(lma.rpb.table.grad.abs().sum()) > 0
+    # a stack built around the layer: torch's nested-tensor conversion stays off, and
+    # eval without gradients gives the training-mode numbers
+    stack = torch.nn.TransformerEncoder(enc, 2, enable_nested_tensor=False)
+    train_out = stack(x, src_key_padding_mask=pad)
+    stack.eval()
+    with torch.no_grad():
+        assert_close(tb, stack(x, src_key_padding_mask=pad), tb.to_numpy(train_out), "float64")
 
 
 def test_lma_in_transformer_decoder_layer(tb, rng):

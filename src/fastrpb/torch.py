@@ -549,7 +549,9 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
                 raise TypeError(
                     f"{name} is a nested (jagged) tensor, which LinearMultiheadAttention does not take: "
                     "pad the batch and pass key_padding_mask, or use packed sequences (cu_seqlens, coming "
-                    "to fastrpb's attention functions and layers)"
+                    "to fastrpb's attention functions and layers). nn.TransformerEncoder makes nested "
+                    "tensors in eval mode when it was built around an nn.MultiheadAttention: build it with "
+                    "enable_nested_tensor=False, or from a layer whose self_attn is already this one"
                 )
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
