@@ -57,10 +57,6 @@ class Framework:
 
         return importlib.import_module(f"fastrpb.{self.name}")
 
-    @property
-    def on_default_device(self) -> bool:
-        return self.backend.name in ("torch", "jax")
-
     # ---- building
     def _kw(self) -> dict[str, Any]:
         if self.name == "torch":
@@ -189,6 +185,18 @@ def framework(request: pytest.FixtureRequest) -> Framework:
 def tb(request: pytest.FixtureRequest) -> Backend:
     """A PyTorch backend (CPU, or CUDA where there is a GPU), for the PyTorch-only tests."""
     return _backend(request.param)
+
+
+@pytest.fixture
+def torch_cpu() -> Backend:
+    """The PyTorch CPU backend, for what runs once (compilation, gloo processes)."""
+    return _backend("torch")
+
+
+@pytest.fixture(params=["torch", "flax"])
+def framework_cpu(request: pytest.FixtureRequest) -> Framework:
+    """A framework on its CPU backend, for what runs once per framework (doctests)."""
+    return Framework(request.param, _backend("torch" if request.param == "torch" else "jax"))
 
 
 # --------------------------------------------------------------------------- oracles
@@ -499,11 +507,10 @@ def test_layer_errors(framework, case):
 
 
 # --------------------------------------------------------------------------- PyTorch only
-def test_torch_compile_runs(tb, rng):
+def test_torch_compile_runs(torch_cpu, rng):
     import torch
 
-    if tb.name != "torch":
-        pytest.skip("compiled once, on CPU")
+    tb = torch_cpu
     fw = Framework("torch", tb)
     layer = fw.mha(rpb=16, causal=True)
     xn = rng.standard_normal((2, 9, 12))
@@ -597,11 +604,9 @@ def _doctest(name: str, **extra: Any) -> None:
     assert result.attempted > 0 and result.failed == 0, (name, result)
 
 
-def test_docstring_examples(framework):
+def test_docstring_examples(framework_cpu):
     """The examples in the docstrings (shown in the API reference) run."""
-    if not framework.on_default_device:
-        pytest.skip("the docstring examples run on the default device, once")
-    if framework.name == "torch":
+    if framework_cpu.name == "torch":
         import torch
 
         _doctest("fastrpb.torch", torch=torch)
@@ -903,13 +908,11 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_fsdp2_per_submodule_training_equals_one_process(tb, tmp_path):
+def test_fsdp2_per_submodule_training_equals_one_process(torch_cpu, tmp_path):
     """``fully_shard(model.rpb); fully_shard(model)`` on 2 gloo processes (127.0.0.1),
     3 SGD steps on half a batch each: the parameters equal one process on the whole
     batch. Works because the attention layer calls its bias module (FSDP2 gathers the
     table in that call) instead of reading the table itself."""
-    if tb.name != "torch":
-        pytest.skip("gloo on CPU, once")
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
