@@ -1,9 +1,10 @@
 """fastrpb: linear attention and FFT relative positional bias for every array library.
 
 One implementation, written against the Python array API standard, that runs on
-NumPy, CuPy, PyTorch, JAX (and any compliant library) arrays. See ``DESIGN.md`` and
-Zubkov & Gavrilov, "FastRPB: a Scalable Relative Positional Encoding for Long
-Sequence Tasks" (arXiv:2202.11364).
+NumPy, CuPy, PyTorch, JAX (and any compliant library) arrays. The contract (public
+names, maths, shapes, errors) is the documentation page ``docs/design.md`` ("The
+contract"); the paper is Zubkov & Gavrilov, "FastRPB: a Scalable Relative Positional
+Encoding for Long Sequence Tasks" (arXiv:2202.11364).
 """
 
 from . import feature_maps

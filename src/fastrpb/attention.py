@@ -450,9 +450,11 @@ def linear_attention(
     Parameters
     ----------
     q : array, shape (..., Lq, Dk)
+        Queries, one row per query token.
     k : array, shape (..., Lk, Dk)
+        Keys, one row per key token, as wide as the queries.
     v : array, shape (..., Lk, Dv)
-        Real floating; leading dimensions broadcast. float16/bfloat16 are computed in
+        Values, one row per key. All three real floating; leading dimensions broadcast. float16/bfloat16 are computed in
         float32 and returned in their dtype.
     feature_map : str, FeatureMap or callable
         ``"elu"``, ``"relu"``, ``"sikf"``, ``"dpfp"``, a map from
@@ -567,9 +569,12 @@ def linear_attention_step(
     ----------
     state : LinearAttentionState or None
         The state after the previous tokens (made with the same feature map).
-    q_t, k_t : array, shape (..., Dk)
+    q_t : array, shape (..., Dk)
+        The new token's query.
+    k_t : array, shape (..., Dk)
+        The new token's key.
     v_t : array, shape (..., Dv)
-        The new token. Half precision is computed in float32; the state stays in the
+        The new token's value. Half precision is computed in float32; the state stays in the
         compute dtype.
     feature_map, eps
         As in ``linear_attention``.
@@ -689,7 +694,12 @@ def softmax_attention(
 
     Parameters
     ----------
-    q, k, v : arrays, shapes (..., Lq, Dk), (..., Lk, Dk), (..., Lk, Dv)
+    q : array, shape (..., Lq, Dk)
+        Queries. Real floating; leading dimensions broadcast.
+    k : array, shape (..., Lk, Dk)
+        Keys, as wide as the queries.
+    v : array, shape (..., Lk, Dv)
+        Values, one row per key.
     causal : bool
         Query ``i`` sees keys ``j <= i``; needs ``Lq == Lk``.
     key_mask : bool array, shape (..., Lk), optional

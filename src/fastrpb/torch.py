@@ -285,7 +285,8 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         Parameters
         ----------
         x : Tensor, shape (..., Lq, d_model)
-            The queries' input (and the keys' and values' for self-attention).
+            The token embeddings (batch first): the queries' input, and the keys' and
+            values' for self-attention.
         key_mask : bool Tensor, shape (..., Lk), optional
             ``True`` for real tokens, ``False`` for padding: the opposite polarity of
             ``torch.nn.MultiheadAttention``'s ``key_padding_mask`` (True = pad), and
