@@ -31,6 +31,9 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The framework layers load only on request: ``fastrpb.torch`` / ``fastrpb.flax``
     # (or ``import fastrpb.torch``); ``import fastrpb`` never imports a framework.
+    # ``fastrpb.torch.LinearMultiheadAttention`` is the drop-in for
+    # ``torch.nn.MultiheadAttention``; ``fastrpb.torch/flax.MultiheadLinearAttention``
+    # the layers of fastrpb's own conventions (key_mask True = keep).
     if name in ("torch", "flax"):
         import importlib
 
