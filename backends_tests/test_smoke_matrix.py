@@ -2,8 +2,10 @@
 
 import numpy as np
 
+from backends import assert_array
+
 
 def test_backend_round_trip(backend, dtype):
     x = backend.asarray(np.arange(6.0).reshape(2, 3), dtype)
-    assert x.dtype == backend.dtype(dtype)
+    assert_array(backend, x, dtype, shape=(2, 3))
     np.testing.assert_array_equal(backend.to_numpy(x), np.arange(6.0).reshape(2, 3))
