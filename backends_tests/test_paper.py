@@ -89,7 +89,7 @@ def test_quick_run_end_to_end(tmp_path: Path):
     p = {(r["task"], r["variant"]): r["n_params"] for r in res["runs"]}
     for t in res["tasks"]:
         assert p[(t, "elu")] == p[(t, "sikf")] == p[(t, "softmax")] < p[(t, "sikf+rpb")] == p[(t, "softmax+logits")]
-    assert res["versions"]["torch"] and res["machine"]["cpus"]
+    assert res["versions"]["torch"] and res["machine"]["logical_cpus"]
     table = (out / "results.md").read_text()
     assert "| model | test accuracy" in table and "linear, SIKF + FastRPB" in table
     assert (out / "curves.png").stat().st_size > 10_000
