@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends import assert_close
+from backends import assert_array, assert_close
 from fastrpb import feature_maps as fm
 from fastrpb import random_projection
 
@@ -26,15 +26,13 @@ def test_plain_maps_match_formula(backend, dtype, rng, name):
         "dpfp3": (fm.dpfp(3), lambda a: oracles.dpfp(a, 3)),
     }[name]
     for got in (fmap.queries(x), fmap.keys(x)):
-        assert got.dtype == x.dtype
         assert_close(backend, got, formula(xn), dtype)
         assert got.shape[-1] == fmap.features(4)
         assert np.all(backend.to_numpy(got) >= 0)
 
 
+@pytest.mark.needs_dtype("bfloat16")
 def test_elu_keeps_small_features_in_bfloat16(backend):
-    if "bfloat16" not in backend.dtypes:
-        pytest.skip(f"{backend.name} has no bfloat16")
     # elu(x) + 1 as (exp(x) - 1) + 1 rounds exp(-5) = 0.0067 to 0.0078 in bfloat16 (16 %)
     xn = -np.linspace(3.0, 8.0, 11)
     got = backend.to_numpy(fm.elu().queries(backend.asarray(xn, "bfloat16")))
@@ -73,7 +71,7 @@ def test_rff_features_match_formula(backend, dtype, rng):
     w = random_projection(8, 4, seed=1, like=backend.asarray(np.zeros(1), "float64"))
     f = fm.rff(w)
     got = f.queries(x)
-    assert got.dtype == x.dtype and got.shape[-1] == f.features(4) == 16
+    assert f.features(4) == 16
     assert_close(backend, got, oracles.rff(xn, backend.to_numpy(w)), dtype)
 
 
@@ -101,8 +99,7 @@ def test_random_projection_properties(backend, dtype):
     like = backend.asarray(np.zeros(2), dtype)
     d, m = 8, 20
     w = random_projection(m, d, seed=7, like=like)
-    assert w.shape == (m, d) and w.dtype == like.dtype
-    assert backend.namespace_of(w) is backend.namespace_of(like)
+    assert_array(backend, w, dtype, shape=(m, d))
     wn = backend.to_numpy(random_projection(m, d, seed=7, like=backend.asarray(np.zeros(2), "float64")))
     np.testing.assert_array_equal(wn, backend.to_numpy(random_projection(m, d, seed=7, like=backend.asarray(np.zeros(2), "float64"))))
     assert not np.allclose(wn, backend.to_numpy(random_projection(m, d, seed=8, like=backend.asarray(np.zeros(2), "float64"))))
@@ -117,46 +114,50 @@ def test_random_projection_properties(backend, dtype):
     assert not np.allclose(np.abs(iid[:d] @ iid[:d].T - np.diag(np.diag(iid[:d] @ iid[:d].T))), 0.0)
 
 
-def test_random_projection_errors(backend):
-    like = backend.asarray(np.zeros(2))
-    with pytest.raises(ValueError, match="m must be >= 1"):
-        random_projection(0, 4, seed=0, like=like)
-    with pytest.raises(TypeError, match="d must be an int"):
-        random_projection(4, 2.5, seed=0, like=like)
-    with pytest.raises(TypeError, match="seed must be an int"):
-        random_projection(4, 4, seed="a", like=like)
-    with pytest.raises(TypeError, match="like must be an array"):
-        random_projection(4, 4, seed=0, like=[1.0])
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        pytest.param(dict(m=0), ValueError, "m must be >= 1", id="m zero"),
+        pytest.param(dict(d=2.5), TypeError, "d must be an int", id="d float"),
+        pytest.param(dict(seed="a"), TypeError, "seed must be an int", id="seed str"),
+        pytest.param(dict(like=[1.0]), TypeError, "like must be an array", id="like list"),
+    ],
+)
+def test_random_projection_errors(backend, kwargs, exc, pattern):
+    args = {**dict(m=4, d=4, seed=0, like=backend.asarray(np.zeros(2))), **kwargs}
+    with pytest.raises(exc, match=pattern):
+        random_projection(args["m"], args["d"], seed=args["seed"], like=args["like"])
 
 
 def test_resolve_names_callables_and_errors(backend):
     assert isinstance(fm.resolve("elu"), fm.ELU) and isinstance(fm.resolve("sikf"), fm.SIKF)
     assert fm.resolve("dpfp").features(3) == 6 and fm.resolve("relu").features(5) == 5
-    with pytest.raises(ValueError, match=r"feature_map 'softmax' is not a known.*'elu', 'relu', 'sikf', 'dpfp'"):
-        fm.resolve("softmax")
-    with pytest.raises(TypeError, match="feature_map must be"):
-        fm.resolve(3)
-    with pytest.raises(ValueError, match="nu must be >= 1"):
-        fm.dpfp(0)
-    with pytest.raises(ValueError, match="projection must have shape"):
-        fm.favor(backend.asarray(np.zeros(3)))
-    xp = backend.xp
     square = fm.resolve(lambda x: x * x)
     x = backend.asarray(np.arange(6.0).reshape(2, 3))
-    np.testing.assert_array_equal(backend.to_numpy(square.keys(x)), np.arange(6.0).reshape(2, 3) ** 2)
-    bad = fm.resolve(lambda x: xp.sum(x, axis=-1))
-    with pytest.raises(ValueError, match="must return an array of shape"):
-        bad.queries(x)
-    with pytest.raises(TypeError, match="x must have a real floating dtype"):
-        fm.elu().queries(backend.asarray(np.arange(3), None))
-    w = random_projection(4, 3, seed=0, like=x)
-    with pytest.raises(ValueError, match=r"x has width D = 2 but the favor projection has shape \(m, d\) = \(4, 3\)"):
-        fm.favor(w).queries(backend.asarray(np.zeros((2, 2))))
+    assert_close(backend, square.keys(x), np.arange(6.0).reshape(2, 3) ** 2, "float64")
 
 
+# (id, call(backend), exception, message); the errors of test_resolve_names_callables_and_errors
+_MAP_ERRORS = [
+    ("unknown name", lambda b: fm.resolve("softmax"), ValueError, r"feature_map 'softmax' is not a known.*'elu', 'relu', 'sikf', 'dpfp'"),
+    ("not a map", lambda b: fm.resolve(3), TypeError, "feature_map must be"),
+    ("dpfp nu", lambda b: fm.dpfp(0), ValueError, "nu must be >= 1"),
+    ("favor 1-d", lambda b: fm.favor(b.asarray(np.zeros(3))), ValueError, "projection must have shape"),
+    ("callable shape", lambda b: fm.resolve(lambda x: b.xp.sum(x, axis=-1)).queries(b.asarray(np.zeros((2, 3)))), ValueError, "must return an array of shape"),
+    ("int input", lambda b: fm.elu().queries(b.asarray(np.arange(3), None)), TypeError, "x must have a real floating dtype"),
+    ("favor width", lambda b: fm.favor(random_projection(4, 3, seed=0, like=b.asarray(np.zeros(1)))).queries(b.asarray(np.zeros((2, 2)))),
+     ValueError, r"x has width D = 2 but the favor projection has shape \(m, d\) = \(4, 3\)"),
+]
+
+
+@pytest.mark.parametrize("call, exc, pattern", [pytest.param(c, e, p, id=i) for i, c, e, p in _MAP_ERRORS])
+def test_feature_map_errors(backend, call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(backend)
+
+
+@pytest.mark.jit
 def test_maps_under_jit(backend, rng):
-    if backend.jit is None:
-        pytest.skip(f"{backend.name} has no jit")
     x, xn = _input(backend, rng, "float64")
     for fmap, formula in ((fm.sikf(), lambda a: np.exp(a - a.max(-1, keepdims=True))), (fm.elu(), oracles.elu1)):
         assert_close(backend, backend.jit(fmap.queries)(x), formula(xn), "float64")
