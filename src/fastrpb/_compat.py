@@ -32,6 +32,7 @@ __all__ = [
     "skip_arg",
     "grid_arg",
     "register_pytree",
+    "is_traced",
 ]
 
 
@@ -374,6 +375,21 @@ def register_pytree(xp: Any, cls: type, static: tuple[str, ...]) -> None:
 
     jax.tree_util.register_pytree_node(cls, flatten, unflatten)
     _PYTREES.add(cls)
+
+
+def is_traced(xp: Any, *arrays: Any) -> bool:
+    """Whether any of ``arrays`` (``None`` ignored) is a JAX tracer (inside ``jit``, ``grad``, ``scan``...).
+
+    The standard cannot tell an abstract array from a concrete one, but streaming
+    FastRPB must: its online state changes shape as a sequence grows, which a traced
+    function (a ``lax.scan`` carry above all) cannot follow, so traced code takes the
+    fixed-shape layout instead (``_online``).
+    """
+    if not array_api_compat.is_jax_namespace(xp):
+        return False
+    import jax  # already imported: xp is jax.numpy
+
+    return any(isinstance(x, jax.core.Tracer) for x in arrays if x is not None)
 
 
 def int_arg(name: str, value: Any, *, minimum: int) -> int:
