@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 from ._compat import device_of, irfft, is_traced, multiply_into, register_pytree, rfft
 
-__all__ = ["RPBState", "WINDOW", "start", "step", "extend", "check_state"]
+__all__ = ["WINDOW", "RPBState", "check_state", "extend", "start", "step"]
 
 # Tokens handled by the direct near field, and the granularity of the online levels:
 # 32 rows of D values is a few microseconds of dot product, and level work then runs
@@ -99,7 +99,7 @@ _STATIC = ("length", "skip", "table_length")
 
 def _make(xp: Any, **fields: Any) -> RPBState:
     register_pytree(xp, RPBState, _STATIC)
-    base = dict(blocks=(), recent=None, window=None, future=(), buffer=None, count=None, length=None)
+    base: dict[str, Any] = {"blocks": (), "recent": None, "window": None, "future": (), "buffer": None, "count": None, "length": None}
     base.update(fields)
     return RPBState(**base)
 
@@ -171,7 +171,7 @@ def start(xp: Any, lead: tuple, D: int, M: int, a: int, like: Any, *, fixed: boo
 
 def _history(xp: Any, state: RPBState, work: Any) -> Any:
     """The biased values of an online state, chronological, ``(..., t, D)``."""
-    t = max(0, state.length - state.skip)
+    t = max(0, _length(state) - state.skip)
     parts = [b for b in reversed(state.blocks) if b is not None]
     r = t % _WINDOW
     if r:
@@ -180,6 +180,12 @@ def _history(xp: Any, state: RPBState, work: Any) -> Any:
         return xp.astype(state.recent[..., :0, :], work, copy=False)
     out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2)
     return xp.astype(out, work, copy=False)
+
+
+def _length(state: RPBState) -> int:
+    """Tokens seen by an online state."""
+    assert state.length is not None, "an online state"
+    return state.length
 
 
 def _to_fixed(xp: Any, state: RPBState, work: Any) -> RPBState:
@@ -276,11 +282,11 @@ def _rebuild(xp: Any, hist: Any, w: Any, *, length: int, a: int) -> RPBState:
 
 
 def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[Any, RPBState]:
-    M, a = state.table_length, state.skip
-    t = state.length - a  # biased position of this token
+    M, a, length = state.table_length, state.skip, _length(state)
+    t = length - a  # biased position of this token
     lead, D = _lead_of(state), v.shape[-1]
     if t < 0:  # a skipped token: no bias given or received
-        return _zeros(xp, (*lead, D), state.recent), state._replace(length=state.length + 1)
+        return _zeros(xp, (*lead, D), state.recent), state._replace(length=length + 1)
     v = xp.broadcast_to(v, (*lead, D)) if tuple(v.shape[:-1]) != lead else v
     recent = xp.concat([v[..., None, :], xp.astype(state.recent[..., :-1, :], work, copy=False)], axis=-2)
     nb = min(_WINDOW, M)
@@ -289,7 +295,7 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
     r = t % _WINDOW
     out = (taps[..., None, :] @ near)[..., 0, :] + xp.astype(state.window[..., r, :], work, copy=False)
     if r != _WINDOW - 1:
-        return out, state._replace(recent=recent, length=state.length + 1)
+        return out, state._replace(recent=recent, length=length + 1)
     # the aligned window [t + 1 - B, t] is complete: feed the binary counter of blocks
     E = t + 1
     carry = xp.flip(recent, axis=-2)
@@ -315,7 +321,7 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
         break
     window = _window_rows(xp, tuple(future), E, recent)
     return out, state._replace(
-        blocks=tuple(blocks), recent=recent, window=window, future=tuple(future), length=state.length + 1
+        blocks=tuple(blocks), recent=recent, window=window, future=tuple(future), length=length + 1
     )
 
 
@@ -390,7 +396,7 @@ def extend(
     if fixed:
         return _extend_fixed(xp, _to_fixed(xp, state, work), v, w, work, toeplitz)
     state = _to_online(xp, state, w, work)
-    length = state.length
+    length = _length(state)
     skipped = min(L, max(0, a - length))  # tokens of this chunk still inside skip
     hist = _history(xp, state, work)
     biased = v[..., skipped:, :]

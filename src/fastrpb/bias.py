@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from . import _online  # streaming (issue 9)
 from ._compat import (
     check_floating,
     compute_dtype,
@@ -33,7 +34,6 @@ from ._compat import (
     seeded_normal,
     skip_arg,
 )
-from . import _online  # streaming (issue 9)
 from ._online import RPBState  # streaming (issue 9)
 
 __all__ = ["rpb", "rpb_step", "RPBState", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
