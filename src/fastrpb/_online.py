@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 from ._compat import device_of, irfft, is_traced, multiply_into, register_pytree, rfft
 
-__all__ = ["WINDOW", "RPBState", "check_state", "extend", "start", "step"]
+__all__ = ["WINDOW", "RPBState", "as_dtype", "check_state", "extend", "start", "step"]
 
 # Tokens handled by the direct near field, and the granularity of the online levels:
 # 32 rows of D values is a few microseconds of dot product, and level work then runs
@@ -142,6 +142,11 @@ def check_state(state: Any, M: int, a: int, D: int, lead: tuple, name: str) -> N
             f"{name} has leading shape {_lead_of(state)} but w and the new values broadcast to {tuple(lead)}; "
             "continue a sequence with the same batch and head shapes"
         )
+
+
+def as_dtype(xp: Any, x: Any, dtype: Any) -> Any:
+    """``x`` in ``dtype``; no call at all when it already is (a step calls this often)."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
 def _zeros(xp: Any, shape: tuple, like: Any) -> Any:
@@ -288,12 +293,12 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
     if t < 0:  # a skipped token: no bias given or received
         return _zeros(xp, (*lead, D), state.recent), state._replace(length=length + 1)
     v = xp.broadcast_to(v, (*lead, D)) if tuple(v.shape[:-1]) != lead else v
-    recent = xp.concat([v[..., None, :], xp.astype(state.recent[..., :-1, :], work, copy=False)], axis=-2)
+    recent = xp.concat([v[..., None, :], as_dtype(xp, state.recent[..., :-1, :], work)], axis=-2)
     nb = min(_WINDOW, M)
     taps = w[..., M - 1 : M - 1 + nb]  # offsets 0 .. nb - 1, against newest-first rows
     near = recent if nb == _WINDOW else recent[..., :nb, :]
     r = t % _WINDOW
-    out = (taps[..., None, :] @ near)[..., 0, :] + xp.astype(state.window[..., r, :], work, copy=False)
+    out = (taps[..., None, :] @ near)[..., 0, :] + as_dtype(xp, state.window[..., r, :], work)
     if r != _WINDOW - 1:
         return out, state._replace(recent=recent, length=length + 1)
     # the aligned window [t + 1 - B, t] is complete: feed the binary counter of blocks

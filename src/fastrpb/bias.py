@@ -340,8 +340,10 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
         a = 0 if state is None else state.skip
     else:
         a = _check_stream(True, skip, state, True)
-    _check_broadcast(w.shape[:-1], v_t.shape[:-1], "w")
-    lead = _broadcast_lead(w.shape[:-1], v_t.shape[:-1])
+    lead = tuple(v_t.shape[:-1])
+    if w.ndim > 1 and tuple(w.shape[:-1]) != lead:  # a decoding step's hot path skips this
+        _check_broadcast(w.shape[:-1], v_t.shape[:-1], "w")
+        lead = _broadcast_lead(w.shape[:-1], v_t.shape[:-1])
     if state is not None:
         _online.check_state(state, M, a, v_t.shape[-1], lead, "state")
         if state.length is not None:
@@ -349,10 +351,8 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
     else:
         _check_position(1, a, M, "w")
     result, work = compute_dtype(xp, v_t, w)
-    out, new = _online.step(
-        xp, state, xp.astype(v_t, work, copy=False), xp.astype(w, work, copy=False), lead=lead, M=M, a=a, work=work
-    )
-    return xp.astype(out, result, copy=False), new
+    out, new = _online.step(xp, state, _online.as_dtype(xp, v_t, work), _online.as_dtype(xp, w, work), lead=lead, M=M, a=a, work=work)
+    return _online.as_dtype(xp, out, result), new
 
 
 # ---- end streaming -------------------------------------------------------------
