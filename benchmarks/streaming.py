@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--span", type=int, default=512, help="rpb_step calls averaged per round")
     parser.add_argument("--old-steps", type=int, default=8, help="calls of the old method per round")
     parser.add_argument("--rounds", type=int, default=3)
-    X
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; 1 by default: a step is many small ops)")
     parser.add_argument("--plot", default=None, help="write the plot here (PNG)")
     parser.add_argument("--json", default=None, help="write the numbers here")
     args = parser.parse_args(argv)
