@@ -68,6 +68,22 @@ def test_prefill_then_steps_match_dense(backend, rng, L, precision):
     assert_close(backend, got, expected, precision, scale=scale_of(expected, L))
 
 
+def test_half_precision_is_computed_in_float32(backend, rng, dtype):
+    # the state is kept in the compute dtype; outputs come back in the input dtype
+    L, M = 40, 48  # crosses one block boundary
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2 * M - 1,)) / 4
+    expected = causal_oracle(v, w)
+    vb, wb = backend.asarray(v, dtype), backend.asarray(w, dtype)
+    first, state = fastrpb.rpb(vb[..., :5, :], wb, causal=True, return_state=True)
+    rest, state = step_all(backend, vb, wb, state=state, start=5)
+    assert first.dtype == rest.dtype == backend.dtype(dtype)
+    work = backend.dtype("float64" if dtype == "float64" else "float32")
+    assert state.recent.dtype == state.window.dtype == work
+    got = backend.xp.concat([first, rest], axis=-2)
+    assert_close(backend, got, expected, dtype, scale=scale_of(expected, L))
+
+
 SPLITS = {
     "empty-and-size-1": [0, 0, 1, 2, 2, 33, 64, 64, 65, 130, 200],
     "one-piece": [0, 200],

@@ -36,13 +36,12 @@ from typing import Any, NamedTuple
 
 from ._compat import device_of, irfft, is_traced, multiply_into, register_pytree, rfft
 
-__all__ = ["WINDOW", "RPBState", "as_dtype", "check_state", "extend", "start", "step"]
+__all__ = ["RPBState", "as_dtype", "check_state", "extend", "start", "step"]
 
 # Tokens handled by the direct near field, and the granularity of the online levels:
 # 32 rows of D values is a few microseconds of dot product, and level work then runs
 # only every 32 tokens (its Python overhead amortised over them).
 _WINDOW = 32
-WINDOW = _WINDOW
 
 
 class RPBState(NamedTuple):
