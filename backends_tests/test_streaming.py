@@ -211,6 +211,34 @@ def test_past_the_table_under_jit_is_nan(backend, rng):
     assert np.all(np.isnan(backend.to_numpy(out)))
 
 
+def test_a_traced_state_past_the_table_raises_eagerly(backend, rng):
+    jax = _jax(backend)
+    M = 4
+    v = backend.asarray(rng.standard_normal((M + 1, 2)))
+    w = backend.asarray(rng.standard_normal((2 * M - 1,)))
+    _, state = jax.jit(lambda x, w: fastrpb.rpb(x, w, causal=True, return_state=True))(v[:3, :], w)
+    with pytest.raises(ValueError, match="position past the bias table w"):
+        fastrpb.rpb(v[3:, :], w, causal=True, initial_state=state)
+    _, state = fastrpb.rpb_step(state, v[3, :], w)
+    with pytest.raises(ValueError, match="position past the bias table w"):
+        fastrpb.rpb_step(state, v[4, :], w)
+
+
+def test_a_state_of_another_library_is_a_type_error(backend, rng):
+    import array_api_strict
+
+    M = 40
+    v = rng.standard_normal((M, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    other = array_api_strict if backend.name == "numpy" else np  # a library that is not the backend's
+    _, state = fastrpb.rpb(other.asarray(v[:33]), other.asarray(w), causal=True, return_state=True)
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    with pytest.raises(TypeError, match="one array library"):
+        fastrpb.rpb_step(state, vb[33, :], wb)
+    with pytest.raises(TypeError, match="one array library"):
+        fastrpb.rpb(vb[33:, :], wb, causal=True, initial_state=state)
+
+
 # ----------------------------------------------------------------- gradients
 def _stream_loss(xp, v1, v2, w):
     """A loss through a state: prefill v1, continue with a chunk and two steps."""

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 from ._compat import device_of, irfft, is_traced, multiply_into, register_pytree, rfft
 
-__all__ = ["RPBState", "as_dtype", "check_state", "extend", "start", "step"]
+__all__ = ["RPBState", "as_dtype", "check_state", "extend", "held", "start", "step", "tokens_seen"]
 
 # Tokens handled by the direct near field, and the granularity of the online levels:
 # 32 rows of D values is a few microseconds of dot product, and level work then runs
@@ -118,6 +118,13 @@ def _lead_of(state: RPBState) -> tuple:
     return tuple(x.shape[:-2])
 
 
+def held(state: RPBState | None) -> Any:
+    """One array of the state (its library and device stand for all), or None."""
+    if state is None:
+        return None
+    return state.recent if state.length is not None else state.buffer
+
+
 def _width_of(state: RPBState) -> int:
     x = state.recent if state.length is not None else state.buffer
     return int(x.shape[-1])
@@ -184,6 +191,13 @@ def _history(xp: Any, state: RPBState, work: Any) -> Any:
         return xp.astype(state.recent[..., :0, :], work, copy=False)
     out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2)
     return xp.astype(out, work, copy=False)
+
+
+def tokens_seen(xp: Any, state: RPBState) -> int | None:
+    """Tokens a state has seen, or None when only a traced count knows it."""
+    if state.length is not None:
+        return state.length
+    return None if is_traced(xp, state.count) else int(state.count)
 
 
 def _length(state: RPBState) -> int:

@@ -274,15 +274,16 @@ def _check_position(end: int, a: int, M: int, name: str) -> None:
 
 def _rpb_stream(v: Any, w: Any, causal: Any, skip: Any, state: RPBState | None, return_state: bool) -> Any:
     a = _check_stream(causal, skip, state, return_state)
-    xp = namespace(v=v, w=w)
+    xp = namespace(v=v, w=w, initial_state=_online.held(state))
     _check_values(xp, v)
     M = _table_half_length(xp, w, "w")
     _check_broadcast(w.shape[:-1], v.shape[:-2], "w")
     lead = _broadcast_lead(w.shape[:-1], v.shape[:-2])
     if state is not None:
         _online.check_state(state, M, a, v.shape[-1], lead, "initial_state")
-        if state.length is not None:
-            _check_position(state.length + v.shape[-2], a, M, "w")
+        seen = _online.tokens_seen(xp, state)
+        if seen is not None:
+            _check_position(seen + v.shape[-2], a, M, "w")
     elif v.shape[-2] > 0:
         _check_position(v.shape[-2], a, M, "w")
     result, work = compute_dtype(xp, v, w)
@@ -331,7 +332,7 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
     """
     if state is not None and not isinstance(state, RPBState):
         raise TypeError(f"state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}")
-    xp = namespace(v_t=v_t, w=w)
+    xp = namespace(v_t=v_t, w=w, state=_online.held(state))
     check_floating(xp, "v_t", v_t)
     if v_t.ndim < 1:
         raise ValueError("v_t must have shape (..., D) with at least 1 dimension, got a 0-d array")
@@ -346,8 +347,9 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
         lead = _broadcast_lead(w.shape[:-1], v_t.shape[:-1])
     if state is not None:
         _online.check_state(state, M, a, v_t.shape[-1], lead, "state")
-        if state.length is not None:
-            _check_position(state.length + 1, a, M, "w")
+        seen = _online.tokens_seen(xp, state)
+        if seen is not None:
+            _check_position(seen + 1, a, M, "w")
     else:
         _check_position(1, a, M, "w")
     result, work = compute_dtype(xp, v_t, w)
