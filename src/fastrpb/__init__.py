@@ -9,11 +9,13 @@ Encoding for Long Sequence Tasks" (arXiv:2202.11364).
 
 from . import feature_maps
 from .attention import LinearAttentionState, linear_attention, linear_attention_step, softmax_attention
-from .bias import rpb, rpb_init, rpb_matrix, rpb_nd, symmetric_table
+from .bias import RPBState, rpb, rpb_init, rpb_matrix, rpb_nd, rpb_step, symmetric_table
 from .feature_maps import random_projection
 
 __all__ = [
     "rpb",
+    "rpb_step",
+    "RPBState",
     "rpb_nd",
     "rpb_matrix",
     "symmetric_table",

@@ -49,6 +49,7 @@ __all__ = [
     "pad_axis",
     "pad_chunks",
     "jax_pytree",
+    "is_traced",
 ]
 
 #: The oldest array API standard fastrpb runs on (``moveaxis``, ``cumulative_sum``
@@ -488,3 +489,18 @@ def _register_pytree(tree_util: Any, cls: type, static: tuple[str, ...]) -> None
         return cls(**dict(zip(dynamic, children)), **dict(zip(static, aux)))
 
     tree_util.register_pytree_node(cls, flatten, unflatten)
+
+
+def is_traced(xp: Any, *arrays: Any) -> bool:
+    """Whether any of ``arrays`` (``None`` ignored) is a JAX tracer (inside ``jit``, ``grad``, ``scan``...).
+
+    The standard cannot tell an abstract array from a concrete one, but streaming
+    FastRPB must: its online state changes shape as a sequence grows, which a traced
+    function (a ``lax.scan`` carry above all) cannot follow, so traced code takes the
+    fixed-shape layout instead (``_online``).
+    """
+    if not array_api_compat.is_jax_namespace(xp):
+        return False
+    import jax  # already imported: xp is jax.numpy
+
+    return any(isinstance(x, jax.core.Tracer) for x in arrays if x is not None)

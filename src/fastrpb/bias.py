@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from . import _validate
+from . import _online, _validate
 from ._compat import (
     compute_dtype,
     device_of,
@@ -32,10 +32,11 @@ from ._compat import (
     rfftn,
 )
 from ._compat import pad_axis as _pad_rows
+from ._online import RPBState
 from ._random import seeded_normal
 from ._validate import broadcast_shapes as _broadcast_lead
 
-__all__ = ["rpb", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
+__all__ = ["rpb", "rpb_step", "RPBState", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -114,7 +115,15 @@ def _itemsize(xp: Any, dtype: Any) -> int:
 
 
 # --------------------------------------------------------------------------- public
-def rpb(v: Any, w: Any, *, causal: bool = False, skip: tuple[int, int] = (0, 0)) -> Any:
+def rpb(
+    v: Any,
+    w: Any,
+    *,
+    causal: bool = False,
+    skip: tuple[int, int] = (0, 0),
+    initial_state: RPBState | None = None,
+    return_state: bool = False,
+) -> Any:
     r"""Apply the relative positional bias ``B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
 
     $$
@@ -136,11 +145,22 @@ def rpb(v: Any, w: Any, *, causal: bool = False, skip: tuple[int, int] = (0, 0))
     skip : (int, int)
         The first ``a`` and last ``b`` tokens (e.g. BOS/EOS) neither receive nor give
         bias: their output rows are zero and the bias acts on the tokens between.
+        While streaming, ``a`` counts from the start of the sequence across calls
+        and ``b`` must be 0.
+    initial_state : RPBState, optional
+        Causal only: continue the sequence that this state ends (from
+        ``return_state=True`` or ``rpb_step``); ``v`` holds the next tokens. Calls that
+        pass the state along equal one call on the whole sequence, which must still
+        fit the table (``M`` biased tokens in all). The chunk costs one causal FFT
+        over the history and the chunk; token by token, use ``rpb_step``.
+    return_state : bool
+        Causal only: also return the ``RPBState`` after the last token.
 
     Returns
     -------
     array, shape broadcast(w.shape[:-1], v.shape[:-2]) + (L, D)
-        In the promoted dtype of ``v`` and ``w``, on their device.
+        In the promoted dtype of ``v`` and ``w``, on their device; with
+        ``return_state=True`` the pair ``(out, state)``.
 
     References
     ----------
@@ -149,7 +169,10 @@ def rpb(v: Any, w: Any, *, causal: bool = False, skip: tuple[int, int] = (0, 0))
     """
     # -- validate, resolve the namespace once
     causal = _validate.flag("causal", causal)
+    return_state = _validate.flag("return_state", return_state)
     _validate.required(v=v, w=w)
+    if initial_state is not None or return_state:
+        return _rpb_stream(v, w, causal, skip, initial_state, return_state)
     xp = namespace(v=v, w=w)
     _validate.values(xp, "v", v)
     M = _validate.table(xp, "w", w)
@@ -168,6 +191,114 @@ def rpb(v: Any, w: Any, *, causal: bool = False, skip: tuple[int, int] = (0, 0))
     out = _pad_rows(xp, out, a, b)
     shape = (*lead, *v.shape[-2:])
     return xp.astype(xp.broadcast_to(out, shape), result, copy=False)
+
+
+# --------------------------------------------------------------------------- streaming
+def _check_stream(causal: Any, skip: Any, initial_state: Any, return_state: Any) -> int:
+    """Arguments of a streaming call; returns the skip ``a`` (``b`` must be 0)."""
+    if not causal:
+        given = "initial_state" if initial_state is not None else "return_state=True"
+        raise ValueError(f"{given} needs causal=True: only the causal bias can be continued token by token, got causal={causal!r}")
+    if initial_state is not None and not isinstance(initial_state, RPBState):
+        raise TypeError(f"initial_state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(initial_state).__name__}")
+    a, b = _validate.skip(skip)
+    if b:
+        raise ValueError(
+            f"skip = ({a}, {b}): while streaming the end of the sequence is unknown, so skip[1] must be 0; "
+            "drop the trailing tokens' output rows yourself"
+        )
+    return a
+
+
+def _check_position(end: int, a: int, M: int, name: str) -> None:
+    """A streamed sequence of ``end`` tokens (``a`` skipped) must fit the table."""
+    if end - a > M:
+        raise ValueError(
+            f"position past the bias table {name}: the sequence reaches {end - a} biased tokens "
+            f"({end} tokens, skip ({a}, 0)) but the table covers at most M = {M} (shape (..., {2 * M - 1}))"
+        )
+
+
+def _rpb_stream(v: Any, w: Any, causal: Any, skip: Any, state: RPBState | None, return_state: bool) -> Any:
+    a = _check_stream(causal, skip, state, return_state)
+    xp = namespace(v=v, w=w, initial_state=_online.held(state))
+    _validate.values(xp, "v", v)
+    M = _validate.table(xp, "w", w)
+    lead = _validate.broadcast({"w": w.shape[:-1], "v": v.shape[:-2]})
+    if state is not None:
+        _online.check_state(state, M, a, v.shape[-1], lead, "initial_state")
+        seen = _online.tokens_seen(xp, state)
+        if seen is not None:
+            _check_position(seen + v.shape[-2], a, M, "w")
+    elif v.shape[-2] > 0:
+        _check_position(v.shape[-2], a, M, "w")
+    result, work = compute_dtype(xp, v, w)
+    out, new = _online.extend(
+        xp, state, xp.astype(v, work, copy=False), xp.astype(w, work, copy=False),
+        lead=lead, M=M, a=a, work=work, toeplitz=_toeplitz,
+    )
+    out = xp.astype(out, result, copy=False)
+    return (out, new) if return_state else out
+
+
+def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] | None = None) -> tuple[Any, RPBState]:
+    r"""One decoding step of the causal bias: the output of token ``t`` and the new state.
+
+    $$
+    \mathrm{out}_t = \sum_{j \le t} w_{M-1+t-j}\, v_j
+    $$
+
+    Stepping token by token equals ``rpb(v, w, causal=True)`` on the whole sequence.
+    Amortised O(D log^2 t) per token: an online (relaxed) FFT convolution over
+    blocks of doubling size (see ``RPBState``), never an FFT over the history. Under
+    ``jax.jit`` (any JAX tracer) the state has fixed shapes and a step is an O(M D)
+    dot product with the flipped table, so a ``jax.lax.scan`` decoding loop traces
+    once; past the table (``t >= M``) it gives NaN there instead of an error.
+
+    Parameters
+    ----------
+    state : RPBState or None
+        The state after the previous tokens, or ``None`` to start a sequence.
+    v_t : array, shape (..., D)
+        The new token's values.
+    w : array, shape (..., 2M - 1)
+        Bias table (the same in every step of a sequence); ``t < M``.
+    skip : (int, 0), optional
+        Only when starting (``state=None``): the first ``a`` tokens neither give nor
+        receive bias (their output is zero). Later steps take it from the state.
+
+    Returns
+    -------
+    (array of shape broadcast(w.shape[:-1], v_t.shape[:-1]) + (D,), RPBState)
+
+    References
+    ----------
+    van der Hoeven (2002), "Relax, but don't be too lazy", J. Symbolic Computation;
+    Zubkov & Gavrilov (2022), arXiv:2202.11364.
+    """
+    if state is not None and not isinstance(state, RPBState):
+        raise TypeError(f"state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}")
+    _validate.required(v_t=v_t, w=w)
+    xp = namespace(v_t=v_t, w=w, state=_online.held(state))
+    _validate.values(xp, "v_t", v_t, ndim=1)
+    M = _validate.table(xp, "w", w)
+    if skip is None:
+        a = 0 if state is None else state.skip
+    else:
+        a = _check_stream(True, skip, state, True)
+    lead = tuple(v_t.shape[:-1])
+    if w.ndim > 1 and tuple(w.shape[:-1]) != lead:  # a decoding step's hot path skips this
+        lead = _validate.broadcast({"w": w.shape[:-1], "v_t": v_t.shape[:-1]})
+    if state is not None:
+        _online.check_state(state, M, a, v_t.shape[-1], lead, "state")
+        seen = _online.tokens_seen(xp, state)
+        if seen is not None:
+            _check_position(seen + 1, a, M, "w")
+    else:
+        _check_position(1, a, M, "w")
+    result, work = compute_dtype(xp, v_t, w)
+    out, new = _online.step(xp, state, _online.as_dtype(xp, v_t, work), _online.as_dtype(xp, w, work), lead=lead, M=M, a=a, work=work)
+    return _online.as_dtype(xp, out, result), new
 
 
 def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
