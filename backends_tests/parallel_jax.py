@@ -15,20 +15,21 @@ import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-from jax.sharding import PartitionSpec as Spec  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as Spec
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "src"), os.path.dirname(__file__)]
 
-import fastrpb  # noqa: E402
-import oracles  # noqa: E402
-from fastrpb import parallel  # noqa: E402
+import oracles
+
+import fastrpb
+from fastrpb import parallel
 
 B, H, L, D = 2, 2, 32, 4
 RTOL = 1e-9
@@ -59,6 +60,16 @@ def check(name, got, want, rtol=RTOL):
     err = float(np.max(np.abs(got - want))) / scale
     assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:.1g}"
     return err
+
+
+def value_and_grad(f, km, weight, argnums):
+    """``jit`` of ((loss, output), gradients) for ``loss = sum(f(...) * weight)``."""
+
+    def loss(q, k, v, rpb):
+        out = f(q, k, v, rpb, km)
+        return jnp.sum(out * weight), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
 
 
 def main() -> None:
@@ -92,32 +103,30 @@ def main() -> None:
         seq = Spec(None, None, "seq", None)
         rpb = jnp.asarray(table) if with_bias else None
         km = jnp.asarray(key_mask) if masked else None
-        kw = dict(feature_map=maps[fmap], causal=causal, chunk_size=3, rpb_skip=skip)
+        kw = {"feature_map": maps[fmap], "causal": causal, "chunk_size": 3, "rpb_skip": skip}
 
-        def sharded(q, k, v, rpb, km, kw=kw):
+        def sharded(q, k, v, rpb, km, kw=kw, mesh=mesh, seq=seq):
             def body(q, k, v, rpb, km):
                 return parallel.linear_attention(q, k, v, comm=parallel.jax_axis("seq"), key_mask=km, rpb=rpb, **kw)
 
             specs = (seq, seq, seq, None if rpb is None else Spec(), None if km is None else Spec(None, None, "seq"))
             return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=seq)(q, k, v, rpb, km)
 
-        def single(q, k, v, rpb, km, kw=kw):
+        def single(q, k, v, rpb, km, kw=kw):  # the single-device call on the whole arrays
             return fastrpb.linear_attention(q, k, v, key_mask=km, rpb=rpb, **kw)
 
-        args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-        got = jax.jit(sharded)(*args, rpb, km)
-        want = oracle_attention(q, k, v, fmap, causal, key_mask if masked else None, table if with_bias else None, skip, proj)
-        e1 = check(f"P={P} {fmap} causal={causal} forward vs oracle", got, want)
-        e2 = check(f"P={P} {fmap} causal={causal} forward vs single", got, single(*args, rpb, km))
-        # gradients of a scalar loss with respect to q, k, v (and the table)
+        qs, ks = q, k
+        if fmap == "sikf":  # large logits, later keys larger: the state merge must rescale exactly
+            qs, ks = 10 * q, 10 * k + 1.5 * np.arange(L)[:, None]
+        args = (jnp.asarray(qs), jnp.asarray(ks), jnp.asarray(v), rpb)
         weight = jnp.asarray(rng.standard_normal((B, H, L, D)))
         argnums = (0, 1, 2, 3) if with_bias else (0, 1, 2)
-
-        def loss(f):
-            return lambda q, k, v, rpb: jnp.sum(f(q, k, v, rpb, km) * weight)
-
-        g_sharded = jax.jit(jax.grad(loss(sharded), argnums=argnums))(*args, rpb)
-        g_single = jax.grad(loss(single), argnums=argnums)(*args, rpb)
+        # forward and gradients of a scalar loss in one compiled function each
+        (_, got), g_sharded = value_and_grad(sharded, km, weight, argnums)(*args)
+        (_, ref), g_single = value_and_grad(single, km, weight, argnums)(*args)
+        want = oracle_attention(qs, ks, v, fmap, causal, key_mask if masked else None, table if with_bias else None, skip, proj)
+        e1 = check(f"P={P} {fmap} causal={causal} forward vs oracle", got, want)
+        e2 = check(f"P={P} {fmap} causal={causal} forward vs single", got, ref)
         e3 = max(check(f"P={P} {fmap} grad {n}", a, b) for n, a, b in zip("qkvw", g_sharded, g_single))
         print(f"P={P} {fmap:5s} causal={causal!s:5s} bias={with_bias!s:5s} skip={skip} mask={masked!s:5s} "
               f"err oracle {e1:.1e} single {e2:.1e} grad {e3:.1e}")
@@ -129,22 +138,22 @@ def main() -> None:
         (2, (L, 1), (2, 2 * L - 1), True, (1, 1)),
     ]:
         mesh = Mesh(np.array(jax.devices()[:P]), ("seq",))
-        x = rng.standard_normal(shape)
-        w = rng.standard_normal(w_shape)
+        x = jnp.asarray(rng.standard_normal(shape))
+        w = jnp.asarray(rng.standard_normal(w_shape))
         vspec = Spec(*([None] * (len(shape) - 2)), "seq", None)
         ospec = Spec(*([None] * (max(len(shape), len(w_shape) + 1) - 2)), "seq", None)
 
         def sharded_rpb(x, w, vspec=vspec, ospec=ospec, mesh=mesh, causal=causal, skip=skip):
-            body = lambda x, w: parallel.rpb(x, w, comm=parallel.jax_axis("seq"), causal=causal, skip=skip)  # noqa: E731
+            body = lambda x, w: parallel.rpb(x, w, comm=parallel.jax_axis("seq"), causal=causal, skip=skip)
             return jax.shard_map(body, mesh=mesh, in_specs=(vspec, Spec()), out_specs=ospec)(x, w)
 
-        got = jax.jit(sharded_rpb)(jnp.asarray(x), jnp.asarray(w))
         dense = oracles.toeplitz(w, L, causal=causal, skip=skip)
-        e1 = check(f"rpb P={P} {shape} forward", got, dense @ x)
-        weight = jnp.asarray(rng.standard_normal(got.shape))
-        single = lambda x, w: fastrpb.rpb(x, w, causal=causal, skip=skip)  # noqa: E731
-        g1 = jax.grad(lambda x, w: jnp.sum(sharded_rpb(x, w) * weight), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
-        g2 = jax.grad(lambda x, w: jnp.sum(single(x, w) * weight), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+        weight = jnp.asarray(rng.standard_normal(np.broadcast_shapes(shape[:-2], w_shape[:-1]) + shape[-2:]))
+        single = lambda x, w, causal=causal, skip=skip: fastrpb.rpb(x, w, causal=causal, skip=skip)
+        (_, got), g1 = value_and_grad(lambda x, w, *_: sharded_rpb(x, w), None, weight, (0, 1))(x, w, None, None)
+        (_, ref), g2 = value_and_grad(lambda x, w, *_, single=single: single(x, w), None, weight, (0, 1))(x, w, None, None)
+        e1 = check(f"rpb P={P} {shape} forward vs oracle", got, dense @ x)
+        check(f"rpb P={P} {shape} forward vs single", got, ref)
         e2 = max(check(f"rpb P={P} grad {n}", a, b) for n, a, b in zip("vw", g1, g2))
         print(f"rpb P={P} v{shape} w{w_shape} causal={causal} skip={skip} err oracle {e1:.1e} grad {e2:.1e}")
 
@@ -152,12 +161,12 @@ def main() -> None:
     mesh = Mesh(np.array(jax.devices()[:8]), ("seq",))
     for length in (64, 256):
         x = jnp.zeros((1, 1, length, D))
-        body = lambda q, k, v: parallel.linear_attention(q, k, v, comm=parallel.jax_axis("seq"), causal=True)  # noqa: E731
+        body = lambda q, k, v: parallel.linear_attention(q, k, v, comm=parallel.jax_axis("seq"), causal=True)
         f = jax.shard_map(body, mesh=mesh, in_specs=(seq,) * 3, out_specs=seq)
-        hlo = jax.jit(f).lower(x, x, x).compile().as_text()
-        gathers = [line for line in hlo.splitlines() if "all-gather(" in line]
-        assert len(gathers) == 1 and f"[8,1,1,{D},{D + 1}]" in gathers[0], gathers
-        assert "all-to-all" not in hlo
+        hlo = jax.jit(f).lower(x, x, x).as_text()  # StableHLO: the collectives as written
+        gathers = [line for line in hlo.splitlines() if "all_gather" in line]
+        assert len(gathers) == 1 and f"tensor<8x1x1x{D}x{D + 1}xf64>" in gathers[0], gathers
+        assert "all_to_all" not in hlo
     print("OK")
 
 

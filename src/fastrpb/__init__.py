@@ -30,7 +30,8 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The framework layers load only on request: ``fastrpb.torch`` / ``fastrpb.flax``
     # (or ``import fastrpb.torch``); ``import fastrpb`` never imports a framework.
-    if name in ("torch", "flax"):
+    # ``fastrpb.parallel`` (sequence parallelism) loads the same way.
+    if name in ("torch", "flax", "parallel"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

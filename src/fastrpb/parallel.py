@@ -167,15 +167,19 @@ class _TorchGroup(Communicator):
 
     def all_gather(self, x: Any) -> Any:
         import torch
-        from torch.distributed.nn import functional as dnn
 
-        # the autograd-aware collective: its backward sums the gradients of all ranks
-        return torch.stack(dnn.all_gather(x.contiguous(), group=self._group()))
+        # An all-to-all of P views of x (every rank sends x to every rank): the same
+        # bytes as an all-gather, and its backward is again an all-to-all, summed by
+        # broadcast_to's backward. torch.distributed.nn.functional.all_gather is
+        # deprecated (torch 2.13 points to a private module) and gave wrong gradients
+        # with several gathers in one graph (see STYLE.md).
+        return self.all_to_all(torch.broadcast_to(x, (self.size(), *x.shape)))
 
     def all_to_all(self, x: Any) -> Any:
         import torch
         from torch.distributed.nn import functional as dnn
 
+        # the autograd-aware collective: its backward sends the gradients back
         parts = [p.contiguous() for p in torch.unbind(x, 0)]
         out = [torch.empty_like(p) for p in parts]
         return torch.stack(dnn.all_to_all(out, parts, group=self._group()))
@@ -196,9 +200,10 @@ def jax_axis(name: Any) -> Communicator:
 def torch_group(group: Any = None) -> Communicator:
     """The ranks of a ``torch.distributed`` process group (``None``: the default group).
 
-    Any backend (gloo, NCCL, ...). The collectives are
-    ``torch.distributed.nn.functional.all_gather`` / ``all_to_all``, which carry
-    gradients back to the ranks that sent the data; every rank must call the same
+    Any backend (gloo, NCCL, ...). The collective is
+    ``torch.distributed.nn.functional.all_to_all`` (an all-gather is an all-to-all of
+    ``P`` views of the same array), which carries gradients back to the ranks that
+    sent the data; every rank must call the same
     functions with arrays of the same shapes, in the same order (forward and backward).
     """
     return _TorchGroup(group)
@@ -357,6 +362,11 @@ def linear_attention(
     if rpb is not None and Lq != Lk:
         raise ValueError(f"the FastRPB term (rpb=) needs as many queries as keys, got Lqb = {Lq} and Lkb = {Lk}")
     P = comm.size()
+    if rpb is not None:
+        try:
+            rpb_skip = _check_rpb(xp, v, rpb, P, rpb_skip, "rpb")
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
     result, work = compute_dtype(xp, q, k, v, *named.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
     v1 = _with_ones(xp, vw)
@@ -399,10 +409,7 @@ def linear_attention(
     if rpb is not None:
         if key_mask is not None:  # a padding key gives no bias either
             vw = xp.where(key_mask[..., None], vw, xp.zeros((), dtype=vw.dtype, device=device_of(vw)))
-        try:
-            term = _rpb(xp, vw, xp.astype(rpb, work, copy=False), comm, causal=causal, skip=rpb_skip, name="rpb")
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
+        term = _rpb(xp, vw, xp.astype(rpb, work, copy=False), comm, causal=causal, skip=rpb_skip)
         out = out + xp.astype(term, out.dtype, copy=False)
     return xp.astype(out, result, copy=False)
 
@@ -449,7 +456,9 @@ def rpb(v: Any, w: Any, *, comm: Communicator, causal: bool = False, skip: tuple
     xp = namespace(v=v, w=w)
     _check_values(xp, v)
     result, _ = compute_dtype(xp, v, w)
-    out = _rpb(xp, v, w, comm, causal=_bool_arg("causal", causal), skip=skip, name="w")
+    causal = _bool_arg("causal", causal)
+    skip = _check_rpb(xp, v, w, comm.size(), skip, "w")
+    out = _rpb(xp, v, w, comm, causal=causal, skip=skip)
     return xp.astype(out, result, copy=False)
 
 
@@ -465,17 +474,25 @@ def _units(n_lead: int, D: int, P: int) -> int:
     return D
 
 
-def _rpb(xp: Any, v: Any, w: Any, comm: Communicator, *, causal: bool, skip: Any, name: str) -> Any:
-    """``rpb`` after the namespace is known: checks, the transposes and the local bias."""
+def _check_rpb(xp: Any, v: Any, w: Any, P: int, skip: Any, name: str) -> tuple[int, int]:
+    """Check the table and ``skip`` against the whole sequence (before any collective)."""
     M = _table_half_length(xp, w, name)
     _check_broadcast(w.shape[:-1], v.shape[:-2], name)
-    P = comm.size()
-    Lb, D = v.shape[-2], v.shape[-1]
+    Lb = v.shape[-2]
     L = P * Lb
     a, b = skip_arg(skip)
     if a + b > L:
         raise ValueError(f"skip = ({a}, {b}) skips {a + b} tokens but the sequence has only L = {P} x {Lb} = {L}")
     _check_length(L - a - b, M, name)
+    return a, b
+
+
+def _rpb(xp: Any, v: Any, w: Any, comm: Communicator, *, causal: bool, skip: tuple[int, int]) -> Any:
+    """``rpb`` after the checks: the transposes and the local bias."""
+    a, b = skip
+    P = comm.size()
+    Lb, D = v.shape[-2], v.shape[-1]
+    L = P * Lb
     lead = _broadcast_lead(w.shape[:-1], v.shape[:-2])
     n_lead = math.prod(lead)
     g = _units(n_lead, D, P)
