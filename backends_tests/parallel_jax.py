@@ -89,13 +89,11 @@ def main() -> None:
     }
     cases = [
         # (P, map, causal, with bias, skip, key mask)
-        (2, "elu", False, True, (0, 0), False),
         (4, "elu", True, True, (3, 2), False),
         (8, "sikf", True, False, (0, 0), True),
         (4, "sikf", False, True, (1, 0), False),
         (2, "favor", True, True, (0, 0), False),
         (8, "favor", False, False, (0, 0), True),
-        (4, "dpfp", True, False, (0, 0), False),
         (8, "dpfp", False, True, (0, 5), False),
     ]
     for P, fmap, causal, with_bias, skip, masked in cases:
