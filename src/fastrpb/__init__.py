@@ -36,7 +36,8 @@ def __getattr__(name: str):
     # ``fastrpb.torch.LinearMultiheadAttention`` is the drop-in for
     # ``torch.nn.MultiheadAttention``; ``fastrpb.torch/flax.MultiheadLinearAttention``
     # the layers of fastrpb's own conventions (key_mask True = keep).
-    if name in ("torch", "flax"):
+    # ``fastrpb.parallel`` (sequence parallelism) loads the same way.
+    if name in ("torch", "flax", "parallel"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
