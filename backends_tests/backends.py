@@ -1,11 +1,18 @@
-"""The backends of the shared test matrix.
+"""The backends of the shared test matrix, also the benchmarks' registry.
 
 Each test body is written once and receives a ``Backend``: it builds its inputs in
 NumPy (float64, the oracle's precision) and moves them with ``backend.asarray``;
-results come back with ``backend.to_numpy``. ``FASTRPB_BACKENDS`` (comma separated)
-chooses backends; a backend asked for by name but not importable is an error, not a
-skip, so CI can never lose one silently. GPU backends are skipped, with the reason,
-on machines without a GPU unless named explicitly.
+results come back with ``backend.to_numpy`` and are judged by ``assert_close``, which
+checks library, dtype, device, shape and values in one call. ``FASTRPB_BACKENDS``
+(comma separated) chooses backends; a backend asked for by name but not importable
+is an error, not a skip, so CI can never lose one silently. GPU backends are
+skipped, with the reason, on machines without a GPU unless named explicitly.
+
+What a backend can do (``jit``, ``grad``, ``fft``, ``gpu``, a second device, its
+dtypes) is declared here once; ``conftest.py`` turns the markers of the same names
+into skips with the reason. ``benchmarks/`` loads its backends from here too
+(``make``), with the hooks timing needs (``sync``, ``compile``, ``random``, the GPU
+allocator's peak).
 """
 
 from __future__ import annotations
@@ -34,9 +41,40 @@ class Backend:
     jit: Callable | None = None  # jax.jit-like transformation, where the library has one
     grad: str | None = None  # "torch" or "jax": how to differentiate on this backend
     native: Any = field(default=None, repr=False)  # the framework module itself
+    gpu: bool = False  # the device is a GPU
+    other_device: Any = None  # a second device of the same library, where there is one
 
     def dtype(self, name: str) -> Any:
         return getattr(self.xp, name)
+
+    @property
+    def fft(self) -> bool:
+        """Whether the namespace has the (optional) FFT extension of the standard."""
+        return hasattr(self.xp, "fft")
+
+    @property
+    def compile(self) -> Callable[[Callable], Callable]:
+        """``jit`` where the library has one, the identity elsewhere (benchmarks)."""
+        return self.jit if self.jit is not None else (lambda f: f)
+
+    def foreign(self, x: Any) -> Any:
+        """``x`` (NumPy) as an array of another library than this backend's."""
+        xn = np.asarray(x)
+        if self.name == "numpy":
+            import array_api_strict
+
+            return array_api_strict.asarray(xn)
+        return xn
+
+    def gradient(self, f: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
+        """Gradients of the scalar ``f(*args)`` with respect to every argument."""
+        if self.grad == "torch":
+            xs = [a.detach().clone().requires_grad_(True) for a in args]
+            grads = self.native.autograd.grad(f(*xs), xs, allow_unused=True)
+            return tuple(self.native.zeros_like(x) if g is None else g for x, g in zip(xs, grads))
+        if self.grad == "jax":
+            return tuple(self.native.grad(f, argnums=tuple(range(len(args))))(*args))
+        raise RuntimeError(f"{self.name} has no automatic differentiation (mark the test @pytest.mark.grad)")
 
     def asarray(self, x: Any, dtype: str | None = "float64") -> Any:
         """Move a NumPy array (or nested sequence) to this backend and device."""
@@ -66,8 +104,78 @@ class Backend:
 
         return array_api_compat.array_namespace(x)
 
+    def device_of(self, x: Any) -> Any:
+        import array_api_compat
 
-def _make(name: str) -> Backend:
+        return array_api_compat.device(x)
+
+    # ------------------------------------------------------------- benchmark hooks
+    def random(self, shape: tuple[int, ...], *, seed: int, dtype: str, scale: float = 1.0) -> Any:
+        """Standard normal samples on this backend, generated in ``dtype`` directly.
+
+        No float64 detour that would inflate a benchmark's peak memory.
+        """
+        np_dtype = np.float64 if dtype == "float64" else np.float32
+        host = np.random.default_rng(seed).standard_normal(shape, dtype=np_dtype)
+        if scale != 1.0:
+            host *= np_dtype(scale)
+        if self.name == "numpy":
+            out = host
+        elif self.name.startswith("torch"):
+            out = self.native.from_numpy(host).to(self.device)
+        elif self.name.startswith("jax"):
+            out = self.native.device_put(host, self.device)
+        else:
+            out = self.xp.asarray(host, device=self.device)
+        if dtype in ("float16", "bfloat16"):
+            out = self.xp.astype(out, getattr(self.xp, dtype))
+        return out
+
+    def sync(self, out: Any) -> None:
+        """Wait for the queued work that produces ``out`` (CUDA streams, JAX dispatch)."""
+        if self.name.startswith("jax"):
+            self.native.block_until_ready(out)
+        elif self.name == "torch_cuda":
+            self.native.cuda.synchronize()
+        elif self.name == "cupy":
+            self.native.cuda.get_current_stream().synchronize()
+
+    def gpu_memory_reset(self) -> int:
+        """Reset the allocator's peak; return the bytes in use now (0 off GPU)."""
+        if self.name == "torch_cuda":
+            self.native.cuda.synchronize()
+            self.native.cuda.reset_peak_memory_stats(self.device)
+            return int(self.native.cuda.memory_allocated(self.device))
+        if self.name == "jax_gpu":
+            stats = self.device.memory_stats() or {}
+            return int(stats.get("bytes_in_use", 0))
+        if self.name == "cupy":
+            pool = self.native.get_default_memory_pool()
+            pool.free_all_blocks()
+            return int(pool.used_bytes())
+        return 0
+
+    def gpu_memory_peak(self) -> int:
+        """Peak bytes held by the allocator since ``gpu_memory_reset`` (0 off GPU)."""
+        if self.name == "torch_cuda":
+            self.native.cuda.synchronize()
+            return int(self.native.cuda.max_memory_allocated(self.device))
+        if self.name == "jax_gpu":
+            # XLA cannot reset its peak: this is the process peak, which the
+            # separate process per case keeps meaningful.
+            stats = self.device.memory_stats() or {}
+            return int(stats.get("peak_bytes_in_use", 0))
+        if self.name == "cupy":
+            # the pool keeps every block it allocated until free_all_blocks()
+            return int(self.native.get_default_memory_pool().total_bytes())
+        return 0
+
+
+def make(name: str, *, x64: bool = True) -> Backend:
+    """Backend ``name``; raises ``Unavailable`` (no GPU) or ``ImportError`` (no library).
+
+    ``x64=False`` leaves JAX in its default 32-bit mode (the benchmarks in float32).
+    """
     if name == "numpy":
         import array_api_compat.numpy as xp
 
@@ -75,19 +183,25 @@ def _make(name: str) -> Backend:
     if name == "array_api_strict":
         import array_api_strict as xp
 
-        return Backend(name, xp, xp.Device("CPU_DEVICE"), DTYPES[:2], native=xp)  # the standard has no float16
+        # the standard has no float16; array-api-strict simulates a second device
+        return Backend(name, xp, xp.Device("CPU_DEVICE"), DTYPES[:2], native=xp, other_device=xp.Device("device1"))
     if name in ("torch", "torch_cuda"):
         import array_api_compat.torch as xp
         import torch
 
-        device = torch.device("cuda" if name == "torch_cuda" else "cpu")
-        if name == "torch_cuda" and not torch.cuda.is_available():
-            raise _NoGPU("PyTorch sees no CUDA device")
-        return Backend(name, xp, device, DTYPES, grad="torch", native=torch)
+        if name == "torch_cuda":
+            if not torch.cuda.is_available():
+                raise _NoGPU("PyTorch sees no CUDA device")
+            # with its index: results report cuda:0, and cuda != cuda:0 for torch
+            device = torch.device("cuda", torch.cuda.current_device())
+            return Backend(name, xp, device, DTYPES, grad="torch", native=torch, gpu=True,
+                           other_device=torch.device("cpu"))
+        return Backend(name, xp, torch.device("cpu"), DTYPES, grad="torch", native=torch)
     if name in ("jax", "jax_gpu"):
         import jax
 
-        jax.config.update("jax_enable_x64", True)
+        if x64:
+            jax.config.update("jax_enable_x64", True)
         import jax.numpy as xp
 
         if name == "jax_gpu":
@@ -97,7 +211,7 @@ def _make(name: str) -> Backend:
             device = gpus[0]
         else:
             device = jax.devices("cpu")[0]
-        return Backend(name, xp, device, DTYPES, jit=jax.jit, grad="jax", native=jax)
+        return Backend(name, xp, device, DTYPES, jit=jax.jit, grad="jax", native=jax, gpu=name == "jax_gpu")
     if name == "cupy":
         try:
             import cupy
@@ -109,7 +223,7 @@ def _make(name: str) -> Backend:
             raise _NoGPU(f"CuPy finds no CUDA device ({exc})") from exc
         import array_api_compat.cupy as xp
 
-        return Backend(name, xp, cupy.cuda.Device(0), DTYPES[:3], native=cupy)
+        return Backend(name, xp, cupy.cuda.Device(0), DTYPES[:3], native=cupy, gpu=True)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(ALL_BACKENDS)}")
 
 
@@ -120,8 +234,15 @@ def _jax_has_gpu(jax: Any) -> bool:
         return False
 
 
-class _NoGPU(Exception):
+class Unavailable(Exception):
+    """A backend cannot run on this machine (its library is missing, no GPU)."""
+
+
+class _NoGPU(Unavailable):
     """A GPU backend cannot run on this machine."""
+
+
+_make = make  # the name before the benchmarks shared this registry
 
 
 def requested() -> tuple[tuple[str, ...], bool]:
@@ -139,7 +260,7 @@ def requested() -> tuple[tuple[str, ...], bool]:
 def load(name: str, explicit: bool) -> tuple[Backend | None, str | None]:
     """Return (backend, None) or (None, reason to skip). Missing CPU libraries raise."""
     try:
-        return _make(name), None
+        return make(name), None
     except _NoGPU as exc:
         if explicit:
             raise RuntimeError(f"backend {name!r} was requested by FASTRPB_BACKENDS but cannot run: {exc}") from exc
@@ -161,16 +282,83 @@ def tolerance(dtype: str) -> dict[str, float]:
     }[dtype]
 
 
-def assert_close(backend: Backend, actual: Any, expected: np.ndarray, dtype: str, *, scale: float | None = None) -> None:
-    """Compare a backend result with a float64 NumPy oracle, tolerance from ``dtype``.
+def assert_array(backend: Backend, actual: Any, dtype: str, *, shape: tuple[int, ...] | None = None) -> None:
+    """``actual`` is an array of ``backend``'s library, on its device, of ``dtype``.
 
-    The absolute tolerance is relative to ``scale`` (default: the oracle's largest
-    magnitude), so long sums are judged by the precision of the dtype, not by luck.
+    The checks of ``assert_close`` without the values: for results that have no
+    oracle (a decoding state, random draws).
     """
-    got = backend.to_numpy(actual)
+    try:
+        xp = backend.namespace_of(actual)
+    except TypeError as exc:
+        raise AssertionError(f"expected an array of {backend.name}, got {type(actual).__name__}") from exc
+    assert xp is backend.xp, f"result is an array of {xp.__name__}, expected {backend.xp.__name__} ({backend.name})"
+    assert actual.dtype == backend.dtype(dtype), f"dtype {actual.dtype} != expected {dtype}"
+    device = backend.device_of(actual)
+    assert device == backend.device, f"result on device {device}, expected {backend.device}"
+    if shape is not None:
+        assert tuple(actual.shape) == tuple(shape), f"shape {tuple(actual.shape)} != expected {tuple(shape)}"
+
+
+def assert_close(
+    backend: Backend,
+    actual: Any,
+    expected: Any,
+    dtype: str,
+    *,
+    scale: float | None = None,
+    expected_dtype: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> None:
+    """Compare a backend result with a float64 oracle, in the spirit of ``xp_assert_close``.
+
+    Checks, in one call, that ``actual`` is an array of the backend's library
+    (namespace), on the backend's device, of dtype ``expected_dtype`` (default:
+    ``dtype``, the input dtype the test says), of the oracle's shape, and that its
+    values are within the tolerance of ``dtype`` (``tolerance``; ``rtol``/``atol``
+    override it). The absolute tolerance is relative to ``scale`` (default: the
+    oracle's largest magnitude), so long sums are judged by the precision of the
+    dtype, not by luck. ``expected`` is a NumPy array (the oracle) or, for a
+    comparison of two code paths, an array of the backend.
+    """
+    if not isinstance(expected, np.ndarray) and not np.isscalar(expected) and hasattr(expected, "shape"):
+        expected = backend.to_numpy(expected)
     expected = np.asarray(expected, dtype=np.float64)
-    assert got.shape == expected.shape, f"shape {got.shape} != expected {expected.shape}"
+    assert_array(backend, actual, expected_dtype or dtype, shape=expected.shape)
+    got = backend.to_numpy(actual)
     tol = tolerance(dtype)
+    rtol = tol["rtol"] if rtol is None else rtol
+    atol = tol["atol"] if atol is None else atol
     if scale is None:
         scale = float(np.max(np.abs(expected))) if expected.size else 1.0
-    np.testing.assert_allclose(got, expected, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30))
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol * max(scale, 1e-30))
+
+
+def check_gradients(backend: Backend, fn: Callable[..., Any], *inputs: np.ndarray, h: float = 1e-6,
+                    rtol: float = 1e-6, atol: float = 1e-6, seed: int = 0) -> None:
+    """Gradients of ``fn`` on ``backend`` against float64 central differences.
+
+    ``fn`` takes backend arrays (built from the NumPy ``inputs`` in float64) and
+    returns an array; the checked function is the scalar ``sum(fn(*x) * r)`` with a
+    fixed random ``r``, so every output element counts with its own weight. The
+    analytic gradient comes from the framework (``backend.gradient``: torch
+    autograd, ``jax.grad``); the numeric one from ``oracles.finite_differences``.
+    """
+    import oracles
+
+    args = [np.asarray(a, dtype=np.float64) for a in inputs]
+    probe = backend.to_numpy(fn(*(backend.asarray(a) for a in args)))
+    r = backend.asarray(np.random.default_rng(seed).standard_normal(probe.shape))
+    xp = backend.xp
+
+    def loss(*xs: Any) -> Any:
+        return xp.sum(fn(*xs) * r)
+
+    compiled = backend.compile(loss)  # on JAX: one compilation, not one per operation and call
+    grads = backend.gradient(compiled, *(backend.asarray(a) for a in args))
+    numeric = oracles.finite_differences(lambda *a: float(compiled(*(backend.asarray(x) for x in a))), *args, h=h)
+    for k, (g, n) in enumerate(zip(grads, numeric)):
+        scale = max(1.0, float(np.max(np.abs(n))) if n.size else 1.0)
+        np.testing.assert_allclose(backend.to_numpy(g), n, rtol=rtol, atol=atol * scale,
+                                   err_msg=f"gradient with respect to argument {k}")

@@ -2,6 +2,18 @@
 
 Every test that takes ``backend`` runs once per backend of ``FASTRPB_BACKENDS``
 (default: all; GPU backends skip with their reason where there is no GPU).
+
+What a test needs from a backend is said by a marker, never by a skip in its body
+(in the spirit of array-api-extra's conftest and SciPy's ``xp_capabilities``); the
+``backend`` fixture skips, with the reason, where the backend lacks it:
+
+- ``@pytest.mark.jit``, ``grad``, ``fft``, ``gpu``, ``two_devices``: a capability
+  declared in ``backends.py`` (``CAPABILITIES`` below);
+- ``@pytest.mark.needs_dtype("bfloat16", ...)``: dtypes the test uses itself;
+- ``@pytest.mark.skip_backends("numpy", ..., reason=...)`` /
+  ``@pytest.mark.only_backends("torch", ..., reason=...)``: named backends;
+- ``@pytest.mark.uses_backend("torch", reason=...)`` on a test without the ``backend`` fixture
+  (an example script, a training run): skipped unless that backend is selected.
 """
 
 from __future__ import annotations
@@ -13,6 +25,15 @@ from backends import DTYPES, load, requested
 
 _LOADED: dict[str, object] = {}
 _SKIPPED: dict[str, str] = {}
+
+# marker -> (what the backend must have, why a backend without it skips)
+CAPABILITIES = {
+    "jit": (lambda b: b.jit is not None, "{name} has no jit"),
+    "grad": (lambda b: b.grad is not None, "{name} has no automatic differentiation"),
+    "fft": (lambda b: b.fft, "{name} has no FFT extension"),
+    "gpu": (lambda b: b.gpu, "{name} is not a GPU backend"),
+    "two_devices": (lambda b: b.other_device is not None, "{name} offers a single device here"),
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,12 +63,34 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("dtype", list(DTYPES), indirect=True, ids=list(DTYPES))
 
 
+def _unmet(node: pytest.Item, backend) -> str | None:
+    """Why ``backend`` cannot run the test ``node`` (from its markers), or None."""
+    for marker, (has, why) in CAPABILITIES.items():
+        if node.get_closest_marker(marker) is not None and not has(backend):
+            return why.format(name=backend.name)
+    for marker in node.iter_markers("needs_dtype"):
+        missing = [d for d in marker.args if d not in backend.dtypes]
+        if missing:
+            return f"{backend.name} has no {', '.join(missing)}"
+    for marker in node.iter_markers("skip_backends"):
+        if backend.name in marker.args:
+            return f"{backend.name}: {marker.kwargs['reason']}"
+    for marker in node.iter_markers("only_backends"):
+        if backend.name not in marker.args:
+            return f"{backend.name}: {marker.kwargs['reason']}"
+    return None
+
+
 @pytest.fixture
 def backend(request: pytest.FixtureRequest):
     name = request.param
     if name in _SKIPPED:
         pytest.skip(_SKIPPED[name])
-    return _LOADED[name]
+    loaded = _LOADED[name]
+    reason = _unmet(request.node, loaded)
+    if reason is not None:
+        pytest.skip(reason)
+    return loaded
 
 
 @pytest.fixture
@@ -61,3 +104,19 @@ def dtype(request: pytest.FixtureRequest, backend) -> str:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20220223)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("skip_backends"):
+        if "reason" not in marker.kwargs:
+            raise pytest.UsageError(f"{item.nodeid}: skip_backends needs reason=")
+    for marker in item.iter_markers("only_backends"):
+        if "reason" not in marker.kwargs:
+            raise pytest.UsageError(f"{item.nodeid}: only_backends needs reason=")
+    for marker in item.iter_markers("uses_backend"):
+        why = f" ({marker.kwargs['reason']})" if "reason" in marker.kwargs else ""
+        for name in marker.args:
+            if name in _SKIPPED:
+                pytest.skip(_SKIPPED[name] + why)
+            if name not in _LOADED:
+                pytest.skip(f"{name} is not in FASTRPB_BACKENDS{why}")

@@ -1,7 +1,9 @@
 """Dense float64 NumPy oracles for the attention tests, written from the definitions.
 
 Nothing here calls fastrpb: every oracle builds the full ``Lq x Lk`` matrix (kernel,
-logits or Toeplitz bias) from its formula, masks it and normalises it.
+logits or Toeplitz bias) from its formula, masks it and normalises it. The numeric
+derivative that the gradient checks compare with (``finite_differences``) lives here
+too; ``backends.check_gradients`` is the one checker built on it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,26 @@ def favor_log(x, w):
 def rff(x, w):
     wx = x @ w.T
     return np.concatenate([np.cos(wx), np.sin(wx)], axis=-1) / np.sqrt(w.shape[0])
+
+
+def taylor(x):
+    """Based's second-order Taylor features in fla's order: 1, x / d^(1/4), x_i^2 / sqrt(2d),
+    x_i x_j / sqrt(d) for i < j (row by row), so phi(q).phi(k) = 1 + s + s^2 / 2, s = q.k / sqrt(d)."""
+    d = x.shape[-1]
+    i, j = np.triu_indices(d, 1)
+    ones = np.ones((*x.shape[:-1], 1))
+    return np.concatenate([ones, x / d**0.25, x**2 / np.sqrt(2 * d), x[..., i] * x[..., j] / np.sqrt(d)], axis=-1)
+
+
+def hedgehog(x, w):
+    """Hedgehog features [softmax(x W^T), softmax(-x W^T)], each softmax over its m features."""
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    z = x @ w.T
+    return np.concatenate([softmax(z), softmax(-z)], axis=-1)
 
 
 # ------------------------------------------------------------------ attention
@@ -93,32 +115,82 @@ def softmax_attention(q, k, v, *, causal=False, key_mask=None, logits_bias=None,
 
 
 # ------------------------------------------------------------------ FastRPB
+# The one dense Toeplitz oracle of the suite: every test of rpb, rpb_nd, rpb_matrix,
+# the attention's FastRPB term and the layers builds its bias matrix here.
 
 
-def toeplitz(w, L, *, causal=False, skip=(0, 0)):
-    """B (..., L, L) with B[i, j] = w[M - 1 + i - j] on the tokens between the skips."""
-    w = np.asarray(w)
+def toeplitz(w, L, causal=False, *, skip=(0, 0)):
+    """B (..., L, L) with B[i, j] = w[M - 1 + i - j] on the tokens between the skips.
+
+    ``w`` (..., 2M - 1) holds offsets -(M - 1) .. M - 1; only the central entries a
+    sequence of the inner length needs are read. Skipped rows and columns are zero;
+    ``causal`` keeps j <= i.
+    """
+    w = np.asarray(w, dtype=np.float64)
     M = (w.shape[-1] + 1) // 2
     a, b = skip
     inner = L - a - b
+    i, j = np.arange(inner)[:, None], np.arange(inner)[None, :]
+    block = w[..., M - 1 + i - j]
+    if causal:
+        block = np.where(j <= i, block, 0.0)
     B = np.zeros((*w.shape[:-1], L, L))
-    for i in range(inner):
-        for j in range(inner):
-            if causal and j > i:
-                continue
-            B[..., a + i, a + j] = w[..., M - 1 + i - j]
+    B[..., a : a + inner, a : a + inner] = block
     return B
 
 
-def toeplitz_nd(tables, grid):
-    """Separable N-d bias matrix B[(p), (p')] = sum_a w_a(p_a - p'_a), row-major grid."""
+def toeplitz_nd(tables, grid, *, causal=False, skip=(0, 0)):
+    """Separable N-d bias B[..., (p), (p')] = sum_a w_a(p_a - p'_a), row-major grid.
+
+    ``tables[a]`` (..., 2M_a - 1) or None (no bias along that axis); leading
+    dimensions broadcast. causal=True keeps only the pairs whose p' comes no later
+    than p in raster (row-major) order, i.e. the lower triangle of the grid's
+    N x N block. With ``skip`` the grid sits between the skipped tokens and their
+    rows and columns are zero.
+    """
     positions = np.stack(np.unravel_index(np.arange(int(np.prod(grid))), grid), axis=-1)
-    L = positions.shape[0]
-    B = np.zeros((L, L))
+    N = positions.shape[0]
+    lead = np.broadcast_shapes(*(np.shape(w)[:-1] for w in tables if w is not None))
+    inner = np.zeros((*lead, N, N))
     for axis, w in enumerate(tables):
         if w is None:
             continue
+        w = np.asarray(w, dtype=np.float64)
         M = (w.shape[-1] + 1) // 2
         offsets = positions[:, None, axis] - positions[None, :, axis]
-        B = B + w[M - 1 + offsets]
+        inner = inner + w[..., M - 1 + offsets]
+    if causal:
+        inner = inner * np.tril(np.ones((N, N)))
+    a, b = skip
+    B = np.zeros((*lead, N + a + b, N + a + b))
+    B[..., a : a + N, a : a + N] = inner
     return B
+
+
+def rpb(v, w, causal=False, skip=(0, 0)):
+    """FastRPB's output B v (..., L, D), B the dense Toeplitz matrix of ``w``."""
+    return toeplitz(w, v.shape[-2], causal, skip=skip) @ v
+
+
+def rpb_nd(v, tables, grid, skip=(0, 0), causal=False):
+    """The N-d FastRPB output B v with B from ``toeplitz_nd``."""
+    return toeplitz_nd(tables, grid, causal=causal, skip=skip) @ v
+
+
+# ------------------------------------------------------------------ gradients
+
+
+def finite_differences(f, *args, h=1e-6):
+    """Central differences of the scalar ``f(*args)`` (NumPy float64) in every argument."""
+    args = [np.asarray(a, dtype=np.float64) for a in args]
+    grads = []
+    for k, x in enumerate(args):
+        g = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            plus = [a.copy() for a in args]
+            minus = [a.copy() for a in args]
+            plus[k][idx] += h
+            minus[k][idx] -= h
+            g[idx] = (f(*plus) - f(*minus)) / (2 * h)
+        grads.append(g)
+    return grads

@@ -1,8 +1,9 @@
 """The namespace layer's own helpers (pure Python: no backend involved)."""
 
+import numpy as np
 import pytest
 
-from fastrpb._compat import int_arg, next_fast_len
+from fastrpb._compat import MIN_API_VERSION, _next_fast_len_portable, int_arg, namespace, next_fast_len
 
 
 def _is_5_smooth(n: int) -> bool:
@@ -12,9 +13,10 @@ def _is_5_smooth(n: int) -> bool:
     return n == 1
 
 
-def test_next_fast_len_is_the_smallest_5_smooth_length():
+@pytest.mark.parametrize("fast_len", [pytest.param(next_fast_len, id="native"), pytest.param(_next_fast_len_portable, id="portable")])
+def test_next_fast_len_is_the_smallest_5_smooth_length(fast_len):
     for n in range(1, 3000):
-        m = next_fast_len(n)
+        m = fast_len(n)
         assert m >= n and _is_5_smooth(m), n
         assert not any(_is_5_smooth(k) for k in range(n, m)), n
 
@@ -33,3 +35,156 @@ def test_int_arg():
         int_arg("n", 2.0, minimum=0)
     with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         int_arg("n", 0, minimum=1)
+
+
+# --------------------------------------------------------------------------- array API version
+class _OldNamespace:
+    """A namespace that declares an older standard than fastrpb needs."""
+
+    __name__ = "old_array_library"
+    __array_api_version__ = "2022.12"
+
+
+class _OldArray:
+    shape = (2, 3)
+    dtype = "float64"
+    device = "cpu"
+
+    def __array_namespace__(self, api_version=None):
+        return _OldNamespace()
+
+
+def test_namespace_older_than_2023_12_is_rejected():
+    assert MIN_API_VERSION == "2023.12"
+    with pytest.raises(TypeError, match=r"2023\.12 or newer.*'old_array_library'.*'2022\.12'"):
+        namespace(v=_OldArray())
+
+
+def test_array_api_strict_at_2022_12_is_rejected(monkeypatch):
+    strict = pytest.importorskip("array_api_strict")
+    import fastrpb
+    from fastrpb import _compat
+
+    monkeypatch.setattr(_compat, "_NAMESPACES", {})  # forget namespaces resolved earlier
+    strict.set_array_api_strict_flags(api_version="2022.12")
+    try:
+        v = strict.asarray([[1.0, 2.0]])
+        with pytest.raises(TypeError, match=r"2023\.12 or newer.*'2022\.12'.*set_array_api_strict_flags"):
+            fastrpb.rpb(v, strict.asarray([0.5]))
+    finally:
+        strict.reset_array_api_strict_flags()
+    assert fastrpb.rpb(strict.asarray([[1.0, 2.0]]), strict.asarray([0.5])).shape == (1, 2)
+
+
+# --------------------------------------------------------------------------- JAX pytrees
+_FRESH_JIT = """
+import sys, threading
+import numpy as np
+import fastrpb  # before JAX: nothing of JAX is imported here
+assert "jax" not in sys.modules, "import fastrpb imported JAX"
+import jax, jax.numpy as jnp
+
+F, Dv = 4, 3
+rng = np.random.default_rng(0)
+S0, z0 = rng.random((F, Dv)), rng.random(F)
+q, k, v = (rng.standard_normal(n) for n in (F, F, Dv))
+# the first state of this process is built by the caller, not by fastrpb
+state = fastrpb.LinearAttentionState(S=jnp.asarray(S0), z=jnp.asarray(z0), offset=None, feature_map="elu")
+step = jax.jit(lambda s, q, k, v: fastrpb.linear_attention_step(s, q, k, v, feature_map="elu"))
+out, new = step(state, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+elu1 = lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+S1, z1 = S0 + np.outer(elu1(k), v), z0 + elu1(k)
+expected = elu1(q) @ S1 / (elu1(q) @ z1 + 1e-6)
+np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5)
+np.testing.assert_allclose(np.asarray(new.S), S1, rtol=1e-5)
+assert new.feature_map == "elu"
+print("jit ok")
+"""
+
+_FRESH_THREADS = """
+import threading
+import jax, jax.numpy as jnp
+import fastrpb
+
+errors = []
+barrier = threading.Barrier(8)
+
+def work(i):
+    try:
+        barrier.wait()
+        state = fastrpb.LinearAttentionState(S=jnp.zeros((4, 3)), z=jnp.zeros(4), offset=None, feature_map="elu")
+        out, _ = jax.jit(lambda s: fastrpb.linear_attention_step(s, jnp.ones(4), jnp.ones(4), jnp.ones(3)))(state)
+        assert out.shape == (3,)
+    except Exception as exc:  # reported below
+        errors.append(repr(exc))
+
+threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+print("threads ok")
+"""
+
+
+@pytest.mark.parametrize("script", [pytest.param(_FRESH_JIT, id="jit-first-state"), pytest.param(_FRESH_THREADS, id="8-threads")])
+def test_state_is_a_jax_pytree_in_a_fresh_process(script):
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- gaps of the standard, per backend
+@pytest.mark.parametrize("axis", [-1, -2, -3])
+def test_cumulative_max(backend, rng, axis):
+    from fastrpb._compat import cumulative_max
+
+    xn = rng.standard_normal((2, 5, 7, 3))
+    got = backend.to_numpy(cumulative_max(backend.xp, backend.asarray(xn), axis))
+    np.testing.assert_array_equal(got, np.maximum.accumulate(xn, axis=axis))
+
+
+@pytest.mark.parametrize(
+    "before, after, axis, value",
+    [pytest.param(2, 1, -2, 0.0, id="rows"), pytest.param(0, 3, -1, -np.inf, id="end-neg-inf"), pytest.param(1, 0, -3, 5.0, id="start")],
+)
+def test_pad_axis(backend, rng, before, after, axis, value):
+    from fastrpb._compat import pad_axis
+
+    xn = rng.standard_normal((2, 4, 3))
+    widths = [(0, 0)] * 3
+    widths[axis] = (before, after)
+    got = backend.to_numpy(pad_axis(backend.xp, backend.asarray(xn), before, after, axis=axis, value=value))
+    np.testing.assert_array_equal(got, np.pad(xn, widths, constant_values=value))
+
+
+@pytest.mark.parametrize("s", [0, 1, 3, 9])
+def test_shift(backend, rng, s):
+    from fastrpb._compat import shift
+
+    xn = rng.standard_normal((2, 4, 3))
+    expected = np.full_like(xn, -np.inf)
+    expected[:, min(s, 4):, :] = xn[:, : 4 - min(s, 4), :]
+    got = backend.to_numpy(shift(backend.xp, backend.asarray(xn), s, -2, -np.inf))
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        pytest.param([(2, 1), (3,)], (2, 3), id="stretch"),
+        pytest.param([(1,), (0,)], (0,), id="one-and-zero"),
+        pytest.param([(0, 1), (1, 4)], (0, 4), id="empty-batch"),
+        pytest.param([(), (5, 2)], (5, 2), id="scalar"),
+    ],
+)
+def test_broadcast_shapes(shapes, expected):
+    from fastrpb._validate import broadcast_shapes
+
+    assert broadcast_shapes(*shapes) == expected == np.broadcast_shapes(*shapes)

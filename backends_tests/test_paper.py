@@ -16,17 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from backends import requested
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.paper import data as paper_data
-
-
-def _torch_selected() -> bool:
-    names, _ = requested()
-    return "torch" in names
 
 
 def test_listops_semantics():
@@ -75,9 +69,8 @@ def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.uses_backend("torch", reason="the paper benchmark trains PyTorch models")
 def test_quick_run_end_to_end(tmp_path: Path):
-    if not _torch_selected():
-        pytest.skip("the paper benchmark trains PyTorch models; torch is not in FASTRPB_BACKENDS")
     out = tmp_path / "paper"
     proc = _run(out)
     assert proc.returncode == 0, f"--quick failed:\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
@@ -96,7 +89,7 @@ def test_quick_run_end_to_end(tmp_path: Path):
     p = {(r["task"], r["variant"]): r["n_params"] for r in res["runs"]}
     for t in res["tasks"]:
         assert p[(t, "elu")] == p[(t, "sikf")] == p[(t, "softmax")] < p[(t, "sikf+rpb")] == p[(t, "softmax+logits")]
-    assert res["versions"]["torch"] and res["machine"]["cpus"]
+    assert res["versions"]["torch"] and res["machine"]["logical_cpus"]
     table = (out / "results.md").read_text()
     assert "| model | test accuracy" in table and "linear, SIKF + FastRPB" in table
     assert (out / "curves.png").stat().st_size > 10_000
@@ -125,10 +118,9 @@ def test_quick_run_end_to_end(tmp_path: Path):
     assert "## Further sweep" in text and "## Summary" in text and "identical test accuracies" in text
 
 
+@pytest.mark.uses_backend("torch", reason="the paper models are PyTorch modules")
 def test_logits_bias_is_the_same_table_as_fastrpb():
     """The softmax+logits variant's dense bias is the matrix that FastRPB applies to v."""
-    if not _torch_selected():
-        pytest.skip("the paper models are PyTorch modules; torch is not in FASTRPB_BACKENDS")
     import torch
 
     import fastrpb
@@ -170,10 +162,9 @@ def test_ar_quantise_levels_and_pooling():
         assert np.array_equal(decode_samples(encode_samples(x, levels), levels), x)
 
 
+@pytest.mark.uses_backend("torch", reason="the paper models are PyTorch modules")
 def test_ar_decoding_reproduces_the_causal_forward_pass():
     """The sampling path (layer ``step`` / KV cache) computes the same logits as training's forward pass."""
-    if not _torch_selected():
-        pytest.skip("the paper models are PyTorch modules; torch is not in FASTRPB_BACKENDS")
     import torch
 
     from benchmarks.paper.armodel import PixelTransformer, default_variants
@@ -200,9 +191,8 @@ def test_ar_decoding_reproduces_the_causal_forward_pass():
 
 
 @pytest.mark.slow
+@pytest.mark.uses_backend("torch", reason="the autoregressive benchmark trains PyTorch models")
 def test_ar_quick_run_end_to_end(tmp_path: Path):
-    if not _torch_selected():
-        pytest.skip("the paper benchmark trains PyTorch models; torch is not in FASTRPB_BACKENDS")
     import math
 
     from benchmarks.paper.armodel import default_variants
@@ -252,10 +242,9 @@ def test_presets_on_the_command_line():
         parse(["--quick", "--preset", "listops-short"])
 
 
+@pytest.mark.uses_backend("torch", reason="the paper models are PyTorch modules")
 def test_ar_decoding_cost_measurement_runs():
     """``ardecode`` times both decoding paths from a real prefilled state (smoke test of the measurement)."""
-    if not _torch_selected():
-        pytest.skip("the paper models are PyTorch modules; torch is not in FASTRPB_BACKENDS")
     from benchmarks.paper.ardecode import measure, table
 
     res = measure(widths=((8, 2),), positions=(5, 9), batch=2, reps=2, rounds=1)

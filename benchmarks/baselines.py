@@ -14,7 +14,14 @@ from fastrpb._compat import next_fast_len
 
 
 def fft_module(bench: Any) -> SimpleNamespace:
-    """``rfft(x, n, axis)`` / ``irfft(x, n, axis)`` / ``swap(x)`` / ``cat`` / ``zeros``, natively."""
+    """The framework's own operations the baselines are written in, one namespace per library.
+
+    ``rfft(x, n, axis)`` / ``irfft(x, n, axis)``, ``swap`` (last two axes), ``cat`` (last
+    axis), ``cat3`` (axis -3), ``zeros``/``ones(shape, like)``, ``zeros_like``, ``matmul``,
+    ``einsum``, ``stack``, ``tril``, ``sum(x, axis)`` (keeping the axis), ``cumsum(x, axis)``
+    and ``cumsum_(x, axis)``: in place where the library can (NumPy, PyTorch), which keeps
+    the naive causal reference's largest buffer single.
+    """
     name = bench.name
     if name == "numpy":
         import numpy as np
@@ -29,8 +36,11 @@ def fft_module(bench: Any) -> SimpleNamespace:
             irfft = lambda x, n, axis: np.fft.irfft(x, n=n, axis=axis)  # noqa: E731
         return SimpleNamespace(
             rfft=rfft, irfft=irfft, swap=lambda x: np.swapaxes(x, -1, -2),
-            cat=lambda xs: np.concatenate(xs, axis=-1), zeros=lambda s, like: np.zeros(s, dtype=like.dtype),
-            matmul=np.matmul,
+            cat=lambda xs: np.concatenate(xs, axis=-1), cat3=lambda xs: np.concatenate(xs, axis=-3),
+            zeros=lambda s, like: np.zeros(s, dtype=like.dtype), ones=lambda s, like: np.ones(s, dtype=like.dtype),
+            zeros_like=np.zeros_like, matmul=np.matmul, einsum=np.einsum, stack=np.stack, tril=np.tril,
+            sum=lambda x, axis: np.sum(x, axis=axis, keepdims=True),
+            cumsum=lambda x, axis: np.cumsum(x, axis=axis), cumsum_=lambda x, axis: np.cumsum(x, axis=axis, out=x),
         )
     if name.startswith("torch"):
         import torch
@@ -39,33 +49,30 @@ def fft_module(bench: Any) -> SimpleNamespace:
             rfft=lambda x, n, axis: torch.fft.rfft(x, n=n, dim=axis),
             irfft=lambda x, n, axis: torch.fft.irfft(x, n=n, dim=axis),
             swap=lambda x: x.transpose(-1, -2),
-            cat=lambda xs: torch.cat(xs, dim=-1),
+            cat=lambda xs: torch.cat(xs, dim=-1), cat3=lambda xs: torch.cat(xs, dim=-3),
             zeros=lambda s, like: torch.zeros(s, dtype=like.dtype, device=like.device),
-            matmul=torch.matmul,
+            ones=lambda s, like: torch.ones(s, dtype=like.dtype, device=like.device),
+            zeros_like=torch.zeros_like, matmul=torch.matmul, einsum=torch.einsum, stack=torch.stack, tril=torch.tril,
+            sum=lambda x, axis: torch.sum(x, dim=axis, keepdim=True),
+            cumsum=lambda x, axis: torch.cumsum(x, dim=axis), cumsum_=lambda x, axis: torch.cumsum(x, dim=axis, out=x),
         )
-    if name.startswith("jax"):
-        import jax.numpy as jnp
-
+    if name.startswith("jax") or name == "cupy":
+        if name == "cupy":
+            import cupy as lib
+        else:
+            import jax.numpy as lib
+        # JAX arrays are immutable, and CuPy's cumsum has no out=: both functional
         return SimpleNamespace(
-            rfft=lambda x, n, axis: jnp.fft.rfft(x, n=n, axis=axis),
-            irfft=lambda x, n, axis: jnp.fft.irfft(x, n=n, axis=axis),
-            swap=lambda x: jnp.swapaxes(x, -1, -2),
-            cat=lambda xs: jnp.concatenate(xs, axis=-1),
-            zeros=lambda s, like: jnp.zeros(s, dtype=like.dtype),
-            matmul=jnp.matmul,
+            rfft=lambda x, n, axis: lib.fft.rfft(x, n=n, axis=axis),
+            irfft=lambda x, n, axis: lib.fft.irfft(x, n=n, axis=axis),
+            swap=lambda x: lib.swapaxes(x, -1, -2),
+            cat=lambda xs: lib.concatenate(xs, axis=-1), cat3=lambda xs: lib.concatenate(xs, axis=-3),
+            zeros=lambda s, like: lib.zeros(s, dtype=like.dtype), ones=lambda s, like: lib.ones(s, dtype=like.dtype),
+            zeros_like=lib.zeros_like, matmul=lib.matmul, einsum=lib.einsum, stack=lib.stack, tril=lib.tril,
+            sum=lambda x, axis: lib.sum(x, axis=axis, keepdims=True),
+            cumsum=lambda x, axis: lib.cumsum(x, axis=axis), cumsum_=lambda x, axis: lib.cumsum(x, axis=axis),
         )
-    if name == "cupy":
-        import cupy
-
-        return SimpleNamespace(
-            rfft=lambda x, n, axis: cupy.fft.rfft(x, n=n, axis=axis),
-            irfft=lambda x, n, axis: cupy.fft.irfft(x, n=n, axis=axis),
-            swap=lambda x: cupy.swapaxes(x, -1, -2),
-            cat=lambda xs: cupy.concatenate(xs, axis=-1),
-            zeros=lambda s, like: cupy.zeros(s, dtype=like.dtype),
-            matmul=cupy.matmul,
-        )
-    raise ValueError(name)
+    raise ValueError(f"no native baselines for backend {name!r}")
 
 
 # ------------------------------------------------------------------------- FastRPB
@@ -161,46 +168,14 @@ def attention_native(bench: Any, eps: float = 1e-6):
     """
     elu1 = _elu1(bench)
     f = fft_module(bench)
-    total = _sum_rows(bench)
 
     def native(q: Any, k: Any, v: Any) -> Any:
         fq, fk = elu1(q), elu1(k)
         num = f.matmul(fq, f.matmul(f.swap(fk), v))
-        den = f.matmul(fq, f.swap(total(fk)))
+        den = f.matmul(fq, f.swap(f.sum(fk, -2)))
         return num / (den + eps)
 
     return native
-
-
-def _sum_rows(bench: Any):
-    """``sum(x, axis=-2, keepdims=True)`` natively."""
-    if bench.name.startswith("torch"):
-        import torch
-
-        return lambda x: torch.sum(x, dim=-2, keepdim=True)
-    mod = {"numpy": "numpy", "cupy": "cupy"}.get(bench.name, "jax.numpy")
-    import importlib
-
-    lib = importlib.import_module(mod)
-    return lambda x: lib.sum(x, axis=-2, keepdims=True)
-
-
-def _ones(bench: Any):
-    if bench.name == "numpy":
-        import numpy as np
-
-        return lambda s, like: np.ones(s, dtype=like.dtype)
-    if bench.name.startswith("torch"):
-        import torch
-
-        return lambda s, like: torch.ones(s, dtype=like.dtype, device=like.device)
-    if bench.name.startswith("jax"):
-        import jax.numpy as jnp
-
-        return lambda s, like: jnp.ones(s, dtype=like.dtype)
-    import cupy
-
-    return lambda s, like: cupy.ones(s, dtype=like.dtype)
 
 
 def matmul_roofline(bench: Any):
@@ -217,55 +192,19 @@ def causal_naive(bench: Any, eps: float = 1e-6):
     ``L F Dv`` numbers (the cost per head is the same).
     """
     elu1 = _elu1(bench)
-    name = bench.name
-    if name == "numpy":
-        import numpy as np
+    f = fft_module(bench)
 
-        def one(fq, fk, v):
-            S = fk[:, :, None] * v[:, None, :]
-            np.cumsum(S, axis=0, out=S)
-            num = np.einsum("lf,lfd->ld", fq, S)
-            den = np.sum(fq * np.cumsum(fk, axis=0), axis=-1, keepdims=True)
-            return num / (den + eps)
-
-        stack = lambda xs: np.stack(xs)  # noqa: E731
-    elif name.startswith("torch"):
-        import torch
-
-        def one(fq, fk, v):
-            S = fk[:, :, None] * v[:, None, :]
-            S = torch.cumsum(S, dim=0, out=S)
-            num = torch.einsum("lf,lfd->ld", fq, S)
-            den = torch.sum(fq * torch.cumsum(fk, dim=0), dim=-1, keepdim=True)
-            return num / (den + eps)
-
-        stack = torch.stack
-    elif name.startswith("jax"):
-        import jax.numpy as jnp
-
-        def one(fq, fk, v):
-            S = jnp.cumsum(fk[:, :, None] * v[:, None, :], axis=0)
-            num = jnp.einsum("lf,lfd->ld", fq, S)
-            den = jnp.sum(fq * jnp.cumsum(fk, axis=0), axis=-1, keepdims=True)
-            return num / (den + eps)
-
-        stack = jnp.stack
-    else:
-        import cupy
-
-        def one(fq, fk, v):
-            S = cupy.cumsum(fk[:, :, None] * v[:, None, :], axis=0)
-            num = cupy.einsum("lf,lfd->ld", fq, S)
-            den = cupy.sum(fq * cupy.cumsum(fk, axis=0), axis=-1, keepdims=True)
-            return num / (den + eps)
-
-        stack = cupy.stack
+    def one(fq: Any, fk: Any, v: Any) -> Any:
+        S = f.cumsum_(fk[:, :, None] * v[:, None, :], 0)
+        num = f.einsum("lf,lfd->ld", fq, S)
+        den = f.sum(fq * f.cumsum(fk, 0), -1)
+        return num / (den + eps)
 
     def naive(q: Any, k: Any, v: Any) -> Any:
         B, H = q.shape[0], q.shape[1]
         fq, fk = elu1(q), elu1(k)
-        rows = [stack([one(fq[b, h], fk[b, h], v[b, h]) for h in range(H)]) for b in range(B)]
-        return stack(rows)
+        rows = [f.stack([one(fq[b, h], fk[b, h], v[b, h]) for h in range(H)]) for b in range(B)]
+        return f.stack(rows)
 
     return naive
 
@@ -278,41 +217,19 @@ def causal_chunked(bench: Any, chunk: int = 64, eps: float = 1e-6):
     """
     elu1 = _elu1(bench)
     f = fft_module(bench)
-    ones = _ones(bench)
-    name = bench.name
-    if name == "numpy":
-        import numpy as np
-
-        tril, cumsum, zeros_like = np.tril, (lambda x: np.cumsum(x, axis=-3)), np.zeros_like
-        cat3 = lambda xs: np.concatenate(xs, axis=-3)  # noqa: E731
-    elif name.startswith("torch"):
-        import torch
-
-        tril, cumsum, zeros_like = torch.tril, (lambda x: torch.cumsum(x, dim=-3)), torch.zeros_like
-        cat3 = lambda xs: torch.cat(xs, dim=-3)  # noqa: E731
-    elif name.startswith("jax"):
-        import jax.numpy as jnp
-
-        tril, cumsum, zeros_like = jnp.tril, (lambda x: jnp.cumsum(x, axis=-3)), jnp.zeros_like
-        cat3 = lambda xs: jnp.concatenate(xs, axis=-3)  # noqa: E731
-    else:
-        import cupy
-
-        tril, cumsum, zeros_like = cupy.tril, (lambda x: cupy.cumsum(x, axis=-3)), cupy.zeros_like
-        cat3 = lambda xs: cupy.concatenate(xs, axis=-3)  # noqa: E731
 
     def chunked(q: Any, k: Any, v: Any) -> Any:
         *lead, L, D = q.shape
         C = min(chunk, L)
         N = L // C
-        v1 = f.cat([v, ones((*v.shape[:-1], 1), v)])
+        v1 = f.cat([v, f.ones((*v.shape[:-1], 1), v)])
         qc = elu1(q).reshape(*lead, N, C, D)
         kc = elu1(k).reshape(*lead, N, C, D)
         vc = v1.reshape(*lead, N, C, v1.shape[-1])
-        y = f.matmul(tril(f.matmul(qc, f.swap(kc))), vc)
+        y = f.matmul(f.tril(f.matmul(qc, f.swap(kc))), vc)
         states = f.matmul(f.swap(kc), vc)
-        prefix = cumsum(states)
-        before = cat3([zeros_like(states[..., :1, :, :]), prefix[..., :-1, :, :]])
+        prefix = f.cumsum(states, -3)
+        before = f.cat3([f.zeros_like(states[..., :1, :, :]), prefix[..., :-1, :, :]])
         y = (y + f.matmul(qc, before)).reshape(*lead, L, v1.shape[-1])
         return y[..., :-1] / (y[..., -1:] + eps)
 
@@ -341,28 +258,12 @@ def step_native(bench: Any, eps: float = 1e-6):
     """One decoding step by hand, functional like the library's (the state is not mutated)."""
     elu1 = _elu1(bench)
     f = fft_module(bench)
-    if bench.name == "numpy":
-        import numpy as np
-
-        total = lambda x: np.sum(x, axis=-1, keepdims=True)  # noqa: E731
-    elif bench.name.startswith("torch"):
-        import torch
-
-        total = lambda x: torch.sum(x, dim=-1, keepdim=True)  # noqa: E731
-    elif bench.name.startswith("jax"):
-        import jax.numpy as jnp
-
-        total = lambda x: jnp.sum(x, axis=-1, keepdims=True)  # noqa: E731
-    else:
-        import cupy
-
-        total = lambda x: cupy.sum(x, axis=-1, keepdims=True)  # noqa: E731
 
     def step(S: Any, z: Any, q: Any, k: Any, v: Any) -> tuple[Any, Any, Any]:
         fq, fk = elu1(q), elu1(k)
         S = S + fk[..., :, None] * v[..., None, :]
         z = z + fk
         num = f.matmul(fq[..., None, :], S)[..., 0, :]
-        return num / (total(fq * z) + eps), S, z
+        return num / (f.sum(fq * z, -1) + eps), S, z
 
     return step

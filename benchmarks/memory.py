@@ -81,10 +81,11 @@ def measure_call(bench, fn, warm_up: bool = True) -> dict:
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
-    from .backends import load
+    from backends_tests.backends import make
+
     from .cases import CASES
 
-    bench = load(spec["backend"], spec["dtype"])
+    bench = make(spec["backend"], x64=spec["dtype"] == "float64")
     if os.environ.get("FASTRPB_BENCH_THREADS") and bench.name.startswith("torch"):
         bench.native.set_num_threads(int(os.environ["FASTRPB_BENCH_THREADS"]))
     case = CASES[spec["case"]]

@@ -2,76 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import importlib
 import json
-import math
 import os
-import platform
-import subprocess
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-
-# ------------------------------------------------------------------------- machine
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = dict(
-        date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        cpu=_cpu_model(), logical_cpus=os.cpu_count(), platform=platform.platform(),
-        python=sys.version.split()[0], load_average_start=load_average(),
-    )
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for mod in ("fastrpb", "numpy", "scipy", "torch", "jax", "jaxlib", "cupy", "array_api_compat", "array_api_extra"):
-        try:
-            out[mod] = str(getattr(importlib.import_module(mod), "__version__", "?"))
-        except ImportError:
-            continue
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out["git_commit"] = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):  # pragma: no cover
-        pass
-    return out
+from .environment import describe_versions
 
 
 # ------------------------------------------------------------------------- targets
@@ -184,10 +122,11 @@ def markdown(payload: dict) -> str:
     lines = [
         "# fastrpb benchmark results", "",
         f"- Date: {m['date_utc']}; wall time {payload['wall_s']:.0f} s",
-        f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m.get('memory_gib', '?')} GiB RAM"
+        f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m.get('usable_cpus', m['logical_cpus'])} usable), "
+        f"{m.get('memory_gib', '?')} GiB RAM"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + f"; load average {m.get('load_average_start')} at start, {m.get('load_average_end')} at end",
-        f"- {m['platform']}, Python {m['python']}; " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- {m['platform']}, Python {m['python']}; " + describe_versions({k: val for k, val in v.items() if k != "python"}),
         f"- dtype {cfg['dtype']}, batch 1, 8 heads, 64 features; up to {cfg['repeats']} interleaved rounds "
         f"(fewer, but at least 3, when a comparison would exceed {cfg['budget']} s), median per variant",
         "- Times in milliseconds. `speedup` = t(reference) / t(fastrpb): above 1, the library is faster. "

@@ -15,10 +15,15 @@ import sys
 import time
 from typing import Any
 
-from . import report
-from .backends import ALL, CPU, available
+from backends_tests.backends import ALL_BACKENDS, Backend, Unavailable, make
+
+from . import environment, report
 from .cases import CASES
 from .timing import measure, paired_ratio
+
+# the test suite's registry (backends_tests/backends.py), less array-api-strict: a
+# conformance check of the code, not a library anyone runs for speed
+ALL = tuple(name for name in ALL_BACKENDS if name != "array_api_strict")
 
 DEFAULT_SIZES = (256, 1024, 4096, 16384, 65536, 262144)
 QUICK_SIZES = (256, 1024)
@@ -75,6 +80,20 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         min_sample=0.002 if args.quick else 0.005, cap_bytes=int(args.cap_gib * 2**30),
         quick=bool(args.quick), memory=not args.no_memory, threads=args.threads, jobs=max(1, args.jobs),
     )
+
+
+def available(names: tuple[str, ...], dtype: str) -> tuple[dict[str, Backend], dict[str, str]]:
+    """Load the named backends; return (loaded, {name: reason skipped})."""
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        raise SystemExit(f"unknown backends {unknown}; known: {', '.join(ALL)}")
+    loaded, skipped = {}, {}
+    for name in names:
+        try:
+            loaded[name] = make(name, x64=dtype == "float64")
+        except (Unavailable, ImportError) as exc:
+            skipped[name] = str(exc) if isinstance(exc, Unavailable) else f"its library is not installed ({exc})"
+    return loaded, skipped
 
 
 def _progress(total: int, disable: bool, desc: str):
@@ -208,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(cfg["threads"])
-    machine = report.machine_info()
+    machine = environment.machine()
     results = run_timing(cfg, benches, progress)
     if cfg["memory"]:
         run_memory(cfg, results, progress, args.out)
-    machine["load_average_end"] = report.load_average()
-    payload = dict(config={k: v for k, v in cfg.items()}, machine=machine, versions=report.versions(),
+    machine["load_average_end"] = environment.load_average()
+    payload = dict(config={k: v for k, v in cfg.items()}, machine=machine, versions=environment.versions(),
                    skipped_backends=skipped, results=results, wall_s=time.time() - t0)
     payload["targets"] = report.evaluate_targets(results)
     payload["crossovers"] = report.crossovers(results)

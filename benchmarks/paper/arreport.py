@@ -242,7 +242,7 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         (f"Command: `PYTHONPATH=src:. {meta['command']}` (config hash `{meta['config_hash']}`, "
          f"{meta['sweep_wall_s'] / 60:.0f} min with {meta['jobs']} worker(s) of {s['threads']} thread; "
          f"load average {meta['loadavg_start'][0]:.1f} at the start and {meta['loadavg_end'][0]:.1f} at the end on "
-         f"{m.get('affinity_cpus', m.get('cpus'))} cores: times are indicative). Raw runs: `{results_arg}`."),
+         f"{m.get('usable_cpus', m.get('affinity_cpus', m.get('cpus')))} cores: times are indicative). Raw runs: `{results_arg}`."),
         "",
         table(runs, meta),
         "",

@@ -311,7 +311,7 @@ def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jo
     import multiprocessing as mp
 
     from . import arreport
-    from .runner import machine, versions
+    from ..environment import machine, versions
 
     code = code_digest()
     h = config_hash(s, code)

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from ..environment import describe_versions
+
 TASK_TITLES = {"fmnist": "Fashion-MNIST (784 pixels + class token, 2-d FastRPB)",
                "listops": "ListOps (generated, LRA definition, 1-d FastRPB)"}
 LRA_LISTOPS = {"Transformer": 36.37, "Linear Transformer": 16.13, "Performer": 18.01, "chance": 10.0}
@@ -229,10 +231,10 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
         f"- Config hash `{results['config_hash']}` (settings and code); finished {results['finished_utc']}, "
         f"sweep wall time {results['sweep_wall_s'] / 60:.1f} min with {results['jobs']} worker(s) of "
         f"{s['threads']} thread(s) each.",
-        f"- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("git_commit", "git_dirty")) +
-        (f"; git commit `{v['git_commit'][:10]}`{' (uncommitted changes)' if v.get('git_dirty') else ''}" if v.get("git_commit") else "") + ".",
-        f"- Machine: {m.get('cpu', '?')}, {m.get('affinity_cpus', m.get('cpus'))} CPU cores usable, "
-        f"{m.get('mem_gb', '?')} GB RAM, {m.get('platform')}. Load average "
+        "- Versions: " + describe_versions(v) + ".",
+        # the older key names (affinity_cpus, cpus, mem_gb) read the results of earlier runs
+        f"- Machine: {m.get('cpu', '?')}, {m.get('usable_cpus', m.get('affinity_cpus', m.get('cpus')))} CPU cores usable, "
+        f"{m.get('memory_gib', m.get('mem_gb', '?'))} GB RAM, {m.get('platform')}. Load average "
         f"{results['loadavg_start'][0]:.1f} at the start and {results['loadavg_end'][0]:.1f} at the end: the machine "
         "was shared, so times are indicative; compare them within a task.",
         f"- Seeds: {', '.join(map(str, results['seeds']))} (initialisation, FastRPB tables and batch order; the data are fixed).",

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..environment import machine, versions
 from .settings import Settings, code_digest, config_hash
 from .train import TaskData, load_task, task_stats, train_one, warm_imports
 
@@ -78,49 +77,6 @@ def _timing_worker(d: TaskData, variants: list[str], s: Settings, h: str, path: 
         _atomic_write(Path(path).with_suffix(".error.json"), json.dumps({"error": traceback.format_exc()}))
         os._exit(1)
     os._exit(0)
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    import fastrpb
-
-    out = {"python": platform.python_version(), "fastrpb": fastrpb.__version__}
-    for pkg in ("torch", "numpy", "array-api-compat", "tqdm", "matplotlib"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    try:
-        root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        out["git_commit"] = commit or None
-        out["git_dirty"] = bool(dirty)
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["mem_gb"] = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:
-        pass
-    try:
-        info["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    return info
 
 
 def summarise(runs: list[dict]) -> list[dict]:

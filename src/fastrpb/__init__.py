@@ -9,11 +9,13 @@ Encoding for Long Sequence Tasks" (arXiv:2202.11364).
 
 from . import feature_maps
 from .attention import LinearAttentionState, linear_attention, linear_attention_step, softmax_attention
-from .bias import rpb, rpb_init, rpb_matrix, rpb_nd, symmetric_table
+from .bias import RPBState, rpb, rpb_init, rpb_matrix, rpb_nd, rpb_step, symmetric_table
 from .feature_maps import random_projection
 
 __all__ = [
     "rpb",
+    "rpb_step",
+    "RPBState",
     "rpb_nd",
     "rpb_matrix",
     "symmetric_table",
@@ -31,7 +33,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The framework layers load only on request: ``fastrpb.torch`` / ``fastrpb.flax``
     # (or ``import fastrpb.torch``); ``import fastrpb`` never imports a framework.
-    if name in ("torch", "flax"):
+    # ``fastrpb.torch.LinearMultiheadAttention`` is the drop-in for
+    # ``torch.nn.MultiheadAttention``; ``fastrpb.torch/flax.MultiheadLinearAttention``
+    # the layers of fastrpb's own conventions (key_mask True = keep).
+    # ``fastrpb.parallel`` (sequence parallelism) loads the same way.
+    if name in ("torch", "flax", "parallel"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -1,22 +1,31 @@
-"""What the PyTorch and Flax layers share: argument checks and the decoding cache.
+"""What the PyTorch and Flax layers share, written once against the array API.
 
-No maths lives here (that is the functional core) and no framework is imported: the
-layers in ``fastrpb.torch`` and ``fastrpb.flax`` own parameters, reshape heads and
-call ``fastrpb.linear_attention``, ``fastrpb.rpb`` and ``fastrpb.rpb_nd``.
+No maths lives here (that is the functional core) and no framework is imported. The
+mixins below hold every check, every attribute and every forward computation of the
+layers; ``fastrpb.torch`` and ``fastrpb.flax`` add only what differs between the
+frameworks: how a parameter or buffer is created and read (``_table``, ``_tables``,
+``_owned``) and the module protocol (``forward`` / ``__call__``, docstrings).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
-from ._compat import device_of, int_arg, namespace
+from ._compat import device_of, grid_arg, int_arg, namespace, skip_arg
 from .attention import linear_attention, linear_attention_step
+from .bias import rpb, rpb_matrix, rpb_nd, symmetric_table
+from .feature_maps import FeatureMap, resolve
 
-__all__ = ["LayerCache", "AttentionLayer", "check_axes", "check_heads"]
+__all__ = ["AttentionLayer", "BiasLayer", "BiasNdLayer", "LayerCache", "check_axes", "check_heads"]
 
 
 class LayerCache(NamedTuple):
     """Decoding cache of a ``MultiheadLinearAttention`` layer.
+
+    A ``NamedTuple`` (a pytree in JAX): new fields get defaults, so code that builds
+    or unpacks the first two keeps working.
 
     Attributes
     ----------
@@ -45,7 +54,7 @@ def check_axes(axes: Any, grid: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(range(len(grid)))
     if not isinstance(axes, (tuple, list)) or len(axes) == 0:
         raise TypeError(f"axes must be a non-empty sequence of grid axes, got {axes!r}")
-    out = []
+    out: list[int] = []
     for a in axes:
         a = int_arg("axes entry", a, minimum=0)
         if a >= len(grid):
@@ -56,16 +65,112 @@ def check_axes(axes: Any, grid: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def check_layer_rpb(rpb: Any, heads: int, causal: bool, *, kind: type, kind_nd: type) -> None:
+# --------------------------------------------------------------------------- bias
+class BiasLayer:
+    """``FastRPB``: one Toeplitz table, applied by ``fastrpb.rpb``.
+
+    The framework class creates the parameter (``table``: the full ``(heads, 2M - 1)``
+    table, or ``h: (heads, M)`` when symmetric) and reads it back with ``_table``.
+    """
+
+    heads: int | None
+    max_len: int
+    causal: bool
+    symmetric: bool
+    skip: tuple[int, int]
+
+    def _configure(self, heads: Any, max_len: Any, causal: Any, symmetric: Any, skip: Any) -> None:
+        self.heads = check_heads(heads)
+        self.max_len = int_arg("max_len", max_len, minimum=1)
+        self.causal = bool(causal)
+        self.symmetric = bool(symmetric)
+        self.skip = skip_arg(skip)
+
+    def _table(self) -> Any:
+        """The stored parameter as an array of the framework."""
+        raise NotImplementedError
+
+    def weights(self) -> Any:
+        """The full table ``(heads, 2 max_len - 1)`` (expanded from ``h`` when symmetric)."""
+        table = self._table()
+        return symmetric_table(table) if self.symmetric else table
+
+    def _bias_of(self, v: Any) -> Any:
+        return rpb(v, self.weights(), causal=self.causal, skip=self.skip)
+
+    def matrix(self, L: int) -> Any:
+        """The dense ``(heads, L, L)`` matrix ``B``, e.g. as a softmax logits bias."""
+        return rpb_matrix(self.weights(), L, causal=self.causal)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.heads}, max_len={self.max_len}, causal={self.causal}, "
+            f"symmetric={self.symmetric}, skip={self.skip}"
+        )
+
+
+class BiasNdLayer:
+    """``FastRPBnd``: one table per biased grid axis (or one shared), applied by ``fastrpb.rpb_nd``.
+
+    The framework class creates one parameter per entry of ``lengths`` and reads them
+    back with ``_tables``.
+    """
+
+    heads: int | None
+    grid: tuple[int, ...]
+    axes: tuple[int, ...]
+    share: bool
+    symmetric: bool
+    skip: tuple[int, int]
+    causal: bool = False  # the N-d bias looks in every direction
+
+    def _configure(self, heads: Any, grid: Any, axes: Any, share: Any, symmetric: Any, skip: Any) -> None:
+        self.heads = check_heads(heads)
+        self.grid = grid_arg(grid)
+        self.axes = check_axes(axes, self.grid)
+        self.share = bool(share)
+        self.symmetric = bool(symmetric)
+        self.skip = skip_arg(skip)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The ``max_len`` of each stored table: one per biased axis, or one for all (``share``)."""
+        if self.share:
+            return [max(self.grid[a] for a in self.axes)]
+        return [self.grid[a] for a in self.axes]
+
+    def _tables(self) -> list[Any]:
+        """The stored parameters as arrays of the framework, in the order of ``lengths``."""
+        raise NotImplementedError
+
+    def weights(self) -> list[Any | None]:
+        """One full table (or ``None``) per grid axis, as ``fastrpb.rpb_nd`` takes them."""
+        full = [symmetric_table(t) if self.symmetric else t for t in self._tables()]
+        out: list[Any | None] = [None] * len(self.grid)
+        for n, a in enumerate(self.axes):
+            out[a] = full[0] if self.share else full[n]
+        return out
+
+    def _bias_of(self, v: Any) -> Any:
+        return rpb_nd(v, self.weights(), self.grid, skip=self.skip)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.heads}, grid={self.grid}, axes={self.axes}, share={self.share}, "
+            f"symmetric={self.symmetric}, skip={self.skip}"
+        )
+
+
+def check_layer_rpb(rpb: Any, heads: int, causal: bool) -> None:
     """A FastRPB module given to an attention layer must fit its heads and causality."""
-    if not isinstance(rpb, (kind, kind_nd)):
+    if not isinstance(rpb, (BiasLayer, BiasNdLayer)):
         raise TypeError(
             f"rpb must be None, an int (the table's max_len) or a FastRPB / FastRPBnd module, "
             f"got {type(rpb).__name__}"
         )
     if rpb.heads not in (None, heads):
         raise ValueError(f"rpb has {rpb.heads} heads but the attention layer has heads = {heads}")
-    if causal and isinstance(rpb, kind_nd):
+    if causal and isinstance(rpb, BiasNdLayer):
         raise ValueError("a causal attention layer cannot use FastRPBnd: the N-d bias looks in every direction")
     if causal and not rpb.causal:
         raise ValueError(
@@ -74,20 +179,40 @@ def check_layer_rpb(rpb: Any, heads: int, causal: bool, *, kind: type, kind_nd: 
         )
 
 
+# --------------------------------------------------------------------------- attention
 class AttentionLayer:
-    """The forward pass and decoding step of ``MultiheadLinearAttention``, written once.
+    """The forward pass and decoding step of the attention layers, written once.
 
     ``fastrpb.torch`` and ``fastrpb.flax`` subclass this next to their framework's
-    module class: they own the parameters (``q_proj``, ``k_proj``, ``v_proj``,
-    ``out_proj``, the ``rpb`` module) and call ``_attend`` / ``_decode``. Everything
-    here goes through the array API (``xp`` of the input), so one body serves both.
+    module class: they create the parameters (``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``, the ``rpb`` module, the arrays of the feature map) and call
+    ``_attend`` / ``_decode``. Everything here goes through the array API (``xp`` of
+    the input), so one body serves both.
+
+    The bias is applied by calling the ``rpb`` module on the values (padding keys'
+    values zeroed first), never by reading its table here: a module wrapped on its own
+    (FSDP2's ``fully_shard(model.rpb)``) gathers its parameters in its own call.
     """
 
-    _bias_nd: type  # the framework's FastRPBnd class
+    d_model: int
+    heads: int
+    head_dim: int
+    causal: bool
+    eps: float
+    chunk_size: int
+    rpb: Any  # the framework's FastRPB / FastRPBnd (a BiasLayer / BiasNdLayer), or None
+    q_proj: Callable[[Any], Any]
+    k_proj: Callable[[Any], Any]
+    v_proj: Callable[[Any], Any]
+    out_proj: Callable[[Any], Any]
+    # The feature map without its arrays: its class, its other fields, and the names of
+    # the arrays the layer owns (a buffer / variable each, read back with ``_owned``).
+    _map: FeatureMap | None
+    _map_class: type
+    _map_fields: dict[str, Any]
+    _map_arrays: tuple[str, ...]
 
-    def _configure(
-        self, d_model: Any, heads: Any, head_dim: Any, feature_map: Any, causal: Any, eps: Any, chunk_size: Any
-    ) -> int:
+    def _configure(self, d_model: Any, heads: Any, head_dim: Any, causal: Any, eps: Any, chunk_size: Any) -> int:
         """Validate and store the layer's shape and options; return ``heads * head_dim``."""
         self.d_model = int_arg("d_model", d_model, minimum=1)
         self.heads = int_arg("heads", heads, minimum=1)
@@ -98,20 +223,41 @@ class AttentionLayer:
                 )
             head_dim = self.d_model // self.heads
         self.head_dim = int_arg("head_dim", head_dim, minimum=1)
-        self.feature_map = feature_map
         self.causal = bool(causal)
         self.eps = float(eps)
         self.chunk_size = int_arg("chunk_size", chunk_size, minimum=1)
         return self.heads * self.head_dim
 
-    def _bias_arguments(self) -> dict:
-        """The FastRPB term as ``linear_attention`` takes it: the core adds it (padding
-        keys' values excluded), in its compute dtype."""
-        if self.rpb is None:
-            return {}
-        if isinstance(self.rpb, self._bias_nd):
-            return dict(rpb_tables=self.rpb.weights(), rpb_grid=self.rpb.grid, rpb_skip=self.rpb.skip)
-        return dict(rpb=self.rpb.weights(), rpb_skip=self.rpb.skip)
+    def _map_owned_arrays(self, feature_map: Any) -> dict[str, Any]:
+        """Split ``feature_map`` into its arrays (returned: the framework makes each a
+        buffer / variable named ``feature_map_<name>``) and the rest (kept here)."""
+        fmap = resolve(feature_map)
+        arrays = fmap._arrays()
+        if arrays and not dataclasses.is_dataclass(fmap):
+            raise TypeError(
+                f"feature_map {fmap.signature} holds arrays but is not a dataclass: the layer cannot "
+                "own its arrays (save, move and cast them with the module)"
+            )
+        self._map = None if arrays else fmap
+        self._map_class = type(fmap)
+        self._map_fields = {
+            f.name: getattr(fmap, f.name) for f in dataclasses.fields(cast(Any, fmap)) if f.init and f.name not in arrays
+        } if arrays else {}
+        self._map_arrays = tuple(arrays)
+        return arrays
+
+    def _owned(self, name: str) -> Any:
+        """The array ``name`` of the feature map, as the layer holds it now."""
+        raise NotImplementedError
+
+    @property
+    def feature_map(self) -> FeatureMap:
+        """The feature map, built around the arrays the layer holds now (saved, loaded,
+        moved and cast with the module)."""
+        if self._map is not None:
+            return self._map
+        arrays = {name: self._owned(name) for name in self._map_arrays}
+        return self._map_class(**self._map_fields, **arrays)
 
     # heads: (..., L, H * Dh) <-> (..., H, L, Dh)
     def _split(self, xp: Any, x: Any) -> Any:
@@ -129,27 +275,50 @@ class AttentionLayer:
             raise ValueError(f"{name} must have shape {want} with d_model = {self.d_model}, got {tuple(x.shape)}")
         return xp
 
-    def _project(self, xp: Any, x: Any) -> tuple[Any, Any, Any]:
-        return self._split(xp, self.q_proj(x)), self._split(xp, self.k_proj(x)), self._split(xp, self.v_proj(x))
+    def _heads(self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool) -> tuple[Any, Any, Any]:
+        """Attention plus bias on split heads ``(..., H, L, Dh)``; ``key_mask: (..., 1, Lk)``
+        True = keep. Returns ``(out, state or None, the values the bias saw or None)``."""
+        if self.rpb is not None and q.shape[-2] != k.shape[-2]:
+            raise ValueError(
+                f"a layer with FastRPB needs as many queries as keys (the bias is B @ V with a square B), "
+                f"got Lq = {q.shape[-2]} and Lk = {k.shape[-2]}"
+            )
+        result = linear_attention(
+            q, k, v, feature_map=self.feature_map, causal=causal, key_mask=key_mask,
+            eps=self.eps, chunk_size=self.chunk_size, return_state=return_state,
+        )
+        out, state = result if return_state else (result, None)
+        values = None
+        if self.rpb is not None:
+            values = v
+            if key_mask is not None:  # padding keys give no bias (garbage and NaN included)
+                values = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+            out = out + self.rpb(values)
+        return out, state, values
 
-    def _attend(self, x: Any, key_mask: Any, return_cache: bool) -> Any:
+    def _attend(
+        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None
+    ) -> Any:
         xp = self._check_input(x, "x", 2)
         if return_cache and not self.causal:
             raise ValueError("return_cache=True needs a causal layer (MultiheadLinearAttention(..., causal=True))")
-        q, k, v = self._project(xp, x)
+        if inputs_v is not None and inputs_k is None:
+            raise ValueError("inputs_v needs inputs_k: pass the keys' input as well")
+        kx = x if inputs_k is None else inputs_k
+        vx = kx if inputs_v is None else inputs_v
+        if inputs_k is not None:
+            self._check_input(kx, "inputs_k", 2)
+            self._check_input(vx, "inputs_v", 2)
+            if kx.shape[-2] != vx.shape[-2]:
+                raise ValueError(
+                    f"inputs_k and inputs_v must have the same length, got {kx.shape[-2]} and {vx.shape[-2]}"
+                )
+        q, k, v = self._split(xp, self.q_proj(x)), self._split(xp, self.k_proj(kx)), self._split(xp, self.v_proj(vx))
         mask = None if key_mask is None else key_mask[..., None, :]  # broadcast over heads
-        result = linear_attention(
-            q, k, v, feature_map=self.feature_map, causal=self.causal, key_mask=mask,
-            eps=self.eps, chunk_size=self.chunk_size, return_state=return_cache, **self._bias_arguments(),
-        )
-        out, state = result if return_cache else (result, None)
+        out, state, values = self._heads(xp, q, k, v, mask, self.causal, return_cache)
         y = self.out_proj(self._merge(xp, out))
         if not return_cache:
             return y
-        values = None
-        if self.rpb is not None:  # decoding needs the values for the bias
-            zero = xp.zeros((), dtype=v.dtype, device=device_of(v))
-            values = v if mask is None else xp.where(mask[..., None], v, zero)
         return y, LayerCache(state, values)
 
     def _decode(self, x_t: Any, cache: LayerCache | None) -> tuple[Any, LayerCache]:
@@ -161,7 +330,8 @@ class AttentionLayer:
                 "are the last ones; use skip=(a, 0)"
             )
         xp = self._check_input(x_t, "x_t", 1)
-        q, k, v = self._project(xp, x_t[..., None, :])
+        x = x_t[..., None, :]
+        q, k, v = self._split(xp, self.q_proj(x)), self._split(xp, self.k_proj(x)), self._split(xp, self.v_proj(x))
         state = None if cache is None else cache.state
         out, state = linear_attention_step(
             state, q[..., 0, :], k[..., 0, :], v[..., 0, :], feature_map=self.feature_map, eps=self.eps

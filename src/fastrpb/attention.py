@@ -48,21 +48,19 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from . import _validate
 from . import bias as _bias
-from ._compat import (
-    check_floating,
-    compute_dtype,
-    cumulative_sum,
-    device_of,
-    int_arg,
-    namespace,
-    register_pytree,
-)
+from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, namespace
+from ._compat import cumulative_max as _cummax
+from ._compat import pad_chunks as _pad_chunks
+from ._compat import shift as _shift
+from ._validate import broadcast_shapes as _lead
 from .feature_maps import FeatureMap, resolve
 
 __all__ = ["linear_attention", "linear_attention_step", "softmax_attention", "LinearAttentionState"]
 
 
+@jax_pytree(static=("feature_map",))
 class LinearAttentionState(NamedTuple):
     """What causal linear attention carries from one token to the next.
 
@@ -83,88 +81,6 @@ class LinearAttentionState(NamedTuple):
 
 
 # --------------------------------------------------------------------------- checks
-def _lead(*shapes: tuple) -> tuple:
-    """Broadcast leading shapes (already validated)."""
-    n = max((len(s) for s in shapes), default=0)
-    padded = [(1,) * (n - len(s)) + tuple(s) for s in shapes]
-    return tuple(max(dims) if 1 in dims else dims[0] for dims in zip(*padded))
-
-
-def _check_broadcast(named: dict[str, tuple], what: str) -> tuple:
-    shapes = [tuple(s) for s in named.values()]
-    if all(s == shapes[0] for s in shapes):  # the usual case, and a decoding step's hot path
-        return shapes[0] if shapes else ()
-    items = list(named.items())
-    n = max((len(s) for _, s in items), default=0)
-    for axis in range(1, n + 1):
-        sizes = {name: s[-axis] for name, s in items if len(s) >= axis and s[-axis] != 1}
-        if len(set(sizes.values())) > 1:
-            shown = ", ".join(f"{name} {tuple(s)}" for name, s in items)
-            raise ValueError(f"the {what} do not broadcast: {shown}")
-    return _lead(*named.values())
-
-
-def _check_qkv(xp: Any, q: Any, k: Any, v: Any) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_floating(xp, name, x)
-        if x.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., L, D) with at least 2 dimensions, got shape {tuple(x.shape)}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"k must have the width Dk of q: q has shape {tuple(q.shape)} (Dk = {q.shape[-1]}) "
-            f"but k has shape {tuple(k.shape)} (Dk = {k.shape[-1]})"
-        )
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(
-            f"v must have one row per key: k has shape {tuple(k.shape)} (Lk = {k.shape[-2]}) "
-            f"but v has shape {tuple(v.shape)} ({v.shape[-2]} rows)"
-        )
-    _check_broadcast({"q": q.shape[:-2], "k": k.shape[:-2], "v": v.shape[:-2]}, "leading dimensions of q, k and v")
-
-
-def _check_key_mask(xp: Any, key_mask: Any, k: Any, lead: tuple) -> None:
-    if key_mask is None:
-        return
-    if not xp.isdtype(key_mask.dtype, "bool"):
-        raise TypeError(f"key_mask must be a bool array (True = a key to attend to), got dtype {key_mask.dtype}")
-    if key_mask.ndim < 1 or key_mask.shape[-1] != k.shape[-2]:
-        raise ValueError(
-            f"key_mask must have shape (..., Lk) with Lk = {k.shape[-2]} (the number of keys), "
-            f"got shape {tuple(key_mask.shape)}"
-        )
-    _check_broadcast({"key_mask": key_mask.shape[:-1], "q, k, v": lead}, "leading dimensions of key_mask and q, k, v")
-
-
-def _bool_arg(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _eps_arg(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a non-negative float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps}")
-    return eps
-
-
-def _rpb_tables(rpb: Any, rpb_tables: Any, rpb_grid: Any) -> dict[str, Any]:
-    """Named bias tables for namespace checks; validates which bias arguments go together."""
-    if rpb is not None and (rpb_tables is not None or rpb_grid is not None):
-        raise ValueError("give either rpb (a 1-d bias table) or rpb_tables with rpb_grid (the N-d bias), not both")
-    if (rpb_tables is None) != (rpb_grid is None):
-        raise ValueError("rpb_tables and rpb_grid go together: the N-d bias needs one table (or None) per grid axis and the grid")
-    if rpb is not None:
-        return {"rpb": rpb}
-    if rpb_tables is not None:
-        if not isinstance(rpb_tables, (tuple, list)):
-            raise TypeError(f"rpb_tables must be a sequence with one table (or None) per grid axis, got {type(rpb_tables).__name__}")
-        return {f"rpb_tables[{i}]": t for i, t in enumerate(rpb_tables) if t is not None}
-    return {}
-
-
 def _add_bias(
     xp: Any,
     out: Any,
@@ -189,13 +105,11 @@ def _add_bias(
     if key_mask is not None:
         # a padding key must not leak into the output through the bias either
         v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
-    if rpb_tables is not None and causal:
-        raise ValueError("the N-d bias (rpb_tables/rpb_grid) is not causal; use rpb= for causal attention")
     try:
         if rpb is not None:
             term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip)
         else:
-            term = _bias.rpb_nd(v, rpb_tables, rpb_grid, skip=rpb_skip)
+            term = _bias.rpb_nd(v, rpb_tables, rpb_grid, causal=causal, skip=rpb_skip)
     except (TypeError, ValueError) as exc:
         # fastrpb.bias names its own arguments (w, tables, grid, skip); say where they came from
         given = "rpb" if rpb is not None else "rpb_tables/rpb_grid"
@@ -210,10 +124,6 @@ def _as(xp: Any, x: Any, dtype: Any) -> Any:
     return x if x.dtype == dtype else xp.astype(x, dtype, copy=False)
 
 
-def _full(xp: Any, like: Any, shape: tuple, value: float) -> Any:
-    return xp.full(shape, value, dtype=like.dtype, device=device_of(like))
-
-
 def _neg_inf(xp: Any, like: Any) -> Any:
     return xp.asarray(-math.inf, dtype=like.dtype, device=device_of(like))
 
@@ -221,40 +131,6 @@ def _neg_inf(xp: Any, like: Any) -> Any:
 def _finite_or_zero(xp: Any, x: Any) -> Any:
     """Replace ``-inf`` (no visible key) by 0 so that offsets never produce ``inf - inf``."""
     return xp.where(x == -math.inf, xp.zeros((), dtype=x.dtype, device=device_of(x)), x)
-
-
-def _take(x: Any, axis: int, start: int, stop: int) -> Any:
-    """``x[start:stop]`` along a negative ``axis``."""
-    return x[(..., slice(start, stop)) + (slice(None),) * (-axis - 1)]
-
-
-def _shift(xp: Any, x: Any, s: int, axis: int, fill: float) -> Any:
-    """Shift ``x`` by ``s`` positions towards the end of ``axis`` (negative), filling the start."""
-    n = x.shape[axis]
-    s = min(s, n)
-    shape = list(x.shape)
-    shape[axis] = s
-    return xp.concat([_full(xp, x, tuple(shape), fill), _take(x, axis, 0, n - s)], axis=axis)
-
-
-def _cummax(xp: Any, x: Any, axis: int) -> Any:
-    """Inclusive running maximum along a negative ``axis``, by doubling (log2 n passes).
-
-    The standard has ``cumulative_sum`` but no cumulative maximum.
-    """
-    s = 1
-    while s < x.shape[axis]:
-        x = xp.maximum(x, _shift(xp, x, s, axis, -math.inf))
-        s *= 2
-    return x
-
-
-def _pad_chunks(xp: Any, x: Any, length: int, C: int, fill: float) -> Any:
-    """Pad the sequence axis (-2) of ``x`` to ``length`` with ``fill``; reshape to ``(..., N, C, .)``."""
-    L = x.shape[-2]
-    if length > L:
-        x = xp.concat([x, _full(xp, x, (*x.shape[:-2], length - L, x.shape[-1]), fill)], axis=-2)
-    return xp.reshape(x, (*x.shape[:-2], length // C, C, x.shape[-1]))
 
 
 def _unchunk(xp: Any, y: Any, L: int) -> Any:
@@ -400,7 +276,6 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
 
 def _state(xp: Any, fmap: FeatureMap, total: Any, offset: Any) -> LinearAttentionState:
     """Split a ``(..., F, Dv + 1)`` state into ``S`` and ``z``."""
-    register_pytree(xp, LinearAttentionState, ("feature_map",))
     S, z = total[..., :-1], total[..., -1]
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)
@@ -457,7 +332,7 @@ def linear_attention(
         Values, one row per key. All three real floating; leading dimensions broadcast. float16/bfloat16 are computed in
         float32 and returned in their dtype.
     feature_map : str, FeatureMap or callable
-        ``"elu"``, ``"relu"``, ``"sikf"``, ``"dpfp"``, a map from
+        ``"elu"``, ``"relu"``, ``"sikf"``, ``"dpfp"``, ``"taylor"``, a map from
         ``fastrpb.feature_maps`` (e.g. ``favor(projection)``) or a callable applied to
         both queries and keys.
     causal : bool
@@ -473,7 +348,8 @@ def linear_attention(
     rpb : array, shape (..., 2M - 1), optional
         FastRPB table: adds ``fastrpb.rpb(v, rpb, causal=causal, skip=rpb_skip)``.
     rpb_tables, rpb_grid : optional
-        N-d FastRPB instead (non-causal): adds ``fastrpb.rpb_nd(v, rpb_tables, rpb_grid, skip=rpb_skip)``.
+        N-d FastRPB instead: adds ``fastrpb.rpb_nd(v, rpb_tables, rpb_grid, causal=causal, skip=rpb_skip)``
+        (causal: raster order over the grid).
     rpb_skip : (int, int)
         Tokens at the start and end that neither give nor receive the bias.
     return_state : bool
@@ -492,28 +368,31 @@ def linear_attention(
     Transformers with Linear Attention", ICML. Zubkov & Gavrilov (2022), "FastRPB: a
     Scalable Relative Positional Encoding for Long Sequence Tasks", arXiv:2202.11364.
     """
+    # -- validate, resolve the namespace once
     fmap = resolve(feature_map)
-    tables = _rpb_tables(rpb, rpb_tables, rpb_grid)
+    causal = _validate.flag("causal", causal)
+    return_state = _validate.flag("return_state", return_state)
+    eps = _validate.non_negative("eps", eps)
+    C = _validate.integer("chunk_size", chunk_size, minimum=1)
+    tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
+    _validate.required(q=q, k=k, v=v)
     xp = namespace(q=q, k=k, v=v, key_mask=key_mask, **tables, **fmap._arrays())
-    _check_qkv(xp, q, k, v)
-    lead = _lead(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    _check_key_mask(xp, key_mask, k, lead)
-    causal = _bool_arg("causal", causal)
-    return_state = _bool_arg("return_state", return_state)
-    eps = _eps_arg(eps)
-    C = int_arg("chunk_size", chunk_size, minimum=1)
+    lead = _validate.attention_inputs(xp, q, k, v)
+    out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     fmap._check_width(q.shape[-1], "q")
     Lq, Lk = q.shape[-2], k.shape[-2]
-    if causal and Lq != Lk:
-        raise ValueError(f"causal=True needs as many queries as keys, got q with Lq = {Lq} and k with Lk = {Lk}")
+    _validate.causal_lengths(causal, Lq, Lk)
     if return_state and not causal:
         raise ValueError("return_state=True needs causal=True: a decoding state continues a causal sequence")
+    # -- compute
     result, work = compute_dtype(xp, q, k, v, *tables.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
     offset = None
-    if Lq == 0 or Lk == 0:
+    if Lq == 0 or Lk == 0 or math.prod(out_lead) == 0 or (fmap.exponential and fmap.features(q.shape[-1]) == 0):
+        # nothing to attend to (an empty batch or sequence, or no features: the kernel
+        # is 0): zeros, without reductions over empty axes
         fk = fmap._keys(xp, kw)
-        shape = (*_lead(lead, () if key_mask is None else key_mask.shape[:-1]), Lq, v.shape[-1])
+        shape = (*out_lead, Lq, v.shape[-1])
         out = xp.zeros(shape, dtype=work, device=device_of(v))
         final = xp.zeros((*shape[:-2], fk.shape[-1], v.shape[-1] + 1), dtype=work, device=device_of(v))
         if fmap.exponential:
@@ -583,24 +462,19 @@ def linear_attention_step(
     -------
     (array of shape (..., Dv), LinearAttentionState)
     """
+    # -- validate, resolve the namespace once
     fmap = resolve(feature_map)
+    eps = _validate.non_negative("eps", eps)
     if state is not None and not isinstance(state, LinearAttentionState):
         raise TypeError(f"state must be a LinearAttentionState or None, got {type(state).__name__}")
+    _validate.required(q_t=q_t, k_t=k_t, v_t=v_t)
     held = {} if state is None else {"state.S": state.S, "state.z": state.z, "state.offset": state.offset}
     xp = namespace(q_t=q_t, k_t=k_t, v_t=v_t, **held, **fmap._arrays())
-    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-        check_floating(xp, name, x)
-        if x.ndim < 1:
-            raise ValueError(f"{name} must have shape (..., D) with at least 1 dimension, got a 0-d array")
-    if k_t.shape[-1] != q_t.shape[-1]:
-        raise ValueError(
-            f"k_t must have the width Dk of q_t: q_t has shape {tuple(q_t.shape)} but k_t has shape {tuple(k_t.shape)}"
-        )
-    lead = _check_broadcast(
-        {"q_t": q_t.shape[:-1], "k_t": k_t.shape[:-1], "v_t": v_t.shape[:-1]}, "leading dimensions of q_t, k_t and v_t"
-    )
+    lead = _validate.attention_inputs(xp, q_t, k_t, v_t, token=True)
     fmap._check_width(q_t.shape[-1], "q_t")
-    eps = _eps_arg(eps)
+    if fmap.exponential and fmap.features(q_t.shape[-1]) == 0:
+        return _featureless_step(xp, fmap, state, q_t, k_t, v_t, lead)
+    # -- compute
     result, work = compute_dtype(xp, q_t, k_t, v_t)
     qw, kw, vw = (_as(xp, x, work) for x in (q_t, k_t, v_t))
     Dv = v_t.shape[-1]
@@ -636,10 +510,26 @@ def linear_attention_step(
     den = (fq[..., None, :] @ z[..., :, None])[..., 0, :] + eps
     den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
     out = _as(xp, num / den, result)
-    register_pytree(xp, LinearAttentionState, ("feature_map",))
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)
     return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
+
+
+def _featureless_step(
+    xp: Any, fmap: FeatureMap, state: LinearAttentionState | None, q_t: Any, k_t: Any, v_t: Any, lead: tuple
+) -> tuple[Any, LinearAttentionState]:
+    """A step of an exponential map with no features (``Dk = 0``): the kernel is 0, so the
+    output is zeros and the state keeps its (empty) sums; no maximum over an empty axis."""
+    result, work = compute_dtype(xp, q_t, k_t, v_t)
+    Dv = v_t.shape[-1]
+    if state is not None:
+        _check_state(xp, fmap, state, 0, Dv, lead)
+        lead = _lead(lead, tuple(state.z.shape[:-1]))
+    dev = device_of(v_t)
+    S = xp.zeros((*lead, 0, Dv), dtype=work, device=dev)
+    z = xp.zeros((*lead, 0), dtype=work, device=dev)
+    out = xp.zeros((*lead, Dv), dtype=result, device=dev)
+    return out, LinearAttentionState(S=S, z=z, offset=_neg_inf(xp, z) + z, feature_map=fmap.signature)
 
 
 def _check_state(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple) -> tuple:
@@ -650,7 +540,7 @@ def _check_state(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int,
         )
     S, z, offset = state.S, state.z, state.offset
     for name, x in (("state.S", S), ("state.z", z)):
-        check_floating(xp, name, x)
+        _validate.floating(xp, name, x)
     if S.ndim < 2 or tuple(S.shape[-2:]) != (F, Dv):
         raise ValueError(
             f"state.S must have shape (..., F, Dv) = (..., {F}, {Dv}) for these inputs, got shape {tuple(S.shape)}"
@@ -663,7 +553,7 @@ def _check_state(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int,
             raise ValueError(f"state.offset must have shape {tuple(z.shape)} for feature map {fmap.signature!r}, got {got}")
     elif offset is not None:
         raise ValueError(f"state.offset must be None for feature map {fmap.signature!r}, got an array")
-    _check_broadcast({"state": tuple(z.shape[:-1]), "q_t, k_t, v_t": lead}, "leading dimensions of state and the token")
+    _validate.broadcast({"state": tuple(z.shape[:-1]), "q_t, k_t, v_t": lead})
     return S, z, offset
 
 
@@ -711,27 +601,21 @@ def softmax_attention(
     rpb, rpb_tables, rpb_grid, rpb_skip
         Add the FastRPB term, as in ``linear_attention``.
     """
-    tables = _rpb_tables(rpb, rpb_tables, rpb_grid)
+    # -- validate, resolve the namespace once
+    causal = _validate.flag("causal", causal)
+    scale = None if scale is None else _validate.finite("scale", scale)
+    tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
+    _validate.required(q=q, k=k, v=v)
     xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, **tables)
-    _check_qkv(xp, q, k, v)
-    lead = _lead(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    _check_key_mask(xp, key_mask, k, lead)
-    causal = _bool_arg("causal", causal)
+    lead = _validate.attention_inputs(xp, q, k, v)
+    _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     Lq, Lk = q.shape[-2], k.shape[-2]
-    if causal and Lq != Lk:
-        raise ValueError(f"causal=True needs as many queries as keys, got q with Lq = {Lq} and k with Lk = {Lk}")
+    _validate.causal_lengths(causal, Lq, Lk)
+    _validate.logits_bias(xp, logits_bias, Lq, Lk, lead)
+    # -- compute
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
     named = {"logits_bias": logits_bias} if logits_bias is not None else {}
-    if logits_bias is not None:
-        check_floating(xp, "logits_bias", logits_bias)
-        shape = tuple(logits_bias.shape)
-        if len(shape) < 1 or shape[-1] not in (1, Lk) or (len(shape) >= 2 and shape[-2] not in (1, Lq)):
-            raise ValueError(f"logits_bias must broadcast to (..., Lq, Lk) = (..., {Lq}, {Lk}), got shape {shape}")
-        _check_broadcast({"logits_bias": shape[:-2], "q, k, v": lead}, "leading dimensions of logits_bias and q, k, v")
     result, work = compute_dtype(xp, q, k, v, *tables.values(), *named.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
     logits = xp.matmul(qw, xp.matrix_transpose(kw)) * scale

@@ -19,66 +19,24 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from . import _online, _validate
 from ._compat import (
-    check_floating,
     compute_dtype,
     device_of,
-    grid_arg,
-    int_arg,
     irfft,
+    irfftn,
     multiply_into,
     namespace,
     next_fast_len,
     rfft,
-    seeded_normal,
-    skip_arg,
+    rfftn,
 )
+from ._compat import pad_axis as _pad_rows
+from ._online import RPBState
+from ._random import seeded_normal
+from ._validate import broadcast_shapes as _broadcast_lead
 
-__all__ = ["rpb", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
-
-
-# --------------------------------------------------------------------------- checks
-def _check_values(xp: Any, v: Any, name: str = "v") -> None:
-    check_floating(xp, name, v)
-    if v.ndim < 2:
-        raise ValueError(f"{name} must have shape (..., L, D) with at least 2 dimensions, got shape {tuple(v.shape)}")
-
-
-def _table_half_length(xp: Any, w: Any, name: str) -> int:
-    """Validate a table ``(..., 2M - 1)`` and return ``M``."""
-    check_floating(xp, name, w)
-    if w.ndim < 1:
-        raise ValueError(f"{name} must have shape (..., 2M - 1), got a 0-d array")
-    n = w.shape[-1]
-    if n % 2 == 0:
-        raise ValueError(
-            f"{name} must have an odd last dimension 2M - 1 (offsets -(M-1)..M-1), got length {n}"
-        )
-    return (n + 1) // 2
-
-
-def _check_length(L: int, M: int, name: str) -> None:
-    if L > M:
-        raise ValueError(
-            f"the sequence is longer than the bias table {name}: L = {L} tokens but the "
-            f"table covers at most M = {M} (shape (..., {2 * M - 1}))"
-        )
-
-
-def _check_skip(skip: Any, L: int) -> tuple[int, int]:
-    a, b = skip_arg(skip)
-    if a + b > L:
-        raise ValueError(f"skip = ({a}, {b}) skips {a + b} tokens but the sequence has only L = {L}")
-    return a, b
-
-
-def _check_broadcast(w_lead: tuple, v_lead: tuple, name: str) -> None:
-    for dw, dv in zip(reversed(w_lead), reversed(v_lead)):
-        if dw != 1 and dv != 1 and dw != dv:
-            raise ValueError(
-                f"the leading dimensions of {name} {tuple(w_lead)} do not broadcast against "
-                f"the leading dimensions of v {tuple(v_lead)}"
-            )
+__all__ = ["rpb", "rpb_step", "RPBState", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -153,24 +111,19 @@ _BLOCK_BYTES = 32 * 2**20
 
 
 def _itemsize(xp: Any, dtype: Any) -> int:
-    return 8 if dtype == xp.float64 else 4
-
-
-def _pad_rows(xp: Any, x: Any, a: int, b: int) -> Any:
-    """Zero rows before and after the sequence axis (-2): the skipped tokens' output."""
-    if a == 0 and b == 0:
-        return x
-    parts = []
-    if a:
-        parts.append(xp.zeros((*x.shape[:-2], a, x.shape[-1]), dtype=x.dtype, device=device_of(x)))
-    parts.append(x)
-    if b:
-        parts.append(xp.zeros((*x.shape[:-2], b, x.shape[-1]), dtype=x.dtype, device=device_of(x)))
-    return xp.concat(parts, axis=-2)
+    return xp.finfo(dtype).bits // 8
 
 
 # --------------------------------------------------------------------------- public
-def rpb(v: Any, w: Any, *, causal: bool = False, skip: tuple[int, int] = (0, 0)) -> Any:
+def rpb(
+    v: Any,
+    w: Any,
+    *,
+    causal: bool = False,
+    skip: tuple[int, int] = (0, 0),
+    initial_state: RPBState | None = None,
+    return_state: bool = False,
+) -> Any:
     r"""Apply the relative positional bias ``B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
 
     $$
@@ -192,39 +145,160 @@ def rpb(v: Any, w: Any, *, causal: bool = False, skip: tuple[int, int] = (0, 0))
     skip : (int, int)
         The first ``a`` and last ``b`` tokens (e.g. BOS/EOS) neither receive nor give
         bias: their output rows are zero and the bias acts on the tokens between.
+        While streaming, ``a`` counts from the start of the sequence across calls
+        and ``b`` must be 0.
+    initial_state : RPBState, optional
+        Causal only: continue the sequence that this state ends (from
+        ``return_state=True`` or ``rpb_step``); ``v`` holds the next tokens. Calls that
+        pass the state along equal one call on the whole sequence, which must still
+        fit the table (``M`` biased tokens in all). The chunk costs one causal FFT
+        over the history and the chunk; token by token, use ``rpb_step``.
+    return_state : bool
+        Causal only: also return the ``RPBState`` after the last token.
 
     Returns
     -------
     array, shape broadcast(w.shape[:-1], v.shape[:-2]) + (L, D)
-        In the promoted dtype of ``v`` and ``w``, on their device.
+        In the promoted dtype of ``v`` and ``w``, on their device; with
+        ``return_state=True`` the pair ``(out, state)``.
 
     References
     ----------
     Zubkov & Gavrilov (2022), "FastRPB: a Scalable Relative Positional Encoding for
     Long Sequence Tasks", arXiv:2202.11364.
     """
+    # -- validate, resolve the namespace once
+    causal = _validate.flag("causal", causal)
+    return_state = _validate.flag("return_state", return_state)
+    _validate.required(v=v, w=w)
+    if initial_state is not None or return_state:
+        return _rpb_stream(v, w, causal, skip, initial_state, return_state)
     xp = namespace(v=v, w=w)
-    _check_values(xp, v)
-    M = _table_half_length(xp, w, "w")
-    a, b = _check_skip(skip, v.shape[-2])
+    _validate.values(xp, "v", v)
+    M = _validate.table(xp, "w", w)
+    a, b = _validate.skip_fits(skip, v.shape[-2])
     L = v.shape[-2] - a - b
-    _check_length(L, M, "w")
-    _check_broadcast(w.shape[:-1], v.shape[:-2], "w")
+    _validate.table_length(L, M, "w")
+    lead = _validate.broadcast({"w": w.shape[:-1], "v": v.shape[:-2]})
+    # -- compute
     result, work = compute_dtype(xp, v, w)
     inner = v[..., a : v.shape[-2] - b, :]
-    if L == 0:
-        out = inner
+    if math.prod((*lead, L, v.shape[-1])) == 0:
+        # nothing to transform (PyTorch's CPU FFT fails on empty arrays)
+        out = xp.zeros((*lead, L, v.shape[-1]), dtype=work, device=device_of(v))
     else:
-        out = _toeplitz(xp, xp.astype(inner, work, copy=False), xp.astype(w, work, copy=False), causal=bool(causal))
+        out = _toeplitz(xp, xp.astype(inner, work, copy=False), xp.astype(w, work, copy=False), causal=causal)
     out = _pad_rows(xp, out, a, b)
-    shape = (*_broadcast_lead(w.shape[:-1], v.shape[:-2]), *v.shape[-2:])
+    shape = (*lead, *v.shape[-2:])
     return xp.astype(xp.broadcast_to(out, shape), result, copy=False)
 
 
-def _broadcast_lead(*shapes: tuple) -> tuple:
-    n = max(len(s) for s in shapes)
-    padded = [(1,) * (n - len(s)) + tuple(s) for s in shapes]
-    return tuple(max(dims) if 1 in dims else dims[0] for dims in zip(*padded))
+# --------------------------------------------------------------------------- streaming
+def _check_stream(causal: Any, skip: Any, initial_state: Any, return_state: Any) -> int:
+    """Arguments of a streaming call; returns the skip ``a`` (``b`` must be 0)."""
+    if not causal:
+        given = "initial_state" if initial_state is not None else "return_state=True"
+        raise ValueError(f"{given} needs causal=True: only the causal bias can be continued token by token, got causal={causal!r}")
+    if initial_state is not None and not isinstance(initial_state, RPBState):
+        raise TypeError(f"initial_state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(initial_state).__name__}")
+    a, b = _validate.skip(skip)
+    if b:
+        raise ValueError(
+            f"skip = ({a}, {b}): while streaming the end of the sequence is unknown, so skip[1] must be 0; "
+            "drop the trailing tokens' output rows yourself"
+        )
+    return a
+
+
+def _check_position(end: int, a: int, M: int, name: str) -> None:
+    """A streamed sequence of ``end`` tokens (``a`` skipped) must fit the table."""
+    if end - a > M:
+        raise ValueError(
+            f"position past the bias table {name}: the sequence reaches {end - a} biased tokens "
+            f"({end} tokens, skip ({a}, 0)) but the table covers at most M = {M} (shape (..., {2 * M - 1}))"
+        )
+
+
+def _rpb_stream(v: Any, w: Any, causal: Any, skip: Any, state: RPBState | None, return_state: bool) -> Any:
+    a = _check_stream(causal, skip, state, return_state)
+    xp = namespace(v=v, w=w, initial_state=_online.held(state))
+    _validate.values(xp, "v", v)
+    M = _validate.table(xp, "w", w)
+    lead = _validate.broadcast({"w": w.shape[:-1], "v": v.shape[:-2]})
+    if state is not None:
+        _online.check_state(state, M, a, v.shape[-1], lead, "initial_state")
+        seen = _online.tokens_seen(xp, state)
+        if seen is not None:
+            _check_position(seen + v.shape[-2], a, M, "w")
+    elif v.shape[-2] > 0:
+        _check_position(v.shape[-2], a, M, "w")
+    result, work = compute_dtype(xp, v, w)
+    out, new = _online.extend(
+        xp, state, xp.astype(v, work, copy=False), xp.astype(w, work, copy=False),
+        lead=lead, M=M, a=a, work=work, toeplitz=_toeplitz,
+    )
+    out = xp.astype(out, result, copy=False)
+    return (out, new) if return_state else out
+
+
+def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] | None = None) -> tuple[Any, RPBState]:
+    r"""One decoding step of the causal bias: the output of token ``t`` and the new state.
+
+    $$
+    \mathrm{out}_t = \sum_{j \le t} w_{M-1+t-j}\, v_j
+    $$
+
+    Stepping token by token equals ``rpb(v, w, causal=True)`` on the whole sequence.
+    Amortised O(D log^2 t) per token: an online (relaxed) FFT convolution over
+    blocks of doubling size (see ``RPBState``), never an FFT over the history. Under
+    ``jax.jit`` (any JAX tracer) the state has fixed shapes and a step is an O(M D)
+    dot product with the flipped table, so a ``jax.lax.scan`` decoding loop traces
+    once; past the table (``t >= M``) it gives NaN there instead of an error.
+
+    Parameters
+    ----------
+    state : RPBState or None
+        The state after the previous tokens, or ``None`` to start a sequence.
+    v_t : array, shape (..., D)
+        The new token's values.
+    w : array, shape (..., 2M - 1)
+        Bias table (the same in every step of a sequence); ``t < M``.
+    skip : (int, 0), optional
+        Only when starting (``state=None``): the first ``a`` tokens neither give nor
+        receive bias (their output is zero). Later steps take it from the state.
+
+    Returns
+    -------
+    (array of shape broadcast(w.shape[:-1], v_t.shape[:-1]) + (D,), RPBState)
+
+    References
+    ----------
+    van der Hoeven (2002), "Relax, but don't be too lazy", J. Symbolic Computation;
+    Zubkov & Gavrilov (2022), arXiv:2202.11364.
+    """
+    if state is not None and not isinstance(state, RPBState):
+        raise TypeError(f"state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}")
+    _validate.required(v_t=v_t, w=w)
+    xp = namespace(v_t=v_t, w=w, state=_online.held(state))
+    _validate.values(xp, "v_t", v_t, ndim=1)
+    M = _validate.table(xp, "w", w)
+    if skip is None:
+        a = 0 if state is None else state.skip
+    else:
+        a = _check_stream(True, skip, state, True)
+    lead = tuple(v_t.shape[:-1])
+    if w.ndim > 1 and tuple(w.shape[:-1]) != lead:  # a decoding step's hot path skips this
+        lead = _validate.broadcast({"w": w.shape[:-1], "v_t": v_t.shape[:-1]})
+    if state is not None:
+        _online.check_state(state, M, a, v_t.shape[-1], lead, "state")
+        seen = _online.tokens_seen(xp, state)
+        if seen is not None:
+            _check_position(seen + 1, a, M, "w")
+    else:
+        _check_position(1, a, M, "w")
+    result, work = compute_dtype(xp, v_t, w)
+    out, new = _online.step(xp, state, _online.as_dtype(xp, v_t, work), _online.as_dtype(xp, w, work), lead=lead, M=M, a=a, work=work)
+    return _online.as_dtype(xp, out, result), new
 
 
 def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
@@ -243,10 +317,12 @@ def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
     causal : bool
         Zero the entries above the diagonal (``j > i``).
     """
+    L = _validate.integer("L", L, minimum=0)
+    causal = _validate.flag("causal", causal)
+    _validate.required(w=w)
     xp = namespace(w=w)
-    M = _table_half_length(xp, w, "w")
-    L = int_arg("L", L, minimum=0)
-    _check_length(L, M, "w")
+    M = _validate.table(xp, "w", w)
+    _validate.table_length(L, M, "w")
     dev = device_of(w)
     # int32 indices suffice below 46341 tokens (and JAX has int64 only with x64 on)
     index_dtype = xp.int32 if L * L < 2**31 else xp.int64
@@ -271,8 +347,9 @@ def symmetric_table(h: Any) -> Any:
     -------
     array, shape (..., 2M - 1)
     """
+    _validate.required(h=h)
     xp = namespace(h=h)
-    check_floating(xp, "h", h)
+    _validate.floating(xp, "h", h)
     if h.ndim < 1 or h.shape[-1] < 1:
         raise ValueError(f"h must have shape (..., M) with M >= 1, got shape {tuple(h.shape)}")
     return xp.concat([xp.flip(h[..., 1:], axis=-1), h], axis=-1)
@@ -283,17 +360,27 @@ def rpb_nd(
     tables: Sequence[Any | None],
     grid: Sequence[int],
     *,
+    causal: bool = False,
     skip: tuple[int, int] = (0, 0),
 ) -> Any:
     r"""Separable N-d relative positional bias for tokens on a row-major grid.
 
     $$
     B_{p, p'} = \sum_a w_a(p_a - p'_a)
+    \qquad \big(\text{causal: } 0 \text{ unless } p' \preceq p \text{ in raster order}\big)
     $$
 
     For each axis ``a`` with a table, ``v`` is summed over the other grid axes, the
     1-d Toeplitz product is applied along axis ``a`` by FFT, and the result is
     broadcast back and added: O(L log L) time, never an ``L x L`` matrix.
+
+    ``causal=True`` keeps only the tokens ``p'`` that come no later than ``p`` in
+    row-major (raster) order. Whether ``p'`` comes first depends only on the offset
+    ``t = p - p'`` (its first non-zero component is positive, or ``t = 0``), so the
+    causal bias is one N-d convolution of ``v`` with the masked kernel
+    ``K(t) = sum_a w_a(t_a)`` on the offset lattice; it is computed by one N-d real
+    FFT of 5-smooth sizes ``>= 2 G_a - 1``: O(L log L) time, about ``2^k L`` numbers
+    of extra memory per feature column for ``k`` grid axes.
 
     Parameters
     ----------
@@ -306,19 +393,36 @@ def rpb_nd(
         ``(G_1, ..., G_k)`` with ``prod(grid) == L - a - b``. The paper's 2-d image
         bias is ``grid=(H, W)``; with colour channels as tokens ``grid=(H, W, C)`` and
         ``tables=(w, w, None)``.
+    causal : bool
+        Raster order: ``p'`` contributes to ``p`` only if it comes no later
+        row-major (the lower triangle of ``B`` in token order).
     skip : (int, int)
         Tokens at the start and end (e.g. a class token) outside the grid; their
         output rows are zero.
+
+    Returns
+    -------
+    array, shape broadcast(v.shape[:-2], tables' leading dimensions) + (L, D)
+        In the promoted dtype of ``v`` and the tables, on their device.
+
+    References
+    ----------
+    Zubkov & Gavrilov (2022), "FastRPB: a Scalable Relative Positional Encoding for
+    Long Sequence Tasks", arXiv:2202.11364 (the 2-d bias; the causal raster form is
+    ours).
     """
+    # -- validate, resolve the namespace once
+    causal = _validate.flag("causal", causal)
     if not isinstance(tables, (tuple, list)):
         raise TypeError(f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}")
-    grid = grid_arg(grid)
+    grid = _validate.grid(grid)
     if len(tables) != len(grid):
         raise ValueError(f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis")
+    _validate.required(v=v)
     named = {f"tables[{k}]": t for k, t in enumerate(tables)}
     xp = namespace(v=v, **named)
-    _check_values(xp, v)
-    a, b = _check_skip(skip, v.shape[-2])
+    _validate.values(xp, "v", v)
+    a, b = _validate.skip_fits(skip, v.shape[-2])
     L = v.shape[-2] - a - b
     if math.prod(grid) != L:
         raise ValueError(
@@ -328,17 +432,22 @@ def rpb_nd(
     present = {name: t for name, t in named.items() if t is not None}
     for k, (name, t) in enumerate(named.items()):
         if t is not None:
-            _check_length(grid[k], _table_half_length(xp, t, name), name)
-            _check_broadcast(t.shape[:-1], v.shape[:-2], name)
+            _validate.table_length(grid[k], _validate.table(xp, name, t), name)
+            _validate.broadcast({name: t.shape[:-1], "v": v.shape[:-2]})
+    # the tables must fit each other too, not only v
+    lead = _validate.broadcast({"v": v.shape[:-2], **{name: t.shape[:-1] for name, t in present.items()}})
+    # -- compute
     result, work = compute_dtype(xp, v, *present.values())
-    lead = _broadcast_lead(v.shape[:-2], *(t.shape[:-1] for t in present.values()))
     inner = xp.astype(v[..., a : v.shape[-2] - b, :], work, copy=False)
     D = v.shape[-1]
     cube = xp.reshape(inner, (*inner.shape[:-2], *grid, D))
     k_axes = len(grid)
     total = xp.zeros((*lead, *grid, D), dtype=work, device=device_of(v))
+    if causal and present and math.prod(total.shape) > 0:
+        works = [None if t is None else xp.astype(t, work, copy=False) for t in tables]
+        total = _raster_causal(xp, cube, works, grid)  # already (*lead, *grid, D)
     for axis, table in enumerate(tables):
-        if table is None:
+        if table is None or causal or math.prod(total.shape) == 0:  # nothing to transform (as in rpb)
             continue
         # grid axis `axis` sits at position -(k_axes + 1) + axis of `cube`
         others = tuple(-(k_axes + 1) + o for o in range(k_axes) if o != axis)
@@ -350,6 +459,79 @@ def rpb_nd(
     out = xp.reshape(total, (*lead, L, D))
     out = _pad_rows(xp, out, a, b)
     return xp.astype(out, result, copy=False)
+
+
+def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int, ...]) -> Any:
+    """Causal (raster order) N-d bias of ``cube: (..., G_1, ..., G_k, D)`` by one N-d FFT.
+
+    ``out[p] = sum_{p'} K(p - p') cube[p']`` with ``K(t) = sum_a w_a(t_a)`` where ``t``
+    is raster-non-negative (its first non-zero component positive, or ``t = 0``) and
+    0 elsewhere. Offsets are laid out circularly on each axis as in ``_toeplitz``
+    (``t_a >= 0`` at index ``t_a``, ``t_a < 0`` at ``n_a + t_a``); with
+    ``n_a >= 2 G_a - 1`` nothing wraps around, so the first ``G_a`` outputs along
+    every axis are the linear convolution. Tables are in the compute dtype with
+    ``M_a >= G_a``. The grid axes go last (``(..., D, G_1, ..., G_k)``) so the FFTs
+    run over contiguous axes.
+    """
+    k = len(grid)
+    n = tuple(next_fast_len(2 * g - 1) for g in grid)
+    dev = device_of(cube)
+    kernel: Any = None  # rpb_nd calls this only with at least one table
+    mask: Any = None  # raster-non-negative offsets, built from the last axis forwards
+    for axis in reversed(range(k)):
+        shape = [1] * k
+        shape[axis] = n[axis]
+        index = xp.reshape(xp.arange(n[axis], dtype=xp.int32, device=dev), tuple(shape))
+        positive = (index >= 1) & (index < grid[axis])  # offsets 1 .. G - 1 (the rest: < 0 or unused)
+        mask = (index >= 0) & (index < grid[axis]) if mask is None else positive | ((index == 0) & mask)
+        w = tables[axis]
+        if w is None:
+            continue
+        G, M = grid[axis], (w.shape[-1] + 1) // 2
+        parts = [w[..., M - 1 : M - 1 + G]]  # offsets 0 .. G - 1
+        if n[axis] > G:
+            parts.append(xp.zeros((*w.shape[:-1], n[axis] - (2 * G - 1)), dtype=w.dtype, device=dev))
+            parts.append(w[..., M - G : M - 1])  # offsets -(G - 1) .. -1
+        line = xp.reshape(xp.concat(parts, axis=-1), (*w.shape[:-1], *shape))
+        kernel = line if kernel is None else kernel + line
+    kernel = xp.where(mask, kernel, xp.zeros((), dtype=kernel.dtype, device=dev))
+    axes = tuple(range(-k, 0))
+    kernel_f = rfftn(xp, kernel, s=n, axes=axes)
+    kernel_f = xp.reshape(kernel_f, (*kernel_f.shape[:-k], 1, *kernel_f.shape[-k:]))  # a D axis
+    nlead = cube.ndim - k - 1
+    columns = xp.permute_dims(cube, (*range(nlead), cube.ndim - 1, *range(nlead, nlead + k)))
+    crop = (..., *(slice(0, g) for g in grid))
+
+    def convolve(block: Any, k_f: Any) -> Any:
+        spectrum = multiply_into(xp, rfftn(xp, block, s=n, axes=axes), k_f)
+        return irfftn(xp, spectrum, s=n, axes=axes, consume=True)[crop]
+
+    # The padded spectrum of one (leading index, feature) column is about 2^k times
+    # the column: long inputs go in blocks of columns of at most _BLOCK_BYTES of
+    # spectrum (as in ``_toeplitz``), so the work space stays bounded.
+    D = cube.shape[-1]
+    spec = tuple(kernel_f.shape[-k:])
+    per_col = math.prod(spec) * 2 * _itemsize(xp, cube.dtype)
+    lead = _broadcast_lead(columns.shape[:nlead], kernel_f.shape[: -k - 1])
+    G = math.prod(lead)
+    if G * D * per_col <= _BLOCK_BYTES:
+        out = convolve(columns, kernel_f)
+    else:
+        cols = max(1, min(D, _BLOCK_BYTES // per_col))
+        heads = max(1, _BLOCK_BYTES // (per_col * cols))
+        columns = xp.reshape(xp.broadcast_to(columns, (*lead, D, *grid)), (G, D, *grid))
+        kernel_f = xp.reshape(xp.broadcast_to(kernel_f, (*lead, 1, *spec)), (G, 1, *spec))
+        rows = []
+        for g in range(0, G, heads):
+            g_end = min(g + heads, G)
+            # a copy of each cropped block, so its padded output is freed at once
+            parts = [
+                xp.asarray(convolve(columns[g:g_end, d : min(d + cols, D), ...], kernel_f[g:g_end, ...]), copy=True)
+                for d in range(0, D, cols)
+            ]
+            rows.append(parts[0] if len(parts) == 1 else xp.concat(parts, axis=1))
+        out = xp.reshape(rows[0] if len(rows) == 1 else xp.concat(rows, axis=0), (*lead, D, *grid))
+    return xp.permute_dims(out, (*range(out.ndim - k - 1), *range(out.ndim - k, out.ndim), out.ndim - k - 1))
 
 
 def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Any, scale: float = 1e-2) -> Any:
@@ -370,11 +552,14 @@ def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Any, scale: fl
     scale : float
         Standard deviation of the normal draw.
     """
-    xp = namespace(like=like)
-    max_len = int_arg("max_len", max_len, minimum=1)
+    max_len = _validate.integer("max_len", max_len, minimum=1)
     shape: tuple[int, ...] = (2 * max_len - 1,)
     if heads is not None:
-        shape = (int_arg("heads", heads, minimum=1), *shape)
+        shape = (_validate.integer("heads", heads, minimum=1), *shape)
+    seed = _validate.seed(seed)
+    scale = _validate.non_negative("scale", scale)
+    _validate.required(like=like)
+    xp = namespace(like=like)
     dtype = like.dtype if xp.isdtype(like.dtype, "real floating") else xp.float32
     _, work = compute_dtype(xp, xp.empty((0,), dtype=dtype, device=device_of(like)))
     table = seeded_normal(xp, shape, seed=seed, dtype=work, device=device_of(like)) * scale

@@ -22,20 +22,17 @@ Half-precision inputs are computed in float32 and returned in the input dtype.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ._compat import (
-    check_floating,
-    compute_dtype,
-    device_of,
-    elu_plus_one,
-    int_arg,
-    namespace,
-    seeded_projection,
-)
+from . import _validate
+from ._compat import compute_dtype, device_of, elu_plus_one, namespace, softmax
+from ._random import seeded_projection
+from ._validate import check_floating, int_arg
 
 __all__ = [
     "FeatureMap",
@@ -45,12 +42,16 @@ __all__ = [
     "DPFP",
     "FAVOR",
     "RFF",
+    "Taylor",
+    "Hedgehog",
     "elu",
     "relu",
     "sikf",
     "dpfp",
     "favor",
     "rff",
+    "taylor",
+    "hedgehog",
     "random_projection",
     "resolve",
     "NAMES",
@@ -97,10 +98,9 @@ class FeatureMap:
 
     # -- private --------------------------------------------------------------
     def _public(self, x: Any, kernel: Callable[[Any, Any], Any]) -> Any:
+        _validate.required(x=x)
         xp = namespace(x=x, **self._arrays())
-        check_floating(xp, "x", x)
-        if x.ndim < 1:
-            raise ValueError(f"x must have shape (..., D) with at least 1 dimension, got a 0-d array")
+        _validate.values(xp, "x", x, ndim=1)
         self._check_width(x.shape[-1], "x")
         result, work = compute_dtype(xp, x)
         out = kernel(xp, xp.astype(x, work, copy=False))
@@ -271,6 +271,7 @@ class _Projected(FeatureMap):
 
 
 def _check_projection(projection: Any) -> None:
+    _validate.required(projection=projection)
     xp = namespace(projection=projection)
     check_floating(xp, "projection", projection)
     if projection.ndim != 2 or projection.shape[0] < 1 or projection.shape[1] < 1:
@@ -340,6 +341,90 @@ class RFF(_Projected):
         wx = self._project(xp, x)
         scale = 1.0 / math.sqrt(self.projection.shape[0])
         return xp.concat([xp.cos(wx), xp.sin(wx)], axis=-1) * scale
+
+    _keys = _queries
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row and column indices of the pairs ``i < j`` of ``d`` features, row by row."""
+    pairs = [(i, j) for i in range(d) for j in range(i + 1, d)]
+    return tuple(i for i, _ in pairs), tuple(j for _, j in pairs)
+
+
+@dataclass(frozen=True)
+class Taylor(FeatureMap):
+    r"""Second-order Taylor features of ``exp`` (Based: Arora et al. 2024, "Simple linear
+    attention language models balance the recall-throughput tradeoff", ICML),
+    F = 1 + D + D (D + 1) / 2.
+
+    $$
+    \phi(x) = \Big[\,1,\; \frac{x}{D^{1/4}},\;
+    \Big(\frac{x_i^2}{\sqrt{2 D}}\Big)_{i},\;
+    \Big(\frac{x_i x_j}{\sqrt{D}}\Big)_{i < j}\Big], \qquad
+    \phi(q) \cdot \phi(k) = 1 + s + \frac{s^2}{2} \approx e^{s}, \quad
+    s = \frac{q \cdot k}{\sqrt D}
+    $$
+
+    The scaling is flash-linear-attention's ``TaylorFeatureMap`` (and Based's): the
+    kernel expands ``exp(q . k / sqrt(D))``, softmax attention's default logits, so
+    ``q`` and ``k`` are passed unscaled. Features come in fla's order (the constant,
+    the linear terms, the squares, then the products ``i < j`` row by row); the
+    symmetric quadratic block keeps D (D + 1) / 2 features instead of Based's D^2.
+    The features are signed but the kernel is positive,
+    ``1 + s + s^2 / 2 >= 1 / 2``, so the normaliser never vanishes.
+    """
+
+    name: ClassVar[str] = "taylor"
+
+    def features(self, d: int) -> int:
+        d = int_arg("d", d, minimum=0)
+        return 1 + d + d * (d + 1) // 2
+
+    def _queries(self, xp: Any, x: Any) -> Any:
+        d = x.shape[-1]
+        parts = [xp.ones((*x.shape[:-1], 1), dtype=x.dtype, device=device_of(x))]
+        if d:
+            parts += [x * (d**-0.25), x * x * ((2 * d) ** -0.5)]
+        if d > 1:
+            # the products x_i x_j, i < j, row by row (numpy.triu_indices(d, 1) order)
+            rows, cols = (xp.asarray(ix, dtype=xp.int32, device=device_of(x)) for ix in _pairs(d))
+            parts.append(xp.take(x, rows, axis=-1) * xp.take(x, cols, axis=-1) * (d**-0.5))
+        return xp.concat(parts, axis=-1)
+
+    _keys = _queries
+
+
+@dataclass(frozen=True, eq=False)
+class Hedgehog(_Projected):
+    r"""Hedgehog features (Zhang et al. 2024, "The Hedgehog & the
+    Porcupine: Expressive Linear Attentions with Softmax Mimicry", ICLR), F = 2 m.
+
+    $$
+    \phi(x) = \big[\,\mathrm{softmax}(W x),\; \mathrm{softmax}(-W x)\,\big]
+    $$
+
+    each softmax over the ``m`` features, with a learned ``W`` of shape ``(m, D)``
+    (``torch.nn.Linear(D, m).weight``'s layout, as ``favor``'s projection; the paper
+    and fla initialise it to the identity). Every feature lies in [0, 1] and each
+    half sums to one, so the map never overflows. The two softmaxes are taken
+    separately, as in the paper; flash-linear-attention's ``HedgehogFeatureMap``
+    instead takes one softmax over the joined ``[2 W x + b, -2 W x - b]``, with a
+    bias ``b``.
+    """
+
+    projection: Any
+    name: ClassVar[str] = "hedgehog"
+
+    def __post_init__(self) -> None:
+        _check_projection(self.projection)
+
+    def features(self, d: int) -> int:
+        return 2 * self.projection.shape[0]
+
+    def _queries(self, xp: Any, x: Any) -> Any:
+        wx = self._project(xp, x)
+        return xp.concat([softmax(xp, wx), softmax(xp, -wx)], axis=-1)
 
     _keys = _queries
 
@@ -419,6 +504,25 @@ def rff(projection: Any) -> FeatureMap:
     return RFF(projection)
 
 
+def taylor() -> FeatureMap:
+    """Second-order Taylor features of ``exp(q . k / sqrt(D))`` (Based; Arora et al. 2024),
+    F = 1 + D + D (D + 1) / 2. See ``Taylor``."""
+    return Taylor()
+
+
+def hedgehog(projection: Any) -> FeatureMap:
+    """Hedgehog features ``[softmax(W x), softmax(-W x)]`` (Zhang et al. 2024), F = 2 m.
+    See ``Hedgehog``.
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        The learned ``W`` (``x`` is multiplied by its transpose); the paper starts
+        from the identity, ``m = D``.
+    """
+    return Hedgehog(projection)
+
+
 def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, like: Any) -> Any:
     """An ``(m, d)`` random projection whose rows are marginally ``N(0, I_d)``.
 
@@ -440,16 +544,23 @@ def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, lik
         The projection is created in the namespace, on the device and (if floating)
         in the dtype of ``like``.
     """
+    m = _validate.integer("m", m, minimum=1)
+    d = _validate.integer("d", d, minimum=1)
+    seed = _validate.seed(seed)
+    orthogonal = _validate.flag("orthogonal", orthogonal)
+    _validate.required(like=like)
     xp = namespace(like=like)
-    m = int_arg("m", m, minimum=1)
-    d = int_arg("d", d, minimum=1)
-    if not isinstance(orthogonal, bool):
-        raise TypeError(f"orthogonal must be a bool, got {type(orthogonal).__name__}")
     dtype = like.dtype if xp.isdtype(like.dtype, "real floating") else xp.float32
     return seeded_projection(xp, m, d, seed=seed, orthogonal=orthogonal, dtype=dtype, device=device_of(like))
 
 
-_BY_NAME: dict[str, Callable[[], FeatureMap]] = {"elu": elu, "relu": relu, "sikf": sikf, "dpfp": dpfp}
+_BY_NAME: dict[str, Callable[[], FeatureMap]] = {
+    "elu": elu,
+    "relu": relu,
+    "sikf": sikf,
+    "dpfp": dpfp,
+    "taylor": taylor,
+}
 #: The names ``linear_attention(feature_map=...)`` accepts.
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 
@@ -467,9 +578,27 @@ def resolve(feature_map: Any, name: str = "feature_map") -> FeatureMap:
                 f"{', '.join(repr(n) for n in NAMES)} (or pass a map from fastrpb.feature_maps "
                 "or a callable)"
             ) from None
+    if isinstance(feature_map, type) and issubclass(feature_map, FeatureMap):
+        raise TypeError(
+            f"{name} must be a feature map, got the class {feature_map.__name__} itself: "
+            f"make one with its factory, e.g. {name}=fastrpb.feature_maps.{feature_map.name}(...)"
+        )
+    if _is_factory(feature_map):
+        raise TypeError(
+            f"{name} must be a feature map, got the factory {feature_map.__name__} itself: call it, "
+            f"{name}=fastrpb.feature_maps.{feature_map.__name__}(...) (a plain callable is used as "
+            "the map, so an uncalled factory would be applied to the inputs)"
+        )
     if callable(feature_map):
         return _Callable(feature_map)
     raise TypeError(
         f"{name} must be a feature-map name ({', '.join(NAMES)}), a map from "
         f"fastrpb.feature_maps or a callable, got {type(feature_map).__name__}"
     )
+
+
+def _is_factory(value: Any) -> bool:
+    """Whether ``value`` is a function that makes a feature map (``fastrpb.feature_maps.dpfp``):
+    its return annotation says ``FeatureMap``."""
+    annotations = getattr(value, "__annotations__", None) if inspect.isfunction(value) else None
+    return bool(annotations) and annotations.get("return") in ("FeatureMap", FeatureMap)

@@ -16,55 +16,79 @@ Examples
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 # Absolute imports only: this module is itself called ``flax`` inside the package.
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import fastrpb
-from fastrpb._compat import grid_arg, int_arg, skip_arg
-from fastrpb._layers import AttentionLayer, LayerCache, check_axes, check_heads, check_layer_rpb
+from fastrpb._compat import int_arg
+from fastrpb._layers import (
+    AttentionLayer,
+    BiasLayer,
+    BiasNdLayer,
+    LayerCache,
+    check_layer_rpb,
+)
 
-__all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache"]
+__all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "MultiheadLinearAttention"]
+
+
+class FeatureMapArray(nnx.Variable):
+    """A fixed array of a layer's feature map (``favor``/``rff``'s random projection).
+
+    Part of the module's state (split, saved, restored, sharded with it) but not an
+    ``nnx.Param``: optimisers built with ``wrt=nnx.Param`` leave it as drawn.
+    """
+
+
+def _array(variable: nnx.Variable) -> jax.Array:
+    """A variable's value as a JAX array. A state restored with
+    ``flax.serialization.from_bytes`` holds NumPy arrays; ``nnx.Linear`` accepts them,
+    and so do these layers (the functional core would reject NumPy beside JAX)."""
+    return jnp.asarray(variable[...])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
+    # Compiled as one unit, eagerly or inlined in an outer nnx.jit: bitwise the same
+    # table both ways (unjitted, XLA fuses the product differently: 1-ulp differences).
+    return scale * jax.random.normal(key, shape, dtype=jnp.float32)
 
 
 def _init_table(
     heads: int | None, max_len: int, symmetric: bool, *, seed: int | None, rngs: nnx.Rngs | None, offset: int,
     param_dtype: Any, scale: float,
 ) -> jax.Array:
-    """The paper's initialisation, ``fastrpb.rpb_init``, with an explicit seed or one drawn
-    from ``rngs.params()``.
+    """The paper's initialisation: normal values of standard deviation ``scale``.
 
-    Inside a traced constructor (a model built under ``nnx.jit``, e.g. for sharded
-    initialisation) the key cannot become a Python seed; the same distribution
-    (normal, standard deviation ``scale``) is then drawn with ``jax.random``.
+    With an explicit ``seed``, exactly ``fastrpb.rpb_init(seed=seed + offset)``. With
+    ``rngs``, the same distribution drawn with ``jax.random`` from ``rngs.params()``:
+    one computation, so the same ``nnx.Rngs`` gives the same table eagerly and inside
+    ``nnx.jit`` (a model built under jit for sharded initialisation).
     """
+    shape = (2 * max_len - 1,) if heads is None else (heads, 2 * max_len - 1)
     if seed is not None:
         seed = int_arg("seed", seed, minimum=0) + offset
+        table = fastrpb.rpb_init(heads, max_len, seed=seed, like=jnp.empty((0,), dtype=param_dtype), scale=scale)
     elif rngs is None:
         raise TypeError("pass rngs=nnx.Rngs(...) (or an explicit seed=) to initialise the bias table")
     else:
-        key = rngs.params()
-        try:
-            seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-        except jax.errors.ConcretizationTypeError:
-            shape = (2 * max_len - 1,) if heads is None else (heads, 2 * max_len - 1)
-            table = (scale * jax.random.normal(key, shape, dtype=jnp.float32)).astype(param_dtype)
-            return table[..., max_len - 1 :] if symmetric else table
-    table = fastrpb.rpb_init(heads, max_len, seed=seed, like=jnp.empty((0,), dtype=param_dtype), scale=scale)
+        table = _normal(rngs.params(), shape, scale).astype(param_dtype)
     # A symmetric table stores offsets 0 .. M-1 only: the non-negative half of the draw.
     return table[..., max_len - 1 :] if symmetric else table
 
 
-class FastRPB(nnx.Module):
+class FastRPB(BiasLayer, nnx.Module):
     r"""FastRPB on the values: ``out = B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
 
-    The table is an ``nnx.Param`` initialised as in the paper (``fastrpb.rpb_init``)
-    and applied with ``fastrpb.rpb`` by FFT in O(L log L).
+    The table is an ``nnx.Param`` initialised as in the paper (small normal values,
+    ``fastrpb.rpb_init`` with an explicit ``seed``) and applied with ``fastrpb.rpb`` by FFT in O(L log L).
 
     Parameters
     ----------
@@ -101,30 +125,20 @@ class FastRPB(nnx.Module):
         scale: float = 1e-2,
         param_dtype: Any = jnp.float32,
     ) -> None:
-        self.heads = check_heads(heads)
-        self.max_len = int_arg("max_len", max_len, minimum=1)
-        self.causal = bool(causal)
-        self.symmetric = bool(symmetric)
-        self.skip = skip_arg(skip)
+        self._configure(heads, max_len, causal, symmetric, skip)
         self.table = nnx.Param(
             _init_table(self.heads, self.max_len, self.symmetric, seed=seed, rngs=rngs, offset=0, param_dtype=param_dtype, scale=scale)
         )
 
-    def weights(self) -> jax.Array:
-        """The full table ``(heads, 2 max_len - 1)`` (expanded from ``h`` when symmetric)."""
-        table = self.table[...]
-        return fastrpb.symmetric_table(table) if self.symmetric else table
+    def _table(self) -> jax.Array:
+        return _array(self.table)
 
     def __call__(self, v: jax.Array) -> jax.Array:
         """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``."""
-        return fastrpb.rpb(v, self.weights(), causal=self.causal, skip=self.skip)
-
-    def matrix(self, L: int) -> jax.Array:
-        """The dense ``(heads, L, L)`` matrix ``B``, e.g. as a softmax logits bias."""
-        return fastrpb.rpb_matrix(self.weights(), L, causal=self.causal)
+        return self._bias_of(v)
 
 
-class FastRPBnd(nnx.Module):
+class FastRPBnd(BiasNdLayer, nnx.Module):
     r"""Separable N-d FastRPB for tokens laid out row-major on a grid.
 
     ``B[p, p'] = sum_a w_a(p_a - p'_a)`` over the biased axes, applied with
@@ -163,40 +177,30 @@ class FastRPBnd(nnx.Module):
         scale: float = 1e-2,
         param_dtype: Any = jnp.float32,
     ) -> None:
-        self.heads = check_heads(heads)
-        self.grid = grid_arg(grid)
-        self.axes = check_axes(axes, self.grid)
-        self.share = bool(share)
-        self.symmetric = bool(symmetric)
-        self.skip = skip_arg(skip)
-        self.causal = False
-        lengths = [max(self.grid[a] for a in self.axes)] if self.share else [self.grid[a] for a in self.axes]
+        self._configure(heads, grid, axes, share, symmetric, skip)
         self.tables = nnx.List(
             [
-                nnx.Param(_init_table(self.heads, m, self.symmetric, seed=seed, rngs=rngs, offset=n, param_dtype=param_dtype, scale=scale))
-                for n, m in enumerate(lengths)
+                nnx.Param(
+                    _init_table(self.heads, m, self.symmetric, seed=seed, rngs=rngs, offset=n, param_dtype=param_dtype, scale=scale)
+                )
+                for n, m in enumerate(self.lengths)
             ]
         )
 
-    def weights(self) -> list[jax.Array | None]:
-        """One full table (or ``None``) per grid axis, as ``fastrpb.rpb_nd`` takes them."""
-        full = [fastrpb.symmetric_table(t[...]) if self.symmetric else t[...] for t in self.tables]
-        out: list[jax.Array | None] = [None] * len(self.grid)
-        for n, a in enumerate(self.axes):
-            out[a] = full[0] if self.share else full[n]
-        return out
+    def _tables(self) -> list[jax.Array]:
+        return [_array(t) for t in self.tables]
 
     def __call__(self, v: jax.Array) -> jax.Array:
         """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``."""
-        return fastrpb.rpb_nd(v, self.weights(), self.grid, skip=self.skip)
+        return self._bias_of(v)
 
 
-class MultiheadLinearAttention(nnx.Module, AttentionLayer):
+class MultiheadLinearAttention(AttentionLayer, nnx.Module):
     r"""Multi-head linear attention with an optional FastRPB term on the values.
 
-    ``y = W_o [ LinearAttention(x W_q, x W_k, x W_v) + B (x W_v) ]`` per head, the
-    paper's "Attn(Q, K, V) + B V", through ``fastrpb.linear_attention`` and a
-    `FastRPB` / `FastRPBnd` module.
+    ``y = W_o [ LinearAttention(x W_q, k W_k, v W_v) + B (v W_v) ]`` per head, the
+    paper's "Attn(Q, K, V) + B V" (self-attention: ``k = v = x``), through
+    ``fastrpb.linear_attention`` and a call of the `FastRPB` / `FastRPBnd` module.
 
     Parameters
     ----------
@@ -206,7 +210,9 @@ class MultiheadLinearAttention(nnx.Module, AttentionLayer):
         Number of heads.
     feature_map : str or feature map
         ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"`` or an object from
-        ``fastrpb.feature_maps``.
+        ``fastrpb.feature_maps``. The arrays of a map (``favor``/``rff``'s projection)
+        become `FeatureMapArray` variables of the layer (``feature_map_projection``),
+        part of its state.
     rpb : None, int, FastRPB or FastRPBnd
         ``None``: no bias. An int: a new ``FastRPB(heads, rpb, causal=causal)``. A
         module: used as is (heads ``heads`` or ``None``; causal if the layer is).
@@ -240,8 +246,14 @@ class MultiheadLinearAttention(nnx.Module, AttentionLayer):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
     ) -> None:
-        inner = self._configure(d_model, heads, head_dim, feature_map, causal, eps, chunk_size)
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner = self._configure(d_model, heads, head_dim, causal, eps, chunk_size)
+        for name, array in self._map_owned_arrays(feature_map).items():
+            if not isinstance(array, (jax.Array, np.ndarray)):
+                raise TypeError(
+                    f"the {name} of feature_map must be a JAX or NumPy array for a Flax layer, got {type(array).__name__}"
+                )
+            setattr(self, f"feature_map_{name}", FeatureMapArray(jnp.asarray(array, dtype=param_dtype)))
+        kw: dict[str, Any] = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(self.d_model, inner, **kw)
         self.k_proj = nnx.Linear(self.d_model, inner, **kw)
         self.v_proj = nnx.Linear(self.d_model, inner, **kw)
@@ -249,10 +261,11 @@ class MultiheadLinearAttention(nnx.Module, AttentionLayer):
         if rpb is not None and not isinstance(rpb, nnx.Module):
             rpb = FastRPB(self.heads, int_arg("rpb (max_len)", rpb, minimum=1), causal=self.causal, rngs=rngs, param_dtype=param_dtype)
         if rpb is not None:
-            check_layer_rpb(rpb, self.heads, self.causal, kind=FastRPB, kind_nd=FastRPBnd)
+            check_layer_rpb(rpb, self.heads, self.causal)
         self.rpb = rpb
 
-    _bias_nd = FastRPBnd
+    def _owned(self, name: str) -> jax.Array:
+        return _array(getattr(self, f"feature_map_{name}"))
 
     def _check_input(self, x: Any, name: str, ndim: int) -> Any:
         # NumPy inputs are welcome (nnx.Linear takes them); the layer then works in JAX.
@@ -262,16 +275,38 @@ class MultiheadLinearAttention(nnx.Module, AttentionLayer):
         return jnp
 
     def __call__(
-        self, x: jax.Array, key_mask: jax.Array | None = None, *, return_cache: bool = False
+        self,
+        x: jax.Array,
+        key_mask: jax.Array | None = None,
+        *,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
+        return_cache: bool = False,
     ) -> jax.Array | tuple[jax.Array, LayerCache]:
-        """Attend over ``x: (..., L, d_model)``.
+        """Attend from ``x: (..., Lq, d_model)`` over ``x`` or over ``inputs_k``/``inputs_v``.
 
-        ``key_mask: (..., L)`` bool, ``True`` for real tokens and ``False`` for
-        padding (excluded exactly from attention and from the bias).
-        ``return_cache=True`` (causal layers) also returns the `LayerCache` for
-        `step`.
+        Parameters
+        ----------
+        x : array, shape (..., Lq, d_model)
+            The queries' input (and the keys' and values' for self-attention).
+        key_mask : bool array, shape (..., Lk), optional
+            ``True`` for real tokens, ``False`` for padding (excluded exactly from
+            attention and from the bias). This is the polarity of ``nnx.MultiHeadAttention``'s
+            masks and the opposite of PyTorch's ``key_padding_mask`` (True = pad).
+        inputs_k, inputs_v : array, shape (..., Lk, d_model), optional
+            Cross-attention, as ``nnx.MultiHeadAttention``'s: the keys' and values'
+            input (``inputs_v`` defaults to ``inputs_k``). With a FastRPB, ``Lk`` must
+            equal ``Lq``.
+        return_cache : bool
+            Causal layers only: also return the `LayerCache` for `step`.
+
+        Returns
+        -------
+        array, shape (..., Lq, d_model)
+            Or ``(y, cache)`` with ``return_cache=True``.
         """
-        return self._attend(x, key_mask, return_cache)
+        key_mask, inputs_k, inputs_v = (None if a is None else jnp.asarray(a) for a in (key_mask, inputs_k, inputs_v))
+        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v)
 
     def step(self, x_t: jax.Array, cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.

@@ -20,13 +20,20 @@ from typing import Any
 
 # Absolute imports only: this module is itself called ``torch`` inside the package.
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastrpb
-from fastrpb._compat import grid_arg, int_arg, skip_arg
-from fastrpb._layers import AttentionLayer, LayerCache, check_axes, check_heads, check_layer_rpb
+from fastrpb._compat import int_arg, namespace
+from fastrpb._layers import (
+    AttentionLayer,
+    BiasLayer,
+    BiasNdLayer,
+    LayerCache,
+    check_layer_rpb,
+)
 
-__all__ = ["FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LayerCache"]
+__all__ = ["FastRPB", "FastRPBnd", "LayerCache", "LinearMultiheadAttention", "MultiheadLinearAttention"]
 
 
 def _seed(seed: int | None) -> int:
@@ -46,7 +53,7 @@ def _init_table(heads: int | None, max_len: int, symmetric: bool, seed: int, lik
     return table[..., max_len - 1 :].clone() if symmetric else table
 
 
-class FastRPB(nn.Module):
+class FastRPB(BiasLayer, nn.Module):
     r"""FastRPB on the values: ``out = B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
 
     The table ``w`` is an ``nn.Parameter`` initialised as in the paper (small random
@@ -96,34 +103,19 @@ class FastRPB(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.heads = check_heads(heads)
-        self.max_len = int_arg("max_len", max_len, minimum=1)
-        self.causal = bool(causal)
-        self.symmetric = bool(symmetric)
-        self.skip = skip_arg(skip)
+        self._configure(heads, max_len, causal, symmetric, skip)
         table = _init_table(self.heads, self.max_len, self.symmetric, _seed(seed), _like(device, dtype), scale)
         self.table = nn.Parameter(table)
 
-    def weights(self) -> torch.Tensor:
-        """The full table ``(heads, 2 max_len - 1)`` (expanded from ``h`` when symmetric)."""
-        return fastrpb.symmetric_table(self.table) if self.symmetric else self.table
+    def _table(self) -> torch.Tensor:
+        return self.table
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``."""
-        return fastrpb.rpb(v, self.weights(), causal=self.causal, skip=self.skip)
-
-    def matrix(self, L: int) -> torch.Tensor:
-        """The dense ``(heads, L, L)`` matrix ``B``, e.g. as a softmax logits bias."""
-        return fastrpb.rpb_matrix(self.weights(), L, causal=self.causal)
-
-    def extra_repr(self) -> str:
-        return (
-            f"heads={self.heads}, max_len={self.max_len}, causal={self.causal}, "
-            f"symmetric={self.symmetric}, skip={self.skip}"
-        )
+        return self._bias_of(v)
 
 
-class FastRPBnd(nn.Module):
+class FastRPBnd(BiasNdLayer, nn.Module):
     r"""Separable N-d FastRPB for tokens laid out row-major on a grid (images, video).
 
     ``B[p, p'] = sum_a w_a(p_a - p'_a)`` over the biased axes, applied with
@@ -164,42 +156,52 @@ class FastRPBnd(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.heads = check_heads(heads)
-        self.grid = grid_arg(grid)
-        self.axes = check_axes(axes, self.grid)
-        self.share = bool(share)
-        self.symmetric = bool(symmetric)
-        self.skip = skip_arg(skip)
-        self.causal = False
+        self._configure(heads, grid, axes, share, symmetric, skip)
         seed = _seed(seed)
         like = _like(device, dtype)
-        lengths = [max(self.grid[a] for a in self.axes)] if self.share else [self.grid[a] for a in self.axes]
         self.tables = nn.ParameterList(
-            nn.Parameter(_init_table(self.heads, m, self.symmetric, seed + n, like, scale)) for n, m in enumerate(lengths)
+            nn.Parameter(_init_table(self.heads, m, self.symmetric, seed + n, like, scale))
+            for n, m in enumerate(self.lengths)
         )
 
-    def weights(self) -> list[torch.Tensor | None]:
-        """One full table (or ``None``) per grid axis, as ``fastrpb.rpb_nd`` takes them."""
-        full = [fastrpb.symmetric_table(t) if self.symmetric else t for t in self.tables]
-        out: list[torch.Tensor | None] = [None] * len(self.grid)
-        for n, a in enumerate(self.axes):
-            out[a] = full[0] if self.share else full[n]
-        return out
+    def _tables(self) -> list[torch.Tensor]:
+        return list(self.tables)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``."""
-        return fastrpb.rpb_nd(v, self.weights(), self.grid, skip=self.skip)
-
-    def extra_repr(self) -> str:
-        return f"heads={self.heads}, grid={self.grid}, axes={self.axes}, share={self.share}, symmetric={self.symmetric}, skip={self.skip}"
+        return self._bias_of(v)
 
 
-class MultiheadLinearAttention(nn.Module, AttentionLayer):
+def _own_map_arrays(layer: AttentionLayer, feature_map: Any, device: Any, dtype: Any) -> None:
+    """The arrays of the feature map (favor's / rff's projection) become buffers:
+    saved in the ``state_dict``, loaded, moved and cast with the module (a copy: the
+    caller's array is never written to)."""
+    for name, array in layer._map_owned_arrays(feature_map).items():
+        if not isinstance(array, torch.Tensor):
+            raise TypeError(
+                f"the {name} of feature_map must be a torch.Tensor for a PyTorch layer, got {type(array).__name__}"
+            )
+        assert isinstance(layer, nn.Module)
+        layer.register_buffer(f"feature_map_{name}", array.detach().to(device=device, dtype=dtype).clone())
+
+
+def _rpb_module(rpb: Any, heads: int, causal: bool, device: Any, dtype: Any) -> Any:
+    if rpb is not None and not isinstance(rpb, nn.Module):
+        rpb = FastRPB(heads, int_arg("rpb (max_len)", rpb, minimum=1), causal=causal, device=device, dtype=dtype)
+    if rpb is not None:
+        check_layer_rpb(rpb, heads, causal)
+    return rpb
+
+
+class MultiheadLinearAttention(AttentionLayer, nn.Module):
     r"""Multi-head linear attention with an optional FastRPB term on the values.
 
-    ``y = W_o [ LinearAttention(x W_q, x W_k, x W_v) + B (x W_v) ]`` per head, the
-    paper's "Attn(Q, K, V) + B V". Attention is ``fastrpb.linear_attention``; the bias
-    is a `FastRPB` or `FastRPBnd` module.
+    ``y = W_o [ LinearAttention(x W_q, k W_k, v W_v) + B (v W_v) ]`` per head, the
+    paper's "Attn(Q, K, V) + B V" (self-attention: ``k = v = x``). Attention is
+    ``fastrpb.linear_attention``; the bias is a `FastRPB` or `FastRPBnd` module, called
+    on the values (so FSDP2's per-module ``fully_shard(layer.rpb)`` works). For a
+    drop-in replacement of ``torch.nn.MultiheadAttention`` (its arguments, its
+    sequence-first layout, its mask polarity) use `LinearMultiheadAttention`.
 
     Parameters
     ----------
@@ -209,7 +211,9 @@ class MultiheadLinearAttention(nn.Module, AttentionLayer):
         Number of heads.
     feature_map : str or feature map
         ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"`` or any object from
-        ``fastrpb.feature_maps``.
+        ``fastrpb.feature_maps``. The arrays of a map (``favor``/``rff``'s projection)
+        become buffers of the layer (``feature_map_projection``): saved, loaded, moved
+        and cast with it.
     rpb : None, int, FastRPB or FastRPBnd
         ``None``: no positional bias. An int: a new ``FastRPB(heads, rpb,
         causal=causal)`` with that ``max_len``. A module: used as is (its heads must
@@ -250,19 +254,17 @@ class MultiheadLinearAttention(nn.Module, AttentionLayer):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        inner = self._configure(d_model, heads, head_dim, feature_map, causal, eps, chunk_size)
-        kw = dict(bias=bias, device=device, dtype=dtype)
+        inner = self._configure(d_model, heads, head_dim, causal, eps, chunk_size)
+        _own_map_arrays(self, feature_map, device, dtype)
+        kw: dict[str, Any] = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(self.d_model, inner, **kw)
         self.k_proj = nn.Linear(self.d_model, inner, **kw)
         self.v_proj = nn.Linear(self.d_model, inner, **kw)
         self.out_proj = nn.Linear(inner, self.d_model, **kw)
-        if rpb is not None and not isinstance(rpb, nn.Module):
-            rpb = FastRPB(self.heads, int_arg("rpb (max_len)", rpb, minimum=1), causal=self.causal, device=device, dtype=dtype)
-        if rpb is not None:
-            check_layer_rpb(rpb, self.heads, self.causal, kind=FastRPB, kind_nd=FastRPBnd)
-        self.rpb = rpb
+        self.rpb = _rpb_module(rpb, self.heads, self.causal, device, dtype)
 
-    _bias_nd = FastRPBnd
+    def _owned(self, name: str) -> torch.Tensor:
+        return getattr(self, f"feature_map_{name}")
 
     def _check_input(self, x: Any, name: str, ndim: int) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -270,22 +272,39 @@ class MultiheadLinearAttention(nn.Module, AttentionLayer):
         return super()._check_input(x, name, ndim)
 
     def forward(
-        self, x: torch.Tensor, key_mask: torch.Tensor | None = None, *, return_cache: bool = False
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        *,
+        inputs_k: torch.Tensor | None = None,
+        inputs_v: torch.Tensor | None = None,
+        return_cache: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, LayerCache]:
-        """Attend over ``x: (..., L, d_model)``.
+        """Attend from ``x: (..., Lq, d_model)`` over ``x`` or over ``inputs_k``/``inputs_v``.
 
         Parameters
         ----------
-        x : Tensor, shape (..., L, d_model)
-            The token embeddings (batch first); queries, keys and values all come from it.
-        key_mask : bool Tensor, shape (..., L), optional
-            ``True`` for real tokens, ``False`` for padding (the opposite of
-            ``torch.nn.MultiheadAttention``'s ``key_padding_mask``). Padding keys are
-            excluded exactly from attention and their values from the bias.
+        x : Tensor, shape (..., Lq, d_model)
+            The token embeddings (batch first): the queries' input, and the keys' and
+            values' for self-attention.
+        key_mask : bool Tensor, shape (..., Lk), optional
+            ``True`` for real tokens, ``False`` for padding: the opposite polarity of
+            ``torch.nn.MultiheadAttention``'s ``key_padding_mask`` (True = pad), and
+            indistinguishable from it by type, so passing one for the other silently
+            inverts the mask. Padding keys are excluded exactly from attention and
+            their values from the bias.
+        inputs_k, inputs_v : Tensor, shape (..., Lk, d_model), optional
+            Cross-attention: the keys' and values' input (``inputs_v`` defaults to
+            ``inputs_k``). With a FastRPB, ``Lk`` must equal ``Lq``.
         return_cache : bool
             Causal layers only: also return the `LayerCache` to continue with `step`.
+
+        Returns
+        -------
+        Tensor, shape (..., Lq, d_model)
+            Or ``(y, cache)`` with ``return_cache=True``.
         """
-        return self._attend(x, key_mask, return_cache)
+        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v)
 
     def step(self, x_t: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.
@@ -299,5 +318,298 @@ class MultiheadLinearAttention(nn.Module, AttentionLayer):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, heads={self.heads}, head_dim={self.head_dim}, "
-            f"feature_map={self.feature_map!r}, causal={self.causal}"
+            f"feature_map={self.feature_map.signature}, causal={self.causal}"
+        )
+
+
+def _causal_mask_check(attn_mask: torch.Tensor, L: int, S: int) -> None:
+    """Accept ``attn_mask`` only if it is the causal mask: linear attention can honour
+    no other (it never forms the ``L x S`` weights a general mask would act on)."""
+    if attn_mask.dim() != 2:
+        raise ValueError(
+            f"attn_mask must be a 2-d causal mask of shape (L, S) = ({L}, {S}) for linear attention, "
+            f"got shape {tuple(attn_mask.shape)} (per-head or per-batch masks cannot be honoured)"
+        )
+    if tuple(attn_mask.shape) != (L, S) or L != S:
+        raise ValueError(
+            f"attn_mask must be the causal mask of shape (L, L) with L = Lq = Lk, got shape "
+            f"{tuple(attn_mask.shape)} for Lq = {L}, Lk = {S}"
+        )
+    above = torch.ones((L, L), dtype=torch.bool, device=attn_mask.device).triu(1)
+    if attn_mask.dtype == torch.bool:
+        causal = bool(torch.equal(attn_mask, above))
+    elif attn_mask.is_floating_point():
+        causal = bool(torch.equal(torch.isneginf(attn_mask), above)) and bool((attn_mask[~above] == 0).all())
+    else:
+        raise TypeError(f"attn_mask must be a bool or floating tensor, got dtype {attn_mask.dtype}")
+    if not causal:
+        raise ValueError(
+            "attn_mask can only be the causal mask (bool: True above the diagonal; float: -inf above the "
+            "diagonal and 0 elsewhere), or None with is_causal=True: linear attention never forms the "
+            "attention weights, so it cannot honour any other mask"
+        )
+
+
+def _keep_mask(key_padding_mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """torch's ``key_padding_mask`` (bool True = pad, or float with -inf = pad) as the core's
+    ``key_mask`` (True = keep)."""
+    if tuple(key_padding_mask.shape) != shape:
+        raise ValueError(
+            f"key_padding_mask must have shape (N, S) = {shape} (or (S,) for unbatched input), "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.dtype == torch.bool:
+        return ~key_padding_mask
+    if key_padding_mask.is_floating_point():
+        pad = torch.isneginf(key_padding_mask)
+        if not bool((key_padding_mask[~pad] == 0).all()):
+            raise ValueError(
+                "a float key_padding_mask can only hold 0 (keep) and -inf (pad): linear attention never "
+                "forms the logits, so it cannot add other values to them"
+            )
+        return ~pad
+    raise TypeError(f"key_padding_mask must be a bool or floating tensor, got dtype {key_padding_mask.dtype}")
+
+
+class LinearMultiheadAttention(AttentionLayer, nn.Module):
+    r"""A drop-in for ``torch.nn.MultiheadAttention`` computing linear attention (+ FastRPB).
+
+    Same constructor and ``forward`` as ``torch.nn.MultiheadAttention`` (sequence-first
+    ``(L, N, E)`` unless ``batch_first``, unbatched ``(L, E)``, ``key_padding_mask``
+    with True = pad, ``kdim``/``vdim``, cross-attention, the ``(output, weights)``
+    tuple), so it replaces ``self_attn`` / ``multihead_attn`` in
+    ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``. Per head:
+
+    $$
+    \mathrm{out}_i = \frac{\sum_j \phi(q_i) \cdot \phi(k_j)\, v_j}{\sum_j \phi(q_i) \cdot \phi(k_j) + \varepsilon}
+    \;+\; \sum_j w_{i - j}\, v_j
+    $$
+
+    (Katharopoulos et al. 2020; the FastRPB term of Zubkov & Gavrilov 2022,
+    arXiv:2202.11364, with ``rpb``). The parameters have the names and shapes of
+    ``nn.MultiheadAttention``'s separate-projection layout (``q_proj_weight``,
+    ``k_proj_weight``, ``v_proj_weight``, ``in_proj_bias``, ``out_proj``); a state dict
+    of an ``nn.MultiheadAttention`` with a packed ``in_proj_weight`` loads too (it is
+    split into the three).
+
+    What differs, because linear attention never forms the ``L x S`` attention weights:
+
+    - ``need_weights=True`` returns ``None`` as the weights (never an error).
+    - ``attn_mask`` can only be the causal mask (or ``None``); ``is_causal=True`` needs
+      no mask. Any other mask is a ``ValueError``.
+    - ``dropout`` acts on the attention output (before ``out_proj``), not on weights.
+    - ``add_bias_kv`` and ``add_zero_attn`` are not supported (``ValueError``).
+    - Nested (jagged) tensors are a ``TypeError``: packed sequences (``cu_seqlens``)
+      are the way to batch sequences of different lengths.
+
+    Parameters
+    ----------
+    embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype :
+        As ``torch.nn.MultiheadAttention``.
+    feature_map : str or feature map
+        ``"sikf"`` (default: the paper's kernel, invariant to shifts like softmax),
+        ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"`` or a map from
+        ``fastrpb.feature_maps``; a map's arrays become buffers.
+    rpb : None, int or FastRPB
+        The FastRPB term: an int makes a ``FastRPB(num_heads, rpb, causal=causal)``
+        with that ``max_len``. Needs ``Lq == Lk`` (self-attention).
+    causal : bool
+        Always causal. Otherwise a call is causal when ``is_causal=True`` or
+        ``attn_mask`` is the causal mask; a layer with a non-causal bias then raises
+        (the bias would see later tokens): build it with ``causal=True``.
+    eps, chunk_size :
+        Passed to ``fastrpb.linear_attention``.
+
+    Examples
+    --------
+    >>> layer = torch.nn.TransformerEncoderLayer(64, 4, batch_first=True)
+    >>> layer.self_attn = LinearMultiheadAttention(64, 4, batch_first=True, rpb=128)
+    >>> layer(torch.randn(2, 100, 64)).shape
+    torch.Size([2, 100, 64])
+    """
+
+    # False keeps nn.TransformerEncoderLayer off its fused native fast path (which would
+    # run softmax attention on these weights, in eval mode without gradients): that
+    # path is taken only when this flag is True.
+    _qkv_same_embed_dim = False
+    out_proj: nn.Linear
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        feature_map: Any = "sikf",
+        rpb: Any = None,
+        causal: bool = False,
+        eps: float = 1e-6,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if add_bias_kv:
+            raise ValueError("add_bias_kv=True is not supported by LinearMultiheadAttention (no learned extra key/value)")
+        if add_zero_attn:
+            raise ValueError("add_zero_attn=True is not supported by LinearMultiheadAttention (no zero key/value)")
+        self.embed_dim = int_arg("embed_dim", embed_dim, minimum=1)
+        self.num_heads = int_arg("num_heads", num_heads, minimum=1)
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim = {self.embed_dim} must be divisible by num_heads = {self.num_heads}")
+        self._configure(self.embed_dim, self.num_heads, None, causal, eps, chunk_size)
+        self.kdim = self.embed_dim if kdim is None else int_arg("kdim", kdim, minimum=1)
+        self.vdim = self.embed_dim if vdim is None else int_arg("vdim", vdim, minimum=1)
+        dropout = float(dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = dropout
+        self.batch_first = bool(batch_first)
+        _own_map_arrays(self, feature_map, device, dtype)
+        E = self.embed_dim
+        kw: dict[str, Any] = dict(device=device, dtype=dtype)
+        self.q_proj_weight = nn.Parameter(torch.empty((E, E), **kw))
+        self.k_proj_weight = nn.Parameter(torch.empty((E, self.kdim), **kw))
+        self.v_proj_weight = nn.Parameter(torch.empty((E, self.vdim), **kw))
+        self.register_parameter("in_proj_weight", None)
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * E, **kw)) if bias else None
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self.out_proj = nn.Linear(E, E, bias=bias, **kw)
+        self.rpb = _rpb_module(rpb, self.heads, self.causal, device, dtype)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # nn.MultiheadAttention's initialisation
+        for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _owned(self, name: str) -> torch.Tensor:
+        return getattr(self, f"feature_map_{name}")
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # nn.MultiheadAttention with kdim == vdim == embed_dim packs the three input
+        # projections into one in_proj_weight: split it into ours.
+        packed = state_dict.pop(prefix + "in_proj_weight", None)
+        if packed is not None:
+            q, k, v = packed.chunk(3, dim=0)
+            for name, w in zip(("q", "k", "v"), (q, k, v)):
+                state_dict.setdefault(f"{prefix}{name}_proj_weight", w)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """Attend from ``query`` over ``key``/``value``, as ``nn.MultiheadAttention.forward``.
+
+        Parameters
+        ----------
+        query : Tensor, shape (L, N, E), (N, L, E) with ``batch_first``, or (L, E)
+        key : Tensor, shape (S, N, kdim), (N, S, kdim) or (S, kdim)
+        value : Tensor, shape (S, N, vdim), (N, S, vdim) or (S, vdim)
+        key_padding_mask : Tensor, shape (N, S) or (S,), optional
+            ``True`` (bool) or ``-inf`` (float) marks a padding key, as in torch; the
+            opposite of `MultiheadLinearAttention`'s ``key_mask`` (True = keep).
+            Padding keys are excluded exactly.
+        need_weights : bool
+            Accepted; the weights returned are always ``None`` (never formed).
+        attn_mask : Tensor, shape (L, L), optional
+            Only the causal mask (bool True above the diagonal, or float ``-inf``
+            above and 0 elsewhere); anything else is a ``ValueError``.
+        average_attn_weights : bool
+            Accepted and ignored (no weights).
+        is_causal : bool
+            Attend causally (``attn_mask`` may then be omitted).
+
+        Returns
+        -------
+        (Tensor, None)
+            The output in the layout of ``query`` (width ``embed_dim``) and ``None``.
+        """
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_nested:
+                raise TypeError(
+                    f"{name} is a nested (jagged) tensor, which LinearMultiheadAttention does not take: "
+                    "pad the batch and pass key_padding_mask, or use packed sequences (cu_seqlens, coming "
+                    "to fastrpb's attention functions and layers). nn.TransformerEncoder makes nested "
+                    "tensors in eval mode when it was built around an nn.MultiheadAttention: build it with "
+                    "enable_nested_tensor=False, or from a layer whose self_attn is already this one"
+                )
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                "query, key and value must all be batched 3-d ((L, N, E), or (N, L, E) with batch_first) "
+                f"or all unbatched 2-d ((L, E)), got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
+                f"{tuple(value.shape)}"
+            )
+        # to (N, L, E)
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != width:
+                raise ValueError(f"{name} must have width {width}, got shape {tuple(t.shape)}")
+        N, L, S = query.shape[0], query.shape[1], key.shape[1]
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != N:
+            raise ValueError(
+                "key and value must have the same batch and length, and the batch of query: got shapes "
+                f"{tuple(key.shape)} and {tuple(value.shape)} for query {tuple(query.shape)} (as (N, L, E))"
+            )
+        keep = None
+        if key_padding_mask is not None:
+            kpm = key_padding_mask if batched else key_padding_mask[None]
+            keep = _keep_mask(kpm, (N, S))
+        causal = self.causal or bool(is_causal)
+        if attn_mask is not None:
+            if not is_causal:  # with is_causal=True the mask is torch's hint: trusted, as torch does
+                _causal_mask_check(attn_mask, L, S)
+            causal = True
+        if causal and L != S:
+            raise ValueError(f"a causal call needs as many queries as keys, got L = {L} and S = {S}")
+        if causal and self.rpb is not None and not self.rpb.causal:
+            raise ValueError(
+                "this call is causal (is_causal=True or a causal attn_mask) but the layer's FastRPB is not: "
+                "build the layer with causal=True"
+            )
+        xp = namespace(query=query, key=key, value=value)
+        bq = bk = bv = None
+        if self.in_proj_bias is not None:
+            bq, bk, bv = self.in_proj_bias.chunk(3)
+        q = self._split(xp, F.linear(query, self.q_proj_weight, bq))
+        k = self._split(xp, F.linear(key, self.k_proj_weight, bk))
+        v = self._split(xp, F.linear(value, self.v_proj_weight, bv))
+        out, _, _ = self._heads(xp, q, k, v, None if keep is None else keep[:, None, :], causal, False)
+        out = F.dropout(self._merge(xp, out), p=self.dropout, training=self.training)
+        y = self.out_proj(out)
+        if not batched:
+            y = y[0]
+        elif not self.batch_first:
+            y = y.transpose(0, 1)
+        return y, None
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
+            f"dropout={self.dropout}, batch_first={self.batch_first}, "
+            f"feature_map={self.feature_map.signature}, causal={self.causal}"
         )

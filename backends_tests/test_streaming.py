@@ -1,0 +1,380 @@
+"""Streaming causal FastRPB (``rpb(..., initial_state=, return_state=)``, ``rpb_step``)
+against the float64 dense causal Toeplitz oracle, on every backend."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import oracles
+import pytest
+from backends import assert_close
+
+import fastrpb
+
+# lengths that cross the online convolution's block boundaries (blocks of 32, 64, ...)
+LENGTHS = [1, 2, 3, 63, 64, 65, 1000]
+PRECISIONS = ["float64", "float32"]
+
+
+def causal_oracle(v, w, skip=(0, 0)):
+    """Dense float64 ``B @ v`` with the causal Toeplitz ``B`` (leading dims of w broadcast)."""
+    L = v.shape[-2]
+    return oracles.toeplitz(w, L, causal=True, skip=skip) @ v
+
+
+def scale_of(expected, L):
+    return float(np.abs(expected).max()) + L**0.5
+
+
+def step_all(backend, v, w, *, state=None, skip=None, start=0):
+    """Feed tokens ``start..`` of ``v (..., L, D)`` one by one; outputs stacked on axis -2."""
+    xp = backend.xp
+    outs = []
+    for t in range(start, v.shape[-2]):
+        kwargs = {"skip": skip} if (skip is not None and state is None) else {}
+        o, state = fastrpb.rpb_step(state, v[..., t, :], w, **kwargs)
+        outs.append(o)
+    return (xp.stack(outs, axis=-2) if outs else None), state
+
+
+# ----------------------------------------------------------------- online convolution
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("L", LENGTHS)
+def test_steps_match_dense(backend, rng, L, precision):
+    M = L + 5
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    expected = causal_oracle(v, w)
+    got, state = step_all(backend, backend.asarray(v, precision), backend.asarray(w, precision))
+    assert got.dtype == backend.dtype(precision)
+    assert_close(backend, got, expected, precision, scale=scale_of(expected, L))
+    assert isinstance(state, fastrpb.RPBState)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("L", [1, 2, 63, 64, 65, 300])
+def test_prefill_then_steps_match_dense(backend, rng, L, precision):
+    # a chunk builds the online state, steps continue it
+    M = L
+    v = rng.standard_normal((2, L, 4))
+    w = rng.standard_normal((2, 2 * M - 1))  # a table per head, values (heads, L, D)
+    expected = causal_oracle(v, w)
+    vb, wb = backend.asarray(v, precision), backend.asarray(w, precision)
+    h = L // 2
+    first, state = fastrpb.rpb(vb[..., :h, :], wb, causal=True, return_state=True)
+    rest, _ = step_all(backend, vb, wb, state=state, start=h)
+    got = first if rest is None else backend.xp.concat([first, rest], axis=-2)
+    assert_close(backend, got, expected, precision, scale=scale_of(expected, L))
+
+
+def test_half_precision_is_computed_in_float32(backend, rng, dtype):
+    # the state is kept in the compute dtype; outputs come back in the input dtype
+    L, M = 40, 48  # crosses one block boundary
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2 * M - 1,)) / 4
+    expected = causal_oracle(v, w)
+    vb, wb = backend.asarray(v, dtype), backend.asarray(w, dtype)
+    first, state = fastrpb.rpb(vb[..., :5, :], wb, causal=True, return_state=True)
+    rest, state = step_all(backend, vb, wb, state=state, start=5)
+    assert first.dtype == rest.dtype == backend.dtype(dtype)
+    work = backend.dtype("float64" if dtype == "float64" else "float32")
+    assert state.recent.dtype == state.window.dtype == work
+    got = backend.xp.concat([first, rest], axis=-2)
+    assert_close(backend, got, expected, dtype, scale=scale_of(expected, L))
+
+
+SPLITS = {
+    "empty-and-size-1": [0, 0, 1, 2, 2, 33, 64, 64, 65, 130, 200],
+    "one-piece": [0, 200],
+    "at-every-block": [0, 32, 64, 96, 128, 160, 192, 200],
+    "off-block": [0, 31, 97, 199, 200],
+}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_chunks_match_one_call(backend, rng, split, precision):
+    cuts = SPLITS[split]
+    L, M = cuts[-1], 256
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    expected = causal_oracle(v, w)
+    vb, wb = backend.asarray(v, precision), backend.asarray(w, precision)
+    state, parts = None, []
+    for c0, c1 in itertools.pairwise(cuts):
+        out, state = fastrpb.rpb(vb[..., c0:c1, :], wb, causal=True, initial_state=state, return_state=True)
+        assert out.shape == (2, c1 - c0, 3)
+        parts.append(out)
+    assert_close(backend, backend.xp.concat(parts, axis=-2), expected, precision, scale=scale_of(expected, L))
+    # the final state continues the sequence
+    more = rng.standard_normal((2, 40, 3))
+    tail = fastrpb.rpb(backend.asarray(more, precision), wb, causal=True, initial_state=state)
+    full = causal_oracle(np.concatenate([v, more], axis=-2), w)
+    assert_close(backend, tail, full[..., L:, :], precision, scale=scale_of(full, L + 40))
+
+
+def test_stepping_300_tokens_equals_the_causal_call(backend, rng):
+    L = 300
+    v = rng.standard_normal((2, 3, L, 5))  # (batch, heads, L, D)
+    w = rng.standard_normal((3, 2 * L - 1))  # per-head table, M = L
+    got, _ = step_all(backend, backend.asarray(v), backend.asarray(w))
+    assert_close(backend, got, causal_oracle(v, w), "float64")
+
+
+def test_a_state_is_never_changed_by_later_steps(backend, rng):
+    # branch twice from one state (beam search): both continuations are exact
+    L, M = 80, 100
+    v = rng.standard_normal((L, 2))
+    w = rng.standard_normal((2 * M - 1,))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    _, state = fastrpb.rpb(vb[:31, :], wb, causal=True, return_state=True)
+    for _ in range(2):
+        got, _ = step_all(backend, vb, wb, state=state, start=31)
+        assert_close(backend, got, causal_oracle(v, w)[31:], "float64")
+
+
+@pytest.mark.parametrize("a", [1, 5, 40])
+def test_skip_counts_from_the_sequence_start(backend, rng, a):
+    L, M = 90, 90
+    v = rng.standard_normal((L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    expected = causal_oracle(v, w, skip=(a, 0))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    got, _ = step_all(backend, vb, wb, skip=(a, 0))
+    assert_close(backend, got, expected, "float64")
+    state, parts = None, []
+    for c0, c1 in zip([0, 2, 3, 50], [2, 3, 50, L]):
+        out, state = fastrpb.rpb(vb[c0:c1, :], wb, causal=True, skip=(a, 0), initial_state=state, return_state=True)
+        parts.append(out)
+    assert_close(backend, backend.xp.concat(parts, axis=-2), expected, "float64")
+
+
+# ----------------------------------------------------------------- jit
+def _jax(backend):
+    if backend.jit is None or backend.grad != "jax":
+        pytest.skip(f"{backend.name} has no jax.jit")
+    return backend.native
+
+
+def test_scan_decoding_loop_under_jit(backend, rng):
+    jax = _jax(backend)
+    xp = backend.xp
+    L, M, a = 70, 80, 2
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2, 2 * M - 1))
+
+    @jax.jit
+    def generate(v, w):
+        out, state = fastrpb.rpb(v[..., :20, :], w, causal=True, skip=(a, 0), return_state=True)
+
+        def body(state, v_t):
+            o, state = fastrpb.rpb_step(state, v_t, w)
+            return state, o
+
+        state, outs = jax.lax.scan(body, state, xp.moveaxis(v[..., 20:, :], -2, 0))
+        return xp.concat([out, xp.moveaxis(outs, 0, -2)], axis=-2), state
+
+    got, state = generate(backend.asarray(v), backend.asarray(w))
+    assert_close(backend, got, causal_oracle(v, w, skip=(a, 0)), "float64")
+    # the traced state continues eagerly
+    more = rng.standard_normal((2, 5, 3))
+    tail = fastrpb.rpb(backend.asarray(more), backend.asarray(w), causal=True, skip=(a, 0), initial_state=state)
+    full = causal_oracle(np.concatenate([v, more], axis=-2), w, skip=(a, 0))
+    assert_close(backend, tail, full[..., L:, :], "float64")
+
+
+def test_jitted_step_continues_an_eager_prefill(backend, rng):
+    jax = _jax(backend)
+    L, M = 50, 64
+    v = rng.standard_normal((L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    first, state = fastrpb.rpb(vb[:33, :], wb, causal=True, return_state=True)
+    step = jax.jit(fastrpb.rpb_step)
+    outs = [first]
+    for t in range(33, L):
+        o, state = step(state, vb[t, :], wb)
+        outs.append(o[None, :])
+    assert_close(backend, backend.xp.concat(outs, axis=0), causal_oracle(v, w), "float64")
+
+
+def test_past_the_table_under_jit_is_nan(backend, rng):
+    # no error can be raised from traced values: the output says it instead
+    jax = _jax(backend)
+    M = 3
+    v = rng.standard_normal((M + 1, 2))
+    w = rng.standard_normal((2 * M - 1,))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    _, state = jax.jit(lambda x, w: fastrpb.rpb(x, w, causal=True, return_state=True))(vb[:M, :], wb)
+    out, _ = jax.jit(fastrpb.rpb_step)(state, vb[M, :], wb)
+    assert np.all(np.isnan(backend.to_numpy(out)))
+
+
+def test_a_traced_state_past_the_table_raises_eagerly(backend, rng):
+    jax = _jax(backend)
+    M = 4
+    v = backend.asarray(rng.standard_normal((M + 1, 2)))
+    w = backend.asarray(rng.standard_normal((2 * M - 1,)))
+    _, state = jax.jit(lambda x, w: fastrpb.rpb(x, w, causal=True, return_state=True))(v[:3, :], w)
+    with pytest.raises(ValueError, match="position past the bias table w"):
+        fastrpb.rpb(v[3:, :], w, causal=True, initial_state=state)
+    _, state = fastrpb.rpb_step(state, v[3, :], w)
+    with pytest.raises(ValueError, match="position past the bias table w"):
+        fastrpb.rpb_step(state, v[4, :], w)
+
+
+def test_a_state_of_another_library_is_a_type_error(backend, rng):
+    import array_api_strict
+
+    M = 40
+    v = rng.standard_normal((M, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    other = array_api_strict if backend.name == "numpy" else np  # a library that is not the backend's
+    _, state = fastrpb.rpb(other.asarray(v[:33]), other.asarray(w), causal=True, return_state=True)
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    with pytest.raises(TypeError, match="one array library"):
+        fastrpb.rpb_step(state, vb[33, :], wb)
+    with pytest.raises(TypeError, match="one array library"):
+        fastrpb.rpb(vb[33:, :], wb, causal=True, initial_state=state)
+
+
+# ----------------------------------------------------------------- gradients
+def _stream_loss(xp, v1, v2, w):
+    """A loss through a state: prefill v1, continue with a chunk and two steps."""
+    _, state = fastrpb.rpb(v1, w, causal=True, return_state=True)
+    out, state = fastrpb.rpb(v2[:-2, :], w, causal=True, initial_state=state, return_state=True)
+    o1, state = fastrpb.rpb_step(state, v2[-2, :], w)
+    o2, _ = fastrpb.rpb_step(state, v2[-1, :], w)
+    return xp.sum(xp.sin(out)) + xp.sum(o1 * o1) + xp.sum(xp.cos(o2))
+
+
+def _finite_differences(f, args, h=1e-6):
+    grads = []
+    for k, x in enumerate(args):
+        g = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            plus = [a.copy() for a in args]
+            minus = [a.copy() for a in args]
+            plus[k][idx] += h
+            minus[k][idx] -= h
+            g[idx] = (f(*plus) - f(*minus)) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+def test_gradients_through_initial_state(backend, rng):
+    # 33 + 5 tokens: the prefix completes an online block (32 tokens), then a chunk
+    # and two steps
+    M = 38
+    v1 = rng.standard_normal((33, 1))
+    v2 = rng.standard_normal((5, 1))
+    w = rng.standard_normal((2 * M - 1,))
+    if backend.grad == "torch":
+        torch = backend.native
+        args = [torch.tensor(x, dtype=torch.float64, device=backend.device, requires_grad=True) for x in (v1, v2, w)]
+        assert torch.autograd.gradcheck(lambda a, b, c: _stream_loss(backend.xp, a, b, c), args)
+    elif backend.grad == "jax":
+        jax = backend.native
+        # jitted so that the hundreds of evaluations compile once (under any JAX
+        # transformation the state takes its fixed layout, eager or not)
+        f = jax.jit(lambda a, b, c: _stream_loss(backend.xp, a, b, c))
+        grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*(backend.asarray(x) for x in (v1, v2, w)))
+        numeric = _finite_differences(lambda *xs: float(f(*(backend.asarray(x) for x in xs))), [v1, v2, w])
+        for g, n in zip(grads, numeric):
+            np.testing.assert_allclose(backend.to_numpy(g), n, rtol=1e-6, atol=1e-6)
+    else:
+        pytest.skip(f"{backend.name} has no automatic differentiation")
+
+
+# ----------------------------------------------------------------- errors
+def _error_cases():
+    """name -> (call(xp-arrays), exception, words the message must contain)."""
+
+    def started(b, w, v, n=3, skip=(0, 0)):
+        return fastrpb.rpb(v[:n, :], w, causal=True, skip=skip, return_state=True)[1]
+
+    return {
+        "initial_state-needs-causal": (
+            lambda b, w, v: fastrpb.rpb(v[3:, :], w, initial_state=started(b, w, v)),
+            ValueError,
+            ["initial_state", "causal=True"],
+        ),
+        "return_state-needs-causal": (
+            lambda b, w, v: fastrpb.rpb(v, w, causal=False, return_state=True),
+            ValueError,
+            ["return_state", "causal=True"],
+        ),
+        "skip-end-while-streaming": (
+            lambda b, w, v: fastrpb.rpb(v, w, causal=True, skip=(1, 1), return_state=True),
+            ValueError,
+            ["skip", "skip[1] must be 0"],
+        ),
+        "skip-end-in-rpb_step": (
+            lambda b, w, v: fastrpb.rpb_step(None, v[0, :], w, skip=(0, 2)),
+            ValueError,
+            ["skip", "skip[1] must be 0"],
+        ),
+        "past-the-table-in-one-chunk": (
+            lambda b, w, v: fastrpb.rpb(v, w, causal=True, return_state=True),
+            ValueError,
+            ["position past the bias table w", "M = 4"],
+        ),
+        "past-the-table-in-a-later-chunk": (
+            lambda b, w, v: fastrpb.rpb(v[3:5, :], w, causal=True, initial_state=started(b, w, v)),
+            ValueError,
+            ["position past the bias table w", "5 biased tokens", "M = 4"],
+        ),
+        "past-the-table-in-a-step": (
+            lambda b, w, v: fastrpb.rpb_step(started(b, w, v, n=4), v[4, :], w),
+            ValueError,
+            ["position past the bias table w", "M = 4"],
+        ),
+        "state-of-another-table": (
+            lambda b, w, v: fastrpb.rpb_step(started(b, w, v), v[3, :], b.xp.concat([w, w[:2]])),
+            ValueError,
+            ["state", "M = 4", "M = 5"],
+        ),
+        "state-of-another-skip": (
+            lambda b, w, v: fastrpb.rpb(v[3:4, :], w, causal=True, skip=(2, 0), initial_state=started(b, w, v, skip=(1, 0))),
+            ValueError,
+            ["initial_state", "skip = (1, 0)", "(2, 0)"],
+        ),
+        "state-of-another-width": (
+            lambda b, w, v: fastrpb.rpb_step(started(b, w, v), v[3, :2], w),
+            ValueError,
+            ["state", "D = 3", "D = 2"],
+        ),
+        "state-of-another-batch": (
+            lambda b, w, v: fastrpb.rpb(b.xp.stack([v[3:4, :]] * 2), w, causal=True, initial_state=started(b, w, v)),
+            ValueError,
+            ["initial_state", "leading shape"],
+        ),
+        "initial_state-not-a-state": (
+            lambda b, w, v: fastrpb.rpb(v, w, causal=True, initial_state=(1, 2)),
+            TypeError,
+            ["initial_state", "RPBState", "tuple"],
+        ),
+        "rpb_step-state-not-a-state": (
+            lambda b, w, v: fastrpb.rpb_step("state", v[0, :], w),
+            TypeError,
+            ["state", "RPBState", "str"],
+        ),
+        "rpb_step-0-d-token": (
+            lambda b, w, v: fastrpb.rpb_step(None, b.xp.reshape(v[0, :1], ()), w),
+            ValueError,
+            ["v_t", "0-d"],
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_error_cases()))
+def test_streaming_errors(backend, rng, case):
+    call, kind, words = _error_cases()[case]
+    M = 4
+    w = backend.asarray(rng.standard_normal((2 * M - 1,)))
+    v = backend.asarray(rng.standard_normal((M + 1, 3)))
+    with pytest.raises(kind) as info:
+        call(backend, w, v)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
