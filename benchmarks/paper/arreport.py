@@ -63,6 +63,10 @@ def bpd_claims(meta: dict) -> list[dict]:
                 kind = "causal FastRPB" if bias == "rpb" else "causal 2-d FastRPB"
                 who = "causal linear attention" if base != "softmax" else "causal softmax attention"
                 out.append({**c, "claim": f"{kind} improves {who}'s bits/dim ({AR_TITLES[base]})"})
+    for base in ("elu", "sikf", "softmax"):
+        c = compare_bpd(meta, f"{base}+rpb2d", f"{base}+rpb")
+        if c:
+            out.append({**c, "claim": f"the causal 2-d FastRPB beats the causal 1-d FastRPB ({AR_TITLES[base]})"})
     for bias in ("", "+rpb", "+rpb2d"):
         c = compare_bpd(meta, f"sikf{bias}", f"elu{bias}")
         if c:
@@ -124,8 +128,13 @@ def in_words(meta: dict) -> list[str]:
     rp = [c for c in bpd_claims(meta) if c["b"] in ("elu", "sikf") and "rpb" in c["a"]]
     if rp:
         out.append("- **FastRPB improves causal linear attention's bits/dim**: " + "; ".join(
-            f"{AR_TITLES[c['b']]}: {c['verdict'].split(' (')[0]} ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim, "
+            f"{AR_TITLES[c['a']]} vs {AR_TITLES[c['b']]}: {c['verdict'].split(' (')[0]} ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim, "
             f"{c['time_ratio']:.2f}x the training time per step)" for c in rp) + ".")
+    two = [c for c in bpd_claims(meta) if c["a"].endswith("rpb2d") and c["b"].endswith("+rpb")]
+    if two:
+        out.append("- **The causal 2-d FastRPB (raster order) against the 1-d one**: " + "; ".join(
+            f"{AR_TITLES[c['b'].split('+')[0]]}: {c['verdict'].split(' (')[0]} ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim "
+            f"for the 2-d bias, {c['time_ratio']:.2f}x the training time per step)" for c in two) + ".")
     sk = [c for c in bpd_claims(meta) if c["a"].startswith("sikf") and c["b"].startswith("elu")]
     if sk:
         out.append("- **SIKF vs elu+1 in the causal setting**: " + "; ".join(
@@ -198,8 +207,34 @@ def decode_md(decode: dict) -> list[str]:
     return ["", decode_table(decode), "", words]
 
 
+def combine(runs: list[dict], meta: dict, more: list[tuple]) -> tuple[list[dict], dict]:
+    """The first sweep with the variants of further sweeps (same settings) added to its runs and summary.
+
+    Each further sweep's generation throughput is its own interleaved measurement.
+    """
+    import copy
+
+    meta = copy.deepcopy(meta)
+    runs = list(runs)
+    tim = meta.get("generation_timing")
+    for r2, m2, *_ in more:
+        if m2["settings"] != meta["settings"]:
+            diff = {k: (meta["settings"].get(k), v) for k, v in m2["settings"].items() if meta["settings"].get(k) != v}
+            raise ValueError(f"a further autoregressive sweep has other settings than the first: {diff}")
+        new = [v for v in m2["variants"] if v not in meta["variants"]]
+        meta["variants"] += new
+        meta["summary"] += [r for r in m2["summary"] if r["variant"] in new]
+        runs += [r for r in r2 if r["variant"] in new]
+        t2 = m2.get("generation_timing")
+        if tim and t2:
+            tim["per_variant"].update({v: t2["per_variant"][v] for v in new if v in t2["per_variant"]})
+    return runs, meta
+
+
 def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str, heading: str = "##",
-            decode: dict | None = None) -> str:
+            decode: dict | None = None, more: list[tuple] = ()) -> str:
+    first_variants = list(meta["variants"])
+    runs, meta = combine(runs, meta, list(more))
     s = meta["settings"]
     tokens = s["side"] * s["side"]
     m = meta["machine"]
@@ -210,6 +245,15 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
                    + ", ".join(f"{x['variant']}/seed {x['seed']}" for x in meta["missing_runs"][:12])
                    + "); the seeds column says how many each row has.\n\n")
     have_2d = any(v.endswith("rpb2d") for v in meta["variants"])
+    further = ""
+    for r2, m2, rel2, arg2 in more:
+        names = ", ".join(AR_TITLES.get(v, v) for v in m2["variants"] if v not in first_variants)
+        code = "the same code" if m2["code_digest"] == meta["code_digest"] else (
+            f"code digest `{m2['code_digest']}` against `{meta['code_digest']}`: the library changed between the sweeps")
+        further += (f"\n\nThe rows {names} come from a further sweep with the same settings "
+                    f"(`PYTHONPATH=src:. {m2['command']}`, config hash `{m2['config_hash']}`, {code}; "
+                    f"{m2['sweep_wall_s'] / 60:.0f} min; raw runs `{arg2}`); their sampling throughput is that sweep's "
+                    f"own interleaved measurement. Their samples: ![samples, further sweep]({rel2})")
     lines = [
         f"{heading} Autoregressive Fashion-MNIST (causal attention, next-pixel prediction)",
         "",
@@ -227,7 +271,7 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         f"(`FastRPB(heads, {tokens + 1}, causal=True)` over the BOS token and the pixels)" + (" and the causal 2-d FastRPB in raster order "
         "(`rpb_nd(..., causal=True)`)." if have_2d else
         ". The causal 2-d FastRPB (raster order, `rpb_nd(..., causal=True)`) is not in this fastrpb yet: "
-        "`armodel.py` adds the variants `*+rpb2d` as soon as `rpb_nd` takes `causal`."),
+        "`armodel.py` adds the variants `*+rpb2d` as soon as `rpb_nd` takes `causal`.") + further,
         "",
         f"Sampling: {s['gen_images']} images per model, pixel by pixel at temperature 1, from the same trained models: "
         "linear attention through the layer's `step` (a fixed-size state per layer; with FastRPB this version's "

@@ -183,12 +183,11 @@ def write_outputs(results: dict, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- docs page
 def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
-         extras: list[tuple[dict, str, str]] = (), autoregressive: tuple[list, dict, str, str, dict | None] | None = None) -> str:
+         extras: list[tuple[dict, str, str]] = (), autoregressive: dict | None = None) -> str:
     """The Experiments page; ``extras`` are (results, path as given, plot path relative to the page)
-    of further sweeps with the same settings (e.g. more seeds for some models); ``autoregressive`` is
-    (runs, sweep metadata, samples plot relative to the page, results path as given, decoding-cost
-    measurement or None) of
-    ``python -m benchmarks.paper.autoregressive``."""
+    of further sweeps with the same settings (e.g. more seeds for some models); ``autoregressive`` holds what
+    ``python -m benchmarks.paper.autoregressive`` wrote: ``runs``, ``meta``, ``samples_rel``, ``arg``,
+    ``decode`` (or None), ``dirs`` and ``more``, further sweeps as (runs, meta, samples_rel, arg)."""
     s = results["settings"]
     v = results["versions"]
     m = results["machine"]
@@ -220,12 +219,13 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
         "pip install -e '.[torch,bench]'",
         f"PYTHONPATH=src:. {results['command']}",
         *[f"PYTHONPATH=src:. {ex['command']}" for ex, _, _ in extras],
-        *([f"PYTHONPATH=src:. {autoregressive[1]['command']}"] if autoregressive is not None else []),
-        *([f"PYTHONPATH=src:. python -m benchmarks.paper.ardecode --out {Path(autoregressive[3]).parent}/decode-scaling.json"]
-          if autoregressive is not None and autoregressive[4] is not None else []),
+        *([f"PYTHONPATH=src:. {m['command']}" for m in [autoregressive["meta"], *(x[1] for x in autoregressive["more"])]]
+          if autoregressive is not None else []),
+        *([f"PYTHONPATH=src:. python -m benchmarks.paper.ardecode --out {autoregressive['dirs'][0]}/decode-scaling.json"]
+          if autoregressive is not None and autoregressive["decode"] is not None else []),
         f"PYTHONPATH=src:. python -m benchmarks.paper.report {results_arg} --page docs/experiments.md"
         + "".join(f" --extra {arg}" for _, arg, _ in extras)
-        + (f" --autoregressive {Path(autoregressive[3]).parent}" if autoregressive is not None else ""),
+        + "".join(f" --autoregressive {d}" for d in (autoregressive["dirs"] if autoregressive is not None else ())),
         "```",
         "",
         f"- Config hash `{results['config_hash']}` (settings and code); finished {results['finished_utc']}, "
@@ -293,8 +293,8 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
     if autoregressive is not None:
         from .arreport import section
 
-        runs, meta, samples_rel, arg, decode = autoregressive
-        lines += [section(runs, meta, samples_rel=samples_rel, results_arg=arg, decode=decode)]
+        lines += [section(autoregressive["runs"], autoregressive["meta"], samples_rel=autoregressive["samples_rel"],
+                          results_arg=autoregressive["arg"], decode=autoregressive["decode"], more=autoregressive["more"])]
     return "\n".join(lines) + "\n"
 
 
@@ -424,9 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--outputs", action="store_true", help="also rewrite results.md and curves.png next to the JSON")
     ap.add_argument("--extra", type=Path, action="append", default=[],
                     help="results.json of a further sweep (e.g. more seeds for some models) to add to the page")
-    ap.add_argument("--autoregressive", type=Path, default=None,
+    ap.add_argument("--autoregressive", type=Path, action="append", default=[],
                     help="output directory of `python -m benchmarks.paper.autoregressive` (results.json, sweep.json, "
-                         "samples.png) to add to the page")
+                         "samples.png) to add to the page; repeat it for further variants (same settings), whose rows "
+                         "join the first directory's table")
     a = ap.parse_args(argv)
     results = json.loads(a.results.read_text())
     if a.outputs:
@@ -435,12 +436,14 @@ def main(argv: list[str] | None = None) -> None:
         rel = lambda p: os.path.relpath(p, a.page.parent)  # noqa: E731
         extras = [(json.loads(x.read_text()), str(x), rel(x.parent / "curves.png")) for x in a.extra]
         ar = None
-        if a.autoregressive is not None:
-            d = a.autoregressive
+        if a.autoregressive:
             from .arreport import load_dir
 
+            d, *more = a.autoregressive
             runs, meta, decode = load_dir(d)
-            ar = (runs, meta, rel(d / "samples.png"), str(d / "results.json"), decode)
+            ar = {"runs": runs, "meta": meta, "samples_rel": rel(d / "samples.png"), "arg": str(d / "results.json"),
+                  "decode": decode, "dirs": [str(x) for x in a.autoregressive],
+                  "more": [(*load_dir(x)[:2], rel(x / "samples.png"), str(x / "results.json")) for x in more]}
         a.page.write_text(page(results, results_rel=rel(a.results), plot_rel=rel(a.results.parent / "curves.png"),
                                  results_arg=str(a.results), extras=extras, autoregressive=ar))
         print(f"wrote {a.page}")
