@@ -253,7 +253,8 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         further += (f"\n\nThe rows {names} come from a further sweep with the same settings "
                     f"(`PYTHONPATH=src:. {m2['command']}`, config hash `{m2['config_hash']}`, {code}; "
                     f"{m2['sweep_wall_s'] / 60:.0f} min; raw runs `{arg2}`); their sampling throughput is that sweep's "
-                    f"own interleaved measurement. Their samples: ![samples, further sweep]({rel2})")
+                    "own interleaved measurement, and their training times were measured under another load of the "
+                    "shared machine (compare times across the sweeps with care). Their samples: ![samples, further sweep]({rel2})")
     lines = [
         f"{heading} Autoregressive Fashion-MNIST (causal attention, next-pixel prediction)",
         "",
@@ -278,6 +279,9 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         "`step` still recomputes the bias over the value history, O(t log t) per token, until the streaming "
         "bias lands), softmax through a key/value cache (`softmax_attention` of the new query over the cached keys, "
         "O(t) per token). "
+        + ("The causal 2-d FastRPB has no decoding step in the library: its rows apply `rpb_nd(..., causal=True)` to "
+           "the whole zero-padded grid at every token (O(L log L) per token), so their sampling speed says nothing "
+           "about the 2-d bias itself. " if have_2d else "")
         + (f"Throughput in the tables is the interleaved measurement: the seed-{tim['seed']} models of all variants "
            f"generate in one process, in turn, {tim['rounds']} rounds, best round; the per-run numbers in "
            "`results.json` were taken right after each run's training, next to another training run."
