@@ -254,7 +254,7 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
                     f"(`PYTHONPATH=src:. {m2['command']}`, config hash `{m2['config_hash']}`, {code}; "
                     f"{m2['sweep_wall_s'] / 60:.0f} min; raw runs `{arg2}`); their sampling throughput is that sweep's "
                     "own interleaved measurement, and their training times were measured under another load of the "
-                    "shared machine (compare times across the sweeps with care). Their samples: ![samples, further sweep]({rel2})")
+                    f"shared machine (compare times across the sweeps with care). Their samples: ![samples, further sweep]({rel2})")
     lines = [
         f"{heading} Autoregressive Fashion-MNIST (causal attention, next-pixel prediction)",
         "",
