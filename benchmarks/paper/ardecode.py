@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 
-def measure(*, widths=((32, 2), (256, 8)), positions=(784, 4096, 16384), batch: int = 8, reps: int = 20,
-            rounds: int = 3, threads: int = 1) -> dict:
+def measure(*, widths=((32, 2), (256, 8)), positions=(784, 4096, 16384), batch: int = 8, reps: int = 30,
+            rounds: int = 5, threads: int = 1) -> dict:
     import torch
 
     from fastrpb.torch import MultiheadLinearAttention
