@@ -5,10 +5,10 @@ policy (causality and masks, NaN and infinity included), vmap over a table, and 
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
 import oracles
+import pytest
 from backends import assert_close, tolerance
+
 from fastrpb import feature_maps as fm
 from fastrpb import linear_attention, random_projection, rpb, softmax_attention
 
@@ -28,11 +28,15 @@ def _map_and_oracle(backend, name, dk):
             return fm.favor(w), lambda q, k, v, **kw: oracles.exp_kernel_attention(
                 oracles.favor_log(q, wn), oracles.favor_log(k, wn), v, **kw
             )
-        return fm.rff(w), lambda q, k, v, **kw: oracles.kernel_attention(oracles.rff(q, wn), oracles.rff(k, wn), v, **kw)
+        return fm.rff(w), lambda q, k, v, **kw: oracles.kernel_attention(
+            oracles.rff(q, wn), oracles.rff(k, wn), v, **kw
+        )
     if name == "sikf":
         return name, oracles.exp_kernel_attention
     if name == "callable":
-        return _square, lambda q, k, v, **kw: oracles.kernel_attention(_square(q), _square(k), v, **kw)
+        return _square, lambda q, k, v, **kw: oracles.kernel_attention(
+            _square(q), _square(k), v, **kw
+        )
     phi = {"elu": oracles.elu1, "relu": oracles.relu, "dpfp": oracles.dpfp}[name]
     return name, lambda q, k, v, **kw: oracles.kernel_attention(phi(q), phi(k), v, **kw)
 
@@ -83,19 +87,28 @@ def test_causal_output_never_depends_on_later_tokens(backend, rng, name, where, 
     qn, kn, vn = (rng.standard_normal((2, L, dk)) for _ in range(3))
     fmap, oracle = _map_and_oracle(backend, name, dk)
     expected = oracle(qn, kn, vn, causal=True, eps=1e-6)
-    poisoned = {"query": (_poisoned(qn, j, bad), kn, vn), "key": (qn, _poisoned(kn, j, bad), vn),
-                "value": (qn, kn, _poisoned(vn, j, bad))}[where]
+    poisoned = {
+        "query": (_poisoned(qn, j, bad), kn, vn),
+        "key": (qn, _poisoned(kn, j, bad), vn),
+        "value": (qn, kn, _poisoned(vn, j, bad)),
+    }[where]
     q, k, v = (backend.asarray(x) for x in poisoned)
     for C in (4, 64):  # j inside a chunk of 4, and all in one chunk
-        out = backend.to_numpy(linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=C))
+        out = backend.to_numpy(
+            linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=C)
+        )
         kept = [i for i in range(L) if i != j] if where == "query" else list(range(j))
         _close(out[:, kept], expected[:, kept])
         if np.isnan(bad) and where != "query":
-            assert not np.isfinite(out[:, j:]).all(axis=-1).any(), "a NaN must reach its own and later tokens"
+            assert not np.isfinite(out[:, j:]).all(axis=-1).any(), (
+                "a NaN must reach its own and later tokens"
+            )
     if name == "elu":  # softmax attention follows the same policy
         out = backend.to_numpy(softmax_attention(q, k, v, causal=True))
         kept = [i for i in range(L) if i != j] if where == "query" else list(range(j))
-        _close(out[:, kept], oracles.softmax_attention(qn, kn, vn, causal=True)[:, kept])
+        _close(
+            out[:, kept], oracles.softmax_attention(qn, kn, vn, causal=True)[:, kept]
+        )
 
 
 # ----------------------------------------------------------------- 12.3 masks
@@ -123,7 +136,9 @@ def test_masked_keys_never_reach_any_output(backend, rng, name, causal):
         expected = oracles.softmax_attention(qn, kn, vn, causal=causal, key_mask=mask)
     else:
         fmap, oracle = _map_and_oracle(backend, name, dk)
-        out = linear_attention(q, k, v, feature_map=fmap, causal=causal, key_mask=km, chunk_size=4, rpb=w)
+        out = linear_attention(
+            q, k, v, feature_map=fmap, causal=causal, key_mask=km, chunk_size=4, rpb=w
+        )
         expected = oracle(qn, kn, vn, causal=causal, key_mask=mask, eps=1e-6)
     assert_close(backend, out, expected + bias, "float64")
 
@@ -144,11 +159,19 @@ def test_vmap_over_the_table(backend, rng, name):
     if name == "elu":
         assert_close(backend, vmap(lambda t: rpb(v, t))(w), bias, "float64")
         out = vmap(lambda t: softmax_attention(q, k, v, rpb=t))(w)
-        assert_close(backend, out, oracles.softmax_attention(qn, kn, vn) + bias, "float64")
+        assert_close(
+            backend, out, oracles.softmax_attention(qn, kn, vn) + bias, "float64"
+        )
     for causal in (False, True):
-        out = vmap(lambda t: linear_attention(q, k, v, feature_map=fmap, causal=causal, chunk_size=4, rpb=t))(w)
+        out = vmap(
+            lambda t, causal=causal: linear_attention(
+                q, k, v, feature_map=fmap, causal=causal, chunk_size=4, rpb=t
+            )
+        )(w)
         bias = np.stack([oracles.toeplitz(t, L, causal=causal) @ vn for t in wn])
-        assert_close(backend, out, oracle(qn, kn, vn, causal=causal, eps=1e-6) + bias, "float64")
+        assert_close(
+            backend, out, oracle(qn, kn, vn, causal=causal, eps=1e-6) + bias, "float64"
+        )
 
 
 # ----------------------------------------------------------------- 12.8 sikf keys
@@ -160,4 +183,9 @@ def test_sikf_keys_of_one_token_stay_finite(backend, x):
     expected = np.exp(xn - xn.max())
     one = fm.sikf().keys(backend.asarray(xn, "float32"))
     assert_close(backend, one, expected, "float32")
-    assert_close(backend, fm.sikf().keys(backend.asarray(xn[None], "float32")), expected[None], "float32")
+    assert_close(
+        backend,
+        fm.sikf().keys(backend.asarray(xn[None], "float32")),
+        expected[None],
+        "float32",
+    )
