@@ -91,7 +91,8 @@ def exp_kernel_attention(lq, lk, v, *, causal=False, key_mask=None, eps=0.0):
     """
     pair = lq[..., :, None, :] + lk[..., None, :, :]  # (..., Lq, Lk, F)
     top = pair.max(-1, initial=-np.inf)  # -inf: no features (F = 0), kernel 0
-    logk = top + np.log(np.exp(pair - top[..., None]).sum(-1))  # logsumexp over f
+    with np.errstate(divide="ignore"):  # log(0) = -inf: no features, kernel 0
+        logk = top + np.log(np.exp(pair - top[..., None]).sum(-1))  # logsumexp over f
     vis = visibility(lq.shape[-2], lk.shape[-2], causal, key_mask)
     vis = np.broadcast_to(vis, logk.shape)
     masked = np.where(vis, logk, -np.inf)
