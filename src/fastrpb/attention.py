@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 
 from . import _validate
 from . import bias as _bias
-from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, namespace
+from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, known_finite, namespace, split_nonfinite
 from ._compat import cumulative_max as _cummax
 from ._compat import pad_chunks as _pad_chunks
 from ._compat import shift as _shift
@@ -85,7 +85,6 @@ def _add_bias(
     xp: Any,
     out: Any,
     v: Any,
-    key_mask: Any,
     *,
     rpb: Any,
     rpb_tables: Any,
@@ -93,7 +92,11 @@ def _add_bias(
     rpb_skip: Any,
     causal: bool,
 ) -> Any:
-    """``out + B v`` (the FastRPB term), in ``out``'s dtype; padding keys give no bias."""
+    """``out + B v`` (the FastRPB term), in ``out``'s dtype.
+
+    ``v`` comes from ``_mask_values(..., bias=True)``: padding keys' values are zero,
+    so they give no bias, whatever they held (NaN included).
+    """
     if rpb is None and rpb_tables is None:
         return out
     Lq, Lk = out.shape[-2], v.shape[-2]
@@ -102,9 +105,6 @@ def _add_bias(
             f"the FastRPB term (rpb=/rpb_tables=) needs as many queries as keys (B is L x L), "
             f"got Lq = {Lq} and Lk = {Lk}"
         )
-    if key_mask is not None:
-        # a padding key must not leak into the output through the bias either
-        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
     try:
         if rpb is not None:
             term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip)
@@ -136,6 +136,38 @@ def _finite_or_zero(xp: Any, x: Any) -> Any:
 def _unchunk(xp: Any, y: Any, L: int) -> Any:
     y = xp.reshape(y, (*y.shape[:-3], y.shape[-3] * y.shape[-2], y.shape[-1]))
     return y[..., :L, :]
+
+
+def _mask_values(xp: Any, v: Any, key_mask: Any, *, bias: bool) -> Any:
+    """``v`` with the values of padding keys zeroed, where they could reach an output.
+
+    Padding keys get zero weight in every attention product, but ``0 * NaN`` is NaN:
+    a NaN or infinite value at a padding key would reach every query. Finite padding
+    values cannot, so the attention term alone skips the pass when ``v`` is known to
+    be finite; the FastRPB term weighs every value (``bias=True``), so it always needs
+    them zeroed.
+    """
+    if key_mask is None or (not bias and known_finite(xp, v)):
+        return v
+    return xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+
+
+def _tril_product(xp: Any, scores: Any, v: Any) -> Any:
+    """``tril(scores) @ v`` over the last two axes, causal for non-finite values too.
+
+    ``tril`` zeroes the weights of later tokens exactly (a select, NaN included), but
+    the product then multiplies those zeros by the later values, and ``0 * NaN`` is
+    NaN: one NaN value would reach every earlier token. So when ``v`` may hold NaN or
+    infinities (``known_finite``) the product is taken on its finite part and the
+    rest is added back with an inclusive prefix sum along the sequence: a non-finite
+    value reaches its own row and the rows after it, in its own column, and no other.
+    For finite ``v`` both paths give the same numbers (the prefix sum adds zeros).
+    """
+    scores = xp.tril(scores)
+    if known_finite(xp, v):
+        return xp.matmul(scores, v)
+    finite, rest = split_nonfinite(xp, v)
+    return xp.matmul(scores, finite) + cumulative_sum(xp, rest, axis=-2)
 
 
 def _with_ones(xp: Any, v: Any) -> Any:
@@ -221,7 +253,7 @@ def _causal(xp: Any, fq: Any, fk: Any, v1: Any, C: int) -> tuple[Any, Any]:
     qc = _pad_chunks(xp, fq, length, C, 0.0)
     kc = _pad_chunks(xp, fk, length, C, 0.0)  # padding keys have zero features
     vc = _pad_chunks(xp, v1, length, C, 0.0)
-    y = xp.matmul(xp.tril(xp.matmul(qc, xp.matrix_transpose(kc))), vc)
+    y = _tril_product(xp, xp.matmul(qc, xp.matrix_transpose(kc)), vc)
     states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv + 1)
     if states.shape[-3] == 1:
         return _unchunk(xp, y, L), states[..., 0, :, :]
@@ -245,8 +277,12 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
     lq = _pad_chunks(xp, lq, length, C, 0.0)
     lk = _pad_chunks(xp, lk, length, C, -math.inf)  # padding keys: feature 0
     vc = _pad_chunks(xp, v1, length, C, 0.0)
-    running = _cummax(xp, lk, -2) if eps > 0 else None  # per token, inside each chunk
-    chunk_max = running[..., -1, :] if running is not None else xp.max(lk, axis=-2)
+    # The frame (running maximum) is taken over the keys' finite log-features only: a
+    # NaN or +inf key would otherwise set the frame of the keys before it in its chunk
+    # and reach their queries. It still reaches its own and later queries through kc.
+    frame = lk if known_finite(xp, lk, negative_infinity=True) else xp.where(lk < math.inf, lk, _neg_inf(xp, lk))
+    running = _cummax(xp, frame, -2) if eps > 0 else None  # per token, inside each chunk
+    chunk_max = running[..., -1, :] if running is not None else xp.max(frame, axis=-2)
     R = _cummax(xp, chunk_max, -2)  # (..., N, F), inclusive over chunks
     R_safe = _finite_or_zero(xp, R)
     kc = xp.exp(lk - R_safe[..., None, :])
@@ -259,7 +295,7 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
         eps_rows = eps * xp.exp(s - m)
     else:
         eps_rows = 0.0
-    y = xp.matmul(xp.tril(xp.matmul(qc, xp.matrix_transpose(kc))), vc)
+    y = _tril_product(xp, xp.matmul(qc, xp.matrix_transpose(kc)), vc)
     X = xp.matmul(xp.matrix_transpose(kc), vc)  # chunk states, chunk n in frame R_n
     s_ = 1
     while s_ < X.shape[-3]:
@@ -387,6 +423,7 @@ def linear_attention(
     # -- compute
     result, work = compute_dtype(xp, q, k, v, *tables.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    vw = _mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
     offset = None
     if Lq == 0 or Lk == 0 or math.prod(out_lead) == 0 or (fmap.exponential and fmap.features(q.shape[-1]) == 0):
         # nothing to attend to (an empty batch or sequence, or no features: the kernel
@@ -414,7 +451,7 @@ def linear_attention(
             num, den = _noncausal(xp, fq, fk, vw)
         out = _normalise(xp, num, den, eps)
     out = _add_bias(
-        xp, out, vw, key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
+        xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
     )
     out = xp.astype(out, result, copy=False)
     if return_state:
@@ -618,6 +655,7 @@ def softmax_attention(
     named = {"logits_bias": logits_bias} if logits_bias is not None else {}
     result, work = compute_dtype(xp, q, k, v, *tables.values(), *named.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    vw = _mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
     logits = xp.matmul(qw, xp.matrix_transpose(kw)) * scale
     if logits_bias is not None:
         logits = logits + xp.astype(logits_bias, work, copy=False)
@@ -637,8 +675,9 @@ def softmax_attention(
         p = xp.exp(logits - top)
         den = xp.sum(p, axis=-1, keepdims=True)
         den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
-        out = xp.matmul(p, vw) / den
+        # causal: p is tril, and a later NaN value must not reach earlier rows through 0 * NaN
+        out = (_tril_product(xp, p, vw) if causal else xp.matmul(p, vw)) / den
     out = _add_bias(
-        xp, out, vw, key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
+        xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
     )
     return xp.astype(out, result, copy=False)

@@ -49,6 +49,12 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     ``n >= 2L - 1`` no product wraps around, so the first ``L`` outputs of the
     circular convolution are exactly the Toeplitz product.
 
+    Non-finite values: every position of a column of ``v`` enters every frequency
+    of its spectrum, so a NaN or infinity at ``v[..., j, d]`` makes column ``d`` of
+    the output non-finite at every token, ``i < j`` included and causal as well (as
+    any FFT convolution does); the other (leading index, feature) columns are
+    untouched. The attention functions zero padding values before they get here.
+
     Speed and memory (see ``docs/performance.md``):
 
     - the FFTs run along the *last* axis of the transposed values ``(..., D, L)``:

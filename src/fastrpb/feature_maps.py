@@ -123,10 +123,12 @@ class FeatureMap:
     def _keys(self, xp: Any, x: Any) -> Any:
         if self.exponential:
             lx = self._log_keys(xp, x)
-            if lx.ndim < 2 or lx.shape[-2] == 0 or lx.shape[-1] == 0:
+            # one offset shared by every key of the sequence (and every feature); a 1-d
+            # input is a sequence of one key
+            axes = (-1,) if lx.ndim < 2 else (-2, -1)
+            if any(lx.shape[a] == 0 for a in axes):
                 return xp.exp(lx)
-            # one offset shared by every key of the sequence (and every feature)
-            return xp.exp(lx - xp.max(lx, axis=(-2, -1), keepdims=True))
+            return xp.exp(lx - xp.max(lx, axis=axes, keepdims=True))
         raise NotImplementedError
 
     def _log_queries(self, xp: Any, x: Any) -> Any:
