@@ -183,9 +183,11 @@ def write_outputs(results: dict, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- docs page
 def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
-         extras: list[tuple[dict, str, str]] = ()) -> str:
+         extras: list[tuple[dict, str, str]] = (), autoregressive: dict | None = None) -> str:
     """The Experiments page; ``extras`` are (results, path as given, plot path relative to the page)
-    of further sweeps with the same settings (e.g. more seeds for some models)."""
+    of further sweeps with the same settings (e.g. more seeds for some models); ``autoregressive`` holds what
+    ``python -m benchmarks.paper.autoregressive`` wrote: ``runs``, ``meta``, ``samples_rel``, ``arg``,
+    ``decode`` (or None), ``dirs`` and ``more``, further sweeps as (runs, meta, samples_rel, arg)."""
     s = results["settings"]
     v = results["versions"]
     m = results["machine"]
@@ -209,6 +211,11 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
         "data, with small models that a 2-core CPU trains in well under an hour "
         f"(this sweep: {results['sweep_wall_s'] / 60:.0f} min). It is a small-scale check, "
         "not a reproduction of the paper's numbers.",
+        *(["",
+           "The last part, [Autoregressive Fashion-MNIST](#autoregressive-fashion-mnist-causal-attention-next-pixel-prediction), "
+           "tests the causal setting, where linear attention decodes in O(1) per token: next-pixel prediction "
+           "(bits per dimension), the causal FastRPB, SIKF against elu+1, and sampling speed against softmax with a "
+           "key/value cache."] if autoregressive is not None else []),
         "",
         "## How it was run",
         "",
@@ -217,8 +224,13 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
         "pip install -e '.[torch,bench]'",
         f"PYTHONPATH=src:. {results['command']}",
         *[f"PYTHONPATH=src:. {ex['command']}" for ex, _, _ in extras],
+        *([f"PYTHONPATH=src:. {m['command']}" for m in [autoregressive["meta"], *(x[1] for x in autoregressive["more"])]]
+          if autoregressive is not None else []),
+        *([f"PYTHONPATH=src:. python -m benchmarks.paper.ardecode --out {autoregressive['dirs'][0]}/decode-scaling.json"]
+          if autoregressive is not None and autoregressive["decode"] is not None else []),
         f"PYTHONPATH=src:. python -m benchmarks.paper.report {results_arg} --page docs/experiments.md"
-        + "".join(f" --extra {arg}" for _, arg, _ in extras),
+        + "".join(f" --extra {arg}" for _, arg, _ in extras)
+        + "".join(f" --autoregressive {d}" for d in (autoregressive["dirs"] if autoregressive is not None else ())),
         "```",
         "",
         f"- Config hash `{results['config_hash']}` (settings and code); finished {results['finished_utc']}, "
@@ -283,6 +295,11 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
     for ex, arg, ex_plot in extras:
         lines += _extra_section(results, ex, arg, ex_plot)
     lines += _summary(results, [ex for ex, _, _ in extras])
+    if autoregressive is not None:
+        from .arreport import section
+
+        lines += [section(autoregressive["runs"], autoregressive["meta"], samples_rel=autoregressive["samples_rel"],
+                          results_arg=autoregressive["arg"], decode=autoregressive["decode"], more=autoregressive["more"])]
     return "\n".join(lines) + "\n"
 
 
@@ -311,6 +328,7 @@ def _extra_section(main: dict, ex: dict, arg: str, plot_rel: str) -> list[str]:
         )
         out.append("")
     out += [table(ex), f"![learning curves, further sweep]({plot_rel})", "", claims_md(ex), ""]
+    out += _plain_statement(ex, claims(ex), closing=False)
     return out
 
 
@@ -347,7 +365,7 @@ def _summary(main: dict, extras: list[dict]) -> list[str]:
     return out
 
 
-def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
+def _plain_statement(results: dict, cl: list[dict], *, closing: bool = True) -> list[str]:
     out = ["### In words", ""]
     for task in results["tasks"]:
         tc = [c for c in cl if c["task"] == task]
@@ -378,7 +396,8 @@ def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
         ref = ", ".join(f"{k} {val:.2f}" for k, val in LRA_LISTOPS.items())
         out.append(
             f"- **ListOps in context**: the Long Range Arena leaderboard reports accuracy % {ref} (full-size models "
-            f"trained on sequences of up to 2000 tokens). Here the best small model, "
+            f"trained on sequences of 500-2000 tokens). Here, on expressions of {results['settings']['listops_min_len']}-"
+            f"{results['settings']['listops_max_len']} tokens, the best small model, "
             f"{VARIANT_TITLES.get(best['variant'], best['variant'])}, reaches {100 * best['acc_mean']:.1f} ± "
             f"{100 * best['acc_std']:.1f} %, against {100 * maj:.1f} % for always answering the most frequent digit."
         )
@@ -391,6 +410,8 @@ def _plain_statement(results: dict, cl: list[dict]) -> list[str]:
                        f"always answering the most frequent label ({100 * maj:.1f} %), so the claims cannot be judged "
                        "on this task here; it needs far more training than this budget allows.")
     out.append("")
+    if not closing:
+        return out
     out.append("These are small models trained for few steps on a shared 2-core CPU, early in training; "
                "a claim that is not resolved here may well hold at "
                "the paper's scale, and one that held here is evidence, not proof. The library's `softmax_attention` "
@@ -408,6 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--outputs", action="store_true", help="also rewrite results.md and curves.png next to the JSON")
     ap.add_argument("--extra", type=Path, action="append", default=[],
                     help="results.json of a further sweep (e.g. more seeds for some models) to add to the page")
+    ap.add_argument("--autoregressive", type=Path, action="append", default=[],
+                    help="output directory of `python -m benchmarks.paper.autoregressive` (results.json, sweep.json, "
+                         "samples.png) to add to the page; repeat it for further variants (same settings), whose rows "
+                         "join the first directory's table")
     a = ap.parse_args(argv)
     results = json.loads(a.results.read_text())
     if a.outputs:
@@ -415,8 +440,17 @@ def main(argv: list[str] | None = None) -> None:
     if a.page:
         rel = lambda p: os.path.relpath(p, a.page.parent)  # noqa: E731
         extras = [(json.loads(x.read_text()), str(x), rel(x.parent / "curves.png")) for x in a.extra]
+        ar = None
+        if a.autoregressive:
+            from .arreport import load_dir
+
+            d, *more = a.autoregressive
+            runs, meta, decode = load_dir(d)
+            ar = {"runs": runs, "meta": meta, "samples_rel": rel(d / "samples.png"), "arg": str(d / "results.json"),
+                  "decode": decode, "dirs": [str(x) for x in a.autoregressive],
+                  "more": [(*load_dir(x)[:2], rel(x / "samples.png"), str(x / "results.json")) for x in more]}
         a.page.write_text(page(results, results_rel=rel(a.results), plot_rel=rel(a.results.parent / "curves.png"),
-                                 results_arg=str(a.results), extras=extras))
+                                 results_arg=str(a.results), extras=extras, autoregressive=ar))
         print(f"wrote {a.page}")
     if not a.page and not a.outputs:
         print(table(results))
