@@ -13,7 +13,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
-from ._compat import device_of, grid_arg, int_arg, namespace, skip_arg
+from ._compat import device_of, namespace
+from ._validate import grid_arg, int_arg, skip_arg
 from .attention import linear_attention, linear_attention_step
 from .bias import rpb, rpb_matrix, rpb_nd, symmetric_table
 from .feature_maps import FeatureMap, resolve

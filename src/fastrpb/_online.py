@@ -420,10 +420,7 @@ def extend(
     biased = v[..., skipped:, :]
     t_old = hist.shape[-2]
     full = xp.concat([hist, biased], axis=-2) if t_old else biased
-    if full.shape[-2]:
-        out = toeplitz(xp, full, w, causal=True)[..., t_old:, :]
-    else:
-        out = full
+    out = toeplitz(xp, full, w, causal=True)[..., t_old:, :] if full.shape[-2] else full
     if skipped:
         out = xp.concat([_zeros(xp, (*lead, skipped, D), full), out], axis=-2)
     return out, _rebuild(xp, full, w, length=length + L, a=a)

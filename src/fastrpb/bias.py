@@ -282,10 +282,7 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
     xp = namespace(v_t=v_t, w=w, state=_online.held(state))
     _validate.values(xp, "v_t", v_t, ndim=1)
     M = _validate.table(xp, "w", w)
-    if skip is None:
-        a = 0 if state is None else state.skip
-    else:
-        a = _check_stream(True, skip, state, True)
+    a = (0 if state is None else state.skip) if skip is None else _check_stream(True, skip, state, True)
     lead = tuple(v_t.shape[:-1])
     if w.ndim > 1 and tuple(w.shape[:-1]) != lead:  # a decoding step's hot path skips this
         lead = _validate.broadcast({"w": w.shape[:-1], "v_t": v_t.shape[:-1]})

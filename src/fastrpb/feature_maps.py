@@ -601,4 +601,4 @@ def _is_factory(value: Any) -> bool:
     """Whether ``value`` is a function that makes a feature map (``fastrpb.feature_maps.dpfp``):
     its return annotation says ``FeatureMap``."""
     annotations = getattr(value, "__annotations__", None) if inspect.isfunction(value) else None
-    return bool(annotations) and annotations.get("return") in ("FeatureMap", FeatureMap)
+    return annotations is not None and annotations.get("return") in ("FeatureMap", FeatureMap)

@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 import fastrpb
-from fastrpb._compat import int_arg
 from fastrpb._layers import (
     AttentionLayer,
     BiasLayer,
@@ -35,11 +34,12 @@ from fastrpb._layers import (
     LayerCache,
     check_layer_rpb,
 )
+from fastrpb._validate import int_arg
 
 __all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "MultiheadLinearAttention"]
 
 
-class FeatureMapArray(nnx.Variable):
+class FeatureMapArray(nnx.Variable[Any]):
     """A fixed array of a layer's feature map (``favor``/``rff``'s random projection).
 
     Part of the module's state (split, saved, restored, sharded with it) but not an
@@ -47,7 +47,7 @@ class FeatureMapArray(nnx.Variable):
     """
 
 
-def _array(variable: nnx.Variable) -> jax.Array:
+def _array(variable: nnx.Variable[Any]) -> jax.Array:
     """A variable's value as a JAX array. A state restored with
     ``flax.serialization.from_bytes`` holds NumPy arrays; ``nnx.Linear`` accepts them,
     and so do these layers (the functional core would reject NumPy beside JAX)."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastrpb
-from fastrpb._compat import int_arg, namespace
+from fastrpb._compat import namespace
 from fastrpb._layers import (
     AttentionLayer,
     BiasLayer,
@@ -32,6 +32,7 @@ from fastrpb._layers import (
     LayerCache,
     check_layer_rpb,
 )
+from fastrpb._validate import int_arg
 
 __all__ = ["FastRPB", "FastRPBnd", "LayerCache", "LinearMultiheadAttention", "MultiheadLinearAttention"]
 
@@ -502,7 +503,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         packed = state_dict.pop(prefix + "in_proj_weight", None)
         if packed is not None:
             q, k, v = packed.chunk(3, dim=0)
-            for name, w in zip(("q", "k", "v"), (q, k, v)):
+            for name, w in zip(("q", "k", "v"), (q, k, v), strict=True):
                 state_dict.setdefault(f"{prefix}{name}_proj_weight", w)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
