@@ -54,8 +54,9 @@ from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, names
 from ._compat import cumulative_max as _cummax
 from ._compat import pad_chunks as _pad_chunks
 from ._compat import shift as _shift
+from ._typing import Array
 from ._validate import broadcast_shapes as _lead
-from .feature_maps import FeatureMap, resolve
+from .feature_maps import FeatureMap, FeatureMapLike, resolve
 
 __all__ = ["linear_attention", "linear_attention_step", "softmax_attention", "LinearAttentionState"]
 
@@ -74,9 +75,9 @@ class LinearAttentionState(NamedTuple):
     a JAX pytree of ``S``, ``z`` and ``offset``).
     """
 
-    S: Any  # (..., F, Dv)
-    z: Any  # (..., F)
-    offset: Any  # (..., F) or None
+    S: Array  # (..., F, Dv)
+    z: Array  # (..., F)
+    offset: Array | None  # (..., F) or None
     feature_map: str
 
 
@@ -284,21 +285,21 @@ def _state(xp: Any, fmap: FeatureMap, total: Any, offset: Any) -> LinearAttentio
 
 # --------------------------------------------------------------------------- public
 def linear_attention(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
-    feature_map: Any = "elu",
+    feature_map: FeatureMapLike = "elu",
     causal: bool = False,
-    key_mask: Any = None,
+    key_mask: Array | None = None,
     eps: float = 1e-6,
     chunk_size: int = 64,
-    rpb: Any = None,
-    rpb_tables: Sequence[Any | None] | None = None,
+    rpb: Array | None = None,
+    rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
     return_state: bool = False,
-) -> Any:
+) -> Array:
     r"""Kernelised linear attention, optionally with the FastRPB term.
 
     $$
@@ -424,13 +425,13 @@ def linear_attention(
 
 def linear_attention_step(
     state: LinearAttentionState | None,
-    q_t: Any,
-    k_t: Any,
-    v_t: Any,
+    q_t: Array,
+    k_t: Array,
+    v_t: Array,
     *,
-    feature_map: Any = "elu",
+    feature_map: FeatureMapLike = "elu",
     eps: float = 1e-6,
-) -> tuple[Any, LinearAttentionState]:
+) -> tuple[Array, LinearAttentionState]:
     r"""One decoding step of causal linear attention: O(F Dv) per token.
 
     $$
@@ -558,19 +559,19 @@ def _check_state(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int,
 
 
 def softmax_attention(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
     causal: bool = False,
-    key_mask: Any = None,
-    logits_bias: Any = None,
+    key_mask: Array | None = None,
+    logits_bias: Array | None = None,
     scale: float | None = None,
-    rpb: Any = None,
-    rpb_tables: Sequence[Any | None] | None = None,
+    rpb: Array | None = None,
+    rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
-) -> Any:
+) -> Array:
     r"""Exact (quadratic) softmax attention, the reference for linear attention.
 
     $$

@@ -34,6 +34,7 @@ from ._compat import (
 from ._compat import pad_axis as _pad_rows
 from ._online import RPBState
 from ._random import seeded_normal
+from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
 
 __all__ = ["rpb", "rpb_step", "RPBState", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
@@ -116,14 +117,14 @@ def _itemsize(xp: Any, dtype: Any) -> int:
 
 # --------------------------------------------------------------------------- public
 def rpb(
-    v: Any,
-    w: Any,
+    v: Array,
+    w: Array,
     *,
     causal: bool = False,
     skip: tuple[int, int] = (0, 0),
     initial_state: RPBState | None = None,
     return_state: bool = False,
-) -> Any:
+) -> Array:
     r"""Apply the relative positional bias ``B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
 
     $$
@@ -241,7 +242,7 @@ def _rpb_stream(v: Any, w: Any, causal: Any, skip: Any, state: RPBState | None, 
     return (out, new) if return_state else out
 
 
-def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] | None = None) -> tuple[Any, RPBState]:
+def rpb_step(state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, int] | None = None) -> tuple[Array, RPBState]:
     r"""One decoding step of the causal bias: the output of token ``t`` and the new state.
 
     $$
@@ -298,7 +299,7 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
     return _online.as_dtype(xp, out, result), new
 
 
-def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
+def rpb_matrix(w: Array, L: int, *, causal: bool = False) -> Array:
     """The dense Toeplitz matrix ``B[..., i, j] = w[..., M - 1 + i - j]``, shape ``(..., L, L)``.
 
     Use it as an additive logits bias for softmax attention (``logits_bias=``) or as
@@ -332,7 +333,7 @@ def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
     return dense
 
 
-def symmetric_table(h: Any) -> Any:
+def symmetric_table(h: Array) -> Array:
     """Build a full table from a symmetric one: ``w(t) = h[..., |t|]``.
 
     Parameters
@@ -353,13 +354,13 @@ def symmetric_table(h: Any) -> Any:
 
 
 def rpb_nd(
-    v: Any,
-    tables: Sequence[Any | None],
+    v: Array,
+    tables: Sequence[Array | None],
     grid: Sequence[int],
     *,
     causal: bool = False,
     skip: tuple[int, int] = (0, 0),
-) -> Any:
+) -> Array:
     r"""Separable N-d relative positional bias for tokens on a row-major grid.
 
     $$
@@ -531,7 +532,7 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
     return xp.permute_dims(out, (*range(out.ndim - k - 1), *range(out.ndim - k, out.ndim), out.ndim - k - 1))
 
 
-def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Any, scale: float = 1e-2) -> Any:
+def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Array, scale: float = 1e-2) -> Array:
     """A bias table initialised as in the paper: small random values near zero.
 
     Parameters

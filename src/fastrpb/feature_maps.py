@@ -27,11 +27,12 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 from . import _validate
 from ._compat import compute_dtype, device_of, elu_plus_one, namespace, softmax
 from ._random import seeded_projection
+from ._typing import Array
 from ._validate import check_floating, int_arg
 
 __all__ = [
@@ -79,11 +80,11 @@ class FeatureMap:
     exponential: ClassVar[bool] = False
 
     # -- public ---------------------------------------------------------------
-    def queries(self, x: Any) -> Any:
+    def queries(self, x: Array) -> Array:
         """Query features ``(..., L, F)`` of ``x: (..., L, D)``."""
         return self._public(x, self._queries)
 
-    def keys(self, x: Any) -> Any:
+    def keys(self, x: Array) -> Array:
         """Key features ``(..., L, F)`` of ``x: (..., L, D)``."""
         return self._public(x, self._keys)
 
@@ -295,7 +296,7 @@ class FAVOR(_Projected):
     ``scale = 1/sqrt(D)``, multiply ``q`` and ``k`` by ``D ** -0.25`` first.
     """
 
-    projection: Any
+    projection: Array
     name: ClassVar[str] = "favor"
     exponential: ClassVar[bool] = True
 
@@ -328,7 +329,7 @@ class RFF(_Projected):
     estimate (or with inputs whose kernel values are well away from zero).
     """
 
-    projection: Any
+    projection: Array
     name: ClassVar[str] = "rff"
 
     def __post_init__(self) -> None:
@@ -413,7 +414,7 @@ class Hedgehog(_Projected):
     bias ``b``.
     """
 
-    projection: Any
+    projection: Array
     name: ClassVar[str] = "hedgehog"
 
     def __post_init__(self) -> None:
@@ -461,6 +462,12 @@ class _Callable(FeatureMap):
     _keys = _queries
 
 
+FeatureMapLike: TypeAlias = "str | FeatureMap | Callable[[Array], Array]"
+"""What a ``feature_map=`` argument accepts: a map's name (``"elu"``, ``"relu"``,
+``"sikf"``, ``"dpfp"``, ``"taylor"``), a ``FeatureMap``, or a plain callable used as a
+symmetric map."""
+
+
 # --------------------------------------------------------------------------- factories
 def elu() -> FeatureMap:
     """``elu(x) + 1`` features (Katharopoulos et al. 2020), F = D. See ``ELU``."""
@@ -482,7 +489,7 @@ def dpfp(nu: int = 1) -> FeatureMap:
     return DPFP(int_arg("nu", nu, minimum=1))
 
 
-def favor(projection: Any) -> FeatureMap:
+def favor(projection: Array) -> FeatureMap:
     """Performer FAVOR+ positive random features for ``exp(q . k)``, F = m. See ``FAVOR``.
 
     Parameters
@@ -493,7 +500,7 @@ def favor(projection: Any) -> FeatureMap:
     return FAVOR(projection)
 
 
-def rff(projection: Any) -> FeatureMap:
+def rff(projection: Array) -> FeatureMap:
     """Random Fourier features for ``exp(-|x - y|^2 / 2)``, F = 2 m. See ``RFF``.
 
     Parameters
@@ -510,7 +517,7 @@ def taylor() -> FeatureMap:
     return Taylor()
 
 
-def hedgehog(projection: Any) -> FeatureMap:
+def hedgehog(projection: Array) -> FeatureMap:
     """Hedgehog features ``[softmax(W x), softmax(-W x)]`` (Zhang et al. 2024), F = 2 m.
     See ``Hedgehog``.
 
@@ -523,7 +530,7 @@ def hedgehog(projection: Any) -> FeatureMap:
     return Hedgehog(projection)
 
 
-def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, like: Any) -> Any:
+def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, like: Array) -> Array:
     """An ``(m, d)`` random projection whose rows are marginally ``N(0, I_d)``.
 
     With ``orthogonal=True`` (the default, Performer's "orthogonal random features")
@@ -565,7 +572,7 @@ _BY_NAME: dict[str, Callable[[], FeatureMap]] = {
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 
 
-def resolve(feature_map: Any, name: str = "feature_map") -> FeatureMap:
+def resolve(feature_map: FeatureMapLike, name: str = "feature_map") -> FeatureMap:
     """A ``FeatureMap`` from a map, one of ``NAMES``, or a plain callable (symmetric)."""
     if isinstance(feature_map, FeatureMap):
         return feature_map

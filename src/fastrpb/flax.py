@@ -35,6 +35,7 @@ from fastrpb._layers import (
     check_layer_rpb,
 )
 from fastrpb._validate import int_arg
+from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "MultiheadLinearAttention"]
 
@@ -234,7 +235,7 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         self,
         d_model: int,
         heads: int,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         *,

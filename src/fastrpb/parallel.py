@@ -47,6 +47,7 @@ from typing import Any
 from . import _validate
 from . import bias as _bias
 from ._compat import compute_dtype, device_of, namespace
+from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
 
 # The local block is computed with fastrpb's own single-device cores (the chunked causal
@@ -62,7 +63,7 @@ from .attention import (
     _normalise,
     _with_ones,
 )
-from .feature_maps import resolve
+from .feature_maps import FeatureMapLike, resolve
 
 __all__ = ["Communicator", "jax_axis", "linear_attention", "rpb", "torch_group"]
 
@@ -90,10 +91,10 @@ class Communicator:
     def rank(self) -> Any:
         raise NotImplementedError
 
-    def all_gather(self, x: Any) -> Any:
+    def all_gather(self, x: Array) -> Array:
         raise NotImplementedError
 
-    def all_to_all(self, x: Any) -> Any:
+    def all_to_all(self, x: Array) -> Array:
         raise NotImplementedError
 
 
@@ -269,19 +270,19 @@ def _prepend(xp: Any, first: Any, rest: Any) -> Any:
 
 # --------------------------------------------------------------------------- public
 def linear_attention(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
     comm: Communicator,
-    feature_map: Any = "elu",
+    feature_map: FeatureMapLike = "elu",
     causal: bool = False,
-    key_mask: Any = None,
+    key_mask: Array | None = None,
     eps: float = 1e-6,
     chunk_size: int = 64,
-    rpb: Any = None,
+    rpb: Array | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
-) -> Any:
+) -> Array:
     r"""Linear attention on a sequence split over ranks; exchanges only states (LASP-2).
 
     Rank ``r`` holds blocks ``q_r, k_r, v_r`` of the sequence (contiguous, equal
@@ -405,7 +406,7 @@ def linear_attention(
     return xp.astype(out, result, copy=False)
 
 
-def rpb(v: Any, w: Any, *, comm: Communicator, causal: bool = False, skip: tuple[int, int] = (0, 0)) -> Any:
+def rpb(v: Array, w: Array, *, comm: Communicator, causal: bool = False, skip: tuple[int, int] = (0, 0)) -> Array:
     r"""FastRPB ``B v`` on a sequence split over ranks, without gathering the values.
 
     Rank ``r`` holds the block ``v_r`` (contiguous, equal lengths, in rank order) and

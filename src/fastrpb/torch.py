@@ -33,6 +33,7 @@ from fastrpb._layers import (
     check_layer_rpb,
 )
 from fastrpb._validate import int_arg
+from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "LayerCache", "LinearMultiheadAttention", "MultiheadLinearAttention"]
 
@@ -243,7 +244,7 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         self,
         d_model: int,
         heads: int,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         *,
@@ -449,7 +450,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         device: Any = None,
         dtype: Any = None,
         *,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         eps: float = 1e-6,
