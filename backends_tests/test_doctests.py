@@ -1,0 +1,38 @@
+"""The docstrings' Examples sections, run as doctests.
+
+Every public module's examples run with NumPy inputs (the examples of ``fastrpb.torch``
+and ``fastrpb.flax`` need their framework and skip, with the reason, without it). They
+are documentation: printed shapes and a few rounded numbers, checked here so they stay
+true.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+
+import numpy as np
+import pytest
+
+MODULES = {
+    "fastrpb.attention": None,
+    "fastrpb.bias": None,
+    "fastrpb.feature_maps": None,
+    "fastrpb.parallel": None,
+    "fastrpb.torch": "torch",
+    "fastrpb.flax": "flax",
+}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_docstring_examples(name):
+    framework = MODULES[name]
+    if framework is not None and importlib.util.find_spec(framework) is None:
+        pytest.skip(f"{framework} is not installed: the examples of {name} need it")
+    module = importlib.import_module(name)
+    with np.printoptions(legacy="1.25"):  # scalars print as 0.5, not np.float64(0.5)
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed (see the output above)"
+    if name in ("fastrpb.attention", "fastrpb.bias", "fastrpb.feature_maps"):
+        assert result.attempted > 0, f"{name} has no examples"
