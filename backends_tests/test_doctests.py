@@ -18,6 +18,7 @@ import pytest
 MODULES = {
     "fastrpb.attention": None,
     "fastrpb.bias": None,
+    "fastrpb._online": None,
     "fastrpb.feature_maps": None,
     "fastrpb.parallel": None,
     "fastrpb.torch": "torch",

@@ -82,6 +82,20 @@ class RPBState(NamedTuple):
     crosses ``jax.jit`` and is a ``jax.lax.scan`` carry (fixed layout). Only the arrays
     of the fixed layout have fixed shapes: a scan must start from a state made inside
     the traced function (e.g. ``rpb(prompt, w, causal=True, return_state=True)``).
+
+    Examples
+    --------
+    Two calls that pass the state equal one call over the whole sequence:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb
+    >>> rng = np.random.default_rng(0)
+    >>> v = rng.standard_normal((6, 2))
+    >>> w = rng.standard_normal(11)  # M = 6
+    >>> first, state = rpb(v[:4], w, causal=True, return_state=True)
+    >>> second = rpb(v[4:], w, causal=True, initial_state=state)
+    >>> bool(np.allclose(np.concatenate([first, second]), rpb(v, w, causal=True)))
+    True
     """
 
     blocks: tuple

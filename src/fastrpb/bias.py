@@ -163,6 +163,31 @@ def rpb(
         In the promoted dtype of ``v`` and ``w``, on their device; with
         ``return_state=True`` the pair ``(out, state)``.
 
+    Raises
+    ------
+    TypeError
+        If ``v`` or ``w`` is not real floating, or they come from two libraries or
+        devices.
+    ValueError
+        If ``w`` has an even last dimension, covers fewer than ``L`` tokens, its leading
+        dimensions do not broadcast against ``v``'s, or ``skip``, ``initial_state`` or
+        ``return_state`` do not fit the call (a state needs ``causal=True``).
+
+    Examples
+    --------
+    A table with ``w(0) = 1`` and ``w(1) = 0.5`` adds half of the previous token:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb, rpb_matrix
+    >>> v = np.arange(1.0, 7.0).reshape(3, 2)  # L = 3 tokens, 2 features
+    >>> w = np.array([0.0, 0.0, 1.0, 0.5, 0.0])  # offsets -2..2, M = 3
+    >>> np.round(rpb(v, w), 6)
+    array([[1. , 2. ],
+           [3.5, 5. ],
+           [6.5, 8. ]])
+    >>> bool(np.allclose(rpb(v, w), rpb_matrix(w, 3) @ v))
+    True
+
     References
     ----------
     Zubkov & Gavrilov (2022), "FastRPB: a Scalable Relative Positional Encoding for
@@ -272,6 +297,31 @@ def rpb_step(state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, i
     -------
     (array of shape broadcast(w.shape[:-1], v_t.shape[:-1]) + (D,), RPBState)
 
+    Raises
+    ------
+    TypeError
+        If ``v_t`` or ``w`` is not real floating, or they come from two libraries or
+        devices.
+    ValueError
+        If ``skip[1] != 0`` (the end of a stream is unknown), ``v_t``'s width or leading
+        dimensions do not match ``state``, or the stream outgrows the table.
+
+    Examples
+    --------
+    Token by token, the stream equals causal ``rpb`` over the whole sequence:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb, rpb_step
+    >>> rng = np.random.default_rng(0)
+    >>> v = rng.standard_normal((5, 2))
+    >>> w = rng.standard_normal(9)  # M = 5
+    >>> state, rows = None, []
+    >>> for t in range(5):
+    ...     out_t, state = rpb_step(state, v[t], w)
+    ...     rows.append(out_t)
+    >>> bool(np.allclose(np.stack(rows), rpb(v, w, causal=True)))
+    True
+
     References
     ----------
     van der Hoeven (2002), "Relax, but don't be too lazy", J. Symbolic Computation;
@@ -314,6 +364,28 @@ def rpb_matrix(w: Array, L: int, *, causal: bool = False) -> Array:
         Sequence length.
     causal : bool
         Zero the entries above the diagonal (``j > i``).
+
+    Returns
+    -------
+    array, shape (..., L, L)
+        In the namespace, device and dtype of ``w``.
+
+    Raises
+    ------
+    TypeError
+        If ``w`` is not real floating.
+    ValueError
+        If ``w`` has an even last dimension or covers fewer than ``L`` tokens.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import rpb_matrix
+    >>> w = np.array([0.0, 0.0, 1.0, 0.5, 0.0])  # w(0) = 1, w(1) = 0.5, M = 3
+    >>> rpb_matrix(w, 3)
+    array([[1. , 0. , 0. ],
+           [0.5, 1. , 0. ],
+           [0. , 0.5, 1. ]])
     """
     L = _validate.integer("L", L, minimum=0)
     causal = _validate.flag("causal", causal)
@@ -344,6 +416,20 @@ def symmetric_table(h: Array) -> Array:
     Returns
     -------
     array, shape (..., 2M - 1)
+
+    Raises
+    ------
+    TypeError
+        If ``h`` is not real floating.
+    ValueError
+        If ``h`` has no last dimension (a 0-d array) or an empty one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import symmetric_table
+    >>> symmetric_table(np.array([1.0, 0.5, 0.25]))
+    array([0.25, 0.5 , 1.  , 0.5 , 0.25])
     """
     _validate.required(h=h)
     xp = namespace(h=h)
@@ -402,6 +488,29 @@ def rpb_nd(
     -------
     array, shape broadcast(v.shape[:-2], tables' leading dimensions) + (L, D)
         In the promoted dtype of ``v`` and the tables, on their device.
+
+    Raises
+    ------
+    TypeError
+        If ``v`` or a table is not real floating, or they come from two libraries or
+        devices.
+    ValueError
+        If ``grid`` does not hold the ``L - skip[0] - skip[1]`` tokens, ``tables`` does
+        not give one entry per axis (or gives none), or a table is shorter than its
+        axis.
+
+    Examples
+    --------
+    With only ``w(0) = 1`` on both axes of a 2 x 3 grid, ``B[p, p'] = [p, p' in one
+    row] + [p, p' in one column]``: a token receives its row's sum plus its column's:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb_nd
+    >>> v = np.arange(6.0).reshape(6, 1)  # 6 tokens laid out row-major on (2, 3)
+    >>> w = np.array([0.0, 0.0, 1.0, 0.0, 0.0])  # M = 3
+    >>> np.round(rpb_nd(v, (w, w), (2, 3)), 6).reshape(2, 3)
+    array([[ 6.,  8., 10.],
+           [15., 17., 19.]])
 
     References
     ----------
@@ -549,6 +658,28 @@ def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Array, scale: 
         dtype of ``like``.
     scale : float
         Standard deviation of the normal draw.
+
+    Returns
+    -------
+    array, shape (heads, 2 max_len - 1) or (2 max_len - 1,)
+        Normal draws of standard deviation ``scale``.
+
+    Raises
+    ------
+    TypeError
+        If ``seed``, ``heads`` or ``max_len`` is not an int.
+    ValueError
+        If ``heads`` or ``max_len`` is below 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import rpb_init
+    >>> w = rpb_init(8, 128, seed=0, like=np.zeros(1, dtype=np.float32))
+    >>> w.shape, w.dtype
+    ((8, 255), dtype('float32'))
+    >>> bool(np.abs(w).max() < 0.1)
+    True
     """
     max_len = _validate.integer("max_len", max_len, minimum=1)
     shape: tuple[int, ...] = (2 * max_len - 1,)
