@@ -20,7 +20,7 @@ MODULES = {
     "fastrpb.bias": None,
     "fastrpb._online": None,
     "fastrpb.feature_maps": None,
-    "fastrpb.parallel": None,
+    "fastrpb.parallel": "jax",  # its examples run under jax.shard_map
     "fastrpb.torch": "torch",
     "fastrpb.flax": "flax",
 }
