@@ -111,6 +111,15 @@ class FastRPB(BiasLayer, nnx.Module):
         Standard deviation of the initial draw.
     param_dtype :
         Dtype of the table.
+
+    Examples
+    --------
+    >>> bias = FastRPB(heads=4, max_len=128, causal=True, rngs=nnx.Rngs(0))
+    >>> v = jnp.ones((2, 4, 100, 16))  # (batch, heads, L, D)
+    >>> bias(v).shape
+    (2, 4, 100, 16)
+    >>> bias.weights().shape  # (heads, 2 max_len - 1)
+    (4, 255)
     """
 
     def __init__(
@@ -162,6 +171,15 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
         Tokens before and after the grid without bias.
     rngs, seed, scale, param_dtype :
         As in `FastRPB`.
+
+    Examples
+    --------
+    >>> bias = FastRPBnd(heads=4, grid=(8, 8), rngs=nnx.Rngs(0))  # 8 x 8 image patches
+    >>> v = jnp.ones((2, 4, 64, 16))  # (batch, heads, 64 tokens, D)
+    >>> bias(v).shape
+    (2, 4, 64, 16)
+    >>> [w.shape for w in bias.weights()]  # one table per axis
+    [(4, 15), (4, 15)]
     """
 
     def __init__(
@@ -229,6 +247,13 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         Passed to ``fastrpb.linear_attention``.
     dtype, param_dtype :
         Computation and parameter dtypes of the projections (as ``nnx.Linear``).
+
+    Examples
+    --------
+    >>> layer = MultiheadLinearAttention(32, 4, rpb=128, causal=True, rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((2, 10, 32))  # (batch, L, d_model)
+    >>> layer(x).shape
+    (2, 10, 32)
     """
 
     def __init__(

@@ -141,6 +141,15 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         Tokens before and after the grid (a class token) without bias.
     seed, scale, device, dtype :
         As in `FastRPB`.
+
+    Examples
+    --------
+    >>> bias = FastRPBnd(heads=4, grid=(8, 8), seed=0)  # 8 x 8 image patches
+    >>> v = torch.randn(2, 4, 64, 16)                   # (batch, heads, 64 tokens, D)
+    >>> bias(v).shape
+    torch.Size([2, 4, 64, 16])
+    >>> [tuple(w.shape) for w in bias.weights()]        # one table per axis
+    [(4, 15), (4, 15)]
     """
 
     def __init__(
