@@ -234,6 +234,11 @@ class DPFP(FeatureMap):
     r(x) = [\mathrm{relu}(x), \mathrm{relu}(-x)] \in \mathbb{R}^{2D}, \quad
     \phi(x) = [\, r(x) \odot \mathrm{roll}(r(x), i) \,]_{i = 1..\nu}
     $$
+
+    Parameters
+    ----------
+    nu : int
+        Number of rolls; ``F = 2 D nu``. Made with ``dpfp(nu)``.
     """
 
     nu: int = 1
@@ -305,6 +310,11 @@ class FAVOR(_Projected):
     (Choromanski et al. 2021, "Rethinking Attention with Performers", ICLR).
     The kernel is ``exp(q . k)``: to approximate ``softmax_attention``'s default
     ``scale = 1/sqrt(D)``, multiply ``q`` and ``k`` by ``D ** -0.25`` first.
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        Rows distributed as ``N(0, I)`` (``random_projection``). Made with ``favor(projection)``.
     """
 
     projection: Array
@@ -338,6 +348,11 @@ class RFF(_Projected):
     features are not non-negative: the kernel estimate, and so a linear-attention
     denominator, can be small or negative for a finite ``m``. Use it as a kernel
     estimate (or with inputs whose kernel values are well away from zero).
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        Rows distributed as ``N(0, I)`` (``random_projection``). Made with ``rff(projection)``.
     """
 
     projection: Array
@@ -423,6 +438,11 @@ class Hedgehog(_Projected):
     separately, as in the paper; flash-linear-attention's ``HedgehogFeatureMap``
     instead takes one softmax over the joined ``[2 W x + b, -2 W x - b]``, with a
     bias ``b``.
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        The learned ``W``. Made with ``hedgehog(projection)``.
     """
 
     projection: Array

@@ -112,6 +112,15 @@ class FastRPB(BiasLayer, nnx.Module):
     param_dtype :
         Dtype of the table.
 
+    Raises
+    ------
+    TypeError
+        If ``heads``, ``max_len`` or ``seed`` is not an int.
+    ValueError
+        If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
+        ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
+        ``max_len``).
+
     Examples
     --------
     >>> bias = FastRPB(heads=4, max_len=128, causal=True, rngs=nnx.Rngs(0))
@@ -171,6 +180,16 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
         Tokens before and after the grid without bias.
     rngs, seed, scale, param_dtype :
         As in `FastRPB`.
+
+    Raises
+    ------
+    TypeError
+        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
+        something other than ints.
+    ValueError
+        If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
+        twice), or ``skip`` is not two non-negative ints. Calls raise as
+        ``fastrpb.rpb_nd`` does.
 
     Examples
     --------
@@ -247,6 +266,16 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         Passed to ``fastrpb.linear_attention``.
     dtype, param_dtype :
         Computation and parameter dtypes of the projections (as ``nnx.Linear``).
+
+    Raises
+    ------
+    TypeError
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
+        or ``rpb`` is of an unsupported kind.
+    ValueError
+        If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
+        below 1, or ``feature_map`` is an unknown name. Calls raise as
+        ``fastrpb.linear_attention`` does.
 
     Examples
     --------

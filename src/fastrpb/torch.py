@@ -83,6 +83,15 @@ class FastRPB(BiasLayer, nn.Module):
     device, dtype :
         Where and in which dtype the table is created.
 
+    Raises
+    ------
+    TypeError
+        If ``heads``, ``max_len`` or ``seed`` is not an int.
+    ValueError
+        If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
+        ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
+        ``max_len``).
+
     Examples
     --------
     >>> bias = FastRPB(heads=4, max_len=128, causal=True)
@@ -141,6 +150,16 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         Tokens before and after the grid (a class token) without bias.
     seed, scale, device, dtype :
         As in `FastRPB`.
+
+    Raises
+    ------
+    TypeError
+        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
+        something other than ints.
+    ValueError
+        If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
+        twice), or ``skip`` is not two non-negative ints. Calls raise as
+        ``fastrpb.rpb_nd`` does.
 
     Examples
     --------
@@ -240,6 +259,16 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         Passed to ``fastrpb.linear_attention``.
     device, dtype :
         Where and in which dtype the parameters are created.
+
+    Raises
+    ------
+    TypeError
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
+        or ``rpb`` is of an unsupported kind.
+    ValueError
+        If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
+        below 1, or ``feature_map`` is an unknown name. Calls raise as
+        ``fastrpb.linear_attention`` does.
 
     Examples
     --------
