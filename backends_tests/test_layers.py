@@ -435,7 +435,8 @@ def test_projection_is_module_state(framework, rng):
         import fastrpb.flax as frf
 
         state = nnx.state(a, frf.FeatureMapArray)
-        assert "feature_map_projection" in state and "feature_map_projection" not in nnx.state(a, nnx.Param)
+        assert "feature_map_projection" in state
+        assert "feature_map_projection" not in nnx.state(a, nnx.Param)
         nnx.update(b, nnx.state(a))
     assert_close(fw.backend, b(x), fw.numpy(a(x)), "float64")
 
@@ -446,7 +447,8 @@ def test_gradients_reach_every_parameter(framework, rng):
     grads = fw.grads(layer, fw.array(rng.standard_normal((2, 9, 12))))
     assert len(grads) == 9  # 4 weights, 4 biases, the bias table
     for name, g in grads.items():
-        assert np.all(np.isfinite(g)) and np.any(g != 0), name
+        assert np.all(np.isfinite(g)), name
+        assert np.any(g != 0), name
 
 
 def test_training_lowers_the_loss(framework, rng):
@@ -501,7 +503,7 @@ ERRORS = {
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_layer_errors(framework, case):
     build, call, error, phrase = ERRORS[case]
-    with pytest.raises(error, match=phrase):
+    with pytest.raises(error, match=phrase):  # noqa: PT012 - a case fails when the layer is built or when it is called
         layer = build(framework)
         call(framework, layer)
 
@@ -552,11 +554,12 @@ def test_flax_same_rngs_same_table_under_jit():
     eager = frf.MultiheadLinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0))
     traced = nnx.jit(lambda: frf.MultiheadLinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0)))()
     table = fw.numpy(eager.rpb.table)
-    assert table.shape == (3, 31) and 0.005 < table.std() < 0.02  # the paper's small normal draw
+    assert table.shape == (3, 31)
+    assert 0.005 < table.std() < 0.02
     np.testing.assert_array_equal(fw.numpy(traced.rpb.table), table)
     nd_eager = frf.FastRPBnd(2, (3, 4), symmetric=True, rngs=nnx.Rngs(1))
     nd_traced = nnx.jit(lambda: frf.FastRPBnd(2, (3, 4), symmetric=True, rngs=nnx.Rngs(1)))()
-    for a, b in zip(fw.raw_tables(nd_eager), fw.raw_tables(nd_traced)):
+    for a, b in zip(fw.raw_tables(nd_eager), fw.raw_tables(nd_traced), strict=True):
         np.testing.assert_array_equal(b, a)
     assert [t.shape for t in fw.raw_tables(nd_traced)] == [(2, 3), (2, 4)]
     assert traced(fw.array(np.ones((1, 5, 12)), "float32")).shape == (1, 5, 12)
@@ -601,7 +604,8 @@ def _doctest(name: str, **extra: Any) -> None:
     import importlib
 
     result = doctest.testmod(importlib.import_module(name), extraglobs=extra, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0, (name, result)
+    assert result.attempted > 0, (name, result)
+    assert result.failed == 0, (name, result)
 
 
 def test_docstring_examples(framework_cpu):
@@ -723,7 +727,8 @@ def test_lma_loads_a_torch_multihead_attention_state(tb, rng):
     layer.load_state_dict(mha.state_dict())  # the packed in_proj_weight is split
     E = 12
     w = mha.in_proj_weight.detach()
-    assert torch.equal(layer.q_proj_weight, w[:E]) and torch.equal(layer.v_proj_weight, w[2 * E :])
+    assert torch.equal(layer.q_proj_weight, w[:E])
+    assert torch.equal(layer.v_proj_weight, w[2 * E :])
     qn = rng.standard_normal((2, 6, 12))
     x = tb.asarray(qn)
     assert_close(tb, layer(x, x, x)[0], _lma_oracle(tb, layer, qn, qn, qn), "float64")
@@ -764,7 +769,8 @@ def test_lma_in_transformer_encoder_layer(tb, rng):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
-    assert lma.rpb.table.grad is not None and float(lma.rpb.table.grad.abs().sum()) > 0
+    assert lma.rpb.table.grad is not None
+    assert float(lma.rpb.table.grad.abs().sum()) > 0
     # a stack built around the layer: torch's nested-tensor conversion stays off, and
     # eval without gradients gives the training-mode numbers
     stack = torch.nn.TransformerEncoder(enc, 2, enable_nested_tensor=False)
@@ -826,7 +832,7 @@ def test_lma_errors(tb, case):
     import torch
 
     build, call, error, phrase = LMA_ERRORS[case]
-    with pytest.raises(error, match=phrase):
+    with pytest.raises(error, match=phrase):  # noqa: PT012 - a case fails when the layer is built or when it is called
         layer = _lma(tb, **build)
         x = torch.zeros((5, 2, 12), dtype=torch.float64, device=tb.device)
         if call == "nested":

@@ -37,9 +37,11 @@ def test_listops_generator_reproducible_and_in_range():
     spec = paper_data.ListOpsSpec(40, min_len=60, max_len=120, seed=3)
     seqs, labels = paper_data.generate_listops(spec)
     again, labels2 = paper_data.generate_listops(spec)
-    assert seqs == again and np.array_equal(labels, labels2)
+    assert seqs == again
+    assert np.array_equal(labels, labels2)
     assert all(60 <= len(s) <= 120 for s in seqs)
-    assert labels.min() >= 0 and labels.max() <= 9
+    assert labels.min() >= 0
+    assert labels.max() <= 9
     # brackets balance and nesting depth stays within the limit
     for s in seqs:
         depth = worst = 0
@@ -47,9 +49,11 @@ def test_listops_generator_reproducible_and_in_range():
             depth += t.startswith("[") - (t == "]")
             worst = max(worst, depth)
             assert depth >= 0
-        assert depth == 0 and worst <= spec.max_depth
+        assert depth == 0
+        assert worst <= spec.max_depth
     ids, lengths = paper_data.encode_listops(seqs)
-    assert ids.shape == (40, 1 + max(map(len, seqs))) and (ids[:, 0] == paper_data.CLS).all()
+    assert ids.shape == (40, 1 + max(map(len, seqs)))
+    assert (ids[:, 0] == paper_data.CLS).all()
     assert np.array_equal(lengths, [1 + len(s) for s in seqs])
     other, _ = paper_data.generate_listops(paper_data.ListOpsSpec(40, min_len=60, max_len=120, seed=4))
     assert other != seqs
@@ -77,21 +81,25 @@ def test_quick_run_end_to_end(tmp_path: Path):
     res = json.loads((out / "results.json").read_text())
     from benchmarks.paper.model import VARIANTS
 
-    assert res["tasks"] == ["fmnist", "listops"] and res["variants"] == list(VARIANTS)
+    assert res["tasks"] == ["fmnist", "listops"]
+    assert res["variants"] == list(VARIANTS)
     assert len(res["runs"]) == 2 * len(VARIANTS) * 2
     for r in res["runs"]:
         assert r["loss_finite"], (r["task"], r["variant"], r["seed"])
         assert 0.0 <= r["test_acc"] <= 1.0
-        assert r["step_time_median_s"] > 0 and r["n_params"] > 0
+        assert r["step_time_median_s"] > 0
+        assert r["n_params"] > 0
         assert r["config_hash"] == res["config_hash"]
     assert {(s["task"], s["variant"]) for s in res["summary"]} == {(t, v) for t in res["tasks"] for v in VARIANTS}
     # FastRPB adds parameters (its tables), the variants without it do not
     p = {(r["task"], r["variant"]): r["n_params"] for r in res["runs"]}
     for t in res["tasks"]:
         assert p[(t, "elu")] == p[(t, "sikf")] == p[(t, "softmax")] < p[(t, "sikf+rpb")] == p[(t, "softmax+logits")]
-    assert res["versions"]["torch"] and res["machine"]["logical_cpus"]
+    assert res["versions"]["torch"]
+    assert res["machine"]["logical_cpus"]
     table = (out / "results.md").read_text()
-    assert "| model | test accuracy" in table and "linear, SIKF + FastRPB" in table
+    assert "| model | test accuracy" in table
+    assert "linear, SIKF + FastRPB" in table
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "runs" / res["config_hash"]).is_dir()
 
@@ -103,7 +111,8 @@ def test_quick_run_end_to_end(tmp_path: Path):
 
     # other settings into the same directory: refused, nothing overwritten
     other = _run(out, "--steps", "3", "--tasks", "listops")
-    assert other.returncode == 2 and "another configuration" in other.stderr
+    assert other.returncode == 2
+    assert "another configuration" in other.stderr
     assert json.loads((out / "results.json").read_text())["config_hash"] == res["config_hash"]
 
     # the docs page is generated from the JSON
@@ -114,8 +123,12 @@ def test_quick_run_end_to_end(tmp_path: Path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
-    assert "GENERATED" in text and res["config_hash"] in text and "36.37" in text
-    assert "## Further sweep" in text and "## Summary" in text and "identical test accuracies" in text
+    assert "GENERATED" in text
+    assert res["config_hash"] in text
+    assert "36.37" in text
+    assert "## Further sweep" in text
+    assert "## Summary" in text
+    assert "identical test accuracies" in text
 
 
 @pytest.mark.uses_backend("torch", reason="the paper models are PyTorch modules")

@@ -8,8 +8,9 @@ Shapes follow the issue: batch 1, 8 heads, 64 features, float32 unless asked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import fastrpb
 

@@ -334,7 +334,7 @@ def multiply_into(xp: Any, a: Any, b: Any) -> Any:
     """
     shape = tuple(a.shape)
     if len(b.shape) <= len(shape) and all(
-        db in (1, da) for da, db in zip(reversed(shape), reversed(tuple(b.shape)))
+        db in (1, da) for da, db in zip(reversed(shape), reversed(tuple(b.shape)), strict=False)
     ):
         if array_api_compat.is_numpy_namespace(xp) and isinstance(a, np.ndarray) and a.ndim > 0:
             return np.multiply(a, b, out=a)
@@ -547,7 +547,7 @@ def register_pytrees() -> None:
 
         for cls, (static, original) in list(_PYTREE_PENDING.items()):
             _register_pytree(jax.tree_util, cls, static)
-            cls.__new__ = original  # type: ignore[assignment]
+            cls.__new__ = original  # type: ignore[method-assign]
             del _PYTREE_PENDING[cls]
 
 
@@ -559,7 +559,7 @@ def _register_pytree(tree_util: Any, cls: type, static: tuple[str, ...]) -> None
         return tuple(getattr(obj, f) for f in dynamic), tuple(getattr(obj, f) for f in static)
 
     def unflatten(aux: tuple, children: tuple) -> Any:
-        return cls(**dict(zip(dynamic, children)), **dict(zip(static, aux)))
+        return cls(**dict(zip(dynamic, children, strict=True)), **dict(zip(static, aux, strict=True)))
 
     tree_util.register_pytree_node(cls, flatten, unflatten)
 

@@ -13,7 +13,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
-from ._compat import device_of, grid_arg, int_arg, namespace, skip_arg
+from ._compat import device_of, namespace
+from ._typing import Array
+from ._validate import grid_arg, int_arg, skip_arg
 from .attention import linear_attention, linear_attention_step
 from .bias import rpb, rpb_matrix, rpb_nd, symmetric_table
 from .feature_maps import FeatureMap, resolve
@@ -90,7 +92,7 @@ class BiasLayer:
         """The stored parameter as an array of the framework."""
         raise NotImplementedError
 
-    def weights(self) -> Any:
+    def weights(self) -> Array:
         """The full table ``(heads, 2 max_len - 1)`` (expanded from ``h`` when symmetric)."""
         table = self._table()
         return symmetric_table(table) if self.symmetric else table
@@ -98,7 +100,7 @@ class BiasLayer:
     def _bias_of(self, v: Any) -> Any:
         return rpb(v, self.weights(), causal=self.causal, skip=self.skip)
 
-    def matrix(self, L: int) -> Any:
+    def matrix(self, L: int) -> Array:
         """The dense ``(heads, L, L)`` matrix ``B``, e.g. as a softmax logits bias."""
         return rpb_matrix(self.weights(), L, causal=self.causal)
 
@@ -143,7 +145,7 @@ class BiasNdLayer:
         """The stored parameters as arrays of the framework, in the order of ``lengths``."""
         raise NotImplementedError
 
-    def weights(self) -> list[Any | None]:
+    def weights(self) -> list[Array | None]:
         """One full table (or ``None``) per grid axis, as ``fastrpb.rpb_nd`` takes them."""
         full = [symmetric_table(t) if self.symmetric else t for t in self._tables()]
         out: list[Any | None] = [None] * len(self.grid)

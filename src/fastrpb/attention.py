@@ -54,8 +54,9 @@ from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, known
 from ._compat import cumulative_max as _cummax
 from ._compat import pad_chunks as _pad_chunks
 from ._compat import shift as _shift
+from ._typing import Array
 from ._validate import broadcast_shapes as _lead
-from .feature_maps import FeatureMap, resolve
+from .feature_maps import FeatureMap, FeatureMapLike, resolve
 
 __all__ = ["linear_attention", "linear_attention_step", "softmax_attention", "LinearAttentionState"]
 
@@ -72,11 +73,20 @@ class LinearAttentionState(NamedTuple):
     ``-inf`` before any key); it is ``None`` for the other maps. ``feature_map`` is the
     signature of the map that made the state (static under ``jax.jit``: the state is
     a JAX pytree of ``S``, ``z`` and ``offset``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import linear_attention
+    >>> x = np.ones((3, 4))
+    >>> _, state = linear_attention(x, x, x, causal=True, return_state=True)
+    >>> state.S.shape, state.z.shape, state.offset, state.feature_map
+    ((4, 4), (4,), None, 'elu')
     """
 
-    S: Any  # (..., F, Dv)
-    z: Any  # (..., F)
-    offset: Any  # (..., F) or None
+    S: Array  # (..., F, Dv)
+    z: Array  # (..., F)
+    offset: Array | None  # (..., F) or None
     feature_map: str
 
 
@@ -320,21 +330,21 @@ def _state(xp: Any, fmap: FeatureMap, total: Any, offset: Any) -> LinearAttentio
 
 # --------------------------------------------------------------------------- public
 def linear_attention(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
-    feature_map: Any = "elu",
+    feature_map: FeatureMapLike = "elu",
     causal: bool = False,
-    key_mask: Any = None,
+    key_mask: Array | None = None,
     eps: float = 1e-6,
     chunk_size: int = 64,
-    rpb: Any = None,
-    rpb_tables: Sequence[Any | None] | None = None,
+    rpb: Array | None = None,
+    rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
     return_state: bool = False,
-) -> Any:
+) -> Array:
     r"""Kernelised linear attention, optionally with the FastRPB term.
 
     $$
@@ -397,6 +407,35 @@ def linear_attention(
     -------
     array, shape (..., Lq, Dv)
         Or ``(out, state)`` with ``return_state=True``.
+
+    Raises
+    ------
+    TypeError
+        If ``q``, ``k``, ``v`` (or ``rpb``) are not real floating, ``key_mask`` is not
+        boolean, ``feature_map`` is neither a name, a map nor a callable, or the arrays
+        come from two libraries or devices.
+    ValueError
+        If the shapes do not agree (widths, lengths, leading dimensions), ``feature_map``
+        is an unknown name, ``chunk_size`` or ``eps`` is out of range,
+        ``return_state=True`` without ``causal=True``, or a bias table is shorter than
+        the sequence.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import linear_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 5, 4))  # batch 2, L = 5, D = 4 each
+    >>> linear_attention(q, k, v).shape
+    (2, 5, 4)
+
+    Causal, the first query sees only the first key, so its output is that key's value:
+
+    >>> out, state = linear_attention(q, k, v, causal=True, return_state=True)
+    >>> bool(np.allclose(out[:, 0], v[:, 0], atol=1e-5))
+    True
+    >>> state.S.shape, state.z.shape
+    ((2, 4, 4), (2, 4))
 
     References
     ----------
@@ -461,13 +500,13 @@ def linear_attention(
 
 def linear_attention_step(
     state: LinearAttentionState | None,
-    q_t: Any,
-    k_t: Any,
-    v_t: Any,
+    q_t: Array,
+    k_t: Array,
+    v_t: Array,
     *,
-    feature_map: Any = "elu",
+    feature_map: FeatureMapLike = "elu",
     eps: float = 1e-6,
-) -> tuple[Any, LinearAttentionState]:
+) -> tuple[Array, LinearAttentionState]:
     r"""One decoding step of causal linear attention: O(F Dv) per token.
 
     $$
@@ -498,6 +537,30 @@ def linear_attention_step(
     Returns
     -------
     (array of shape (..., Dv), LinearAttentionState)
+
+    Raises
+    ------
+    TypeError
+        If the tokens are not real floating or come from two libraries or devices.
+    ValueError
+        If the token widths disagree with each other or with ``state``, or
+        ``feature_map`` is an unknown name or not the map that made ``state``.
+
+    Examples
+    --------
+    Decoding token by token gives causal ``linear_attention`` over the whole sequence:
+
+    >>> import numpy as np
+    >>> from fastrpb import linear_attention, linear_attention_step
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 6, 4))  # L = 6 tokens of width 4
+    >>> state = None
+    >>> for t in range(6):
+    ...     out_t, state = linear_attention_step(state, q[t], k[t], v[t])
+    >>> out_t.shape
+    (4,)
+    >>> bool(np.allclose(out_t, linear_attention(q, k, v, causal=True)[-1]))
+    True
     """
     # -- validate, resolve the namespace once
     fmap = resolve(feature_map)
@@ -595,19 +658,19 @@ def _check_state(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int,
 
 
 def softmax_attention(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
     causal: bool = False,
-    key_mask: Any = None,
-    logits_bias: Any = None,
+    key_mask: Array | None = None,
+    logits_bias: Array | None = None,
     scale: float | None = None,
-    rpb: Any = None,
-    rpb_tables: Sequence[Any | None] | None = None,
+    rpb: Array | None = None,
+    rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
-) -> Any:
+) -> Array:
     r"""Exact (quadratic) softmax attention, the reference for linear attention.
 
     $$
@@ -637,6 +700,31 @@ def softmax_attention(
         ``s``; default ``1 / sqrt(Dk)``.
     rpb, rpb_tables, rpb_grid, rpb_skip
         Add the FastRPB term, as in ``linear_attention``.
+
+    Returns
+    -------
+    array, shape (..., Lq, Dv)
+        In the dtype of the inputs (half precision is computed in float32).
+
+    Raises
+    ------
+    TypeError
+        If ``q``, ``k``, ``v`` (or ``logits_bias``, ``rpb``) are not real floating,
+        ``key_mask`` is not boolean, or the arrays come from two libraries or devices.
+    ValueError
+        If the shapes do not agree, or ``causal=True`` with ``Lq != Lk``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import softmax_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 5, 4))
+    >>> out = softmax_attention(q, k, v, causal=True)
+    >>> out.shape
+    (2, 5, 4)
+    >>> bool(np.allclose(out[:, 0], v[:, 0]))  # the first query sees only the first key
+    True
     """
     # -- validate, resolve the namespace once
     causal = _validate.flag("causal", causal)

@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 import fastrpb
-from fastrpb._compat import int_arg
 from fastrpb._layers import (
     AttentionLayer,
     BiasLayer,
@@ -35,11 +34,13 @@ from fastrpb._layers import (
     LayerCache,
     check_layer_rpb,
 )
+from fastrpb._validate import int_arg
+from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "MultiheadLinearAttention"]
 
 
-class FeatureMapArray(nnx.Variable):
+class FeatureMapArray(nnx.Variable[Any]):
     """A fixed array of a layer's feature map (``favor``/``rff``'s random projection).
 
     Part of the module's state (split, saved, restored, sharded with it) but not an
@@ -47,7 +48,7 @@ class FeatureMapArray(nnx.Variable):
     """
 
 
-def _array(variable: nnx.Variable) -> jax.Array:
+def _array(variable: nnx.Variable[Any]) -> jax.Array:
     """A variable's value as a JAX array. A state restored with
     ``flax.serialization.from_bytes`` holds NumPy arrays; ``nnx.Linear`` accepts them,
     and so do these layers (the functional core would reject NumPy beside JAX)."""
@@ -110,6 +111,24 @@ class FastRPB(BiasLayer, nnx.Module):
         Standard deviation of the initial draw.
     param_dtype :
         Dtype of the table.
+
+    Raises
+    ------
+    TypeError
+        If ``heads``, ``max_len`` or ``seed`` is not an int.
+    ValueError
+        If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
+        ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
+        ``max_len``).
+
+    Examples
+    --------
+    >>> bias = FastRPB(heads=4, max_len=128, causal=True, rngs=nnx.Rngs(0))
+    >>> v = jnp.ones((2, 4, 100, 16))  # (batch, heads, L, D)
+    >>> bias(v).shape
+    (2, 4, 100, 16)
+    >>> bias.weights().shape  # (heads, 2 max_len - 1)
+    (4, 255)
     """
 
     def __init__(
@@ -161,6 +180,25 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
         Tokens before and after the grid without bias.
     rngs, seed, scale, param_dtype :
         As in `FastRPB`.
+
+    Raises
+    ------
+    TypeError
+        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
+        something other than ints.
+    ValueError
+        If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
+        twice), or ``skip`` is not two non-negative ints. Calls raise as
+        ``fastrpb.rpb_nd`` does.
+
+    Examples
+    --------
+    >>> bias = FastRPBnd(heads=4, grid=(8, 8), rngs=nnx.Rngs(0))  # 8 x 8 image patches
+    >>> v = jnp.ones((2, 4, 64, 16))  # (batch, heads, 64 tokens, D)
+    >>> bias(v).shape
+    (2, 4, 64, 16)
+    >>> [w.shape for w in bias.weights()]  # one table per axis
+    [(4, 15), (4, 15)]
     """
 
     def __init__(
@@ -228,13 +266,30 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         Passed to ``fastrpb.linear_attention``.
     dtype, param_dtype :
         Computation and parameter dtypes of the projections (as ``nnx.Linear``).
+
+    Raises
+    ------
+    TypeError
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
+        or ``rpb`` is of an unsupported kind.
+    ValueError
+        If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
+        below 1, or ``feature_map`` is an unknown name. Calls raise as
+        ``fastrpb.linear_attention`` does.
+
+    Examples
+    --------
+    >>> layer = MultiheadLinearAttention(32, 4, rpb=128, causal=True, rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((2, 10, 32))  # (batch, L, d_model)
+    >>> layer(x).shape
+    (2, 10, 32)
     """
 
     def __init__(
         self,
         d_model: int,
         heads: int,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         *,

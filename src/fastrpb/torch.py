@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastrpb
-from fastrpb._compat import int_arg, namespace
+from fastrpb._compat import namespace
 from fastrpb._layers import (
     AttentionLayer,
     BiasLayer,
@@ -32,6 +32,8 @@ from fastrpb._layers import (
     LayerCache,
     check_layer_rpb,
 )
+from fastrpb._validate import int_arg
+from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "LayerCache", "LinearMultiheadAttention", "MultiheadLinearAttention"]
 
@@ -80,6 +82,15 @@ class FastRPB(BiasLayer, nn.Module):
         Standard deviation of the initial draw.
     device, dtype :
         Where and in which dtype the table is created.
+
+    Raises
+    ------
+    TypeError
+        If ``heads``, ``max_len`` or ``seed`` is not an int.
+    ValueError
+        If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
+        ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
+        ``max_len``).
 
     Examples
     --------
@@ -139,6 +150,25 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         Tokens before and after the grid (a class token) without bias.
     seed, scale, device, dtype :
         As in `FastRPB`.
+
+    Raises
+    ------
+    TypeError
+        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
+        something other than ints.
+    ValueError
+        If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
+        twice), or ``skip`` is not two non-negative ints. Calls raise as
+        ``fastrpb.rpb_nd`` does.
+
+    Examples
+    --------
+    >>> bias = FastRPBnd(heads=4, grid=(8, 8), seed=0)  # 8 x 8 image patches
+    >>> v = torch.randn(2, 4, 64, 16)                   # (batch, heads, 64 tokens, D)
+    >>> bias(v).shape
+    torch.Size([2, 4, 64, 16])
+    >>> [tuple(w.shape) for w in bias.weights()]        # one table per axis
+    [(4, 15), (4, 15)]
     """
 
     def __init__(
@@ -230,6 +260,16 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
     device, dtype :
         Where and in which dtype the parameters are created.
 
+    Raises
+    ------
+    TypeError
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
+        or ``rpb`` is of an unsupported kind.
+    ValueError
+        If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
+        below 1, or ``feature_map`` is an unknown name. Calls raise as
+        ``fastrpb.linear_attention`` does.
+
     Examples
     --------
     >>> layer = MultiheadLinearAttention(64, 4, rpb=256, causal=True)
@@ -242,7 +282,7 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         self,
         d_model: int,
         heads: int,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         *,
@@ -448,7 +488,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         device: Any = None,
         dtype: Any = None,
         *,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         eps: float = 1e-6,
@@ -502,7 +542,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         packed = state_dict.pop(prefix + "in_proj_weight", None)
         if packed is not None:
             q, k, v = packed.chunk(3, dim=0)
-            for name, w in zip(("q", "k", "v"), (q, k, v)):
+            for name, w in zip(("q", "k", "v"), (q, k, v), strict=True):
                 state_dict.setdefault(f"{prefix}{name}_proj_weight", w)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
