@@ -5,10 +5,10 @@ policy (causality and masks, NaN and infinity included), vmap over a table, and 
 from __future__ import annotations
 
 import numpy as np
-import oracles
 import pytest
-from backends import assert_close, tolerance
 
+import oracles
+from backends import assert_close, tolerance
 from fastrpb import feature_maps as fm
 from fastrpb import linear_attention, random_projection, rpb, softmax_attention
 
@@ -112,7 +112,7 @@ def test_causal_output_never_depends_on_later_tokens(backend, rng, name, where, 
 
 
 # ----------------------------------------------------------------- 12.3 masks
-@pytest.mark.parametrize("name", MAPS + ["softmax"])
+@pytest.mark.parametrize("name", [*MAPS, "softmax"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_masked_keys_never_reach_any_output(backend, rng, name, causal):
     """NaN and infinite keys and values at padding positions change no output, the

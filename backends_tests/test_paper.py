@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.paper import data as paper_data  # the repository root is on pytest's pythonpath
 
-from benchmarks.paper import data as paper_data
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_listops_semantics():
@@ -163,10 +162,14 @@ def test_ar_quantise_levels_and_pooling():
     img[0, :28] = 255  # first row white
     img[0, 28 * 27 :] = 128
     q = quantise(img, 28, 16)
-    assert q.shape == (1, 784) and q.dtype == np.int64
-    assert (q[0, :28] == 15).all() and (q[0, 28:56] == 0).all() and (q[0, 28 * 27 :] == 8).all()
+    assert q.shape == (1, 784)
+    assert q.dtype == np.int64
+    assert (q[0, :28] == 15).all()
+    assert (q[0, 28:56] == 0).all()
+    assert (q[0, 28 * 27 :] == 8).all()
     pooled = quantise(img, 7, 4)  # 4 x 4 blocks: the top blocks hold one white row of four
-    assert pooled.shape == (1, 49) and (pooled[0, :7] == 0).all()  # mean 63.75 -> 63.75 * 4 // 256 = 0
+    assert pooled.shape == (1, 49)
+    assert (pooled[0, :7] == 0).all()
     assert (quantise(np.full((2, 784), 255, np.uint8), 14, 256) == 255).all()
     with pytest.raises(ValueError, match="side"):
         quantise(img, 5, 16)
@@ -222,9 +225,13 @@ def test_ar_quick_run_end_to_end(tmp_path: Path):
     for r in runs:
         for field in ("variant", "seed", "bits_per_dim", "train_s_per_step", "generate_tokens_per_s"):
             assert field in r, field
-        assert math.isfinite(r["bits_per_dim"]) and 0 < r["bits_per_dim"] < bound, (r["variant"], r["bits_per_dim"])
-        assert r["train_s_per_step"] > 0 and r["generate_tokens_per_s"] > 0 and r["loss_finite"]
-        assert len(r["samples_hex"]) == QUICK.gen_images and all(len(h) == QUICK.side ** 2 for h in r["samples_hex"])
+        assert math.isfinite(r["bits_per_dim"]), (r["variant"], r["bits_per_dim"])
+        assert 0 < r["bits_per_dim"] < bound, (r["variant"], r["bits_per_dim"])
+        assert r["train_s_per_step"] > 0
+        assert r["generate_tokens_per_s"] > 0
+        assert r["loss_finite"]
+        assert len(r["samples_hex"]) == QUICK.gen_images
+        assert all(len(h) == QUICK.side ** 2 for h in r["samples_hex"])
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["generation_timing"]["per_variant"].keys() == set(default_variants())
     assert (out / "samples.png").stat().st_size > 5_000
@@ -239,7 +246,9 @@ def test_ar_quick_run_end_to_end(tmp_path: Path):
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
-    assert "## Autoregressive Fashion-MNIST" in text and meta["config_hash"] in text and "--autoregressive" in text
+    assert "## Autoregressive Fashion-MNIST" in text
+    assert meta["config_hash"] in text
+    assert "--autoregressive" in text
 
 
 def test_presets_on_the_command_line():
@@ -247,9 +256,11 @@ def test_presets_on_the_command_line():
     from benchmarks.paper.settings import PRESETS
 
     a = parse(["--preset", "listops-short"])
-    assert a.preset == "listops-short" and a.tasks == ["listops"]
+    assert a.preset == "listops-short"
+    assert a.tasks == ["listops"]
     assert PRESETS["listops-short"].listops_max_len <= 512
-    assert parse(["--quick"]).preset == "quick" and parse([]).preset == "full"
+    assert parse(["--quick"]).preset == "quick"
+    assert parse([]).preset == "full"
     assert parse([]).tasks == ["fmnist", "listops"]
     with pytest.raises(SystemExit):
         parse(["--quick", "--preset", "listops-short"])
@@ -263,6 +274,7 @@ def test_ar_decoding_cost_measurement_runs():
     res = measure(widths=((8, 2),), positions=(5, 9), batch=2, reps=2, rounds=1)
     assert [r["position"] for r in res["rows"]] == [5, 9]
     for r in res["rows"]:
-        assert r["linear_ms_per_token"] > 0 and r["softmax_ms_per_token"] > 0
+        assert r["linear_ms_per_token"] > 0
+        assert r["softmax_ms_per_token"] > 0
         assert r["speedup"] == pytest.approx(r["softmax_ms_per_token"] / r["linear_ms_per_token"])
     assert table(res).count("\n") == 3

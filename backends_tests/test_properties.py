@@ -10,11 +10,11 @@ unchanged.
 from __future__ import annotations
 
 import numpy as np
-import oracles
-from backends import tolerance
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import oracles
+from backends import tolerance
 from fastrpb import feature_maps as fm
 from fastrpb import (
     linear_attention,
@@ -38,7 +38,7 @@ LOW = 0
 #: every dtype; relu and dpfp features can all vanish for a query, so they are compared
 #: in float64 only, where a tiny denominator is still exact.
 POSITIVE = ("elu", "sikf", "favor")
-MAPS = POSITIVE + ("relu", "dpfp")
+MAPS = (*POSITIVE, "relu", "dpfp")
 BAD = (np.nan, np.inf, -np.inf)
 
 lead_shapes = st.sampled_from(
@@ -211,7 +211,7 @@ def test_prefill_then_decode_property(backend, data, L, split, chunk, name, seed
     data=st.data(),
     L=st.integers(2, 13),
     chunk=st.integers(1, 8),
-    name=st.sampled_from(MAPS + ("softmax",)),
+    name=st.sampled_from((*MAPS, "softmax")),
     where=st.sampled_from(["q", "k", "v"]),
     bad=st.sampled_from(BAD),
     seed=st.integers(0, 2**16),
@@ -251,7 +251,7 @@ def test_later_tokens_never_reach_earlier_outputs(
     lead=st.sampled_from([(), (1,), (2,)]),
     L=st.integers(1, 13),
     chunk=st.integers(1, 8),
-    name=st.sampled_from(MAPS + ("softmax",)),
+    name=st.sampled_from((*MAPS, "softmax")),
     causal=st.booleans(),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -266,11 +266,11 @@ def test_masked_positions_never_reach_any_output(
     mask = _mask(data, lead, L)
     pick = st.sampled_from(BAD)
     k_bad, v_bad = kn.copy(), vn.copy()
-    for index in zip(*np.nonzero(~mask)):
-        k_bad[index + (data.draw(st.integers(0, 2), label="k column"),)] = data.draw(
+    for index in zip(*np.nonzero(~mask), strict=False):
+        k_bad[(*index, data.draw(st.integers(0, 2), label="k column"))] = data.draw(
             pick, label="k value"
         )
-        v_bad[index + (data.draw(st.integers(0, 2), label="v column"),)] = data.draw(
+        v_bad[(*index, data.draw(st.integers(0, 2), label="v column"))] = data.draw(
             pick, label="v value"
         )
     q, k, v, km = (

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from backends import CPU_BACKENDS, requested
 
 HERE = Path(__file__).resolve().parent
@@ -112,6 +113,7 @@ def test_eight_threads_first_calls_equal_serial_results():
     )
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report["jobs"] > 0 and set(report["backends"]) == set(cpu), report
+    assert report["jobs"] > 0, report
+    assert set(report["backends"]) == set(cpu), report
     assert not report["errors"], "\n".join(report["errors"])
     assert not report["mismatches"], "\n".join(report["mismatches"])

@@ -58,7 +58,7 @@ class ARVariant:
     bias: str | None  # None | "rpb" (1-d causal) | "rpb2d" (2-d causal, raster order)
 
     @classmethod
-    def parse(cls, name: str) -> "ARVariant":
+    def parse(cls, name: str) -> ARVariant:
         if name not in AR_VARIANTS:
             raise ValueError(f"unknown autoregressive variant {name!r}; known: {', '.join(AR_VARIANTS)}")
         if name in AR_VARIANTS_2D and not causal_2d_available():
@@ -205,7 +205,7 @@ class PixelTransformer(nn.Module):
         x = self.embed(token) + self.pos[t]
         caches = caches if caches is not None else [None] * len(self.blocks)
         new = []
-        for blk, c in zip(self.blocks, caches):
+        for blk, c in zip(self.blocks, caches, strict=False):
             x, c = blk.step(x, c)
             new.append(c)
         return self.head(self.ln(x)), new

@@ -246,7 +246,7 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
                    + "); the seeds column says how many each row has.\n\n")
     have_2d = any(v.endswith("rpb2d") for v in meta["variants"])
     further = ""
-    for r2, m2, rel2, arg2 in more:
+    for _r2, m2, rel2, arg2 in more:
         names = ", ".join(AR_TITLES.get(v, v) for v in m2["variants"] if v not in first_variants)
         code = "the same code" if m2["code_digest"] == meta["code_digest"] else (
             f"code digest `{m2['code_digest']}` against `{meta['code_digest']}`: the library changed between the sweeps")

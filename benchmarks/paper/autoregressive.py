@@ -80,7 +80,7 @@ QUICK = ARSettings(side=7, levels=4, train=200, test=16, d_model=16, heads=2, la
 def code_digest() -> str:
     here = Path(__file__).resolve().parent
     lib = Path(__import__("fastrpb").__file__).resolve().parent
-    files = sorted(lib.glob("*.py")) + [here / "armodel.py", here / "model.py", here / "autoregressive.py"]
+    files = [*sorted(lib.glob("*.py")), here / "armodel.py", here / "model.py", here / "autoregressive.py"]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -281,7 +281,7 @@ def _worker(args) -> str:
         res["config_hash"] = h
         _atomic_write(Path(path), json.dumps(res))
         return ""
-    except BaseException:  # noqa: BLE001 - report any failure to the parent
+    except BaseException:
         return f"{variant} seed {seed}:\n{traceback.format_exc()}"
 
 
@@ -310,8 +310,8 @@ def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jo
           partial: bool = False, timing_rounds: int = 2, log=print) -> dict:
     import multiprocessing as mp
 
-    from . import arreport
     from ..environment import machine, versions
+    from . import arreport
 
     code = code_digest()
     h = config_hash(s, code)

@@ -212,10 +212,10 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
         f"(this sweep: {results['sweep_wall_s'] / 60:.0f} min). It is a small-scale check, "
         "not a reproduction of the paper's numbers."),
         *(["",
-           "The last part, [Autoregressive Fashion-MNIST](#autoregressive-fashion-mnist-causal-attention-next-pixel-prediction), "
+           ("The last part, [Autoregressive Fashion-MNIST](#autoregressive-fashion-mnist-causal-attention-next-pixel-prediction), "
            "tests the causal setting, where linear attention decodes in O(1) per token: next-pixel prediction "
            "(bits per dimension), the causal FastRPB, SIKF against elu+1, and sampling speed against softmax with a "
-           "key/value cache."] if autoregressive is not None else []),
+           "key/value cache.")] if autoregressive is not None else []),
         "",
         "## How it was run",
         "",
