@@ -481,8 +481,45 @@ def test_step_reproduces_causal_forward(framework, rng):
             assert_close(fw.backend, y_t, expected[:, t], "float64")
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "rpb"])
+def test_chunked_prefill_with_cache_equals_one_pass(framework, rng, bias):
+    # chunks of several tokens (an empty and a one-token chunk among them), then steps:
+    # each output equals the full causal pass, the bias included
+    fw = framework
+    layer = fw.mha(rpb=fw.bias(3, 40, causal=True, skip=(1, 0)) if bias else None, causal=True, chunk_size=4)
+    L = 38  # crosses the bias history's first block boundary (32 tokens)
+    xn = rng.standard_normal((2, L, 12))
+    x = fw.array(xn)
+    expected = layer_oracle(fw, layer, xn)
+    with fw.no_grad():
+        cache, start = None, 0
+        for end in (3, 3, 4, 20, 34):
+            y, cache = layer(x[:, start:end], return_cache=True, cache=cache)
+            assert_close(fw.backend, y, expected[:, start:end], "float64")
+            start = end
+        assert cache.values is None  # no value cache: the bias history is in the state
+        assert (cache.state.rpb is not None) == bias
+        for t in range(34, L):
+            y_t, cache = layer.step(x[:, t], cache)
+            assert_close(fw.backend, y_t, expected[:, t], "float64")
+        # the last chunk without return_cache: the output alone
+        _, cache = layer(x[:, :30], return_cache=True)
+        assert_close(fw.backend, layer(x[:, 30:], cache=cache), expected[:, 30:], "float64")
+
+
 # one id per case: (build the layer, call it) -> the error and a phrase of its message
 ERRORS = {
+    "cache-noncausal-layer": (
+        lambda fw: fw.mha(8, 2),
+        lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), cache=fw.mha(8, 2, causal=True)(fw.array(np.zeros((1, 3, 8))), return_cache=True)[1]),
+        ValueError, "cache= continues a causal sequence",
+    ),
+    "cache-not-a-cache": (lambda fw: fw.mha(8, 2, causal=True), lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), cache=(1, 2)), TypeError, "LayerCache"),
+    "cache-skip-end": (
+        lambda fw: fw.mha(8, 2, rpb=fw.bias(2, 8, causal=True, skip=(0, 1)), causal=True),
+        lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), return_cache=True),
+        ValueError, "cannot honour skip",
+    ),
     "causal-layer-noncausal-bias": (lambda fw: fw.mha(8, 2, rpb=fw.bias(2, 8), causal=True), None, ValueError, "causal FastRPB"),
     "bias-heads": (lambda fw: fw.mha(8, 2, rpb=fw.bias(4, 8)), None, ValueError, "heads"),
     "causal-nd-bias": (lambda fw: fw.mha(12, 3, rpb=fw.bias_nd(3, (3, 4)), causal=True), None, ValueError, "FastRPBnd"),

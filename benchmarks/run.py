@@ -52,6 +52,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="threads of PyTorch, BLAS and OpenMP (default: each library's own choice, one per core)")
     p.add_argument("--jobs", type=int, default=2, help="memory processes run at once (they measure RSS, not time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--streaming", action="store_true",
+                   help="also time decoding and chunked prefill with FastRPB (benchmarks.streaming, torch CPU): "
+                        "streaming.json and streaming.png in --out")
     return p.parse_args(argv)
 
 
@@ -237,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     payload["targets"] = report.evaluate_targets(results)
     payload["crossovers"] = report.crossovers(results)
     paths = report.write_all(payload, args.out)
+    if args.streaming:  # per-token decode time against t, with and without the bias, and chunked prefill
+        from . import streaming
+
+        extra = [os.path.join(args.out, "streaming.json"), os.path.join(args.out, "streaming.png")]
+        streaming.main(["--json", extra[0], "--plot", extra[1]] + (["--ts", "256,1024", "--prefill", "4096"] if args.quick else []))
+        paths = [*paths, *extra]
     print(report.summary(payload))
     print("wrote " + ", ".join(paths))
     return 0

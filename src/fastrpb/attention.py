@@ -72,7 +72,16 @@ class LinearAttentionState(NamedTuple):
     ``exp(l(k_j)_f - offset_f)``-weighted sums, every weight <= 1 (``offset`` is
     ``-inf`` before any key); it is ``None`` for the other maps. ``feature_map`` is the
     signature of the map that made the state (static under ``jax.jit``: the state is
-    a JAX pytree of ``S``, ``z`` and ``offset``).
+    a JAX pytree of ``S``, ``z``, ``offset`` and ``rpb``).
+
+    ``rpb`` is the history of the FastRPB term (a ``fastrpb.RPBState``) when the state
+    was made with ``rpb=w``, else ``None``: the bias of a new token is a weighted sum
+    of all earlier values, which ``S`` and ``z`` do not summarise.
+
+    Memory per leading index: ``F (Dv + 2)`` numbers (``F (Dv + 1)`` without an
+    offset), independent of the tokens seen; with ``rpb`` add the ``RPBState``'s, at
+    most about ``(t + 4 min(t, M) + 64) Dv`` numbers after ``t`` tokens (``M`` the
+    table's maximum length; ``M Dv`` under ``jax.jit``).
 
     Examples
     --------
@@ -88,6 +97,7 @@ class LinearAttentionState(NamedTuple):
     z: Array  # (..., F)
     offset: Array | None  # (..., F) or None
     feature_map: str
+    rpb: Any = None  # RPBState or None
 
 
 # --------------------------------------------------------------------------- checks
@@ -141,6 +151,30 @@ def _neg_inf(xp: Any, like: Any) -> Any:
 def _finite_or_zero(xp: Any, x: Any) -> Any:
     """Replace ``-inf`` (no visible key) by 0 so that offsets never produce ``inf - inf``."""
     return xp.where(x == -math.inf, xp.zeros((), dtype=x.dtype, device=device_of(x)), x)
+
+
+def _state_keys(xp: Any, offset: Any) -> Any:
+    """Log-features of ``F`` pseudo-keys that stand for an exponential map's state.
+
+    Pseudo-key ``f`` has log-feature ``offset_f`` at feature ``f`` and ``-inf`` (feature
+    0) elsewhere; with the state's rows ``S[f]`` as its value it adds exactly
+    ``sum_f exp(l(q)_f + offset_f) S[f]``, the state's contribution to a query. So the
+    single-device cores see one more (earlier, or for non-causal any) block of keys and
+    keep their offsets and their relative eps exact (used by ``initial_state`` and by
+    ``fastrpb.parallel``).
+    """
+    F = offset.shape[-1]
+    i = xp.arange(F, dtype=xp.int32, device=device_of(offset))
+    diagonal = i[:, None] == i[None, :]
+    return xp.where(diagonal, offset[..., None, :], xp.asarray(-math.inf, dtype=offset.dtype, device=device_of(offset)))
+
+
+def _prepend(xp: Any, first: Any, rest: Any) -> Any:
+    """``concat([first, rest], axis=-2)`` after broadcasting their leading dimensions."""
+    lead = _lead(tuple(first.shape[:-2]), tuple(rest.shape[:-2]))
+    first = xp.broadcast_to(first, (*lead, *first.shape[-2:]))
+    rest = xp.broadcast_to(rest, (*lead, *rest.shape[-2:]))
+    return xp.concat([first, rest], axis=-2)
 
 
 def _unchunk(xp: Any, y: Any, L: int) -> Any:
@@ -328,6 +362,66 @@ def _state(xp: Any, fmap: FeatureMap, total: Any, offset: Any) -> LinearAttentio
     return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
 
 
+# --------------------------------------------------------------------------- states in
+def _initial_arguments(fmap: FeatureMap, state: Any, causal: bool, rpb: Any, rpb_tables: Any) -> dict[str, Any]:
+    """Checks of ``initial_state`` that need no array; returns its arrays by name (for
+    the namespace: a state of another library or device is an error naming it)."""
+    if state is None:
+        return {}
+    if not isinstance(state, LinearAttentionState):
+        raise TypeError(
+            "initial_state must be a LinearAttentionState (from linear_attention(..., return_state=True) "
+            f"or linear_attention_step) or None, got {type(state).__name__}"
+        )
+    if not causal:
+        raise ValueError("initial_state needs causal=True: only a causal sequence can be continued, got causal=False")
+    if state.feature_map != fmap.signature:
+        raise ValueError(
+            f"initial_state was made by feature map {state.feature_map!r} but feature_map is {fmap.signature!r}; "
+            "continue a sequence with the map that started it"
+        )
+    if rpb_tables is not None:
+        raise ValueError(
+            "initial_state cannot continue the N-d FastRPB term (rpb_tables=/rpb_grid=): only the 1-d "
+            "causal bias (rpb=) streams"
+        )
+    if state.rpb is not None and rpb is None:
+        raise ValueError(
+            "initial_state carries a FastRPB history (it was made with rpb=) but rpb is None; pass the same table"
+        )
+    if state.rpb is None and rpb is not None:
+        raise ValueError(
+            "initial_state was made without rpb=, so it holds no bias history for the rpb= given; "
+            "pass rpb= from the start of the sequence (or start from initial_state=None)"
+        )
+    from ._online import held
+
+    return {"initial_state": state.S, "initial_state.z": state.z, "initial_state.offset": state.offset,
+            "initial_state.rpb": held(state.rpb)}
+
+
+def _carried(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple, work: Any) -> tuple[Any, Any]:
+    """``[S, z]`` of a checked initial state as one ``(..., F, Dv + 1)`` array, and its offset."""
+    S, z, offset = _check_state(xp, fmap, state, F, Dv, lead, name="initial_state", inputs="q, k, v")
+    total = xp.concat([_as(xp, S, work), _as(xp, z, work)[..., None]], axis=-1)
+    return total, None if offset is None else _as(xp, offset, work)
+
+
+def _add_bias_streaming(
+    xp: Any, out: Any, v: Any, key_mask: Any, w: Any, skip: Any, state: LinearAttentionState | None
+) -> tuple[Any, Any]:
+    """``out + B v`` continued from (and returning) the bias history of the state."""
+    if key_mask is not None:  # a padding key gives no bias, now or later
+        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+    try:
+        term, history = _bias.rpb(
+            v, w, causal=True, skip=skip, initial_state=None if state is None else state.rpb, return_state=True
+        )
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=, initial_state): {exc}") from exc
+    return out + xp.astype(term, out.dtype, copy=False), history
+
+
 # --------------------------------------------------------------------------- public
 def linear_attention(
     q: Array,
@@ -343,6 +437,7 @@ def linear_attention(
     rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
+    initial_state: LinearAttentionState | None = None,
     return_state: bool = False,
 ) -> Array:
     r"""Kernelised linear attention, optionally with the FastRPB term.
@@ -398,10 +493,21 @@ def linear_attention(
         (causal: raster order over the grid).
     rpb_skip : (int, int)
         Tokens at the start and end that neither give nor receive the bias.
+    initial_state : LinearAttentionState, optional
+        Causal only: continue the sequence this state ends (from ``return_state=True``
+        or ``linear_attention_step``, made with the same feature map, the same
+        ``rpb=`` table or none, and leading dimensions that broadcast with the
+        inputs'). Calls that pass the state along equal one call on the whole
+        sequence, the FastRPB term included: a prompt can be prefilled in pieces.
+        Costs one matrix product ``phi(Q) [S, z]`` more (``F`` pseudo-keys before the
+        chunk for ``sikf``/``favor``, so their offsets and relative ``eps`` are those
+        of one call); the 1-d FastRPB term continues from the state's ``RPBState``.
+        ``None`` starts a sequence.
     return_state : bool
         Causal only: also return the ``LinearAttentionState`` after the last token, so
-        ``linear_attention_step`` continues the sequence (the state does not carry the
-        FastRPB term).
+        ``linear_attention_step`` or another call continues the sequence. With
+        ``rpb=`` it carries the bias history (``rpb_skip`` must then be ``(a, 0)``);
+        the N-d term (``rpb_tables=``) is not carried.
 
     Returns
     -------
@@ -451,7 +557,8 @@ def linear_attention(
     C = _validate.integer("chunk_size", chunk_size, minimum=1)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, **tables, **fmap._arrays())
+    carried = _initial_arguments(fmap, initial_state, causal, rpb, rpb_tables)  # initial_state
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, **tables, **fmap._arrays(), **carried)
     lead = _validate.attention_inputs(xp, q, k, v)
     out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     fmap._check_width(q.shape[-1], "q")
@@ -472,11 +579,24 @@ def linear_attention(
         out = xp.zeros(shape, dtype=work, device=device_of(v))
         final = xp.zeros((*shape[:-2], fk.shape[-1], v.shape[-1] + 1), dtype=work, device=device_of(v))
         if fmap.exponential:
-            offset = _neg_inf(xp, final)
+            offset = _neg_inf(xp, final[..., 0])
+        if initial_state is not None:  # nothing new: the state passes through
+            S0, offset0 = _carried(xp, fmap, initial_state, fk.shape[-1], v.shape[-1], out_lead, work)
+            final = final + S0
+            offset = None if offset0 is None else xp.maximum(offset, offset0)
     elif fmap.exponential:
         lq, lk = _log_features(xp, fmap, qw, kw, key_mask)
         if causal:
-            total, eps_rows, final, offset = _causal_exp(xp, lq, lk, _with_ones(xp, vw), min(C, Lq), eps)
+            v1, skipped = _with_ones(xp, vw), 0
+            if initial_state is not None:  # the state enters as F pseudo-keys before the chunk
+                S0, offset0 = _carried(xp, fmap, initial_state, lk.shape[-1], v.shape[-1], out_lead, work)
+                skipped = lk.shape[-1]
+                lq = _prepend(xp, xp.zeros((skipped, skipped), dtype=work, device=device_of(lq)), lq)
+                lk, v1 = _prepend(xp, _state_keys(xp, offset0), lk), _prepend(xp, S0, v1)
+            total, eps_rows, final, offset = _causal_exp(xp, lq, lk, v1, min(C, skipped + Lq), eps)
+            if skipped:
+                total = total[..., skipped:, :]
+                eps_rows = eps_rows if isinstance(eps_rows, float) else eps_rows[..., skipped:, :]
             num, den = total[..., :-1], total[..., -1:]
         else:
             num, den, eps_rows = _noncausal_exp(xp, lq, lk, vw, eps)
@@ -485,16 +605,23 @@ def linear_attention(
         fq, fk = _features(xp, fmap, qw, kw, key_mask)
         if causal:
             total, final = _causal(xp, fq, fk, _with_ones(xp, vw), min(C, Lq))
+            if initial_state is not None:  # y += phi(Q) [S0, z0], final += [S0, z0]
+                S0, _ = _carried(xp, fmap, initial_state, fk.shape[-1], v.shape[-1], out_lead, work)
+                total, final = total + xp.matmul(fq, S0), final + S0
             num, den = total[..., :-1], total[..., -1:]
         else:
             num, den = _noncausal(xp, fq, fk, vw)
         out = _normalise(xp, num, den, eps)
-    out = _add_bias(
-        xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
-    )
+    rpb_state = None
+    if rpb is not None and (initial_state is not None or return_state):  # the bias continues too
+        out, rpb_state = _add_bias_streaming(xp, out, vw, key_mask, rpb, rpb_skip, initial_state)
+    else:
+        out = _add_bias(
+            xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
+        )
     out = xp.astype(out, result, copy=False)
     if return_state:
-        return out, _state(xp, fmap, final, offset)
+        return out, _state(xp, fmap, final, offset)._replace(rpb=rpb_state)
     return out
 
 
@@ -506,6 +633,8 @@ def linear_attention_step(
     *,
     feature_map: FeatureMapLike = "elu",
     eps: float = 1e-6,
+    rpb: Array | None = None,
+    rpb_skip: tuple[int, int] | None = None,
 ) -> tuple[Array, LinearAttentionState]:
     r"""One decoding step of causal linear attention: O(F Dv) per token.
 
@@ -533,6 +662,15 @@ def linear_attention_step(
         compute dtype.
     feature_map, eps
         As in ``linear_attention``.
+    rpb : array, shape (..., 2M - 1), optional
+        FastRPB table: adds ``sum_{j <= t} w[M - 1 + t - j] v_j`` from the bias history
+        the state carries (``fastrpb.rpb_step``: amortised O(Dv log^2 t) per token,
+        O(M Dv) under ``jax.jit``), so stepping equals ``linear_attention(...,
+        causal=True, rpb=w)``. Pass it at every step of a sequence, or at none.
+    rpb_skip : (int, 0), optional
+        When the bias history starts (``state`` is None): the first ``a`` tokens
+        neither give nor receive the bias. Later steps take it from the state (a
+        value given must match it); ``b > 0`` is a ValueError while streaming.
 
     Returns
     -------
@@ -588,6 +726,8 @@ def linear_attention_step(
         S = xp.zeros((F, Dv), dtype=work, device=device_of(v_t))
         z = xp.zeros((F,), dtype=work, device=device_of(v_t))
         offset = _neg_inf(xp, z) if fmap.exponential else None
+    elif _fits(state, fmap, F, Dv, lead, work):  # a state this function made for these shapes
+        S, z, offset = state.S, state.z, state.offset
     else:
         S, z, offset = _check_state(xp, fmap, state, F, Dv, lead)
         S, z = _as(xp, S, work), _as(xp, z, work)
@@ -608,11 +748,32 @@ def linear_attention_step(
     # the result dtype on every call, a tenth of a PyTorch decoding step
     num = (fq[..., None, :] @ S)[..., 0, :]
     den = (fq[..., None, :] @ z[..., :, None])[..., 0, :] + eps
-    den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
-    out = _as(xp, num / den, result)
+    if not eps:  # with eps > 0 the denominator is >= eps wherever the numerator can be nonzero
+        den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
+    out = num / den
+    history = None
+    if rpb is not None or (state is not None and state.rpb is not None):
+        out, history = _step_bias(xp, out, state, vw, rpb, rpb_skip)
+    out = _as(xp, out, result)
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)
-    return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
+    return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature, rpb=history)
+
+
+def _step_bias(xp: Any, out: Any, state: LinearAttentionState | None, v_t: Any, w: Any, skip: Any) -> tuple[Any, Any]:
+    """``out + sum_{j <= t} w[M - 1 + t - j] v_j`` through ``rpb_step`` and the state's history."""
+    if w is None:
+        raise ValueError("state carries a FastRPB history (it was made with rpb=) but rpb is None; pass the same table")
+    if state is not None and state.rpb is None:
+        raise ValueError(
+            "state was made without rpb=, so it holds no bias history for the rpb= given; "
+            "pass rpb= from the start of the sequence (or start from state=None)"
+        )
+    try:
+        term, history = _bias.rpb_step(None if state is None else state.rpb, v_t, w, skip=skip)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
+    return out + _as(xp, term, out.dtype), history
 
 
 def _featureless_step(
@@ -632,28 +793,48 @@ def _featureless_step(
     return out, LinearAttentionState(S=S, z=z, offset=_neg_inf(xp, z) + z, feature_map=fmap.signature)
 
 
-def _check_state(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple) -> tuple:
+def _fits(state: LinearAttentionState, fmap: FeatureMap, F: int, Dv: int, lead: tuple, work: Any) -> bool:
+    """The cheap test a decoding step runs per token: the state has the map, the compute
+    dtype and exactly the shapes that this step would give it (as every state a step or
+    a call made for the same inputs has). Only a state that fails it goes through the
+    full check (``_check_state``), whose messages name what is wrong; library and
+    device are checked by the namespace either way."""
+    S, z, offset = state.S, state.z, state.offset
+    if state.feature_map != fmap.signature or S.dtype != work or z.dtype != work:
+        return False
+    shape = (*lead, F)
+    if tuple(z.shape) != shape or tuple(S.shape) != (*shape, Dv):
+        return False
+    if offset is None:
+        return not fmap.exponential
+    return fmap.exponential and offset.dtype == work and tuple(offset.shape) == shape
+
+
+def _check_state(
+    xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple,
+    *, name: str = "state", inputs: str = "q_t, k_t, v_t",
+) -> tuple:
     if state.feature_map != fmap.signature:
         raise ValueError(
-            f"state was made by feature map {state.feature_map!r} but feature_map is {fmap.signature!r}; "
+            f"{name} was made by feature map {state.feature_map!r} but feature_map is {fmap.signature!r}; "
             "continue a sequence with the map that started it"
         )
     S, z, offset = state.S, state.z, state.offset
-    for name, x in (("state.S", S), ("state.z", z)):
-        _validate.floating(xp, name, x)
+    for label, x in ((f"{name}.S", S), (f"{name}.z", z)):
+        _validate.floating(xp, label, x)
     if S.ndim < 2 or tuple(S.shape[-2:]) != (F, Dv):
         raise ValueError(
-            f"state.S must have shape (..., F, Dv) = (..., {F}, {Dv}) for these inputs, got shape {tuple(S.shape)}"
+            f"{name}.S must have shape (..., F, Dv) = (..., {F}, {Dv}) for these inputs, got shape {tuple(S.shape)}"
         )
     if tuple(z.shape) != tuple(S.shape[:-1]):
-        raise ValueError(f"state.z must have shape {tuple(S.shape[:-1])} (that of state.S without Dv), got {tuple(z.shape)}")
+        raise ValueError(f"{name}.z must have shape {tuple(S.shape[:-1])} (that of {name}.S without Dv), got {tuple(z.shape)}")
     if fmap.exponential:
         if offset is None or tuple(offset.shape) != tuple(z.shape):
             got = None if offset is None else tuple(offset.shape)
-            raise ValueError(f"state.offset must have shape {tuple(z.shape)} for feature map {fmap.signature!r}, got {got}")
+            raise ValueError(f"{name}.offset must have shape {tuple(z.shape)} for feature map {fmap.signature!r}, got {got}")
     elif offset is not None:
-        raise ValueError(f"state.offset must be None for feature map {fmap.signature!r}, got an array")
-    _validate.broadcast({"state": tuple(z.shape[:-1]), "q_t, k_t, v_t": lead})
+        raise ValueError(f"{name}.offset must be None for feature map {fmap.signature!r}, got an array")
+    _validate.broadcast({name: tuple(z.shape[:-1]), inputs: lead})
     return S, z, offset
 
 

@@ -152,9 +152,15 @@ class FastRPB(BiasLayer, nnx.Module):
     def _table(self) -> jax.Array:
         return _array(self.table)
 
-    def __call__(self, v: jax.Array) -> jax.Array:
-        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``."""
-        return self._bias_of(v)
+    def __call__(self, v: jax.Array, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``.
+
+        Causal tables stream: ``initial_state`` (a ``fastrpb.RPBState``) continues a
+        sequence and ``return_state=True`` returns ``(out, state)``, as
+        ``fastrpb.rpb``; ``step=True`` takes one token ``v: (..., heads, D)`` and
+        returns ``(out, state)`` by ``fastrpb.rpb_step`` (amortised O(D log^2 t)).
+        """
+        return self._bias_of(v, initial_state, return_state, step)
 
 
 class FastRPBnd(BiasNdLayer, nnx.Module):
@@ -337,6 +343,7 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         inputs_k: jax.Array | None = None,
         inputs_v: jax.Array | None = None,
         return_cache: bool = False,
+        cache: LayerCache | None = None,
     ) -> jax.Array | tuple[jax.Array, LayerCache]:
         """Attend from ``x: (..., Lq, d_model)`` over ``x`` or over ``inputs_k``/``inputs_v``.
 
@@ -355,19 +362,28 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         return_cache : bool
             Causal layers only: also return the `LayerCache` for `step`.
 
+        cache : LayerCache, optional
+            Causal self-attention only: continue the sequence this cache ends (from
+            ``return_cache=True`` or `step`), so a prompt is prefilled in chunks of
+            several tokens; with ``return_cache=True`` the new cache comes back.
+            Chunks that pass the cache along equal one causal pass, the FastRPB
+            term included (its history lives in the cache).
+
         Returns
         -------
         array, shape (..., Lq, d_model)
             Or ``(y, cache)`` with ``return_cache=True``.
         """
         key_mask, inputs_k, inputs_v = (None if a is None else jnp.asarray(a) for a in (key_mask, inputs_k, inputs_v))
-        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v)
+        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cache)
 
     def step(self, x_t: jax.Array, cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.
 
         Returns ``(y_t, cache)``; stepping reproduces the causal forward pass. With
-        FastRPB the cache also keeps the values, so its shape grows by one token per
-        step (under ``jit`` each length compiles once).
+        FastRPB the cache's state also holds the bias history (an ``RPBState``):
+        eagerly an online FFT convolution, amortised O(Dh log^2 t) per token; under
+        ``nnx.jit`` a fixed ``(..., max_len, Dh)`` buffer (O(max_len Dh) per token,
+        one compilation).
         """
         return self._decode(x_t, cache)

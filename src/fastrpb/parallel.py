@@ -61,6 +61,8 @@ from .attention import (
     _log_features,
     _noncausal_exp,
     _normalise,
+    _prepend,
+    _state_keys,
     _with_ones,
 )
 from .feature_maps import FeatureMapLike, resolve
@@ -292,29 +294,6 @@ def _merge(xp: Any, gathered: Any, visible: Any, exponential: bool) -> tuple[Any
     top = xp.max(c, axis=0)
     weight = xp.exp(c - _finite_or_zero(xp, top))  # 0 for a rank without keys
     return xp.sum(weight[..., None] * S, axis=0), top
-
-
-def _state_keys(xp: Any, offset: Any) -> Any:
-    """Log-features of ``F`` pseudo-keys that stand for a merged exponential state.
-
-    Pseudo-key ``f`` has log-feature ``offset_f`` at feature ``f`` and ``-inf`` (feature
-    0) elsewhere; with the state's rows ``S[f]`` as its value it adds exactly
-    ``sum_f exp(l(q)_f + offset_f) S[f]``, the state's contribution to a query. So the
-    single-device cores see one more (earlier, or for non-causal any) block of keys and
-    keep their offsets and their relative eps exact.
-    """
-    F = offset.shape[-1]
-    i = xp.arange(F, dtype=xp.int32, device=device_of(offset))
-    diagonal = i[:, None] == i[None, :]
-    return xp.where(diagonal, offset[..., None, :], xp.asarray(-math.inf, dtype=offset.dtype, device=device_of(offset)))
-
-
-def _prepend(xp: Any, first: Any, rest: Any) -> Any:
-    """``concat([first, rest], axis=-2)`` after broadcasting their leading dimensions."""
-    lead = _broadcast_lead(tuple(first.shape[:-2]), tuple(rest.shape[:-2]))
-    first = xp.broadcast_to(first, (*lead, *first.shape[-2:]))
-    rest = xp.broadcast_to(rest, (*lead, *rest.shape[-2:]))
-    return xp.concat([first, rest], axis=-2)
 
 
 # --------------------------------------------------------------------------- public

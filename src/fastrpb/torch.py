@@ -121,9 +121,15 @@ class FastRPB(BiasLayer, nn.Module):
     def _table(self) -> torch.Tensor:
         return self.table
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``."""
-        return self._bias_of(v)
+    def forward(self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``.
+
+        Causal tables stream: ``initial_state`` (a ``fastrpb.RPBState``) continues a
+        sequence and ``return_state=True`` returns ``(out, state)``, as
+        ``fastrpb.rpb``; ``step=True`` takes one token ``v: (..., heads, D)`` and
+        returns ``(out, state)`` by ``fastrpb.rpb_step`` (amortised O(D log^2 t)).
+        """
+        return self._bias_of(v, initial_state, return_state, step)
 
 
 class FastRPBnd(BiasNdLayer, nn.Module):
@@ -319,6 +325,7 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         inputs_k: torch.Tensor | None = None,
         inputs_v: torch.Tensor | None = None,
         return_cache: bool = False,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, LayerCache]:
         """Attend from ``x: (..., Lq, d_model)`` over ``x`` or over ``inputs_k``/``inputs_v``.
 
@@ -339,19 +346,27 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         return_cache : bool
             Causal layers only: also return the `LayerCache` to continue with `step`.
 
+        cache : LayerCache, optional
+            Causal self-attention only: continue the sequence this cache ends (from
+            ``return_cache=True`` or `step`), so a prompt is prefilled in chunks of
+            several tokens; with ``return_cache=True`` the new cache comes back.
+            Chunks that pass the cache along equal one causal pass, the FastRPB
+            term included (its history lives in the cache).
+
         Returns
         -------
         Tensor, shape (..., Lq, d_model)
             Or ``(y, cache)`` with ``return_cache=True``.
         """
-        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v)
+        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cache)
 
     def step(self, x_t: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.
 
         Returns ``(y_t, cache)``. Stepping token by token reproduces the causal
-        forward pass. Without FastRPB the cache has a fixed size; with it the cache
-        also keeps the values (the bias of a new token weighs every earlier value).
+        forward pass. Without FastRPB the cache has a fixed size; with it the cache's
+        state also holds the bias history, an ``RPBState`` of at most O(max_len Dh)
+        numbers per head, and a step costs amortised O(Dh log^2 t) for the bias.
         """
         return self._decode(x_t, cache)
 
