@@ -314,6 +314,7 @@ class AttentionLayer:
                 values = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
             if stream:  # the bias continues from (and returns) its history
                 term, history = self.rpb(values, initial_state=None if previous is None else previous.rpb, return_state=True)
+                assert state is not None  # stream: linear_attention returned a state
                 state = state._replace(rpb=history)
             else:
                 term = self.rpb(values)

@@ -653,7 +653,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         q = self._split(xp, F.linear(query, self.q_proj_weight, bq))
         k = self._split(xp, F.linear(key, self.k_proj_weight, bk))
         v = self._split(xp, F.linear(value, self.v_proj_weight, bv))
-        out, _, _ = self._heads(xp, q, k, v, None if keep is None else keep[:, None, :], causal, False)
+        out, _ = self._heads(xp, q, k, v, None if keep is None else keep[:, None, :], causal, False)
         out = F.dropout(self._merge(xp, out), p=self.dropout, training=self.training)
         y = self.out_proj(out)
         if not batched:
