@@ -140,6 +140,17 @@ def worker(rank: int, world: int, port: int) -> None:
         dist.barrier()  # no rank tears gloo down while another still uses it
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter shutdown. destroy_process_group does not always end
+    # gloo's worker threads (something in torch can still hold the backend, e.g. tensors
+    # from its collectives), and one of them that is still freeing a finished
+    # collective's Python-owned tensors when the interpreter shuts down needs the GIL,
+    # is made to exit by Python, and aborts the process: "terminate called without an
+    # active exception", SIGABRT (flaky, under load; seen in a core dump as
+    # ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> take_gil during Py_FinalizeEx).
+    # All checks are done and the group is destroyed; exit code 0 tells mp.spawn so.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def check(name, got, want, rtol=RTOL):

@@ -889,6 +889,13 @@ def worker(rank, world, port, out):
     if rank == 0:
         torch.save(full, out)
     dist.destroy_process_group()
+    # Leave without interpreter shutdown: gloo worker threads that outlive
+    # destroy_process_group (the sharded model can still hold the group) and free a collective's
+    # Python-owned tensors during shutdown need the GIL, are made to exit, and abort
+    # the process (flaky SIGABRT, "terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -169,10 +169,19 @@ class _TorchGroup(Communicator):
         import torch
         from torch.distributed.nn import functional as dnn
 
-        # the autograd-aware collective: its backward sends the gradients back
+        self._group()  # the check only: see below for why the object is not passed
+        # The autograd-aware collective: its backward sends the gradients back. It
+        # keeps its group argument in the autograd graph (ctx.group) until the graph
+        # is freed, so it gets self.group as given: None (the default group) is looked
+        # up again by the backward. Passing the default ProcessGroup object would pin
+        # it: destroy_process_group would then leave gloo's worker threads running
+        # until the graph is collected, possibly during interpreter shutdown, when a
+        # worker thread that frees a finished collective's Python-owned tensors
+        # needs the GIL, is made to exit by Python and aborts the process
+        # ("terminate called without an active exception", SIGABRT).
         parts = [p.contiguous() for p in torch.unbind(x, 0)]
         out = [torch.empty_like(p) for p in parts]
-        return torch.stack(dnn.all_to_all(out, parts, group=self._group()))
+        return torch.stack(dnn.all_to_all(out, parts, group=self.group))
 
 
 def jax_axis(name: Any) -> Communicator:
@@ -195,6 +204,8 @@ def torch_group(group: Any = None) -> Communicator:
     ``P`` views of the same array), which carries gradients back to the ranks that
     sent the data; every rank must call the same
     functions with arrays of the same shapes, in the same order (forward and backward).
+    The autograd graph keeps a ``group`` given here (not the default group, which it
+    looks up when needed): drop the graphs (the outputs) before destroying that group.
     """
     return _TorchGroup(group)
 
