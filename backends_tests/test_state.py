@@ -5,12 +5,18 @@ against dense float64 oracles on every backend."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
 import oracles
+import pytest
 from backends import assert_array, assert_close, check_gradients
+
+from fastrpb import (
+    LinearAttentionState,
+    RPBState,
+    linear_attention,
+    linear_attention_step,
+    random_projection,
+)
 from fastrpb import feature_maps as fm
-from fastrpb import LinearAttentionState, RPBState, linear_attention, linear_attention_step, random_projection
 
 MAPS = ["elu", "relu", "sikf", "dpfp", "favor", "rff", "taylor", "hedgehog", "callable"]
 EXPONENTIAL = {"sikf", "favor"}
@@ -98,7 +104,7 @@ def test_pieces_equal_one_call(backend, rng, name, precision, bias, mask, chunk)
     (q, k, v), (qn, kn, vn), km = _data(backend, rng, precision, mask=mask)
     fmap, formula = _map(backend, name)
     wn = rng.standard_normal((2 * M - 1,)) / 4 if bias else None
-    kw = dict(feature_map=fmap, chunk_size=chunk, key_mask=None if km is None else backend.asarray(km, None))
+    kw = {"feature_map": fmap, "chunk_size": chunk, "key_mask": None if km is None else backend.asarray(km, None)}
     if bias:
         kw["rpb"] = backend.asarray(wn, precision)
     expected = _oracle(name, formula, qn, kn, vn, key_mask=km, wn=wn)
@@ -106,7 +112,7 @@ def test_pieces_equal_one_call(backend, rng, name, precision, bias, mask, chunk)
     assert_close(backend, got, expected, precision)
     S, z = _state_oracle(name, formula, kn, vn, km)
     gS, gz = _unoffset(backend, state)
-    tol = dict(rtol=1e-9, atol=1e-9) if precision == "float64" else dict(rtol=1e-4, atol=1e-4)
+    tol = {"rtol": 1e-9, "atol": 1e-9} if precision == "float64" else {"rtol": 1e-4, "atol": 1e-4}
     np.testing.assert_allclose(gS, S, atol=tol["atol"] * max(1.0, np.abs(S).max()), rtol=tol["rtol"])
     np.testing.assert_allclose(gz, z, atol=tol["atol"] * max(1.0, np.abs(z).max()), rtol=tol["rtol"])
     assert_array(backend, state.S, precision)
@@ -186,10 +192,9 @@ def test_pieces_under_jit(backend, rng, name, bias):
     formula = oracles.elu1 if name == "elu" else (lambda x: x)
 
     def whole(q, k, v, w):
-        out, state = _run_pieces(backend, q, k, v, [(0, 1), (1, 4), (4, 4), (4, 9)], feature_map=name, chunk_size=2, rpb=w)
-        return out, state
+        return _run_pieces(backend, q, k, v, [(0, 1), (1, 4), (4, 4), (4, 9)], feature_map=name, chunk_size=2, rpb=w)
 
-    got, state = backend.jit(whole)(q, k, v, w)
+    got, _ = backend.jit(whole)(q, k, v, w)
     assert_close(backend, got, _oracle(name, formula, qn, kn, vn, wn=wn), "float64")
     # a state crossing into a jitted call and back
     part = backend.jit(lambda s, q, k, v, w: linear_attention(q, k, v, feature_map=name, causal=True, rpb=w,

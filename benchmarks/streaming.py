@@ -31,6 +31,7 @@ fastrpb, torch and, for the plot, matplotlib.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -67,9 +68,16 @@ def measure(t: int, *, span: int, old_steps: int, rounds: int, seed: int = 0) ->
     k = torch.tensor(rng.standard_normal((HEADS, total, FEATURES)), dtype=torch.float32)
 
     with torch.no_grad():
-        _, prefix = fastrpb.rpb(v[:, :t], w, causal=True, return_state=True)
+        # the prefix by one chunk of t - 1 tokens and one step: the first step after a
+        # chunk builds the online levels once (one FFT per level), which the per-token
+        # times below must not count t / span times over
+        _, prefix = fastrpb.rpb(v[:, : t - 1], w, causal=True, return_state=True)
+        _, prefix = fastrpb.rpb_step(prefix, v[:, t - 1], w)
         _, attn_state = fastrpb.linear_attention(q[:, :t], k[:, :t], v[:, :t], causal=True, return_state=True)
-        _, both_state = fastrpb.linear_attention(q[:, :t], k[:, :t], v[:, :t], causal=True, rpb=w, return_state=True)
+        _, both_state = fastrpb.linear_attention(
+            q[:, : t - 1], k[:, : t - 1], v[:, : t - 1], causal=True, rpb=w, return_state=True
+        )
+        _, both_state = fastrpb.linear_attention_step(both_state, q[:, t - 1], k[:, t - 1], v[:, t - 1], rpb=w)
 
         def new_run() -> Any:
             state = prefix
@@ -135,7 +143,7 @@ def prefill(L: int, pieces: int, *, rounds: int, seed: int = 0) -> dict[str, flo
 
     def split() -> None:
         state = None
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             _, state = fastrpb.linear_attention(
                 q[:, a:b], k[:, a:b], v[:, a:b], causal=True, rpb=w, initial_state=state, return_state=True
             )

@@ -72,9 +72,11 @@ class RPBState(NamedTuple):
     history, the pending level contributions, two windows): O(M D), fixed by the
     table's ``M`` and never more.
 
-    Fixed layout (inside ``jax.jit``; ``length`` is None): ``buffer`` is the
-    ``(..., M, D)`` array of all biased values (zeros ahead), ``count`` a 0-d int32
-    array of the tokens seen; ``M D`` numbers per leading index.
+    Fixed layout (inside ``jax.jit``, and after a chunk, ``rpb(..., return_state=True)``;
+    ``length`` is None): ``buffer`` is the ``(..., M, D)`` array of all biased values
+    (zeros ahead), ``count`` a 0-d int32 array of the tokens seen; ``M D`` numbers per
+    leading index. Eagerly, the first ``rpb_step`` after a chunk turns it into the
+    online layout (one FFT per level, once); a chunk after a chunk reads the buffer.
 
     Static fields (JAX aux data, not leaves): ``length`` (tokens seen, online layout),
     ``skip`` (the ``a`` of ``skip=(a, 0)``) and ``table_length`` (``M`` of the table
@@ -428,14 +430,27 @@ def extend(
     v = xp.broadcast_to(v, (*lead, L, D))
     if fixed:
         return _extend_fixed(xp, _to_fixed(xp, state, work), v, w, work, toeplitz)
-    state = _to_online(xp, state, w, work)
-    length = _length(state)
+    if state.length is None:  # the fixed layout, eagerly: its buffer is the history
+        length = int(state.count)
+        hist = xp.astype(state.buffer[..., : max(0, length - a), :], work, copy=False)
+    else:
+        length = _length(state)
+        hist = _history(xp, state, work)
     skipped = min(L, max(0, a - length))  # tokens of this chunk still inside skip
-    hist = _history(xp, state, work)
     biased = v[..., skipped:, :]
     t_old = hist.shape[-2]
     full = xp.concat([hist, biased], axis=-2) if t_old else biased
     out = toeplitz(xp, full, w, causal=True)[..., t_old:, :] if full.shape[-2] else full
     if skipped:
         out = xp.concat([_zeros(xp, (*lead, skipped, D), full), out], axis=-2)
-    return out, _rebuild(xp, full, w, length=length + L, a=a)
+    # The history in the fixed layout, not the online one: rebuilding the online levels
+    # costs one FFT per level (about 1.5 causal FFTs of the whole history), which a
+    # following chunk would throw away; the first rpb_step rebuilds them once.
+    pad = _zeros(xp, (*lead, M - full.shape[-2], D), full)
+    return out, _make(
+        xp,
+        buffer=xp.concat([full, pad], axis=-2) if M > full.shape[-2] else full,
+        count=xp.asarray(length + L, dtype=xp.int32, device=device_of(full)),
+        skip=a,
+        table_length=M,
+    )
