@@ -129,7 +129,7 @@ def _check_version(xp: Any) -> None:
 
 
 def _check_devices(given: dict[str, Any]) -> None:
-    devices = {name: device_of(x) for name, x in given.items()}
+    devices = {name: _placement(x) for name, x in given.items()}
     # Under jax.jit the device of a tracer is unknown (None); there is nothing to compare.
     known = {name: d for name, d in devices.items() if d is not None}
     first = next(iter(known.items()), None)
@@ -143,8 +143,34 @@ def _check_devices(given: dict[str, Any]) -> None:
 
 
 def device_of(x: Any) -> Any:
-    """The device of ``x`` (``None`` for a JAX tracer inside ``jit``)."""
-    return array_api_compat.device(x)
+    """The device on which to create arrays beside ``x`` (``None``: the library decides).
+
+    ``None`` for a JAX tracer inside ``jit`` and for a JAX array spread over several
+    devices: array_api_compat gives its ``Sharding`` there, which
+    ``jnp.zeros(shape, device=sharding)`` cannot take for another rank (an
+    ``IndexError``); an array created without a device is uncommitted and JAX
+    places it beside the sharded operands of the next operation.
+    """
+    d = array_api_compat.device(x)
+    if d is not None and hasattr(d, "device_set") and len(d.device_set) > 1:
+        return None
+    return d
+
+
+def _placement(x: Any) -> Any:
+    """What must agree between arrays for them to meet in one call.
+
+    A device; for a JAX array spread over several devices, the set of those devices:
+    arrays on the same devices are compatible whatever their sharding (a table
+    replicated on all devices beside values sharded over the batch is the usual data
+    parallel layout; JAX reshards as the operations need), arrays on different sets of
+    devices are not (JAX would refuse to combine them).
+    """
+    d = array_api_compat.device(x)
+    if d is not None and hasattr(d, "device_set"):
+        devices = d.device_set
+        return next(iter(devices)) if len(devices) == 1 else frozenset(devices)
+    return d
 
 
 def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
@@ -253,6 +279,8 @@ def rfft(xp: Any, x: Any, *, n: int, axis: int = -1) -> Any:
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.rfft(x, n=n, axis=axis, workers=-1)
+    if _jax_partitioned(xp, x) and axis in (-1, x.ndim - 1):
+        return _jax_fft("rfft", (n,), x)
     return fft_namespace(xp).rfft(x, n=n, axis=axis)
 
 
@@ -266,6 +294,8 @@ def irfft(xp: Any, x: Any, *, n: int, axis: int = -1, consume: bool = False) -> 
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.irfft(x, n=n, axis=axis, workers=-1, overwrite_x=consume)
+    if _jax_partitioned(xp, x) and axis in (-1, x.ndim - 1):
+        return _jax_fft("irfft", (n,), x)
     return fft_namespace(xp).irfft(x, n=n, axis=axis)
 
 
@@ -278,6 +308,8 @@ def rfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...]) -> Any:
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.rfftn(x, s=s, axes=axes, workers=-1)
+    if _jax_partitioned(xp, x) and _trailing(axes, x.ndim):
+        return _jax_fft("rfftn", tuple(s), x)
     return fft_namespace(xp).rfftn(x, s=s, axes=axes)
 
 
@@ -286,7 +318,143 @@ def irfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...], consum
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.irfftn(x, s=s, axes=axes, workers=-1, overwrite_x=consume)
+    if _jax_partitioned(xp, x) and _trailing(axes, x.ndim):
+        return _jax_fft("irfftn", tuple(s), x)
     return fft_namespace(xp).irfftn(x, s=s, axes=axes)
+
+
+# --------------------------------------------------------------------------- JAX: FFTs that XLA cannot partition
+# XLA's SPMD partitioner does not partition FFTs (jax#15680): under ``jax.jit`` with
+# values sharded over a leading axis (batch, heads) it all-gathers the whole array
+# onto every device and transforms every example everywhere (measured: an
+# ``all-gather f32[8,4,32,512]`` for values sharded over a batch of 8), and with the
+# heads axis sharded the gathered, transposed layout reaches the CPU FFT thunk, which
+# aborts at run time (``RET_CHECK ... fft_thunk.cc:168 IsMonotonicWithDim0Major``).
+# But fastrpb's FFTs transform only trailing axes, independently for every leading
+# index, so each device can transform its own shard: ``custom_partitioning`` tells the
+# partitioner exactly that (leading axes keep their sharding, the transformed axes are
+# replicated). The primitive has no autodiff or batching rules, so it is wrapped in a
+# ``custom_vjp`` (an FFT is linear: its VJP is the linear transpose, partitioned the
+# same way) and a ``custom_vmap`` (a vmapped axis is one more leading axis).
+# ``custom_partitioning`` lowers to the plain FFT on one device or inside
+# ``shard_map``; it is used only when JAX has more than one device or ``x`` is
+# spread over several, so single-device programs are unchanged. (Forward-mode
+# autodiff, ``jax.jvp``/``jacfwd``, of the FFT then is unavailable, as for any
+# ``custom_vjp``.)
+
+
+def _jax_partitioned(xp: Any, x: Any) -> bool:
+    """Whether a JAX FFT of ``x`` should go through the leading-axis partitioning."""
+    if not array_api_compat.is_jax_namespace(xp):
+        return False
+    import jax  # already imported: xp is jax.numpy
+
+    if _JAX_DEVICES[0] is None:
+        _JAX_DEVICES[0] = jax.device_count()
+    return _JAX_DEVICES[0] > 1
+
+
+_JAX_DEVICES: list[Any] = [None]
+
+
+def _trailing(axes: Any, ndim: int) -> bool:
+    """``axes`` are the last ``len(axes)`` axes, in order."""
+    k = len(axes)
+    return [a % ndim for a in axes] == list(range(ndim - k, ndim))
+
+
+def _jax_fft(kind: str, sizes: tuple[int, ...], x: Any) -> Any:
+    """``jnp.fft.<kind>`` over the last ``len(sizes)`` axes, partitioned over the leading ones."""
+    key = (kind, sizes, tuple(x.shape[x.ndim - len(sizes) :]), str(x.dtype))
+    f = _JAX_FFTS.get(key)
+    if f is None:
+        f = _JAX_FFTS.setdefault(key, _jax_partitioned_fft(kind, sizes, key[2], x.dtype))
+    return f(x)
+
+
+# (kind, sizes, the input's trailing shape, its dtype) -> the partitioned transform
+_JAX_FFTS: dict[tuple, Any] = {}
+
+
+def _jax_partitioned_fft(kind: str, sizes: tuple[int, ...], trailing: tuple[int, ...], dtype: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    k = len(sizes)
+    axes = tuple(range(-k, 0))
+    transform = getattr(jnp.fft, kind)
+
+    def forward(x: Any) -> Any:
+        if k == 1:
+            return transform(x, n=sizes[0], axis=-1)
+        return transform(x, s=sizes, axes=axes)
+
+    def backward(ct: Any) -> Any:
+        # an FFT is linear: its VJP is its linear transpose, for the input's shape
+        (out,) = jax.linear_transpose(forward, jax.ShapeDtypeStruct((*ct.shape[:-k], *trailing), dtype))(ct)
+        return out
+
+    fwd_local = _leading_partitioned(forward, k)
+    bwd_local = _leading_partitioned(backward, k)
+
+    @jax.custom_vjp
+    def fft(x: Any) -> Any:
+        return fwd_local(x)
+
+    def fft_fwd(x: Any) -> tuple[Any, None]:
+        return fwd_local(x), None
+
+    def fft_bwd(_: None, ct: Any) -> tuple[Any]:
+        return (bwd_local(ct),)
+
+    fft.defvjp(fft_fwd, fft_bwd)
+    return fft
+
+
+def _leading_partitioned(local: Any, k: int) -> Any:
+    """``local`` (independent over all but the last ``k`` axes) as a partitioned JAX op.
+
+    The leading axes keep the input's sharding; the last ``k`` axes are replicated
+    (gathered, if the caller sharded them, before ``local`` runs on each shard).
+    """
+    import jax
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as Spec
+
+    op = custom_partitioning(local)
+
+    def lead_sharding(mesh: Any, sharding: Any, ndim: int) -> Any:
+        spec = tuple(getattr(sharding, "spec", ())) + (None,) * ndim
+        return NamedSharding(mesh, Spec(*spec[: ndim - k], *([None] * k)))
+
+    def infer(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+        return lead_sharding(mesh, arg_shapes[0].sharding, len(arg_shapes[0].shape))
+
+    def partition(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+        sharding = lead_sharding(mesh, arg_shapes[0].sharding, len(arg_shapes[0].shape))
+        return mesh, local, sharding, (sharding,)
+
+    ins = " ".join(f"i{j}" for j in range(k))
+    outs = " ".join(f"o{j}" for j in range(k))
+    factors = tuple(f"i{j}" for j in range(k)) + tuple(f"o{j}" for j in range(k))
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=f"... {ins} -> ... {outs}",
+        need_replication_factors=factors,
+    )
+
+    @jax.custom_batching.custom_vmap
+    def apply(x: Any) -> Any:
+        return op(x)
+
+    @apply.def_vmap
+    def _batched(axis_size: int, in_batched: Any, x: Any) -> Any:
+        # the vmapped axis is one more leading axis (custom_vmap puts it first)
+        return apply(x), True
+
+    return apply
 
 
 def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False) -> Any:
