@@ -40,3 +40,68 @@ def test_jax_sharded_jit_keeps_the_work_local():
     assert proc.stdout.rstrip().endswith("OK"), proc.stdout
     for layout in ("batch", "heads", "batch+heads"):
         assert f"{layout}: eager calls equal" in proc.stdout
+
+
+# --------------------------------------------------------------------------- Dask
+def _centre(w, M):
+    """The central ``2 M - 1`` entries of a table (offsets -(M-1) .. M-1)."""
+    mid = (w.shape[-1] - 1) // 2
+    return w[..., mid - M + 1 : mid + M]
+
+
+def _dask_cases():
+    import fastrpb
+
+    def la(fmap, causal):
+        return lambda v, w: fastrpb.linear_attention(v, v * 0.5, v, feature_map=fmap, causal=causal, rpb=w, chunk_size=16)
+
+    def la_oracle(fmap, causal):
+        def oracle(v, w):
+            if fmap == "elu":
+                out = oracles.kernel_attention(oracles.elu1(v), oracles.elu1(v * 0.5), v, causal=causal, eps=1e-6)
+            else:
+                out = oracles.exp_kernel_attention(v, v * 0.5, v, causal=causal, eps=1e-6)
+            return out + oracles.rpb(v, w, causal=causal)
+
+        return oracle
+
+    cases = {
+        "rpb": (lambda v, w: fastrpb.rpb(v, w, skip=(1, 1)), lambda v, w: oracles.rpb(v, w, skip=(1, 1))),
+        "rpb causal": (lambda v, w: fastrpb.rpb(v, w, causal=True), lambda v, w: oracles.rpb(v, w, causal=True)),
+    }
+    for causal in (False, True):
+        cases[f"rpb_nd causal={causal}"] = (
+            lambda v, w, c=causal: fastrpb.rpb_nd(v, [_centre(w, 16), w], (16, v.shape[-2] // 16), causal=c),
+            lambda v, w, c=causal: oracles.rpb_nd(v, [_centre(w, 16), w], (16, v.shape[-2] // 16), causal=c),
+        )
+        for fmap in ("elu", "sikf"):
+            cases[f"linear_attention {fmap} causal={causal} rpb="] = (la(fmap, causal), la_oracle(fmap, causal))
+        cases[f"softmax_attention causal={causal}"] = (
+            lambda v, w, c=causal: fastrpb.softmax_attention(v, v, v, causal=c),
+            lambda v, w, c=causal: oracles.softmax_attention(v, v, v, causal=c),
+        )
+    return cases
+
+
+@pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
+@pytest.mark.parametrize("case", sorted(_dask_cases()))
+def test_dask_lazy_equal_and_graph_independent_of_length(case):
+    da = pytest.importorskip("dask.array")
+    f, oracle = _dask_cases()[case]
+    rng = np.random.default_rng(7)
+    B, H, D = 2, 2, 4
+    sizes = {}
+    for L in (1024, 4096, 64):
+        v = rng.standard_normal((B, H, L, D))
+        # per-head table, M = L
+        w = rng.standard_normal((H, 2 * L - 1)) * 0.1
+        dv = da.from_array(v, chunks=(1, 1, L, D))  # chunked along the leading axes only
+        dw = da.from_array(w, chunks=(1, 2 * L - 1))
+        out = f(dv, dw)
+        assert isinstance(out, da.Array), type(out)
+        sizes[L] = len(out.__dask_graph__())
+    assert sizes[1024] == sizes[4096], sizes
+    got = out.compute()
+    want = oracle(v, w)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, float(np.max(np.abs(want)))))

@@ -276,6 +276,7 @@ def rfft(xp: Any, x: Any, *, n: int, axis: int = -1) -> Any:
     Native fast path: NumPy arrays go to ``scipy.fft`` with all CPU workers (see
     above); every other library uses its array API FFT extension.
     """
+    x = _dask_whole(xp, x, axis)
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.rfft(x, n=n, axis=axis, workers=-1)
@@ -291,6 +292,7 @@ def irfft(xp: Any, x: Any, *, n: int, axis: int = -1, consume: bool = False) -> 
     native path may overwrite it (SciPy's ``overwrite_x``: one copy fewer, which
     matters for the O(L) memory bound of FastRPB).
     """
+    x = _dask_whole(xp, x, axis)
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.irfft(x, n=n, axis=axis, workers=-1, overwrite_x=consume)
@@ -305,6 +307,7 @@ def rfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...]) -> Any:
     Same native fast path as ``rfft``: NumPy arrays go to ``scipy.fft`` with all CPU
     workers; every other library uses its array API FFT extension.
     """
+    x = _dask_whole(xp, x, axes)
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.rfftn(x, s=s, axes=axes, workers=-1)
@@ -315,12 +318,31 @@ def rfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...]) -> Any:
 
 def irfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...], consume: bool = False) -> Any:
     """Inverse N-d real FFT of sizes ``s`` over ``axes``; ``consume`` as in ``irfft``."""
+    x = _dask_whole(xp, x, axes)
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.irfftn(x, s=s, axes=axes, workers=-1, overwrite_x=consume)
     if _jax_partitioned(xp, x) and _trailing(axes, x.ndim):
         return _jax_fft("irfftn", tuple(s), x)
     return fft_namespace(xp).irfftn(x, s=s, axes=axes)
+
+
+def _dask_whole(xp: Any, x: Any, axes: Any) -> Any:
+    """A Dask array in one chunk along ``axes`` (an int or a tuple), for an FFT there.
+
+    Dask transforms only along an axis held in a single chunk ("Dask array only
+    supports taking an FFT along an axis that has a single chunk"), and fastrpb's
+    kernels and padded values are concatenated from several pieces (the non-negative
+    offsets, zeros, the negative offsets): rechunk them whole along the transformed
+    axes. The leading axes keep their chunks, so the graph still has one task per
+    leading chunk, whatever ``L``. Every other library: ``x`` unchanged.
+    """
+    if not array_api_compat.is_dask_namespace(xp):
+        return x
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    if all(len(x.chunks[a]) == 1 for a in axes):
+        return x
+    return x.rechunk({a % x.ndim: -1 for a in axes})
 
 
 # --------------------------------------------------------------------------- JAX: FFTs that XLA cannot partition
@@ -586,11 +608,63 @@ def cumulative_max(xp: Any, x: Any, axis: int) -> Any:
     (2026-11-30), so every library uses the doubling. (A lazy library such as Dask
     would rather have a native scan: the doubling adds ``log2 n`` graph layers.)
     """
+    if array_api_compat.is_dask_namespace(xp):
+        # Dask: the doubling's shifted slices and concats split the axis into ever more
+        # chunks (L = 1,024 gave one task per token, 26,213 in all); one native
+        # running maximum per block, on the axis held whole, keeps one task per block.
+        whole = _dask_whole(xp, x, axis)
+        return whole.map_blocks(_running_max_block, axis=axis % x.ndim, dtype=x.dtype)
     s = 1
     while s < x.shape[axis]:
         x = xp.maximum(x, shift(xp, x, s, axis, -math.inf))
         s *= 2
     return x
+
+
+def rescaled_scan(xp: Any, X: Any, R: Any, R_safe: Any) -> Any:
+    """``X_n <- sum_{m <= n} exp(R_m - R_n) X_m`` along the chunk axis (-3 of ``X``, -2 of ``R``).
+
+    The rescaled prefix sum of causal linear attention with an exponential feature map
+    (``attention._causal_exp``): ``X (..., N, F, Dv + 1)`` holds chunk states, chunk
+    ``n`` in the frame of ``R (..., N, F)``, the running maximum of the key
+    log-features (``R_safe``: ``R`` with ``-inf`` as 0). Portable version: a doubling
+    scan, ``log2 N`` passes of shifted products, every factor ``<= 1``.
+
+    Dask: the doubling's shifts split the chunk axis into ever more chunks, and its
+    ``log2 N`` passes make the graph grow with ``L``; the same scan runs instead once
+    per block (the chunk, feature and value axes held whole, the leading axes keep
+    their chunks), on the block's own arrays: one task per leading chunk.
+    """
+    if array_api_compat.is_dask_namespace(xp):
+        X = _dask_whole(xp, X, (-3, -2, -1))
+        R3 = _dask_whole(xp, R[..., None], (-3, -2, -1))
+        S3 = _dask_whole(xp, R_safe[..., None], (-3, -2, -1))
+
+        def block(x: Any, r: Any, r_safe: Any) -> Any:
+            bxp = array_api_compat.array_namespace(x)
+            return rescaled_scan(bxp, x, r[..., 0], r_safe[..., 0])
+
+        return _dask_map(block, X, R3, S3)
+    s = 1
+    while s < X.shape[-3]:
+        decay = xp.exp(shift(xp, R, s, -2, -math.inf) - R_safe)
+        X = X + decay[..., None] * shift(xp, X, s, -3, 0.0)
+        s *= 2
+    return X
+
+
+def _dask_map(fn: Any, *arrays: Any) -> Any:
+    import dask.array as da  # already imported: the arrays are Dask arrays
+
+    return da.map_blocks(fn, *arrays, dtype=arrays[0].dtype)
+
+
+def _running_max_block(block: Any, axis: int) -> Any:
+    """The running maximum of one Dask block (a NumPy array, or any array API array)."""
+    if isinstance(block, np.ndarray):
+        return np.maximum.accumulate(block, axis=axis)
+    bxp = array_api_compat.array_namespace(block)
+    return cumulative_max(bxp, block, axis - block.ndim)
 
 
 # --------------------------------------------------------------------------- JAX pytrees
