@@ -105,3 +105,64 @@ def test_dask_lazy_equal_and_graph_independent_of_length(case):
     want = oracle(v, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, float(np.max(np.abs(want)))))
+
+
+# --------------------------------------------------------------------------- torch.compile
+def _torch_cases():
+    import torch
+
+    import fastrpb
+    import fastrpb.torch as ft
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 16, dtype=torch.float64)
+    w = torch.randn(4, 2 * 24 - 1, dtype=torch.float64) * 0.1
+    q, k, v = (torch.randn(2, 4, 24, 8, dtype=torch.float64) for _ in range(3))
+    mla = ft.MultiheadLinearAttention(16, 4, rpb=ft.FastRPB(4, 24, causal=True, dtype=torch.float64), causal=True, dtype=torch.float64)
+    lmha = ft.LinearMultiheadAttention(16, 4, batch_first=True, feature_map="elu", dtype=torch.float64)
+    return {
+        "linear_attention elu": (lambda: fastrpb.linear_attention(q, k, v), lambda: oracles.kernel_attention(
+            oracles.elu1(q.numpy()), oracles.elu1(k.numpy()), v.numpy(), eps=1e-6)),
+        "linear_attention sikf causal rpb=": (
+            lambda: fastrpb.linear_attention(q, k, v, feature_map="sikf", causal=True, rpb=w, chunk_size=8),
+            lambda: oracles.exp_kernel_attention(q.numpy(), k.numpy(), v.numpy(), causal=True, eps=1e-6)
+            + oracles.rpb(v.numpy(), w.numpy(), causal=True),
+        ),
+        "softmax_attention causal": (lambda: fastrpb.softmax_attention(q, k, v, causal=True),
+                                     lambda: oracles.softmax_attention(q.numpy(), k.numpy(), v.numpy(), causal=True)),
+        "rpb": (lambda: fastrpb.rpb(v, w, skip=(1, 0)), lambda: oracles.rpb(v.numpy(), w.numpy(), skip=(1, 0))),
+        "rpb causal": (lambda: fastrpb.rpb(v, w, causal=True), lambda: oracles.rpb(v.numpy(), w.numpy(), causal=True)),
+        "MultiheadLinearAttention": (lambda: mla(x), None),
+        "LinearMultiheadAttention": (lambda: lmha(x, x, x)[0], None),
+    }
+
+
+@pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
+@pytest.mark.parametrize("backend_name", ["eager", "aot_eager"])
+def test_torch_compile_fullgraph_without_warnings(backend_name, recwarn):
+    torch = pytest.importorskip("torch")
+    cases = _torch_cases()
+    for name, (f, oracle) in cases.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend=backend_name)
+        got = compiled()
+        want = f() if oracle is None else torch.as_tensor(oracle())
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-9, atol=1e-9, msg=name)
+        if oracle is not None:  # and the uncompiled call, for the layers the reference
+            torch.testing.assert_close(got, f(), rtol=1e-9, atol=1e-9, msg=name)
+    messages = [str(w.message) for w in recwarn.list]
+    assert not messages, messages
+
+
+@pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
+def test_torch_compile_inductor_rpb_and_attention(recwarn):
+    torch = pytest.importorskip("torch")
+    cases = _torch_cases()
+    for name in ("rpb causal", "linear_attention elu"):
+        f, oracle = cases[name]
+        torch._dynamo.reset()
+        got = torch.compile(f, fullgraph=True, backend="inductor")()
+        torch.testing.assert_close(got, torch.as_tensor(oracle()), rtol=1e-9, atol=1e-9, msg=name)
+    # (Inductor itself warns about its own use of torch.jit.script_method: not ours)
+    ours = [str(w.message) for w in recwarn.list if "lru_cache" in str(w.message) or "fastrpb" in str(w.filename)]
+    assert not ours, ours

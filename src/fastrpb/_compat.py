@@ -74,7 +74,7 @@ def namespace(**arrays: Any) -> Any:
         if xp is not None:
             if kind is np.ndarray:
                 return xp
-            if array_api_compat.is_torch_namespace(xp):
+            if _is(xp, "torch"):
                 # a tensor's device is an attribute; array_api_compat.device() runs a
                 # chain of type checks first
                 first = next(iter(given.values())).device
@@ -83,6 +83,15 @@ def namespace(**arrays: Any) -> Any:
                 return xp
             _check_devices(given)
             return xp
+    if given:
+        # PyTorch tensors of several types (a Parameter beside a Tensor) or a type not
+        # seen yet: no array_api_compat dispatch (see _KINDS)
+        spaces = [_direct_namespace(x) for x in given.values()]
+        if spaces[0] is not None and all(xp is spaces[0] for xp in spaces):
+            _check_devices(given)
+            if len({type(x) for x in given.values()}) == 1:
+                _NAMESPACES[type(next(iter(given.values())))] = spaces[0]
+            return spaces[0]
     for name, x in given.items():
         if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
             raise TypeError(
@@ -96,7 +105,7 @@ def namespace(**arrays: Any) -> Any:
         raise TypeError(f"all arrays must come from one array library, got {kinds_text}") from exc
     _check_version(xp)
     _check_devices(given)
-    if array_api_compat.is_jax_namespace(xp):
+    if _is(xp, "jax"):
         register_pytrees()  # before any state of ours can meet jax.jit
     if len({type(x) for x in given.values()}) == 1:
         _NAMESPACES[type(next(iter(given.values())))] = xp
@@ -105,6 +114,34 @@ def namespace(**arrays: Any) -> Any:
 
 # array type -> namespace, filled by ``namespace`` once a type has been resolved
 _NAMESPACES: dict[type, Any] = {}
+
+# The library behind a namespace, by the namespace's module name (as array_api_compat's
+# ``is_*_namespace`` tell them). Not array_api_compat's own functions: they go through
+# ``functools.lru_cache``d helpers, and every such call inside ``torch.compile`` makes
+# Dynamo warn ("Dynamo detected a call to a functools.lru_cache-wrapped function"),
+# several times per public call; a string compare traces cleanly.
+_KINDS = {
+    "numpy": ("numpy", "array_api_compat.numpy"),
+    "torch": ("torch", "array_api_compat.torch"),
+    "jax": ("jax.numpy", "jax.experimental.array_api"),
+    "dask": ("dask.array", "array_api_compat.dask.array"),
+}
+
+
+def _is(xp: Any, kind: str) -> bool:
+    """Whether the namespace ``xp`` is that of the library ``kind`` (see ``_KINDS``)."""
+    return getattr(xp, "__name__", None) in _KINDS[kind]
+
+
+def _direct_namespace(x: Any) -> Any:
+    """The namespace of a PyTorch tensor without array_api_compat's ``lru_cache``d
+    dispatch (for the first call inside ``torch.compile``); ``None`` otherwise."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        import array_api_compat.torch as compat_torch  # torch is imported: x is a tensor
+
+        return compat_torch
+    return None
 
 
 def _check_version(xp: Any) -> None:
@@ -151,6 +188,10 @@ def device_of(x: Any) -> Any:
     ``IndexError``); an array created without a device is uncommitted and JAX
     places it beside the sharded operands of the next operation.
     """
+    if isinstance(x, np.ndarray):
+        return "cpu"  # as array_api_compat.device says
+    if _direct_namespace(x) is not None:
+        return x.device  # a tensor's own attribute (no lru_cache'd dispatch, see _KINDS)
     d = array_api_compat.device(x)
     if d is not None and hasattr(d, "device_set") and len(d.device_set) > 1:
         return None
@@ -166,6 +207,8 @@ def _placement(x: Any) -> Any:
     parallel layout; JAX reshards as the operations need), arrays on different sets of
     devices are not (JAX would refuse to combine them).
     """
+    if isinstance(x, np.ndarray) or _direct_namespace(x) is not None:
+        return device_of(x)
     d = array_api_compat.device(x)
     if d is not None and hasattr(d, "device_set"):
         devices = d.device_set
@@ -221,10 +264,26 @@ def next_fast_len(n: int) -> int:
     SciPy is installed (the same values; 0.17 us a call against 14 us for n = 1567
     and 50 us for n = 2^20 + 1 in pure Python, measured 2026-11-30).
     """
-    scipy_fft = _scipy_fft()
-    if scipy_fft is not None:
-        return int(scipy_fft.next_fast_len(max(int(n), 1), real=True))
-    return _next_fast_len_portable(n)
+    known = _FAST_LENGTHS.get(n)
+    if known is not None:
+        return known
+    scipy_fft = None if _compiling() else _scipy_fft()
+    # (inside torch.compile SciPy's C function cannot be traced: the portable version,
+    # which gives the same values)
+    best = int(scipy_fft.next_fast_len(max(int(n), 1), real=True)) if scipy_fft is not None else _next_fast_len_portable(n)
+    if len(_FAST_LENGTHS) < 4096:
+        _FAST_LENGTHS[n] = best
+    return best
+
+
+# n -> next_fast_len(n): a dict lookup is cheaper than either computation
+_FAST_LENGTHS: dict[int, int] = {}
+
+
+def _compiling() -> bool:
+    """Whether PyTorch's Dynamo is tracing this call (``torch.compile``)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
 
 
 def _next_fast_len_portable(n: int) -> int:
@@ -265,7 +324,7 @@ def _scipy_fft() -> Any:
 
 def _scipy_fft_for(xp: Any, x: Any) -> Any:
     """``scipy.fft`` when ``x`` is a NumPy array and SciPy is installed, else ``None``."""
-    if not (array_api_compat.is_numpy_namespace(xp) and isinstance(x, np.ndarray)):
+    if not (_is(xp, "numpy") and isinstance(x, np.ndarray)):
         return None
     return _scipy_fft()
 
@@ -337,7 +396,7 @@ def _dask_whole(xp: Any, x: Any, axes: Any) -> Any:
     axes. The leading axes keep their chunks, so the graph still has one task per
     leading chunk, whatever ``L``. Every other library: ``x`` unchanged.
     """
-    if not array_api_compat.is_dask_namespace(xp):
+    if not _is(xp, "dask"):
         return x
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
     if all(len(x.chunks[a]) == 1 for a in axes):
@@ -367,7 +426,7 @@ def _dask_whole(xp: Any, x: Any, axes: Any) -> Any:
 
 def _jax_partitioned(xp: Any, x: Any) -> bool:
     """Whether a JAX FFT of ``x`` should go through the leading-axis partitioning."""
-    if not array_api_compat.is_jax_namespace(xp):
+    if not _is(xp, "jax"):
         return False
     import jax  # already imported: xp is jax.numpy
 
@@ -487,7 +546,7 @@ def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False)
     a third of the whole call. ``jax.lax.associative_scan`` computes the same sums
     (in a different order of additions) 1.7x faster there, under ``jit`` and ``grad``.
     """
-    if array_api_compat.is_jax_namespace(xp):
+    if _is(xp, "jax"):
         from jax import lax  # already imported: xp is jax.numpy
 
         axis = axis % x.ndim
@@ -513,9 +572,9 @@ def multiply_into(xp: Any, a: Any, b: Any) -> Any:
     if len(b.shape) <= len(shape) and all(
         db in (1, da) for da, db in zip(reversed(shape), reversed(tuple(b.shape)))
     ):
-        if array_api_compat.is_numpy_namespace(xp) and isinstance(a, np.ndarray) and a.ndim > 0:
+        if _is(xp, "numpy") and isinstance(a, np.ndarray) and a.ndim > 0:
             return np.multiply(a, b, out=a)
-        if array_api_compat.is_torch_namespace(xp):
+        if _is(xp, "torch"):
             import torch  # already imported: a is a torch.Tensor
 
             if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
@@ -535,13 +594,13 @@ def elu_plus_one(xp: Any, x: Any) -> Any:
       only: in half precision ``elu(x) + 1`` rounds ``exp(x) - 1`` first);
     - NumPy: the same four passes, but in place: two allocations instead of four.
     """
-    if array_api_compat.is_torch_namespace(xp) and x.dtype in (xp.float32, xp.float64):
+    if _is(xp, "torch") and x.dtype in (xp.float32, xp.float64):
         import torch  # already imported: x is a torch.Tensor
 
         # in place on elu's fresh output (its backward reads the input, not the
         # output): a second tensor of the size of x costs page faults
         return torch.nn.functional.elu(x).add_(1.0)
-    if array_api_compat.is_numpy_namespace(xp) and isinstance(x, np.ndarray) and x.ndim > 0:
+    if _is(xp, "numpy") and isinstance(x, np.ndarray) and x.ndim > 0:
         out = np.minimum(x, 0)
         np.exp(out, out=out)
         out += np.maximum(x, 0)
@@ -571,7 +630,7 @@ def pad_axis(xp: Any, x: Any, before: int, after: int, *, axis: int = -2, value:
     """
     if before == 0 and after == 0:
         return x
-    if array_api_compat.is_jax_namespace(xp):
+    if _is(xp, "jax"):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (before, after)
         return xpx.pad(x, tuple(widths), constant_values=value, xp=xp)
@@ -608,7 +667,7 @@ def cumulative_max(xp: Any, x: Any, axis: int) -> Any:
     (2026-11-30), so every library uses the doubling. (A lazy library such as Dask
     would rather have a native scan: the doubling adds ``log2 n`` graph layers.)
     """
-    if array_api_compat.is_dask_namespace(xp):
+    if _is(xp, "dask"):
         # Dask: the doubling's shifted slices and concats split the axis into ever more
         # chunks (L = 1,024 gave one task per token, 26,213 in all); one native
         # running maximum per block, on the axis held whole, keeps one task per block.
@@ -635,7 +694,7 @@ def rescaled_scan(xp: Any, X: Any, R: Any, R_safe: Any) -> Any:
     per block (the chunk, feature and value axes held whole, the leading axes keep
     their chunks), on the block's own arrays: one task per leading chunk.
     """
-    if array_api_compat.is_dask_namespace(xp):
+    if _is(xp, "dask"):
         X = _dask_whole(xp, X, (-3, -2, -1))
         R3 = _dask_whole(xp, R[..., None], (-3, -2, -1))
         S3 = _dask_whole(xp, R_safe[..., None], (-3, -2, -1))
@@ -741,7 +800,7 @@ def is_traced(xp: Any, *arrays: Any) -> bool:
     function (a ``lax.scan`` carry above all) cannot follow, so traced code takes the
     fixed-shape layout instead (``_online``).
     """
-    if not array_api_compat.is_jax_namespace(xp):
+    if not _is(xp, "jax"):
         return False
     import jax  # already imported: xp is jax.numpy
 
