@@ -48,10 +48,10 @@ def collectives(hlo: str) -> list[tuple[str, int]]:
     """(kind, element count) of every all-gather / all-to-all in compiled HLO text."""
     found = []
     for line in hlo.splitlines():
-        m = re.search(r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\][^=]*?\b(all-gather|all-to-all)(-start)?\(", line)
-        if m:
-            dims = [int(d) for d in m.group(2).split(",") if d]
-            found.append((m.group(3), int(np.prod(dims)) if dims else 1))
+        m = re.search(r"=\s*(.*?)\s(all-gather|all-to-all)(-start)?\(", line)
+        if m:  # the result type may be a tuple: (f32[...], f32[...])
+            for _, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", m.group(1)):
+                found.append((m.group(2), int(np.prod([int(d) for d in dims.split(",") if d]))))
     return found
 
 
@@ -108,6 +108,16 @@ def main() -> None:
     sharded_v = jax.device_put(jnp.asarray(v), NamedSharding(mesh, Spec("data")))
     naive = jax.jit(lambda x: jnp.fft.irfft(jnp.fft.rfft(x, n=2 * L, axis=-2) * 2.0, n=2 * L, axis=-2))
     assert any(n >= L * D for _, n in collectives(naive.lower(sharded_v).compile().as_text())), "collective detector"
+
+    # a long input, which eager code transforms in blocks of leading indices: compiled
+    # (not run), it must not gather either
+    big_v = jax.ShapeDtypeStruct((8, 8, 1024, 64), jnp.float32, sharding=NamedSharding(mesh, Spec("data", "model")))
+    big_w = jax.ShapeDtypeStruct((8, 2047), jnp.float32, sharding=NamedSharding(mesh, Spec("model")))
+    for causal in (False, True):
+        hlo = jax.jit(lambda v, w, c=causal: fastrpb.rpb(v, w, causal=c)).lower(big_v, big_w).compile().as_text()
+        big = [(kind, n) for kind, n in collectives(hlo) if n >= 1024 * 64]
+        assert not big, f"long input, causal={causal}: value-sized collectives {big}"
+    print("long input: no value-sized collectives")
 
     layouts = {"batch": (Spec("data"), Spec()), "heads": (Spec(None, "model"), Spec("model")), "batch+heads": (Spec("data", "model"), Spec("model"))}
     value_size = L * D
