@@ -122,9 +122,10 @@ def main() -> None:
     layouts = {"batch": (Spec("data"), Spec()), "heads": (Spec(None, "model"), Spec("model")), "batch+heads": (Spec("data", "model"), Spec("model"))}
     value_size = L * D
     for layout, (vspec, wspec) in layouts.items():
-        put_v = lambda x: jax.device_put(jnp.asarray(x), NamedSharding(mesh, vspec))  # noqa: E731
-        put_w = lambda x: jax.device_put(jnp.asarray(x), NamedSharding(mesh, wspec))  # noqa: E731
-        args = (put_v(q), put_v(k), put_v(v), put_w(w), put_w(w_rows), put_w(w_cols))
+        on_v, on_w = NamedSharding(mesh, vspec), NamedSharding(mesh, wspec)
+        args = tuple(jax.device_put(jnp.asarray(x), on_v) for x in (q, k, v)) + tuple(
+            jax.device_put(jnp.asarray(x), on_w) for x in (w, w_rows, w_cols)
+        )
         plain = tuple(jnp.asarray(x) for x in (q, k, v, w, w_rows, w_cols))
         for name, f, want in cases:
             jitted = jax.jit(f)
@@ -140,7 +141,7 @@ def main() -> None:
                 continue
             # gradients: value, table (and queries/keys) through the partitioned FFTs
             weight = jnp.asarray(rng.standard_normal(want.shape))
-            loss = lambda *a, f=f: jnp.sum(f(*a) * weight)  # noqa: E731
+            loss = lambda *a, f=f, weight=weight: jnp.sum(f(*a) * weight)
             grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
             hlo = grads.lower(*args).compile().as_text()
             big = [(kind, n) for kind, n in collectives(hlo) if n >= value_size]

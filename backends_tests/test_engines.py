@@ -22,10 +22,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import oracles
 import pytest
 from backends import requested
-
-import oracles
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

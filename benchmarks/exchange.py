@@ -20,14 +20,14 @@ import re
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as Spec  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as Spec
 
-import fastrpb  # noqa: E402
-from fastrpb import parallel  # noqa: E402
+import fastrpb
+from fastrpb import parallel
 
 _BYTES = {"f32": 4, "f64": 8, "c64": 8, "c128": 16, "s32": 4, "bf16": 2, "f16": 2}
 
