@@ -52,6 +52,8 @@ __all__ = [
     "pad_chunks",
     "jax_pytree",
     "is_traced",
+    "blocks_allowed",
+    "rescaled_scan",
 ]
 
 #: The oldest array API standard fastrpb runs on (``moveaxis``, ``cumulative_sum``
@@ -76,7 +78,7 @@ def namespace(**arrays: Any) -> Any:
         if xp is not None:
             if kind is np.ndarray:
                 return xp
-            if array_api_compat.is_torch_namespace(xp):
+            if _is(xp, "torch"):
                 # a tensor's device is an attribute; array_api_compat.device() runs a
                 # chain of type checks first
                 first = next(iter(given.values())).device
@@ -85,6 +87,15 @@ def namespace(**arrays: Any) -> Any:
                 return xp
             _check_devices(given)
             return xp
+    if given:
+        # PyTorch tensors of several types (a Parameter beside a Tensor) or a type not
+        # seen yet: no array_api_compat dispatch (see _KINDS)
+        spaces = [_direct_namespace(x) for x in given.values()]
+        if spaces[0] is not None and all(xp is spaces[0] for xp in spaces):
+            _check_devices(given)
+            if len({type(x) for x in given.values()}) == 1:
+                _NAMESPACES[type(next(iter(given.values())))] = spaces[0]
+            return spaces[0]
     for name, x in given.items():
         if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
             raise TypeError(
@@ -98,7 +109,7 @@ def namespace(**arrays: Any) -> Any:
         raise TypeError(f"all arrays must come from one array library, got {kinds_text}") from exc
     _check_version(xp)
     _check_devices(given)
-    if array_api_compat.is_jax_namespace(xp):
+    if _is(xp, "jax"):
         register_pytrees()  # before any state of ours can meet jax.jit
     if len({type(x) for x in given.values()}) == 1:
         _NAMESPACES[type(next(iter(given.values())))] = xp
@@ -107,6 +118,34 @@ def namespace(**arrays: Any) -> Any:
 
 # array type -> namespace, filled by ``namespace`` once a type has been resolved
 _NAMESPACES: dict[type, Any] = {}
+
+# The library behind a namespace, by the namespace's module name (as array_api_compat's
+# ``is_*_namespace`` tell them). Not array_api_compat's own functions: they go through
+# ``functools.lru_cache``d helpers, and every such call inside ``torch.compile`` makes
+# Dynamo warn ("Dynamo detected a call to a functools.lru_cache-wrapped function"),
+# several times per public call; a string compare traces cleanly.
+_KINDS = {
+    "numpy": ("numpy", "array_api_compat.numpy"),
+    "torch": ("torch", "array_api_compat.torch"),
+    "jax": ("jax.numpy", "jax.experimental.array_api"),
+    "dask": ("dask.array", "array_api_compat.dask.array"),
+}
+
+
+def _is(xp: Any, kind: str) -> bool:
+    """Whether the namespace ``xp`` is that of the library ``kind`` (see ``_KINDS``)."""
+    return getattr(xp, "__name__", None) in _KINDS[kind]
+
+
+def _direct_namespace(x: Any) -> Any:
+    """The namespace of a PyTorch tensor without array_api_compat's ``lru_cache``d
+    dispatch (for the first call inside ``torch.compile``); ``None`` otherwise."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        import array_api_compat.torch as compat_torch  # torch is imported: x is a tensor
+
+        return compat_torch
+    return None
 
 
 def _check_version(xp: Any) -> None:
@@ -131,7 +170,7 @@ def _check_version(xp: Any) -> None:
 
 
 def _check_devices(given: dict[str, Any]) -> None:
-    devices = {name: device_of(x) for name, x in given.items()}
+    devices = {name: _placement(x) for name, x in given.items()}
     # Under jax.jit the device of a tracer is unknown (None); there is nothing to compare.
     known = {name: d for name, d in devices.items() if d is not None}
     first = next(iter(known.items()), None)
@@ -145,8 +184,40 @@ def _check_devices(given: dict[str, Any]) -> None:
 
 
 def device_of(x: Any) -> Any:
-    """The device of ``x`` (``None`` for a JAX tracer inside ``jit``)."""
-    return array_api_compat.device(x)
+    """The device on which to create arrays beside ``x`` (``None``: the library decides).
+
+    ``None`` for a JAX tracer inside ``jit`` and for a JAX array spread over several
+    devices: array_api_compat gives its ``Sharding`` there, which
+    ``jnp.zeros(shape, device=sharding)`` cannot take for another rank (an
+    ``IndexError``); an array created without a device is uncommitted and JAX
+    places it beside the sharded operands of the next operation.
+    """
+    if isinstance(x, np.ndarray):
+        return "cpu"  # as array_api_compat.device says
+    if _direct_namespace(x) is not None:
+        return x.device  # a tensor's own attribute (no lru_cache'd dispatch, see _KINDS)
+    d = array_api_compat.device(x)
+    if d is not None and hasattr(d, "device_set") and len(d.device_set) > 1:
+        return None
+    return d
+
+
+def _placement(x: Any) -> Any:
+    """What must agree between arrays for them to meet in one call.
+
+    A device; for a JAX array spread over several devices, the set of those devices:
+    arrays on the same devices are compatible whatever their sharding (a table
+    replicated on all devices beside values sharded over the batch is the usual data
+    parallel layout; JAX reshards as the operations need), arrays on different sets of
+    devices are not (JAX would refuse to combine them).
+    """
+    if isinstance(x, np.ndarray) or _direct_namespace(x) is not None:
+        return device_of(x)
+    d = array_api_compat.device(x)
+    if d is not None and hasattr(d, "device_set"):
+        devices = d.device_set
+        return next(iter(devices)) if len(devices) == 1 else frozenset(devices)
+    return d
 
 
 def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
@@ -205,10 +276,26 @@ def next_fast_len(n: int) -> int:
     SciPy is installed (the same values; 0.17 us a call against 14 us for n = 1567
     and 50 us for n = 2^20 + 1 in pure Python, measured 2026-11-30).
     """
-    scipy_fft = _scipy_fft()
-    if scipy_fft is not None:
-        return int(scipy_fft.next_fast_len(max(int(n), 1), real=True))
-    return _next_fast_len_portable(n)
+    known = _FAST_LENGTHS.get(n)
+    if known is not None:
+        return known
+    scipy_fft = None if _compiling() else _scipy_fft()
+    # (inside torch.compile SciPy's C function cannot be traced: the portable version,
+    # which gives the same values)
+    best = int(scipy_fft.next_fast_len(max(int(n), 1), real=True)) if scipy_fft is not None else _next_fast_len_portable(n)
+    if len(_FAST_LENGTHS) < 4096:
+        _FAST_LENGTHS[n] = best
+    return best
+
+
+# n -> next_fast_len(n): a dict lookup is cheaper than either computation
+_FAST_LENGTHS: dict[int, int] = {}
+
+
+def _compiling() -> bool:
+    """Whether PyTorch's Dynamo is tracing this call (``torch.compile``)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
 
 
 def _next_fast_len_portable(n: int) -> int:
@@ -249,7 +336,7 @@ def _scipy_fft() -> Any:
 
 def _scipy_fft_for(xp: Any, x: Any) -> Any:
     """``scipy.fft`` when ``x`` is a NumPy array and SciPy is installed, else ``None``."""
-    if not (array_api_compat.is_numpy_namespace(xp) and isinstance(x, np.ndarray)):
+    if not (_is(xp, "numpy") and isinstance(x, np.ndarray)):
         return None
     return _scipy_fft()
 
@@ -260,9 +347,12 @@ def rfft(xp: Any, x: Any, *, n: int, axis: int = -1) -> Any:
     Native fast path: NumPy arrays go to ``scipy.fft`` with all CPU workers (see
     above); every other library uses its array API FFT extension.
     """
+    x = _dask_whole(xp, x, axis)
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.rfft(x, n=n, axis=axis, workers=-1)
+    if _jax_partitioned(xp, x) and axis in (-1, x.ndim - 1):
+        return _jax_fft("rfft", (n,), x)
     return fft_namespace(xp).rfft(x, n=n, axis=axis)
 
 
@@ -273,9 +363,12 @@ def irfft(xp: Any, x: Any, *, n: int, axis: int = -1, consume: bool = False) -> 
     native path may overwrite it (SciPy's ``overwrite_x``: one copy fewer, which
     matters for the O(L) memory bound of FastRPB).
     """
+    x = _dask_whole(xp, x, axis)
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.irfft(x, n=n, axis=axis, workers=-1, overwrite_x=consume)
+    if _jax_partitioned(xp, x) and axis in (-1, x.ndim - 1):
+        return _jax_fft("irfft", (n,), x)
     return fft_namespace(xp).irfft(x, n=n, axis=axis)
 
 
@@ -285,18 +378,189 @@ def rfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...]) -> Any:
     Same native fast path as ``rfft``: NumPy arrays go to ``scipy.fft`` with all CPU
     workers; every other library uses its array API FFT extension.
     """
+    x = _dask_whole(xp, x, axes)
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.rfftn(x, s=s, axes=axes, workers=-1)
+    if _jax_partitioned(xp, x) and _trailing(axes, x.ndim):
+        return _jax_fft("rfftn", tuple(s), x)
     return fft_namespace(xp).rfftn(x, s=s, axes=axes)
 
 
 def irfftn(xp: Any, x: Any, *, s: tuple[int, ...], axes: tuple[int, ...], consume: bool = False) -> Any:
     """Inverse N-d real FFT of sizes ``s`` over ``axes``; ``consume`` as in ``irfft``."""
+    x = _dask_whole(xp, x, axes)
     scipy_fft = _scipy_fft_for(xp, x)
     if scipy_fft is not None:
         return scipy_fft.irfftn(x, s=s, axes=axes, workers=-1, overwrite_x=consume)
+    if _jax_partitioned(xp, x) and _trailing(axes, x.ndim):
+        return _jax_fft("irfftn", tuple(s), x)
     return fft_namespace(xp).irfftn(x, s=s, axes=axes)
+
+
+def _dask_whole(xp: Any, x: Any, axes: Any) -> Any:
+    """A Dask array in one chunk along ``axes`` (an int or a tuple), for an FFT there.
+
+    Dask transforms only along an axis held in a single chunk ("Dask array only
+    supports taking an FFT along an axis that has a single chunk"), and fastrpb's
+    kernels and padded values are concatenated from several pieces (the non-negative
+    offsets, zeros, the negative offsets): rechunk them whole along the transformed
+    axes. The leading axes keep their chunks, so the graph still has one task per
+    leading chunk, whatever ``L``. Every other library: ``x`` unchanged.
+    """
+    if not _is(xp, "dask"):
+        return x
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    if all(len(x.chunks[a]) == 1 for a in axes):
+        return x
+    return x.rechunk({a % x.ndim: -1 for a in axes})
+
+
+# --------------------------------------------------------------------------- JAX: FFTs that XLA cannot partition
+# XLA's SPMD partitioner does not partition FFTs (jax#15680): under ``jax.jit`` with
+# values sharded over a leading axis (batch, heads) it all-gathers the whole array
+# onto every device and transforms every example everywhere (measured: an
+# ``all-gather f32[8,4,32,512]`` for values sharded over a batch of 8), and with the
+# heads axis sharded the gathered, transposed layout reaches the CPU FFT thunk, which
+# aborts at run time (``RET_CHECK ... fft_thunk.cc:168 IsMonotonicWithDim0Major``).
+# But fastrpb's FFTs transform only trailing axes, independently for every leading
+# index, so each device can transform its own shard: ``custom_partitioning`` tells the
+# partitioner exactly that (leading axes keep their sharding, the transformed axes are
+# replicated). The primitive has no autodiff or batching rules, so it is wrapped in a
+# ``custom_vjp`` (an FFT is linear: its VJP is the linear transpose, partitioned the
+# same way) and a ``custom_vmap`` (a vmapped axis is one more leading axis).
+# ``custom_partitioning`` lowers to the plain FFT on one device or inside
+# ``shard_map``; it is used only when JAX has more than one device or ``x`` is
+# spread over several, so single-device programs are unchanged. (Forward-mode
+# autodiff, ``jax.jvp``/``jacfwd``, of the FFT then is unavailable, as for any
+# ``custom_vjp``.)
+
+
+def _jax_partitioned(xp: Any, x: Any) -> bool:
+    """Whether a JAX FFT of ``x`` should go through the leading-axis partitioning."""
+    if not _is(xp, "jax"):
+        return False
+    import jax  # already imported: xp is jax.numpy
+
+    if _JAX_DEVICES[0] is None:
+        _JAX_DEVICES[0] = jax.device_count()
+    return _JAX_DEVICES[0] > 1
+
+
+_JAX_DEVICES: list[Any] = [None]
+
+
+def blocks_allowed(xp: Any, x: Any) -> bool:
+    """Whether a long FFT product may go in blocks of leading indices (``bias._toeplitz``).
+
+    Blocking merges the leading axes into one and slices it, which bounds eager
+    memory. With JAX on several devices the FFTs are partitioned over the leading
+    axes instead (above), and slices of merged leading axes cut across the shards:
+    XLA gathered them (17 MB per device for causal FastRPB on (8, 8, 1,024, 64)
+    float32 values sharded over a batch of 8 on 2 devices). There XLA plans the
+    memory of the whole program anyway, so the product runs unblocked.
+    """
+    return not _jax_partitioned(xp, x)
+
+
+def _trailing(axes: Any, ndim: int) -> bool:
+    """``axes`` are the last ``len(axes)`` axes, in order."""
+    k = len(axes)
+    return [a % ndim for a in axes] == list(range(ndim - k, ndim))
+
+
+def _jax_fft(kind: str, sizes: tuple[int, ...], x: Any) -> Any:
+    """``jnp.fft.<kind>`` over the last ``len(sizes)`` axes, partitioned over the leading ones."""
+    key = (kind, sizes, tuple(x.shape[x.ndim - len(sizes) :]), str(x.dtype))
+    f = _JAX_FFTS.get(key)
+    if f is None:
+        f = _JAX_FFTS.setdefault(key, _jax_partitioned_fft(kind, sizes, key[2], x.dtype))
+    return f(x)
+
+
+# (kind, sizes, the input's trailing shape, its dtype) -> the partitioned transform
+_JAX_FFTS: dict[tuple, Any] = {}
+
+
+def _jax_partitioned_fft(kind: str, sizes: tuple[int, ...], trailing: tuple[int, ...], dtype: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    k = len(sizes)
+    axes = tuple(range(-k, 0))
+    transform = getattr(jnp.fft, kind)
+
+    def forward(x: Any) -> Any:
+        if k == 1:
+            return transform(x, n=sizes[0], axis=-1)
+        return transform(x, s=sizes, axes=axes)
+
+    def backward(ct: Any) -> Any:
+        # an FFT is linear: its VJP is its linear transpose, for the input's shape
+        (out,) = jax.linear_transpose(forward, jax.ShapeDtypeStruct((*ct.shape[:-k], *trailing), dtype))(ct)
+        return out
+
+    fwd_local = _leading_partitioned(forward, k)
+    bwd_local = _leading_partitioned(backward, k)
+
+    @jax.custom_vjp
+    def fft(x: Any) -> Any:
+        return fwd_local(x)
+
+    def fft_fwd(x: Any) -> tuple[Any, None]:
+        return fwd_local(x), None
+
+    def fft_bwd(_: None, ct: Any) -> tuple[Any]:
+        return (bwd_local(ct),)
+
+    fft.defvjp(fft_fwd, fft_bwd)
+    return fft
+
+
+def _leading_partitioned(local: Any, k: int) -> Any:
+    """``local`` (independent over all but the last ``k`` axes) as a partitioned JAX op.
+
+    The leading axes keep the input's sharding; the last ``k`` axes are replicated
+    (gathered, if the caller sharded them, before ``local`` runs on each shard).
+    """
+    import jax
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as Spec
+
+    op = custom_partitioning(local)
+
+    def lead_sharding(mesh: Any, sharding: Any, ndim: int) -> Any:
+        spec = tuple(getattr(sharding, "spec", ())) + (None,) * ndim
+        return NamedSharding(mesh, Spec(*spec[: ndim - k], *([None] * k)))
+
+    def infer(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+        return lead_sharding(mesh, arg_shapes[0].sharding, len(arg_shapes[0].shape))
+
+    def partition(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+        sharding = lead_sharding(mesh, arg_shapes[0].sharding, len(arg_shapes[0].shape))
+        return mesh, local, sharding, (sharding,)
+
+    ins = " ".join(f"i{j}" for j in range(k))
+    outs = " ".join(f"o{j}" for j in range(k))
+    factors = tuple(f"i{j}" for j in range(k)) + tuple(f"o{j}" for j in range(k))
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=f"... {ins} -> ... {outs}",
+        need_replication_factors=factors,
+    )
+
+    @jax.custom_batching.custom_vmap
+    def apply(x: Any) -> Any:
+        return op(x)
+
+    @apply.def_vmap
+    def _batched(axis_size: int, in_batched: Any, x: Any) -> Any:
+        # the vmapped axis is one more leading axis (custom_vmap puts it first)
+        return apply(x), True
+
+    return apply
 
 
 def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False) -> Any:
@@ -307,7 +571,7 @@ def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False)
     a third of the whole call. ``jax.lax.associative_scan`` computes the same sums
     (in a different order of additions) 1.7x faster there, under ``jit`` and ``grad``.
     """
-    if array_api_compat.is_jax_namespace(xp):
+    if _is(xp, "jax"):
         from jax import lax  # already imported: xp is jax.numpy
 
         axis = axis % x.ndim
@@ -336,9 +600,9 @@ def multiply_into(xp: Any, a: Any, b: Any) -> Any:
     if len(b.shape) <= len(shape) and all(
         db in (1, da) for da, db in zip(reversed(shape), reversed(tuple(b.shape)), strict=False)
     ):
-        if array_api_compat.is_numpy_namespace(xp) and isinstance(a, np.ndarray) and a.ndim > 0:
+        if _is(xp, "numpy") and isinstance(a, np.ndarray) and a.ndim > 0:
             return np.multiply(a, b, out=a)
-        if array_api_compat.is_torch_namespace(xp) and _torch_eager_tensors():
+        if _is(xp, "torch") and _torch_eager_tensors():
             import torch  # already imported: a is a torch.Tensor
 
             if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
@@ -418,13 +682,13 @@ def elu_plus_one(xp: Any, x: Any) -> Any:
       only: in half precision ``elu(x) + 1`` rounds ``exp(x) - 1`` first);
     - NumPy: the same four passes, but in place: two allocations instead of four.
     """
-    if array_api_compat.is_torch_namespace(xp) and x.dtype in (xp.float32, xp.float64):
+    if _is(xp, "torch") and x.dtype in (xp.float32, xp.float64):
         import torch  # already imported: x is a torch.Tensor
 
         # in place on elu's fresh output (its backward reads the input, not the
         # output): a second tensor of the size of x costs page faults
         return torch.nn.functional.elu(x).add_(1.0)
-    if array_api_compat.is_numpy_namespace(xp) and isinstance(x, np.ndarray) and x.ndim > 0:
+    if _is(xp, "numpy") and isinstance(x, np.ndarray) and x.ndim > 0:
         out = np.minimum(x, 0)
         np.exp(out, out=out)
         out += np.maximum(x, 0)
@@ -454,7 +718,7 @@ def pad_axis(xp: Any, x: Any, before: int, after: int, *, axis: int = -2, value:
     """
     if before == 0 and after == 0:
         return x
-    if array_api_compat.is_jax_namespace(xp):
+    if _is(xp, "jax"):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (before, after)
         return xpx.pad(x, tuple(widths), constant_values=value, xp=xp)
@@ -491,11 +755,63 @@ def cumulative_max(xp: Any, x: Any, axis: int) -> Any:
     (2026-11-30), so every library uses the doubling. (A lazy library such as Dask
     would rather have a native scan: the doubling adds ``log2 n`` graph layers.)
     """
+    if _is(xp, "dask"):
+        # Dask: the doubling's shifted slices and concats split the axis into ever more
+        # chunks (L = 1,024 gave one task per token, 26,213 in all); one native
+        # running maximum per block, on the axis held whole, keeps one task per block.
+        whole = _dask_whole(xp, x, axis)
+        return whole.map_blocks(_running_max_block, axis=axis % x.ndim, dtype=x.dtype)
     s = 1
     while s < x.shape[axis]:
         x = xp.maximum(x, shift(xp, x, s, axis, -math.inf))
         s *= 2
     return x
+
+
+def rescaled_scan(xp: Any, X: Any, R: Any, R_safe: Any) -> Any:
+    """``X_n <- sum_{m <= n} exp(R_m - R_n) X_m`` along the chunk axis (-3 of ``X``, -2 of ``R``).
+
+    The rescaled prefix sum of causal linear attention with an exponential feature map
+    (``attention._causal_exp``): ``X (..., N, F, Dv + 1)`` holds chunk states, chunk
+    ``n`` in the frame of ``R (..., N, F)``, the running maximum of the key
+    log-features (``R_safe``: ``R`` with ``-inf`` as 0). Portable version: a doubling
+    scan, ``log2 N`` passes of shifted products, every factor ``<= 1``.
+
+    Dask: the doubling's shifts split the chunk axis into ever more chunks, and its
+    ``log2 N`` passes make the graph grow with ``L``; the same scan runs instead once
+    per block (the chunk, feature and value axes held whole, the leading axes keep
+    their chunks), on the block's own arrays: one task per leading chunk.
+    """
+    if _is(xp, "dask"):
+        X = _dask_whole(xp, X, (-3, -2, -1))
+        R3 = _dask_whole(xp, R[..., None], (-3, -2, -1))
+        S3 = _dask_whole(xp, R_safe[..., None], (-3, -2, -1))
+
+        def block(x: Any, r: Any, r_safe: Any) -> Any:
+            bxp = array_api_compat.array_namespace(x)
+            return rescaled_scan(bxp, x, r[..., 0], r_safe[..., 0])
+
+        return _dask_map(block, X, R3, S3)
+    s = 1
+    while s < X.shape[-3]:
+        decay = xp.exp(shift(xp, R, s, -2, -math.inf) - R_safe)
+        X = X + decay[..., None] * shift(xp, X, s, -3, 0.0)
+        s *= 2
+    return X
+
+
+def _dask_map(fn: Any, *arrays: Any) -> Any:
+    import dask.array as da  # already imported: the arrays are Dask arrays
+
+    return da.map_blocks(fn, *arrays, dtype=arrays[0].dtype)
+
+
+def _running_max_block(block: Any, axis: int) -> Any:
+    """The running maximum of one Dask block (a NumPy array, or any array API array)."""
+    if isinstance(block, np.ndarray):
+        return np.maximum.accumulate(block, axis=axis)
+    bxp = array_api_compat.array_namespace(block)
+    return cumulative_max(bxp, block, axis - block.ndim)
 
 
 # --------------------------------------------------------------------------- JAX pytrees
@@ -572,7 +888,7 @@ def is_traced(xp: Any, *arrays: Any) -> bool:
     function (a ``lax.scan`` carry above all) cannot follow, so traced code takes the
     fixed-shape layout instead (``_online``).
     """
-    if not array_api_compat.is_jax_namespace(xp):
+    if not _is(xp, "jax"):
         return False
     import jax  # already imported: xp is jax.numpy
 

@@ -53,6 +53,7 @@ from . import bias as _bias
 from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, known_finite, namespace, split_nonfinite
 from ._compat import cumulative_max as _cummax
 from ._compat import pad_chunks as _pad_chunks
+from ._compat import rescaled_scan as _rescaled_scan
 from ._compat import shift as _shift
 from ._typing import Array
 from ._validate import broadcast_shapes as _lead
@@ -341,11 +342,7 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
         eps_rows = 0.0
     y = _tril_product(xp, xp.matmul(qc, xp.matrix_transpose(kc)), vc)
     X = xp.matmul(xp.matrix_transpose(kc), vc)  # chunk states, chunk n in frame R_n
-    s_ = 1
-    while s_ < X.shape[-3]:
-        decay = xp.exp(_shift(xp, R, s_, -2, -math.inf) - R_safe)
-        X = X + decay[..., None] * _shift(xp, X, s_, -3, 0.0)
-        s_ *= 2
+    X = _rescaled_scan(xp, X, R, R_safe)  # engines: the scan lives in _compat (a Dask path)
     if X.shape[-3] > 1:
         carried = _shift(xp, X, 1, -3, 0.0)  # chunk n-1's inclusive state, frame R_{n-1}
         rescale = xp.exp(_shift(xp, R, 1, -2, -math.inf) - R_safe)  # to frame R_n

@@ -21,6 +21,7 @@ from typing import Any
 
 from . import _online, _validate
 from ._compat import (
+    blocks_allowed,
     compute_dtype,
     device_of,
     irfft,
@@ -90,7 +91,7 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     per_row = (n // 2 + 1) * 2 * itemsize  # spectrum bytes of one (head, feature) row
     lead = _broadcast_lead(v.shape[:-2], w.shape[:-1])
     G = math.prod(lead)
-    if G * D * per_row <= _BLOCK_BYTES:
+    if G * D * per_row <= _BLOCK_BYTES or not blocks_allowed(xp, v):  # engines: sharded JAX
         return xp.matrix_transpose(convolve(columns, kernel_f))
     # Long input: blocks of (leading index, feature column) rows. A block takes whole
     # cache lines of each row of v (a multiple of 64 bytes of features: reading a
@@ -627,7 +628,7 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
     per_col = math.prod(spec) * 2 * _itemsize(xp, cube.dtype)
     lead = _broadcast_lead(columns.shape[:nlead], kernel_f.shape[: -k - 1])
     G = math.prod(lead)
-    if G * D * per_col <= _BLOCK_BYTES:
+    if G * D * per_col <= _BLOCK_BYTES or not blocks_allowed(xp, cube):  # engines: sharded JAX
         out = convolve(columns, kernel_f)
     else:
         cols = max(1, min(D, _BLOCK_BYTES // per_col))
