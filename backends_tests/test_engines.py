@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import oracles
 import pytest
+
+import oracles
 from backends import requested
 
 HERE = Path(__file__).resolve().parent
@@ -203,7 +204,7 @@ def test_docs_data_parallel_example(tmp_path):
 def test_docs_dask_example():
     pytest.importorskip("dask.array")
     namespace: dict = {}
-    exec(compile(_scaling_examples()["dask"], "scaling.md", "exec"), namespace)  # noqa: S102
+    exec(compile(_scaling_examples()["dask"], "scaling.md", "exec"), namespace)
     v = namespace["v"].compute()
     want = oracles.exp_kernel_attention(v, v, v, causal=True, eps=1e-6) + oracles.rpb(v, namespace["w"], causal=True)
     np.testing.assert_allclose(namespace["result"], want, rtol=1e-6, atol=1e-6)

@@ -5,10 +5,10 @@ against dense float64 oracles on every backend."""
 from __future__ import annotations
 
 import numpy as np
-import oracles
 import pytest
-from backends import assert_array, assert_close, check_gradients
 
+import oracles
+from backends import assert_array, assert_close, check_gradients
 from fastrpb import (
     LinearAttentionState,
     RPBState,
@@ -262,7 +262,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("call, error, match", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+@pytest.mark.parametrize(("call", "error", "match"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
 def test_errors(backend, call, error, match):
     w = backend.asarray(np.full((2 * M - 1,), 0.1))
     with pytest.raises(error, match=match):
@@ -277,5 +277,6 @@ def test_state_is_a_jax_pytree():
     leaves, tree = jax.tree_util.tree_flatten(state)
     assert all(isinstance(x, jax.Array) for x in leaves)
     again = jax.tree_util.tree_unflatten(tree, leaves)
-    assert isinstance(again, LinearAttentionState) and again.feature_map == state.feature_map
+    assert isinstance(again, LinearAttentionState)
+    assert again.feature_map == state.feature_map
     assert isinstance(again.rpb, RPBState)

@@ -449,7 +449,7 @@ def extend(
     pad = _zeros(xp, (*lead, M - full.shape[-2], D), full)
     return out, _make(
         xp,
-        buffer=xp.concat([full, pad], axis=-2) if M > full.shape[-2] else full,
+        buffer=xp.concat([full, pad], axis=-2) if full.shape[-2] < M else full,
         count=xp.asarray(length + L, dtype=xp.int32, device=device_of(full)),
         skip=a,
         table_length=M,
