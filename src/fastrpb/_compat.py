@@ -444,7 +444,12 @@ def _jax_partitioned(xp: Any, x: Any) -> bool:
 
     if _JAX_DEVICES[0] is None:
         _JAX_DEVICES[0] = jax.device_count()
-    return _JAX_DEVICES[0] > 1
+    if _JAX_DEVICES[0] <= 1:
+        return False
+    # inside jax.shard_map every array is already one device's block: the plain FFT
+    # (the partitioned one's transpose would also clash with shard_map's varying types)
+    mesh = jax.sharding.get_abstract_mesh()
+    return not getattr(mesh, "manual_axes", ())
 
 
 _JAX_DEVICES: list[Any] = [None]
