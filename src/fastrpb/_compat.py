@@ -569,18 +569,25 @@ def _leading_partitioned(local: Any, k: int) -> Any:
 
 
 def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False) -> Any:
-    """``xp.cumulative_sum``, with a faster native path on JAX.
+    """``xp.cumulative_sum``, with native paths on JAX (faster) and PyTorch (traceable).
 
     XLA lowers ``jnp.cumsum`` on CPU to a windowed reduction that runs at a fraction of
     memory speed: for the chunk states of causal linear attention (L = 16,384) it took
     a third of the whole call. ``jax.lax.associative_scan`` computes the same sums
     (in a different order of additions) 1.7x faster there, under ``jit`` and ``grad``.
     """
-    if _is(xp, "jax"):
-        from jax import lax  # already imported: xp is jax.numpy
-
+    if _is(xp, "jax") or _is(xp, "torch"):
         axis = axis % x.ndim
-        out = lax.associative_scan(xp.add, x, axis=axis)
+        if _is(xp, "torch"):
+            # array_api_compat's torch wrapper resolves a namespace through an
+            # lru_cache'd dispatch on every call, which torch.compile warns about
+            import torch  # already imported: x is a torch.Tensor
+
+            out = torch.cumsum(x, dim=axis)
+        else:
+            from jax import lax  # already imported: xp is jax.numpy
+
+            out = lax.associative_scan(xp.add, x, axis=axis)
         if include_initial:
             shape = list(x.shape)
             shape[axis] = 1
