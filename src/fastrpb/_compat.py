@@ -45,6 +45,7 @@ __all__ = [
     "multiply_into",
     "cumulative_sum",
     "cumulative_max",
+    "wider_float",
     "shift",
     "pad_axis",
     "pad_chunks",
@@ -423,6 +424,26 @@ def cumulative_max(xp: Any, x: Any, axis: int) -> Any:
         x = xp.maximum(x, shift(xp, x, s, axis, -math.inf))
         s *= 2
     return x
+
+
+def wider_float(xp: Any, x: Any) -> Any:
+    """``float64`` where ``x`` is ``float32`` (or narrower) and its library computes in
+    ``float64`` on ``x``'s device, else ``None`` (``x`` already ``float64``, JAX without
+    ``jax_enable_x64``, PyTorch on MPS).
+
+    The standard has no way to ask whether a dtype works on a device; JAX silently
+    gives ``float32`` for ``float64`` without x64 and MPS has no ``float64``, so those
+    two are asked here (the callers then use a compensated ``float32`` sum instead).
+    """
+    if x.dtype == xp.float64:
+        return None
+    if array_api_compat.is_jax_namespace(xp):
+        import jax  # already imported: xp is jax.numpy
+
+        return xp.float64 if jax.config.jax_enable_x64 else None
+    if array_api_compat.is_torch_namespace(xp) and getattr(x.device, "type", None) == "mps":
+        return None
+    return xp.float64
 
 
 # --------------------------------------------------------------------------- JAX pytrees

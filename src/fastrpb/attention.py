@@ -50,7 +50,8 @@ from typing import Any, NamedTuple
 
 from . import _validate
 from . import bias as _bias
-from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, namespace
+from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, namespace, wider_float
+from ._compat import pad_axis as _pad_axis
 from ._compat import cumulative_max as _cummax
 from ._compat import pad_chunks as _pad_chunks
 from ._compat import shift as _shift
@@ -210,24 +211,101 @@ def _noncausal_exp(xp: Any, lq: Any, lk: Any, v: Any, eps: float) -> tuple[Any, 
     return (*_noncausal(xp, fq, fk, v), eps)
 
 
-def _causal(xp: Any, fq: Any, fk: Any, v1: Any, C: int) -> tuple[Any, Any]:
-    """Chunked causal linear attention; returns ``[num, den]`` and the final state.
+def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple[Any, Any, Any, Any]:
+    """Chunked causal linear attention; returns ``num``, ``den`` and the final ``S``, ``z``.
 
-    Inside each chunk of ``C`` tokens a masked ``tril(Qc Kc^T) [Vc, 1]``; across chunks an
-    exclusive prefix sum of the chunk states ``Kc^T [Vc, 1]``, applied as ``Qc S_prev``.
+    Numerator: inside each chunk of ``C`` tokens a masked ``tril(Qc Kc^T) Vc``; across
+    chunks an exclusive prefix sum of the chunk states ``Kc^T Vc``, applied as
+    ``Qc S_prev``. Normaliser: one dot product per query with the inclusive prefix of
+    the key features, ``den_i = phi(q_i) . sum_{j <= i} phi(k_j)`` (``_causal_normaliser``),
+    never the sum of an in-chunk and a cross-chunk part, which cancel for signed features.
     """
     L = fq.shape[-2]
     length = -(-L // C) * C
     qc = _pad_chunks(xp, fq, length, C, 0.0)
     kc = _pad_chunks(xp, fk, length, C, 0.0)  # padding keys have zero features
-    vc = _pad_chunks(xp, v1, length, C, 0.0)
+    vc = _pad_chunks(xp, v, length, C, 0.0)
     y = xp.matmul(xp.tril(xp.matmul(qc, xp.matrix_transpose(kc))), vc)
-    states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv + 1)
+    states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv)
     if states.shape[-3] == 1:
-        return _unchunk(xp, y, L), states[..., 0, :, :]
-    prefix = cumulative_sum(xp, states, axis=-3, include_initial=True)
-    y = y + xp.matmul(qc, prefix[..., :-1, :, :])
-    return _unchunk(xp, y, L), prefix[..., -1, :, :]
+        S = states[..., 0, :, :]
+    else:
+        prefix = cumulative_sum(xp, states, axis=-3, include_initial=True)
+        y = y + xp.matmul(qc, prefix[..., :-1, :, :])
+        S = prefix[..., -1, :, :]
+    den, z = _causal_normaliser(xp, fq, fk, qc, kc, signed=signed)
+    return _unchunk(xp, y, L), den, S, z
+
+
+def _causal_normaliser(xp: Any, fq: Any, fk: Any, qc: Any, kc: Any, *, signed: bool) -> tuple[Any, Any]:
+    r"""``den_i = phi(q_i) . Z_i`` with ``Z_i = sum_{j <= i} phi(k_j)``, and ``Z_L``.
+
+    One dot product per query with the inclusive prefix of the key features. With
+    signed features (``rff``, ``taylor``, a callable) that dot product can cancel to a
+    tiny denominator (fla's ``test_naive_chunk`` data, identity map: 2.4e-5 against
+    terms of ~10), so there the prefix and the dot product are accumulated in
+    ``float64`` (``wider_float``), or, where the library has no ``float64`` on the
+    device, as compensated ``float32`` sums (``_compensated_den``); fla's err-ratio
+    then drops from 4e-2 (two cancelling dot products) to ~3e-7. Non-negative
+    features cannot cancel: their prefix is blocked by chunks in the compute dtype
+    (exclusive prefix of the chunk sums plus the in-chunk running sum), O(L F).
+    """
+    work = fq.dtype
+    if not signed:
+        sums = xp.sum(kc, axis=-2)  # (..., N, F)
+        before = cumulative_sum(xp, sums, axis=-2, include_initial=True)
+        Z = before[..., :-1, None, :] + cumulative_sum(xp, kc, axis=-2)
+        den = xp.sum(qc * Z, axis=-1, keepdims=True)
+        return _unchunk(xp, den, fq.shape[-2]), before[..., -1, :]
+    wide = wider_float(xp, fq)
+    if wide is None and work == xp.float64:
+        wide = work
+    if wide is not None:
+        Z = cumulative_sum(xp, xp.astype(fk, wide), axis=-2)
+        den = xp.sum(xp.astype(fq, wide) * Z, axis=-1, keepdims=True)
+        return xp.astype(den, work), xp.astype(Z[..., -1, :], work)
+    return _compensated_den(xp, fq, fk)
+
+
+def _two_sum(xp: Any, a: Any, b: Any) -> tuple[Any, Any]:
+    """Knuth's TwoSum: ``a + b = s + e`` exactly, ``s = fl(a + b)``."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(x: Any) -> tuple[Any, Any]:
+    """Dekker's split of ``x`` into two halves of 12 bits (float32), ``x = hi + lo``."""
+    c = x * 4097.0
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def _compensated_den(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
+    """``_causal_normaliser`` for signed features without ``float64``: the prefix as an
+    unevaluated sum ``hi + lo`` (doubling scan of TwoSums, log2 L passes) and the dot
+    product with Dekker's exact products summed by a pairwise TwoSum tree (Ogita, Rump
+    & Oishi 2005, "Accurate sum and dot product", SIAM J. Sci. Comput.)."""
+    hi, lo = fk, xp.zeros_like(fk)
+    s = 1
+    while s < hi.shape[-2]:
+        t, e = _two_sum(xp, hi, _shift(xp, hi, s, -2, 0.0))
+        lo = lo + _shift(xp, lo, s, -2, 0.0) + e
+        hi = t + lo
+        lo = lo - (hi - t)
+        s *= 2
+    qh, ql = _split(fq)
+    zh, zl = _split(hi)
+    p = fq * hi
+    terms = xp.concat([p, ((qh * zh - p) + qh * zl + ql * zh) + ql * zl + fq * lo], axis=-1)
+    r = xp.zeros_like(terms)
+    while terms.shape[-1] > 1:
+        if terms.shape[-1] % 2:
+            terms, r = (_pad_axis(xp, x, 0, 1, axis=-1) for x in (terms, r))
+        t, e = _two_sum(xp, terms[..., 0::2], terms[..., 1::2])
+        r = r[..., 0::2] + r[..., 1::2] + e
+        terms = t
+    return terms + r, hi[..., -1, :] + lo[..., -1, :]
 
 
 def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple[Any, Any, Any, Any]:
@@ -274,9 +352,9 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
     return _unchunk(xp, y, L), eps_rows, X[..., -1, :, :], R[..., -1, :]
 
 
-def _state(xp: Any, fmap: FeatureMap, total: Any, offset: Any) -> LinearAttentionState:
-    """Split a ``(..., F, Dv + 1)`` state into ``S`` and ``z``."""
-    S, z = total[..., :-1], total[..., -1]
+def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentionState:
+    """The state from ``(S, z)`` or from a ``(..., F, Dv + 1)`` array ``[S, z]``."""
+    S, z = final if isinstance(final, tuple) else (final[..., :-1], final[..., -1])
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)
     return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
@@ -408,8 +486,8 @@ def linear_attention(
     else:
         fq, fk = _features(xp, fmap, qw, kw, key_mask)
         if causal:
-            total, final = _causal(xp, fq, fk, _with_ones(xp, vw), min(C, Lq))
-            num, den = total[..., :-1], total[..., -1:]
+            num, den, S_end, z_end = _causal(xp, fq, fk, vw, min(C, Lq), signed=not fmap.nonnegative)
+            final = (S_end, z_end)
         else:
             num, den = _noncausal(xp, fq, fk, vw)
         out = _normalise(xp, num, den, eps)
