@@ -167,14 +167,17 @@ def _features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple
     return fq, fk
 
 
-def _log_features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple[Any, Any]:
-    """Log-features of an exponential map; padding keys get ``-inf`` (feature 0)."""
+def _log_features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple[Any, Any, Any]:
+    """Log-features of an exponential map; padding keys get ``-inf`` (feature 0).
+
+    The query rows come relative to their maximum, which is returned third (the true
+    scale of the kernel, for ``normalize=False``)."""
     lq, lk = fmap._log_queries(xp, q), fmap._log_keys(xp, k)
     if key_mask is not None:
         lk = xp.where(key_mask[..., None], lk, _neg_inf(xp, lk))
     # each query row relative to its maximum: later sums stay small and exact
-    lq = lq - xp.max(lq, axis=-1, keepdims=True)
-    return lq, lk
+    mq = xp.max(lq, axis=-1, keepdims=True)
+    return lq - mq, lk, mq
 
 
 def _fold_queries(xp: Any, lq: Any, offset: Any) -> tuple[Any, Any, Any]:
@@ -203,12 +206,13 @@ def _noncausal(xp: Any, fq: Any, fk: Any, v: Any) -> tuple[Any, Any]:
     return num, den
 
 
-def _noncausal_exp(xp: Any, lq: Any, lk: Any, v: Any, eps: float) -> tuple[Any, Any, Any]:
+def _noncausal_exp(xp: Any, lq: Any, lk: Any, v: Any, eps: float) -> tuple[Any, Any, Any, Any]:
     offset = xp.max(lk, axis=-2, keepdims=True)  # (..., 1, F): per feature, over all keys
     fk = xp.exp(lk - _finite_or_zero(xp, offset))
-    fq, _, _ = _fold_queries(xp, lq, offset)
-    # every query sees every key, so the largest kernel term is 1 in this frame: eps as is
-    return (*_noncausal(xp, fq, fk, v), eps)
+    fq, m, top = _fold_queries(xp, lq, offset)
+    # every query sees every key, so the largest kernel term is 1 in this frame: eps as is;
+    # last: the log of the factor that takes a row back to the true scale of the kernel
+    return (*_noncausal(xp, fq, fk, v), eps, m + top)
 
 
 def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple[Any, Any, Any, Any]:
@@ -308,7 +312,7 @@ def _compensated_den(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
     return terms + r, hi[..., -1, :] + lo[..., -1, :]
 
 
-def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple[Any, Any, Any, Any]:
+def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple[Any, Any, Any, Any, Any]:
     """Chunked causal attention for an exponential map, with look-back offsets.
 
     Chunk ``n`` works relative to ``R_n``, the running maximum (per feature) of the
@@ -316,7 +320,8 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
     rescaled scan, ``X_n = sum_{m <= n} exp(R_m - R_n) Kc_m^T [Vc_m, 1]``, every factor
     <= 1, so no sum overflows and a key is only lost when it is negligible next to a
     key that the same queries see. Returns ``[num, den]``, the per-row eps in the
-    chunk frame, the final chunk state and its offset.
+    chunk frame, the final chunk state, its offset and the per-row log of the factor
+    back to the true scale of the kernel.
     """
     L = lq.shape[-2]
     length = -(-L // C) * C
@@ -349,7 +354,8 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
         rescale = xp.exp(_shift(xp, R, 1, -2, -math.inf) - R_safe)  # to frame R_n
         y = y + xp.matmul(qc, rescale[..., None] * carried)
     eps_rows = _unchunk(xp, eps_rows, L) if running is not None else eps_rows
-    return _unchunk(xp, y, L), eps_rows, X[..., -1, :, :], R[..., -1, :]
+    log_scale = _unchunk(xp, m + top, L)
+    return _unchunk(xp, y, L), eps_rows, X[..., -1, :, :], R[..., -1, :], log_scale
 
 
 def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentionState:
@@ -376,6 +382,8 @@ def linear_attention(
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
     return_state: bool = False,
+    normalize: bool = True,
+    scale: float | None = None,
 ) -> Any:
     r"""Kernelised linear attention, optionally with the FastRPB term.
 
@@ -434,6 +442,17 @@ def linear_attention(
         Causal only: also return the ``LinearAttentionState`` after the last token, so
         ``linear_attention_step`` continues the sequence (the state does not carry the
         FastRPB term).
+    normalize : bool
+        ``False``: return the unnormalised ``sum_j K_ij v_j`` with
+        ``K_ij = phi(q_i) . phi(k_j)`` (fla's ``normalize=False``, the Performer's
+        ``renormalize_attention=False``), ``eps`` unused. The exponential maps
+        (``sikf``, ``favor``) are then in their true scale, ``K_ij = sum_f
+        exp(l(q_i)_f + l(k_j)_f)``: finite while every log-kernel stays below ~88
+        (float32; ~709 in float64), ``inf`` beyond; the normalised output has no such
+        limit. The FastRPB term is added either way.
+    scale : float, optional
+        Multiplies the queries before the feature map, ``phi(s q_i)`` (``None``: 1),
+        e.g. ``1 / sqrt(Dk)`` to match softmax attention's temperature.
 
     Returns
     -------
@@ -450,6 +469,8 @@ def linear_attention(
     fmap = resolve(feature_map)
     causal = _validate.flag("causal", causal)
     return_state = _validate.flag("return_state", return_state)
+    normalize = _validate.flag("normalize", normalize)
+    scale = None if scale is None else _validate.finite("scale", scale)
     eps = _validate.non_negative("eps", eps)
     C = _validate.integer("chunk_size", chunk_size, minimum=1)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
@@ -465,6 +486,8 @@ def linear_attention(
     # -- compute
     result, work = compute_dtype(xp, q, k, v, *tables.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    if scale is not None:
+        qw = qw * scale
     offset = None
     if Lq == 0 or Lk == 0 or math.prod(out_lead) == 0 or (fmap.exponential and fmap.features(q.shape[-1]) == 0):
         # nothing to attend to (an empty batch or sequence, or no features: the kernel
@@ -476,13 +499,14 @@ def linear_attention(
         if fmap.exponential:
             offset = _neg_inf(xp, final)
     elif fmap.exponential:
-        lq, lk = _log_features(xp, fmap, qw, kw, key_mask)
+        lq, lk, mq = _log_features(xp, fmap, qw, kw, key_mask)
         if causal:
-            total, eps_rows, final, offset = _causal_exp(xp, lq, lk, _with_ones(xp, vw), min(C, Lq), eps)
+            total, eps_rows, final, offset, log_scale = _causal_exp(xp, lq, lk, _with_ones(xp, vw), min(C, Lq), eps)
             num, den = total[..., :-1], total[..., -1:]
         else:
-            num, den, eps_rows = _noncausal_exp(xp, lq, lk, vw, eps)
-        out = _normalise(xp, num, den, eps_rows)
+            num, den, eps_rows, log_scale = _noncausal_exp(xp, lq, lk, vw, eps)
+        # unnormalised: back to the true scale exp(l(q_i) . + l(k_j) .), which may overflow
+        out = _normalise(xp, num, den, eps_rows) if normalize else num * xp.exp(log_scale + mq)
     else:
         fq, fk = _features(xp, fmap, qw, kw, key_mask)
         if causal:
@@ -490,7 +514,7 @@ def linear_attention(
             final = (S_end, z_end)
         else:
             num, den = _noncausal(xp, fq, fk, vw)
-        out = _normalise(xp, num, den, eps)
+        out = _normalise(xp, num, den, eps) if normalize else num
     out = _add_bias(
         xp, out, vw, key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
     )
@@ -508,6 +532,8 @@ def linear_attention_step(
     *,
     feature_map: Any = "elu",
     eps: float = 1e-6,
+    normalize: bool = True,
+    scale: float | None = None,
 ) -> tuple[Any, LinearAttentionState]:
     r"""One decoding step of causal linear attention: O(F Dv) per token.
 
@@ -533,8 +559,9 @@ def linear_attention_step(
     v_t : array, shape (..., Dv)
         The new token's value. Half precision is computed in float32; the state stays in the
         compute dtype.
-    feature_map, eps
-        As in ``linear_attention``.
+    feature_map, eps, normalize, scale
+        As in ``linear_attention``: ``normalize=False`` returns ``phi(q_t)^T S`` (true
+        scale for the exponential maps), ``scale`` multiplies ``q_t`` first.
 
     Returns
     -------
@@ -543,6 +570,8 @@ def linear_attention_step(
     # -- validate, resolve the namespace once
     fmap = resolve(feature_map)
     eps = _validate.non_negative("eps", eps)
+    normalize = _validate.flag("normalize", normalize)
+    scale = None if scale is None else _validate.finite("scale", scale)
     if state is not None and not isinstance(state, LinearAttentionState):
         raise TypeError(f"state must be a LinearAttentionState or None, got {type(state).__name__}")
     _validate.required(q_t=q_t, k_t=k_t, v_t=v_t)
@@ -555,9 +584,12 @@ def linear_attention_step(
     # -- compute
     result, work = compute_dtype(xp, q_t, k_t, v_t)
     qw, kw, vw = (_as(xp, x, work) for x in (q_t, k_t, v_t))
+    if scale is not None:
+        qw = qw * scale
     Dv = v_t.shape[-1]
+    log_scale = None
     if fmap.exponential:
-        lq, lk = _log_features(xp, fmap, qw, kw, None)
+        lq, lk, mq = _log_features(xp, fmap, qw, kw, None)
         F = lk.shape[-1]
     else:
         fq, fk = _features(xp, fmap, qw, kw, None)
@@ -577,7 +609,8 @@ def linear_attention_step(
         fk = xp.exp(lk - safe)
         S = decay[..., None] * S + fk[..., None] * vw[..., None, :]
         z = decay * z + fk
-        fq, _, _ = _fold_queries(xp, lq, new_offset)  # token frame: the largest term is 1
+        fq, m, top = _fold_queries(xp, lq, new_offset)  # token frame: the largest term is 1
+        log_scale = mq + m + top
         offset = new_offset
     else:
         S = S + fk[..., None] * vw[..., None, :]
@@ -585,9 +618,12 @@ def linear_attention_step(
     # the ``@`` operator, not xp.matmul / xp.sum: array_api_compat's wrappers re-derive
     # the result dtype on every call, a tenth of a PyTorch decoding step
     num = (fq[..., None, :] @ S)[..., 0, :]
-    den = (fq[..., None, :] @ z[..., :, None])[..., 0, :] + eps
-    den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
-    out = _as(xp, num / den, result)
+    if normalize:
+        den = (fq[..., None, :] @ z[..., :, None])[..., 0, :] + eps
+        den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
+        out = _as(xp, num / den, result)
+    else:
+        out = _as(xp, num if log_scale is None else num * xp.exp(log_scale), result)
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)
     return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)

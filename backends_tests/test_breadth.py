@@ -1,0 +1,198 @@
+"""Issue 10 (breadth): the exact causal normaliser and unnormalised / scaled linear
+attention, against dense float64 oracles on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import oracles
+from backends import assert_close, check_gradients
+from fastrpb import feature_maps as fm
+from fastrpb import linear_attention, linear_attention_step, random_projection
+
+
+def _err_ratio(actual, expected):
+    """fla's ``get_err_ratio``: RMS of the error over RMS of the reference."""
+    return float(np.sqrt(np.mean((actual - expected) ** 2)) / np.sqrt(np.mean(expected**2)))
+
+
+def _identity(x):
+    return x
+
+
+# --------------------------------------------------------------------------- item 1
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fla_naive_chunk_err_ratio(backend, seed):
+    """fla's ``test_naive_chunk`` case: B = 2, H = 2, T = 256, D = 64, identity map on raw
+    randn q/k (signed features, denominators that cancel to ~1e-5), float32 against
+    float64: err-ratio <= 1e-3, fla's own tolerance."""
+    rng = np.random.default_rng(seed)
+    qn, kn, vn = (rng.standard_normal((2, 2, 256, 64)).astype(np.float32) for _ in range(3))
+    q, k, v = (backend.asarray(x, "float32") for x in (qn, kn, vn))
+    out = backend.to_numpy(linear_attention(q, k, v, feature_map=_identity, causal=True))
+    expected = oracles.kernel_attention(*(x.astype(np.float64) for x in (qn, kn, vn)), causal=True, eps=1e-6)
+    assert _err_ratio(out, expected) <= 1e-3
+
+
+def test_compensated_normaliser_without_float64(backend, rng):
+    """The float32 fallback (JAX without x64, MPS): compensated prefix and dot product."""
+    from fastrpb.attention import _compensated_den
+
+    qn, kn = (rng.standard_normal((2, 300, 64)).astype(np.float32) for _ in range(2))
+    q, k = backend.asarray(qn, "float32"), backend.asarray(kn, "float32")
+    den, z = _compensated_den(backend.xp, q, k)
+    q64, k64 = qn.astype(np.float64), kn.astype(np.float64)
+    Z = np.cumsum(k64, axis=-2)
+    expected = np.sum(q64 * Z, axis=-1, keepdims=True)
+    # an accurate dot product: error of the order of one rounding of the result's terms
+    got = backend.to_numpy(den)
+    assert np.max(np.abs(got - expected) / (np.abs(q64) @ np.abs(Z).swapaxes(-1, -2)).diagonal(axis1=-2, axis2=-1)[..., None]) < 1e-6
+    np.testing.assert_allclose(backend.to_numpy(z), Z[..., -1, :], rtol=1e-6, atol=1e-5)
+
+
+def test_causal_rff_no_worse_than_noncausal(backend, rng):
+    """Signed random Fourier features, float32: the causal call is as accurate as the
+    non-causal one on the same inputs (each against its float64 oracle)."""
+    qn, kn, vn = (rng.standard_normal((2, 512, 16)) * 0.3 for _ in range(3))
+    w = random_projection(64, 16, seed=3, like=backend.asarray(np.zeros(1), "float32"))
+    wn = backend.to_numpy(w).astype(np.float64)
+    q, k, v = (backend.asarray(x, "float32") for x in (qn, kn, vn))
+    fq, fk = oracles.rff(qn, wn), oracles.rff(kn, wn)
+    errors = {}
+    for causal in (False, True):
+        out = backend.to_numpy(linear_attention(q, k, v, feature_map=fm.rff(w), causal=causal))
+        errors[causal] = _err_ratio(out, oracles.kernel_attention(fq, fk, vn, causal=causal, eps=1e-6))
+    assert errors[True] <= max(2 * errors[False], 1e-6), errors
+
+
+@pytest.mark.parametrize("name", ["identity", "rff", "taylor"])
+def test_signed_maps_causal_match_oracle(backend, dtype, rng, name):
+    qn, kn, vn = (rng.standard_normal((2, 37, 4)) * 0.5 for _ in range(3))
+    q, k, v = (backend.asarray(x, dtype) for x in (qn, kn, vn))
+    qn, kn, vn = (backend.to_numpy(x).astype(np.float64) for x in (q, k, v))  # as rounded
+    fmap, fq, fk = _features(backend, name, qn, kn)
+    out = linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=8)
+    assert_close(backend, out, oracles.kernel_attention(fq, fk, vn, causal=True, eps=1e-6), dtype)
+
+
+# --------------------------------------------------------------------------- item 4
+def _features(backend, name, qn, kn):
+    """(feature_map argument, float64 query and key features) for a map by name."""
+    d = qn.shape[-1]
+    if name == "identity":
+        return _identity, qn, kn
+    if name == "elu":
+        return "elu", oracles.elu1(qn), oracles.elu1(kn)
+    if name == "relu":
+        return "relu", oracles.relu(qn), oracles.relu(kn)
+    if name == "dpfp":
+        return "dpfp", oracles.dpfp(qn), oracles.dpfp(kn)
+    if name == "taylor":
+        return "taylor", oracles.taylor(qn), oracles.taylor(kn)
+    w = random_projection(8, d, seed=5, like=backend.asarray(np.zeros(1)))
+    wn = backend.to_numpy(w).astype(np.float64)
+    if name == "rff":
+        return fm.rff(w), oracles.rff(qn, wn), oracles.rff(kn, wn)
+    if name == "favor":
+        return fm.favor(w), oracles.favor_log(qn, wn), oracles.favor_log(kn, wn)
+    if name == "sikf":
+        return "sikf", qn, kn
+    raise AssertionError(name)
+
+
+def _unnormalised(name, lq, lk, vn, causal):
+    """sum_j K_ij v_j over visible keys, K from features (or log-features: sikf, favor)."""
+    if name in ("sikf", "favor"):
+        K = np.exp(lq[..., :, None, :] + lk[..., None, :, :]).sum(-1)
+    else:
+        K = lq @ np.swapaxes(lk, -1, -2)
+    K = np.where(oracles.visibility(lq.shape[-2], lk.shape[-2], causal), K, 0.0)
+    return K @ vn
+
+
+MAPS = ["elu", "relu", "dpfp", "taylor", "identity", "rff", "sikf", "favor"]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", MAPS)
+def test_unnormalised_scaled_matches_oracle(backend, dtype, rng, name, causal):
+    qn, kn, vn = (rng.standard_normal((2, 11, 4)) for _ in range(3))
+    q, k, v = (backend.asarray(x, dtype) for x in (qn, kn, vn))
+    qn, kn, vn = (backend.to_numpy(x).astype(np.float64) for x in (q, k, v))  # as rounded
+    fmap, fq, fk = _features(backend, name, 0.5 * qn, kn)
+    out = linear_attention(q, k, v, feature_map=fmap, causal=causal, chunk_size=4, normalize=False, scale=0.5)
+    assert_close(backend, out, _unnormalised(name, fq, fk, vn, causal), dtype)
+
+
+@pytest.mark.parametrize("name", ["elu", "sikf"])
+def test_scale_multiplies_queries(backend, dtype, rng, name):
+    qn, kn, vn = (rng.standard_normal((2, 9, 4)) for _ in range(3))
+    q, k, v = (backend.asarray(x, dtype) for x in (qn, kn, vn))
+    qn, kn, vn = (backend.to_numpy(x).astype(np.float64) for x in (q, k, v))  # as rounded
+    for causal in (False, True):
+        out = linear_attention(q, k, v, feature_map=name, causal=causal, chunk_size=4, scale=2.0)
+        if name == "elu":
+            expected = oracles.kernel_attention(oracles.elu1(2 * qn), oracles.elu1(kn), vn, causal=causal, eps=1e-6)
+        else:
+            expected = oracles.exp_kernel_attention(2 * qn, kn, vn, causal=causal, eps=1e-6)
+        assert_close(backend, out, expected, dtype)
+
+
+@pytest.mark.parametrize("name", ["elu", "taylor", "sikf", "favor"])
+def test_step_unnormalised_scaled_matches_oracle(backend, rng, name):
+    qn, kn, vn = (rng.standard_normal((2, 6, 4)) for _ in range(3))
+    q, k, v = (backend.asarray(x, "float64") for x in (qn, kn, vn))
+    fmap, fq, fk = _features(backend, name, 0.5 * qn, kn)
+    expected = _unnormalised(name, fq, fk, vn, True)
+    state = None
+    for t in range(6):
+        out, state = linear_attention_step(
+            state, q[..., t, :], k[..., t, :], v[..., t, :], feature_map=fmap, normalize=False, scale=0.5
+        )
+        assert_close(backend, out, expected[..., t, :], "float64")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_unnormalised_exponential_overflows_to_inf(backend):
+    """The documented limit: the true scale of sikf overflows past exp(~709) in float64."""
+    qn = np.full((1, 2, 2), 400.0)
+    q = backend.asarray(qn, "float64")
+    out = backend.to_numpy(linear_attention(q, q, q, feature_map="sikf", normalize=False))
+    assert np.all(np.isinf(out))
+    ok = backend.to_numpy(linear_attention(q, q, q, feature_map="sikf"))
+    np.testing.assert_allclose(ok, 400.0, rtol=1e-5)
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("name", ["elu", "taylor", "sikf"])
+def test_gradients_unnormalised_and_causal_normaliser(backend, rng, name):
+    qn, kn, vn = (rng.standard_normal((1, 5, 3)) * 0.5 for _ in range(3))
+
+    def unnormalised(q, k, v):
+        return linear_attention(q, k, v, feature_map=name, causal=True, chunk_size=2, normalize=False, scale=0.7)
+
+    def normalised(q, k, v):
+        return linear_attention(q, k, v, feature_map=name, causal=True, chunk_size=2)
+
+    check_gradients(backend, unnormalised, qn, kn, vn, rtol=1e-5, atol=1e-6)
+    check_gradients(backend, normalised, qn, kn, vn, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"normalize": 1}, TypeError, "normalize"),
+        ({"scale": float("nan")}, ValueError, "scale"),
+        ({"scale": "half"}, TypeError, "scale"),
+    ],
+    ids=["normalize-not-bool", "scale-nan", "scale-not-number"],
+)
+@pytest.mark.parametrize("step", [False, True], ids=["attention", "step"])
+def test_option_errors(backend, kwargs, error, match, step):
+    x = backend.asarray(np.ones((2, 3)), "float64")
+    with pytest.raises(error, match=match):
+        if step:
+            linear_attention_step(None, x[0, ...], x[0, ...], x[0, ...], **kwargs)
+        else:
+            linear_attention(x, x, x, **kwargs)
