@@ -48,7 +48,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from . import _validate
+from . import _packing, _validate
 from . import bias as _bias
 from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, namespace, wider_float
 from ._compat import pad_axis as _pad_axis
@@ -384,6 +384,7 @@ def linear_attention(
     return_state: bool = False,
     normalize: bool = True,
     scale: float | None = None,
+    cu_seqlens: Any = None,
 ) -> Any:
     r"""Kernelised linear attention, optionally with the FastRPB term.
 
@@ -453,6 +454,17 @@ def linear_attention(
     scale : float, optional
         Multiplies the queries before the feature map, ``phi(s q_i)`` (``None``: 1),
         e.g. ``1 / sqrt(Dk)`` to match softmax attention's temperature.
+    cu_seqlens : int array, shape (N + 1,), optional
+        Packed sequences, the flash-attention / fla convention: offsets ``0 = c_0 <
+        c_1 < ... < c_N = L`` along the length axis of ``q``, ``k``, ``v`` (``Lq = Lk
+        = L``; leading dimensions allowed, batch 1 typical). Sequence ``n`` is tokens
+        ``c_n .. c_{n+1} - 1``; it attends (causal or not) and is biased only within
+        itself, ``rpb_skip`` applied to each sequence: equal to ``N`` separate calls.
+        With ``return_state=True`` the state holds one state per sequence, stacked
+        along a new *leading* axis ``N`` (``state.S`` of shape ``(N, ..., F, Dv)``).
+        The offsets must be concrete (under ``jax.jit`` a ``ValueError``: pass them
+        static). Cost: the sequences are unpacked to ``(..., N, Lmax, .)`` (``Lmax``
+        the longest) and repacked, ``O(N Lmax)``; the N-d bias is not available.
 
     Returns
     -------
@@ -475,7 +487,7 @@ def linear_attention(
     C = _validate.integer("chunk_size", chunk_size, minimum=1)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, **tables, **fmap._arrays())
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, cu_seqlens=cu_seqlens, **tables, **fmap._arrays())
     lead = _validate.attention_inputs(xp, q, k, v)
     out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     fmap._check_width(q.shape[-1], "q")
@@ -483,6 +495,12 @@ def linear_attention(
     _validate.causal_lengths(causal, Lq, Lk)
     if return_state and not causal:
         raise ValueError("return_state=True needs causal=True: a decoding state continues a causal sequence")
+    if cu_seqlens is not None:
+        return _packed_linear_attention(
+            xp, q, k, v, cu_seqlens, key_mask=key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_skip=rpb_skip,
+            causal=causal, return_state=return_state,
+            options=dict(feature_map=fmap, eps=eps, chunk_size=C, normalize=normalize, scale=scale),
+        )
     # -- compute
     result, work = compute_dtype(xp, q, k, v, *tables.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
@@ -522,6 +540,47 @@ def linear_attention(
     if return_state:
         return out, _state(xp, fmap, final, offset)
     return out
+
+
+def _packed_lengths(xp: Any, cu_seqlens: Any, Lq: int, Lk: int, rpb_tables: Any) -> Any:
+    """The packing of ``cu_seqlens`` for attention over ``Lq = Lk`` packed tokens."""
+    if Lq != Lk:
+        raise ValueError(f"cu_seqlens packs queries and keys alike: it needs Lq == Lk, got Lq = {Lq} and Lk = {Lk}")
+    if rpb_tables is not None:
+        raise ValueError("cu_seqlens does not combine with the N-d bias (rpb_tables/rpb_grid): a grid spans one sequence")
+    return _packing.packing(xp, _packing.offsets_of(xp, cu_seqlens, Lq), cu_seqlens)
+
+
+def _packed_bias(xp: Any, out: Any, v: Any, key_mask: Any, rpb: Any, rpb_skip: Any, causal: bool, cu_seqlens: Any) -> Any:
+    """``out`` plus the FastRPB term of every packed sequence on its own."""
+    if rpb is None:
+        return out
+    if key_mask is not None:
+        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+    try:
+        term = _packing.packed_rpb(xp, v, rpb, causal=causal, skip=rpb_skip, cu_seqlens=cu_seqlens)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
+    return out + xp.astype(term, out.dtype, copy=False)
+
+
+def _packed_linear_attention(
+    xp: Any, q: Any, k: Any, v: Any, cu_seqlens: Any, *, key_mask: Any, rpb: Any, rpb_tables: Any,
+    rpb_skip: Any, causal: bool, return_state: bool, options: dict,
+) -> Any:
+    """``linear_attention`` of packed sequences: unpack, attend with the padding masked, repack."""
+    pk = _packed_lengths(xp, cu_seqlens, q.shape[-2], k.shape[-2], rpb_tables)
+    mask = pk.valid if key_mask is None else _packing.unpack_mask(xp, pk, key_mask)
+    qu, ku, vu = (_packing.unpack(xp, pk, x) for x in (q, k, v))
+    res = linear_attention(qu, ku, vu, causal=causal, key_mask=mask, return_state=return_state, **options)
+    out_u, state = res if return_state else (res, None)
+    out = _packed_bias(xp, _packing.repack(xp, pk, out_u), v, key_mask, rpb, rpb_skip, causal, cu_seqlens)
+    if not return_state:
+        return out
+    # one state per sequence, stacked along a new leading axis N
+    lead = [xp.moveaxis(x, x.ndim - {"S": 3}.get(name, 2), 0) if x is not None else None
+            for name, x in (("S", state.S), ("z", state.z), ("offset", state.offset))]
+    return out, LinearAttentionState(S=lead[0], z=lead[1], offset=lead[2], feature_map=state.feature_map)
 
 
 def linear_attention_step(
@@ -684,6 +743,7 @@ def softmax_attention(
     rpb_tables: Sequence[Any | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
+    cu_seqlens: Any = None,
 ) -> Any:
     r"""Exact (quadratic) softmax attention, the reference for linear attention.
 
@@ -714,18 +774,29 @@ def softmax_attention(
         ``s``; default ``1 / sqrt(Dk)``.
     rpb, rpb_tables, rpb_grid, rpb_skip
         Add the FastRPB term, as in ``linear_attention``.
+    cu_seqlens : int array, shape (N + 1,), optional
+        Packed sequences, as in ``linear_attention``: every sequence attends only
+        within itself, O(N Lmax^2) (not ``logits_bias``).
     """
     # -- validate, resolve the namespace once
     causal = _validate.flag("causal", causal)
     scale = None if scale is None else _validate.finite("scale", scale)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, **tables)
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, cu_seqlens=cu_seqlens, **tables)
     lead = _validate.attention_inputs(xp, q, k, v)
     _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     Lq, Lk = q.shape[-2], k.shape[-2]
     _validate.causal_lengths(causal, Lq, Lk)
     _validate.logits_bias(xp, logits_bias, Lq, Lk, lead)
+    if cu_seqlens is not None:
+        if logits_bias is not None:
+            raise ValueError("cu_seqlens does not combine with logits_bias (an Lq x Lk matrix over the packed row)")
+        pk = _packed_lengths(xp, cu_seqlens, Lq, Lk, rpb_tables)
+        mask = pk.valid if key_mask is None else _packing.unpack_mask(xp, pk, key_mask)
+        qu, ku, vu = (_packing.unpack(xp, pk, x) for x in (q, k, v))
+        out_u = softmax_attention(qu, ku, vu, causal=causal, key_mask=mask, scale=scale)
+        return _packed_bias(xp, _packing.repack(xp, pk, out_u), v, key_mask, rpb, rpb_skip, causal, cu_seqlens)
     # -- compute
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
