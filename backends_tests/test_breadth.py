@@ -8,8 +8,9 @@ import pytest
 
 import oracles
 from backends import assert_close, check_gradients
+import fastrpb
+from fastrpb import LinearAttentionState, linear_attention, linear_attention_step, random_projection, rpb, softmax_attention
 from fastrpb import feature_maps as fm
-from fastrpb import linear_attention, linear_attention_step, random_projection
 
 
 def _err_ratio(actual, expected):
@@ -196,3 +197,142 @@ def test_option_errors(backend, kwargs, error, match, step):
             linear_attention_step(None, x[0, ...], x[0, ...], x[0, ...], **kwargs)
         else:
             linear_attention(x, x, x, **kwargs)
+
+
+# --------------------------------------------------------------------------- item 2: packed
+def _random_offsets(rng, n=5, longest=9):
+    lengths = rng.integers(1, longest + 1, size=n)
+    lengths[rng.integers(n)] = 1  # always a length-1 sequence
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _per_sequence(offsets, fn):
+    """Concatenate ``fn(a, b)`` (a float64 oracle of one sequence) over the sequences."""
+    return np.concatenate([fn(a, b) for a, b in zip(offsets[:-1], offsets[1:])], axis=-2)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", ["elu", "taylor", "sikf", "favor"])
+def test_packed_linear_attention_matches_separate_oracles(backend, dtype, rng, name, causal):
+    offsets = _random_offsets(rng)
+    T = int(offsets[-1])
+    qn, kn, vn = (rng.standard_normal((2, T, 4)) * 0.7 for _ in range(3))
+    mask_n = rng.random((2, T)) > 0.2
+    wn = rng.standard_normal((2, 2 * 10 - 1))
+    q, k, v, w = (backend.asarray(x, dtype) for x in (qn, kn, vn, wn))
+    qn, kn, vn, wn = (backend.to_numpy(x).astype(np.float64) for x in (q, k, v, w))  # as rounded
+    cu = backend.asarray(offsets, None)
+    mask = backend.asarray(mask_n, None)
+    fmap, fq, fk = _features(backend, name, qn, kn)
+    kernel = oracles.exp_kernel_attention if name in ("sikf", "favor") else oracles.kernel_attention
+    out = linear_attention(
+        q, k, v, feature_map=fmap, causal=causal, key_mask=mask, chunk_size=3, rpb=w, rpb_skip=(1, 0), cu_seqlens=cu
+    )
+
+    def one(a, b):
+        vm = np.where(mask_n[:, a:b, None], vn[:, a:b], 0.0)
+        att = kernel(fq[:, a:b], fk[:, a:b], vn[:, a:b], causal=causal, key_mask=mask_n[:, a:b], eps=1e-6)
+        return att + oracles.rpb(vm, wn, causal=causal, skip=(1, 0))
+
+    assert_close(backend, out, _per_sequence(offsets, one), dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_softmax_and_rpb_match_separate_oracles(backend, dtype, rng, causal):
+    offsets = _random_offsets(rng)
+    T = int(offsets[-1])
+    qn, kn, vn = (rng.standard_normal((3, T, 4)) for _ in range(3))
+    wn = rng.standard_normal((2 * 9 - 1,))
+    q, k, v, w = (backend.asarray(x, dtype) for x in (qn, kn, vn, wn))
+    qn, kn, vn, wn = (backend.to_numpy(x).astype(np.float64) for x in (q, k, v, w))
+    cu = backend.asarray(offsets, None)
+    out = softmax_attention(q, k, v, causal=causal, cu_seqlens=cu, scale=0.5)
+    expected = _per_sequence(offsets, lambda a, b: oracles.softmax_attention(qn[:, a:b], kn[:, a:b], vn[:, a:b], causal=causal, scale=0.5))
+    assert_close(backend, out, expected, dtype)
+    skip = (0, 1)  # every sequence has at least one token
+    out = rpb(v, w, causal=causal, skip=skip, cu_seqlens=cu)
+    assert_close(backend, out, _per_sequence(offsets, lambda a, b: oracles.rpb(vn[:, a:b], wn, causal=causal, skip=skip)), dtype)
+
+
+@pytest.mark.parametrize("name", ["elu", "sikf"])
+def test_packed_states_continue_each_sequence(backend, rng, name):
+    offsets = _random_offsets(rng, n=4)
+    T = int(offsets[-1])
+    qn, kn, vn = (rng.standard_normal((2, T + 4, 3)) for _ in range(3))
+    q, k, v = (backend.asarray(x, "float64") for x in (qn, kn, vn))
+    cu = backend.asarray(offsets, None)
+    _, state = linear_attention(
+        q[:, :T, :], k[:, :T, :], v[:, :T, :], feature_map=name, causal=True, chunk_size=2, cu_seqlens=cu, return_state=True
+    )
+    assert tuple(state.S.shape)[:2] == (len(offsets) - 1, 2)  # a new leading axis N
+    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        one = LinearAttentionState(
+            S=state.S[n, ...], z=state.z[n, ...], offset=None if state.offset is None else state.offset[n, ...],
+            feature_map=state.feature_map,
+        )
+        # the next token of sequence n continues it: oracle over its tokens and the new one
+        idx = list(range(a, b)) + [T]
+        fq = qn[:, idx] if name == "sikf" else oracles.elu1(qn[:, idx])
+        fk = kn[:, idx] if name == "sikf" else oracles.elu1(kn[:, idx])
+        kernel = oracles.exp_kernel_attention if name == "sikf" else oracles.kernel_attention
+        expected = kernel(fq, fk, vn[:, idx], causal=True, eps=1e-6)[:, -1]
+        out, _ = linear_attention_step(one, q[:, T, :], k[:, T, :], v[:, T, :], feature_map=name)
+        assert_close(backend, out, expected, "float64")
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_gradients(backend, causal):
+    rng = np.random.default_rng(4)
+    offsets = np.array([0, 1, 4, 6])
+    qn, kn, vn = (rng.standard_normal((1, 6, 2)) for _ in range(3))
+    wn = rng.standard_normal((7,))
+
+    def fn(q, k, v, w):  # static offsets: the gradient check runs under jax.jit
+        return linear_attention(q, k, v, causal=causal, chunk_size=2, rpb=w, cu_seqlens=tuple(offsets.tolist()))
+
+    check_gradients(backend, fn, qn, kn, vn, wn, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "offsets, error, match",
+    [
+        (np.array([0, 3, 2, 6]), ValueError, "strictly increasing"),
+        (np.array([1, 3, 6]), ValueError, "start at 0"),
+        (np.array([0, 3, 5]), ValueError, "end at T"),
+        (np.array([0.0, 3.0, 6.0]), TypeError, "integer"),
+        (np.array([[0, 6]]), ValueError, r"shape \(N \+ 1,\)"),
+        (np.array([0]), ValueError, r"shape \(N \+ 1,\)"),
+        ((0, 4, 4, 6), ValueError, "strictly increasing"),
+        ((0, 2.5, 6), TypeError, "int"),
+    ],
+    ids=["not-increasing", "not-from-zero", "not-to-T", "float-dtype", "two-d", "no-sequence", "static-empty-sequence", "static-float"],
+)
+@pytest.mark.parametrize("fn", ["linear_attention", "softmax_attention", "rpb"])
+def test_packed_errors(backend, offsets, error, match, fn):
+    x = backend.asarray(np.ones((6, 2)), "float64")
+    cu = offsets if isinstance(offsets, tuple) else backend.asarray(offsets, None)
+    with pytest.raises(error, match=f"cu_seqlens.*{match}|{match}.*cu_seqlens" if error is ValueError else "cu_seqlens"):
+        if fn == "rpb":
+            rpb(x, backend.asarray(np.ones(11), "float64"), cu_seqlens=cu)
+        else:
+            getattr(fastrpb, fn)(x, x, x, cu_seqlens=cu)
+
+
+def test_packed_offsets_from_another_library(backend):
+    x = backend.asarray(np.ones((6, 2)), "float64")
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        linear_attention(x, x, x, cu_seqlens=backend.foreign(np.array([0, 6])))
+
+
+@pytest.mark.jit
+def test_packed_traced_offsets_are_an_error(backend):
+    x = backend.asarray(np.ones((6, 2)), "float64")
+
+    def f(cu):
+        return linear_attention(x, x, x, cu_seqlens=cu)
+
+    with pytest.raises(ValueError, match="cu_seqlens must be concrete"):
+        backend.compile(f)(backend.asarray(np.array([0, 2, 6]), None))
+    static = backend.compile(lambda q: linear_attention(q, q, q, cu_seqlens=(0, 2, 6)))(x)
+    np.testing.assert_allclose(backend.to_numpy(static), 1.0)

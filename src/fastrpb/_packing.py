@@ -78,7 +78,13 @@ def offsets_of(xp: Any, cu_seqlens: Any, T: int) -> tuple[int, ...]:
     from . import _validate
     from ._compat import is_traced
 
-    return _validate.cu_seqlens(xp, cu_seqlens, T, traced=is_traced(xp, cu_seqlens))
+    static = isinstance(cu_seqlens, (tuple, list))
+    return _validate.cu_seqlens(xp, cu_seqlens, T, traced=not static and is_traced(xp, cu_seqlens))
+
+
+def array_argument(cu_seqlens: Any) -> Any:
+    """``cu_seqlens`` as a namespace argument: ``None`` for static (tuple/list) offsets."""
+    return None if isinstance(cu_seqlens, (tuple, list)) else cu_seqlens
 
 
 def packed_rpb(xp: Any, v: Any, w: Any, *, causal: bool, skip: Any, cu_seqlens: Any) -> Any:

@@ -304,10 +304,16 @@ def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...
     """Packed-sequence offsets ``0 = c_0 < c_1 < ... < c_N = T`` (flash-attention / fla).
 
     A 1-d integer array of ``N + 1 >= 2`` entries, of the library and device of the
-    other inputs (checked when the namespace is resolved). Returns the offsets as
-    Python ints: the packing is a shape (the longest sequence), so the values must be
-    concrete; under ``jax.jit`` (``traced``) that is a ``ValueError`` saying so.
+    other inputs (checked when the namespace is resolved), or a tuple/list of Python
+    ints (static: usable under ``jax.jit``). Returns the offsets as Python ints: the
+    packing is a shape (the longest sequence), so the values must be concrete; a
+    traced array (``traced``) is a ``ValueError`` saying so.
     """
+    if isinstance(offsets, (tuple, list)):  # static offsets (usable under jax.jit)
+        values = tuple(integer(f"cu_seqlens[{n}]", c, minimum=0) for n, c in enumerate(offsets))
+        if len(values) < 2:
+            raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got {len(values)} offsets")
+        return _increasing_offsets(values, T)
     if not xp.isdtype(offsets.dtype, "integral"):
         raise TypeError(f"cu_seqlens must be an integer array of offsets 0 = c_0 < ... < c_N = T, got dtype {offsets.dtype}")
     if offsets.ndim != 1 or offsets.shape[0] < 2:
@@ -317,9 +323,12 @@ def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...
     if traced:
         raise ValueError(
             "cu_seqlens must be concrete: the longest packed sequence sets a shape, so under jax.jit pass "
-            "cu_seqlens as a static (NumPy) value or unpack outside the traced function; got a traced array"
+            "cu_seqlens as a tuple of Python ints (static), not a traced array"
         )
-    values = tuple(int(offsets[i]) for i in range(offsets.shape[0]))
+    return _increasing_offsets(tuple(int(offsets[i]) for i in range(offsets.shape[0])), T)
+
+
+def _increasing_offsets(values: tuple[int, ...], T: int) -> tuple[int, ...]:
     if values[0] != 0 or values[-1] != T:
         raise ValueError(
             f"cu_seqlens must start at 0 and end at T = {T} (the packed length axis), "

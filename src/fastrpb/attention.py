@@ -462,8 +462,8 @@ def linear_attention(
         itself, ``rpb_skip`` applied to each sequence: equal to ``N`` separate calls.
         With ``return_state=True`` the state holds one state per sequence, stacked
         along a new *leading* axis ``N`` (``state.S`` of shape ``(N, ..., F, Dv)``).
-        The offsets must be concrete (under ``jax.jit`` a ``ValueError``: pass them
-        static). Cost: the sequences are unpacked to ``(..., N, Lmax, .)`` (``Lmax``
+        Also a tuple/list of Python ints (static offsets, usable under ``jax.jit``); a
+        traced array is a ``ValueError`` (the longest sequence sets a shape). Cost: the sequences are unpacked to ``(..., N, Lmax, .)`` (``Lmax``
         the longest) and repacked, ``O(N Lmax)``; the N-d bias is not available.
 
     Returns
@@ -487,7 +487,7 @@ def linear_attention(
     C = _validate.integer("chunk_size", chunk_size, minimum=1)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, cu_seqlens=cu_seqlens, **tables, **fmap._arrays())
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, cu_seqlens=_packing.array_argument(cu_seqlens), **tables, **fmap._arrays())
     lead = _validate.attention_inputs(xp, q, k, v)
     out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     fmap._check_width(q.shape[-1], "q")
@@ -542,13 +542,13 @@ def linear_attention(
     return out
 
 
-def _packed_lengths(xp: Any, cu_seqlens: Any, Lq: int, Lk: int, rpb_tables: Any) -> Any:
+def _packed_lengths(xp: Any, cu_seqlens: Any, Lq: int, Lk: int, rpb_tables: Any, like: Any) -> Any:
     """The packing of ``cu_seqlens`` for attention over ``Lq = Lk`` packed tokens."""
     if Lq != Lk:
         raise ValueError(f"cu_seqlens packs queries and keys alike: it needs Lq == Lk, got Lq = {Lq} and Lk = {Lk}")
     if rpb_tables is not None:
         raise ValueError("cu_seqlens does not combine with the N-d bias (rpb_tables/rpb_grid): a grid spans one sequence")
-    return _packing.packing(xp, _packing.offsets_of(xp, cu_seqlens, Lq), cu_seqlens)
+    return _packing.packing(xp, _packing.offsets_of(xp, cu_seqlens, Lq), like)
 
 
 def _packed_bias(xp: Any, out: Any, v: Any, key_mask: Any, rpb: Any, rpb_skip: Any, causal: bool, cu_seqlens: Any) -> Any:
@@ -569,7 +569,7 @@ def _packed_linear_attention(
     rpb_skip: Any, causal: bool, return_state: bool, options: dict,
 ) -> Any:
     """``linear_attention`` of packed sequences: unpack, attend with the padding masked, repack."""
-    pk = _packed_lengths(xp, cu_seqlens, q.shape[-2], k.shape[-2], rpb_tables)
+    pk = _packed_lengths(xp, cu_seqlens, q.shape[-2], k.shape[-2], rpb_tables, q)
     mask = pk.valid if key_mask is None else _packing.unpack_mask(xp, pk, key_mask)
     qu, ku, vu = (_packing.unpack(xp, pk, x) for x in (q, k, v))
     res = linear_attention(qu, ku, vu, causal=causal, key_mask=mask, return_state=return_state, **options)
@@ -783,7 +783,7 @@ def softmax_attention(
     scale = None if scale is None else _validate.finite("scale", scale)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, cu_seqlens=cu_seqlens, **tables)
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, cu_seqlens=_packing.array_argument(cu_seqlens), **tables)
     lead = _validate.attention_inputs(xp, q, k, v)
     _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     Lq, Lk = q.shape[-2], k.shape[-2]
@@ -792,7 +792,7 @@ def softmax_attention(
     if cu_seqlens is not None:
         if logits_bias is not None:
             raise ValueError("cu_seqlens does not combine with logits_bias (an Lq x Lk matrix over the packed row)")
-        pk = _packed_lengths(xp, cu_seqlens, Lq, Lk, rpb_tables)
+        pk = _packed_lengths(xp, cu_seqlens, Lq, Lk, rpb_tables, q)
         mask = pk.valid if key_mask is None else _packing.unpack_mask(xp, pk, key_mask)
         qu, ku, vu = (_packing.unpack(xp, pk, x) for x in (q, k, v))
         out_u = softmax_attention(qu, ku, vu, causal=causal, key_mask=mask, scale=scale)

@@ -33,6 +33,7 @@ from ._compat import (
 )
 from ._compat import pad_axis as _pad_rows
 from ._online import RPBState
+from ._packing import array_argument as _packing_argument
 from ._packing import packed_rpb as _packed_rpb
 from ._random import seeded_normal
 from ._validate import broadcast_shapes as _broadcast_lead
@@ -182,7 +183,7 @@ def rpb(
     if cu_seqlens is not None:  # packed sequences (fastrpb._packing), each biased on its own
         if initial_state is not None or return_state:
             raise ValueError("cu_seqlens does not combine with initial_state/return_state (streaming one sequence)")
-        xp = namespace(v=v, w=w, cu_seqlens=cu_seqlens)
+        xp = namespace(v=v, w=w, cu_seqlens=_packing_argument(cu_seqlens))
         return _packed_rpb(xp, v, w, causal=causal, skip=skip, cu_seqlens=cu_seqlens)
     if initial_state is not None or return_state:
         return _rpb_stream(v, w, causal, skip, initial_state, return_state)
