@@ -336,3 +336,23 @@ def test_packed_traced_offsets_are_an_error(backend):
         backend.compile(f)(backend.asarray(np.array([0, 2, 6]), None))
     static = backend.compile(lambda q: linear_attention(q, q, q, cu_seqlens=(0, 2, 6)))(x)
     np.testing.assert_allclose(backend.to_numpy(static), 1.0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("framework", ["torch", "flax"])
+def test_packed_layer_forward_equals_separate_calls(framework, causal):
+    """The layers' forward with cu_seqlens equals the layer on each sequence alone."""
+    from test_layers import Framework, _backend
+
+    fw = Framework("torch" if framework == "torch" else "flax", _backend("torch" if framework == "torch" else "jax"))
+    layer = fw.mha(causal=causal, rpb=fw.bias(3, 16, causal=causal, skip=(1, 0)))
+    offsets = _random_offsets(np.random.default_rng(7))
+    x_n = np.random.default_rng(8).standard_normal((1, int(offsets[-1]), 12))
+    x = fw.array(x_n)
+    packed = layer(x, cu_seqlens=fw.mask(offsets))
+    separate = np.concatenate(
+        [fw.numpy(layer(fw.array(x_n[:, a:b]))) for a, b in zip(offsets[:-1], offsets[1:])], axis=-2
+    )
+    np.testing.assert_allclose(fw.numpy(packed), separate, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, cu_seqlens=fw.mask(offsets), inputs_k=x)

@@ -275,9 +275,12 @@ class AttentionLayer:
             raise ValueError(f"{name} must have shape {want} with d_model = {self.d_model}, got {tuple(x.shape)}")
         return xp
 
-    def _heads(self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool) -> tuple[Any, Any, Any]:
+    def _heads(
+        self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool, cu_seqlens: Any = None
+    ) -> tuple[Any, Any, Any]:
         """Attention plus bias on split heads ``(..., H, L, Dh)``; ``key_mask: (..., 1, Lk)``
-        True = keep. Returns ``(out, state or None, the values the bias saw or None)``."""
+        True = keep; ``cu_seqlens``: packed sequences along L (each attended and biased on
+        its own). Returns ``(out, state or None, the values the bias saw or None)``."""
         if self.rpb is not None and q.shape[-2] != k.shape[-2]:
             raise ValueError(
                 f"a layer with FastRPB needs as many queries as keys (the bias is B @ V with a square B), "
@@ -285,7 +288,7 @@ class AttentionLayer:
             )
         result = linear_attention(
             q, k, v, feature_map=self.feature_map, causal=causal, key_mask=key_mask,
-            eps=self.eps, chunk_size=self.chunk_size, return_state=return_state,
+            eps=self.eps, chunk_size=self.chunk_size, return_state=return_state, cu_seqlens=cu_seqlens,
         )
         out, state = result if return_state else (result, None)
         values = None
@@ -293,15 +296,24 @@ class AttentionLayer:
             values = v
             if key_mask is not None:  # padding keys give no bias (garbage and NaN included)
                 values = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
-            out = out + self.rpb(values)
+            if cu_seqlens is None:
+                out = out + self.rpb(values)
+            else:
+                out = out + rpb(values, self.rpb.weights(), causal=self.rpb.causal, skip=self.rpb.skip, cu_seqlens=cu_seqlens)
         return out, state, values
 
     def _attend(
-        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None
+        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None,
+        cu_seqlens: Any = None,
     ) -> Any:
         xp = self._check_input(x, "x", 2)
         if return_cache and not self.causal:
             raise ValueError("return_cache=True needs a causal layer (MultiheadLinearAttention(..., causal=True))")
+        if cu_seqlens is not None and (return_cache or inputs_k is not None or isinstance(self.rpb, BiasNdLayer)):
+            raise ValueError(
+                "cu_seqlens (packed sequences) works with self-attention without return_cache and without an "
+                "N-d bias; call the layer per sequence for those"
+            )
         if inputs_v is not None and inputs_k is None:
             raise ValueError("inputs_v needs inputs_k: pass the keys' input as well")
         kx = x if inputs_k is None else inputs_k
@@ -315,7 +327,7 @@ class AttentionLayer:
                 )
         q, k, v = self._split(xp, self.q_proj(x)), self._split(xp, self.k_proj(kx)), self._split(xp, self.v_proj(vx))
         mask = None if key_mask is None else key_mask[..., None, :]  # broadcast over heads
-        out, state, values = self._heads(xp, q, k, v, mask, self.causal, return_cache)
+        out, state, values = self._heads(xp, q, k, v, mask, self.causal, return_cache, cu_seqlens)
         y = self.out_proj(self._merge(xp, out))
         if not return_cache:
             return y
