@@ -463,8 +463,11 @@ def linear_attention(
         With ``return_state=True`` the state holds one state per sequence, stacked
         along a new *leading* axis ``N`` (``state.S`` of shape ``(N, ..., F, Dv)``).
         Also a tuple/list of Python ints (static offsets, usable under ``jax.jit``); a
-        traced array is a ``ValueError`` (the longest sequence sets a shape). Cost: the sequences are unpacked to ``(..., N, Lmax, .)`` (``Lmax``
-        the longest) and repacked, ``O(N Lmax)``; the N-d bias is not available.
+        traced array is a ``ValueError`` (the packing sets shapes). Cost: sequences
+        of one length class (``ceil(log2 length)``) are unpacked together to
+        ``(..., n, longest, .)`` and the results repacked (``fastrpb._packing``):
+        less than ``2 L`` tokens of work, ``O(L)``, in at most ``log2 L + 1`` batched
+        calls. The N-d bias is not available with packing.
 
     Returns
     -------
@@ -570,17 +573,23 @@ def _packed_linear_attention(
 ) -> Any:
     """``linear_attention`` of packed sequences: unpack, attend with the padding masked, repack."""
     pk = _packed_lengths(xp, cu_seqlens, q.shape[-2], k.shape[-2], rpb_tables, q)
-    mask = pk.valid if key_mask is None else _packing.unpack_mask(xp, pk, key_mask)
-    qu, ku, vu = (_packing.unpack(xp, pk, x) for x in (q, k, v))
-    res = linear_attention(qu, ku, vu, causal=causal, key_mask=mask, return_state=return_state, **options)
-    out_u, state = res if return_state else (res, None)
-    out = _packed_bias(xp, _packing.repack(xp, pk, out_u), v, key_mask, rpb, rpb_skip, causal, cu_seqlens)
+    outs, states = [], []
+    for g in pk.groups:
+        mask = g.valid if key_mask is None else _packing.unpack_mask(xp, g, key_mask)
+        qu, ku, vu = (_packing.unpack(xp, g, x) for x in (q, k, v))
+        res = linear_attention(qu, ku, vu, causal=causal, key_mask=mask, return_state=return_state, **options)
+        outs.append(res[0] if return_state else res)
+        states.append(res[1] if return_state else None)
+    out = _packed_bias(xp, _packing.repack(xp, pk, outs), v, key_mask, rpb, rpb_skip, causal, cu_seqlens)
     if not return_state:
         return out
-    # one state per sequence, stacked along a new leading axis N
-    lead = [xp.moveaxis(x, x.ndim - {"S": 3}.get(name, 2), 0) if x is not None else None
-            for name, x in (("S", state.S), ("z", state.z), ("offset", state.offset))]
-    return out, LinearAttentionState(S=lead[0], z=lead[1], offset=lead[2], feature_map=state.feature_map)
+    # one state per sequence, stacked along a new leading axis N (cu_seqlens order)
+    S = _packing.per_sequence(xp, pk, [st.S for st in states], -3)
+    z = _packing.per_sequence(xp, pk, [st.z for st in states], -2)
+    offset = None if states[0].offset is None else _packing.per_sequence(xp, pk, [st.offset for st in states], -2)
+    S, z = xp.moveaxis(S, -3, 0), xp.moveaxis(z, -2, 0)
+    offset = None if offset is None else xp.moveaxis(offset, -2, 0)
+    return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=states[0].feature_map)
 
 
 def linear_attention_step(
@@ -776,7 +785,7 @@ def softmax_attention(
         Add the FastRPB term, as in ``linear_attention``.
     cu_seqlens : int array, shape (N + 1,), optional
         Packed sequences, as in ``linear_attention``: every sequence attends only
-        within itself, O(N Lmax^2) (not ``logits_bias``).
+        within itself, O(sum of squared lengths) (not ``logits_bias``).
     """
     # -- validate, resolve the namespace once
     causal = _validate.flag("causal", causal)
@@ -793,10 +802,12 @@ def softmax_attention(
         if logits_bias is not None:
             raise ValueError("cu_seqlens does not combine with logits_bias (an Lq x Lk matrix over the packed row)")
         pk = _packed_lengths(xp, cu_seqlens, Lq, Lk, rpb_tables, q)
-        mask = pk.valid if key_mask is None else _packing.unpack_mask(xp, pk, key_mask)
-        qu, ku, vu = (_packing.unpack(xp, pk, x) for x in (q, k, v))
-        out_u = softmax_attention(qu, ku, vu, causal=causal, key_mask=mask, scale=scale)
-        return _packed_bias(xp, _packing.repack(xp, pk, out_u), v, key_mask, rpb, rpb_skip, causal, cu_seqlens)
+        outs = []
+        for g in pk.groups:
+            mask = g.valid if key_mask is None else _packing.unpack_mask(xp, g, key_mask)
+            qu, ku, vu = (_packing.unpack(xp, g, x) for x in (q, k, v))
+            outs.append(softmax_attention(qu, ku, vu, causal=causal, key_mask=mask, scale=scale))
+        return _packed_bias(xp, _packing.repack(xp, pk, outs), v, key_mask, rpb, rpb_skip, causal, cu_seqlens)
     # -- compute
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
