@@ -3,13 +3,22 @@ attention, against dense float64 oracles on every backend."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import itertools
 
+import numpy as np
 import oracles
+import pytest
 from backends import assert_close, check_gradients
+
 import fastrpb
-from fastrpb import LinearAttentionState, linear_attention, linear_attention_step, random_projection, rpb, softmax_attention
+from fastrpb import (
+    LinearAttentionState,
+    linear_attention,
+    linear_attention_step,
+    random_projection,
+    rpb,
+    softmax_attention,
+)
 from fastrpb import feature_maps as fm
 
 
@@ -208,7 +217,7 @@ def _random_offsets(rng, n=5, longest=9):
 
 def _per_sequence(offsets, fn):
     """Concatenate ``fn(a, b)`` (a float64 oracle of one sequence) over the sequences."""
-    return np.concatenate([fn(a, b) for a, b in zip(offsets[:-1], offsets[1:])], axis=-2)
+    return np.concatenate([fn(a, b) for a, b in itertools.pairwise(offsets)], axis=-2)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -265,7 +274,7 @@ def test_packed_states_continue_each_sequence(backend, rng, name):
         q[:, :T, :], k[:, :T, :], v[:, :T, :], feature_map=name, causal=True, chunk_size=2, cu_seqlens=cu, return_state=True
     )
     assert tuple(state.S.shape)[:2] == (len(offsets) - 1, 2)  # a new leading axis N
-    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+    for n, (a, b) in enumerate(itertools.pairwise(offsets)):
         one = LinearAttentionState(
             S=state.S[n, ...], z=state.z[n, ...], offset=None if state.offset is None else state.offset[n, ...],
             feature_map=state.feature_map,
@@ -351,7 +360,7 @@ def test_packed_layer_forward_equals_separate_calls(framework, causal):
     x = fw.array(x_n)
     packed = layer(x, cu_seqlens=fw.mask(offsets))
     separate = np.concatenate(
-        [fw.numpy(layer(fw.array(x_n[:, a:b]))) for a, b in zip(offsets[:-1], offsets[1:])], axis=-2
+        [fw.numpy(layer(fw.array(x_n[:, a:b]))) for a, b in itertools.pairwise(offsets)], axis=-2
     )
     np.testing.assert_allclose(fw.numpy(packed), separate, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="cu_seqlens"):

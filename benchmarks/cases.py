@@ -8,8 +8,10 @@ Shapes follow the issue: batch 1, 8 heads, 64 features, float32 unless asked.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import fastrpb
 
@@ -212,7 +214,7 @@ def build_packed(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool)
     longest, N = max(lengths), len(lengths)
     index = np.zeros((N, longest), dtype=np.int64)
     valid = np.zeros((N, longest), dtype=bool)
-    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+    for n, (a, b) in enumerate(itertools.pairwise(offsets)):
         index[n, : b - a] = np.arange(a, b)
         valid[n, : b - a] = True
     xp = bench.xp

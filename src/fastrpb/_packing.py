@@ -15,6 +15,7 @@ less than ``2 T`` tokens of work (``O(T)``) and at most ``log2 T + 1`` batched c
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 from ._compat import device_of
@@ -47,7 +48,7 @@ def packing(xp: Any, offsets: tuple[int, ...], like: Any) -> Packing:
     longest is less than twice the shortest, so the padded work is below ``2 T`` in all,
     in at most ``log2(T) + 1`` batched calls.
     """
-    lengths = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
+    lengths = tuple(b - a for a, b in itertools.pairwise(offsets))
     T = offsets[-1]
     classes: dict[int, list[int]] = {}
     for n, length in enumerate(lengths):
@@ -141,7 +142,7 @@ def packed_rpb(xp: Any, v: Any, w: Any, *, causal: bool, skip: Any, cu_seqlens: 
     _validate.values(xp, "v", v)
     offsets = offsets_of(xp, cu_seqlens, v.shape[-2])
     a, b = _validate.skip(skip)
-    lengths = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
+    lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
     for n, length in enumerate(lengths):
         if length < a + b:
             raise ValueError(

@@ -50,9 +50,16 @@ from typing import Any, NamedTuple
 
 from . import _packing, _validate
 from . import bias as _bias
-from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, namespace, wider_float
-from ._compat import pad_axis as _pad_axis
+from ._compat import (
+    compute_dtype,
+    cumulative_sum,
+    device_of,
+    jax_pytree,
+    namespace,
+    wider_float,
+)
 from ._compat import cumulative_max as _cummax
+from ._compat import pad_axis as _pad_axis
 from ._compat import pad_chunks as _pad_chunks
 from ._compat import shift as _shift
 from ._validate import broadcast_shapes as _lead
@@ -502,7 +509,7 @@ def linear_attention(
         return _packed_linear_attention(
             xp, q, k, v, cu_seqlens, key_mask=key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_skip=rpb_skip,
             causal=causal, return_state=return_state,
-            options=dict(feature_map=fmap, eps=eps, chunk_size=C, normalize=normalize, scale=scale),
+            options={"feature_map": fmap, "eps": eps, "chunk_size": C, "normalize": normalize, "scale": scale},
         )
     # -- compute
     result, work = compute_dtype(xp, q, k, v, *tables.values())
