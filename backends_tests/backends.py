@@ -18,8 +18,9 @@ allocator's peak).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class Backend:
         if self.grad == "torch":
             xs = [a.detach().clone().requires_grad_(True) for a in args]
             grads = self.native.autograd.grad(f(*xs), xs, allow_unused=True)
-            return tuple(self.native.zeros_like(x) if g is None else g for x, g in zip(xs, grads))
+            return tuple(self.native.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True))
         if self.grad == "jax":
             return tuple(self.native.grad(f, argnums=tuple(range(len(args))))(*args))
         raise RuntimeError(f"{self.name} has no automatic differentiation (mark the test @pytest.mark.grad)")
@@ -219,7 +220,7 @@ def make(name: str, *, x64: bool = True) -> Backend:
             raise _NoGPU(f"CuPy is not installed ({exc})") from exc
         try:
             cupy.cuda.runtime.getDeviceCount()
-        except Exception as exc:  # noqa: BLE001 - any CUDA failure means no usable GPU
+        except Exception as exc:
             raise _NoGPU(f"CuPy finds no CUDA device ({exc})") from exc
         import array_api_compat.cupy as xp
 
@@ -358,7 +359,7 @@ def check_gradients(backend: Backend, fn: Callable[..., Any], *inputs: np.ndarra
     compiled = backend.compile(loss)  # on JAX: one compilation, not one per operation and call
     grads = backend.gradient(compiled, *(backend.asarray(a) for a in args))
     numeric = oracles.finite_differences(lambda *a: float(compiled(*(backend.asarray(x) for x in a))), *args, h=h)
-    for k, (g, n) in enumerate(zip(grads, numeric)):
+    for k, (g, n) in enumerate(zip(grads, numeric, strict=True)):
         scale = max(1.0, float(np.max(np.abs(n))) if n.size else 1.0)
         np.testing.assert_allclose(backend.to_numpy(g), n, rtol=rtol, atol=atol * scale,
                                    err_msg=f"gradient with respect to argument {k}")

@@ -90,15 +90,16 @@ def exp_kernel_attention(lq, lk, v, *, causal=False, key_mask=None, eps=0.0):
     documented convention for exponential maps).
     """
     pair = lq[..., :, None, :] + lk[..., None, :, :]  # (..., Lq, Lk, F)
-    top = pair.max(-1)
-    logk = top + np.log(np.exp(pair - top[..., None]).sum(-1))  # logsumexp over f
+    top = pair.max(-1, initial=-np.inf)  # -inf: no features (F = 0), kernel 0
+    with np.errstate(divide="ignore"):  # log(0) = -inf: no features, kernel 0
+        logk = top + np.log(np.exp(pair - top[..., None]).sum(-1))  # logsumexp over f
     vis = visibility(lq.shape[-2], lk.shape[-2], causal, key_mask)
     vis = np.broadcast_to(vis, logk.shape)
     masked = np.where(vis, logk, -np.inf)
-    shift = masked.max(-1, keepdims=True)
+    shift = masked.max(-1, keepdims=True, initial=-np.inf)
     shift = np.where(np.isfinite(shift), shift, 0.0)
     weights = np.exp(masked - shift)
-    s = np.where(vis, top, -np.inf).max(-1, keepdims=True)  # log of the largest term
+    s = np.where(vis, top, -np.inf).max(-1, keepdims=True, initial=-np.inf)  # log of the largest term
     return _normalise(weights, v, eps * np.exp(s - shift))
 
 
@@ -109,7 +110,7 @@ def softmax_attention(q, k, v, *, causal=False, key_mask=None, logits_bias=None,
         logits = logits + logits_bias
     vis = np.broadcast_to(visibility(q.shape[-2], k.shape[-2], causal, key_mask), logits.shape)
     logits = np.where(vis, logits, -np.inf)
-    top = logits.max(-1, keepdims=True)
+    top = logits.max(-1, keepdims=True, initial=-np.inf)
     top = np.where(np.isfinite(top), top, 0.0)
     return _normalise(np.exp(logits - top), v, 0.0)
 

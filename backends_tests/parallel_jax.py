@@ -26,9 +26,8 @@ from jax.sharding import PartitionSpec as Spec
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "src"), os.path.dirname(__file__)]
 
-import oracles
-
 import fastrpb
+import oracles
 from fastrpb import parallel
 
 B, H, L, D = 2, 2, 32, 4
@@ -125,7 +124,7 @@ def main() -> None:
         want = oracle_attention(qs, ks, v, fmap, causal, key_mask if masked else None, table if with_bias else None, skip, proj)
         e1 = check(f"P={P} {fmap} causal={causal} forward vs oracle", got, want)
         e2 = check(f"P={P} {fmap} causal={causal} forward vs single", got, ref)
-        e3 = max(check(f"P={P} {fmap} grad {n}", a, b) for n, a, b in zip("qkvw", g_sharded, g_single))
+        e3 = max(check(f"P={P} {fmap} grad {n}", a, b) for n, a, b in zip("qkvw", g_sharded, g_single, strict=False))
         print(f"P={P} {fmap:5s} causal={causal!s:5s} bias={with_bias!s:5s} skip={skip} mask={masked!s:5s} "
               f"err oracle {e1:.1e} single {e2:.1e} grad {e3:.1e}")
 
@@ -142,28 +141,32 @@ def main() -> None:
         ospec = Spec(*([None] * (max(len(shape), len(w_shape) + 1) - 2)), "seq", None)
 
         def sharded_rpb(x, w, vspec=vspec, ospec=ospec, mesh=mesh, causal=causal, skip=skip):
-            body = lambda x, w: parallel.rpb(x, w, comm=parallel.jax_axis("seq"), causal=causal, skip=skip)
+            def body(x, w):
+                return parallel.rpb(x, w, comm=parallel.jax_axis("seq"), causal=causal, skip=skip)
             return jax.shard_map(body, mesh=mesh, in_specs=(vspec, Spec()), out_specs=ospec)(x, w)
 
         dense = oracles.toeplitz(w, L, causal=causal, skip=skip)
         weight = jnp.asarray(rng.standard_normal(np.broadcast_shapes(shape[:-2], w_shape[:-1]) + shape[-2:]))
-        single = lambda x, w, causal=causal, skip=skip: fastrpb.rpb(x, w, causal=causal, skip=skip)
+        def single(x, w, causal=causal, skip=skip):
+            return fastrpb.rpb(x, w, causal=causal, skip=skip)
         (_, got), g1 = value_and_grad(lambda x, w, *_: sharded_rpb(x, w), None, weight, (0, 1))(x, w, None, None)
         (_, ref), g2 = value_and_grad(lambda x, w, *_, single=single: single(x, w), None, weight, (0, 1))(x, w, None, None)
         e1 = check(f"rpb P={P} {shape} forward vs oracle", got, dense @ x)
         check(f"rpb P={P} {shape} forward vs single", got, ref)
-        e2 = max(check(f"rpb P={P} grad {n}", a, b) for n, a, b in zip("vw", g1, g2))
+        e2 = max(check(f"rpb P={P} grad {n}", a, b) for n, a, b in zip("vw", g1, g2, strict=False))
         print(f"rpb P={P} v{shape} w{w_shape} causal={causal} skip={skip} err oracle {e1:.1e} grad {e2:.1e}")
 
     # what crosses devices: the attention exchanges states only (no value-sized gather)
     mesh = Mesh(np.array(jax.devices()[:8]), ("seq",))
     for length in (64, 256):
         x = jnp.zeros((1, 1, length, D))
-        body = lambda q, k, v: parallel.linear_attention(q, k, v, comm=parallel.jax_axis("seq"), causal=True)
+        def body(q, k, v):
+            return parallel.linear_attention(q, k, v, comm=parallel.jax_axis("seq"), causal=True)
         f = jax.shard_map(body, mesh=mesh, in_specs=(seq,) * 3, out_specs=seq)
         hlo = jax.jit(f).lower(x, x, x).as_text()  # StableHLO: the collectives as written
         gathers = [line for line in hlo.splitlines() if "all_gather" in line]
-        assert len(gathers) == 1 and f"tensor<8x1x1x{D}x{D + 1}xf64>" in gathers[0], gathers
+        assert len(gathers) == 1, gathers
+        assert f"tensor<8x1x1x{D}x{D + 1}xf64>" in gathers[0], gathers
         assert "all_to_all" not in hlo
     print("OK")
 

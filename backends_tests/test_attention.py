@@ -195,7 +195,8 @@ def test_decoding_equals_causal(backend, dtype, rng, name):
     # prefill the first 4 tokens, then decode the rest
     prompt, state = linear_attention(q[:, :4, :], k[:, :4, :], v[:, :4, :], feature_map=fmap, causal=True, chunk_size=3, return_state=True)
     assert_close(backend, prompt, expected[:, :4], dtype)
-    assert state.S.shape[-1] == 3 and state.z.shape == state.S.shape[:-1]
+    assert state.S.shape[-1] == 3
+    assert state.z.shape == state.S.shape[:-1]
     for t in range(4, L):
         out_t, state = linear_attention_step(state, q[:, t, :], k[:, t, :], v[:, t, :], feature_map=fmap)
         assert_close(backend, out_t, expected[:, t], dtype, scale=float(np.abs(expected).max()))
@@ -269,7 +270,7 @@ def test_sikf_accurate_over_a_60_unit_spread(backend, rng, causal, level):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sikf_shift_invariance(backend, rng, causal):
-    (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", Lq=9, scale=2.0)
+    (q, k, v), (_qn, _kn, _vn) = _inputs(backend, rng, "float64", Lq=9, scale=2.0)
     base = backend.to_numpy(linear_attention(q, k, v, feature_map="sikf", causal=causal, chunk_size=4))
     row_shift = backend.asarray(rng.uniform(-50, 50, (2, 9, 1)))
     shifted = linear_attention(q + row_shift, k - 37.5, v, feature_map="sikf", causal=causal, chunk_size=4)
@@ -342,7 +343,7 @@ def test_inputs_are_not_mutated(backend, rng):
         before = [backend.to_numpy(a).copy() for a in state[:3] if a is not None]
         linear_attention_step(state, q[:, 0, :], k[:, 0, :], v[:, 0, :], feature_map=name)
         after = [backend.to_numpy(a) for a in state[:3] if a is not None]
-        for b, a in zip(before, after):
+        for b, a in zip(before, after, strict=True):
             np.testing.assert_array_equal(a, b)
     softmax_attention(q, k, v, causal=True, key_mask=mask, rpb=w)
     for x, xn in ((q, qn), (k, kn), (v, vn), (w, wn)):
@@ -385,7 +386,7 @@ def test_jit(backend, rng):
 
 
 def _grad_cases(backend, rng):
-    (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", lead=(), Lq=5, dk=3, dv=2)
+    (_q, _k, _v), (qn, kn, vn) = _inputs(backend, rng, "float64", lead=(), Lq=5, dk=3, dv=2)
     mask = backend.asarray(np.array([True, False, True, True, True]), None)
     w = backend.asarray(rng.standard_normal(9) * 0.3)
     return (qn, kn, vn), [
@@ -471,7 +472,7 @@ def test_empty_sequences(backend, rng):
     np.testing.assert_array_equal(backend.to_numpy(softmax_attention(q, k, v)), np.zeros((2, 3, 3)))
 
 
-@pytest.mark.parametrize("call, exc, pattern", [pytest.param(c, e, p, id=i) for i, c, e, p in _BAD_CALLS])
+@pytest.mark.parametrize(("call", "exc", "pattern"), [pytest.param(c, e, p, id=i) for i, c, e, p in _BAD_CALLS])
 def test_bad_input_errors(backend, call, exc, pattern):
     c = _bad_inputs(backend)
     with pytest.raises(exc, match=pattern):

@@ -11,7 +11,6 @@ import fastrpb
 import oracles
 from backends import assert_array, assert_close, check_gradients
 
-
 # ----------------------------------------------------------------- oracle (NumPy, float64)
 # The dense Toeplitz oracle lives in oracles.py (one for the whole suite); these names
 # stay for the tests that use them.
@@ -97,7 +96,8 @@ def test_rpb_skip(backend, rng, skip, causal):
     expected = oracle_rpb(v, w, causal=causal, skip=skip)
     assert_close(backend, out, expected, "float64")
     got = backend.to_numpy(out)
-    assert np.all(got[:, : skip[0]] == 0) and np.all(got[:, L - skip[1] :] == 0)
+    assert np.all(got[:, : skip[0]] == 0)
+    assert np.all(got[:, L - skip[1] :] == 0)
 
 
 def test_rpb_dtype_promotion_and_half_precision(backend, rng, dtype):
@@ -150,7 +150,7 @@ def test_symmetric_table(backend, rng):
 
 # ----------------------------------------------------------------- rpb_nd
 @pytest.mark.parametrize(
-    "grid, with_table",
+    ("grid", "with_table"),
     [
         ((7,), (True,)),
         ((3, 4), (True, True)),
@@ -163,7 +163,7 @@ def test_symmetric_table(backend, rng):
 def test_rpb_nd_matches_dense(backend, rng, grid, with_table, skip):
     L = int(np.prod(grid)) + sum(skip)
     v = rng.standard_normal((2, L, 3))
-    tables = [rng.standard_normal((2, 2 * (g + 1) - 1)) if t else None for g, t in zip(grid, with_table)]
+    tables = [rng.standard_normal((2, 2 * (g + 1) - 1)) if t else None for g, t in zip(grid, with_table, strict=True)]
     out = fastrpb.rpb_nd(
         backend.asarray(v), [None if t is None else backend.asarray(t) for t in tables], grid, skip=skip
     )
@@ -261,7 +261,7 @@ _ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("call, exc, pattern", [pytest.param(c, e, p, id=i) for i, c, e, p in _ERRORS])
+@pytest.mark.parametrize(("call", "exc", "pattern"), [pytest.param(c, e, p, id=i) for i, c, e, p in _ERRORS])
 def test_errors_name_the_argument(backend, rng, call, exc, pattern):
     v = backend.asarray(rng.standard_normal((2, 5, 3)))
     w = backend.asarray(rng.standard_normal((9,)))
@@ -322,8 +322,6 @@ def test_rpb_property(backend, L, extra, heads, causal, a, b, seed):
 
 
 # ----------------------------------------------------------------- rpb_nd, causal (raster order)
-import oracles
-
 
 def oracle_rpb_nd_causal(v, tables, grid, skip=(0, 0)):
     """The dense raster-causal N-d bias (oracles.toeplitz_nd, lower triangle) on the grid tokens."""
@@ -346,7 +344,7 @@ def test_causal_nd_oracle_is_raster_order():
 
 
 @pytest.mark.parametrize(
-    "grid, with_table",
+    ("grid", "with_table"),
     [
         ((7,), (True,)),
         ((3, 4), (True, True)),
@@ -363,7 +361,7 @@ def test_rpb_nd_causal_matches_dense(backend, rng, grid, with_table, skip):
     L = int(np.prod(grid)) + sum(skip)
     v = rng.standard_normal((2, L, 3))
     # tables longer than their axis (M = G + 1): only the central entries are used
-    tables = [rng.standard_normal((2, 2 * (g + 1) - 1)) if t else None for g, t in zip(grid, with_table)]
+    tables = [rng.standard_normal((2, 2 * (g + 1) - 1)) if t else None for g, t in zip(grid, with_table, strict=True)]
     out = fastrpb.rpb_nd(
         backend.asarray(v), [None if t is None else backend.asarray(t) for t in tables], grid, causal=True, skip=skip
     )
@@ -421,10 +419,11 @@ def test_rpb_nd_causal_gradients(backend, rng):
         assert torch.autograd.gradcheck(lambda *xs: loss(backend.xp, *xs), tuple(args))
     elif backend.grad == "jax":
         jax = backend.native
-        f = lambda *xs: loss(backend.xp, *xs)
+        def f(*xs):
+            return loss(backend.xp, *xs)
         grads = jax.grad(f, argnums=(0, 1, 2))(*(backend.asarray(x) for x in (v_np, a_np, b_np)))
         numeric = _finite_differences(lambda *xs: float(f(*(backend.asarray(x) for x in xs))), v_np, a_np, b_np)
-        for got, want in zip(grads, numeric):
+        for got, want in zip(grads, numeric, strict=True):
             np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-6, atol=1e-6)
     else:
         pytest.skip(f"{backend.name} has no automatic differentiation")

@@ -17,11 +17,12 @@ def _is_5_smooth(n: int) -> bool:
 def test_next_fast_len_is_the_smallest_5_smooth_length(fast_len):
     for n in range(1, 3000):
         m = fast_len(n)
-        assert m >= n and _is_5_smooth(m), n
+        assert m >= n, n
+        assert _is_5_smooth(m), n
         assert not any(_is_5_smooth(k) for k in range(n, m)), n
 
 
-@pytest.mark.parametrize("L, expected", [(784, 1600), (4096, 8192), (4097, 8640), (65536, 131072)])
+@pytest.mark.parametrize(("L", "expected"), [(784, 1600), (4096, 8192), (4097, 8640), (65536, 131072)])
 def test_fft_length_for_sequence(L, expected):
     # 2L - 1 = 1567 for L = 784 is prime: the FFT uses 1600, never 1567.
     assert next_fast_len(2 * L - 1) == expected
@@ -151,7 +152,7 @@ def test_cumulative_max(backend, rng, axis):
 
 
 @pytest.mark.parametrize(
-    "before, after, axis, value",
+    ("before", "after", "axis", "value"),
     [pytest.param(2, 1, -2, 0.0, id="rows"), pytest.param(0, 3, -1, -np.inf, id="end-neg-inf"), pytest.param(1, 0, -3, 5.0, id="start")],
 )
 def test_pad_axis(backend, rng, before, after, axis, value):
@@ -176,7 +177,7 @@ def test_shift(backend, rng, s):
 
 
 @pytest.mark.parametrize(
-    "shapes, expected",
+    ("shapes", "expected"),
     [
         pytest.param([(2, 1), (3,)], (2, 3), id="stretch"),
         pytest.param([(1,), (0,)], (0,), id="one-and-zero"),

@@ -54,7 +54,7 @@ def _require(modules: tuple[str, ...], why: str) -> None:
         for name in modules:
             __import__(name)
     except ImportError as exc:
-        names, explicit = requested()
+        _names, explicit = requested()
         if explicit:
             pytest.skip(f"{why} is not installed ({exc}) and FASTRPB_BACKENDS is narrowed")
         raise RuntimeError(f"{why} is part of the suite but is missing ({exc}): pip install -e '.[docs]'") from exc
@@ -116,7 +116,8 @@ def test_site_has_no_raw_tex(site):
     """Every formula of every page (docstrings included) became MathML at build time."""
     pages = {p.relative_to(site).as_posix(): p.read_text(encoding="utf-8") for p in site.rglob("*.html")}
     maths = {name: len(re.findall(r'class="arithmatex"><math ', text)) for name, text in pages.items()}
-    assert maths["mathematics/index.html"] >= 50 and maths["api/attention/index.html"] >= 3, maths
+    assert maths["mathematics/index.html"] >= 50, maths
+    assert maths["api/attention/index.html"] >= 3, maths
     for name, text in pages.items():
         raw = re.findall(r'class="arithmatex">(?!<math )(.{0,60})', text, flags=re.S)
         assert not raw, f"{name}: formulas left as TeX: {raw[:3]}"
@@ -319,7 +320,8 @@ def test_site_renders_offline_in_chromium(site, tmp_path):
     assert not remote, "pages requested other hosts:\n" + "\n".join(remote)
     assert not problems, "\n".join(problems)
     assert any(u.endswith(".css") for u in requested_urls), "the network log is empty: the check saw nothing"
-    assert totals["maths"] >= 100 and totals["stacked"] >= 10, totals
+    assert totals["maths"] >= 100, totals
+    assert totals["stacked"] >= 10, totals
 
 
 def code_blocks(page: str) -> list[dict]:
@@ -432,7 +434,7 @@ def test_figures_script_runs(tmp_path):
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        names, explicit = requested()
+        _names, explicit = requested()
         if explicit:
             pytest.skip(f"matplotlib is not installed ({exc}) and FASTRPB_BACKENDS is narrowed")
         raise RuntimeError(f"the figure script is part of the suite but matplotlib is missing ({exc}): pip install -e '.[docs]'") from exc

@@ -78,7 +78,7 @@ def _bias(wn, L, vn, causal):
 
 @pytest.mark.parametrize("with_rpb", [False, True], ids=["plain", "rpb"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("name, lead, L, Dk, Dv", MAP_SHAPES)
+@pytest.mark.parametrize(("name", "lead", "L", "Dk", "Dv"), MAP_SHAPES)
 def test_linear_attention(backend, rng, name, causal, with_rpb, lead, L, Dk, Dv):
     (q, k, v, w), (qn, kn, vn, wn) = _arrays(backend, rng, lead, L, Dk, Dv)
     feature_map, attend = _map(backend, name, Dk, rng)
@@ -89,7 +89,7 @@ def test_linear_attention(backend, rng, name, causal, with_rpb, lead, L, Dk, Dv)
     assert_close(backend, out, expected, "float64", scale=1.0)
 
 
-@pytest.mark.parametrize("name, lead, L, Dk, Dv", MAP_SHAPES)
+@pytest.mark.parametrize(("name", "lead", "L", "Dk", "Dv"), MAP_SHAPES)
 def test_linear_attention_state_then_step(backend, rng, name, lead, L, Dk, Dv):
     (q, k, v, _), (qn, kn, vn, _) = _arrays(backend, rng, lead, L + 1, Dk, Dv)
     feature_map, attend = _map(backend, name, Dk, rng)
@@ -104,7 +104,7 @@ def test_linear_attention_state_then_step(backend, rng, name, lead, L, Dk, Dv):
     assert tuple(state.z.shape)[-1:] == (F,)
 
 
-@pytest.mark.parametrize("name, lead, L, Dk, Dv", MAP_SHAPES)
+@pytest.mark.parametrize(("name", "lead", "L", "Dk", "Dv"), MAP_SHAPES)
 def test_step_from_nothing(backend, rng, name, lead, L, Dk, Dv):
     (q, k, v, _), (qn, kn, vn, _) = _arrays(backend, rng, lead, 1, Dk, Dv)
     feature_map, attend = _map(backend, name, Dk, rng)
@@ -114,7 +114,7 @@ def test_step_from_nothing(backend, rng, name, lead, L, Dk, Dv):
 
 @pytest.mark.parametrize("with_rpb", [False, True], ids=["plain", "rpb"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("lead, L, Dk, Dv", SHAPES)
+@pytest.mark.parametrize(("lead", "L", "Dk", "Dv"), SHAPES)
 def test_softmax_attention(backend, rng, causal, with_rpb, lead, L, Dk, Dv):
     (q, k, v, w), (qn, kn, vn, wn) = _arrays(backend, rng, lead, L, Dk, Dv)
     out = fastrpb.softmax_attention(q, k, v, causal=causal, rpb=w if with_rpb else None)
@@ -137,7 +137,7 @@ RPB_SHAPES = [
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("v_lead, w_lead, L, D", RPB_SHAPES)
+@pytest.mark.parametrize(("v_lead", "w_lead", "L", "D"), RPB_SHAPES)
 def test_rpb(backend, rng, causal, v_lead, w_lead, L, D):
     vn = rng.standard_normal((*v_lead, L, D))
     wn = rng.standard_normal((*w_lead, 2 * L + 1))
@@ -146,7 +146,7 @@ def test_rpb(backend, rng, causal, v_lead, w_lead, L, D):
     assert_close(backend, out, expected, "float64", scale=1.0)
 
 
-@pytest.mark.parametrize("v_lead, D", [pytest.param((0,), 3, id="batch0"), pytest.param((2,), 0, id="D0")])
+@pytest.mark.parametrize(("v_lead", "D"), [pytest.param((0,), 3, id="batch0"), pytest.param((2,), 0, id="D0")])
 def test_rpb_nd(backend, rng, v_lead, D):
     grid = (2, 3)
     vn = rng.standard_normal((*v_lead, 6, D))
@@ -155,7 +155,7 @@ def test_rpb_nd(backend, rng, v_lead, D):
     assert_close(backend, out, oracles.toeplitz_nd(tables, grid) @ vn, "float64", scale=1.0)
 
 
-@pytest.mark.parametrize("w_lead, L", [pytest.param((), 0, id="L0"), pytest.param((0,), 3, id="tables0")])
+@pytest.mark.parametrize(("w_lead", "L"), [pytest.param((), 0, id="L0"), pytest.param((0,), 3, id="tables0")])
 def test_rpb_matrix(backend, rng, w_lead, L):
     wn = rng.standard_normal((*w_lead, 7))
     out = fastrpb.rpb_matrix(backend.asarray(wn), L)

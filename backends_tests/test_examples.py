@@ -57,7 +57,8 @@ def test_cupy_pipeline_is_the_numpy_one_with_one_import_changed():
     assert len(changes) == 1, changes
     _, i1, i2, j1, j2 = changes[0]
     assert [line.split("#")[0].strip() for line in numpy_body[i1:i2]] == ["import numpy as xp"]
-    assert "    import cupy as xp" in cupy_body[j1:j2] and j2 - j1 <= 8, cupy_body[j1:j2]
+    assert "    import cupy as xp" in cupy_body[j1:j2], cupy_body[j1:j2]
+    assert j2 - j1 <= 8, cupy_body[j1:j2]
 
 
 @pytest.mark.uses_backend("cupy")

@@ -8,7 +8,7 @@ import pytest
 import oracles
 from backends import assert_array, assert_close
 from fastrpb import feature_maps as fm
-from fastrpb import random_projection
+from fastrpb import linear_attention, random_projection
 
 
 def _input(backend, rng, dtype, shape=(2, 5, 4), scale=1.5):
@@ -63,7 +63,8 @@ def test_favor_features_match_formula(backend, rng):
     # the stabilisers are one constant per query row and one per key sequence
     assert_close(backend, f.queries(x), np.exp(log - log.max(-1, keepdims=True)), "float64")
     assert_close(backend, f.keys(x), np.exp(log - log.max((-2, -1), keepdims=True)), "float64")
-    assert f.features(d) == m and f.signature == f"favor(m={m}, d={d})"
+    assert f.features(d) == m
+    assert f.signature == f"favor(m={m}, d={d})"
 
 
 def test_rff_features_match_formula(backend, dtype, rng):
@@ -115,7 +116,7 @@ def test_random_projection_properties(backend, dtype):
 
 
 @pytest.mark.parametrize(
-    "kwargs, exc, pattern",
+    ("kwargs", "exc", "pattern"),
     [
         pytest.param(dict(m=0), ValueError, "m must be >= 1", id="m zero"),
         pytest.param(dict(d=2.5), TypeError, "d must be an int", id="d float"),
@@ -130,8 +131,10 @@ def test_random_projection_errors(backend, kwargs, exc, pattern):
 
 
 def test_resolve_names_callables_and_errors(backend):
-    assert isinstance(fm.resolve("elu"), fm.ELU) and isinstance(fm.resolve("sikf"), fm.SIKF)
-    assert fm.resolve("dpfp").features(3) == 6 and fm.resolve("relu").features(5) == 5
+    assert isinstance(fm.resolve("elu"), fm.ELU)
+    assert isinstance(fm.resolve("sikf"), fm.SIKF)
+    assert fm.resolve("dpfp").features(3) == 6
+    assert fm.resolve("relu").features(5) == 5
     square = fm.resolve(lambda x: x * x)
     x = backend.asarray(np.arange(6.0).reshape(2, 3))
     assert_close(backend, square.keys(x), np.arange(6.0).reshape(2, 3) ** 2, "float64")
@@ -150,7 +153,7 @@ _MAP_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("call, exc, pattern", [pytest.param(c, e, p, id=i) for i, c, e, p in _MAP_ERRORS])
+@pytest.mark.parametrize(("call", "exc", "pattern"), [pytest.param(c, e, p, id=i) for i, c, e, p in _MAP_ERRORS])
 def test_feature_map_errors(backend, call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(backend)
@@ -168,8 +171,6 @@ def test_maps_under_jit(backend, rng):
 
 
 # ----------------------------------------------------------------- Taylor (Based) and Hedgehog
-from fastrpb import linear_attention
-
 
 def _hedgehog_projection(backend, rng, m=6, d=4):
     wn = rng.standard_normal((m, d))
@@ -180,9 +181,11 @@ def test_taylor_features_match_formula(backend, dtype, rng):
     x, xn = _input(backend, rng, dtype)
     t = fm.taylor()
     for got in (t.queries(x), t.keys(x)):
-        assert got.dtype == x.dtype and got.shape[-1] == t.features(4) == 1 + 4 + 10
+        assert got.dtype == x.dtype
+        assert got.shape[-1] == t.features(4) == 1 + 4 + 10
         assert_close(backend, got, oracles.taylor(xn), dtype)
-    assert isinstance(fm.resolve("taylor"), fm.Taylor) and t.signature == "taylor"
+    assert isinstance(fm.resolve("taylor"), fm.Taylor)
+    assert t.signature == "taylor"
     assert [t.features(d) for d in (0, 1, 16)] == [1, 1 + 1 + 1, 1 + 16 + 136]
     for d in (1, 2):  # no pairs i < j, one pair
         y, yn = _input(backend, rng, dtype, shape=(3, d))
@@ -205,7 +208,8 @@ def test_hedgehog_features_match_formula(backend, dtype, rng):
     h = fm.hedgehog(backend.xp.astype(w, x.dtype))
     wn = backend.to_numpy(backend.xp.astype(w, x.dtype)).astype(np.float64)
     for got in (h.queries(x), h.keys(x)):
-        assert got.dtype == x.dtype and got.shape[-1] == h.features(4) == 12
+        assert got.dtype == x.dtype
+        assert got.shape[-1] == h.features(4) == 12
         assert_close(backend, got, oracles.hedgehog(xn, wn), dtype)
         halves = backend.to_numpy(got).reshape(*got.shape[:-1], 2, 6).sum(-1)
         np.testing.assert_allclose(halves, 1.0, rtol=2e-2 if dtype in ("float16", "bfloat16") else 1e-5)
@@ -219,8 +223,8 @@ def test_taylor_and_hedgehog_errors(backend, rng):
     w, _ = _hedgehog_projection(backend, rng)
     with pytest.raises(ValueError, match=r"x has width D = 3 but the hedgehog projection has shape \(m, d\) = \(6, 4\)"):
         fm.hedgehog(w).queries(backend.asarray(np.zeros((2, 3))))
+    x = backend.asarray(np.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"q has width D = 3 but the hedgehog projection"):
-        x = backend.asarray(np.zeros((2, 3)))
         linear_attention(x, x, x, feature_map=fm.hedgehog(w))
     with pytest.raises(ValueError, match="projection must have shape"):
         fm.hedgehog(backend.asarray(np.zeros(3)))
@@ -248,7 +252,8 @@ def test_taylor_hedgehog_attention_match_dense_oracle(backend, dtype, rng, name,
     else:
         fmap, phi = ("taylor" if name == "taylor_name" else fm.taylor()), oracles.taylor
     out = linear_attention(q, k, v, feature_map=fmap, causal=causal, chunk_size=4)
-    assert out.dtype == q.dtype and out.shape == (2, 9, 3)
+    assert out.dtype == q.dtype
+    assert out.shape == (2, 9, 3)
     expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=causal, eps=1e-6)
     assert_close(backend, out, expected, dtype)
 

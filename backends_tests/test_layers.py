@@ -435,7 +435,8 @@ def test_projection_is_module_state(framework, rng):
         import fastrpb.flax as frf
 
         state = nnx.state(a, frf.FeatureMapArray)
-        assert "feature_map_projection" in state and "feature_map_projection" not in nnx.state(a, nnx.Param)
+        assert "feature_map_projection" in state
+        assert "feature_map_projection" not in nnx.state(a, nnx.Param)
         nnx.update(b, nnx.state(a))
     assert_close(fw.backend, b(x), fw.numpy(a(x)), "float64")
 
@@ -446,7 +447,8 @@ def test_gradients_reach_every_parameter(framework, rng):
     grads = fw.grads(layer, fw.array(rng.standard_normal((2, 9, 12))))
     assert len(grads) == 9  # 4 weights, 4 biases, the bias table
     for name, g in grads.items():
-        assert np.all(np.isfinite(g)) and np.any(g != 0), name
+        assert np.all(np.isfinite(g)), name
+        assert np.any(g != 0), name
 
 
 def test_training_lowers_the_loss(framework, rng):
@@ -479,8 +481,45 @@ def test_step_reproduces_causal_forward(framework, rng):
             assert_close(fw.backend, y_t, expected[:, t], "float64")
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "rpb"])
+def test_chunked_prefill_with_cache_equals_one_pass(framework, rng, bias):
+    # chunks of several tokens (an empty and a one-token chunk among them), then steps:
+    # each output equals the full causal pass, the bias included
+    fw = framework
+    layer = fw.mha(rpb=fw.bias(3, 40, causal=True, skip=(1, 0)) if bias else None, causal=True, chunk_size=4)
+    L = 38  # crosses the bias history's first block boundary (32 tokens)
+    xn = rng.standard_normal((2, L, 12))
+    x = fw.array(xn)
+    expected = layer_oracle(fw, layer, xn)
+    with fw.no_grad():
+        cache, start = None, 0
+        for end in (3, 3, 4, 20, 34):
+            y, cache = layer(x[:, start:end], return_cache=True, cache=cache)
+            assert_close(fw.backend, y, expected[:, start:end], "float64")
+            start = end
+        assert cache.values is None  # no value cache: the bias history is in the state
+        assert (cache.state.rpb is not None) == bias
+        for t in range(34, L):
+            y_t, cache = layer.step(x[:, t], cache)
+            assert_close(fw.backend, y_t, expected[:, t], "float64")
+        # the last chunk without return_cache: the output alone
+        _, cache = layer(x[:, :30], return_cache=True)
+        assert_close(fw.backend, layer(x[:, 30:], cache=cache), expected[:, 30:], "float64")
+
+
 # one id per case: (build the layer, call it) -> the error and a phrase of its message
 ERRORS = {
+    "cache-noncausal-layer": (
+        lambda fw: fw.mha(8, 2),
+        lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), cache=fw.mha(8, 2, causal=True)(fw.array(np.zeros((1, 3, 8))), return_cache=True)[1]),
+        ValueError, "cache= continues a causal sequence",
+    ),
+    "cache-not-a-cache": (lambda fw: fw.mha(8, 2, causal=True), lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), cache=(1, 2)), TypeError, "LayerCache"),
+    "cache-skip-end": (
+        lambda fw: fw.mha(8, 2, rpb=fw.bias(2, 8, causal=True, skip=(0, 1)), causal=True),
+        lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), return_cache=True),
+        ValueError, "cannot honour skip",
+    ),
     "causal-layer-noncausal-bias": (lambda fw: fw.mha(8, 2, rpb=fw.bias(2, 8), causal=True), None, ValueError, "causal FastRPB"),
     "bias-heads": (lambda fw: fw.mha(8, 2, rpb=fw.bias(4, 8)), None, ValueError, "heads"),
     "causal-nd-bias": (lambda fw: fw.mha(12, 3, rpb=fw.bias_nd(3, (3, 4)), causal=True), None, ValueError, "FastRPBnd"),
@@ -501,7 +540,7 @@ ERRORS = {
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_layer_errors(framework, case):
     build, call, error, phrase = ERRORS[case]
-    with pytest.raises(error, match=phrase):
+    with pytest.raises(error, match=phrase):  # noqa: PT012 - a case fails when the layer is built or when it is called
         layer = build(framework)
         call(framework, layer)
 
@@ -552,11 +591,12 @@ def test_flax_same_rngs_same_table_under_jit():
     eager = frf.MultiheadLinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0))
     traced = nnx.jit(lambda: frf.MultiheadLinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0)))()
     table = fw.numpy(eager.rpb.table)
-    assert table.shape == (3, 31) and 0.005 < table.std() < 0.02  # the paper's small normal draw
+    assert table.shape == (3, 31)
+    assert 0.005 < table.std() < 0.02
     np.testing.assert_array_equal(fw.numpy(traced.rpb.table), table)
     nd_eager = frf.FastRPBnd(2, (3, 4), symmetric=True, rngs=nnx.Rngs(1))
     nd_traced = nnx.jit(lambda: frf.FastRPBnd(2, (3, 4), symmetric=True, rngs=nnx.Rngs(1)))()
-    for a, b in zip(fw.raw_tables(nd_eager), fw.raw_tables(nd_traced)):
+    for a, b in zip(fw.raw_tables(nd_eager), fw.raw_tables(nd_traced), strict=True):
         np.testing.assert_array_equal(b, a)
     assert [t.shape for t in fw.raw_tables(nd_traced)] == [(2, 3), (2, 4)]
     assert traced(fw.array(np.ones((1, 5, 12)), "float32")).shape == (1, 5, 12)
@@ -601,7 +641,8 @@ def _doctest(name: str, **extra: Any) -> None:
     import importlib
 
     result = doctest.testmod(importlib.import_module(name), extraglobs=extra, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0, (name, result)
+    assert result.attempted > 0, (name, result)
+    assert result.failed == 0, (name, result)
 
 
 def test_docstring_examples(framework_cpu):
@@ -723,7 +764,8 @@ def test_lma_loads_a_torch_multihead_attention_state(tb, rng):
     layer.load_state_dict(mha.state_dict())  # the packed in_proj_weight is split
     E = 12
     w = mha.in_proj_weight.detach()
-    assert torch.equal(layer.q_proj_weight, w[:E]) and torch.equal(layer.v_proj_weight, w[2 * E :])
+    assert torch.equal(layer.q_proj_weight, w[:E])
+    assert torch.equal(layer.v_proj_weight, w[2 * E :])
     qn = rng.standard_normal((2, 6, 12))
     x = tb.asarray(qn)
     assert_close(tb, layer(x, x, x)[0], _lma_oracle(tb, layer, qn, qn, qn), "float64")
@@ -764,7 +806,8 @@ def test_lma_in_transformer_encoder_layer(tb, rng):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
-    assert lma.rpb.table.grad is not None and float(lma.rpb.table.grad.abs().sum()) > 0
+    assert lma.rpb.table.grad is not None
+    assert float(lma.rpb.table.grad.abs().sum()) > 0
     # a stack built around the layer: torch's nested-tensor conversion stays off, and
     # eval without gradients gives the training-mode numbers
     stack = torch.nn.TransformerEncoder(enc, 2, enable_nested_tensor=False)
@@ -826,7 +869,7 @@ def test_lma_errors(tb, case):
     import torch
 
     build, call, error, phrase = LMA_ERRORS[case]
-    with pytest.raises(error, match=phrase):
+    with pytest.raises(error, match=phrase):  # noqa: PT012 - a case fails when the layer is built or when it is called
         layer = _lma(tb, **build)
         x = torch.zeros((5, 2, 12), dtype=torch.float64, device=tb.device)
         if call == "nested":
@@ -889,6 +932,13 @@ def worker(rank, world, port, out):
     if rank == 0:
         torch.save(full, out)
     dist.destroy_process_group()
+    # Leave without interpreter shutdown: gloo worker threads that outlive
+    # destroy_process_group (the sharded model can still hold the group) and free a collective's
+    # Python-owned tensors during shutdown need the GIL, are made to exit, and abort
+    # the process (flaky SIGABRT, "terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

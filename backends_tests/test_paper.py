@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.paper import data as paper_data  # the repository root is on pytest's pythonpath
 
-from benchmarks.paper import data as paper_data  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_listops_semantics():
@@ -37,9 +36,11 @@ def test_listops_generator_reproducible_and_in_range():
     spec = paper_data.ListOpsSpec(40, min_len=60, max_len=120, seed=3)
     seqs, labels = paper_data.generate_listops(spec)
     again, labels2 = paper_data.generate_listops(spec)
-    assert seqs == again and np.array_equal(labels, labels2)
+    assert seqs == again
+    assert np.array_equal(labels, labels2)
     assert all(60 <= len(s) <= 120 for s in seqs)
-    assert labels.min() >= 0 and labels.max() <= 9
+    assert labels.min() >= 0
+    assert labels.max() <= 9
     # brackets balance and nesting depth stays within the limit
     for s in seqs:
         depth = worst = 0
@@ -47,9 +48,11 @@ def test_listops_generator_reproducible_and_in_range():
             depth += t.startswith("[") - (t == "]")
             worst = max(worst, depth)
             assert depth >= 0
-        assert depth == 0 and worst <= spec.max_depth
+        assert depth == 0
+        assert worst <= spec.max_depth
     ids, lengths = paper_data.encode_listops(seqs)
-    assert ids.shape == (40, 1 + max(map(len, seqs))) and (ids[:, 0] == paper_data.CLS).all()
+    assert ids.shape == (40, 1 + max(map(len, seqs)))
+    assert (ids[:, 0] == paper_data.CLS).all()
     assert np.array_equal(lengths, [1 + len(s) for s in seqs])
     other, _ = paper_data.generate_listops(paper_data.ListOpsSpec(40, min_len=60, max_len=120, seed=4))
     assert other != seqs
@@ -77,21 +80,25 @@ def test_quick_run_end_to_end(tmp_path: Path):
     res = json.loads((out / "results.json").read_text())
     from benchmarks.paper.model import VARIANTS
 
-    assert res["tasks"] == ["fmnist", "listops"] and res["variants"] == list(VARIANTS)
+    assert res["tasks"] == ["fmnist", "listops"]
+    assert res["variants"] == list(VARIANTS)
     assert len(res["runs"]) == 2 * len(VARIANTS) * 2
     for r in res["runs"]:
         assert r["loss_finite"], (r["task"], r["variant"], r["seed"])
         assert 0.0 <= r["test_acc"] <= 1.0
-        assert r["step_time_median_s"] > 0 and r["n_params"] > 0
+        assert r["step_time_median_s"] > 0
+        assert r["n_params"] > 0
         assert r["config_hash"] == res["config_hash"]
     assert {(s["task"], s["variant"]) for s in res["summary"]} == {(t, v) for t in res["tasks"] for v in VARIANTS}
     # FastRPB adds parameters (its tables), the variants without it do not
     p = {(r["task"], r["variant"]): r["n_params"] for r in res["runs"]}
     for t in res["tasks"]:
         assert p[(t, "elu")] == p[(t, "sikf")] == p[(t, "softmax")] < p[(t, "sikf+rpb")] == p[(t, "softmax+logits")]
-    assert res["versions"]["torch"] and res["machine"]["logical_cpus"]
+    assert res["versions"]["torch"]
+    assert res["machine"]["logical_cpus"]
     table = (out / "results.md").read_text()
-    assert "| model | test accuracy" in table and "linear, SIKF + FastRPB" in table
+    assert "| model | test accuracy" in table
+    assert "linear, SIKF + FastRPB" in table
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "runs" / res["config_hash"]).is_dir()
 
@@ -103,7 +110,8 @@ def test_quick_run_end_to_end(tmp_path: Path):
 
     # other settings into the same directory: refused, nothing overwritten
     other = _run(out, "--steps", "3", "--tasks", "listops")
-    assert other.returncode == 2 and "another configuration" in other.stderr
+    assert other.returncode == 2
+    assert "another configuration" in other.stderr
     assert json.loads((out / "results.json").read_text())["config_hash"] == res["config_hash"]
 
     # the docs page is generated from the JSON
@@ -114,8 +122,12 @@ def test_quick_run_end_to_end(tmp_path: Path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
-    assert "GENERATED" in text and res["config_hash"] in text and "36.37" in text
-    assert "## Further sweep" in text and "## Summary" in text and "identical test accuracies" in text
+    assert "GENERATED" in text
+    assert res["config_hash"] in text
+    assert "36.37" in text
+    assert "## Further sweep" in text
+    assert "## Summary" in text
+    assert "identical test accuracies" in text
 
 
 @pytest.mark.uses_backend("torch", reason="the paper models are PyTorch modules")
@@ -140,3 +152,129 @@ def test_logits_bias_is_the_same_table_as_fastrpb():
         else:
             want = fastrpb.rpb(v, tables[0], skip=(1, 0))
         torch.testing.assert_close(dense @ v, want, rtol=1e-5, atol=1e-5)  # dense summed in float32
+
+
+# ----------------------------------------------------------------------------- autoregressive
+def test_ar_quantise_levels_and_pooling():
+    from benchmarks.paper.autoregressive import decode_samples, encode_samples, quantise
+
+    img = np.zeros((1, 784), dtype=np.uint8)
+    img[0, :28] = 255  # first row white
+    img[0, 28 * 27 :] = 128
+    q = quantise(img, 28, 16)
+    assert q.shape == (1, 784)
+    assert q.dtype == np.int64
+    assert (q[0, :28] == 15).all()
+    assert (q[0, 28:56] == 0).all()
+    assert (q[0, 28 * 27 :] == 8).all()
+    pooled = quantise(img, 7, 4)  # 4 x 4 blocks: the top blocks hold one white row of four
+    assert pooled.shape == (1, 49)
+    assert (pooled[0, :7] == 0).all()
+    assert (quantise(np.full((2, 784), 255, np.uint8), 14, 256) == 255).all()
+    with pytest.raises(ValueError, match="side"):
+        quantise(img, 5, 16)
+    for levels in (4, 16, 256):
+        x = np.random.default_rng(levels).integers(0, levels, size=(3, 49))
+        assert np.array_equal(decode_samples(encode_samples(x, levels), levels), x)
+
+
+@pytest.mark.uses_backend("torch", reason="the paper models are PyTorch modules")
+def test_ar_decoding_reproduces_the_causal_forward_pass():
+    """The sampling path (layer ``step`` / KV cache) computes the same logits as training's forward pass."""
+    import torch
+
+    from benchmarks.paper.armodel import PixelTransformer, default_variants
+
+    torch.manual_seed(0)
+    for v in default_variants():
+        m = PixelTransformer(levels=5, grid=(3, 4), d=16, heads=2, layers=2, d_ff=16, variant=v, chunk_size=4, seed=1)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "table" in name:  # FastRPB tables start near zero; make the bias matter
+                    p.normal_(0.0, 0.5)
+            px = torch.randint(0, 5, (3, 12))
+            full = m(px)
+            # a changed future pixel must not change earlier logits (causality)
+            later = px.clone()
+            later[:, 7:] = (later[:, 7:] + 1) % 5
+            torch.testing.assert_close(m(later)[:, :8], full[:, :8], rtol=1e-5, atol=1e-5)
+            caches, tok, steps = None, torch.full((3,), m.bos), []
+            for t in range(12):
+                logits, caches = m.step(tok, t, caches)
+                steps.append(logits)
+                tok = px[:, t]
+        torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-4, atol=1e-5, msg=lambda s, v=v: f"{v}: {s}")
+
+
+@pytest.mark.slow
+@pytest.mark.uses_backend("torch", reason="the autoregressive benchmark trains PyTorch models")
+def test_ar_quick_run_end_to_end(tmp_path: Path):
+    import math
+
+    from benchmarks.paper.armodel import default_variants
+    from benchmarks.paper.autoregressive import QUICK
+
+    out = tmp_path / "ar"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.paper.autoregressive", "--quick", "--out", str(out)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"--quick failed:\nSTDERR:\n{proc.stderr[-6000:]}"
+    runs = json.loads((out / "results.json").read_text())
+    assert isinstance(runs, list)
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted((v, s) for v in default_variants() for s in (0, 1))
+    bound = math.log2(QUICK.levels)
+    for r in runs:
+        for field in ("variant", "seed", "bits_per_dim", "train_s_per_step", "generate_tokens_per_s"):
+            assert field in r, field
+        assert math.isfinite(r["bits_per_dim"]), (r["variant"], r["bits_per_dim"])
+        assert 0 < r["bits_per_dim"] < bound, (r["variant"], r["bits_per_dim"])
+        assert r["train_s_per_step"] > 0
+        assert r["generate_tokens_per_s"] > 0
+        assert r["loss_finite"]
+        assert len(r["samples_hex"]) == QUICK.gen_images
+        assert all(len(h) == QUICK.side ** 2 for h in r["samples_hex"])
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["generation_timing"]["per_variant"].keys() == set(default_variants())
+    assert (out / "samples.png").stat().st_size > 5_000
+    md = (out / "results.md").read_text()
+    for claim in ("FastRPB improves causal linear attention's bits/dim", "SIKF vs elu+1 in the causal setting",
+                  "Linear decoding vs softmax decoding at 49 tokens"):
+        assert claim in md, claim
+    # the Experiments page takes the section
+    page = tmp_path / "experiments.md"
+    gen = subprocess.run([sys.executable, "-m", "benchmarks.paper.report", str(ROOT / "docs/experiments/results.json"),
+                          "--page", str(page), "--autoregressive", str(out)],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert gen.returncode == 0, gen.stderr
+    text = page.read_text()
+    assert "## Autoregressive Fashion-MNIST" in text
+    assert meta["config_hash"] in text
+    assert "--autoregressive" in text
+
+
+def test_presets_on_the_command_line():
+    from benchmarks.paper.__main__ import parse
+    from benchmarks.paper.settings import PRESETS
+
+    a = parse(["--preset", "listops-short"])
+    assert a.preset == "listops-short"
+    assert a.tasks == ["listops"]
+    assert PRESETS["listops-short"].listops_max_len <= 512
+    assert parse(["--quick"]).preset == "quick"
+    assert parse([]).preset == "full"
+    assert parse([]).tasks == ["fmnist", "listops"]
+    with pytest.raises(SystemExit):
+        parse(["--quick", "--preset", "listops-short"])
+
+
+@pytest.mark.uses_backend("torch", reason="the paper models are PyTorch modules")
+def test_ar_decoding_cost_measurement_runs():
+    """``ardecode`` times both decoding paths from a real prefilled state (smoke test of the measurement)."""
+    from benchmarks.paper.ardecode import measure, table
+
+    res = measure(widths=((8, 2),), positions=(5, 9), batch=2, reps=2, rounds=1)
+    assert [r["position"] for r in res["rows"]] == [5, 9]
+    for r in res["rows"]:
+        assert r["linear_ms_per_token"] > 0
+        assert r["softmax_ms_per_token"] > 0
+        assert r["speedup"] == pytest.approx(r["softmax_ms_per_token"] / r["linear_ms_per_token"])
+    assert table(res).count("\n") == 3

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from backends import requested
 
 HERE = Path(__file__).resolve().parent
@@ -75,7 +76,7 @@ def test_argument_errors_name_the_argument():
             return 2
 
     x = np.zeros((8, 4))
-    with pytest.raises(TypeError, match="comm must come from fastrpb.parallel.jax_axis"):
+    with pytest.raises(TypeError, match=r"comm must come from fastrpb\.parallel\.jax_axis"):
         parallel.linear_attention(x, x, x, comm=object())
     with pytest.raises(TypeError, match="comm must come from"):
         parallel.rpb(x, np.zeros(15), comm=None)
@@ -95,7 +96,7 @@ def test_argument_errors_name_the_argument():
 def test_torch_group_needs_an_initialised_group():
     from fastrpb import parallel
 
-    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+    with pytest.raises(ValueError, match=r"needs an initialised torch\.distributed process group"):
         parallel.rpb(np.zeros((8, 4)), np.zeros(31), comm=parallel.torch_group())
 
 
@@ -104,7 +105,8 @@ def test_docs_shard_map_example_runs(tmp_path):
     script = tmp_path / "shard_map_example.py"
     script.write_text(_docs_examples()[0])
     last = _run(str(script), ok=False).strip().splitlines()[-1]
-    assert "None, 'seq', None)" in last and float(last.split()[-1]) < 1e-4, last
+    assert "None, 'seq', None)" in last, last
+    assert float(last.split()[-1]) < 1e-4, last
 
 
 @pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
@@ -112,5 +114,6 @@ def test_docs_torchrun_example_runs(tmp_path):
     script = tmp_path / "sp.py"
     script.write_text(_docs_examples()[1])
     lines = _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), ok=False).split()
-    errors = {int(r): float(e) for r, e in zip(lines[::2], lines[1::2])}
-    assert sorted(errors) == [0, 1] and max(errors.values()) < 1e-4, lines
+    errors = {int(r): float(e) for r, e in zip(lines[::2], lines[1::2], strict=True)}
+    assert sorted(errors) == [0, 1], lines
+    assert max(errors.values()) < 1e-4, lines

@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import oracles
 import pytest
-from backends import assert_close
 
 import fastrpb
+import oracles
+from backends import assert_close
 
 # lengths that cross the online convolution's block boundaries (blocks of 32, 64, ...)
 LENGTHS = [1, 2, 3, 63, 64, 65, 1000]
@@ -144,7 +144,7 @@ def test_skip_counts_from_the_sequence_start(backend, rng, a):
     got, _ = step_all(backend, vb, wb, skip=(a, 0))
     assert_close(backend, got, expected, "float64")
     state, parts = None, []
-    for c0, c1 in zip([0, 2, 3, 50], [2, 3, 50, L]):
+    for c0, c1 in zip([0, 2, 3, 50], [2, 3, 50, L], strict=True):
         out, state = fastrpb.rpb(vb[c0:c1, :], wb, causal=True, skip=(a, 0), initial_state=state, return_state=True)
         parts.append(out)
     assert_close(backend, backend.xp.concat(parts, axis=-2), expected, "float64")
@@ -281,7 +281,7 @@ def test_gradients_through_initial_state(backend, rng):
         f = jax.jit(lambda a, b, c: _stream_loss(backend.xp, a, b, c))
         grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*(backend.asarray(x) for x in (v1, v2, w)))
         numeric = _finite_differences(lambda *xs: float(f(*(backend.asarray(x) for x in xs))), [v1, v2, w])
-        for g, n in zip(grads, numeric):
+        for g, n in zip(grads, numeric, strict=True):
             np.testing.assert_allclose(backend.to_numpy(g), n, rtol=1e-6, atol=1e-6)
     else:
         pytest.skip(f"{backend.name} has no automatic differentiation")

@@ -105,7 +105,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, exc, pattern", [pytest.param(*case[1:], id=case[0]) for case in CASES])
+@pytest.mark.parametrize(("call", "exc", "pattern"), [pytest.param(*case[1:], id=case[0]) for case in CASES])
 def test_bad_argument_is_rejected_by_name(backend, call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(backend)

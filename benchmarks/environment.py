@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -46,10 +47,8 @@ def machine() -> dict[str, Any]:
         logical_cpus=os.cpu_count(), platform=platform.platform(), machine=platform.machine(),
         python=platform.python_version(), load_average_start=load_average(),
     )
-    try:
+    with contextlib.suppress(AttributeError):  # not on Linux
         info["usable_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        pass
     mem_kb = _first_line("/proc/meminfo", "MemTotal")
     if mem_kb:
         info["memory_gib"] = round(int(mem_kb.split()[0]) / 2**20, 1)

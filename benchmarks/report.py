@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -127,19 +127,19 @@ def markdown(payload: dict) -> str:
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + f"; load average {m.get('load_average_start')} at start, {m.get('load_average_end')} at end",
         f"- {m['platform']}, Python {m['python']}; " + describe_versions({k: val for k, val in v.items() if k != "python"}),
-        f"- dtype {cfg['dtype']}, batch 1, 8 heads, 64 features; up to {cfg['repeats']} interleaved rounds "
-        f"(fewer, but at least 3, when a comparison would exceed {cfg['budget']} s), median per variant",
-        "- Times in milliseconds. `speedup` = t(reference) / t(fastrpb): above 1, the library is faster. "
+        (f"- dtype {cfg['dtype']}, batch 1, 8 heads, 64 features; up to {cfg['repeats']} interleaved rounds "
+        f"(fewer, but at least 3, when a comparison would exceed {cfg['budget']} s), median per variant"),
+        ("- Times in milliseconds. `speedup` = t(reference) / t(fastrpb): above 1, the library is faster. "
         "Memory: peak extra bytes of one call (RSS high-water mark, separate process per case), "
-        "and that divided by the size of the values v.",
-        "- † a slow reference (a warm call over 1.5 s) sampled once instead of every round; "
-        "the library itself is always timed every round.",
+        "and that divided by the size of the values v."),
+        ("- † a slow reference (a warm call over 1.5 s) sampled once instead of every round; "
+        "the library itself is always timed every round."),
     ]
     if payload.get("skipped_backends"):
         lines.append("- Backends not run: " + "; ".join(f"{k} ({r})" for k, r in payload["skipped_backends"].items()))
     lines += ["", "## Targets", "",
-              "Every measured value is a speedup, t(reference) / t(fastrpb): \"within 1.2x\" of a reference "
-              "means a speedup of at least 1 / 1.2 = 0.83.", "",
+              ("Every measured value is a speedup, t(reference) / t(fastrpb): \"within 1.2x\" of a reference "
+              "means a speedup of at least 1 / 1.2 = 0.83."), "",
               "| target | backend | L | speedup | met |", "|---|---|---:|---:|:---:|"]
     for t in payload["targets"]:
         lines.append(f"| {t['text']} | {t['backend']} | {t['L']:,} | {t['shown']} | {'yes' if t['met'] else '**no**'} |")
@@ -214,7 +214,7 @@ def summary(payload: dict) -> str:
 # ------------------------------------------------------------------------- plots
 def slope(Ls: list[int], ys: list[float]) -> float | None:
     """Least-squares slope of log y against log L (over L >= 1024 when there are 3 such)."""
-    pts = [(L, y) for L, y in zip(Ls, ys) if y and y > 0]
+    pts = [(L, y) for L, y in zip(Ls, ys, strict=True) if y and y > 0]
     big = [(L, y) for L, y in pts if L >= 1024]
     if len(big) >= 3:
         pts = big
@@ -246,10 +246,10 @@ def plots(payload: dict, out: str) -> list[str]:
         for kind in ("time", "memory"):
             fig, axes = plt.subplots(1, len(benches), figsize=(5.2 * len(benches), 4.2), squeeze=False)
             drew = False
-            for ax, b in zip(axes[0], benches):
+            for ax, b in zip(axes[0], benches, strict=True):
                 mine = [r for r in rows if r["backend"] == b]
                 names = list(dict.fromkeys(n for r in mine for n in r.get("median_s", {})))
-                for i, n in enumerate(names):
+                for n in names:
                     pts = []
                     for r in mine:
                         if kind == "time" and n in r.get("median_s", {}):
@@ -258,7 +258,7 @@ def plots(payload: dict, out: str) -> list[str]:
                             pts.append((r["L"], r["memory"][n]["extra_bytes"]))
                     if not pts:
                         continue
-                    Ls, ys = zip(*sorted(pts))
+                    Ls, ys = zip(*sorted(pts), strict=True)
                     s = slope(list(Ls), list(ys))
                     ours = n == mine[0].get("ours")
                     label = f"{n} (slope {s:.2f})" if s is not None else n

@@ -52,6 +52,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="threads of PyTorch, BLAS and OpenMP (default: each library's own choice, one per core)")
     p.add_argument("--jobs", type=int, default=2, help="memory processes run at once (they measure RSS, not time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--streaming", action="store_true",
+                   help="also time decoding and chunked prefill with FastRPB (benchmarks.streaming, torch CPU): "
+                        "streaming.json and streaming.png in --out")
     return p.parse_args(argv)
 
 
@@ -144,7 +147,7 @@ def run_timing(cfg: dict, benches: dict, progress: bool) -> list[dict]:
             }
             record["memory_variants"] = [v.name for v in built.variants if v.memory]
             del built
-        except Exception as exc:  # noqa: BLE001 - a failing case is reported, not fatal
+        except Exception as exc:
             record["error"] = f"{type(exc).__name__}: {exc}"
         results.append(record)
         bar.update()
@@ -155,7 +158,7 @@ def run_timing(cfg: dict, benches: dict, progress: bool) -> list[dict]:
 def run_memory(cfg: dict, results: list[dict], progress: bool, out_dir: str) -> None:
     groups: dict[tuple[str, str], dict] = {}
     for r in results:
-        if "error" in r or r["L"] not in cfg["memory_sizes"] and CASES[r["case"]].sizes is None:
+        if "error" in r or (r["L"] not in cfg["memory_sizes"] and CASES[r["case"]].sizes is None):
             continue
         g = groups.setdefault((r["case"], r["backend"]), {"sizes": [], "variants": set()})
         g["sizes"].append(r["L"])
@@ -169,7 +172,7 @@ def run_memory(cfg: dict, results: list[dict], progress: bool, out_dir: str) -> 
 
     roots = [os.path.dirname(os.path.dirname(os.path.abspath(fastrpb.__file__))),
              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-    env["PYTHONPATH"] = os.pathsep.join(roots + [env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([*roots, env.get("PYTHONPATH", "")])
     by_key = {(r["case"], r["backend"], r["L"]): r for r in results}
     pending = list(groups.items())
     running: list[tuple[tuple[str, str], dict, subprocess.Popen]] = []
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     names = cfg["backends"]
     benches, skipped = available(names, cfg["dtype"])
     if cfg["explicit"]:
-        missing = {n: r for n, r in skipped.items()}
+        missing = dict(skipped.items())
         if missing:
             raise SystemExit(f"requested backends cannot run here: {missing}")
     elif not benches:
@@ -232,11 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     if cfg["memory"]:
         run_memory(cfg, results, progress, args.out)
     machine["load_average_end"] = environment.load_average()
-    payload = dict(config={k: v for k, v in cfg.items()}, machine=machine, versions=environment.versions(),
+    payload = dict(config=dict(cfg.items()), machine=machine, versions=environment.versions(),
                    skipped_backends=skipped, results=results, wall_s=time.time() - t0)
     payload["targets"] = report.evaluate_targets(results)
     payload["crossovers"] = report.crossovers(results)
     paths = report.write_all(payload, args.out)
+    if args.streaming:  # per-token decode time against t, with and without the bias, and chunked prefill
+        from . import streaming
+
+        extra = [os.path.join(args.out, "streaming.json"), os.path.join(args.out, "streaming.png")]
+        streaming.main(["--json", extra[0], "--plot", extra[1]] + (["--ts", "256,1024", "--prefill", "4096"] if args.quick else []))
+        paths = [*paths, *extra]
     print(report.summary(payload))
     print("wrote " + ", ".join(paths))
     return 0

@@ -13,7 +13,8 @@ from __future__ import annotations
 import gc
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ def measure(
         first[v.name] = warm[v.name] if warm[v.name] > 10 * min_sample and not compiles else _one(v.fn, sync, 1)
         _settle(first[v.name])
     number = {name: max(1, math.ceil(min_sample / max(t, 1e-9))) for name, t in first.items()}
-    number.update({name: 1 for name in once})
+    number.update(dict.fromkeys(once, 1))
     round_time = sum(first[n] * number[n] for n in first)
     rounds = int(min(repeats, max(min_repeats, budget // max(round_time, 1e-9))))
     for r in range(rounds):

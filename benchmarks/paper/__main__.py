@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .settings import FULL, QUICK, TASKS
+from .settings import PRESETS, TASKS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,10 +19,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train every attention variant on Fashion-MNIST and ListOps for several seeds; "
         "write results.json, results.md and curves.png into --out.",
     )
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI (seconds, not a result)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI (seconds, not a result); = --preset quick")
+    ap.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                    help="settings preset (default: full); listops-short: ListOps of 10-64 tokens that small "
+                         "models learn (default tasks: listops)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 3; --quick: 2)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (same for every model)")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: both (listops-short: listops)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: paper-results or paper-results-quick)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -39,18 +42,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--jobs must be >= 1")
     if a.steps is not None and a.steps < 1:
         ap.error("--steps must be >= 1")
+    if a.quick and a.preset not in (None, "quick"):
+        ap.error("--quick is --preset quick; give one of them")
+    a.preset = "quick" if a.quick else (a.preset or "full")
+    if a.tasks is None:
+        a.tasks = ["listops"] if a.preset == "listops-short" else list(TASKS)
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    settings = QUICK if a.quick else FULL
+    settings = PRESETS[a.preset]
     if a.steps is not None:
         settings = dataclasses.replace(settings, steps=a.steps)
     if a.threads is not None:
         settings = dataclasses.replace(settings, threads=a.threads)
-    seeds = list(range(a.seeds if a.seeds is not None else (2 if a.quick else 3)))
-    out = a.out or Path("paper-results-quick" if a.quick else "paper-results")
+    seeds = list(range(a.seeds if a.seeds is not None else (2 if a.preset == "quick" else 3)))
+    out = a.out or Path({"quick": "paper-results-quick", "full": "paper-results"}.get(a.preset, f"paper-results-{a.preset}"))
 
     from .data import DataMissing
     from .runner import ConfigMismatch, default_command, sweep

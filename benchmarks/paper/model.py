@@ -43,7 +43,7 @@ class Variant:
     bias: str | None  # None | "rpb" (FastRPB on values) | "logits" (softmax logits bias)
 
     @classmethod
-    def parse(cls, name: str) -> "Variant":
+    def parse(cls, name: str) -> Variant:
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
         attention, _, bias = name.partition("+")
@@ -102,7 +102,7 @@ class Attention(nn.Module):
         """(H, L, L) dense bias from the same tables (class token row/column zero)."""
         n = L - 1
         if self.geom.kind == "grid":
-            mats = [fastrpb.rpb_matrix(t, g) for t, g in zip(self.tables, self.geom.grid)]
+            mats = [fastrpb.rpb_matrix(t, g) for t, g in zip(self.tables, self.geom.grid, strict=True)]
             # B[(r, c), (r', c')] = w_row(r - r') + w_col(c - c')
             rows, cols = mats
             G1, G2 = self.geom.grid

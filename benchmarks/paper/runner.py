@@ -58,7 +58,7 @@ def _worker(d: TaskData, variant: str, seed: int, s: Settings, h: str, path: str
             res = train_one(d, variant, seed, s, progress=bar)
         res["config_hash"] = h
         _atomic_write(Path(path), json.dumps(res))
-    except BaseException:  # noqa: BLE001 - report any failure of the run to the parent
+    except BaseException:
         err = {"task": d.name, "variant": variant, "seed": seed, "config_hash": h,
                "error": traceback.format_exc()}
         _atomic_write(Path(path).with_suffix(".error.json"), json.dumps(err))
@@ -73,7 +73,7 @@ def _timing_worker(d: TaskData, variants: list[str], s: Settings, h: str, path: 
         res = interleaved_step_times(d, variants, s, rounds=s.timing_rounds)
         res["config_hash"] = h
         _atomic_write(Path(path), json.dumps(res))
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         _atomic_write(Path(path).with_suffix(".error.json"), json.dumps({"error": traceback.format_exc()}))
         os._exit(1)
     os._exit(0)

@@ -76,7 +76,7 @@ def load_task(task: str, s: Settings, cache: Path | None = None) -> TaskData:
 
 
 def task_stats(d: TaskData) -> dict:
-    out: dict[str, Any] = {"n_train": int(len(d.y_train)), "n_test": int(len(d.y_test)),
+    out: dict[str, Any] = {"n_train": len(d.y_train), "n_test": len(d.y_test),
                            "test_label_counts": np.bincount(d.y_test, minlength=10).tolist()}
     counts = np.bincount(d.y_test, minlength=10)
     out["majority_class_test_acc"] = float(counts.max() / counts.sum())
@@ -207,7 +207,7 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
     t0 = time.perf_counter()
     final = evaluate(model, d, len(d.y_test), s)
     eval_time += time.perf_counter() - t0
-    curve.append({"step": s.steps, "acc": final, "n": int(len(d.y_test))})
+    curve.append({"step": s.steps, "acc": final, "n": len(d.y_test)})
     warm = min(5, max(0, len(step_times) - 1))  # the first steps include one-off allocations
     timed = step_times[warm:]
     return {
@@ -215,7 +215,7 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
         "variant": variant,
         "seed": seed,
         "test_acc": final,
-        "n_test": int(len(d.y_test)),
+        "n_test": len(d.y_test),
         "curve": curve,
         "loss": losses,
         "train_correct": train_correct,

@@ -7,6 +7,8 @@ contract"); the paper is Zubkov & Gavrilov, "FastRPB: a Scalable Relative Positi
 Encoding for Long Sequence Tasks" (arXiv:2202.11364).
 """
 
+from types import ModuleType
+
 from . import feature_maps
 from .attention import LinearAttentionState, linear_attention, linear_attention_step, softmax_attention
 from .bias import RPBState, rpb, rpb_init, rpb_matrix, rpb_nd, rpb_step, symmetric_table
@@ -30,7 +32,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> ModuleType:
     # The framework layers load only on request: ``fastrpb.torch`` / ``fastrpb.flax``
     # (or ``import fastrpb.torch``); ``import fastrpb`` never imports a framework.
     # ``fastrpb.torch.LinearMultiheadAttention`` is the drop-in for

@@ -75,11 +75,11 @@ def demo(length: int, heads: int, features: int, check_length: int, repeats: int
         rng = np.random.default_rng(seed)
         v = rng.standard_normal((heads, L, features), dtype=np.float32)
         w = rpb_init(heads, L, seed=seed, like=v)
-        fast_t, fast_m = _measure(lambda: rpb(v, w), repeats)
+        fast_t, fast_m = _measure(lambda: rpb(v, w), repeats)  # noqa: B023 - called in this iteration
         dense_bytes = heads * L * L * v.itemsize
         row = {"L": L, "fast_time": fast_t, "fast_mem": fast_m, "dense_mem": dense_bytes, "measured": False}
         if dense_bytes <= DENSE_LIMIT_BYTES:
-            row["dense_time"], row["dense_mem"] = _measure(lambda: rpb_matrix(w, L) @ v, max(1, repeats // 2))
+            row["dense_time"], row["dense_mem"] = _measure(lambda: rpb_matrix(w, L) @ v, max(1, repeats // 2))  # noqa: B023 - called in this iteration
             row["measured"] = True
         rows.append(row)
     # Extrapolate the dense time from the longest measured length: O(L^2) work per head.
@@ -110,7 +110,7 @@ def _table(rows: list[dict]) -> str:
     widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
     out = []
     for n, line in enumerate(lines):
-        out.append("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+        out.append("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -13,9 +13,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
-from ._compat import device_of, grid_arg, int_arg, namespace, skip_arg
+from ._compat import device_of, namespace
+from ._typing import Array
+from ._validate import grid_arg, int_arg, skip_arg
 from .attention import linear_attention, linear_attention_step
-from .bias import rpb, rpb_matrix, rpb_nd, symmetric_table
+from .bias import rpb, rpb_matrix, rpb_nd, rpb_step, symmetric_table
 from .feature_maps import FeatureMap, resolve
 
 __all__ = ["AttentionLayer", "BiasLayer", "BiasNdLayer", "LayerCache", "check_axes", "check_heads"]
@@ -30,12 +32,14 @@ class LayerCache(NamedTuple):
     Attributes
     ----------
     state :
-        The functional state of ``fastrpb.linear_attention_step`` (opaque; for
-        ``"sikf"`` it carries the running key offset).
-    values : array or None
-        The value projections seen so far, ``(..., H, t, Dh)``, kept only when the
-        layer has a FastRPB: the bias of a new token is a weighted sum of all earlier
-        values, which no fixed-size state summarises. ``None`` without FastRPB.
+        The functional ``fastrpb.LinearAttentionState`` (for ``"sikf"`` it carries the
+        running key offset); with a FastRPB its ``rpb`` field holds the bias history
+        (a ``fastrpb.RPBState``: the online FFT convolution's blocks, O(M Dh) per head),
+        so a step costs amortised O(Dh log^2 t) for the bias, never a pass over all
+        earlier values.
+    values : None
+        Kept for code that unpacks two fields; always ``None`` now (the layer used to
+        keep every value projection here and re-run the bias over them each step).
     """
 
     state: Any
@@ -90,15 +94,25 @@ class BiasLayer:
         """The stored parameter as an array of the framework."""
         raise NotImplementedError
 
-    def weights(self) -> Any:
+    def weights(self) -> Array:
         """The full table ``(heads, 2 max_len - 1)`` (expanded from ``h`` when symmetric)."""
         table = self._table()
         return symmetric_table(table) if self.symmetric else table
 
-    def _bias_of(self, v: Any) -> Any:
-        return rpb(v, self.weights(), causal=self.causal, skip=self.skip)
+    def _bias_of(self, v: Any, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+        """``B @ v``; streaming (causal): continue ``initial_state`` and return ``(out,
+        state)``, for a chunk ``v: (..., L, D)`` or, with ``step=True``, one token
+        ``v: (..., D)`` (``fastrpb.rpb_step``)."""
+        w = self.weights()
+        if step:
+            if initial_state is None:
+                return rpb_step(None, v, w, skip=self.skip)
+            return rpb_step(initial_state, v, w)
+        if initial_state is None and not return_state:
+            return rpb(v, w, causal=self.causal, skip=self.skip)
+        return rpb(v, w, causal=self.causal, skip=self.skip, initial_state=initial_state, return_state=return_state)
 
-    def matrix(self, L: int) -> Any:
+    def matrix(self, L: int) -> Array:
         """The dense ``(heads, L, L)`` matrix ``B``, e.g. as a softmax logits bias."""
         return rpb_matrix(self.weights(), L, causal=self.causal)
 
@@ -143,7 +157,7 @@ class BiasNdLayer:
         """The stored parameters as arrays of the framework, in the order of ``lengths``."""
         raise NotImplementedError
 
-    def weights(self) -> list[Any | None]:
+    def weights(self) -> list[Array | None]:
         """One full table (or ``None``) per grid axis, as ``fastrpb.rpb_nd`` takes them."""
         full = [symmetric_table(t) if self.symmetric else t for t in self._tables()]
         out: list[Any | None] = [None] * len(self.grid)
@@ -276,43 +290,70 @@ class AttentionLayer:
         return xp
 
     def _heads(
-        self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool, cu_seqlens: Any = None
-    ) -> tuple[Any, Any, Any]:
+        self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool, cache: Any = None,
+        cu_seqlens: Any = None,
+    ) -> tuple[Any, Any]:
         """Attention plus bias on split heads ``(..., H, L, Dh)``; ``key_mask: (..., 1, Lk)``
         True = keep; ``cu_seqlens``: packed sequences along L (each attended and biased on
-        its own). Returns ``(out, state or None, the values the bias saw or None)``."""
+        its own; not with a cache). Returns ``(out, state or None)``; the state carries the
+        bias history (``state.rpb``) when the layer has a FastRPB."""
         if self.rpb is not None and q.shape[-2] != k.shape[-2]:
             raise ValueError(
                 f"a layer with FastRPB needs as many queries as keys (the bias is B @ V with a square B), "
                 f"got Lq = {q.shape[-2]} and Lk = {k.shape[-2]}"
             )
+        stream = return_state or cache is not None
+        previous = None if cache is None else cache.state
         result = linear_attention(
             q, k, v, feature_map=self.feature_map, causal=causal, key_mask=key_mask,
-            eps=self.eps, chunk_size=self.chunk_size, return_state=return_state, cu_seqlens=cu_seqlens,
+            eps=self.eps, chunk_size=self.chunk_size, return_state=stream,
+            initial_state=None if previous is None else previous._replace(rpb=None), cu_seqlens=cu_seqlens,
         )
-        out, state = result if return_state else (result, None)
-        values = None
+        out, state = result if stream else (result, None)
         if self.rpb is not None:
             values = v
             if key_mask is not None:  # padding keys give no bias (garbage and NaN included)
                 values = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
-            if cu_seqlens is None:
-                out = out + self.rpb(values)
-            else:
-                out = out + rpb(values, self.rpb.weights(), causal=self.rpb.causal, skip=self.rpb.skip, cu_seqlens=cu_seqlens)
-        return out, state, values
+            if stream:  # the bias continues from (and returns) its history
+                term, history = self.rpb(values, initial_state=None if previous is None else previous.rpb, return_state=True)
+                assert state is not None  # stream: linear_attention returned a state
+                state = state._replace(rpb=history)
+            elif cu_seqlens is None:
+                term = self.rpb(values)
+            else:  # packed: the bias restarts at every sequence
+                term = rpb(values, self.rpb.weights(), causal=self.rpb.causal, skip=self.rpb.skip, cu_seqlens=cu_seqlens)
+            out = out + term
+        return out, state
+
+    def _check_streaming_bias(self, what: str) -> None:
+        if self.rpb is not None and self.rpb.skip[1]:
+            raise ValueError(
+                f"{what} cannot honour skip = {self.rpb.skip}: while decoding it is unknown which tokens "
+                "are the last ones; use skip=(a, 0)"
+            )
 
     def _attend(
-        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None,
+        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None, cache: Any = None,
         cu_seqlens: Any = None,
     ) -> Any:
         xp = self._check_input(x, "x", 2)
         if return_cache and not self.causal:
             raise ValueError("return_cache=True needs a causal layer (MultiheadLinearAttention(..., causal=True))")
-        if cu_seqlens is not None and (return_cache or inputs_k is not None or isinstance(self.rpb, BiasNdLayer)):
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("cache= continues a causal sequence: build the layer with causal=True")
+            if not isinstance(cache, LayerCache):
+                raise TypeError(f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}")
+            if inputs_k is not None:
+                raise ValueError("cache= continues self-attention: inputs_k/inputs_v cannot be given with it")
+        if return_cache or cache is not None:
+            self._check_streaming_bias("a cache (return_cache=True, cache=)")
+        if cu_seqlens is not None and (
+            return_cache or cache is not None or inputs_k is not None or isinstance(self.rpb, BiasNdLayer)
+        ):
             raise ValueError(
-                "cu_seqlens (packed sequences) works with self-attention without return_cache and without an "
-                "N-d bias; call the layer per sequence for those"
+                "cu_seqlens (packed sequences) works with self-attention without return_cache or cache and "
+                "without an N-d bias; call the layer per sequence for those"
             )
         if inputs_v is not None and inputs_k is None:
             raise ValueError("inputs_v needs inputs_k: pass the keys' input as well")
@@ -327,35 +368,33 @@ class AttentionLayer:
                 )
         q, k, v = self._split(xp, self.q_proj(x)), self._split(xp, self.k_proj(kx)), self._split(xp, self.v_proj(vx))
         mask = None if key_mask is None else key_mask[..., None, :]  # broadcast over heads
-        out, state, values = self._heads(xp, q, k, v, mask, self.causal, return_cache, cu_seqlens)
+        out, state = self._heads(xp, q, k, v, mask, self.causal, return_cache, cache, cu_seqlens)
         y = self.out_proj(self._merge(xp, out))
         if not return_cache:
             return y
-        return y, LayerCache(state, values)
+        return y, LayerCache(state)
 
     def _decode(self, x_t: Any, cache: LayerCache | None) -> tuple[Any, LayerCache]:
         if not self.causal:
             raise ValueError("step() decodes causally: build the layer with causal=True")
-        if self.rpb is not None and self.rpb.skip[1]:
-            raise ValueError(
-                f"step() cannot honour skip = {self.rpb.skip}: while decoding it is unknown which tokens "
-                "are the last ones; use skip=(a, 0)"
-            )
+        self._check_streaming_bias("step()")
+        if cache is not None and not isinstance(cache, LayerCache):
+            raise TypeError(f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}")
         xp = self._check_input(x_t, "x_t", 1)
         x = x_t[..., None, :]
         q, k, v = self._split(xp, self.q_proj(x)), self._split(xp, self.k_proj(x)), self._split(xp, self.v_proj(x))
-        state = None if cache is None else cache.state
+        previous = None if cache is None else cache.state
         out, state = linear_attention_step(
-            state, q[..., 0, :], k[..., 0, :], v[..., 0, :], feature_map=self.feature_map, eps=self.eps
+            None if previous is None else previous._replace(rpb=None),
+            q[..., 0, :], k[..., 0, :], v[..., 0, :], feature_map=self.feature_map, eps=self.eps,
         )
-        out = out[..., None, :]
-        values = None
-        if self.rpb is not None:
-            values = v if cache is None or cache.values is None else xp.concat([cache.values, v], axis=-2)
-            if values.shape[-2] > self.rpb.skip[0]:  # the newest token is not a skipped one
-                out = out + self.rpb(values)[..., -1:, :]
-        y = self.out_proj(self._merge(xp, out))[..., 0, :]
-        return y, LayerCache(state, values)
+        if self.rpb is not None:  # one online step of the bias, from its history in the state
+            term, history = self.rpb(
+                v[..., 0, :], initial_state=None if previous is None else previous.rpb, return_state=True, step=True
+            )
+            out, state = out + term, state._replace(rpb=history)
+        y = self.out_proj(self._merge(xp, out[..., None, :]))[..., 0, :]
+        return y, LayerCache(state)
 
 
 def _swap_last_but_one(xp: Any, x: Any) -> Any:

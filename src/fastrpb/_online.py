@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._compat import device_of, irfft, is_traced, jax_pytree, multiply_into, rfft
+from ._typing import Array, Namespace
 
 __all__ = ["RPBState", "as_dtype", "check_state", "extend", "held", "start", "step", "tokens_seen"]
 
@@ -81,14 +82,28 @@ class RPBState(NamedTuple):
     crosses ``jax.jit`` and is a ``jax.lax.scan`` carry (fixed layout). Only the arrays
     of the fixed layout have fixed shapes: a scan must start from a state made inside
     the traced function (e.g. ``rpb(prompt, w, causal=True, return_state=True)``).
+
+    Examples
+    --------
+    Two calls that pass the state equal one call over the whole sequence:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb
+    >>> rng = np.random.default_rng(0)
+    >>> v = rng.standard_normal((6, 2))
+    >>> w = rng.standard_normal(11)  # M = 6
+    >>> first, state = rpb(v[:4], w, causal=True, return_state=True)
+    >>> second = rpb(v[4:], w, causal=True, initial_state=state)
+    >>> bool(np.allclose(np.concatenate([first, second]), rpb(v, w, causal=True)))
+    True
     """
 
     blocks: tuple
-    recent: Any
-    window: Any
+    recent: Array
+    window: Array
     future: tuple
-    buffer: Any
-    count: Any
+    buffer: Array
+    count: Array
     length: int | None
     skip: int
     table_length: int
@@ -118,7 +133,7 @@ def _lead_of(state: RPBState) -> tuple:
     return tuple(x.shape[:-2])
 
 
-def held(state: RPBState | None) -> Any:
+def held(state: RPBState | None) -> Array | None:
     """One array of the state (its library and device stand for all), or None."""
     if state is None:
         return None
@@ -150,7 +165,7 @@ def check_state(state: Any, M: int, a: int, D: int, lead: tuple, name: str) -> N
         )
 
 
-def as_dtype(xp: Any, x: Any, dtype: Any) -> Any:
+def as_dtype(xp: Namespace, x: Array, dtype: Any) -> Array:
     """``x`` in ``dtype``; no call at all when it already is (a step calls this often)."""
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
@@ -159,7 +174,7 @@ def _zeros(xp: Any, shape: tuple, like: Any) -> Any:
     return xp.zeros(shape, dtype=like.dtype, device=device_of(like))
 
 
-def start(xp: Any, lead: tuple, D: int, M: int, a: int, like: Any, *, fixed: bool) -> RPBState:
+def start(xp: Namespace, lead: tuple, D: int, M: int, a: int, like: Array, *, fixed: bool) -> RPBState:
     """The state of an empty sequence (``like`` gives dtype and device)."""
     if fixed:
         return _make(
@@ -193,7 +208,7 @@ def _history(xp: Any, state: RPBState, work: Any) -> Any:
     return xp.astype(out, work, copy=False)
 
 
-def tokens_seen(xp: Any, state: RPBState) -> int | None:
+def tokens_seen(xp: Namespace, state: RPBState) -> int | None:
     """Tokens a state has seen, or None when only a traced count knows it."""
     if state.length is not None:
         return state.length
@@ -386,7 +401,7 @@ def _extend_fixed(xp: Any, state: RPBState, v: Any, w: Any, work: Any, toeplitz:
 
 
 # --------------------------------------------------------------------------- entry points
-def step(xp: Any, state: RPBState | None, v: Any, w: Any, *, lead: tuple, M: int, a: int, work: Any) -> tuple[Any, RPBState]:
+def step(xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array) -> tuple[Array, RPBState]:
     """One token ``v (..., D)`` (validated, compute dtype); returns ``(out, state)``."""
     fixed = is_traced(xp, v, w)
     if state is None:
@@ -398,8 +413,8 @@ def step(xp: Any, state: RPBState | None, v: Any, w: Any, *, lead: tuple, M: int
 
 
 def extend(
-    xp: Any, state: RPBState | None, v: Any, w: Any, *, lead: tuple, M: int, a: int, work: Any, toeplitz: Any
-) -> tuple[Any, RPBState]:
+    xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array, toeplitz: Array
+) -> tuple[Array, RPBState]:
     """A chunk ``v (..., L, D)`` (validated, compute dtype) after ``state``; returns ``(out, state)``.
 
     Online layout: one causal FFT over the history and the chunk (the cost of one call
@@ -420,10 +435,7 @@ def extend(
     biased = v[..., skipped:, :]
     t_old = hist.shape[-2]
     full = xp.concat([hist, biased], axis=-2) if t_old else biased
-    if full.shape[-2]:
-        out = toeplitz(xp, full, w, causal=True)[..., t_old:, :]
-    else:
-        out = full
+    out = toeplitz(xp, full, w, causal=True)[..., t_old:, :] if full.shape[-2] else full
     if skipped:
         out = xp.concat([_zeros(xp, (*lead, skipped, D), full), out], axis=-2)
     return out, _rebuild(xp, full, w, length=length + L, a=a)

@@ -55,15 +55,18 @@ from ._compat import (
     cumulative_sum,
     device_of,
     jax_pytree,
+    known_finite,
     namespace,
+    split_nonfinite,
     wider_float,
 )
 from ._compat import cumulative_max as _cummax
 from ._compat import pad_axis as _pad_axis
 from ._compat import pad_chunks as _pad_chunks
 from ._compat import shift as _shift
+from ._typing import Array
 from ._validate import broadcast_shapes as _lead
-from .feature_maps import FeatureMap, resolve
+from .feature_maps import FeatureMap, FeatureMapLike, resolve
 
 __all__ = ["linear_attention", "linear_attention_step", "softmax_attention", "LinearAttentionState"]
 
@@ -79,13 +82,32 @@ class LinearAttentionState(NamedTuple):
     ``exp(l(k_j)_f - offset_f)``-weighted sums, every weight <= 1 (``offset`` is
     ``-inf`` before any key); it is ``None`` for the other maps. ``feature_map`` is the
     signature of the map that made the state (static under ``jax.jit``: the state is
-    a JAX pytree of ``S``, ``z`` and ``offset``).
+    a JAX pytree of ``S``, ``z``, ``offset`` and ``rpb``).
+
+    ``rpb`` is the history of the FastRPB term (a ``fastrpb.RPBState``) when the state
+    was made with ``rpb=w``, else ``None``: the bias of a new token is a weighted sum
+    of all earlier values, which ``S`` and ``z`` do not summarise.
+
+    Memory per leading index: ``F (Dv + 2)`` numbers (``F (Dv + 1)`` without an
+    offset), independent of the tokens seen; with ``rpb`` add the ``RPBState``'s, at
+    most about ``(t + 4 min(t, M) + 64) Dv`` numbers after ``t`` tokens (``M`` the
+    table's maximum length; ``M Dv`` under ``jax.jit``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import linear_attention
+    >>> x = np.ones((3, 4))
+    >>> _, state = linear_attention(x, x, x, causal=True, return_state=True)
+    >>> state.S.shape, state.z.shape, state.offset, state.feature_map
+    ((4, 4), (4,), None, 'elu')
     """
 
-    S: Any  # (..., F, Dv)
-    z: Any  # (..., F)
-    offset: Any  # (..., F) or None
+    S: Array  # (..., F, Dv)
+    z: Array  # (..., F)
+    offset: Array | None  # (..., F) or None
     feature_map: str
+    rpb: Any = None  # RPBState or None
 
 
 # --------------------------------------------------------------------------- checks
@@ -93,7 +115,6 @@ def _add_bias(
     xp: Any,
     out: Any,
     v: Any,
-    key_mask: Any,
     *,
     rpb: Any,
     rpb_tables: Any,
@@ -101,7 +122,11 @@ def _add_bias(
     rpb_skip: Any,
     causal: bool,
 ) -> Any:
-    """``out + B v`` (the FastRPB term), in ``out``'s dtype; padding keys give no bias."""
+    """``out + B v`` (the FastRPB term), in ``out``'s dtype.
+
+    ``v`` comes from ``_mask_values(..., bias=True)``: padding keys' values are zero,
+    so they give no bias, whatever they held (NaN included).
+    """
     if rpb is None and rpb_tables is None:
         return out
     Lq, Lk = out.shape[-2], v.shape[-2]
@@ -110,9 +135,6 @@ def _add_bias(
             f"the FastRPB term (rpb=/rpb_tables=) needs as many queries as keys (B is L x L), "
             f"got Lq = {Lq} and Lk = {Lk}"
         )
-    if key_mask is not None:
-        # a padding key must not leak into the output through the bias either
-        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
     try:
         if rpb is not None:
             term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip)
@@ -141,9 +163,65 @@ def _finite_or_zero(xp: Any, x: Any) -> Any:
     return xp.where(x == -math.inf, xp.zeros((), dtype=x.dtype, device=device_of(x)), x)
 
 
+def _state_keys(xp: Any, offset: Any) -> Any:
+    """Log-features of ``F`` pseudo-keys that stand for an exponential map's state.
+
+    Pseudo-key ``f`` has log-feature ``offset_f`` at feature ``f`` and ``-inf`` (feature
+    0) elsewhere; with the state's rows ``S[f]`` as its value it adds exactly
+    ``sum_f exp(l(q)_f + offset_f) S[f]``, the state's contribution to a query. So the
+    single-device cores see one more (earlier, or for non-causal any) block of keys and
+    keep their offsets and their relative eps exact (used by ``initial_state`` and by
+    ``fastrpb.parallel``).
+    """
+    F = offset.shape[-1]
+    i = xp.arange(F, dtype=xp.int32, device=device_of(offset))
+    diagonal = i[:, None] == i[None, :]
+    return xp.where(diagonal, offset[..., None, :], xp.asarray(-math.inf, dtype=offset.dtype, device=device_of(offset)))
+
+
+def _prepend(xp: Any, first: Any, rest: Any) -> Any:
+    """``concat([first, rest], axis=-2)`` after broadcasting their leading dimensions."""
+    lead = _lead(tuple(first.shape[:-2]), tuple(rest.shape[:-2]))
+    first = xp.broadcast_to(first, (*lead, *first.shape[-2:]))
+    rest = xp.broadcast_to(rest, (*lead, *rest.shape[-2:]))
+    return xp.concat([first, rest], axis=-2)
+
+
 def _unchunk(xp: Any, y: Any, L: int) -> Any:
     y = xp.reshape(y, (*y.shape[:-3], y.shape[-3] * y.shape[-2], y.shape[-1]))
     return y[..., :L, :]
+
+
+def _mask_values(xp: Any, v: Any, key_mask: Any, *, bias: bool) -> Any:
+    """``v`` with the values of padding keys zeroed, where they could reach an output.
+
+    Padding keys get zero weight in every attention product, but ``0 * NaN`` is NaN:
+    a NaN or infinite value at a padding key would reach every query. Finite padding
+    values cannot, so the attention term alone skips the pass when ``v`` is known to
+    be finite; the FastRPB term weighs every value (``bias=True``), so it always needs
+    them zeroed.
+    """
+    if key_mask is None or (not bias and known_finite(xp, v)):
+        return v
+    return xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+
+
+def _tril_product(xp: Any, scores: Any, v: Any) -> Any:
+    """``tril(scores) @ v`` over the last two axes, causal for non-finite values too.
+
+    ``tril`` zeroes the weights of later tokens exactly (a select, NaN included), but
+    the product then multiplies those zeros by the later values, and ``0 * NaN`` is
+    NaN: one NaN value would reach every earlier token. So when ``v`` may hold NaN or
+    infinities (``known_finite``) the product is taken on its finite part and the
+    rest is added back with an inclusive prefix sum along the sequence: a non-finite
+    value reaches its own row and the rows after it, in its own column, and no other.
+    For finite ``v`` both paths give the same numbers (the prefix sum adds zeros).
+    """
+    scores = xp.tril(scores)
+    if known_finite(xp, v):
+        return xp.matmul(scores, v)
+    finite, rest = split_nonfinite(xp, v)
+    return xp.matmul(scores, finite) + cumulative_sum(xp, rest, axis=-2)
 
 
 def _with_ones(xp: Any, v: Any) -> Any:
@@ -236,7 +314,7 @@ def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple
     qc = _pad_chunks(xp, fq, length, C, 0.0)
     kc = _pad_chunks(xp, fk, length, C, 0.0)  # padding keys have zero features
     vc = _pad_chunks(xp, v, length, C, 0.0)
-    y = xp.matmul(xp.tril(xp.matmul(qc, xp.matrix_transpose(kc))), vc)
+    y = _tril_product(xp, xp.matmul(qc, xp.matrix_transpose(kc)), vc)
     states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv)
     if states.shape[-3] == 1:
         S = states[..., 0, :, :]
@@ -335,8 +413,12 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
     lq = _pad_chunks(xp, lq, length, C, 0.0)
     lk = _pad_chunks(xp, lk, length, C, -math.inf)  # padding keys: feature 0
     vc = _pad_chunks(xp, v1, length, C, 0.0)
-    running = _cummax(xp, lk, -2) if eps > 0 else None  # per token, inside each chunk
-    chunk_max = running[..., -1, :] if running is not None else xp.max(lk, axis=-2)
+    # The frame (running maximum) is taken over the keys' finite log-features only: a
+    # NaN or +inf key would otherwise set the frame of the keys before it in its chunk
+    # and reach their queries. It still reaches its own and later queries through kc.
+    frame = lk if known_finite(xp, lk, negative_infinity=True) else xp.where(lk < math.inf, lk, _neg_inf(xp, lk))
+    running = _cummax(xp, frame, -2) if eps > 0 else None  # per token, inside each chunk
+    chunk_max = running[..., -1, :] if running is not None else xp.max(frame, axis=-2)
     R = _cummax(xp, chunk_max, -2)  # (..., N, F), inclusive over chunks
     R_safe = _finite_or_zero(xp, R)
     kc = xp.exp(lk - R_safe[..., None, :])
@@ -349,7 +431,7 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
         eps_rows = eps * xp.exp(s - m)
     else:
         eps_rows = 0.0
-    y = xp.matmul(xp.tril(xp.matmul(qc, xp.matrix_transpose(kc))), vc)
+    y = _tril_product(xp, xp.matmul(qc, xp.matrix_transpose(kc)), vc)
     X = xp.matmul(xp.matrix_transpose(kc), vc)  # chunk states, chunk n in frame R_n
     s_ = 1
     while s_ < X.shape[-3]:
@@ -373,26 +455,87 @@ def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentio
     return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
 
 
+# --------------------------------------------------------------------------- states in
+def _initial_arguments(fmap: FeatureMap, state: Any, causal: bool, rpb: Any, rpb_tables: Any) -> dict[str, Any]:
+    """Checks of ``initial_state`` that need no array; returns its arrays by name (for
+    the namespace: a state of another library or device is an error naming it)."""
+    if state is None:
+        return {}
+    if not isinstance(state, LinearAttentionState):
+        raise TypeError(
+            "initial_state must be a LinearAttentionState (from linear_attention(..., return_state=True) "
+            f"or linear_attention_step) or None, got {type(state).__name__}"
+        )
+    if not causal:
+        raise ValueError("initial_state needs causal=True: only a causal sequence can be continued, got causal=False")
+    if state.feature_map != fmap.signature:
+        raise ValueError(
+            f"initial_state was made by feature map {state.feature_map!r} but feature_map is {fmap.signature!r}; "
+            "continue a sequence with the map that started it"
+        )
+    if rpb_tables is not None:
+        raise ValueError(
+            "initial_state cannot continue the N-d FastRPB term (rpb_tables=/rpb_grid=): only the 1-d "
+            "causal bias (rpb=) streams"
+        )
+    if state.rpb is not None and rpb is None:
+        raise ValueError(
+            "initial_state carries a FastRPB history (it was made with rpb=) but rpb is None; pass the same table"
+        )
+    if state.rpb is None and rpb is not None:
+        raise ValueError(
+            "initial_state was made without rpb=, so it holds no bias history for the rpb= given; "
+            "pass rpb= from the start of the sequence (or start from initial_state=None)"
+        )
+    from ._online import held
+
+    return {"initial_state": state.S, "initial_state.z": state.z, "initial_state.offset": state.offset,
+            "initial_state.rpb": held(state.rpb)}
+
+
+def _carried(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple, work: Any) -> tuple[Any, Any]:
+    """``[S, z]`` of a checked initial state as one ``(..., F, Dv + 1)`` array, and its offset."""
+    S, z, offset = _check_state(xp, fmap, state, F, Dv, lead, name="initial_state", inputs="q, k, v")
+    total = xp.concat([_as(xp, S, work), _as(xp, z, work)[..., None]], axis=-1)
+    return total, None if offset is None else _as(xp, offset, work)
+
+
+def _add_bias_streaming(
+    xp: Any, out: Any, v: Any, key_mask: Any, w: Any, skip: Any, state: LinearAttentionState | None
+) -> tuple[Any, Any]:
+    """``out + B v`` continued from (and returning) the bias history of the state."""
+    if key_mask is not None:  # a padding key gives no bias, now or later
+        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+    try:
+        term, history = _bias.rpb(
+            v, w, causal=True, skip=skip, initial_state=None if state is None else state.rpb, return_state=True
+        )
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=, initial_state): {exc}") from exc
+    return out + xp.astype(term, out.dtype, copy=False), history
+
+
 # --------------------------------------------------------------------------- public
 def linear_attention(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
-    feature_map: Any = "elu",
+    feature_map: FeatureMapLike = "elu",
     causal: bool = False,
-    key_mask: Any = None,
+    key_mask: Array | None = None,
     eps: float = 1e-6,
     chunk_size: int = 64,
-    rpb: Any = None,
-    rpb_tables: Sequence[Any | None] | None = None,
+    rpb: Array | None = None,
+    rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
+    initial_state: LinearAttentionState | None = None,
     return_state: bool = False,
     normalize: bool = True,
     scale: float | None = None,
-    cu_seqlens: Any = None,
-) -> Any:
+    cu_seqlens: Array | Sequence[int] | None = None,
+) -> Array:
     r"""Kernelised linear attention, optionally with the FastRPB term.
 
     $$
@@ -446,10 +589,21 @@ def linear_attention(
         (causal: raster order over the grid).
     rpb_skip : (int, int)
         Tokens at the start and end that neither give nor receive the bias.
+    initial_state : LinearAttentionState, optional
+        Causal only: continue the sequence this state ends (from ``return_state=True``
+        or ``linear_attention_step``, made with the same feature map, the same
+        ``rpb=`` table or none, and leading dimensions that broadcast with the
+        inputs'). Calls that pass the state along equal one call on the whole
+        sequence, the FastRPB term included: a prompt can be prefilled in pieces.
+        Costs one matrix product ``phi(Q) [S, z]`` more (``F`` pseudo-keys before the
+        chunk for ``sikf``/``favor``, so their offsets and relative ``eps`` are those
+        of one call); the 1-d FastRPB term continues from the state's ``RPBState``.
+        ``None`` starts a sequence.
     return_state : bool
         Causal only: also return the ``LinearAttentionState`` after the last token, so
-        ``linear_attention_step`` continues the sequence (the state does not carry the
-        FastRPB term).
+        ``linear_attention_step`` or another call continues the sequence. With
+        ``rpb=`` it carries the bias history (``rpb_skip`` must then be ``(a, 0)``);
+        the N-d term (``rpb_tables=``) is not carried.
     normalize : bool
         ``False``: return the unnormalised ``sum_j K_ij v_j`` with
         ``K_ij = phi(q_i) . phi(k_j)`` (fla's ``normalize=False``, the Performer's
@@ -461,14 +615,16 @@ def linear_attention(
     scale : float, optional
         Multiplies the queries before the feature map, ``phi(s q_i)`` (``None``: 1),
         e.g. ``1 / sqrt(Dk)`` to match softmax attention's temperature.
-    cu_seqlens : int array, shape (N + 1,), optional
+    cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
         Packed sequences, the flash-attention / fla convention: offsets ``0 = c_0 <
         c_1 < ... < c_N = L`` along the length axis of ``q``, ``k``, ``v`` (``Lq = Lk
         = L``; leading dimensions allowed, batch 1 typical). Sequence ``n`` is tokens
         ``c_n .. c_{n+1} - 1``; it attends (causal or not) and is biased only within
         itself, ``rpb_skip`` applied to each sequence: equal to ``N`` separate calls.
         With ``return_state=True`` the state holds one state per sequence, stacked
-        along a new *leading* axis ``N`` (``state.S`` of shape ``(N, ..., F, Dv)``).
+        along a new *leading* axis ``N`` (``state.S`` of shape ``(N, ..., F, Dv)``);
+        these states carry no FastRPB history (``state.rpb`` is None), and
+        ``initial_state`` cannot be combined with ``cu_seqlens`` (a ``ValueError``).
         Also a tuple/list of Python ints (static offsets, usable under ``jax.jit``); a
         traced array is a ``ValueError`` (the packing sets shapes). Cost: sequences
         of one length class (``ceil(log2 length)``) are unpacked together to
@@ -480,6 +636,35 @@ def linear_attention(
     -------
     array, shape (..., Lq, Dv)
         Or ``(out, state)`` with ``return_state=True``.
+
+    Raises
+    ------
+    TypeError
+        If ``q``, ``k``, ``v`` (or ``rpb``) are not real floating, ``key_mask`` is not
+        boolean, ``feature_map`` is neither a name, a map nor a callable, or the arrays
+        come from two libraries or devices.
+    ValueError
+        If the shapes do not agree (widths, lengths, leading dimensions), ``feature_map``
+        is an unknown name, ``chunk_size`` or ``eps`` is out of range,
+        ``return_state=True`` without ``causal=True``, or a bias table is shorter than
+        the sequence.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import linear_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 5, 4))  # batch 2, L = 5, D = 4 each
+    >>> linear_attention(q, k, v).shape
+    (2, 5, 4)
+
+    Causal, the first query sees only the first key, so its output is that key's value:
+
+    >>> out, state = linear_attention(q, k, v, causal=True, return_state=True)
+    >>> bool(np.allclose(out[:, 0], v[:, 0], atol=1e-5))
+    True
+    >>> state.S.shape, state.z.shape
+    ((2, 4, 4), (2, 4))
 
     References
     ----------
@@ -497,7 +682,16 @@ def linear_attention(
     C = _validate.integer("chunk_size", chunk_size, minimum=1)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, cu_seqlens=_packing.array_argument(cu_seqlens), **tables, **fmap._arrays())
+    if cu_seqlens is not None and initial_state is not None:
+        raise ValueError(
+            "initial_state cannot be combined with cu_seqlens (packed sequences): continue each sequence "
+            "with its own call, got both"
+        )
+    carried = _initial_arguments(fmap, initial_state, causal, rpb, rpb_tables)  # initial_state
+    xp = namespace(
+        q=q, k=k, v=v, key_mask=key_mask, cu_seqlens=_packing.array_argument(cu_seqlens), **tables,
+        **fmap._arrays(), **carried,
+    )
     lead = _validate.attention_inputs(xp, q, k, v)
     out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     fmap._check_width(q.shape[-1], "q")
@@ -516,6 +710,7 @@ def linear_attention(
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
     if scale is not None:
         qw = qw * scale
+    vw = _mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
     offset = None
     if Lq == 0 or Lk == 0 or math.prod(out_lead) == 0 or (fmap.exponential and fmap.features(q.shape[-1]) == 0):
         # nothing to attend to (an empty batch or sequence, or no features: the kernel
@@ -525,11 +720,24 @@ def linear_attention(
         out = xp.zeros(shape, dtype=work, device=device_of(v))
         final = xp.zeros((*shape[:-2], fk.shape[-1], v.shape[-1] + 1), dtype=work, device=device_of(v))
         if fmap.exponential:
-            offset = _neg_inf(xp, final)
+            offset = _neg_inf(xp, final[..., 0])
+        if initial_state is not None:  # nothing new: the state passes through
+            S0, offset0 = _carried(xp, fmap, initial_state, fk.shape[-1], v.shape[-1], out_lead, work)
+            final = final + S0
+            offset = None if offset0 is None else xp.maximum(offset, offset0)
     elif fmap.exponential:
         lq, lk, mq = _log_features(xp, fmap, qw, kw, key_mask)
         if causal:
-            total, eps_rows, final, offset, log_scale = _causal_exp(xp, lq, lk, _with_ones(xp, vw), min(C, Lq), eps)
+            v1, skipped = _with_ones(xp, vw), 0
+            if initial_state is not None:  # the state enters as F pseudo-keys before the chunk
+                S0, offset0 = _carried(xp, fmap, initial_state, lk.shape[-1], v.shape[-1], out_lead, work)
+                skipped = lk.shape[-1]
+                lq = _prepend(xp, xp.zeros((skipped, skipped), dtype=work, device=device_of(lq)), lq)
+                lk, v1 = _prepend(xp, _state_keys(xp, offset0), lk), _prepend(xp, S0, v1)
+            total, eps_rows, final, offset, log_scale = _causal_exp(xp, lq, lk, v1, min(C, skipped + Lq), eps)
+            if skipped:
+                total, log_scale = total[..., skipped:, :], log_scale[..., skipped:, :]
+                eps_rows = eps_rows if isinstance(eps_rows, float) else eps_rows[..., skipped:, :]
             num, den = total[..., :-1], total[..., -1:]
         else:
             num, den, eps_rows, log_scale = _noncausal_exp(xp, lq, lk, vw, eps)
@@ -539,16 +747,25 @@ def linear_attention(
         fq, fk = _features(xp, fmap, qw, kw, key_mask)
         if causal:
             num, den, S_end, z_end = _causal(xp, fq, fk, vw, min(C, Lq), signed=not fmap.nonnegative)
+            if initial_state is not None:  # y += phi(Q) S0, den += phi(Q) . z0; the state += [S0, z0]
+                S0, _ = _carried(xp, fmap, initial_state, fk.shape[-1], v.shape[-1], out_lead, work)
+                carried_out = xp.matmul(fq, S0)
+                num, den = num + carried_out[..., :-1], den + carried_out[..., -1:]
+                S_end, z_end = S_end + S0[..., :-1], z_end + S0[..., -1]
             final = (S_end, z_end)
         else:
             num, den = _noncausal(xp, fq, fk, vw)
         out = _normalise(xp, num, den, eps) if normalize else num
-    out = _add_bias(
-        xp, out, vw, key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
-    )
+    rpb_state = None
+    if rpb is not None and (initial_state is not None or return_state):  # the bias continues too
+        out, rpb_state = _add_bias_streaming(xp, out, vw, key_mask, rpb, rpb_skip, initial_state)
+    else:
+        out = _add_bias(
+            xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
+        )
     out = xp.astype(out, result, copy=False)
     if return_state:
-        return out, _state(xp, fmap, final, offset)
+        return out, _state(xp, fmap, final, offset)._replace(rpb=rpb_state)
     return out
 
 
@@ -580,7 +797,8 @@ def _packed_linear_attention(
 ) -> Any:
     """``linear_attention`` of packed sequences: unpack, attend with the padding masked, repack."""
     pk = _packed_lengths(xp, cu_seqlens, q.shape[-2], k.shape[-2], rpb_tables, q)
-    outs, states = [], []
+    outs: list[Any] = []
+    states: list[Any] = []
     for g in pk.groups:
         mask = g.valid if key_mask is None else _packing.unpack_mask(xp, g, key_mask)
         qu, ku, vu = (_packing.unpack(xp, g, x) for x in (q, k, v))
@@ -601,15 +819,17 @@ def _packed_linear_attention(
 
 def linear_attention_step(
     state: LinearAttentionState | None,
-    q_t: Any,
-    k_t: Any,
-    v_t: Any,
+    q_t: Array,
+    k_t: Array,
+    v_t: Array,
     *,
-    feature_map: Any = "elu",
+    feature_map: FeatureMapLike = "elu",
     eps: float = 1e-6,
     normalize: bool = True,
     scale: float | None = None,
-) -> tuple[Any, LinearAttentionState]:
+    rpb: Array | None = None,
+    rpb_skip: tuple[int, int] | None = None,
+) -> tuple[Array, LinearAttentionState]:
     r"""One decoding step of causal linear attention: O(F Dv) per token.
 
     $$
@@ -637,10 +857,43 @@ def linear_attention_step(
     feature_map, eps, normalize, scale
         As in ``linear_attention``: ``normalize=False`` returns ``phi(q_t)^T S`` (true
         scale for the exponential maps), ``scale`` multiplies ``q_t`` first.
+    rpb : array, shape (..., 2M - 1), optional
+        FastRPB table: adds ``sum_{j <= t} w[M - 1 + t - j] v_j`` from the bias history
+        the state carries (``fastrpb.rpb_step``: amortised O(Dv log^2 t) per token,
+        O(M Dv) under ``jax.jit``), so stepping equals ``linear_attention(...,
+        causal=True, rpb=w)``. Pass it at every step of a sequence, or at none.
+    rpb_skip : (int, 0), optional
+        When the bias history starts (``state`` is None): the first ``a`` tokens
+        neither give nor receive the bias. Later steps take it from the state (a
+        value given must match it); ``b > 0`` is a ValueError while streaming.
 
     Returns
     -------
     (array of shape (..., Dv), LinearAttentionState)
+
+    Raises
+    ------
+    TypeError
+        If the tokens are not real floating or come from two libraries or devices.
+    ValueError
+        If the token widths disagree with each other or with ``state``, or
+        ``feature_map`` is an unknown name or not the map that made ``state``.
+
+    Examples
+    --------
+    Decoding token by token gives causal ``linear_attention`` over the whole sequence:
+
+    >>> import numpy as np
+    >>> from fastrpb import linear_attention, linear_attention_step
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 6, 4))  # L = 6 tokens of width 4
+    >>> state = None
+    >>> for t in range(6):
+    ...     out_t, state = linear_attention_step(state, q[t], k[t], v[t])
+    >>> out_t.shape
+    (4,)
+    >>> bool(np.allclose(out_t, linear_attention(q, k, v, causal=True)[-1]))
+    True
     """
     # -- validate, resolve the namespace once
     fmap = resolve(feature_map)
@@ -673,6 +926,8 @@ def linear_attention_step(
         S = xp.zeros((F, Dv), dtype=work, device=device_of(v_t))
         z = xp.zeros((F,), dtype=work, device=device_of(v_t))
         offset = _neg_inf(xp, z) if fmap.exponential else None
+    elif _fits(state, fmap, F, Dv, lead, work):  # a state this function made for these shapes
+        S, z, offset = state.S, state.z, state.offset
     else:
         S, z, offset = _check_state(xp, fmap, state, F, Dv, lead)
         S, z = _as(xp, S, work), _as(xp, z, work)
@@ -695,13 +950,34 @@ def linear_attention_step(
     num = (fq[..., None, :] @ S)[..., 0, :]
     if normalize:
         den = (fq[..., None, :] @ z[..., :, None])[..., 0, :] + eps
-        den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
-        out = _as(xp, num / den, result)
-    else:
-        out = _as(xp, num if log_scale is None else num * xp.exp(log_scale), result)
+        if not eps:  # with eps > 0 the denominator is >= eps wherever the numerator can be nonzero
+            den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
+        out = num / den
+    else:  # unnormalised: exponential maps back to the true scale of the kernel
+        out = num if log_scale is None else num * xp.exp(log_scale)
+    history = None
+    if rpb is not None or (state is not None and state.rpb is not None):
+        out, history = _step_bias(xp, out, state, vw, rpb, rpb_skip)
+    out = _as(xp, out, result)
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)
-    return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
+    return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature, rpb=history)
+
+
+def _step_bias(xp: Any, out: Any, state: LinearAttentionState | None, v_t: Any, w: Any, skip: Any) -> tuple[Any, Any]:
+    """``out + sum_{j <= t} w[M - 1 + t - j] v_j`` through ``rpb_step`` and the state's history."""
+    if w is None:
+        raise ValueError("state carries a FastRPB history (it was made with rpb=) but rpb is None; pass the same table")
+    if state is not None and state.rpb is None:
+        raise ValueError(
+            "state was made without rpb=, so it holds no bias history for the rpb= given; "
+            "pass rpb= from the start of the sequence (or start from state=None)"
+        )
+    try:
+        term, history = _bias.rpb_step(None if state is None else state.rpb, v_t, w, skip=skip)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
+    return out + _as(xp, term, out.dtype), history
 
 
 def _featureless_step(
@@ -721,46 +997,66 @@ def _featureless_step(
     return out, LinearAttentionState(S=S, z=z, offset=_neg_inf(xp, z) + z, feature_map=fmap.signature)
 
 
-def _check_state(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple) -> tuple:
+def _fits(state: LinearAttentionState, fmap: FeatureMap, F: int, Dv: int, lead: tuple, work: Any) -> bool:
+    """The cheap test a decoding step runs per token: the state has the map, the compute
+    dtype and exactly the shapes that this step would give it (as every state a step or
+    a call made for the same inputs has). Only a state that fails it goes through the
+    full check (``_check_state``), whose messages name what is wrong; library and
+    device are checked by the namespace either way."""
+    S, z, offset = state.S, state.z, state.offset
+    if state.feature_map != fmap.signature or S.dtype != work or z.dtype != work:
+        return False
+    shape = (*lead, F)
+    if tuple(z.shape) != shape or tuple(S.shape) != (*shape, Dv):
+        return False
+    if offset is None:
+        return not fmap.exponential
+    return fmap.exponential and offset.dtype == work and tuple(offset.shape) == shape
+
+
+def _check_state(
+    xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple,
+    *, name: str = "state", inputs: str = "q_t, k_t, v_t",
+) -> tuple:
     if state.feature_map != fmap.signature:
         raise ValueError(
-            f"state was made by feature map {state.feature_map!r} but feature_map is {fmap.signature!r}; "
+            f"{name} was made by feature map {state.feature_map!r} but feature_map is {fmap.signature!r}; "
             "continue a sequence with the map that started it"
         )
     S, z, offset = state.S, state.z, state.offset
-    for name, x in (("state.S", S), ("state.z", z)):
-        _validate.floating(xp, name, x)
+    for label, x in ((f"{name}.S", S), (f"{name}.z", z)):
+        _validate.floating(xp, label, x)
     if S.ndim < 2 or tuple(S.shape[-2:]) != (F, Dv):
         raise ValueError(
-            f"state.S must have shape (..., F, Dv) = (..., {F}, {Dv}) for these inputs, got shape {tuple(S.shape)}"
+            f"{name}.S must have shape (..., F, Dv) = (..., {F}, {Dv}) for these inputs, got shape {tuple(S.shape)}"
         )
     if tuple(z.shape) != tuple(S.shape[:-1]):
-        raise ValueError(f"state.z must have shape {tuple(S.shape[:-1])} (that of state.S without Dv), got {tuple(z.shape)}")
+        raise ValueError(f"{name}.z must have shape {tuple(S.shape[:-1])} (that of {name}.S without Dv), got {tuple(z.shape)}")
     if fmap.exponential:
         if offset is None or tuple(offset.shape) != tuple(z.shape):
             got = None if offset is None else tuple(offset.shape)
-            raise ValueError(f"state.offset must have shape {tuple(z.shape)} for feature map {fmap.signature!r}, got {got}")
+            raise ValueError(f"{name}.offset must have shape {tuple(z.shape)} for feature map {fmap.signature!r}, got {got}")
     elif offset is not None:
-        raise ValueError(f"state.offset must be None for feature map {fmap.signature!r}, got an array")
-    _validate.broadcast({"state": tuple(z.shape[:-1]), "q_t, k_t, v_t": lead})
+        raise ValueError(f"{name}.offset must be None for feature map {fmap.signature!r}, got an array")
+    _validate.broadcast({name: tuple(z.shape[:-1]), inputs: lead})
     return S, z, offset
 
 
 def softmax_attention(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
     causal: bool = False,
-    key_mask: Any = None,
-    logits_bias: Any = None,
+    key_mask: Array | None = None,
+    logits_bias: Array | None = None,
     scale: float | None = None,
-    rpb: Any = None,
-    rpb_tables: Sequence[Any | None] | None = None,
+    rpb: Array | None = None,
+    rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
-    cu_seqlens: Any = None,
-) -> Any:
+    cu_seqlens: Array | Sequence[int] | None = None,
+) -> Array:
     r"""Exact (quadratic) softmax attention, the reference for linear attention.
 
     $$
@@ -790,9 +1086,34 @@ def softmax_attention(
         ``s``; default ``1 / sqrt(Dk)``.
     rpb, rpb_tables, rpb_grid, rpb_skip
         Add the FastRPB term, as in ``linear_attention``.
-    cu_seqlens : int array, shape (N + 1,), optional
+    cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
         Packed sequences, as in ``linear_attention``: every sequence attends only
         within itself, O(sum of squared lengths) (not ``logits_bias``).
+
+    Returns
+    -------
+    array, shape (..., Lq, Dv)
+        In the dtype of the inputs (half precision is computed in float32).
+
+    Raises
+    ------
+    TypeError
+        If ``q``, ``k``, ``v`` (or ``logits_bias``, ``rpb``) are not real floating,
+        ``key_mask`` is not boolean, or the arrays come from two libraries or devices.
+    ValueError
+        If the shapes do not agree, or ``causal=True`` with ``Lq != Lk``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import softmax_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 5, 4))
+    >>> out = softmax_attention(q, k, v, causal=True)
+    >>> out.shape
+    (2, 5, 4)
+    >>> bool(np.allclose(out[:, 0], v[:, 0]))  # the first query sees only the first key
+    True
     """
     # -- validate, resolve the namespace once
     causal = _validate.flag("causal", causal)
@@ -821,6 +1142,7 @@ def softmax_attention(
     named = {"logits_bias": logits_bias} if logits_bias is not None else {}
     result, work = compute_dtype(xp, q, k, v, *tables.values(), *named.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    vw = _mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
     logits = xp.matmul(qw, xp.matrix_transpose(kw)) * scale
     if logits_bias is not None:
         logits = logits + xp.astype(logits_bias, work, copy=False)
@@ -840,8 +1162,9 @@ def softmax_attention(
         p = xp.exp(logits - top)
         den = xp.sum(p, axis=-1, keepdims=True)
         den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
-        out = xp.matmul(p, vw) / den
+        # causal: p is tril, and a later NaN value must not reach earlier rows through 0 * NaN
+        out = (_tril_product(xp, p, vw) if causal else xp.matmul(p, vw)) / den
     out = _add_bias(
-        xp, out, vw, key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
+        xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
     )
     return xp.astype(out, result, copy=False)

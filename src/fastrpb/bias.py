@@ -36,6 +36,7 @@ from ._online import RPBState
 from ._packing import array_argument as _packing_argument
 from ._packing import packed_rpb as _packed_rpb
 from ._random import seeded_normal
+from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
 
 __all__ = ["rpb", "rpb_step", "RPBState", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
@@ -50,6 +51,12 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     offset ``t >= 0`` at index ``t``, offset ``t < 0`` at ``n + t``. With
     ``n >= 2L - 1`` no product wraps around, so the first ``L`` outputs of the
     circular convolution are exactly the Toeplitz product.
+
+    Non-finite values: every position of a column of ``v`` enters every frequency
+    of its spectrum, so a NaN or infinity at ``v[..., j, d]`` makes column ``d`` of
+    the output non-finite at every token, ``i < j`` included and causal as well (as
+    any FFT convolution does); the other (leading index, feature) columns are
+    untouched. The attention functions zero padding values before they get here.
 
     Speed and memory (see ``docs/performance.md``):
 
@@ -118,15 +125,15 @@ def _itemsize(xp: Any, dtype: Any) -> int:
 
 # --------------------------------------------------------------------------- public
 def rpb(
-    v: Any,
-    w: Any,
+    v: Array,
+    w: Array,
     *,
     causal: bool = False,
     skip: tuple[int, int] = (0, 0),
     initial_state: RPBState | None = None,
     return_state: bool = False,
     cu_seqlens: Any = None,
-) -> Any:
+) -> Array:
     r"""Apply the relative positional bias ``B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
 
     $$
@@ -170,6 +177,31 @@ def rpb(
     array, shape broadcast(w.shape[:-1], v.shape[:-2]) + (L, D)
         In the promoted dtype of ``v`` and ``w``, on their device; with
         ``return_state=True`` the pair ``(out, state)``.
+
+    Raises
+    ------
+    TypeError
+        If ``v`` or ``w`` is not real floating, or they come from two libraries or
+        devices.
+    ValueError
+        If ``w`` has an even last dimension, covers fewer than ``L`` tokens, its leading
+        dimensions do not broadcast against ``v``'s, or ``skip``, ``initial_state`` or
+        ``return_state`` do not fit the call (a state needs ``causal=True``).
+
+    Examples
+    --------
+    A table with ``w(0) = 1`` and ``w(1) = 0.5`` adds half of the previous token:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb, rpb_matrix
+    >>> v = np.arange(1.0, 7.0).reshape(3, 2)  # L = 3 tokens, 2 features
+    >>> w = np.array([0.0, 0.0, 1.0, 0.5, 0.0])  # offsets -2..2, M = 3
+    >>> np.round(rpb(v, w), 6)
+    array([[1. , 2. ],
+           [3.5, 5. ],
+           [6.5, 8. ]])
+    >>> bool(np.allclose(rpb(v, w), rpb_matrix(w, 3) @ v))
+    True
 
     References
     ----------
@@ -255,7 +287,7 @@ def _rpb_stream(v: Any, w: Any, causal: Any, skip: Any, state: RPBState | None, 
     return (out, new) if return_state else out
 
 
-def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] | None = None) -> tuple[Any, RPBState]:
+def rpb_step(state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, int] | None = None) -> tuple[Array, RPBState]:
     r"""One decoding step of the causal bias: the output of token ``t`` and the new state.
 
     $$
@@ -285,6 +317,31 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
     -------
     (array of shape broadcast(w.shape[:-1], v_t.shape[:-1]) + (D,), RPBState)
 
+    Raises
+    ------
+    TypeError
+        If ``v_t`` or ``w`` is not real floating, or they come from two libraries or
+        devices.
+    ValueError
+        If ``skip[1] != 0`` (the end of a stream is unknown), ``v_t``'s width or leading
+        dimensions do not match ``state``, or the stream outgrows the table.
+
+    Examples
+    --------
+    Token by token, the stream equals causal ``rpb`` over the whole sequence:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb, rpb_step
+    >>> rng = np.random.default_rng(0)
+    >>> v = rng.standard_normal((5, 2))
+    >>> w = rng.standard_normal(9)  # M = 5
+    >>> state, rows = None, []
+    >>> for t in range(5):
+    ...     out_t, state = rpb_step(state, v[t], w)
+    ...     rows.append(out_t)
+    >>> bool(np.allclose(np.stack(rows), rpb(v, w, causal=True)))
+    True
+
     References
     ----------
     van der Hoeven (2002), "Relax, but don't be too lazy", J. Symbolic Computation;
@@ -296,10 +353,7 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
     xp = namespace(v_t=v_t, w=w, state=_online.held(state))
     _validate.values(xp, "v_t", v_t, ndim=1)
     M = _validate.table(xp, "w", w)
-    if skip is None:
-        a = 0 if state is None else state.skip
-    else:
-        a = _check_stream(True, skip, state, True)
+    a = (0 if state is None else state.skip) if skip is None else _check_stream(True, skip, state, True)
     lead = tuple(v_t.shape[:-1])
     if w.ndim > 1 and tuple(w.shape[:-1]) != lead:  # a decoding step's hot path skips this
         lead = _validate.broadcast({"w": w.shape[:-1], "v_t": v_t.shape[:-1]})
@@ -315,7 +369,7 @@ def rpb_step(state: RPBState | None, v_t: Any, w: Any, *, skip: tuple[int, int] 
     return _online.as_dtype(xp, out, result), new
 
 
-def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
+def rpb_matrix(w: Array, L: int, *, causal: bool = False) -> Array:
     """The dense Toeplitz matrix ``B[..., i, j] = w[..., M - 1 + i - j]``, shape ``(..., L, L)``.
 
     Use it as an additive logits bias for softmax attention (``logits_bias=``) or as
@@ -330,6 +384,28 @@ def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
         Sequence length.
     causal : bool
         Zero the entries above the diagonal (``j > i``).
+
+    Returns
+    -------
+    array, shape (..., L, L)
+        In the namespace, device and dtype of ``w``.
+
+    Raises
+    ------
+    TypeError
+        If ``w`` is not real floating.
+    ValueError
+        If ``w`` has an even last dimension or covers fewer than ``L`` tokens.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import rpb_matrix
+    >>> w = np.array([0.0, 0.0, 1.0, 0.5, 0.0])  # w(0) = 1, w(1) = 0.5, M = 3
+    >>> rpb_matrix(w, 3)
+    array([[1. , 0. , 0. ],
+           [0.5, 1. , 0. ],
+           [0. , 0.5, 1. ]])
     """
     L = _validate.integer("L", L, minimum=0)
     causal = _validate.flag("causal", causal)
@@ -349,7 +425,7 @@ def rpb_matrix(w: Any, L: int, *, causal: bool = False) -> Any:
     return dense
 
 
-def symmetric_table(h: Any) -> Any:
+def symmetric_table(h: Array) -> Array:
     """Build a full table from a symmetric one: ``w(t) = h[..., |t|]``.
 
     Parameters
@@ -360,6 +436,20 @@ def symmetric_table(h: Any) -> Any:
     Returns
     -------
     array, shape (..., 2M - 1)
+
+    Raises
+    ------
+    TypeError
+        If ``h`` is not real floating.
+    ValueError
+        If ``h`` has no last dimension (a 0-d array) or an empty one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import symmetric_table
+    >>> symmetric_table(np.array([1.0, 0.5, 0.25]))
+    array([0.25, 0.5 , 1.  , 0.5 , 0.25])
     """
     _validate.required(h=h)
     xp = namespace(h=h)
@@ -370,13 +460,13 @@ def symmetric_table(h: Any) -> Any:
 
 
 def rpb_nd(
-    v: Any,
-    tables: Sequence[Any | None],
+    v: Array,
+    tables: Sequence[Array | None],
     grid: Sequence[int],
     *,
     causal: bool = False,
     skip: tuple[int, int] = (0, 0),
-) -> Any:
+) -> Array:
     r"""Separable N-d relative positional bias for tokens on a row-major grid.
 
     $$
@@ -418,6 +508,29 @@ def rpb_nd(
     -------
     array, shape broadcast(v.shape[:-2], tables' leading dimensions) + (L, D)
         In the promoted dtype of ``v`` and the tables, on their device.
+
+    Raises
+    ------
+    TypeError
+        If ``v`` or a table is not real floating, or they come from two libraries or
+        devices.
+    ValueError
+        If ``grid`` does not hold the ``L - skip[0] - skip[1]`` tokens, ``tables`` does
+        not give one entry per axis (or gives none), or a table is shorter than its
+        axis.
+
+    Examples
+    --------
+    With only ``w(0) = 1`` on both axes of a 2 x 3 grid, ``B[p, p'] = [p, p' in one
+    row] + [p, p' in one column]``: a token receives its row's sum plus its column's:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb_nd
+    >>> v = np.arange(6.0).reshape(6, 1)  # 6 tokens laid out row-major on (2, 3)
+    >>> w = np.array([0.0, 0.0, 1.0, 0.0, 0.0])  # M = 3
+    >>> np.round(rpb_nd(v, (w, w), (2, 3)), 6).reshape(2, 3)
+    array([[ 6.,  8., 10.],
+           [15., 17., 19.]])
 
     References
     ----------
@@ -548,7 +661,7 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
     return xp.permute_dims(out, (*range(out.ndim - k - 1), *range(out.ndim - k, out.ndim), out.ndim - k - 1))
 
 
-def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Any, scale: float = 1e-2) -> Any:
+def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Array, scale: float = 1e-2) -> Array:
     """A bias table initialised as in the paper: small random values near zero.
 
     Parameters
@@ -565,6 +678,28 @@ def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Any, scale: fl
         dtype of ``like``.
     scale : float
         Standard deviation of the normal draw.
+
+    Returns
+    -------
+    array, shape (heads, 2 max_len - 1) or (2 max_len - 1,)
+        Normal draws of standard deviation ``scale``.
+
+    Raises
+    ------
+    TypeError
+        If ``seed``, ``heads`` or ``max_len`` is not an int.
+    ValueError
+        If ``heads`` or ``max_len`` is below 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import rpb_init
+    >>> w = rpb_init(8, 128, seed=0, like=np.zeros(1, dtype=np.float32))
+    >>> w.shape, w.dtype
+    ((8, 255), dtype('float32'))
+    >>> bool(np.abs(w).max() < 0.1)
+    True
     """
     max_len = _validate.integer("max_len", max_len, minimum=1)
     shape: tuple[int, ...] = (2 * max_len - 1,)

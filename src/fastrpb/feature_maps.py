@@ -27,11 +27,12 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 from . import _validate
 from ._compat import compute_dtype, device_of, elu_plus_one, namespace, softmax
 from ._random import seeded_projection
+from ._typing import Array
 from ._validate import check_floating, int_arg
 
 __all__ = [
@@ -72,6 +73,17 @@ class FeatureMap:
     Subclasses implement ``_queries(xp, x)`` and ``_keys(xp, x)`` on arrays already
     in the compute dtype (exponential maps implement ``_log_queries``/``_log_keys``
     instead), ``features(d)`` and, if they hold arrays, ``_arrays()``.
+
+    Examples
+    --------
+    Every map has ``queries``, ``keys`` and ``features``; a plain callable passed as
+    ``feature_map=`` becomes a symmetric map:
+
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> m = fm.resolve(lambda x: x * x)
+    >>> m.queries(np.array([[1.0, -2.0]]))
+    array([[1., 4.]])
     """
 
     name: ClassVar[str] = "feature map"
@@ -83,11 +95,11 @@ class FeatureMap:
     nonnegative: ClassVar[bool] = False
 
     # -- public ---------------------------------------------------------------
-    def queries(self, x: Any) -> Any:
+    def queries(self, x: Array) -> Array:
         """Query features ``(..., L, F)`` of ``x: (..., L, D)``."""
         return self._public(x, self._queries)
 
-    def keys(self, x: Any) -> Any:
+    def keys(self, x: Array) -> Array:
         """Key features ``(..., L, F)`` of ``x: (..., L, D)``."""
         return self._public(x, self._keys)
 
@@ -127,10 +139,12 @@ class FeatureMap:
     def _keys(self, xp: Any, x: Any) -> Any:
         if self.exponential:
             lx = self._log_keys(xp, x)
-            if lx.ndim < 2 or lx.shape[-2] == 0 or lx.shape[-1] == 0:
+            # one offset shared by every key of the sequence (and every feature); a 1-d
+            # input is a sequence of one key
+            axes = (-1,) if lx.ndim < 2 else (-2, -1)
+            if any(lx.shape[a] == 0 for a in axes):
                 return xp.exp(lx)
-            # one offset shared by every key of the sequence (and every feature)
-            return xp.exp(lx - xp.max(lx, axis=(-2, -1), keepdims=True))
+            return xp.exp(lx - xp.max(lx, axis=axes, keepdims=True))
         raise NotImplementedError
 
     def _log_queries(self, xp: Any, x: Any) -> Any:
@@ -229,6 +243,11 @@ class DPFP(FeatureMap):
     r(x) = [\mathrm{relu}(x), \mathrm{relu}(-x)] \in \mathbb{R}^{2D}, \quad
     \phi(x) = [\, r(x) \odot \mathrm{roll}(r(x), i) \,]_{i = 1..\nu}
     $$
+
+    Parameters
+    ----------
+    nu : int
+        Number of rolls; ``F = 2 D nu``. Made with ``dpfp(nu)``.
     """
 
     nu: int = 1
@@ -301,9 +320,14 @@ class FAVOR(_Projected):
     (Choromanski et al. 2021, "Rethinking Attention with Performers", ICLR).
     The kernel is ``exp(q . k)``: to approximate ``softmax_attention``'s default
     ``scale = 1/sqrt(D)``, multiply ``q`` and ``k`` by ``D ** -0.25`` first.
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        Rows distributed as ``N(0, I)`` (``random_projection``). Made with ``favor(projection)``.
     """
 
-    projection: Any
+    projection: Array
     name: ClassVar[str] = "favor"
     nonnegative: ClassVar[bool] = True
     exponential: ClassVar[bool] = True
@@ -335,9 +359,14 @@ class RFF(_Projected):
     features are not non-negative: the kernel estimate, and so a linear-attention
     denominator, can be small or negative for a finite ``m``. Use it as a kernel
     estimate (or with inputs whose kernel values are well away from zero).
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        Rows distributed as ``N(0, I)`` (``random_projection``). Made with ``rff(projection)``.
     """
 
-    projection: Any
+    projection: Array
     name: ClassVar[str] = "rff"
 
     def __post_init__(self) -> None:
@@ -420,9 +449,14 @@ class Hedgehog(_Projected):
     separately, as in the paper; flash-linear-attention's ``HedgehogFeatureMap``
     instead takes one softmax over the joined ``[2 W x + b, -2 W x - b]``, with a
     bias ``b``.
+
+    Parameters
+    ----------
+    projection : array, shape (m, D)
+        The learned ``W``. Made with ``hedgehog(projection)``.
     """
 
-    projection: Any
+    projection: Array
     name: ClassVar[str] = "hedgehog"
     nonnegative: ClassVar[bool] = True
 
@@ -471,56 +505,173 @@ class _Callable(FeatureMap):
     _keys = _queries
 
 
+FeatureMapLike: TypeAlias = "str | FeatureMap | Callable[[Array], Array]"
+"""What a ``feature_map=`` argument accepts: a map's name (``"elu"``, ``"relu"``,
+``"sikf"``, ``"dpfp"``, ``"taylor"``), a ``FeatureMap``, or a plain callable used as a
+symmetric map."""
+
+
 # --------------------------------------------------------------------------- factories
 def elu() -> FeatureMap:
-    """``elu(x) + 1`` features (Katharopoulos et al. 2020), F = D. See ``ELU``."""
+    """``elu(x) + 1`` features (Katharopoulos et al. 2020), F = D. See ``ELU``.
+
+    Returns
+    -------
+    FeatureMap
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> np.round(fm.elu().queries(np.array([-1.0, 0.0, 2.0])), 4)
+    array([0.3679, 1.    , 3.    ])
+    """
     return ELU()
 
 
 def relu() -> FeatureMap:
-    """``relu(x)`` features, F = D. See ``ReLU``."""
+    """``relu(x)`` features, F = D. See ``ReLU``.
+
+    Returns
+    -------
+    FeatureMap
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> fm.relu().queries(np.array([-1.0, 0.0, 2.0]))
+    array([0., 0., 2.])
+    """
     return ReLU()
 
 
 def sikf() -> FeatureMap:
-    """The shift-invariant kernel ``exp(x - c)`` of FastRPB (arXiv:2202.11364), F = D. See ``SIKF``."""
+    """The shift-invariant kernel ``exp(x - c)`` of FastRPB (arXiv:2202.11364), F = D. See ``SIKF``.
+
+    Returns
+    -------
+    FeatureMap
+
+    Examples
+    --------
+    The query features are scaled so that a row's largest is 1 (the constant cancels in
+    the attention's normalisation):
+
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> np.round(fm.sikf().queries(np.array([0.0, 1.0, 2.0])), 4)
+    array([0.1353, 0.3679, 1.    ])
+    """
     return SIKF()
 
 
 def dpfp(nu: int = 1) -> FeatureMap:
-    """Deterministic parameter-free projection (Schlag et al. 2021), F = 2 D nu. See ``DPFP``."""
+    """Deterministic parameter-free projection (Schlag et al. 2021), F = 2 D nu. See ``DPFP``.
+
+    Returns
+    -------
+    FeatureMap
+
+    Raises
+    ------
+    TypeError
+        If ``nu`` is not an int.
+    ValueError
+        If ``nu`` is below 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> m = fm.dpfp(nu=2)
+    >>> m.features(4), m.queries(np.ones((3, 4))).shape
+    (16, (3, 16))
+    """
     return DPFP(int_arg("nu", nu, minimum=1))
 
 
-def favor(projection: Any) -> FeatureMap:
+def favor(projection: Array) -> FeatureMap:
     """Performer FAVOR+ positive random features for ``exp(q . k)``, F = m. See ``FAVOR``.
 
     Parameters
     ----------
     projection : array, shape (m, D)
         Rows distributed as ``N(0, I)``, e.g. ``random_projection(m, D, seed=..., like=q)``.
+
+    Returns
+    -------
+    FeatureMap
+
+    Raises
+    ------
+    TypeError
+        If ``projection`` is not real floating.
+    ValueError
+        If ``projection`` is not two-dimensional with ``m, D >= 1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> x = np.zeros((5, 4))
+    >>> m = fm.favor(fm.random_projection(16, 4, seed=0, like=x))
+    >>> m.features(4), m.keys(x).shape
+    (16, (5, 16))
     """
     return FAVOR(projection)
 
 
-def rff(projection: Any) -> FeatureMap:
+def rff(projection: Array) -> FeatureMap:
     """Random Fourier features for ``exp(-|x - y|^2 / 2)``, F = 2 m. See ``RFF``.
 
     Parameters
     ----------
     projection : array, shape (m, D)
         Rows distributed as ``N(0, I)``, e.g. ``random_projection(m, D, seed=..., like=x)``.
+
+    Returns
+    -------
+    FeatureMap
+
+    Raises
+    ------
+    TypeError
+        If ``projection`` is not real floating.
+    ValueError
+        If ``projection`` is not two-dimensional with ``m, D >= 1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> x = np.zeros((5, 4))
+    >>> m = fm.rff(fm.random_projection(16, 4, seed=0, like=x))
+    >>> m.features(4), m.queries(x).shape
+    (32, (5, 32))
     """
     return RFF(projection)
 
 
 def taylor() -> FeatureMap:
     """Second-order Taylor features of ``exp(q . k / sqrt(D))`` (Based; Arora et al. 2024),
-    F = 1 + D + D (D + 1) / 2. See ``Taylor``."""
+    F = 1 + D + D (D + 1) / 2. See ``Taylor``.
+
+    Returns
+    -------
+    FeatureMap
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> fm.taylor().features(4), fm.taylor().queries(np.ones((3, 4))).shape
+    (15, (3, 15))
+    """
     return Taylor()
 
 
-def hedgehog(projection: Any) -> FeatureMap:
+def hedgehog(projection: Array) -> FeatureMap:
     """Hedgehog features ``[softmax(W x), softmax(-W x)]`` (Zhang et al. 2024), F = 2 m.
     See ``Hedgehog``.
 
@@ -529,11 +680,33 @@ def hedgehog(projection: Any) -> FeatureMap:
     projection : array, shape (m, D)
         The learned ``W`` (``x`` is multiplied by its transpose); the paper starts
         from the identity, ``m = D``.
+
+    Returns
+    -------
+    FeatureMap
+
+    Raises
+    ------
+    TypeError
+        If ``projection`` is not real floating.
+    ValueError
+        If ``projection`` is not two-dimensional with ``m, D >= 1``.
+
+    Examples
+    --------
+    Each half of the features is a softmax, so it sums to 1:
+
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> m = fm.hedgehog(np.eye(4))
+    >>> phi = m.queries(np.array([[1.0, 2.0, 3.0, 4.0]]))
+    >>> phi.shape, np.round(phi[:, :4].sum(), 6), np.round(phi[:, 4:].sum(), 6)
+    ((1, 8), 1.0, 1.0)
     """
     return Hedgehog(projection)
 
 
-def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, like: Any) -> Any:
+def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, like: Array) -> Array:
     """An ``(m, d)`` random projection whose rows are marginally ``N(0, I_d)``.
 
     With ``orthogonal=True`` (the default, Performer's "orthogonal random features")
@@ -553,6 +726,28 @@ def random_projection(m: int, d: int, *, seed: int, orthogonal: bool = True, lik
     like : array
         The projection is created in the namespace, on the device and (if floating)
         in the dtype of ``like``.
+
+    Returns
+    -------
+    array, shape (m, d)
+
+    Raises
+    ------
+    TypeError
+        If ``m``, ``d`` or ``seed`` is not an int, or ``orthogonal`` is not a bool.
+    ValueError
+        If ``m`` or ``d`` is below 1, or ``like`` is missing.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastrpb import feature_maps as fm
+    >>> w = fm.random_projection(8, 4, seed=0, like=np.zeros(1, dtype=np.float32))
+    >>> w.shape, w.dtype
+    ((8, 4), dtype('float32'))
+    >>> g = w[:4] @ w[:4].T  # one orthogonal block: a diagonal Gram matrix
+    >>> bool(np.allclose(g - np.diag(np.diag(g)), 0, atol=1e-5))
+    True
     """
     m = _validate.integer("m", m, minimum=1)
     d = _validate.integer("d", d, minimum=1)
@@ -575,8 +770,36 @@ _BY_NAME: dict[str, Callable[[], FeatureMap]] = {
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 
 
-def resolve(feature_map: Any, name: str = "feature_map") -> FeatureMap:
-    """A ``FeatureMap`` from a map, one of ``NAMES``, or a plain callable (symmetric)."""
+def resolve(feature_map: FeatureMapLike, name: str = "feature_map") -> FeatureMap:
+    """A ``FeatureMap`` from a map, one of ``NAMES``, or a plain callable (symmetric).
+
+    Parameters
+    ----------
+    feature_map : str, FeatureMap or callable
+        What a ``feature_map=`` argument accepts (``FeatureMapLike``).
+    name : str
+        The argument's name, for the error messages.
+
+    Returns
+    -------
+    FeatureMap
+
+    Raises
+    ------
+    ValueError
+        If ``feature_map`` is a string not in ``NAMES``.
+    TypeError
+        If ``feature_map`` is not a map, a name or a callable (a map class or an uncalled
+        factory included).
+
+    Examples
+    --------
+    >>> from fastrpb import feature_maps as fm
+    >>> fm.resolve("dpfp").signature
+    'dpfp(nu=1)'
+    >>> fm.resolve(fm.elu()).features(8)
+    8
+    """
     if isinstance(feature_map, FeatureMap):
         return feature_map
     if isinstance(feature_map, str):
@@ -611,4 +834,4 @@ def _is_factory(value: Any) -> bool:
     """Whether ``value`` is a function that makes a feature map (``fastrpb.feature_maps.dpfp``):
     its return annotation says ``FeatureMap``."""
     annotations = getattr(value, "__annotations__", None) if inspect.isfunction(value) else None
-    return bool(annotations) and annotations.get("return") in ("FeatureMap", FeatureMap)
+    return annotations is not None and annotations.get("return") in ("FeatureMap", FeatureMap)

@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 import fastrpb
-from fastrpb._compat import int_arg
 from fastrpb._layers import (
     AttentionLayer,
     BiasLayer,
@@ -35,11 +34,13 @@ from fastrpb._layers import (
     LayerCache,
     check_layer_rpb,
 )
+from fastrpb._validate import int_arg
+from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "MultiheadLinearAttention"]
 
 
-class FeatureMapArray(nnx.Variable):
+class FeatureMapArray(nnx.Variable[Any]):
     """A fixed array of a layer's feature map (``favor``/``rff``'s random projection).
 
     Part of the module's state (split, saved, restored, sharded with it) but not an
@@ -47,7 +48,7 @@ class FeatureMapArray(nnx.Variable):
     """
 
 
-def _array(variable: nnx.Variable) -> jax.Array:
+def _array(variable: nnx.Variable[Any]) -> jax.Array:
     """A variable's value as a JAX array. A state restored with
     ``flax.serialization.from_bytes`` holds NumPy arrays; ``nnx.Linear`` accepts them,
     and so do these layers (the functional core would reject NumPy beside JAX)."""
@@ -110,6 +111,24 @@ class FastRPB(BiasLayer, nnx.Module):
         Standard deviation of the initial draw.
     param_dtype :
         Dtype of the table.
+
+    Raises
+    ------
+    TypeError
+        If ``heads``, ``max_len`` or ``seed`` is not an int.
+    ValueError
+        If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
+        ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
+        ``max_len``).
+
+    Examples
+    --------
+    >>> bias = FastRPB(heads=4, max_len=128, causal=True, rngs=nnx.Rngs(0))
+    >>> v = jnp.ones((2, 4, 100, 16))  # (batch, heads, L, D)
+    >>> bias(v).shape
+    (2, 4, 100, 16)
+    >>> bias.weights().shape  # (heads, 2 max_len - 1)
+    (4, 255)
     """
 
     def __init__(
@@ -133,9 +152,15 @@ class FastRPB(BiasLayer, nnx.Module):
     def _table(self) -> jax.Array:
         return _array(self.table)
 
-    def __call__(self, v: jax.Array) -> jax.Array:
-        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``."""
-        return self._bias_of(v)
+    def __call__(self, v: jax.Array, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``.
+
+        Causal tables stream: ``initial_state`` (a ``fastrpb.RPBState``) continues a
+        sequence and ``return_state=True`` returns ``(out, state)``, as
+        ``fastrpb.rpb``; ``step=True`` takes one token ``v: (..., heads, D)`` and
+        returns ``(out, state)`` by ``fastrpb.rpb_step`` (amortised O(D log^2 t)).
+        """
+        return self._bias_of(v, initial_state, return_state, step)
 
 
 class FastRPBnd(BiasNdLayer, nnx.Module):
@@ -161,6 +186,25 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
         Tokens before and after the grid without bias.
     rngs, seed, scale, param_dtype :
         As in `FastRPB`.
+
+    Raises
+    ------
+    TypeError
+        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
+        something other than ints.
+    ValueError
+        If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
+        twice), or ``skip`` is not two non-negative ints. Calls raise as
+        ``fastrpb.rpb_nd`` does.
+
+    Examples
+    --------
+    >>> bias = FastRPBnd(heads=4, grid=(8, 8), rngs=nnx.Rngs(0))  # 8 x 8 image patches
+    >>> v = jnp.ones((2, 4, 64, 16))  # (batch, heads, 64 tokens, D)
+    >>> bias(v).shape
+    (2, 4, 64, 16)
+    >>> [w.shape for w in bias.weights()]  # one table per axis
+    [(4, 15), (4, 15)]
     """
 
     def __init__(
@@ -228,13 +272,30 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         Passed to ``fastrpb.linear_attention``.
     dtype, param_dtype :
         Computation and parameter dtypes of the projections (as ``nnx.Linear``).
+
+    Raises
+    ------
+    TypeError
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
+        or ``rpb`` is of an unsupported kind.
+    ValueError
+        If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
+        below 1, or ``feature_map`` is an unknown name. Calls raise as
+        ``fastrpb.linear_attention`` does.
+
+    Examples
+    --------
+    >>> layer = MultiheadLinearAttention(32, 4, rpb=128, causal=True, rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((2, 10, 32))  # (batch, L, d_model)
+    >>> layer(x).shape
+    (2, 10, 32)
     """
 
     def __init__(
         self,
         d_model: int,
         heads: int,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         *,
@@ -282,6 +343,7 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         inputs_k: jax.Array | None = None,
         inputs_v: jax.Array | None = None,
         return_cache: bool = False,
+        cache: LayerCache | None = None,
         cu_seqlens: Any = None,
     ) -> jax.Array | tuple[jax.Array, LayerCache]:
         """Attend from ``x: (..., Lq, d_model)`` over ``x`` or over ``inputs_k``/``inputs_v``.
@@ -300,11 +362,17 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
             equal ``Lq``.
         return_cache : bool
             Causal layers only: also return the `LayerCache` for `step`.
+        cache : LayerCache, optional
+            Causal self-attention only: continue the sequence this cache ends (from
+            ``return_cache=True`` or `step`), so a prompt is prefilled in chunks of
+            several tokens; with ``return_cache=True`` the new cache comes back.
+            Chunks that pass the cache along equal one causal pass, the FastRPB
+            term included (its history lives in the cache).
         cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
             Packed sequences along the length axis (flash-attention / fla offsets
             ``0 = c_0 < ... < c_N = L``): each sequence attends and is biased only
             within itself, as ``fastrpb.linear_attention(..., cu_seqlens=)``.
-            Self-attention only, without ``return_cache`` and without an N-d bias.
+            Self-attention only, without ``return_cache`` or ``cache``, and without an N-d bias.
 
         Returns
         -------
@@ -312,13 +380,15 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
             Or ``(y, cache)`` with ``return_cache=True``.
         """
         key_mask, inputs_k, inputs_v = (None if a is None else jnp.asarray(a) for a in (key_mask, inputs_k, inputs_v))
-        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cu_seqlens)
+        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cache, cu_seqlens)
 
     def step(self, x_t: jax.Array, cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.
 
         Returns ``(y_t, cache)``; stepping reproduces the causal forward pass. With
-        FastRPB the cache also keeps the values, so its shape grows by one token per
-        step (under ``jit`` each length compiles once).
+        FastRPB the cache's state also holds the bias history (an ``RPBState``):
+        eagerly an online FFT convolution, amortised O(Dh log^2 t) per token; under
+        ``nnx.jit`` a fixed ``(..., max_len, Dh)`` buffer (O(max_len Dh) per token,
+        one compilation).
         """
         return self._decode(x_t, cache)

@@ -47,6 +47,7 @@ from typing import Any
 from . import _validate
 from . import bias as _bias
 from ._compat import compute_dtype, device_of, namespace
+from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
 
 # The local block is computed with fastrpb's own single-device cores (the chunked causal
@@ -60,9 +61,11 @@ from .attention import (
     _log_features,
     _noncausal_exp,
     _normalise,
+    _prepend,
+    _state_keys,
     _with_ones,
 )
-from .feature_maps import resolve
+from .feature_maps import FeatureMapLike, resolve
 
 __all__ = ["Communicator", "jax_axis", "linear_attention", "rpb", "torch_group"]
 
@@ -90,10 +93,10 @@ class Communicator:
     def rank(self) -> Any:
         raise NotImplementedError
 
-    def all_gather(self, x: Any) -> Any:
+    def all_gather(self, x: Array) -> Array:
         raise NotImplementedError
 
-    def all_to_all(self, x: Any) -> Any:
+    def all_to_all(self, x: Array) -> Array:
         raise NotImplementedError
 
 
@@ -169,10 +172,19 @@ class _TorchGroup(Communicator):
         import torch
         from torch.distributed.nn import functional as dnn
 
-        # the autograd-aware collective: its backward sends the gradients back
+        self._group()  # the check only: see below for why the object is not passed
+        # The autograd-aware collective: its backward sends the gradients back. It
+        # keeps its group argument in the autograd graph (ctx.group) until the graph
+        # is freed, so it gets self.group as given: None (the default group) is looked
+        # up again by the backward. Passing the default ProcessGroup object would pin
+        # it: destroy_process_group would then leave gloo's worker threads running
+        # until the graph is collected, possibly during interpreter shutdown, when a
+        # worker thread that frees a finished collective's Python-owned tensors
+        # needs the GIL, is made to exit by Python and aborts the process
+        # ("terminate called without an active exception", SIGABRT).
         parts = [p.contiguous() for p in torch.unbind(x, 0)]
         out = [torch.empty_like(p) for p in parts]
-        return torch.stack(dnn.all_to_all(out, parts, group=self._group()))
+        return torch.stack(dnn.all_to_all(out, parts, group=self.group))
 
 
 def jax_axis(name: Any) -> Communicator:
@@ -181,6 +193,27 @@ def jax_axis(name: Any) -> Communicator:
     Wraps ``jax.lax.all_gather``, ``jax.lax.all_to_all``, ``jax.lax.axis_index`` and
     ``jax.lax.axis_size``; all are differentiable, so ``jax.grad`` of a loss through
     the ``shard_map`` equals the single-device gradient.
+
+    Parameters
+    ----------
+    name : str or tuple of str
+        The mesh axis (or axes) that the sequence is split over.
+
+    Returns
+    -------
+    Communicator
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is neither a str nor a tuple.
+
+    Examples
+    --------
+    >>> from fastrpb import parallel
+    >>> comm = parallel.jax_axis("seq")
+    >>> isinstance(comm, parallel.Communicator), comm.name
+    (True, 'seq')
     """
     if not isinstance(name, (str, tuple)):
         raise TypeError(f"name must be a mesh axis name (a str, or a tuple of them), got {type(name).__name__}")
@@ -195,6 +228,25 @@ def torch_group(group: Any = None) -> Communicator:
     ``P`` views of the same array), which carries gradients back to the ranks that
     sent the data; every rank must call the same
     functions with arrays of the same shapes, in the same order (forward and backward).
+    The autograd graph keeps a ``group`` given here (not the default group, which it
+    looks up when needed): drop the graphs (the outputs) before destroying that group.
+
+    Parameters
+    ----------
+    group : torch.distributed.ProcessGroup, optional
+        The ranks that hold the sequence blocks; ``None`` is the default group. It is
+        looked up when a collective runs, so the communicator can be made before
+        ``torch.distributed.init_process_group``.
+
+    Returns
+    -------
+    Communicator
+
+    Examples
+    --------
+    >>> from fastrpb import parallel
+    >>> isinstance(parallel.torch_group(), parallel.Communicator)
+    True
     """
     return _TorchGroup(group)
 
@@ -244,44 +296,21 @@ def _merge(xp: Any, gathered: Any, visible: Any, exponential: bool) -> tuple[Any
     return xp.sum(weight[..., None] * S, axis=0), top
 
 
-def _state_keys(xp: Any, offset: Any) -> Any:
-    """Log-features of ``F`` pseudo-keys that stand for a merged exponential state.
-
-    Pseudo-key ``f`` has log-feature ``offset_f`` at feature ``f`` and ``-inf`` (feature
-    0) elsewhere; with the state's rows ``S[f]`` as its value it adds exactly
-    ``sum_f exp(l(q)_f + offset_f) S[f]``, the state's contribution to a query. So the
-    single-device cores see one more (earlier, or for non-causal any) block of keys and
-    keep their offsets and their relative eps exact.
-    """
-    F = offset.shape[-1]
-    i = xp.arange(F, dtype=xp.int32, device=device_of(offset))
-    diagonal = i[:, None] == i[None, :]
-    return xp.where(diagonal, offset[..., None, :], xp.asarray(-math.inf, dtype=offset.dtype, device=device_of(offset)))
-
-
-def _prepend(xp: Any, first: Any, rest: Any) -> Any:
-    """``concat([first, rest], axis=-2)`` after broadcasting their leading dimensions."""
-    lead = _broadcast_lead(tuple(first.shape[:-2]), tuple(rest.shape[:-2]))
-    first = xp.broadcast_to(first, (*lead, *first.shape[-2:]))
-    rest = xp.broadcast_to(rest, (*lead, *rest.shape[-2:]))
-    return xp.concat([first, rest], axis=-2)
-
-
 # --------------------------------------------------------------------------- public
 def linear_attention(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
     comm: Communicator,
-    feature_map: Any = "elu",
+    feature_map: FeatureMapLike = "elu",
     causal: bool = False,
-    key_mask: Any = None,
+    key_mask: Array | None = None,
     eps: float = 1e-6,
     chunk_size: int = 64,
-    rpb: Any = None,
+    rpb: Array | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
-) -> Any:
+) -> Array:
     r"""Linear attention on a sequence split over ranks; exchanges only states (LASP-2).
 
     Rank ``r`` holds blocks ``q_r, k_r, v_r`` of the sequence (contiguous, equal
@@ -332,6 +361,33 @@ def linear_attention(
     -------
     array, shape (..., Lqb, Dv)
         This rank's block of the output.
+
+    Raises
+    ------
+    TypeError
+        If ``comm`` does not come from ``jax_axis`` or ``torch_group``, or the inputs are
+        rejected as by ``fastrpb.linear_attention``.
+    ValueError
+        As ``fastrpb.linear_attention``, or (``torch_group``) without an initialised
+        process group.
+
+    Examples
+    --------
+    Under ``jax.shard_map`` with the sequence split over the mesh axis ``"seq"``, the
+    result equals the single-device one:
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> from fastrpb import parallel
+    >>> mesh = Mesh(np.array(jax.devices()), ("seq",))  # every device holds one block
+    >>> import fastrpb
+    >>> x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), dtype=jnp.float32)
+    >>> body = lambda q, k, v: parallel.linear_attention(q, k, v, comm=parallel.jax_axis("seq"), causal=True)
+    >>> f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("seq"),) * 3, out_specs=P("seq")))
+    >>> bool(jnp.allclose(f(x, x, x), fastrpb.linear_attention(x, x, x, causal=True), atol=1e-5))
+    True
     """
     comm = _comm_arg(comm)
     fmap = resolve(feature_map)
@@ -365,7 +421,7 @@ def linear_attention(
     if causal:  # the ranks before this one
         visible = xp.arange(P, dtype=xp.int32, device=device_of(v)) < comm.rank()
     if fmap.exponential:
-        lq, lk = _log_features(xp, fmap, qw, kw, key_mask)
+        lq, lk, _ = _log_features(xp, fmap, qw, kw, key_mask)
         c = xp.max(lk, axis=-2)  # (..., F): this block's key maximum per feature
         state = _block_state(xp, xp.exp(lk - _finite_or_zero(xp, c)[..., None, :]), v1)
         c = xp.broadcast_to(c, state.shape[:-1])
@@ -375,7 +431,7 @@ def linear_attention(
         if causal:
             F = keys.shape[-1]
             queries = _prepend(xp, xp.zeros((F, F), dtype=work, device=device_of(lq)), lq)
-            total, eps_rows, _, _ = _causal_exp(
+            total, eps_rows, _, _, _ = _causal_exp(
                 xp, queries, _prepend(xp, keys, lk), _prepend(xp, merged, v1), min(C, F + Lq), eps
             )
             total = total[..., F:, :]
@@ -384,19 +440,19 @@ def linear_attention(
             num, den = total[..., :-1], total[..., -1:]
         else:
             # the merged state is every key: its den column rides in the numerator
-            total, _, eps_rows = _noncausal_exp(xp, lq, keys, merged, eps)
+            total, _, eps_rows, _ = _noncausal_exp(xp, lq, keys, merged, eps)
             num, den = total[..., :-1], total[..., -1:]
         out = _normalise(xp, num, den, eps_rows)
     else:
         fq, fk = _features(xp, fmap, qw, kw, key_mask)
         gathered = comm.all_gather(_block_state(xp, fk, v1))  # one collective
         merged, _ = _merge(xp, gathered, visible, False)
-        if causal:
-            total, _ = _causal(xp, fq, fk, v1, min(C, Lq))
-            total = total + xp.matmul(fq, merged)
-        else:
-            total = xp.matmul(fq, merged)
-        out = _normalise(xp, total[..., :-1], total[..., -1:], eps)
+        total = xp.matmul(fq, merged)  # the earlier ranks' keys (all keys when not causal)
+        num, den = total[..., :-1], total[..., -1:]
+        if causal:  # plus this block's own keys, causally (exact normaliser)
+            num_b, den_b, _, _ = _causal(xp, fq, fk, vw, min(C, Lq), signed=not fmap.nonnegative)
+            num, den = num + num_b, den + den_b
+        out = _normalise(xp, num, den, eps)
     if rpb is not None:
         if key_mask is not None:  # a padding key gives no bias either
             vw = xp.where(key_mask[..., None], vw, xp.zeros((), dtype=vw.dtype, device=device_of(vw)))
@@ -405,7 +461,7 @@ def linear_attention(
     return xp.astype(out, result, copy=False)
 
 
-def rpb(v: Any, w: Any, *, comm: Communicator, causal: bool = False, skip: tuple[int, int] = (0, 0)) -> Any:
+def rpb(v: Array, w: Array, *, comm: Communicator, causal: bool = False, skip: tuple[int, int] = (0, 0)) -> Array:
     r"""FastRPB ``B v`` on a sequence split over ranks, without gathering the values.
 
     Rank ``r`` holds the block ``v_r`` (contiguous, equal lengths, in rank order) and
@@ -442,6 +498,31 @@ def rpb(v: Any, w: Any, *, comm: Communicator, causal: bool = False, skip: tuple
     -------
     array, shape broadcast(w.shape[:-1], v.shape[:-2]) + (Lb, D)
         This rank's block, in the promoted dtype of ``v`` and ``w``.
+
+    Raises
+    ------
+    TypeError
+        If ``comm`` does not come from ``jax_axis`` or ``torch_group``, or the inputs are
+        rejected as by ``fastrpb.rpb``.
+    ValueError
+        As ``fastrpb.rpb``, or (``torch_group``) without an initialised process group.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> from fastrpb import parallel
+    >>> mesh = Mesh(np.array(jax.devices()), ("seq",))  # every device holds one block
+    >>> import fastrpb
+    >>> rng = np.random.default_rng(0)
+    >>> v = jnp.asarray(rng.standard_normal((8, 2)), dtype=jnp.float32)
+    >>> w = jnp.asarray(rng.standard_normal(15), dtype=jnp.float32)  # M = 8
+    >>> body = lambda v, w: parallel.rpb(v, w, comm=parallel.jax_axis("seq"), causal=True)
+    >>> f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("seq"), P()), out_specs=P("seq")))
+    >>> bool(jnp.allclose(f(v, w), fastrpb.rpb(v, w, causal=True), atol=1e-5))
+    True
     """
     comm = _comm_arg(comm)
     causal = _validate.flag("causal", causal)

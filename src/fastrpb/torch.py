@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastrpb
-from fastrpb._compat import int_arg, namespace
+from fastrpb._compat import namespace
 from fastrpb._layers import (
     AttentionLayer,
     BiasLayer,
@@ -32,6 +32,8 @@ from fastrpb._layers import (
     LayerCache,
     check_layer_rpb,
 )
+from fastrpb._validate import int_arg
+from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "LayerCache", "LinearMultiheadAttention", "MultiheadLinearAttention"]
 
@@ -81,6 +83,15 @@ class FastRPB(BiasLayer, nn.Module):
     device, dtype :
         Where and in which dtype the table is created.
 
+    Raises
+    ------
+    TypeError
+        If ``heads``, ``max_len`` or ``seed`` is not an int.
+    ValueError
+        If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
+        ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
+        ``max_len``).
+
     Examples
     --------
     >>> bias = FastRPB(heads=4, max_len=128, causal=True)
@@ -110,9 +121,15 @@ class FastRPB(BiasLayer, nn.Module):
     def _table(self) -> torch.Tensor:
         return self.table
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``."""
-        return self._bias_of(v)
+    def forward(self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+        """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``.
+
+        Causal tables stream: ``initial_state`` (a ``fastrpb.RPBState``) continues a
+        sequence and ``return_state=True`` returns ``(out, state)``, as
+        ``fastrpb.rpb``; ``step=True`` takes one token ``v: (..., heads, D)`` and
+        returns ``(out, state)`` by ``fastrpb.rpb_step`` (amortised O(D log^2 t)).
+        """
+        return self._bias_of(v, initial_state, return_state, step)
 
 
 class FastRPBnd(BiasNdLayer, nn.Module):
@@ -139,6 +156,25 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         Tokens before and after the grid (a class token) without bias.
     seed, scale, device, dtype :
         As in `FastRPB`.
+
+    Raises
+    ------
+    TypeError
+        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
+        something other than ints.
+    ValueError
+        If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
+        twice), or ``skip`` is not two non-negative ints. Calls raise as
+        ``fastrpb.rpb_nd`` does.
+
+    Examples
+    --------
+    >>> bias = FastRPBnd(heads=4, grid=(8, 8), seed=0)  # 8 x 8 image patches
+    >>> v = torch.randn(2, 4, 64, 16)                   # (batch, heads, 64 tokens, D)
+    >>> bias(v).shape
+    torch.Size([2, 4, 64, 16])
+    >>> [tuple(w.shape) for w in bias.weights()]        # one table per axis
+    [(4, 15), (4, 15)]
     """
 
     def __init__(
@@ -230,6 +266,16 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
     device, dtype :
         Where and in which dtype the parameters are created.
 
+    Raises
+    ------
+    TypeError
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
+        or ``rpb`` is of an unsupported kind.
+    ValueError
+        If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
+        below 1, or ``feature_map`` is an unknown name. Calls raise as
+        ``fastrpb.linear_attention`` does.
+
     Examples
     --------
     >>> layer = MultiheadLinearAttention(64, 4, rpb=256, causal=True)
@@ -242,7 +288,7 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         self,
         d_model: int,
         heads: int,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         *,
@@ -279,6 +325,7 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         inputs_k: torch.Tensor | None = None,
         inputs_v: torch.Tensor | None = None,
         return_cache: bool = False,
+        cache: LayerCache | None = None,
         cu_seqlens: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, LayerCache]:
         """Attend from ``x: (..., Lq, d_model)`` over ``x`` or over ``inputs_k``/``inputs_v``.
@@ -299,25 +346,32 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
             ``inputs_k``). With a FastRPB, ``Lk`` must equal ``Lq``.
         return_cache : bool
             Causal layers only: also return the `LayerCache` to continue with `step`.
+        cache : LayerCache, optional
+            Causal self-attention only: continue the sequence this cache ends (from
+            ``return_cache=True`` or `step`), so a prompt is prefilled in chunks of
+            several tokens; with ``return_cache=True`` the new cache comes back.
+            Chunks that pass the cache along equal one causal pass, the FastRPB
+            term included (its history lives in the cache).
         cu_seqlens : int Tensor, shape (N + 1,), or tuple of ints, optional
             Packed sequences along the length axis (flash-attention / fla offsets
             ``0 = c_0 < ... < c_N = L``): each sequence attends and is biased only
             within itself, as ``fastrpb.linear_attention(..., cu_seqlens=)``.
-            Self-attention only, without ``return_cache`` and without an N-d bias.
+            Self-attention only, without ``return_cache`` or ``cache``, and without an N-d bias.
 
         Returns
         -------
         Tensor, shape (..., Lq, d_model)
             Or ``(y, cache)`` with ``return_cache=True``.
         """
-        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cu_seqlens)
+        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cache, cu_seqlens)
 
     def step(self, x_t: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.
 
         Returns ``(y_t, cache)``. Stepping token by token reproduces the causal
-        forward pass. Without FastRPB the cache has a fixed size; with it the cache
-        also keeps the values (the bias of a new token weighs every earlier value).
+        forward pass. Without FastRPB the cache has a fixed size; with it the cache's
+        state also holds the bias history, an ``RPBState`` of at most O(max_len Dh)
+        numbers per head, and a step costs amortised O(Dh log^2 t) for the bias.
         """
         return self._decode(x_t, cache)
 
@@ -454,7 +508,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         device: Any = None,
         dtype: Any = None,
         *,
-        feature_map: Any = "sikf",
+        feature_map: FeatureMapLike = "sikf",
         rpb: Any = None,
         causal: bool = False,
         eps: float = 1e-6,
@@ -508,7 +562,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         packed = state_dict.pop(prefix + "in_proj_weight", None)
         if packed is not None:
             q, k, v = packed.chunk(3, dim=0)
-            for name, w in zip(("q", "k", "v"), (q, k, v)):
+            for name, w in zip(("q", "k", "v"), (q, k, v), strict=True):
                 state_dict.setdefault(f"{prefix}{name}_proj_weight", w)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -604,7 +658,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         q = self._split(xp, F.linear(query, self.q_proj_weight, bq))
         k = self._split(xp, F.linear(key, self.k_proj_weight, bk))
         v = self._split(xp, F.linear(value, self.v_proj_weight, bv))
-        out, _, _ = self._heads(xp, q, k, v, None if keep is None else keep[:, None, :], causal, False)
+        out, _ = self._heads(xp, q, k, v, None if keep is None else keep[:, None, :], causal, False)
         out = F.dropout(self._merge(xp, out), p=self.dropout, training=self.training)
         y = self.out_proj(out)
         if not batched:

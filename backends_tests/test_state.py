@@ -1,0 +1,276 @@
+"""Continuing a causal sequence: ``linear_attention(..., initial_state=, return_state=)``
+and ``linear_attention_step(..., rpb=)``, the FastRPB history carried in the state,
+against dense float64 oracles on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import oracles
+from backends import assert_array, assert_close, check_gradients
+from fastrpb import feature_maps as fm
+from fastrpb import LinearAttentionState, RPBState, linear_attention, linear_attention_step, random_projection
+
+MAPS = ["elu", "relu", "sikf", "dpfp", "favor", "rff", "taylor", "hedgehog", "callable"]
+EXPONENTIAL = {"sikf", "favor"}
+PRECISIONS = ["float64", "float32"]
+# pieces of a 9-token sequence: empty and size-1 pieces, a piece longer than a chunk
+PIECES = [(0, 0), (0, 1), (1, 4), (4, 4), (4, 5), (5, 9)]
+DK, DV, M = 4, 3, 12
+
+
+def _map(backend, name):
+    """The map ``name`` for the library, and its features (or log-features) in NumPy."""
+    like = backend.asarray(np.zeros(1))
+    if name in ("favor", "rff", "hedgehog"):
+        w = random_projection(6, DK, seed=5, like=like)
+        wn = backend.to_numpy(w).astype(np.float64)
+        make = {"favor": fm.favor, "rff": fm.rff, "hedgehog": fm.hedgehog}[name]
+        formula = {"favor": oracles.favor_log, "rff": oracles.rff, "hedgehog": oracles.hedgehog}[name]
+        return make(w), (lambda x: formula(x, wn))
+    if name == "callable":
+        return (lambda x: x * x + 0.5), (lambda x: x * x + 0.5)
+    formula = {"elu": oracles.elu1, "relu": oracles.relu, "sikf": lambda x: x, "dpfp": oracles.dpfp,
+               "taylor": oracles.taylor}[name]
+    return name, formula
+
+
+def _oracle(name, formula, qn, kn, vn, *, key_mask=None, wn=None, skip=(0, 0)):
+    """One causal call on the whole sequence, in float64 from the formulas."""
+    if name in EXPONENTIAL:
+        out = oracles.exp_kernel_attention(formula(qn), formula(kn), vn, causal=True, key_mask=key_mask, eps=1e-6)
+    else:
+        out = oracles.kernel_attention(formula(qn), formula(kn), vn, causal=True, key_mask=key_mask, eps=1e-6)
+    if wn is not None:
+        biased = vn if key_mask is None else np.where(key_mask[..., None], vn, 0.0)
+        out = out + oracles.rpb(biased, wn, causal=True, skip=skip)
+    return out
+
+
+def _state_oracle(name, formula, kn, vn, key_mask=None):
+    """``sum_j phi(k_j) v_j^T`` and ``sum_j phi(k_j)`` (for the exponential maps with the
+    offset multiplied back: ``exp(offset) S``)."""
+    f = np.exp(formula(kn)) if name in EXPONENTIAL else formula(kn)
+    if key_mask is not None:
+        f = np.where(key_mask[..., None], f, 0.0)
+    return np.swapaxes(f, -1, -2) @ vn, f.sum(-2)
+
+
+def _data(backend, rng, precision, L=9, mask=False):
+    arrays = [rng.standard_normal((2, L, DK)), rng.standard_normal((2, L, DK)), rng.standard_normal((2, L, DV))]
+    xs = [backend.asarray(a, precision) for a in arrays]
+    ns = [backend.to_numpy(x).astype(np.float64) for x in xs]
+    km = None
+    if mask:
+        km = rng.random((2, L)) > 0.3
+        km[:, 0] = False  # a padded first key
+    return xs, ns, km
+
+
+def _run_pieces(backend, q, k, v, pieces, **kw):
+    state, outs = None, []
+    for a, b in pieces:
+        mask = kw.get("key_mask")
+        args = dict(kw, key_mask=None if mask is None else mask[..., a:b])
+        out, state = linear_attention(
+            q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], causal=True, initial_state=state, return_state=True, **args
+        )
+        outs.append(out)
+    return backend.xp.concat(outs, axis=-2), state
+
+
+def _unoffset(backend, state):
+    S, z = backend.to_numpy(state.S), backend.to_numpy(state.z)
+    if state.offset is not None:
+        off = backend.to_numpy(state.offset)
+        S, z = S * np.exp(off)[..., None], z * np.exp(off)
+    return S, z
+
+
+# --------------------------------------------------------------------------- pieces = one call
+@pytest.mark.parametrize("chunk", [2, 64])
+@pytest.mark.parametrize("mask", [False, True], ids=["", "mask"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "rpb"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", MAPS)
+def test_pieces_equal_one_call(backend, rng, name, precision, bias, mask, chunk):
+    (q, k, v), (qn, kn, vn), km = _data(backend, rng, precision, mask=mask)
+    fmap, formula = _map(backend, name)
+    wn = rng.standard_normal((2 * M - 1,)) / 4 if bias else None
+    kw = dict(feature_map=fmap, chunk_size=chunk, key_mask=None if km is None else backend.asarray(km, None))
+    if bias:
+        kw["rpb"] = backend.asarray(wn, precision)
+    expected = _oracle(name, formula, qn, kn, vn, key_mask=km, wn=wn)
+    got, state = _run_pieces(backend, q, k, v, PIECES, **kw)
+    assert_close(backend, got, expected, precision)
+    S, z = _state_oracle(name, formula, kn, vn, km)
+    gS, gz = _unoffset(backend, state)
+    tol = dict(rtol=1e-9, atol=1e-9) if precision == "float64" else dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gS, S, atol=tol["atol"] * max(1.0, np.abs(S).max()), rtol=tol["rtol"])
+    np.testing.assert_allclose(gz, z, atol=tol["atol"] * max(1.0, np.abs(z).max()), rtol=tol["rtol"])
+    assert_array(backend, state.S, precision)
+    assert (state.rpb is not None) == bias
+    if bias:
+        assert isinstance(state.rpb, RPBState)
+
+
+@pytest.mark.parametrize("name", ["elu", "sikf"])
+def test_sikf_large_spread_across_pieces(backend, rng, name):
+    # keys that rise by 60 units between pieces: the pseudo-keys keep the offsets exact
+    L = 8
+    qn, kn, vn = rng.standard_normal((L, DK)), rng.standard_normal((L, DK)), rng.standard_normal((L, DV))
+    kn[5:] += 60.0 if name == "sikf" else 0.0
+    q, k, v = (backend.asarray(a, "float32") for a in (qn, kn, vn))
+    got, state = _run_pieces(backend, q, k, v, [(0, 3), (3, 6), (6, 8)], feature_map=name, chunk_size=2)
+    formula = (lambda x: x) if name == "sikf" else oracles.elu1
+    assert_close(backend, got, _oracle(name, formula, qn, kn, vn), "float32")
+    assert np.all(np.isfinite(backend.to_numpy(state.S)))
+
+
+def test_skip_streams_across_pieces(backend, rng):
+    (q, k, v), (qn, kn, vn), _ = _data(backend, rng, "float64")
+    wn = rng.standard_normal((2 * M - 1,))
+    expected = _oracle("elu", oracles.elu1, qn, kn, vn, wn=wn, skip=(2, 0))
+    got, _ = _run_pieces(backend, q, k, v, [(0, 1), (1, 5), (5, 9)], rpb=backend.asarray(wn), rpb_skip=(2, 0))
+    assert_close(backend, got, expected, "float64")
+
+
+# --------------------------------------------------------------------------- stepping
+@pytest.mark.parametrize("bias", [False, True], ids=["", "rpb"])
+@pytest.mark.parametrize("name", ["elu", "sikf"])
+def test_stepping_300_tokens_equals_causal(backend, rng, name, bias):
+    L = 300
+    (q, k, v), (qn, kn, vn), _ = _data(backend, rng, "float64", L=L)
+    wn = rng.standard_normal((2 * L - 1,)) / 8 if bias else None
+    formula = oracles.elu1 if name == "elu" else (lambda x: x)
+    expected = _oracle(name, formula, qn, kn, vn, wn=wn)
+    w = None if wn is None else backend.asarray(wn)
+    # a prompt of 40 tokens, then 260 steps
+    prompt, state = linear_attention(q[:, :40, :], k[:, :40, :], v[:, :40, :], feature_map=name, causal=True, rpb=w,
+                                     return_state=True)
+    outs = [prompt]
+    for t in range(40, L):
+        out_t, state = linear_attention_step(state, q[:, t, :], k[:, t, :], v[:, t, :], feature_map=name, rpb=w)
+        outs.append(out_t[:, None, :])
+    assert_close(backend, backend.xp.concat(outs, axis=-2), expected, "float64")
+    # and from the very first token
+    state, outs = None, []
+    for t in range(L):
+        out_t, state = linear_attention_step(state, q[:, t, :], k[:, t, :], v[:, t, :], feature_map=name, rpb=w)
+        outs.append(out_t)
+    assert_close(backend, backend.xp.stack(outs, axis=-2), expected, "float64")
+
+
+def test_step_honours_skip(backend, rng):
+    L = 40
+    (q, k, v), (qn, kn, vn), _ = _data(backend, rng, "float64", L=L)
+    wn = rng.standard_normal((2 * L - 1,)) / 8
+    w = backend.asarray(wn)
+    expected = _oracle("elu", oracles.elu1, qn, kn, vn, wn=wn, skip=(3, 0))
+    state, outs = None, []
+    for t in range(L):
+        out_t, state = linear_attention_step(state, q[:, t, :], k[:, t, :], v[:, t, :], rpb=w, rpb_skip=(3, 0))
+        outs.append(out_t)
+    assert_close(backend, backend.xp.stack(outs, axis=-2), expected, "float64")
+
+
+# --------------------------------------------------------------------------- jit, gradients
+@pytest.mark.jit
+@pytest.mark.parametrize("bias", [False, True], ids=["", "rpb"])
+@pytest.mark.parametrize("name", ["elu", "sikf"])
+def test_pieces_under_jit(backend, rng, name, bias):
+    (q, k, v), (qn, kn, vn), _ = _data(backend, rng, "float64")
+    wn = rng.standard_normal((2 * M - 1,)) / 4 if bias else None
+    w = None if wn is None else backend.asarray(wn)
+    formula = oracles.elu1 if name == "elu" else (lambda x: x)
+
+    def whole(q, k, v, w):
+        out, state = _run_pieces(backend, q, k, v, [(0, 1), (1, 4), (4, 4), (4, 9)], feature_map=name, chunk_size=2, rpb=w)
+        return out, state
+
+    got, state = backend.jit(whole)(q, k, v, w)
+    assert_close(backend, got, _oracle(name, formula, qn, kn, vn, wn=wn), "float64")
+    # a state crossing into a jitted call and back
+    part = backend.jit(lambda s, q, k, v, w: linear_attention(q, k, v, feature_map=name, causal=True, rpb=w,
+                                                                initial_state=s, return_state=True))
+    first, s = linear_attention(q[:, :4, :], k[:, :4, :], v[:, :4, :], feature_map=name, causal=True, rpb=w, return_state=True)
+    second, s = part(s, q[:, 4:, :], k[:, 4:, :], v[:, 4:, :], w)
+    assert_close(backend, backend.xp.concat([first, second], axis=-2), _oracle(name, formula, qn, kn, vn, wn=wn), "float64")
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("bias", [False, True], ids=["", "rpb"])
+@pytest.mark.parametrize("name", ["elu", "sikf"])
+def test_gradients_through_initial_state(backend, rng, name, bias):
+    L, h = 5, 2
+    qn, kn, vn = rng.standard_normal((L, 2)), rng.standard_normal((L, 2)), rng.standard_normal((L, 2))
+    wn = rng.standard_normal((2 * L - 1,)) / 4
+
+    def fn(q, k, v, w):
+        table = w if bias else None
+        _, state = linear_attention(q[:h], k[:h], v[:h], feature_map=name, causal=True, rpb=table, return_state=True)
+        return linear_attention(q[h:], k[h:], v[h:], feature_map=name, causal=True, rpb=table, initial_state=state)
+
+    check_gradients(backend, fn, qn, kn, vn, wn)
+
+
+# --------------------------------------------------------------------------- errors
+def _state_of(backend, name="elu", w=None, L=3):
+    xs = [backend.asarray(np.ones((2, L, DK)) * 0.1)] * 2 + [backend.asarray(np.ones((2, L, DV)))]
+    return linear_attention(*xs, feature_map=name, causal=True, rpb=w, return_state=True)[1]
+
+
+def _qkv(backend, L=2, dv=DV, lead=2):
+    return tuple(backend.asarray(np.ones((lead, L, d))) for d in (DK, DK, dv))
+
+
+ERRORS = [
+    ("noncausal", lambda b, w: linear_attention(*_qkv(b), initial_state=_state_of(b)), ValueError,
+     r"initial_state needs causal=True"),
+    ("other-map", lambda b, w: linear_attention(*_qkv(b), causal=True, feature_map="sikf", initial_state=_state_of(b)),
+     ValueError, r"initial_state was made by feature map 'elu'"),
+    ("wrong-width", lambda b, w: linear_attention(*_qkv(b, dv=5), causal=True, initial_state=_state_of(b)), ValueError,
+     r"initial_state\.S must have shape"),
+    ("wrong-lead", lambda b, w: linear_attention(*_qkv(b, lead=3), causal=True, initial_state=_state_of(b)), ValueError,
+     r"initial_state"),
+    ("not-a-state", lambda b, w: linear_attention(*_qkv(b), causal=True, initial_state=(1, 2)), TypeError,
+     r"initial_state must be a LinearAttentionState"),
+    ("rpb-missing", lambda b, w: linear_attention(*_qkv(b), causal=True, initial_state=_state_of(b, w=w)), ValueError,
+     r"initial_state carries a FastRPB history"),
+    ("rpb-extra", lambda b, w: linear_attention(*_qkv(b), causal=True, rpb=w, initial_state=_state_of(b)), ValueError,
+     r"initial_state was made without rpb="),
+    ("rpb-skip-end", lambda b, w: linear_attention(*_qkv(b), causal=True, rpb=w, rpb_skip=(0, 1), return_state=True),
+     ValueError, r"rpb_skip.*skip\[1\] must be 0"),
+    ("rpb-past-table", lambda b, w: linear_attention(*_qkv(b, L=M), causal=True, rpb=w, initial_state=_state_of(b, w=w)),
+     ValueError, r"position past the bias table"),
+    ("rpb-nd", lambda b, w: linear_attention(*_qkv(b), causal=True, rpb_tables=[w], rpb_grid=(2,), initial_state=_state_of(b)),
+     ValueError, r"initial_state cannot continue the N-d FastRPB term"),
+    ("step-rpb-missing", lambda b, w: linear_attention_step(_state_of(b, w=w), *(x[:, 0, :] for x in _qkv(b))), ValueError,
+     r"state carries a FastRPB history"),
+    ("step-rpb-extra", lambda b, w: linear_attention_step(_state_of(b), *(x[:, 0, :] for x in _qkv(b)), rpb=w), ValueError,
+     r"state was made without rpb="),
+    ("step-skip-end", lambda b, w: linear_attention_step(None, *(x[:, 0, :] for x in _qkv(b)), rpb=w, rpb_skip=(0, 1)),
+     ValueError, r"skip\[1\] must be 0"),
+    ("step-past-table", lambda b, w: linear_attention_step(_state_of(b, w=w, L=M), *(x[:, 0, :] for x in _qkv(b)), rpb=w),
+     ValueError, r"position past the bias table"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_errors(backend, call, error, match):
+    w = backend.asarray(np.full((2 * M - 1,), 0.1))
+    with pytest.raises(error, match=match):
+        call(backend, w)
+
+
+def test_state_is_a_jax_pytree():
+    jax = pytest.importorskip("jax")
+    q = jax.numpy.ones((2, 3, DK))
+    w = jax.numpy.ones((2 * M - 1,)) * 0.1
+    _, state = linear_attention(q, q, q[..., :DV], feature_map="sikf", causal=True, rpb=w, return_state=True)
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    assert all(isinstance(x, jax.Array) for x in leaves)
+    again = jax.tree_util.tree_unflatten(tree, leaves)
+    assert isinstance(again, LinearAttentionState) and again.feature_map == state.feature_map
+    assert isinstance(again.rpb, RPBState)
