@@ -513,7 +513,7 @@ def wider_float(xp: Any, x: Any) -> Any:
     if array_api_compat.is_jax_namespace(xp):
         import jax  # already imported: xp is jax.numpy
 
-        return xp.float64 if jax.config.jax_enable_x64 else None
+        return xp.float64 if jax.config.read("jax_enable_x64") else None
     if array_api_compat.is_torch_namespace(xp) and getattr(x.device, "type", None) == "mps":
         return None
     return xp.float64

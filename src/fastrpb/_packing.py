@@ -55,7 +55,9 @@ def packing(xp: Any, offsets: tuple[int, ...], like: Any) -> Packing:
         classes.setdefault((length - 1).bit_length(), []).append(n)
     index_dtype = xp.int32 if 2 * T + len(lengths) < 2**31 else xp.int64
     dev = device_of(like)
-    groups, base, sequence_order = [], [0] * len(lengths), []
+    groups: list[Any] = []
+    base = [0] * len(lengths)
+    sequence_order: list[int] = []
     slot = 0
     for key in sorted(classes):
         members = tuple(classes[key])
