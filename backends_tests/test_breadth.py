@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import oracles
 import pytest
-from backends import assert_close, check_gradients
 
 import fastrpb
+import oracles
+from backends import assert_close, check_gradients
 from fastrpb import (
     LinearAttentionState,
     linear_attention,
@@ -190,7 +190,7 @@ def test_gradients_unnormalised_and_causal_normaliser(backend, rng, name):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
+    ("kwargs", "error", "match"),
     [
         ({"normalize": 1}, TypeError, "normalize"),
         ({"scale": float("nan")}, ValueError, "scale"),
@@ -201,10 +201,11 @@ def test_gradients_unnormalised_and_causal_normaliser(backend, rng, name):
 @pytest.mark.parametrize("step", [False, True], ids=["attention", "step"])
 def test_option_errors(backend, kwargs, error, match, step):
     x = backend.asarray(np.ones((2, 3)), "float64")
-    with pytest.raises(error, match=match):
-        if step:
+    if step:
+        with pytest.raises(error, match=match):
             linear_attention_step(None, x[0, ...], x[0, ...], x[0, ...], **kwargs)
-        else:
+    else:
+        with pytest.raises(error, match=match):
             linear_attention(x, x, x, **kwargs)
 
 
@@ -280,7 +281,7 @@ def test_packed_states_continue_each_sequence(backend, rng, name):
             feature_map=state.feature_map,
         )
         # the next token of sequence n continues it: oracle over its tokens and the new one
-        idx = list(range(a, b)) + [T]
+        idx = [*range(a, b), T]
         fq = qn[:, idx] if name == "sikf" else oracles.elu1(qn[:, idx])
         fk = kn[:, idx] if name == "sikf" else oracles.elu1(kn[:, idx])
         kernel = oracles.exp_kernel_attention if name == "sikf" else oracles.kernel_attention
@@ -304,7 +305,7 @@ def test_packed_gradients(backend, causal):
 
 
 @pytest.mark.parametrize(
-    "offsets, error, match",
+    ("offsets", "error", "match"),
     [
         (np.array([0, 3, 2, 6]), ValueError, "strictly increasing"),
         (np.array([1, 3, 6]), ValueError, "start at 0"),
@@ -321,10 +322,13 @@ def test_packed_gradients(backend, causal):
 def test_packed_errors(backend, offsets, error, match, fn):
     x = backend.asarray(np.ones((6, 2)), "float64")
     cu = offsets if isinstance(offsets, tuple) else backend.asarray(offsets, None)
-    with pytest.raises(error, match=f"cu_seqlens.*{match}|{match}.*cu_seqlens" if error is ValueError else "cu_seqlens"):
-        if fn == "rpb":
-            rpb(x, backend.asarray(np.ones(11), "float64"), cu_seqlens=cu)
-        else:
+    pattern = f"cu_seqlens.*{match}|{match}.*cu_seqlens" if error is ValueError else "cu_seqlens"
+    if fn == "rpb":
+        w = backend.asarray(np.ones(11), "float64")
+        with pytest.raises(error, match=pattern):
+            rpb(x, w, cu_seqlens=cu)
+    else:
+        with pytest.raises(error, match=pattern):
             getattr(fastrpb, fn)(x, x, x, cu_seqlens=cu)
 
 

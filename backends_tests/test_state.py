@@ -9,8 +9,8 @@ import pytest
 
 import oracles
 from backends import assert_array, assert_close, check_gradients
-from fastrpb import feature_maps as fm
 from fastrpb import LinearAttentionState, RPBState, linear_attention, linear_attention_step, random_projection
+from fastrpb import feature_maps as fm
 
 MAPS = ["elu", "relu", "sikf", "dpfp", "favor", "rff", "taylor", "hedgehog", "callable"]
 EXPONENTIAL = {"sikf", "favor"}
@@ -189,7 +189,7 @@ def test_pieces_under_jit(backend, rng, name, bias):
         out, state = _run_pieces(backend, q, k, v, [(0, 1), (1, 4), (4, 4), (4, 9)], feature_map=name, chunk_size=2, rpb=w)
         return out, state
 
-    got, state = backend.jit(whole)(q, k, v, w)
+    got, _ = backend.jit(whole)(q, k, v, w)
     assert_close(backend, got, _oracle(name, formula, qn, kn, vn, wn=wn), "float64")
     # a state crossing into a jitted call and back
     part = backend.jit(lambda s, q, k, v, w: linear_attention(q, k, v, feature_map=name, causal=True, rpb=w,
@@ -257,7 +257,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("call, error, match", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+@pytest.mark.parametrize(("call", "error", "match"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
 def test_errors(backend, call, error, match):
     w = backend.asarray(np.full((2 * M - 1,), 0.1))
     with pytest.raises(error, match=match):
@@ -272,5 +272,6 @@ def test_state_is_a_jax_pytree():
     leaves, tree = jax.tree_util.tree_flatten(state)
     assert all(isinstance(x, jax.Array) for x in leaves)
     again = jax.tree_util.tree_unflatten(tree, leaves)
-    assert isinstance(again, LinearAttentionState) and again.feature_map == state.feature_map
+    assert isinstance(again, LinearAttentionState)
+    assert again.feature_map == state.feature_map
     assert isinstance(again.rpb, RPBState)

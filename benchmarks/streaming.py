@@ -31,6 +31,7 @@ fastrpb, torch and, for the plot, matplotlib.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -135,7 +136,7 @@ def prefill(L: int, pieces: int, *, rounds: int, seed: int = 0) -> dict[str, flo
 
     def split() -> None:
         state = None
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             _, state = fastrpb.linear_attention(
                 q[:, a:b], k[:, a:b], v[:, a:b], causal=True, rpb=w, initial_state=state, return_state=True
             )
