@@ -8,6 +8,7 @@ Shapes follow the issue: batch 1, 8 heads, 64 features, float32 unless asked.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,6 +185,57 @@ def build_decode(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool)
     return Built(variants, BATCH * HEADS * FEATURES * _itemsize(dtype))
 
 
+PACKED_SHORTEST, PACKED_LONGEST = 64, 4096
+
+
+def packed_lengths(L: int, seed: int = 0) -> list[int]:
+    """Sequence lengths drawn uniformly from 64..4,096 that add up to ``L`` exactly."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths: list[int] = []
+    while sum(lengths) < L:
+        lengths.append(int(rng.integers(PACKED_SHORTEST, PACKED_LONGEST + 1)))
+    lengths[-1] -= sum(lengths) - L
+    if lengths[-1] < PACKED_SHORTEST and len(lengths) > 1:
+        lengths[-2] += lengths.pop()
+    return lengths
+
+
+def build_packed(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool) -> Built:
+    """Causal linear attention of a packed batch (``cu_seqlens``) against the same
+    sequences padded to the longest with ``key_mask`` (issue 10)."""
+    import numpy as np
+
+    api = _attention_api()
+    lengths = packed_lengths(L)
+    offsets = tuple(int(c) for c in np.concatenate([[0], np.cumsum(lengths)]))
+    q, k, v = _qkv(bench, L, dtype)
+    longest, N = max(lengths), len(lengths)
+    index = np.zeros((N, longest), dtype=np.int64)
+    valid = np.zeros((N, longest), dtype=bool)
+    for n, (a, b) in enumerate(itertools.pairwise(offsets)):
+        index[n, : b - a] = np.arange(a, b)
+        valid[n, : b - a] = True
+    xp = bench.xp
+
+    def pad(x: Any) -> Any:
+        rows = xp.take(x[0, ...], bench.asarray(index.reshape(-1), None), axis=1)  # (H, N * longest, D)
+        rows = xp.reshape(rows, (HEADS, N, longest, FEATURES))
+        return xp.permute_dims(rows, (1, 0, 2, 3))
+
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    mask = bench.asarray(valid[:, None, :], None)
+    jit = bench.compile
+    ours = jit(lambda q, k, v: api.linear_attention(q, k, v, causal=True, cu_seqlens=offsets))
+    padded = jit(lambda q, k, v, m: api.linear_attention(q, k, v, causal=True, key_mask=m))
+    variants = [
+        Variant("fastrpb_packed", lambda: ours(q, k, v), ours=True),
+        Variant("fastrpb_padded", lambda: padded(qp, kp, vp, mask), same_output=False),
+    ]
+    return Built(variants, BATCH * HEADS * L * FEATURES * _itemsize(dtype))
+
+
 CASES: dict[str, Case] = {
     "rpb": Case("rpb", "FastRPB: fastrpb.rpb vs native FFT, paper-style 2L-1 FFT, FFT floor, dense product", build_rpb,
                 applies=_rpb_applies),
@@ -193,4 +245,6 @@ CASES: dict[str, Case] = {
                    build_causal, applies=lambda b, L, cfg: L <= CAUSAL_MAX_LEN or cfg.get("sizes_explicit", False)),
     "decode": Case("decode", "Decoding: one linear_attention_step (1, 8 heads, 64) vs a hand-written native step",
                    build_decode, sizes=(1,), unit="tokens"),
+    "packed": Case("packed", "Packed causal linear attention (cu_seqlens, lengths 64..4,096) vs padded to the longest + key_mask",
+                   build_packed, applies=lambda b, L, cfg: L >= 4096),
 }

@@ -47,6 +47,7 @@ __all__ = [
     "split_nonfinite",
     "cumulative_sum",
     "cumulative_max",
+    "wider_float",
     "shift",
     "pad_axis",
     "pad_chunks",
@@ -824,6 +825,26 @@ def _running_max_block(block: Any, axis: int) -> Any:
         return np.maximum.accumulate(block, axis=axis)
     bxp = array_api_compat.array_namespace(block)
     return cumulative_max(bxp, block, axis - block.ndim)
+
+
+def wider_float(xp: Any, x: Any) -> Any:
+    """``float64`` where ``x`` is ``float32`` (or narrower) and its library computes in
+    ``float64`` on ``x``'s device, else ``None`` (``x`` already ``float64``, JAX without
+    ``jax_enable_x64``, PyTorch on MPS).
+
+    The standard has no way to ask whether a dtype works on a device; JAX silently
+    gives ``float32`` for ``float64`` without x64 and MPS has no ``float64``, so those
+    two are asked here (the callers then use a compensated ``float32`` sum instead).
+    """
+    if x.dtype == xp.float64:
+        return None
+    if array_api_compat.is_jax_namespace(xp):
+        import jax  # already imported: xp is jax.numpy
+
+        return xp.float64 if jax.config.read("jax_enable_x64") else None
+    if array_api_compat.is_torch_namespace(xp) and getattr(x.device, "type", None) == "mps":
+        return None
+    return xp.float64
 
 
 # --------------------------------------------------------------------------- JAX pytrees

@@ -290,11 +290,13 @@ class AttentionLayer:
         return xp
 
     def _heads(
-        self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool, cache: Any = None
+        self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool, cache: Any = None,
+        cu_seqlens: Any = None,
     ) -> tuple[Any, Any]:
         """Attention plus bias on split heads ``(..., H, L, Dh)``; ``key_mask: (..., 1, Lk)``
-        True = keep. Returns ``(out, state or None)``; the state carries the bias
-        history (``state.rpb``) when the layer has a FastRPB."""
+        True = keep; ``cu_seqlens``: packed sequences along L (each attended and biased on
+        its own; not with a cache). Returns ``(out, state or None)``; the state carries the
+        bias history (``state.rpb``) when the layer has a FastRPB."""
         if self.rpb is not None and q.shape[-2] != k.shape[-2]:
             raise ValueError(
                 f"a layer with FastRPB needs as many queries as keys (the bias is B @ V with a square B), "
@@ -305,7 +307,7 @@ class AttentionLayer:
         result = linear_attention(
             q, k, v, feature_map=self.feature_map, causal=causal, key_mask=key_mask,
             eps=self.eps, chunk_size=self.chunk_size, return_state=stream,
-            initial_state=None if previous is None else previous._replace(rpb=None),
+            initial_state=None if previous is None else previous._replace(rpb=None), cu_seqlens=cu_seqlens,
         )
         out, state = result if stream else (result, None)
         if self.rpb is not None:
@@ -316,8 +318,10 @@ class AttentionLayer:
                 term, history = self.rpb(values, initial_state=None if previous is None else previous.rpb, return_state=True)
                 assert state is not None  # stream: linear_attention returned a state
                 state = state._replace(rpb=history)
-            else:
+            elif cu_seqlens is None:
                 term = self.rpb(values)
+            else:  # packed: the bias restarts at every sequence
+                term = rpb(values, self.rpb.weights(), causal=self.rpb.causal, skip=self.rpb.skip, cu_seqlens=cu_seqlens)
             out = out + term
         return out, state
 
@@ -329,7 +333,8 @@ class AttentionLayer:
             )
 
     def _attend(
-        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None, cache: Any = None
+        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None, cache: Any = None,
+        cu_seqlens: Any = None,
     ) -> Any:
         xp = self._check_input(x, "x", 2)
         if return_cache and not self.causal:
@@ -343,6 +348,13 @@ class AttentionLayer:
                 raise ValueError("cache= continues self-attention: inputs_k/inputs_v cannot be given with it")
         if return_cache or cache is not None:
             self._check_streaming_bias("a cache (return_cache=True, cache=)")
+        if cu_seqlens is not None and (
+            return_cache or cache is not None or inputs_k is not None or isinstance(self.rpb, BiasNdLayer)
+        ):
+            raise ValueError(
+                "cu_seqlens (packed sequences) works with self-attention without return_cache or cache and "
+                "without an N-d bias; call the layer per sequence for those"
+            )
         if inputs_v is not None and inputs_k is None:
             raise ValueError("inputs_v needs inputs_k: pass the keys' input as well")
         kx = x if inputs_k is None else inputs_k
@@ -356,7 +368,7 @@ class AttentionLayer:
                 )
         q, k, v = self._split(xp, self.q_proj(x)), self._split(xp, self.k_proj(kx)), self._split(xp, self.v_proj(vx))
         mask = None if key_mask is None else key_mask[..., None, :]  # broadcast over heads
-        out, state = self._heads(xp, q, k, v, mask, self.causal, return_cache, cache)
+        out, state = self._heads(xp, q, k, v, mask, self.causal, return_cache, cache, cu_seqlens)
         y = self.out_proj(self._merge(xp, out))
         if not return_cache:
             return y

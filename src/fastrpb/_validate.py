@@ -40,6 +40,7 @@ __all__ = [
     "causal_lengths",
     "logits_bias",
     "bias_arguments",
+    "cu_seqlens",
     "int_arg",
     "skip_arg",
     "grid_arg",
@@ -297,6 +298,49 @@ def bias_arguments(rpb: Any, rpb_tables: Any, rpb_grid: Any, rpb_skip: Any) -> d
         grid(rpb_grid, "rpb_grid")
         return {f"rpb_tables[{i}]": t for i, t in enumerate(rpb_tables) if t is not None}
     return {}
+
+
+def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...]:
+    """Packed-sequence offsets ``0 = c_0 < c_1 < ... < c_N = T`` (flash-attention / fla).
+
+    A 1-d integer array of ``N + 1 >= 2`` entries, of the library and device of the
+    other inputs (checked when the namespace is resolved), or a tuple/list of Python
+    ints (static: usable under ``jax.jit``). Returns the offsets as Python ints: the
+    packing is a shape (the longest sequence), so the values must be concrete; a
+    traced array (``traced``) is a ``ValueError`` saying so.
+    """
+    if isinstance(offsets, (tuple, list)):  # static offsets (usable under jax.jit)
+        values = tuple(integer(f"cu_seqlens[{n}]", c, minimum=0) for n, c in enumerate(offsets))
+        if len(values) < 2:
+            raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got {len(values)} offsets")
+        return _increasing_offsets(values, T)
+    if not xp.isdtype(offsets.dtype, "integral"):
+        raise TypeError(f"cu_seqlens must be an integer array of offsets 0 = c_0 < ... < c_N = T, got dtype {offsets.dtype}")
+    if offsets.ndim != 1 or offsets.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got shape {tuple(offsets.shape)}"
+        )
+    if traced:
+        raise ValueError(
+            "cu_seqlens must be concrete: the longest packed sequence sets a shape, so under jax.jit pass "
+            "cu_seqlens as a tuple of Python ints (static), not a traced array"
+        )
+    return _increasing_offsets(tuple(int(offsets[i]) for i in range(offsets.shape[0])), T)
+
+
+def _increasing_offsets(values: tuple[int, ...], T: int) -> tuple[int, ...]:
+    if values[0] != 0 or values[-1] != T:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T = {T} (the packed length axis), "
+            f"got c_0 = {values[0]} and c_N = {values[-1]}"
+        )
+    for n in range(1, len(values)):
+        if values[n] <= values[n - 1]:
+            raise ValueError(
+                f"cu_seqlens must be strictly increasing (every sequence at least one token), "
+                f"got c_{n - 1} = {values[n - 1]} and c_{n} = {values[n]}"
+            )
+    return values
 
 
 # --------------------------------------------------------------------------- old names

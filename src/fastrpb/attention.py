@@ -48,10 +48,20 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from . import _validate
+from . import _packing, _validate
 from . import bias as _bias
-from ._compat import compute_dtype, cumulative_sum, device_of, jax_pytree, known_finite, namespace, split_nonfinite
+from ._compat import (
+    compute_dtype,
+    cumulative_sum,
+    device_of,
+    jax_pytree,
+    known_finite,
+    namespace,
+    split_nonfinite,
+    wider_float,
+)
 from ._compat import cumulative_max as _cummax
+from ._compat import pad_axis as _pad_axis
 from ._compat import pad_chunks as _pad_chunks
 from ._compat import rescaled_scan as _rescaled_scan
 from ._compat import shift as _shift
@@ -243,14 +253,17 @@ def _features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple
     return fq, fk
 
 
-def _log_features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple[Any, Any]:
-    """Log-features of an exponential map; padding keys get ``-inf`` (feature 0)."""
+def _log_features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple[Any, Any, Any]:
+    """Log-features of an exponential map; padding keys get ``-inf`` (feature 0).
+
+    The query rows come relative to their maximum, which is returned third (the true
+    scale of the kernel, for ``normalize=False``)."""
     lq, lk = fmap._log_queries(xp, q), fmap._log_keys(xp, k)
     if key_mask is not None:
         lk = xp.where(key_mask[..., None], lk, _neg_inf(xp, lk))
     # each query row relative to its maximum: later sums stay small and exact
-    lq = lq - xp.max(lq, axis=-1, keepdims=True)
-    return lq, lk
+    mq = xp.max(lq, axis=-1, keepdims=True)
+    return lq - mq, lk, mq
 
 
 def _fold_queries(xp: Any, lq: Any, offset: Any) -> tuple[Any, Any, Any]:
@@ -279,35 +292,113 @@ def _noncausal(xp: Any, fq: Any, fk: Any, v: Any) -> tuple[Any, Any]:
     return num, den
 
 
-def _noncausal_exp(xp: Any, lq: Any, lk: Any, v: Any, eps: float) -> tuple[Any, Any, Any]:
+def _noncausal_exp(xp: Any, lq: Any, lk: Any, v: Any, eps: float) -> tuple[Any, Any, Any, Any]:
     offset = xp.max(lk, axis=-2, keepdims=True)  # (..., 1, F): per feature, over all keys
     fk = xp.exp(lk - _finite_or_zero(xp, offset))
-    fq, _, _ = _fold_queries(xp, lq, offset)
-    # every query sees every key, so the largest kernel term is 1 in this frame: eps as is
-    return (*_noncausal(xp, fq, fk, v), eps)
+    fq, m, top = _fold_queries(xp, lq, offset)
+    # every query sees every key, so the largest kernel term is 1 in this frame: eps as is;
+    # last: the log of the factor that takes a row back to the true scale of the kernel
+    return (*_noncausal(xp, fq, fk, v), eps, m + top)
 
 
-def _causal(xp: Any, fq: Any, fk: Any, v1: Any, C: int) -> tuple[Any, Any]:
-    """Chunked causal linear attention; returns ``[num, den]`` and the final state.
+def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple[Any, Any, Any, Any]:
+    """Chunked causal linear attention; returns ``num``, ``den`` and the final ``S``, ``z``.
 
-    Inside each chunk of ``C`` tokens a masked ``tril(Qc Kc^T) [Vc, 1]``; across chunks an
-    exclusive prefix sum of the chunk states ``Kc^T [Vc, 1]``, applied as ``Qc S_prev``.
+    Numerator: inside each chunk of ``C`` tokens a masked ``tril(Qc Kc^T) Vc``; across
+    chunks an exclusive prefix sum of the chunk states ``Kc^T Vc``, applied as
+    ``Qc S_prev``. Normaliser: one dot product per query with the inclusive prefix of
+    the key features, ``den_i = phi(q_i) . sum_{j <= i} phi(k_j)`` (``_causal_normaliser``),
+    never the sum of an in-chunk and a cross-chunk part, which cancel for signed features.
     """
     L = fq.shape[-2]
     length = -(-L // C) * C
     qc = _pad_chunks(xp, fq, length, C, 0.0)
     kc = _pad_chunks(xp, fk, length, C, 0.0)  # padding keys have zero features
-    vc = _pad_chunks(xp, v1, length, C, 0.0)
+    vc = _pad_chunks(xp, v, length, C, 0.0)
     y = _tril_product(xp, xp.matmul(qc, xp.matrix_transpose(kc)), vc)
-    states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv + 1)
+    states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv)
     if states.shape[-3] == 1:
-        return _unchunk(xp, y, L), states[..., 0, :, :]
-    prefix = cumulative_sum(xp, states, axis=-3, include_initial=True)
-    y = y + xp.matmul(qc, prefix[..., :-1, :, :])
-    return _unchunk(xp, y, L), prefix[..., -1, :, :]
+        S = states[..., 0, :, :]
+    else:
+        prefix = cumulative_sum(xp, states, axis=-3, include_initial=True)
+        y = y + xp.matmul(qc, prefix[..., :-1, :, :])
+        S = prefix[..., -1, :, :]
+    den, z = _causal_normaliser(xp, fq, fk, qc, kc, signed=signed)
+    return _unchunk(xp, y, L), den, S, z
 
 
-def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple[Any, Any, Any, Any]:
+def _causal_normaliser(xp: Any, fq: Any, fk: Any, qc: Any, kc: Any, *, signed: bool) -> tuple[Any, Any]:
+    r"""``den_i = phi(q_i) . Z_i`` with ``Z_i = sum_{j <= i} phi(k_j)``, and ``Z_L``.
+
+    One dot product per query with the inclusive prefix of the key features. With
+    signed features (``rff``, ``taylor``, a callable) that dot product can cancel to a
+    tiny denominator (fla's ``test_naive_chunk`` data, identity map: 2.4e-5 against
+    terms of ~10), so there the prefix and the dot product are accumulated in
+    ``float64`` (``wider_float``), or, where the library has no ``float64`` on the
+    device, as compensated ``float32`` sums (``_compensated_den``); fla's err-ratio
+    then drops from 4e-2 (two cancelling dot products) to ~3e-7. Non-negative
+    features cannot cancel: their prefix is blocked by chunks in the compute dtype
+    (exclusive prefix of the chunk sums plus the in-chunk running sum), O(L F).
+    """
+    work = fq.dtype
+    if not signed:
+        sums = xp.sum(kc, axis=-2)  # (..., N, F)
+        before = cumulative_sum(xp, sums, axis=-2, include_initial=True)
+        Z = before[..., :-1, None, :] + cumulative_sum(xp, kc, axis=-2)
+        den = xp.sum(qc * Z, axis=-1, keepdims=True)
+        return _unchunk(xp, den, fq.shape[-2]), before[..., -1, :]
+    wide = wider_float(xp, fq)
+    if wide is None and work == xp.float64:
+        wide = work
+    if wide is not None:
+        Z = cumulative_sum(xp, xp.astype(fk, wide), axis=-2)
+        den = xp.sum(xp.astype(fq, wide) * Z, axis=-1, keepdims=True)
+        return xp.astype(den, work), xp.astype(Z[..., -1, :], work)
+    return _compensated_den(xp, fq, fk)
+
+
+def _two_sum(xp: Any, a: Any, b: Any) -> tuple[Any, Any]:
+    """Knuth's TwoSum: ``a + b = s + e`` exactly, ``s = fl(a + b)``."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(x: Any) -> tuple[Any, Any]:
+    """Dekker's split of ``x`` into two halves of 12 bits (float32), ``x = hi + lo``."""
+    c = x * 4097.0
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def _compensated_den(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
+    """``_causal_normaliser`` for signed features without ``float64``: the prefix as an
+    unevaluated sum ``hi + lo`` (doubling scan of TwoSums, log2 L passes) and the dot
+    product with Dekker's exact products summed by a pairwise TwoSum tree (Ogita, Rump
+    & Oishi 2005, "Accurate sum and dot product", SIAM J. Sci. Comput.)."""
+    hi, lo = fk, xp.zeros_like(fk)
+    s = 1
+    while s < hi.shape[-2]:
+        t, e = _two_sum(xp, hi, _shift(xp, hi, s, -2, 0.0))
+        lo = lo + _shift(xp, lo, s, -2, 0.0) + e
+        hi = t + lo
+        lo = lo - (hi - t)
+        s *= 2
+    qh, ql = _split(fq)
+    zh, zl = _split(hi)
+    p = fq * hi
+    terms = xp.concat([p, ((qh * zh - p) + qh * zl + ql * zh) + ql * zl + fq * lo], axis=-1)
+    r = xp.zeros_like(terms)
+    while terms.shape[-1] > 1:
+        if terms.shape[-1] % 2:
+            terms, r = (_pad_axis(xp, x, 0, 1, axis=-1) for x in (terms, r))
+        t, e = _two_sum(xp, terms[..., 0::2], terms[..., 1::2])
+        r = r[..., 0::2] + r[..., 1::2] + e
+        terms = t
+    return terms + r, hi[..., -1, :] + lo[..., -1, :]
+
+
+def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple[Any, Any, Any, Any, Any]:
     """Chunked causal attention for an exponential map, with look-back offsets.
 
     Chunk ``n`` works relative to ``R_n``, the running maximum (per feature) of the
@@ -315,7 +406,8 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
     rescaled scan, ``X_n = sum_{m <= n} exp(R_m - R_n) Kc_m^T [Vc_m, 1]``, every factor
     <= 1, so no sum overflows and a key is only lost when it is negligible next to a
     key that the same queries see. Returns ``[num, den]``, the per-row eps in the
-    chunk frame, the final chunk state and its offset.
+    chunk frame, the final chunk state, its offset and the per-row log of the factor
+    back to the true scale of the kernel.
     """
     L = lq.shape[-2]
     length = -(-L // C) * C
@@ -348,12 +440,13 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
         rescale = xp.exp(_shift(xp, R, 1, -2, -math.inf) - R_safe)  # to frame R_n
         y = y + xp.matmul(qc, rescale[..., None] * carried)
     eps_rows = _unchunk(xp, eps_rows, L) if running is not None else eps_rows
-    return _unchunk(xp, y, L), eps_rows, X[..., -1, :, :], R[..., -1, :]
+    log_scale = _unchunk(xp, m + top, L)
+    return _unchunk(xp, y, L), eps_rows, X[..., -1, :, :], R[..., -1, :], log_scale
 
 
-def _state(xp: Any, fmap: FeatureMap, total: Any, offset: Any) -> LinearAttentionState:
-    """Split a ``(..., F, Dv + 1)`` state into ``S`` and ``z``."""
-    S, z = total[..., :-1], total[..., -1]
+def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentionState:
+    """The state from ``(S, z)`` or from a ``(..., F, Dv + 1)`` array ``[S, z]``."""
+    S, z = final if isinstance(final, tuple) else (final[..., :-1], final[..., -1])
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)
     return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
@@ -436,6 +529,9 @@ def linear_attention(
     rpb_skip: tuple[int, int] = (0, 0),
     initial_state: LinearAttentionState | None = None,
     return_state: bool = False,
+    normalize: bool = True,
+    scale: float | None = None,
+    cu_seqlens: Array | Sequence[int] | None = None,
 ) -> Array:
     r"""Kernelised linear attention, optionally with the FastRPB term.
 
@@ -505,6 +601,33 @@ def linear_attention(
         ``linear_attention_step`` or another call continues the sequence. With
         ``rpb=`` it carries the bias history (``rpb_skip`` must then be ``(a, 0)``);
         the N-d term (``rpb_tables=``) is not carried.
+    normalize : bool
+        ``False``: return the unnormalised ``sum_j K_ij v_j`` with
+        ``K_ij = phi(q_i) . phi(k_j)`` (fla's ``normalize=False``, the Performer's
+        ``renormalize_attention=False``), ``eps`` unused. The exponential maps
+        (``sikf``, ``favor``) are then in their true scale, ``K_ij = sum_f
+        exp(l(q_i)_f + l(k_j)_f)``: finite while every log-kernel stays below ~88
+        (float32; ~709 in float64), ``inf`` beyond; the normalised output has no such
+        limit. The FastRPB term is added either way.
+    scale : float, optional
+        Multiplies the queries before the feature map, ``phi(s q_i)`` (``None``: 1),
+        e.g. ``1 / sqrt(Dk)`` to match softmax attention's temperature.
+    cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
+        Packed sequences, the flash-attention / fla convention: offsets ``0 = c_0 <
+        c_1 < ... < c_N = L`` along the length axis of ``q``, ``k``, ``v`` (``Lq = Lk
+        = L``; leading dimensions allowed, batch 1 typical). Sequence ``n`` is tokens
+        ``c_n .. c_{n+1} - 1``; it attends (causal or not) and is biased only within
+        itself, ``rpb_skip`` applied to each sequence: equal to ``N`` separate calls.
+        With ``return_state=True`` the state holds one state per sequence, stacked
+        along a new *leading* axis ``N`` (``state.S`` of shape ``(N, ..., F, Dv)``);
+        these states carry no FastRPB history (``state.rpb`` is None), and
+        ``initial_state`` cannot be combined with ``cu_seqlens`` (a ``ValueError``).
+        Also a tuple/list of Python ints (static offsets, usable under ``jax.jit``); a
+        traced array is a ``ValueError`` (the packing sets shapes). Cost: sequences
+        of one length class (``ceil(log2 length)``) are unpacked together to
+        ``(..., n, longest, .)`` and the results repacked (``fastrpb._packing``):
+        less than ``2 L`` tokens of work, ``O(L)``, in at most ``log2 L + 1`` batched
+        calls. The N-d bias is not available with packing.
 
     Returns
     -------
@@ -550,12 +673,22 @@ def linear_attention(
     fmap = resolve(feature_map)
     causal = _validate.flag("causal", causal)
     return_state = _validate.flag("return_state", return_state)
+    normalize = _validate.flag("normalize", normalize)
+    scale = None if scale is None else _validate.finite("scale", scale)
     eps = _validate.non_negative("eps", eps)
     C = _validate.integer("chunk_size", chunk_size, minimum=1)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
+    if cu_seqlens is not None and initial_state is not None:
+        raise ValueError(
+            "initial_state cannot be combined with cu_seqlens (packed sequences): continue each sequence "
+            "with its own call, got both"
+        )
     carried = _initial_arguments(fmap, initial_state, causal, rpb, rpb_tables)  # initial_state
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, **tables, **fmap._arrays(), **carried)
+    xp = namespace(
+        q=q, k=k, v=v, key_mask=key_mask, cu_seqlens=_packing.array_argument(cu_seqlens), **tables,
+        **fmap._arrays(), **carried,
+    )
     lead = _validate.attention_inputs(xp, q, k, v)
     out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     fmap._check_width(q.shape[-1], "q")
@@ -563,9 +696,17 @@ def linear_attention(
     _validate.causal_lengths(causal, Lq, Lk)
     if return_state and not causal:
         raise ValueError("return_state=True needs causal=True: a decoding state continues a causal sequence")
+    if cu_seqlens is not None:
+        return _packed_linear_attention(
+            xp, q, k, v, cu_seqlens, key_mask=key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_skip=rpb_skip,
+            causal=causal, return_state=return_state,
+            options={"feature_map": fmap, "eps": eps, "chunk_size": C, "normalize": normalize, "scale": scale},
+        )
     # -- compute
     result, work = compute_dtype(xp, q, k, v, *tables.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    if scale is not None:
+        qw = qw * scale
     vw = _mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
     offset = None
     if Lq == 0 or Lk == 0 or math.prod(out_lead) == 0 or (fmap.exponential and fmap.features(q.shape[-1]) == 0):
@@ -582,7 +723,7 @@ def linear_attention(
             final = final + S0
             offset = None if offset0 is None else xp.maximum(offset, offset0)
     elif fmap.exponential:
-        lq, lk = _log_features(xp, fmap, qw, kw, key_mask)
+        lq, lk, mq = _log_features(xp, fmap, qw, kw, key_mask)
         if causal:
             v1, skipped = _with_ones(xp, vw), 0
             if initial_state is not None:  # the state enters as F pseudo-keys before the chunk
@@ -590,25 +731,28 @@ def linear_attention(
                 skipped = lk.shape[-1]
                 lq = _prepend(xp, xp.zeros((skipped, skipped), dtype=work, device=device_of(lq)), lq)
                 lk, v1 = _prepend(xp, _state_keys(xp, offset0), lk), _prepend(xp, S0, v1)
-            total, eps_rows, final, offset = _causal_exp(xp, lq, lk, v1, min(C, skipped + Lq), eps)
+            total, eps_rows, final, offset, log_scale = _causal_exp(xp, lq, lk, v1, min(C, skipped + Lq), eps)
             if skipped:
-                total = total[..., skipped:, :]
+                total, log_scale = total[..., skipped:, :], log_scale[..., skipped:, :]
                 eps_rows = eps_rows if isinstance(eps_rows, float) else eps_rows[..., skipped:, :]
             num, den = total[..., :-1], total[..., -1:]
         else:
-            num, den, eps_rows = _noncausal_exp(xp, lq, lk, vw, eps)
-        out = _normalise(xp, num, den, eps_rows)
+            num, den, eps_rows, log_scale = _noncausal_exp(xp, lq, lk, vw, eps)
+        # unnormalised: back to the true scale exp(l(q_i) . + l(k_j) .), which may overflow
+        out = _normalise(xp, num, den, eps_rows) if normalize else num * xp.exp(log_scale + mq)
     else:
         fq, fk = _features(xp, fmap, qw, kw, key_mask)
         if causal:
-            total, final = _causal(xp, fq, fk, _with_ones(xp, vw), min(C, Lq))
-            if initial_state is not None:  # y += phi(Q) [S0, z0], final += [S0, z0]
+            num, den, S_end, z_end = _causal(xp, fq, fk, vw, min(C, Lq), signed=not fmap.nonnegative)
+            if initial_state is not None:  # y += phi(Q) S0, den += phi(Q) . z0; the state += [S0, z0]
                 S0, _ = _carried(xp, fmap, initial_state, fk.shape[-1], v.shape[-1], out_lead, work)
-                total, final = total + xp.matmul(fq, S0), final + S0
-            num, den = total[..., :-1], total[..., -1:]
+                carried_out = xp.matmul(fq, S0)
+                num, den = num + carried_out[..., :-1], den + carried_out[..., -1:]
+                S_end, z_end = S_end + S0[..., :-1], z_end + S0[..., -1]
+            final = (S_end, z_end)
         else:
             num, den = _noncausal(xp, fq, fk, vw)
-        out = _normalise(xp, num, den, eps)
+        out = _normalise(xp, num, den, eps) if normalize else num
     rpb_state = None
     if rpb is not None and (initial_state is not None or return_state):  # the bias continues too
         out, rpb_state = _add_bias_streaming(xp, out, vw, key_mask, rpb, rpb_skip, initial_state)
@@ -622,6 +766,54 @@ def linear_attention(
     return out
 
 
+def _packed_lengths(xp: Any, cu_seqlens: Any, Lq: int, Lk: int, rpb_tables: Any, like: Any) -> Any:
+    """The packing of ``cu_seqlens`` for attention over ``Lq = Lk`` packed tokens."""
+    if Lq != Lk:
+        raise ValueError(f"cu_seqlens packs queries and keys alike: it needs Lq == Lk, got Lq = {Lq} and Lk = {Lk}")
+    if rpb_tables is not None:
+        raise ValueError("cu_seqlens does not combine with the N-d bias (rpb_tables/rpb_grid): a grid spans one sequence")
+    return _packing.packing(xp, _packing.offsets_of(xp, cu_seqlens, Lq), like)
+
+
+def _packed_bias(xp: Any, out: Any, v: Any, key_mask: Any, rpb: Any, rpb_skip: Any, causal: bool, cu_seqlens: Any) -> Any:
+    """``out`` plus the FastRPB term of every packed sequence on its own."""
+    if rpb is None:
+        return out
+    if key_mask is not None:
+        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+    try:
+        term = _packing.packed_rpb(xp, v, rpb, causal=causal, skip=rpb_skip, cu_seqlens=cu_seqlens)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
+    return out + xp.astype(term, out.dtype, copy=False)
+
+
+def _packed_linear_attention(
+    xp: Any, q: Any, k: Any, v: Any, cu_seqlens: Any, *, key_mask: Any, rpb: Any, rpb_tables: Any,
+    rpb_skip: Any, causal: bool, return_state: bool, options: dict,
+) -> Any:
+    """``linear_attention`` of packed sequences: unpack, attend with the padding masked, repack."""
+    pk = _packed_lengths(xp, cu_seqlens, q.shape[-2], k.shape[-2], rpb_tables, q)
+    outs: list[Any] = []
+    states: list[Any] = []
+    for g in pk.groups:
+        mask = g.valid if key_mask is None else _packing.unpack_mask(xp, g, key_mask)
+        qu, ku, vu = (_packing.unpack(xp, g, x) for x in (q, k, v))
+        res = linear_attention(qu, ku, vu, causal=causal, key_mask=mask, return_state=return_state, **options)
+        outs.append(res[0] if return_state else res)
+        states.append(res[1] if return_state else None)
+    out = _packed_bias(xp, _packing.repack(xp, pk, outs), v, key_mask, rpb, rpb_skip, causal, cu_seqlens)
+    if not return_state:
+        return out
+    # one state per sequence, stacked along a new leading axis N (cu_seqlens order)
+    S = _packing.per_sequence(xp, pk, [st.S for st in states], -3)
+    z = _packing.per_sequence(xp, pk, [st.z for st in states], -2)
+    offset = None if states[0].offset is None else _packing.per_sequence(xp, pk, [st.offset for st in states], -2)
+    S, z = xp.moveaxis(S, -3, 0), xp.moveaxis(z, -2, 0)
+    offset = None if offset is None else xp.moveaxis(offset, -2, 0)
+    return out, LinearAttentionState(S=S, z=z, offset=offset, feature_map=states[0].feature_map)
+
+
 def linear_attention_step(
     state: LinearAttentionState | None,
     q_t: Array,
@@ -630,6 +822,8 @@ def linear_attention_step(
     *,
     feature_map: FeatureMapLike = "elu",
     eps: float = 1e-6,
+    normalize: bool = True,
+    scale: float | None = None,
     rpb: Array | None = None,
     rpb_skip: tuple[int, int] | None = None,
 ) -> tuple[Array, LinearAttentionState]:
@@ -657,8 +851,9 @@ def linear_attention_step(
     v_t : array, shape (..., Dv)
         The new token's value. Half precision is computed in float32; the state stays in the
         compute dtype.
-    feature_map, eps
-        As in ``linear_attention``.
+    feature_map, eps, normalize, scale
+        As in ``linear_attention``: ``normalize=False`` returns ``phi(q_t)^T S`` (true
+        scale for the exponential maps), ``scale`` multiplies ``q_t`` first.
     rpb : array, shape (..., 2M - 1), optional
         FastRPB table: adds ``sum_{j <= t} w[M - 1 + t - j] v_j`` from the bias history
         the state carries (``fastrpb.rpb_step``: amortised O(Dv log^2 t) per token,
@@ -700,6 +895,8 @@ def linear_attention_step(
     # -- validate, resolve the namespace once
     fmap = resolve(feature_map)
     eps = _validate.non_negative("eps", eps)
+    normalize = _validate.flag("normalize", normalize)
+    scale = None if scale is None else _validate.finite("scale", scale)
     if state is not None and not isinstance(state, LinearAttentionState):
         raise TypeError(f"state must be a LinearAttentionState or None, got {type(state).__name__}")
     _validate.required(q_t=q_t, k_t=k_t, v_t=v_t)
@@ -712,9 +909,12 @@ def linear_attention_step(
     # -- compute
     result, work = compute_dtype(xp, q_t, k_t, v_t)
     qw, kw, vw = (_as(xp, x, work) for x in (q_t, k_t, v_t))
+    if scale is not None:
+        qw = qw * scale
     Dv = v_t.shape[-1]
+    log_scale = None
     if fmap.exponential:
-        lq, lk = _log_features(xp, fmap, qw, kw, None)
+        lq, lk, mq = _log_features(xp, fmap, qw, kw, None)
         F = lk.shape[-1]
     else:
         fq, fk = _features(xp, fmap, qw, kw, None)
@@ -736,7 +936,8 @@ def linear_attention_step(
         fk = xp.exp(lk - safe)
         S = decay[..., None] * S + fk[..., None] * vw[..., None, :]
         z = decay * z + fk
-        fq, _, _ = _fold_queries(xp, lq, new_offset)  # token frame: the largest term is 1
+        fq, m, top = _fold_queries(xp, lq, new_offset)  # token frame: the largest term is 1
+        log_scale = mq + m + top
         offset = new_offset
     else:
         S = S + fk[..., None] * vw[..., None, :]
@@ -744,10 +945,13 @@ def linear_attention_step(
     # the ``@`` operator, not xp.matmul / xp.sum: array_api_compat's wrappers re-derive
     # the result dtype on every call, a tenth of a PyTorch decoding step
     num = (fq[..., None, :] @ S)[..., 0, :]
-    den = (fq[..., None, :] @ z[..., :, None])[..., 0, :] + eps
-    if not eps:  # with eps > 0 the denominator is >= eps wherever the numerator can be nonzero
-        den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
-    out = num / den
+    if normalize:
+        den = (fq[..., None, :] @ z[..., :, None])[..., 0, :] + eps
+        if not eps:  # with eps > 0 the denominator is >= eps wherever the numerator can be nonzero
+            den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
+        out = num / den
+    else:  # unnormalised: exponential maps back to the true scale of the kernel
+        out = num if log_scale is None else num * xp.exp(log_scale)
     history = None
     if rpb is not None or (state is not None and state.rpb is not None):
         out, history = _step_bias(xp, out, state, vw, rpb, rpb_skip)
@@ -848,6 +1052,7 @@ def softmax_attention(
     rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] = (0, 0),
+    cu_seqlens: Array | Sequence[int] | None = None,
 ) -> Array:
     r"""Exact (quadratic) softmax attention, the reference for linear attention.
 
@@ -878,6 +1083,9 @@ def softmax_attention(
         ``s``; default ``1 / sqrt(Dk)``.
     rpb, rpb_tables, rpb_grid, rpb_skip
         Add the FastRPB term, as in ``linear_attention``.
+    cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
+        Packed sequences, as in ``linear_attention``: every sequence attends only
+        within itself, O(sum of squared lengths) (not ``logits_bias``).
 
     Returns
     -------
@@ -909,12 +1117,22 @@ def softmax_attention(
     scale = None if scale is None else _validate.finite("scale", scale)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, **tables)
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, cu_seqlens=_packing.array_argument(cu_seqlens), **tables)
     lead = _validate.attention_inputs(xp, q, k, v)
     _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     Lq, Lk = q.shape[-2], k.shape[-2]
     _validate.causal_lengths(causal, Lq, Lk)
     _validate.logits_bias(xp, logits_bias, Lq, Lk, lead)
+    if cu_seqlens is not None:
+        if logits_bias is not None:
+            raise ValueError("cu_seqlens does not combine with logits_bias (an Lq x Lk matrix over the packed row)")
+        pk = _packed_lengths(xp, cu_seqlens, Lq, Lk, rpb_tables, q)
+        outs = []
+        for g in pk.groups:
+            mask = g.valid if key_mask is None else _packing.unpack_mask(xp, g, key_mask)
+            qu, ku, vu = (_packing.unpack(xp, g, x) for x in (q, k, v))
+            outs.append(softmax_attention(qu, ku, vu, causal=causal, key_mask=mask, scale=scale))
+        return _packed_bias(xp, _packing.repack(xp, pk, outs), v, key_mask, rpb, rpb_skip, causal, cu_seqlens)
     # -- compute
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0

@@ -34,6 +34,8 @@ from ._compat import (
 )
 from ._compat import pad_axis as _pad_rows
 from ._online import RPBState
+from ._packing import array_argument as _packing_argument
+from ._packing import packed_rpb as _packed_rpb
 from ._random import seeded_normal
 from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
@@ -131,6 +133,7 @@ def rpb(
     skip: tuple[int, int] = (0, 0),
     initial_state: RPBState | None = None,
     return_state: bool = False,
+    cu_seqlens: Any = None,
 ) -> Array:
     r"""Apply the relative positional bias ``B @ v`` with Toeplitz ``B[i, j] = w(i - j)``.
 
@@ -163,6 +166,12 @@ def rpb(
         over the history and the chunk; token by token, use ``rpb_step``.
     return_state : bool
         Causal only: also return the ``RPBState`` after the last token.
+    cu_seqlens : int array, shape (N + 1,), optional
+        Packed sequences (flash-attention / fla convention): offsets ``0 = c_0 < ... <
+        c_N = L`` along ``v``'s length axis; every sequence is biased only within
+        itself, ``skip`` applied to each (see ``fastrpb.linear_attention``). Must be
+        concrete (not traced under ``jax.jit``); each sequence of at most ``M`` tokens
+        after ``skip[0]``.
 
     Returns
     -------
@@ -204,6 +213,11 @@ def rpb(
     causal = _validate.flag("causal", causal)
     return_state = _validate.flag("return_state", return_state)
     _validate.required(v=v, w=w)
+    if cu_seqlens is not None:  # packed sequences (fastrpb._packing), each biased on its own
+        if initial_state is not None or return_state:
+            raise ValueError("cu_seqlens does not combine with initial_state/return_state (streaming one sequence)")
+        xp = namespace(v=v, w=w, cu_seqlens=_packing_argument(cu_seqlens))
+        return _packed_rpb(xp, v, w, causal=causal, skip=skip, cu_seqlens=cu_seqlens)
     if initial_state is not None or return_state:
         return _rpb_stream(v, w, causal, skip, initial_state, return_state)
     xp = namespace(v=v, w=w)

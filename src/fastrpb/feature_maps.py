@@ -89,6 +89,10 @@ class FeatureMap:
     name: ClassVar[str] = "feature map"
     #: True for maps defined as ``exp`` of a log-feature (``sikf``, ``favor``).
     exponential: ClassVar[bool] = False
+    #: True for maps whose features are never negative (``elu``, ``relu``, ``dpfp``,
+    #: ``hedgehog``, the exponential maps): a causal normaliser of theirs is a sum of
+    #: non-negative terms and needs no wider accumulation (``fastrpb.attention``).
+    nonnegative: ClassVar[bool] = False
 
     # -- public ---------------------------------------------------------------
     def queries(self, x: Array) -> Array:
@@ -167,6 +171,7 @@ class ELU(FeatureMap):
     """
 
     name: ClassVar[str] = "elu"
+    nonnegative: ClassVar[bool] = True
 
     def features(self, d: int) -> int:
         return int_arg("d", d, minimum=0)
@@ -187,6 +192,7 @@ class ReLU(FeatureMap):
     """
 
     name: ClassVar[str] = "relu"
+    nonnegative: ClassVar[bool] = True
 
     def features(self, d: int) -> int:
         return int_arg("d", d, minimum=0)
@@ -216,6 +222,7 @@ class SIKF(FeatureMap):
     """
 
     name: ClassVar[str] = "sikf"
+    nonnegative: ClassVar[bool] = True
     exponential: ClassVar[bool] = True
 
     def features(self, d: int) -> int:
@@ -245,6 +252,7 @@ class DPFP(FeatureMap):
 
     nu: int = 1
     name: ClassVar[str] = "dpfp"
+    nonnegative: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         int_arg("nu", self.nu, minimum=1)
@@ -321,6 +329,7 @@ class FAVOR(_Projected):
 
     projection: Array
     name: ClassVar[str] = "favor"
+    nonnegative: ClassVar[bool] = True
     exponential: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -449,6 +458,7 @@ class Hedgehog(_Projected):
 
     projection: Array
     name: ClassVar[str] = "hedgehog"
+    nonnegative: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_projection(self.projection)

@@ -344,6 +344,7 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         inputs_v: jax.Array | None = None,
         return_cache: bool = False,
         cache: LayerCache | None = None,
+        cu_seqlens: Any = None,
     ) -> jax.Array | tuple[jax.Array, LayerCache]:
         """Attend from ``x: (..., Lq, d_model)`` over ``x`` or over ``inputs_k``/``inputs_v``.
 
@@ -361,13 +362,17 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
             equal ``Lq``.
         return_cache : bool
             Causal layers only: also return the `LayerCache` for `step`.
-
         cache : LayerCache, optional
             Causal self-attention only: continue the sequence this cache ends (from
             ``return_cache=True`` or `step`), so a prompt is prefilled in chunks of
             several tokens; with ``return_cache=True`` the new cache comes back.
             Chunks that pass the cache along equal one causal pass, the FastRPB
             term included (its history lives in the cache).
+        cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
+            Packed sequences along the length axis (flash-attention / fla offsets
+            ``0 = c_0 < ... < c_N = L``): each sequence attends and is biased only
+            within itself, as ``fastrpb.linear_attention(..., cu_seqlens=)``.
+            Self-attention only, without ``return_cache`` or ``cache``, and without an N-d bias.
 
         Returns
         -------
@@ -375,7 +380,7 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
             Or ``(y, cache)`` with ``return_cache=True``.
         """
         key_mask, inputs_k, inputs_v = (None if a is None else jnp.asarray(a) for a in (key_mask, inputs_k, inputs_v))
-        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cache)
+        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cache, cu_seqlens)
 
     def step(self, x_t: jax.Array, cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.

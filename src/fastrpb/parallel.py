@@ -421,7 +421,7 @@ def linear_attention(
     if causal:  # the ranks before this one
         visible = xp.arange(P, dtype=xp.int32, device=device_of(v)) < comm.rank()
     if fmap.exponential:
-        lq, lk = _log_features(xp, fmap, qw, kw, key_mask)
+        lq, lk, _ = _log_features(xp, fmap, qw, kw, key_mask)
         c = xp.max(lk, axis=-2)  # (..., F): this block's key maximum per feature
         state = _block_state(xp, xp.exp(lk - _finite_or_zero(xp, c)[..., None, :]), v1)
         c = xp.broadcast_to(c, state.shape[:-1])
@@ -431,7 +431,7 @@ def linear_attention(
         if causal:
             F = keys.shape[-1]
             queries = _prepend(xp, xp.zeros((F, F), dtype=work, device=device_of(lq)), lq)
-            total, eps_rows, _, _ = _causal_exp(
+            total, eps_rows, _, _, _ = _causal_exp(
                 xp, queries, _prepend(xp, keys, lk), _prepend(xp, merged, v1), min(C, F + Lq), eps
             )
             total = total[..., F:, :]
@@ -440,19 +440,19 @@ def linear_attention(
             num, den = total[..., :-1], total[..., -1:]
         else:
             # the merged state is every key: its den column rides in the numerator
-            total, _, eps_rows = _noncausal_exp(xp, lq, keys, merged, eps)
+            total, _, eps_rows, _ = _noncausal_exp(xp, lq, keys, merged, eps)
             num, den = total[..., :-1], total[..., -1:]
         out = _normalise(xp, num, den, eps_rows)
     else:
         fq, fk = _features(xp, fmap, qw, kw, key_mask)
         gathered = comm.all_gather(_block_state(xp, fk, v1))  # one collective
         merged, _ = _merge(xp, gathered, visible, False)
-        if causal:
-            total, _ = _causal(xp, fq, fk, v1, min(C, Lq))
-            total = total + xp.matmul(fq, merged)
-        else:
-            total = xp.matmul(fq, merged)
-        out = _normalise(xp, total[..., :-1], total[..., -1:], eps)
+        total = xp.matmul(fq, merged)  # the earlier ranks' keys (all keys when not causal)
+        num, den = total[..., :-1], total[..., -1:]
+        if causal:  # plus this block's own keys, causally (exact normaliser)
+            num_b, den_b, _, _ = _causal(xp, fq, fk, vw, min(C, Lq), signed=not fmap.nonnegative)
+            num, den = num + num_b, den + den_b
+        out = _normalise(xp, num, den, eps)
     if rpb is not None:
         if key_mask is not None:  # a padding key gives no bias either
             vw = xp.where(key_mask[..., None], vw, xp.zeros((), dtype=vw.dtype, device=device_of(vw)))

@@ -326,6 +326,7 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
         inputs_v: torch.Tensor | None = None,
         return_cache: bool = False,
         cache: LayerCache | None = None,
+        cu_seqlens: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, LayerCache]:
         """Attend from ``x: (..., Lq, d_model)`` over ``x`` or over ``inputs_k``/``inputs_v``.
 
@@ -345,20 +346,24 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
             ``inputs_k``). With a FastRPB, ``Lk`` must equal ``Lq``.
         return_cache : bool
             Causal layers only: also return the `LayerCache` to continue with `step`.
-
         cache : LayerCache, optional
             Causal self-attention only: continue the sequence this cache ends (from
             ``return_cache=True`` or `step`), so a prompt is prefilled in chunks of
             several tokens; with ``return_cache=True`` the new cache comes back.
             Chunks that pass the cache along equal one causal pass, the FastRPB
             term included (its history lives in the cache).
+        cu_seqlens : int Tensor, shape (N + 1,), or tuple of ints, optional
+            Packed sequences along the length axis (flash-attention / fla offsets
+            ``0 = c_0 < ... < c_N = L``): each sequence attends and is biased only
+            within itself, as ``fastrpb.linear_attention(..., cu_seqlens=)``.
+            Self-attention only, without ``return_cache`` or ``cache``, and without an N-d bias.
 
         Returns
         -------
         Tensor, shape (..., Lq, d_model)
             Or ``(y, cache)`` with ``return_cache=True``.
         """
-        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cache)
+        return self._attend(x, key_mask, return_cache, inputs_k, inputs_v, cache, cu_seqlens)
 
     def step(self, x_t: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
         """Decode one token ``x_t: (..., d_model)``; ``cache=None`` starts a sequence.

@@ -1,0 +1,169 @@
+r"""Packed variable-length sequences (``cu_seqlens``), shared by the public functions.
+
+LM training packs documents into one row of ``T`` tokens; ``cu_seqlens``, an integer
+array ``0 = c_0 < c_1 < ... < c_N = T`` (the flash-attention / fla convention), says
+where each begins. Sequence ``n`` holds tokens ``c_n .. c_{n+1} - 1`` of the length
+axis (-2), and attends and is biased only within itself.
+
+Here the sequences are grouped by length class (``ceil(log2 length)``); each group
+is *unpacked* from the packed array ``(..., T, D)`` to ``(..., n, longest, D)`` (one row
+per sequence, padded at the end to the group's longest, less than twice its
+shortest) by one ``take``, the batched code runs on it with the padding masked, and
+the groups' results are *repacked* by one ``take``: equal to ``N`` separate calls, in
+less than ``2 T`` tokens of work (``O(T)``) and at most ``log2 T + 1`` batched calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+from ._compat import device_of
+
+
+class Group(NamedTuple):
+    """Sequences of similar length, unpacked together to ``(..., n, longest, .)``."""
+
+    members: tuple[int, ...]  # their indices in cu_seqlens order
+    longest: int
+    unpack_index: Any  # (n * longest,) packed position of each padded slot (clipped)
+    valid: Any  # (n, longest) bool: a real token, not padding
+
+
+class Packing(NamedTuple):
+    """The layout of ``N`` packed sequences: offsets, lengths, the groups, the ``take``
+    index back to the packed row, and the order of the sequences over the groups."""
+
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    groups: tuple[Group, ...]
+    repack_index: Any  # (T,) slot of each packed token in the groups' slots, end to end
+    order: Any  # (N,) position of sequence n in the groups' order (for per-sequence states)
+
+
+def packing(xp: Any, offsets: tuple[int, ...], like: Any) -> Packing:
+    """The groups and index arrays for ``offsets`` (validated Python ints), on ``like``'s device.
+
+    Sequences are grouped by length class (``ceil(log2(length))``): inside a group the
+    longest is less than twice the shortest, so the padded work is below ``2 T`` in all,
+    in at most ``log2(T) + 1`` batched calls.
+    """
+    lengths = tuple(b - a for a, b in itertools.pairwise(offsets))
+    T = offsets[-1]
+    classes: dict[int, list[int]] = {}
+    for n, length in enumerate(lengths):
+        classes.setdefault((length - 1).bit_length(), []).append(n)
+    index_dtype = xp.int32 if 2 * T + len(lengths) < 2**31 else xp.int64
+    dev = device_of(like)
+    groups: list[Any] = []
+    base = [0] * len(lengths)
+    sequence_order: list[int] = []
+    slot = 0
+    for key in sorted(classes):
+        members = tuple(classes[key])
+        longest = max(lengths[n] for n in members)
+        t = xp.arange(longest, dtype=index_dtype, device=dev)
+        start = xp.asarray([offsets[n] for n in members], dtype=index_dtype, device=dev)
+        length = xp.asarray([lengths[n] for n in members], dtype=index_dtype, device=dev)
+        last = xp.asarray(T - 1, dtype=index_dtype, device=dev)
+        unpack_index = xp.reshape(xp.minimum(start[:, None] + t[None, :], last), (-1,))
+        groups.append(Group(members, longest, unpack_index, t[None, :] < length[:, None]))
+        for i, n in enumerate(members):
+            base[n] = slot + i * longest - offsets[n]
+        slot += len(members) * longest
+        sequence_order.extend(members)
+    # packed token p of sequence n sits in slot base[n] + p
+    rows = [base[n] for n in range(len(lengths)) for _ in range(lengths[n])]
+    repack_index = xp.asarray(rows, dtype=index_dtype, device=dev) + xp.arange(T, dtype=index_dtype, device=dev)
+    position = [0] * len(lengths)
+    for i, n in enumerate(sequence_order):
+        position[n] = i
+    order = xp.asarray(position, dtype=index_dtype, device=dev)
+    return Packing(offsets, lengths, tuple(groups), repack_index, order)
+
+
+def unpack(xp: Any, g: Group, x: Any, *, fill: Any = 0) -> Any:
+    """``(..., T, D)`` -> ``(..., n, longest, D)`` for group ``g``, padding set to ``fill``."""
+    y = xp.take(x, g.unpack_index, axis=x.ndim - 2)
+    y = xp.reshape(y, (*x.shape[:-2], len(g.members), g.longest, x.shape[-1]))
+    return xp.where(g.valid[..., None], y, xp.asarray(fill, dtype=y.dtype, device=device_of(y)))
+
+
+def unpack_mask(xp: Any, g: Group, mask: Any) -> Any:
+    """A key mask ``(..., T)`` -> ``(..., n, longest)``, padding slots False."""
+    y = xp.take(mask, g.unpack_index, axis=mask.ndim - 1)
+    y = xp.reshape(y, (*mask.shape[:-1], len(g.members), g.longest))
+    return xp.logical_and(y, g.valid)
+
+
+def repack(xp: Any, pk: Packing, ys: list[Any]) -> Any:
+    """The groups' outputs ``(..., n, longest, D)`` -> the packed row ``(..., T, D)``."""
+    flat = [xp.reshape(y, (*y.shape[:-3], y.shape[-3] * y.shape[-2], y.shape[-1])) for y in ys]
+    lead = _broadcast_lead([f.shape[:-2] for f in flat])
+    flat = [xp.broadcast_to(f, (*lead, *f.shape[-2:])) for f in flat]
+    joined = flat[0] if len(flat) == 1 else xp.concat(flat, axis=-2)
+    return xp.take(joined, pk.repack_index, axis=joined.ndim - 2)
+
+
+def per_sequence(xp: Any, pk: Packing, parts: list[Any], axis: int) -> Any:
+    """Per-sequence results of the groups, joined along ``axis`` in ``cu_seqlens`` order."""
+    joined = parts[0] if len(parts) == 1 else xp.concat(parts, axis=axis)
+    return xp.take(joined, pk.order, axis=axis % joined.ndim)
+
+
+def _broadcast_lead(shapes: list[tuple]) -> tuple:
+    from ._validate import broadcast_shapes
+
+    return broadcast_shapes(*shapes)
+
+
+def per_sequence_table(w: Any) -> Any:
+    """A bias table ``(..., 2M - 1)`` broadcasting against unpacked ``(..., N, Lmax, D)``."""
+    return w if w.ndim < 2 else w[..., None, :]
+
+
+def offsets_of(xp: Any, cu_seqlens: Any, T: int) -> tuple[int, ...]:
+    """Validated offsets of ``cu_seqlens`` for a packed length ``T``."""
+    from . import _validate
+    from ._compat import is_traced
+
+    static = isinstance(cu_seqlens, (tuple, list))
+    return _validate.cu_seqlens(xp, cu_seqlens, T, traced=not static and is_traced(xp, cu_seqlens))
+
+
+def array_argument(cu_seqlens: Any) -> Any:
+    """``cu_seqlens`` as a namespace argument: ``None`` for static (tuple/list) offsets."""
+    return None if isinstance(cu_seqlens, (tuple, list)) else cu_seqlens
+
+
+def packed_rpb(xp: Any, v: Any, w: Any, *, causal: bool, skip: Any, cu_seqlens: Any) -> Any:
+    """``fastrpb.rpb`` of every packed sequence on its own, ``skip`` per sequence."""
+    from . import _validate
+    from .bias import rpb
+
+    _validate.values(xp, "v", v)
+    offsets = offsets_of(xp, cu_seqlens, v.shape[-2])
+    a, b = _validate.skip(skip)
+    lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
+    for n, length in enumerate(lengths):
+        if length < a + b:
+            raise ValueError(
+                f"skip = ({a}, {b}) skips {a + b} tokens of every sequence but sequence {n} of cu_seqlens "
+                f"has only {length}"
+            )
+    pk = packing(xp, offsets, v)
+    outs = []
+    for g in pk.groups:
+        vu = unpack(xp, g, v)
+        keep = None
+        if b:
+            # the last b tokens of each sequence neither give nor receive the bias
+            t = xp.arange(g.longest, dtype=xp.int32, device=device_of(v))
+            ends = xp.asarray([lengths[n] - b for n in g.members], dtype=xp.int32, device=device_of(v))
+            keep = t[None, :] < ends[:, None]
+            vu = xp.where(keep[..., None], vu, xp.zeros((), dtype=vu.dtype, device=device_of(v)))
+        out = rpb(vu, per_sequence_table(w), causal=causal, skip=(a, 0))
+        if keep is not None:
+            out = xp.where(keep[..., None], out, xp.zeros((), dtype=out.dtype, device=device_of(v)))
+        outs.append(out)
+    return repack(xp, pk, outs)
