@@ -249,20 +249,6 @@ def _stream_loss(xp, v1, v2, w):
     return xp.sum(xp.sin(out)) + xp.sum(o1 * o1) + xp.sum(xp.cos(o2))
 
 
-def _finite_differences(f, args, h=1e-6):
-    grads = []
-    for k, x in enumerate(args):
-        g = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            plus = [a.copy() for a in args]
-            minus = [a.copy() for a in args]
-            plus[k][idx] += h
-            minus[k][idx] -= h
-            g[idx] = (f(*plus) - f(*minus)) / (2 * h)
-        grads.append(g)
-    return grads
-
-
 def test_gradients_through_initial_state(backend, rng):
     # 33 + 5 tokens: the prefix completes an online block (32 tokens), then a chunk
     # and two steps
@@ -280,7 +266,7 @@ def test_gradients_through_initial_state(backend, rng):
         # transformation the state takes its fixed layout, eager or not)
         f = jax.jit(lambda a, b, c: _stream_loss(backend.xp, a, b, c))
         grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*(backend.asarray(x) for x in (v1, v2, w)))
-        numeric = _finite_differences(lambda *xs: float(f(*(backend.asarray(x) for x in xs))), [v1, v2, w])
+        numeric = oracles.finite_differences(lambda *xs: float(f(*(backend.asarray(x) for x in xs))), v1, v2, w)
         for g, n in zip(grads, numeric, strict=True):
             np.testing.assert_allclose(backend.to_numpy(g), n, rtol=1e-6, atol=1e-6)
     else:
