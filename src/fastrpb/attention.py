@@ -498,11 +498,13 @@ def _carried(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv:
 
 
 def _add_bias_streaming(
-    xp: Any, out: Any, v: Any, key_mask: Any, w: Any, skip: Any, state: LinearAttentionState | None
+    xp: Any, out: Any, v: Any, w: Any, skip: Any, state: LinearAttentionState | None
 ) -> tuple[Any, Any]:
-    """``out + B v`` continued from (and returning) the bias history of the state."""
-    if key_mask is not None:  # a padding key gives no bias, now or later
-        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+    """``out + B v`` continued from (and returning) the bias history of the state.
+
+    ``v`` comes from ``_mask_values(..., bias=True)``: padding keys' values are zero,
+    so they give no bias, now or later.
+    """
     try:
         term, history = _bias.rpb(
             v, w, causal=True, skip=skip, initial_state=None if state is None else state.rpb, return_state=True
@@ -755,7 +757,7 @@ def linear_attention(
         out = _normalise(xp, num, den, eps) if normalize else num
     rpb_state = None
     if rpb is not None and (initial_state is not None or return_state):  # the bias continues too
-        out, rpb_state = _add_bias_streaming(xp, out, vw, key_mask, rpb, rpb_skip, initial_state)
+        out, rpb_state = _add_bias_streaming(xp, out, vw, rpb, rpb_skip, initial_state)
     else:
         out = _add_bias(
             xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
