@@ -52,13 +52,6 @@ def oracle_attention(q, k, v, fmap, causal, key_mask, table, skip, proj):
     return out
 
 
-# Open regression (2026-11-30): since the NaN-safe causal product landed, the gradient of
-# the P = 8 causal sikf case with a key mask differs from the single-device gradient by
-# about 1e-3 (relative; forward results still equal to 1e-15). P = 2 and 4 and every other
-# case are exact. Printed, not asserted, until it is found and fixed.
-KNOWN_GRAD_REGRESSIONS = {(8, "sikf", True, True)}
-
-
 def check(name, got, want, rtol=RTOL):
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, (name, got.shape, want.shape)
@@ -131,13 +124,7 @@ def main() -> None:
         want = oracle_attention(qs, ks, v, fmap, causal, key_mask if masked else None, table if with_bias else None, skip, proj)
         e1 = check(f"P={P} {fmap} causal={causal} forward vs oracle", got, want)
         e2 = check(f"P={P} {fmap} causal={causal} forward vs single", got, ref)
-        if (P, fmap, causal, masked) in KNOWN_GRAD_REGRESSIONS:
-            # reported, not asserted: see KNOWN_GRAD_REGRESSIONS; the forward checks above still hold
-            e3 = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / max(1.0, float(np.max(np.abs(np.asarray(b)))))
-                     for a, b in zip(g_sharded, g_single, strict=False))
-            print(f"KNOWN REGRESSION P={P} {fmap} causal={causal} mask={masked}: gradient relative error {e3:.1e}")
-        else:
-            e3 = max(check(f"P={P} {fmap} grad {n}", a, b) for n, a, b in zip("qkvw", g_sharded, g_single, strict=False))
+        e3 = max(check(f"P={P} {fmap} grad {n}", a, b) for n, a, b in zip("qkvw", g_sharded, g_single, strict=False))
         print(f"P={P} {fmap:5s} causal={causal!s:5s} bias={with_bias!s:5s} skip={skip} mask={masked!s:5s} "
               f"err oracle {e1:.1e} single {e2:.1e} grad {e3:.1e}")
 

@@ -143,6 +143,35 @@ def test_masked_keys_never_reach_any_output(backend, rng, name, causal):
     assert_close(backend, out, expected + bias, "float64")
 
 
+@pytest.mark.grad
+@pytest.mark.parametrize("name", MAPS)
+@pytest.mark.parametrize("chunk", [3, 16], ids=["chunks", "one chunk"])
+def test_value_gradient_with_tiny_causal_normalisers(backend, rng, name, chunk):
+    """The gradient with respect to ``v`` is ``A^T g`` (the output is ``A v``) even
+    where a causal normaliser is tiny and the output's cotangent ``g / den`` huge:
+    large logits whose later keys grow, so each query's earlier keys are negligible
+    in its chunk's frame. ``A`` is the float64 oracle applied to the identity."""
+    L, dk = 16, 4
+    qn = 10 * rng.standard_normal((2, L, dk))
+    kn = 10 * rng.standard_normal((2, L, dk)) + 1.5 * np.arange(L)[:, None]
+    if name not in ("sikf", "favor"):  # the others would overflow float64 at these logits
+        qn, kn = qn / 10, kn / 10
+    vn, gn = rng.standard_normal((2, L, 3)), rng.standard_normal((2, L, 3))
+    mask = rng.random((2, L)) > 0.2
+    fmap, oracle = _map_and_oracle(backend, name, dk)
+    A = oracle(qn, kn, np.broadcast_to(np.eye(L), (2, L, L)), causal=True, key_mask=mask, eps=1e-6)
+    np.testing.assert_allclose(A @ vn, oracle(qn, kn, vn, causal=True, key_mask=mask, eps=1e-6), rtol=1e-12, atol=1e-12)
+    q, k, g = (backend.asarray(x) for x in (qn, kn, gn))
+    km = backend.asarray(mask, None)
+
+    def loss(v):
+        out = linear_attention(q, k, v, feature_map=fmap, causal=True, key_mask=km, chunk_size=chunk)
+        return backend.xp.sum(out * g)
+
+    (grad,) = backend.gradient(loss, backend.asarray(vn))
+    assert_close(backend, grad, np.swapaxes(A, -1, -2) @ gn, "float64")
+
+
 # ----------------------------------------------------------------- 12.5 vmap
 @pytest.mark.parametrize("name", MAPS)
 def test_vmap_over_the_table(backend, rng, name):
