@@ -178,6 +178,22 @@ def rpb_nd(v, tables, grid, skip=(0, 0), causal=False):
     return toeplitz_nd(tables, grid, causal=causal, skip=skip) @ v
 
 
+# ------------------------------------------------------------------ comparison
+
+
+def check_relative(name, got, want, *, rtol=1e-9):
+    """Assert ``max |got - want| <= rtol * max(1, max |want|)``; returns that error ratio.
+
+    For the multi-process scripts (sequence parallel, sharded JAX), which compare whole
+    arrays in NumPy outside pytest's fixtures."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    scale = max(1.0, float(np.max(np.abs(want))))
+    err = float(np.max(np.abs(got - want))) / scale
+    assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:.1g}"
+    return err
+
+
 # ------------------------------------------------------------------ gradients
 
 

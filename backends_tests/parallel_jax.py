@@ -10,6 +10,7 @@ one line per case and ``OK`` at the end.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -32,6 +33,7 @@ from fastrpb import parallel
 
 B, H, L, D = 2, 2, 32, 4
 RTOL = 1e-9
+check = functools.partial(oracles.check_relative, rtol=RTOL)
 
 
 def oracle_attention(q, k, v, fmap, causal, key_mask, table, skip, proj):
@@ -52,13 +54,6 @@ def oracle_attention(q, k, v, fmap, causal, key_mask, table, skip, proj):
     return out
 
 
-def check(name, got, want, rtol=RTOL):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    scale = max(1.0, float(np.max(np.abs(want))))
-    err = float(np.max(np.abs(got - want))) / scale
-    assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:.1g}"
-    return err
 
 
 def value_and_grad(f, km, weight, argnums):
