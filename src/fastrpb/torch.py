@@ -30,7 +30,6 @@ from fastrpb._layers import (
     BiasLayer,
     BiasNdLayer,
     LayerCache,
-    check_layer_rpb,
 )
 from fastrpb._validate import int_arg
 from fastrpb.feature_maps import FeatureMapLike
@@ -208,25 +207,30 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         return self._bias_of(v)
 
 
-def _own_map_arrays(layer: AttentionLayer, feature_map: Any, device: Any, dtype: Any) -> None:
-    """The arrays of the feature map (favor's / rff's projection) become buffers:
-    saved in the ``state_dict``, loaded, moved and cast with the module (a copy: the
-    caller's array is never written to)."""
-    for name, array in layer._map_owned_arrays(feature_map).items():
+def _own_feature_map(layer: AttentionLayer, feature_map: Any, device: Any, dtype: Any) -> None:
+    """The arrays of the feature map become module state (a copy: the caller's array is
+    never written to): a learned one (hedgehog's ``W``) an ``nn.Parameter``, a fixed one
+    (favor's / rff's random projection) a buffer; both saved in the ``state_dict``,
+    loaded, moved and cast with the module."""
+    assert isinstance(layer, nn.Module)
+
+    def own(name: str, array: Any, learned: bool) -> None:
         if not isinstance(array, torch.Tensor):
             raise TypeError(
                 f"the {name} of feature_map must be a torch.Tensor for a PyTorch layer, got {type(array).__name__}"
             )
-        assert isinstance(layer, nn.Module)
-        layer.register_buffer(f"feature_map_{name}", array.detach().to(device=device, dtype=dtype).clone())
+        copy = array.detach().to(device=device, dtype=dtype).clone()
+        if learned:
+            layer.register_parameter(f"feature_map_{name}", nn.Parameter(copy))
+        else:
+            layer.register_buffer(f"feature_map_{name}", copy)
+
+    layer._own_feature_map(feature_map, _like(device, dtype), own)
 
 
-def _rpb_module(rpb: Any, heads: int, causal: bool, device: Any, dtype: Any) -> Any:
-    if rpb is not None and not isinstance(rpb, nn.Module):
-        rpb = FastRPB(heads, int_arg("rpb (max_len)", rpb, minimum=1), causal=causal, device=device, dtype=dtype)
-    if rpb is not None:
-        check_layer_rpb(rpb, heads, causal)
-    return rpb
+def _rpb_module(layer: AttentionLayer, rpb: Any, device: Any, dtype: Any) -> Any:
+    """``rpb`` as the layer's FastRPB module (an int: a new one with that ``max_len``)."""
+    return layer._bias_module(rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype))
 
 
 class MultiheadLinearAttention(AttentionLayer, nn.Module):
@@ -301,13 +305,13 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
     ) -> None:
         super().__init__()
         inner = self._configure(d_model, heads, head_dim, causal, eps, chunk_size)
-        _own_map_arrays(self, feature_map, device, dtype)
+        _own_feature_map(self, feature_map, device, dtype)
         kw: dict[str, Any] = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(self.d_model, inner, **kw)
         self.k_proj = nn.Linear(self.d_model, inner, **kw)
         self.v_proj = nn.Linear(self.d_model, inner, **kw)
         self.out_proj = nn.Linear(inner, self.d_model, **kw)
-        self.rpb = _rpb_module(rpb, self.heads, self.causal, device, dtype)
+        self.rpb = _rpb_module(self, rpb, device, dtype)
 
     def _owned(self, name: str) -> torch.Tensor:
         return getattr(self, f"feature_map_{name}")
@@ -531,7 +535,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout
         self.batch_first = bool(batch_first)
-        _own_map_arrays(self, feature_map, device, dtype)
+        _own_feature_map(self, feature_map, device, dtype)
         E = self.embed_dim
         kw: dict[str, Any] = dict(device=device, dtype=dtype)
         self.q_proj_weight = nn.Parameter(torch.empty((E, E), **kw))
@@ -542,7 +546,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
         self.out_proj = nn.Linear(E, E, bias=bias, **kw)
-        self.rpb = _rpb_module(rpb, self.heads, self.causal, device, dtype)
+        self.rpb = _rpb_module(self, rpb, device, dtype)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
