@@ -580,7 +580,10 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:
+        *,
+        cache: LayerCache | None = None,
+        return_cache: bool = False,
+    ) -> tuple[torch.Tensor, None] | tuple[torch.Tensor, None, LayerCache]:
         """Attend from ``query`` over ``key``/``value``, as ``nn.MultiheadAttention.forward``.
 
         Parameters
@@ -601,44 +604,26 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
             Accepted and ignored (no weights).
         is_causal : bool
             Attend causally (``attn_mask`` may then be omitted).
+        cache : LayerCache, optional
+            Continue the causal sequence this cache ends (from ``return_cache=True``
+            or `step`): the call attends to the chunk and to every earlier token, so
+            a prompt is prefilled in chunks of several tokens. The call must be causal
+            (a causal layer, ``is_causal=True`` or the chunk's ``(L, L)`` causal
+            ``attn_mask``). Chunks that pass the cache along equal one causal pass,
+            the FastRPB term included (its history lives in the cache, never the
+            values).
+        return_cache : bool
+            A causal call only: also return the `LayerCache` that continues the
+            sequence (with ``cache=`` or `step`).
 
         Returns
         -------
         (Tensor, None)
-            The output in the layout of ``query`` (width ``embed_dim``) and ``None``.
+            The output in the layout of ``query`` (width ``embed_dim``) and ``None``;
+            ``(output, None, cache)`` with ``return_cache=True``.
         """
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.is_nested:
-                raise TypeError(
-                    f"{name} is a nested (jagged) tensor, which LinearMultiheadAttention does not take: "
-                    "pad the batch and pass key_padding_mask, or use packed sequences (cu_seqlens, coming "
-                    "to fastrpb's attention functions and layers). nn.TransformerEncoder makes nested "
-                    "tensors in eval mode when it was built around an nn.MultiheadAttention: build it with "
-                    "enable_nested_tensor=False, or from a layer whose self_attn is already this one"
-                )
-        batched = query.dim() == 3
-        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
-                "query, key and value must all be batched 3-d ((L, N, E), or (N, L, E) with batch_first) "
-                f"or all unbatched 2-d ((L, E)), got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
-                f"{tuple(value.shape)}"
-            )
-        # to (N, L, E)
-        if not batched:
-            query, key, value = query[None], key[None], value[None]
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
-            if t.shape[-1] != width:
-                raise ValueError(f"{name} must have width {width}, got shape {tuple(t.shape)}")
+        batched, query, key, value = self._batch_first(query, key, value, token=False)
         N, L, S = query.shape[0], query.shape[1], key.shape[1]
-        if key.shape[:2] != value.shape[:2] or key.shape[0] != N:
-            raise ValueError(
-                "key and value must have the same batch and length, and the batch of query: got shapes "
-                f"{tuple(key.shape)} and {tuple(value.shape)} for query {tuple(query.shape)} (as (N, L, E))"
-            )
         keep = None
         if key_padding_mask is not None:
             kpm = key_padding_mask if batched else key_padding_mask[None]
@@ -650,26 +635,107 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
             causal = True
         if causal and L != S:
             raise ValueError(f"a causal call needs as many queries as keys, got L = {L} and S = {S}")
-        if causal and self.rpb is not None and not self.rpb.causal:
+        if causal:
+            self._check_causal_bias("this call is causal (is_causal=True or a causal attn_mask)")
+        self._check_cache(cache, return_cache, causal, "build the layer with causal=True or pass is_causal=True")
+        xp = namespace(query=query, key=key, value=value)
+        q, k, v = self._project_heads(xp, query, key, value)
+        mask = None if keep is None else keep[:, None, :]  # broadcast over heads
+        out, state = self._heads(xp, q, k, v, mask, causal, return_cache, cache)
+        y = self._output(xp, out, batched, token=False)
+        return (y, None, LayerCache(state)) if return_cache else (y, None)
+
+    def step(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerCache | None = None
+    ) -> tuple[torch.Tensor, LayerCache]:
+        """Decode one token: ``query: (N, E)`` or ``(E,)`` (``key``, ``value``: ``(N,
+        kdim)``, ``(N, vdim)``), usually the same tensor; ``cache=None`` starts a sequence.
+
+        Returns ``(output, cache)``, the output ``(N, embed_dim)`` (or ``(embed_dim,)``).
+        Stepping token by token, after a prefill with ``return_cache=True`` or from
+        nothing, reproduces the causal forward pass. The cache has a fixed size
+        without FastRPB; with it, the cache's state also holds the bias history (an
+        ``RPBState`` of at most O(max_len Dh) numbers per head) and a step costs
+        amortised O(Dh log^2 t) for the bias (``fastrpb.rpb_step``), never a pass over
+        all earlier values. The layer's FastRPB must be causal.
+        """
+        batched, query, key, value = self._batch_first(query, key, value, token=True)
+        self._check_causal_bias("step() decodes causally")
+        xp = namespace(query=query, key=key, value=value)
+        q, k, v = self._project_heads(xp, query, key, value)
+        out, cache = self._step_heads(q[..., 0, :], k[..., 0, :], v[..., 0, :], cache)
+        return self._output(xp, out[..., None, :], batched, token=True), cache
+
+    # -- the pieces of forward and step
+    def _batch_first(
+        self, query: Any, key: Any, value: Any, *, token: bool
+    ) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check the inputs and bring them to ``(N, L, E)`` (one token: ``L = 1``);
+        returns whether they were batched."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_nested:
+                raise TypeError(
+                    f"{name} is a nested (jagged) tensor, which LinearMultiheadAttention does not take: "
+                    "pad the batch and pass key_padding_mask, or use packed sequences (cu_seqlens, coming "
+                    "to fastrpb's attention functions and layers). nn.TransformerEncoder makes nested "
+                    "tensors in eval mode when it was built around an nn.MultiheadAttention: build it with "
+                    "enable_nested_tensor=False, or from a layer whose self_attn is already this one"
+                )
+        ndim = 2 if token else 3
+        batched = query.dim() == ndim
+        if query.dim() not in (ndim - 1, ndim) or key.dim() != query.dim() or value.dim() != query.dim():
+            what = (
+                "one token each, all batched 2-d ((N, E)) or all unbatched 1-d ((E,))"
+                if token
+                else "all batched 3-d ((L, N, E), or (N, L, E) with batch_first) or all unbatched 2-d ((L, E))"
+            )
             raise ValueError(
-                "this call is causal (is_causal=True or a causal attn_mask) but the layer's FastRPB is not: "
+                f"query, key and value must be {what}, got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
+                f"{tuple(value.shape)}"
+            )
+        if token:  # one token: a sequence of length 1, batch first
+            query, key, value = query[..., None, :], key[..., None, :], value[..., None, :]
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+        elif not self.batch_first and not token:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != width:
+                raise ValueError(f"{name} must have width {width}, got shape {tuple(t.shape)}")
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+            raise ValueError(
+                "key and value must have the same batch and length, and the batch of query: got shapes "
+                f"{tuple(key.shape)} and {tuple(value.shape)} for query {tuple(query.shape)} (as (N, L, E))"
+            )
+        return batched, query, key, value
+
+    def _check_causal_bias(self, what: str) -> None:
+        if self.rpb is not None and not self.rpb.causal:
+            raise ValueError(
+                f"{what} but the layer's FastRPB is not causal (it would let a token see later values): "
                 "build the layer with causal=True"
             )
-        xp = namespace(query=query, key=key, value=value)
+
+    def _project_heads(self, xp: Any, query: Any, key: Any, value: Any) -> tuple[Any, Any, Any]:
+        """The input projections of ``(N, L, .)`` inputs, split into heads ``(N, H, L, Dh)``."""
         bq = bk = bv = None
         if self.in_proj_bias is not None:
             bq, bk, bv = self.in_proj_bias.chunk(3)
         q = self._split(xp, F.linear(query, self.q_proj_weight, bq))
         k = self._split(xp, F.linear(key, self.k_proj_weight, bk))
         v = self._split(xp, F.linear(value, self.v_proj_weight, bv))
-        out, _ = self._heads(xp, q, k, v, None if keep is None else keep[:, None, :], causal, False)
-        out = F.dropout(self._merge(xp, out), p=self.dropout, training=self.training)
-        y = self.out_proj(out)
+        return q, k, v
+
+    def _output(self, xp: Any, out: Any, batched: bool, *, token: bool) -> torch.Tensor:
+        """Heads ``(N, H, L, Dh)`` merged, dropout, ``out_proj``, back in the caller's layout."""
+        y = self.out_proj(F.dropout(self._merge(xp, out), p=self.dropout, training=self.training))
+        if token:
+            y = y[:, 0]
         if not batched:
-            y = y[0]
-        elif not self.batch_first:
-            y = y.transpose(0, 1)
-        return y, None
+            return y[0]
+        return y if self.batch_first or token else y.transpose(0, 1)
 
     def extra_repr(self) -> str:
         return (
