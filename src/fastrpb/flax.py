@@ -252,10 +252,15 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
     heads : int
         Number of heads.
     feature_map : str or feature map
-        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"`` or an object from
-        ``fastrpb.feature_maps``. The arrays of a map (``favor``/``rff``'s projection)
-        become `FeatureMapArray` variables of the layer (``feature_map_projection``),
-        part of its state.
+        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"``,
+        ``"hedgehog"`` or an object from ``fastrpb.feature_maps``. The arrays of a map
+        become variables of the layer named ``feature_map_<name>``, part of its
+        state: a fixed one (``favor``/``rff``'s random projection) a
+        `FeatureMapArray`, a learned one an ``nnx.Param``. ``"hedgehog"`` is Hedgehog
+        attention (Zhang et al. 2024) with a trained ``W`` (``feature_map_projection``,
+        ``(head_dim, head_dim)``, shared by the heads as in flash-linear-attention's
+        ``HedgehogFeatureMap``) that starts at the identity; ``hedgehog(W0)`` starts
+        it at ``W0``, shape ``(m, head_dim)``.
     rpb : None, int, FastRPB or FastRPBnd
         ``None``: no bias. An int: a new ``FastRPB(heads, rpb, causal=causal)``. A
         module: used as is (heads ``heads`` or ``None``; causal if the layer is).

@@ -250,10 +250,15 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
     heads : int
         Number of heads.
     feature_map : str or feature map
-        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"`` or any object from
-        ``fastrpb.feature_maps``. The arrays of a map (``favor``/``rff``'s projection)
-        become buffers of the layer (``feature_map_projection``): saved, loaded, moved
-        and cast with it.
+        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"``,
+        ``"hedgehog"`` or any object from ``fastrpb.feature_maps``. The arrays of a
+        map become state of the layer named ``feature_map_<name>``, saved, loaded,
+        moved and cast with it: a fixed one (``favor``/``rff``'s random projection) a
+        buffer, a learned one an ``nn.Parameter``. ``"hedgehog"`` is Hedgehog
+        attention (Zhang et al. 2024) with a trained ``W`` (``feature_map_projection``,
+        ``(head_dim, head_dim)``, shared by the heads as in flash-linear-attention's
+        ``HedgehogFeatureMap``) that starts at the identity; ``hedgehog(W0)`` starts
+        it at a copy of ``W0``, shape ``(m, head_dim)``.
     rpb : None, int, FastRPB or FastRPBnd
         ``None``: no positional bias. An int: a new ``FastRPB(heads, rpb,
         causal=causal)`` with that ``max_len``. A module: used as is (its heads must
@@ -466,14 +471,24 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
     - Nested (jagged) tensors are a ``TypeError``: packed sequences (``cu_seqlens``)
       are the way to batch sequences of different lengths.
 
+    What it adds: a causal sequence continues through a `LayerCache` instead of a
+    key/value cache (its size does not grow with the tokens seen):
+    ``forward(..., return_cache=True)`` returns ``(output, None, cache)``,
+    ``forward(..., cache=cache)`` continues it with a chunk of several tokens (chunked
+    prefill) and `step` decodes one token; with FastRPB the cache carries the bias
+    history and a step costs amortised O(Dh log^2 t) for it. Both equal one causal
+    pass, as `MultiheadLinearAttention`'s cache (the same code).
+
     Parameters
     ----------
     embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype :
         As ``torch.nn.MultiheadAttention``.
     feature_map : str or feature map
         ``"sikf"`` (default: the paper's kernel, invariant to shifts like softmax),
-        ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"`` or a map from
-        ``fastrpb.feature_maps``; a map's arrays become buffers.
+        ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"``, ``"hedgehog"`` or a map from
+        ``fastrpb.feature_maps``; a map's fixed arrays become buffers, a learned one
+        (Hedgehog's ``W``, ``feature_map_projection``, from the identity) a
+        parameter, as in `MultiheadLinearAttention`.
     rpb : None, int or FastRPB
         The FastRPB term: an int makes a ``FastRPB(num_heads, rpb, causal=causal)``
         with that ``max_len``. Needs ``Lq == Lk`` (self-attention).
@@ -490,6 +505,17 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
     >>> layer.self_attn = LinearMultiheadAttention(64, 4, batch_first=True, rpb=128)
     >>> layer(torch.randn(2, 100, 64)).shape
     torch.Size([2, 100, 64])
+
+    Prefill a prompt in two chunks, then decode, sequence first ``(L, N, E)``:
+
+    >>> attn = LinearMultiheadAttention(64, 4, rpb=128, causal=True)
+    >>> x = torch.randn(10, 2, 64)
+    >>> y, _, cache = attn(x[:6], x[:6], x[:6], return_cache=True)
+    >>> y, _, cache = attn(x[6:], x[6:], x[6:], cache=cache, return_cache=True)
+    >>> x_t = torch.randn(2, 64)                       # one token (N, E)
+    >>> y_t, cache = attn.step(x_t, x_t, x_t, cache)
+    >>> y_t.shape
+    torch.Size([2, 64])
     """
 
     # False keeps nn.TransformerEncoderLayer off its fused native fast path (which would
