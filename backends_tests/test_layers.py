@@ -227,6 +227,8 @@ def attention_oracle(feature: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, 
         return oracles.exp_kernel_attention(oracles.favor_log(q, projection), oracles.favor_log(k, projection), v, **kw)
     if feature == "rff":
         return oracles.kernel_attention(oracles.rff(q, projection), oracles.rff(k, projection), v, **kw)
+    if feature == "hedgehog":
+        return oracles.kernel_attention(oracles.hedgehog(q, projection), oracles.hedgehog(k, projection), v, **kw)
     features = {"elu": oracles.elu1, "relu": oracles.relu}[feature]
     return oracles.kernel_attention(features(q), features(k), v, **kw)
 
@@ -439,6 +441,44 @@ def test_projection_is_module_state(framework, rng):
         assert "feature_map_projection" not in nnx.state(a, nnx.Param)
         nnx.update(b, nnx.state(a))
     assert_close(fw.backend, b(x), fw.numpy(a(x)), "float64")
+
+
+@pytest.mark.parametrize("start", ["identity", "given"])
+def test_hedgehog_projection_is_a_trained_parameter(framework, rng, start):
+    """``feature_map="hedgehog"`` makes ``W`` a parameter starting at the identity
+    (``hedgehog(W0)``: at a copy of ``W0``); it gets gradients, training moves it, and
+    the layer computes Hedgehog attention with the ``W`` it holds."""
+    fw = framework
+    w0 = np.eye(4) if start == "identity" else rng.standard_normal((6, 4))  # head_dim 4
+    given = fw.array(w0)
+    layer = fw.mha(feature_map="hedgehog" if start == "identity" else fastrpb.feature_maps.hedgehog(given), rpb=16, causal=True)
+    np.testing.assert_array_equal(fw.numpy(layer.feature_map_projection), w0)
+    if fw.name == "torch":
+        assert "feature_map_projection" in dict(layer.named_parameters())
+    else:
+        from flax import nnx
+
+        assert "feature_map_projection" in nnx.state(layer, nnx.Param)
+    xn = rng.standard_normal((2, 9, 12))
+    x = fw.array(xn)
+    grads = fw.grads(layer, x)
+    (g,) = (g for name, g in grads.items() if "feature_map_projection" in name)
+    assert g.shape == w0.shape
+    assert np.all(np.isfinite(g))
+    assert np.any(g != 0)
+    target = fw.array(rng.standard_normal((2, 9, 12)))
+    losses = fw.train(layer, lambda m: ((m(x) - target) ** 2).mean(), 6)
+    assert losses[-1] < losses[0]
+    w = fw.numpy(layer.feature_map_projection)
+    assert np.max(np.abs(w - w0)) > 1e-3  # trained
+    np.testing.assert_array_equal(fw.numpy(given), w0)  # the caller's array is never written to
+    # the map the layer calls linear_attention with is hedgehog(W) with the W it holds
+    assert layer.feature_map.signature == f"hedgehog(m={w0.shape[0]}, d=4)"
+    np.testing.assert_array_equal(fw.numpy(layer.feature_map.projection), w)
+    assert_close(fw.backend, layer(x), layer_oracle(fw, layer, xn, feature="hedgehog", projection=w), "float64")
+    with fw.no_grad():
+        y_t, _ = layer.step(x[:, 0])
+    assert_close(fw.backend, y_t, layer_oracle(fw, layer, xn[:, :1], feature="hedgehog", projection=w)[:, 0], "float64")
 
 
 def test_gradients_reach_every_parameter(framework, rng):
@@ -684,7 +724,7 @@ def _lma_oracle(tb: Backend, layer: Any, q: np.ndarray, k: np.ndarray, v: np.nda
     ]
     if layer.rpb is not None:
         w = fw.raw_tables(layer.rpb)[0]
-        kw["bias"] = lambda vals: bias_oracle(w, vals, causal=layer.rpb.causal)
+        kw["bias"] = lambda vals: bias_oracle(w, vals, causal=layer.rpb.causal, skip=layer.rpb.skip)
     return multihead_oracle(projections, layer.num_heads, q, k, v, eps=layer.eps, **kw)
 
 
@@ -728,6 +768,73 @@ def test_lma_causal_calls(tb, rng, how):
     x = tb.asarray(qn)
     out, _ = layer(x, x, x, need_weights=False, **_causal_masks(tb, 9)[how])
     assert_close(tb, out, _lma_oracle(tb, layer, qn, qn, qn, causal=True, feature="elu"), "float64")
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "rpb"])
+def test_lma_chunked_prefill_and_step_equal_one_causal_pass(tb, rng, batch_first, bias):
+    """``forward(..., cache=, return_cache=True)`` over chunks of several tokens (an
+    empty and a one-token chunk among them), then ``step``: each output equals the
+    full causal pass, the FastRPB term included (the bias history is in the cache)."""
+    import torch
+
+    import fastrpb.torch as frt
+
+    rpb = frt.FastRPB(3, 40, causal=True, skip=(1, 0), seed=1, device=tb.device, dtype=torch.float64) if bias else None
+    layer = _lma(tb, batch_first=batch_first, causal=True, chunk_size=4, rpb=rpb)
+    L = 38  # crosses the bias history's first block boundary (32 tokens)
+    xn = rng.standard_normal((2, L, 12))
+    expected = _lma_oracle(tb, layer, xn, xn, xn, causal=True)
+
+    def layout(a: np.ndarray) -> np.ndarray:  # batch-first NumPy -> the layer's layout
+        return a if batch_first else np.swapaxes(a, 0, 1)
+
+    with torch.no_grad():
+        cache, start = None, 0
+        for end in (3, 3, 4, 20, 34):
+            x = tb.asarray(layout(xn[:, start:end]))
+            y, weights, cache = layer(x, x, x, cache=cache, return_cache=True)
+            assert weights is None
+            assert_close(tb, y, layout(expected[:, start:end]), "float64")
+            start = end
+        assert cache.values is None  # no value cache: the bias history is in the state
+        assert (cache.state.rpb is not None) == bias
+        for t in range(34, L):
+            x_t = tb.asarray(xn[:, t])  # one token (N, E), whatever the layout
+            y_t, cache = layer.step(x_t, x_t, x_t, cache)
+            assert_close(tb, y_t, expected[:, t], "float64")
+        # the last chunk without return_cache: the usual (output, None)
+        x = tb.asarray(layout(xn[:, :30]))
+        _, _, cache = layer(x, x, x, return_cache=True)
+        x = tb.asarray(layout(xn[:, 30:]))
+        y, weights = layer(x, x, x, cache=cache)
+        assert weights is None
+        assert_close(tb, y, layout(expected[:, 30:]), "float64")
+
+
+def test_lma_cache_on_causal_calls_of_a_noncausal_layer(tb, rng):
+    """A layer built without causal=True carries a cache through causal calls (the
+    chunk's causal attn_mask, or is_causal=True, as nn.TransformerDecoderLayer passes
+    them), with padding keys, and steps unbatched tokens."""
+    import torch
+
+    layer = _lma(tb, feature_map="elu")
+    xn = rng.standard_normal((1, 9, 12))
+    keep = np.ones((1, 9), dtype=bool)
+    keep[0, 1] = False  # a padding key inside the first chunk
+    expected = _lma_oracle(tb, layer, xn, xn, xn, causal=True, feature="elu", keep=keep)
+    with torch.no_grad():
+        x = tb.asarray(np.swapaxes(xn[:, :4], 0, 1))
+        pad = torch.as_tensor(~keep[:, :4], device=tb.device)
+        y, _, cache = layer(x, x, x, key_padding_mask=pad, attn_mask=_causal_masks(tb, 4)["bool-mask"]["attn_mask"], return_cache=True)
+        assert_close(tb, y, np.swapaxes(expected[:, :4], 0, 1), "float64")
+        x = tb.asarray(xn[0, 4:7])  # unbatched (L, E)
+        y, _, cache = layer(x, x, x, is_causal=True, cache=cache, return_cache=True)
+        assert_close(tb, y, expected[0, 4:7], "float64")
+        for t in range(7, 9):
+            x_t = tb.asarray(xn[0, t])  # unbatched (E,)
+            y_t, cache = layer.step(x_t, x_t, x_t, cache)
+            assert_close(tb, y_t, expected[0, t], "float64")
 
 
 def test_lma_cross_attention_kdim_vdim_unbatched(tb, rng):
@@ -861,6 +968,17 @@ LMA_ERRORS = {
     "causal-call-noncausal-bias": (dict(rpb=8), dict(is_causal=True), ValueError, "build the layer with causal=True"),
     "nested": (dict(), "nested", TypeError, "packed sequences"),
     "rank": (dict(), "rank", ValueError, "batched 3-d"),
+    "cache-noncausal-call": (dict(), dict(return_cache=True), ValueError, "needs a causal call"),
+    "cache-noncausal": (dict(), dict(cache=lambda t: fastrpb.torch.LayerCache(None)), ValueError, "continues a causal sequence"),
+    "cache-not-a-cache": (dict(), dict(is_causal=True, cache=(1, 2)), TypeError, "LayerCache"),
+    "cache-skip-end": (
+        dict(rpb=lambda tb: fastrpb.torch.FastRPB(3, 8, causal=True, skip=(0, 1), device=tb.device, dtype=tb.native.float64)),
+        dict(is_causal=True, return_cache=True),
+        ValueError, "cannot honour skip",
+    ),
+    "step-noncausal-bias": (dict(rpb=8), "step", ValueError, "build the layer with causal=True"),
+    "step-rank": (dict(), "step-rank", ValueError, "one token each"),
+    "step-not-a-cache": (dict(), "step-cache", TypeError, "LayerCache"),
 }
 
 
@@ -870,9 +988,15 @@ def test_lma_errors(tb, case):
 
     build, call, error, phrase = LMA_ERRORS[case]
     with pytest.raises(error, match=phrase):  # noqa: PT012 - a case fails when the layer is built or when it is called
-        layer = _lma(tb, **build)
+        layer = _lma(tb, **{k: v(tb) if callable(v) else v for k, v in build.items()})
         x = torch.zeros((5, 2, 12), dtype=torch.float64, device=tb.device)
-        if call == "nested":
+        if call == "step":
+            layer.step(x[0], x[0], x[0])
+        elif call == "step-rank":
+            layer.step(x, x, x)
+        elif call == "step-cache":
+            layer.step(x[0], x[0], x[0], (1, 2))
+        elif call == "nested":
             nt = torch.nested.nested_tensor([torch.zeros(3, 12), torch.zeros(5, 12)], layout=torch.jagged, dtype=torch.float64, device=tb.device)
             layer(nt, nt, nt)
         elif call == "rank":

@@ -10,6 +10,7 @@ frameworks: how a parameter or buffer is created and read (``_table``, ``_tables
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -18,7 +19,7 @@ from ._typing import Array
 from ._validate import grid_arg, int_arg, skip_arg
 from .attention import linear_attention, linear_attention_step
 from .bias import rpb, rpb_matrix, rpb_nd, rpb_step, symmetric_table
-from .feature_maps import FeatureMap, resolve
+from .feature_maps import FeatureMap, hedgehog, resolve
 
 __all__ = ["AttentionLayer", "BiasLayer", "BiasNdLayer", "LayerCache", "check_axes", "check_heads"]
 
@@ -242,9 +243,20 @@ class AttentionLayer:
         self.chunk_size = int_arg("chunk_size", chunk_size, minimum=1)
         return self.heads * self.head_dim
 
-    def _map_owned_arrays(self, feature_map: Any) -> dict[str, Any]:
-        """Split ``feature_map`` into its arrays (returned: the framework makes each a
-        buffer / variable named ``feature_map_<name>``) and the rest (kept here)."""
+    def _own_feature_map(self, feature_map: Any, like: Any, own: Callable[[str, Any, bool], None]) -> None:
+        """Resolve ``feature_map`` and hand each of its arrays to ``own(name, array,
+        learned)``: the framework makes it a trained parameter (``learned``: the map's
+        ``learned`` names, e.g. ``hedgehog``'s ``W``) or a fixed buffer / variable, named
+        ``feature_map_<name>``; the rest of the map is kept here.
+
+        ``"hedgehog"`` (a name of the layers only: the functional map needs its ``W``)
+        starts ``W`` at the identity ``(head_dim, head_dim)``, as Zhang et al. 2024 and
+        flash-linear-attention's ``HedgehogFeatureMap`` do, in the namespace, dtype and
+        device of ``like``.
+        """
+        if isinstance(feature_map, str) and feature_map == "hedgehog":
+            xp = namespace(like=like)
+            feature_map = hedgehog(xp.eye(self.head_dim, dtype=like.dtype, device=device_of(like)))
         fmap = resolve(feature_map)
         arrays = fmap._arrays()
         if arrays and not dataclasses.is_dataclass(fmap):
@@ -258,7 +270,18 @@ class AttentionLayer:
             f.name: getattr(fmap, f.name) for f in dataclasses.fields(cast(Any, fmap)) if f.init and f.name not in arrays
         } if arrays else {}
         self._map_arrays = tuple(arrays)
-        return arrays
+        for name, array in arrays.items():
+            own(name, array, name in fmap.learned)
+
+    def _bias_module(self, rpb: Any, make: Callable[[int], Any]) -> Any:
+        """The layer's FastRPB: ``None``, ``make(max_len)`` for an int, or the module given
+        (checked against the layer's heads and causality)."""
+        if rpb is None:
+            return None
+        if isinstance(rpb, numbers.Integral) and not isinstance(rpb, bool):
+            rpb = make(int_arg("rpb (max_len)", rpb, minimum=1))
+        check_layer_rpb(rpb, self.heads, self.causal)
+        return rpb
 
     def _owned(self, name: str) -> Any:
         """The array ``name`` of the feature map, as the layer holds it now."""
@@ -325,6 +348,17 @@ class AttentionLayer:
             out = out + term
         return out, state
 
+    def _check_cache(self, cache: Any, return_cache: bool, causal: bool, hint: str) -> None:
+        """A cache continues (``cache=``) or ends (``return_cache=True``) a causal call."""
+        if return_cache and not causal:
+            raise ValueError(f"return_cache=True needs a causal call: {hint}")
+        if cache is not None:
+            if not causal:
+                raise ValueError(f"cache= continues a causal sequence: {hint}")
+            _check_cache_type(cache)
+        if return_cache or cache is not None:
+            self._check_streaming_bias("a cache (return_cache=True, cache=)")
+
     def _check_streaming_bias(self, what: str) -> None:
         if self.rpb is not None and self.rpb.skip[1]:
             raise ValueError(
@@ -337,17 +371,9 @@ class AttentionLayer:
         cu_seqlens: Any = None,
     ) -> Any:
         xp = self._check_input(x, "x", 2)
-        if return_cache and not self.causal:
-            raise ValueError("return_cache=True needs a causal layer (MultiheadLinearAttention(..., causal=True))")
-        if cache is not None:
-            if not self.causal:
-                raise ValueError("cache= continues a causal sequence: build the layer with causal=True")
-            if not isinstance(cache, LayerCache):
-                raise TypeError(f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}")
-            if inputs_k is not None:
-                raise ValueError("cache= continues self-attention: inputs_k/inputs_v cannot be given with it")
-        if return_cache or cache is not None:
-            self._check_streaming_bias("a cache (return_cache=True, cache=)")
+        self._check_cache(cache, return_cache, self.causal, "build the layer with causal=True")
+        if cache is not None and inputs_k is not None:
+            raise ValueError("cache= continues self-attention: inputs_k/inputs_v cannot be given with it")
         if cu_seqlens is not None and (
             return_cache or cache is not None or inputs_k is not None or isinstance(self.rpb, BiasNdLayer)
         ):
@@ -377,24 +403,33 @@ class AttentionLayer:
     def _decode(self, x_t: Any, cache: LayerCache | None) -> tuple[Any, LayerCache]:
         if not self.causal:
             raise ValueError("step() decodes causally: build the layer with causal=True")
-        self._check_streaming_bias("step()")
-        if cache is not None and not isinstance(cache, LayerCache):
-            raise TypeError(f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}")
         xp = self._check_input(x_t, "x_t", 1)
         x = x_t[..., None, :]
         q, k, v = self._split(xp, self.q_proj(x)), self._split(xp, self.k_proj(x)), self._split(xp, self.v_proj(x))
+        out, cache = self._step_heads(q[..., 0, :], k[..., 0, :], v[..., 0, :], cache)
+        y = self.out_proj(self._merge(xp, out[..., None, :]))[..., 0, :]
+        return y, cache
+
+    def _step_heads(self, q: Any, k: Any, v: Any, cache: LayerCache | None) -> tuple[Any, LayerCache]:
+        """One decoding step on split heads ``(..., H, Dh)``: attention by
+        ``fastrpb.linear_attention_step`` and the bias by one online step of the ``rpb``
+        module from its history in the cache's state. Returns ``(out, cache)``."""
+        self._check_streaming_bias("step()")
+        if cache is not None:
+            _check_cache_type(cache)
         previous = None if cache is None else cache.state
         out, state = linear_attention_step(
-            None if previous is None else previous._replace(rpb=None),
-            q[..., 0, :], k[..., 0, :], v[..., 0, :], feature_map=self.feature_map, eps=self.eps,
+            None if previous is None else previous._replace(rpb=None), q, k, v, feature_map=self.feature_map, eps=self.eps,
         )
         if self.rpb is not None:  # one online step of the bias, from its history in the state
-            term, history = self.rpb(
-                v[..., 0, :], initial_state=None if previous is None else previous.rpb, return_state=True, step=True
-            )
+            term, history = self.rpb(v, initial_state=None if previous is None else previous.rpb, return_state=True, step=True)
             out, state = out + term, state._replace(rpb=history)
-        y = self.out_proj(self._merge(xp, out[..., None, :]))[..., 0, :]
-        return y, LayerCache(state)
+        return out, LayerCache(state)
+
+
+def _check_cache_type(cache: Any) -> None:
+    if not isinstance(cache, LayerCache):
+        raise TypeError(f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}")
 
 
 def _swap_last_but_one(xp: Any, x: Any) -> Any:

@@ -93,6 +93,10 @@ class FeatureMap:
     #: ``hedgehog``, the exponential maps): a causal normaliser of theirs is a sum of
     #: non-negative terms and needs no wider accumulation (``fastrpb.attention``).
     nonnegative: ClassVar[bool] = False
+    #: The arrays (names in ``_arrays()``) that are learned, as ``hedgehog``'s ``W``: the
+    #: layers make them trained parameters; the others (``favor``'s and ``rff``'s random
+    #: projections) stay fixed buffers.
+    learned: ClassVar[tuple[str, ...]] = ()
 
     # -- public ---------------------------------------------------------------
     def queries(self, x: Array) -> Array:
@@ -459,6 +463,7 @@ class Hedgehog(_Projected):
     projection: Array
     name: ClassVar[str] = "hedgehog"
     nonnegative: ClassVar[bool] = True
+    learned: ClassVar[tuple[str, ...]] = ("projection",)
 
     def __post_init__(self) -> None:
         _check_projection(self.projection)

@@ -32,7 +32,6 @@ from fastrpb._layers import (
     BiasLayer,
     BiasNdLayer,
     LayerCache,
-    check_layer_rpb,
 )
 from fastrpb._validate import int_arg
 from fastrpb.feature_maps import FeatureMapLike
@@ -253,10 +252,15 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
     heads : int
         Number of heads.
     feature_map : str or feature map
-        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"`` or an object from
-        ``fastrpb.feature_maps``. The arrays of a map (``favor``/``rff``'s projection)
-        become `FeatureMapArray` variables of the layer (``feature_map_projection``),
-        part of its state.
+        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"``,
+        ``"hedgehog"`` or an object from ``fastrpb.feature_maps``. The arrays of a map
+        become variables of the layer named ``feature_map_<name>``, part of its
+        state: a fixed one (``favor``/``rff``'s random projection) a
+        `FeatureMapArray`, a learned one an ``nnx.Param``. ``"hedgehog"`` is Hedgehog
+        attention (Zhang et al. 2024) with a trained ``W`` (``feature_map_projection``,
+        ``(head_dim, head_dim)``, shared by the heads as in flash-linear-attention's
+        ``HedgehogFeatureMap``) that starts at the identity; ``hedgehog(W0)`` starts
+        it at ``W0``, shape ``(m, head_dim)``.
     rpb : None, int, FastRPB or FastRPBnd
         ``None``: no bias. An int: a new ``FastRPB(heads, rpb, causal=causal)``. A
         module: used as is (heads ``heads`` or ``None``; causal if the layer is).
@@ -308,22 +312,25 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
         param_dtype: Any = jnp.float32,
     ) -> None:
         inner = self._configure(d_model, heads, head_dim, causal, eps, chunk_size)
-        for name, array in self._map_owned_arrays(feature_map).items():
+
+        def own(name: str, array: Any, learned: bool) -> None:
+            # a learned array (hedgehog's W) is trained; a fixed one (favor's projection) is not
             if not isinstance(array, (jax.Array, np.ndarray)):
                 raise TypeError(
                     f"the {name} of feature_map must be a JAX or NumPy array for a Flax layer, got {type(array).__name__}"
                 )
-            setattr(self, f"feature_map_{name}", FeatureMapArray(jnp.asarray(array, dtype=param_dtype)))
+            kind = nnx.Param if learned else FeatureMapArray
+            setattr(self, f"feature_map_{name}", kind(jnp.asarray(array, dtype=param_dtype)))
+
+        self._own_feature_map(feature_map, jnp.empty((0,), dtype=param_dtype), own)
         kw: dict[str, Any] = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(self.d_model, inner, **kw)
         self.k_proj = nnx.Linear(self.d_model, inner, **kw)
         self.v_proj = nnx.Linear(self.d_model, inner, **kw)
         self.out_proj = nnx.Linear(inner, self.d_model, **kw)
-        if rpb is not None and not isinstance(rpb, nnx.Module):
-            rpb = FastRPB(self.heads, int_arg("rpb (max_len)", rpb, minimum=1), causal=self.causal, rngs=rngs, param_dtype=param_dtype)
-        if rpb is not None:
-            check_layer_rpb(rpb, self.heads, self.causal)
-        self.rpb = rpb
+        self.rpb = self._bias_module(
+            rpb, lambda max_len: FastRPB(self.heads, max_len, causal=self.causal, rngs=rngs, param_dtype=param_dtype)
+        )
 
     def _owned(self, name: str) -> jax.Array:
         return _array(getattr(self, f"feature_map_{name}"))

@@ -30,7 +30,6 @@ from fastrpb._layers import (
     BiasLayer,
     BiasNdLayer,
     LayerCache,
-    check_layer_rpb,
 )
 from fastrpb._validate import int_arg
 from fastrpb.feature_maps import FeatureMapLike
@@ -208,25 +207,30 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         return self._bias_of(v)
 
 
-def _own_map_arrays(layer: AttentionLayer, feature_map: Any, device: Any, dtype: Any) -> None:
-    """The arrays of the feature map (favor's / rff's projection) become buffers:
-    saved in the ``state_dict``, loaded, moved and cast with the module (a copy: the
-    caller's array is never written to)."""
-    for name, array in layer._map_owned_arrays(feature_map).items():
+def _own_feature_map(layer: AttentionLayer, feature_map: Any, device: Any, dtype: Any) -> None:
+    """The arrays of the feature map become module state (a copy: the caller's array is
+    never written to): a learned one (hedgehog's ``W``) an ``nn.Parameter``, a fixed one
+    (favor's / rff's random projection) a buffer; both saved in the ``state_dict``,
+    loaded, moved and cast with the module."""
+    assert isinstance(layer, nn.Module)
+
+    def own(name: str, array: Any, learned: bool) -> None:
         if not isinstance(array, torch.Tensor):
             raise TypeError(
                 f"the {name} of feature_map must be a torch.Tensor for a PyTorch layer, got {type(array).__name__}"
             )
-        assert isinstance(layer, nn.Module)
-        layer.register_buffer(f"feature_map_{name}", array.detach().to(device=device, dtype=dtype).clone())
+        copy = array.detach().to(device=device, dtype=dtype).clone()
+        if learned:
+            layer.register_parameter(f"feature_map_{name}", nn.Parameter(copy))
+        else:
+            layer.register_buffer(f"feature_map_{name}", copy)
+
+    layer._own_feature_map(feature_map, _like(device, dtype), own)
 
 
-def _rpb_module(rpb: Any, heads: int, causal: bool, device: Any, dtype: Any) -> Any:
-    if rpb is not None and not isinstance(rpb, nn.Module):
-        rpb = FastRPB(heads, int_arg("rpb (max_len)", rpb, minimum=1), causal=causal, device=device, dtype=dtype)
-    if rpb is not None:
-        check_layer_rpb(rpb, heads, causal)
-    return rpb
+def _rpb_module(layer: AttentionLayer, rpb: Any, device: Any, dtype: Any) -> Any:
+    """``rpb`` as the layer's FastRPB module (an int: a new one with that ``max_len``)."""
+    return layer._bias_module(rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype))
 
 
 class MultiheadLinearAttention(AttentionLayer, nn.Module):
@@ -246,10 +250,15 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
     heads : int
         Number of heads.
     feature_map : str or feature map
-        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"`` or any object from
-        ``fastrpb.feature_maps``. The arrays of a map (``favor``/``rff``'s projection)
-        become buffers of the layer (``feature_map_projection``): saved, loaded, moved
-        and cast with it.
+        ``"sikf"`` (default), ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"``,
+        ``"hedgehog"`` or any object from ``fastrpb.feature_maps``. The arrays of a
+        map become state of the layer named ``feature_map_<name>``, saved, loaded,
+        moved and cast with it: a fixed one (``favor``/``rff``'s random projection) a
+        buffer, a learned one an ``nn.Parameter``. ``"hedgehog"`` is Hedgehog
+        attention (Zhang et al. 2024) with a trained ``W`` (``feature_map_projection``,
+        ``(head_dim, head_dim)``, shared by the heads as in flash-linear-attention's
+        ``HedgehogFeatureMap``) that starts at the identity; ``hedgehog(W0)`` starts
+        it at a copy of ``W0``, shape ``(m, head_dim)``.
     rpb : None, int, FastRPB or FastRPBnd
         ``None``: no positional bias. An int: a new ``FastRPB(heads, rpb,
         causal=causal)`` with that ``max_len``. A module: used as is (its heads must
@@ -301,13 +310,13 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
     ) -> None:
         super().__init__()
         inner = self._configure(d_model, heads, head_dim, causal, eps, chunk_size)
-        _own_map_arrays(self, feature_map, device, dtype)
+        _own_feature_map(self, feature_map, device, dtype)
         kw: dict[str, Any] = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(self.d_model, inner, **kw)
         self.k_proj = nn.Linear(self.d_model, inner, **kw)
         self.v_proj = nn.Linear(self.d_model, inner, **kw)
         self.out_proj = nn.Linear(inner, self.d_model, **kw)
-        self.rpb = _rpb_module(rpb, self.heads, self.causal, device, dtype)
+        self.rpb = _rpb_module(self, rpb, device, dtype)
 
     def _owned(self, name: str) -> torch.Tensor:
         return getattr(self, f"feature_map_{name}")
@@ -462,14 +471,24 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
     - Nested (jagged) tensors are a ``TypeError``: packed sequences (``cu_seqlens``)
       are the way to batch sequences of different lengths.
 
+    What it adds: a causal sequence continues through a `LayerCache` instead of a
+    key/value cache (its size does not grow with the tokens seen):
+    ``forward(..., return_cache=True)`` returns ``(output, None, cache)``,
+    ``forward(..., cache=cache)`` continues it with a chunk of several tokens (chunked
+    prefill) and `step` decodes one token; with FastRPB the cache carries the bias
+    history and a step costs amortised O(Dh log^2 t) for it. Both equal one causal
+    pass, as `MultiheadLinearAttention`'s cache (the same code).
+
     Parameters
     ----------
     embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype :
         As ``torch.nn.MultiheadAttention``.
     feature_map : str or feature map
         ``"sikf"`` (default: the paper's kernel, invariant to shifts like softmax),
-        ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"`` or a map from
-        ``fastrpb.feature_maps``; a map's arrays become buffers.
+        ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"``, ``"hedgehog"`` or a map from
+        ``fastrpb.feature_maps``; a map's fixed arrays become buffers, a learned one
+        (Hedgehog's ``W``, ``feature_map_projection``, from the identity) a
+        parameter, as in `MultiheadLinearAttention`.
     rpb : None, int or FastRPB
         The FastRPB term: an int makes a ``FastRPB(num_heads, rpb, causal=causal)``
         with that ``max_len``. Needs ``Lq == Lk`` (self-attention).
@@ -486,6 +505,17 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
     >>> layer.self_attn = LinearMultiheadAttention(64, 4, batch_first=True, rpb=128)
     >>> layer(torch.randn(2, 100, 64)).shape
     torch.Size([2, 100, 64])
+
+    Prefill a prompt in two chunks, then decode, sequence first ``(L, N, E)``:
+
+    >>> attn = LinearMultiheadAttention(64, 4, rpb=128, causal=True)
+    >>> x = torch.randn(10, 2, 64)
+    >>> y, _, cache = attn(x[:6], x[:6], x[:6], return_cache=True)
+    >>> y, _, cache = attn(x[6:], x[6:], x[6:], cache=cache, return_cache=True)
+    >>> x_t = torch.randn(2, 64)                       # one token (N, E)
+    >>> y_t, cache = attn.step(x_t, x_t, x_t, cache)
+    >>> y_t.shape
+    torch.Size([2, 64])
     """
 
     # False keeps nn.TransformerEncoderLayer off its fused native fast path (which would
@@ -531,7 +561,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout
         self.batch_first = bool(batch_first)
-        _own_map_arrays(self, feature_map, device, dtype)
+        _own_feature_map(self, feature_map, device, dtype)
         E = self.embed_dim
         kw: dict[str, Any] = dict(device=device, dtype=dtype)
         self.q_proj_weight = nn.Parameter(torch.empty((E, E), **kw))
@@ -542,7 +572,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
         self.out_proj = nn.Linear(E, E, bias=bias, **kw)
-        self.rpb = _rpb_module(rpb, self.heads, self.causal, device, dtype)
+        self.rpb = _rpb_module(self, rpb, device, dtype)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -576,7 +606,10 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:
+        *,
+        cache: LayerCache | None = None,
+        return_cache: bool = False,
+    ) -> tuple[torch.Tensor, None] | tuple[torch.Tensor, None, LayerCache]:
         """Attend from ``query`` over ``key``/``value``, as ``nn.MultiheadAttention.forward``.
 
         Parameters
@@ -597,44 +630,26 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
             Accepted and ignored (no weights).
         is_causal : bool
             Attend causally (``attn_mask`` may then be omitted).
+        cache : LayerCache, optional
+            Continue the causal sequence this cache ends (from ``return_cache=True``
+            or `step`): the call attends to the chunk and to every earlier token, so
+            a prompt is prefilled in chunks of several tokens. The call must be causal
+            (a causal layer, ``is_causal=True`` or the chunk's ``(L, L)`` causal
+            ``attn_mask``). Chunks that pass the cache along equal one causal pass,
+            the FastRPB term included (its history lives in the cache, never the
+            values).
+        return_cache : bool
+            A causal call only: also return the `LayerCache` that continues the
+            sequence (with ``cache=`` or `step`).
 
         Returns
         -------
         (Tensor, None)
-            The output in the layout of ``query`` (width ``embed_dim``) and ``None``.
+            The output in the layout of ``query`` (width ``embed_dim``) and ``None``;
+            ``(output, None, cache)`` with ``return_cache=True``.
         """
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.is_nested:
-                raise TypeError(
-                    f"{name} is a nested (jagged) tensor, which LinearMultiheadAttention does not take: "
-                    "pad the batch and pass key_padding_mask, or use packed sequences (cu_seqlens, coming "
-                    "to fastrpb's attention functions and layers). nn.TransformerEncoder makes nested "
-                    "tensors in eval mode when it was built around an nn.MultiheadAttention: build it with "
-                    "enable_nested_tensor=False, or from a layer whose self_attn is already this one"
-                )
-        batched = query.dim() == 3
-        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
-                "query, key and value must all be batched 3-d ((L, N, E), or (N, L, E) with batch_first) "
-                f"or all unbatched 2-d ((L, E)), got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
-                f"{tuple(value.shape)}"
-            )
-        # to (N, L, E)
-        if not batched:
-            query, key, value = query[None], key[None], value[None]
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
-            if t.shape[-1] != width:
-                raise ValueError(f"{name} must have width {width}, got shape {tuple(t.shape)}")
+        batched, query, key, value = self._batch_first(query, key, value, token=False)
         N, L, S = query.shape[0], query.shape[1], key.shape[1]
-        if key.shape[:2] != value.shape[:2] or key.shape[0] != N:
-            raise ValueError(
-                "key and value must have the same batch and length, and the batch of query: got shapes "
-                f"{tuple(key.shape)} and {tuple(value.shape)} for query {tuple(query.shape)} (as (N, L, E))"
-            )
         keep = None
         if key_padding_mask is not None:
             kpm = key_padding_mask if batched else key_padding_mask[None]
@@ -646,26 +661,107 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
             causal = True
         if causal and L != S:
             raise ValueError(f"a causal call needs as many queries as keys, got L = {L} and S = {S}")
-        if causal and self.rpb is not None and not self.rpb.causal:
+        if causal:
+            self._check_causal_bias("this call is causal (is_causal=True or a causal attn_mask)")
+        self._check_cache(cache, return_cache, causal, "build the layer with causal=True or pass is_causal=True")
+        xp = namespace(query=query, key=key, value=value)
+        q, k, v = self._project_heads(xp, query, key, value)
+        mask = None if keep is None else keep[:, None, :]  # broadcast over heads
+        out, state = self._heads(xp, q, k, v, mask, causal, return_cache, cache)
+        y = self._output(xp, out, batched, token=False)
+        return (y, None, LayerCache(state)) if return_cache else (y, None)
+
+    def step(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerCache | None = None
+    ) -> tuple[torch.Tensor, LayerCache]:
+        """Decode one token: ``query: (N, E)`` or ``(E,)`` (``key``, ``value``: ``(N,
+        kdim)``, ``(N, vdim)``), usually the same tensor; ``cache=None`` starts a sequence.
+
+        Returns ``(output, cache)``, the output ``(N, embed_dim)`` (or ``(embed_dim,)``).
+        Stepping token by token, after a prefill with ``return_cache=True`` or from
+        nothing, reproduces the causal forward pass. The cache has a fixed size
+        without FastRPB; with it, the cache's state also holds the bias history (an
+        ``RPBState`` of at most O(max_len Dh) numbers per head) and a step costs
+        amortised O(Dh log^2 t) for the bias (``fastrpb.rpb_step``), never a pass over
+        all earlier values. The layer's FastRPB must be causal.
+        """
+        batched, query, key, value = self._batch_first(query, key, value, token=True)
+        self._check_causal_bias("step() decodes causally")
+        xp = namespace(query=query, key=key, value=value)
+        q, k, v = self._project_heads(xp, query, key, value)
+        out, cache = self._step_heads(q[..., 0, :], k[..., 0, :], v[..., 0, :], cache)
+        return self._output(xp, out[..., None, :], batched, token=True), cache
+
+    # -- the pieces of forward and step
+    def _batch_first(
+        self, query: Any, key: Any, value: Any, *, token: bool
+    ) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check the inputs and bring them to ``(N, L, E)`` (one token: ``L = 1``);
+        returns whether they were batched."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_nested:
+                raise TypeError(
+                    f"{name} is a nested (jagged) tensor, which LinearMultiheadAttention does not take: "
+                    "pad the batch and pass key_padding_mask, or use packed sequences (cu_seqlens, coming "
+                    "to fastrpb's attention functions and layers). nn.TransformerEncoder makes nested "
+                    "tensors in eval mode when it was built around an nn.MultiheadAttention: build it with "
+                    "enable_nested_tensor=False, or from a layer whose self_attn is already this one"
+                )
+        ndim = 2 if token else 3
+        batched = query.dim() == ndim
+        if query.dim() not in (ndim - 1, ndim) or key.dim() != query.dim() or value.dim() != query.dim():
+            what = (
+                "one token each, all batched 2-d ((N, E)) or all unbatched 1-d ((E,))"
+                if token
+                else "all batched 3-d ((L, N, E), or (N, L, E) with batch_first) or all unbatched 2-d ((L, E))"
+            )
             raise ValueError(
-                "this call is causal (is_causal=True or a causal attn_mask) but the layer's FastRPB is not: "
+                f"query, key and value must be {what}, got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
+                f"{tuple(value.shape)}"
+            )
+        if token:  # one token: a sequence of length 1, batch first
+            query, key, value = query[..., None, :], key[..., None, :], value[..., None, :]
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+        elif not self.batch_first and not token:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != width:
+                raise ValueError(f"{name} must have width {width}, got shape {tuple(t.shape)}")
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+            raise ValueError(
+                "key and value must have the same batch and length, and the batch of query: got shapes "
+                f"{tuple(key.shape)} and {tuple(value.shape)} for query {tuple(query.shape)} (as (N, L, E))"
+            )
+        return batched, query, key, value
+
+    def _check_causal_bias(self, what: str) -> None:
+        if self.rpb is not None and not self.rpb.causal:
+            raise ValueError(
+                f"{what} but the layer's FastRPB is not causal (it would let a token see later values): "
                 "build the layer with causal=True"
             )
-        xp = namespace(query=query, key=key, value=value)
+
+    def _project_heads(self, xp: Any, query: Any, key: Any, value: Any) -> tuple[Any, Any, Any]:
+        """The input projections of ``(N, L, .)`` inputs, split into heads ``(N, H, L, Dh)``."""
         bq = bk = bv = None
         if self.in_proj_bias is not None:
             bq, bk, bv = self.in_proj_bias.chunk(3)
         q = self._split(xp, F.linear(query, self.q_proj_weight, bq))
         k = self._split(xp, F.linear(key, self.k_proj_weight, bk))
         v = self._split(xp, F.linear(value, self.v_proj_weight, bv))
-        out, _ = self._heads(xp, q, k, v, None if keep is None else keep[:, None, :], causal, False)
-        out = F.dropout(self._merge(xp, out), p=self.dropout, training=self.training)
-        y = self.out_proj(out)
+        return q, k, v
+
+    def _output(self, xp: Any, out: Any, batched: bool, *, token: bool) -> torch.Tensor:
+        """Heads ``(N, H, L, Dh)`` merged, dropout, ``out_proj``, back in the caller's layout."""
+        y = self.out_proj(F.dropout(self._merge(xp, out), p=self.dropout, training=self.training))
+        if token:
+            y = y[:, 0]
         if not batched:
-            y = y[0]
-        elif not self.batch_first:
-            y = y.transpose(0, 1)
-        return y, None
+            return y[0]
+        return y if self.batch_first or token else y.transpose(0, 1)
 
     def extra_repr(self) -> str:
         return (
