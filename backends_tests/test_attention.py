@@ -424,6 +424,7 @@ _BAD_CALLS = [
     ("mask lead", lambda c: linear_attention(c.q, c.k, c.v, key_mask=c.backend.asarray(np.ones((3, 5), dtype=bool), None)), ValueError, r"key_mask"),
     ("mask dtype", lambda c: linear_attention(c.q, c.k, c.v, key_mask=c.a(2, 5)), TypeError, r"key_mask must be a bool array"),
     ("map name", lambda c: linear_attention(c.q, c.k, c.v, feature_map="softmax"), ValueError, r"feature_map 'softmax'.*'elu', 'relu', 'sikf', 'dpfp'"),
+    ("map needs projection", lambda c: linear_attention(c.q, c.k, c.v, feature_map="hedgehog"), ValueError, r"feature_map 'hedgehog' needs a projection.*feature_maps.hedgehog\(projection\)"),
     ("map type", lambda c: linear_attention(c.q, c.k, c.v, feature_map=3), TypeError, r"feature_map must be"),
     ("chunk zero", lambda c: linear_attention(c.q, c.k, c.v, causal=True, chunk_size=0), ValueError, r"chunk_size must be >= 1, got 0"),
     ("chunk negative", lambda c: linear_attention(c.q, c.k, c.v, causal=True, chunk_size=-2), ValueError, r"chunk_size must be >= 1"),

@@ -811,6 +811,12 @@ def resolve(feature_map: FeatureMapLike, name: str = "feature_map") -> FeatureMa
         try:
             return _BY_NAME[feature_map]()
         except KeyError:
+            if feature_map in ("favor", "rff", "hedgehog"):
+                raise ValueError(
+                    f"{name} {feature_map!r} needs a projection matrix, so it has no name alone: pass "
+                    f"{name}=fastrpb.feature_maps.{feature_map}(projection)"
+                    + (" (the layers accept the name 'hedgehog' and own W)" if feature_map == "hedgehog" else "")
+                ) from None
             raise ValueError(
                 f"{name} {feature_map!r} is not a known feature map; valid names are "
                 f"{', '.join(repr(n) for n in NAMES)} (or pass a map from fastrpb.feature_maps "
