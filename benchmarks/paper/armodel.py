@@ -10,7 +10,8 @@ As in ``model.py``, no attention maths lives here: every attention output comes 
   when the layer gets one).
 * ``softmax`` (``+rpb``): ``fastrpb.softmax_attention(causal=True)`` for training; for
   sampling a key/value cache (preallocated, written in place) and
-  ``fastrpb.softmax_attention`` of the new query over the cached keys: O(t) per token.
+  ``fastrpb.softmax_attention`` of the new query over the cached keys: O(t) per token;
+  the FastRPB term streams by the bias module's ``step`` (``fastrpb.rpb_step``).
 * ``*+rpb2d``: the causal 2-d bias in raster order, ``rpb_tables=``/``rpb_grid=`` with
   ``causal=True`` (``fastrpb.rpb_nd(..., causal=True)``). Available only when the
   installed fastrpb's ``rpb_nd`` takes ``causal`` (`causal_2d_available`); decoding
@@ -134,8 +135,9 @@ class FunctionalCausalAttention(nn.Module):
             o = fastrpb.softmax_attention(q[..., None, :], cache["k"][:, :, : t + 1], cache["v"][:, :, : t + 1])[..., 0, :]
         else:
             o, cache["state"] = fastrpb.linear_attention_step(cache["state"], q, k, v, feature_map=self.variant.attention)
-        if self.rpb is not None:
-            o = o + self.rpb(cache["v"][:, :, : t + 1])[..., -1, :]
+        if self.rpb is not None:  # the streaming bias, as the linear layer's step: amortised O(D log^2 t)
+            b, cache["rpb"] = self.rpb(v, initial_state=cache.get("rpb"), step=True)
+            o = o + b
         elif self.tables is not None and t >= 1:  # token 0 (BOS) is skipped
             # the history padded with zeros to the full grid: causal, so later zeros add nothing
             o = o + fastrpb.rpb_nd(cache["v"], list(self.tables), self.grid, skip=(1, 0), causal=True)[..., t, :]

@@ -275,10 +275,13 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         "`armodel.py` adds the variants `*+rpb2d` as soon as `rpb_nd` takes `causal`.") + further,
         "",
         f"Sampling: {s['gen_images']} images per model, pixel by pixel at temperature 1, from the same trained models: "
-        "linear attention through the layer's `step` (a fixed-size state per layer; with FastRPB this version's "
-        "`step` still recomputes the bias over the value history, O(t log t) per token, until the streaming "
-        "bias lands), softmax through a key/value cache (`softmax_attention` of the new query over the cached keys, "
-        "O(t) per token). "
+        "linear attention through the layer's `step` (a fixed-size state per layer), softmax through a key/value "
+        "cache (`softmax_attention` of the new query over the cached keys, O(t) per token); "
+        + ("the causal 1-d FastRPB term streams in both from a state of its own (`rpb_step`, an online FFT "
+           "convolution: amortised O(D log² t) per token, never an FFT over the history). "
+           if meta.get("decode_bias") == "streaming" else
+           "with FastRPB this sweep's decoding recomputed the bias over the value history, O(t log t) per token "
+           "(the library's streaming bias came later). ")
         + ("The causal 2-d FastRPB has no decoding step in the library: its rows apply `rpb_nd(..., causal=True)` to "
            "the whole zero-padded grid at every token (O(L log L) per token), so their sampling speed says nothing "
            "about the 2-d bias itself. " if have_2d else "")

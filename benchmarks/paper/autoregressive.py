@@ -362,6 +362,9 @@ def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jo
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "partial": bool(missing), "missing_runs": missing,
         "generation_timing": timing, "summary": summarise(runs),
+        # how the sampling loop adds the 1-d bias: "streaming" = rpb_step from the state (every
+        # variant); sweeps before it recomputed the bias over the value history per token
+        "decode_bias": "streaming",
     }
     _atomic_write(out / "results.json", json.dumps(runs))
     _atomic_write(out / "sweep.json", json.dumps(meta, indent=1))
