@@ -148,7 +148,7 @@ class Framework:
                 value = loss(layer)
                 value.backward()
                 opt.step()
-                out.append(float(value))
+                out.append(float(value.detach()))
             return out
         import optax
         from flax import nnx

@@ -53,6 +53,8 @@ __all__ = [
     "pad_chunks",
     "jax_pytree",
     "is_traced",
+    "is_lazy",
+    "count_array",
     "blocks_allowed",
     "rescaled_scan",
 ]
@@ -934,3 +936,34 @@ def is_traced(xp: Any, *arrays: Any) -> bool:
     import jax  # already imported: xp is jax.numpy
 
     return any(isinstance(x, jax.core.Tracer) for x in arrays if x is not None)
+
+
+def is_lazy(xp: Any, *arrays: Any) -> bool:
+    """Whether the values of ``arrays`` (``None`` ignored) are unknown until computed:
+    a JAX tracer (``is_traced``) or any Dask array.
+
+    Reading such a value into Python (``int(x)``, ``bool(x)``) fails under ``jax.jit``
+    and, with Dask, silently computes the whole graph behind it, which a lazy call
+    must never do. So where fastrpb would read one it takes the path that does not:
+    streaming FastRPB steps in the fixed layout (``_online.step``, a graph of the same
+    size whatever ``M``, instead of the online levels whose number grows with
+    ``log M``), and array ``cu_seqlens`` offsets, which set shapes, are refused with
+    the advice to pass them as Python ints.
+    """
+    return _is(xp, "dask") or is_traced(xp, *arrays)
+
+
+def count_array(xp: Any, n: Any, *, like: Any) -> Any:
+    """The 0-d ``int32`` count of a streaming state (``_online``), beside ``like``.
+
+    Portable version: an array of ``like``'s library and device (under ``jax.jit`` the
+    count is a traced value, a leaf of the state's pytree). Dask: a NumPy 0-d array,
+    because the count is known when the state is made, and every later check of it
+    (``_online.tokens_seen``: the stream must fit the table) reads it with ``int()``,
+    which on a Dask array would run the scheduler (the whole graph behind it, where
+    the count came from one). The Dask arrays of a state and this NumPy count combine
+    lazily (``count - skip == positions`` is a Dask array).
+    """
+    if _is(xp, "dask"):
+        return np.asarray(n, dtype=np.int32)
+    return xp.asarray(n, dtype=xp.int32, device=device_of(like))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._compat import device_of, irfft, is_traced, jax_pytree, multiply_into, rfft
+from ._compat import count_array, device_of, irfft, is_lazy, is_traced, jax_pytree, multiply_into, rfft
 from ._typing import Array, Namespace
 
 __all__ = ["RPBState", "as_dtype", "check_state", "extend", "held", "start", "step", "tokens_seen"]
@@ -72,11 +72,15 @@ class RPBState(NamedTuple):
     history, the pending level contributions, two windows): O(M D), fixed by the
     table's ``M`` and never more.
 
-    Fixed layout (inside ``jax.jit``, and after a chunk, ``rpb(..., return_state=True)``;
+    Fixed layout (inside ``jax.jit``, with Dask arrays, and after a chunk,
+    ``rpb(..., return_state=True)``;
     ``length`` is None): ``buffer`` is the ``(..., M, D)`` array of all biased values
-    (zeros ahead), ``count`` a 0-d int32 array of the tokens seen; ``M D`` numbers per
-    leading index. Eagerly, the first ``rpb_step`` after a chunk turns it into the
-    online layout (one FFT per level, once); a chunk after a chunk reads the buffer.
+    (zeros ahead), ``count`` a 0-d int32 array of the tokens seen (a NumPy one beside
+    Dask arrays: known when the state is made, read without computing anything);
+    ``M D`` numbers per leading index. Eagerly, the first ``rpb_step`` after a chunk
+    turns it into the online layout (one FFT per level, once); a chunk after a chunk
+    reads the buffer. Dask steps stay in the fixed layout (O(M D) per token, and a
+    task graph of the same size whatever ``M``).
 
     Static fields (JAX aux data, not leaves): ``length`` (tokens seen, online layout),
     ``skip`` (the ``a`` of ``skip=(a, 0)``) and ``table_length`` (``M`` of the table
@@ -182,7 +186,7 @@ def start(xp: Namespace, lead: tuple, D: int, M: int, a: int, like: Array, *, fi
         return _make(
             xp,
             buffer=_zeros(xp, (*lead, M, D), like),
-            count=xp.asarray(0, dtype=xp.int32, device=device_of(like)),
+            count=count_array(xp, 0, like=like),
             skip=a,
             table_length=M,
         )
@@ -232,7 +236,7 @@ def _to_fixed(xp: Any, state: RPBState, work: Any) -> RPBState:
     return _make(
         xp,
         buffer=xp.concat([hist, pad], axis=-2),
-        count=xp.asarray(state.length, dtype=xp.int32, device=device_of(hist)),
+        count=count_array(xp, state.length, like=hist),
         skip=state.skip,
         table_length=M,
     )
@@ -404,8 +408,15 @@ def _extend_fixed(xp: Any, state: RPBState, v: Any, w: Any, work: Any, toeplitz:
 
 # --------------------------------------------------------------------------- entry points
 def step(xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array) -> tuple[Array, RPBState]:
-    """One token ``v (..., D)`` (validated, compute dtype); returns ``(out, state)``."""
-    fixed = is_traced(xp, v, w)
+    """One token ``v (..., D)`` (validated, compute dtype); returns ``(out, state)``.
+
+    Traced (``jax.jit``) and Dask steps take the fixed layout (``is_lazy``): its step
+    is the same few operations whatever ``M`` and ``t``, where the online layout's
+    rebuild after a chunk adds one FFT per level (``log2(M / B)`` of them) to a Dask
+    graph. The count stays readable there (``count_array``), so a Dask stream past
+    the table is still an error, not NaN.
+    """
+    fixed = is_lazy(xp, v, w)
     if state is None:
         state = start(xp, lead, v.shape[-1], M, a, v, fixed=fixed)
     if fixed:
@@ -450,7 +461,7 @@ def extend(
     return out, _make(
         xp,
         buffer=xp.concat([full, pad], axis=-2) if full.shape[-2] < M else full,
-        count=xp.asarray(length + L, dtype=xp.int32, device=device_of(full)),
+        count=count_array(xp, length + L, like=full),
         skip=a,
         table_length=M,
     )

@@ -125,10 +125,10 @@ def per_sequence_table(w: Any) -> Any:
 def offsets_of(xp: Any, cu_seqlens: Any, T: int) -> tuple[int, ...]:
     """Validated offsets of ``cu_seqlens`` for a packed length ``T``."""
     from . import _validate
-    from ._compat import is_traced
+    from ._compat import is_lazy
 
     static = isinstance(cu_seqlens, (tuple, list))
-    return _validate.cu_seqlens(xp, cu_seqlens, T, traced=not static and is_traced(xp, cu_seqlens))
+    return _validate.cu_seqlens(xp, cu_seqlens, T, traced=not static and is_lazy(xp, cu_seqlens))
 
 
 def array_argument(cu_seqlens: Any) -> Any:

@@ -307,7 +307,8 @@ def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...
     other inputs (checked when the namespace is resolved), or a tuple/list of Python
     ints (static: usable under ``jax.jit``). Returns the offsets as Python ints: the
     packing is a shape (the longest sequence), so the values must be concrete; a
-    traced array (``traced``) is a ``ValueError`` saying so.
+    traced or lazy array (``traced``: a JAX tracer, a Dask array) is a ``ValueError``
+    saying so.
     """
     if isinstance(offsets, (tuple, list)):  # static offsets (usable under jax.jit)
         values = tuple(integer(f"cu_seqlens[{n}]", c, minimum=0) for n, c in enumerate(offsets))
@@ -322,8 +323,9 @@ def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...
         )
     if traced:
         raise ValueError(
-            "cu_seqlens must be concrete: the longest packed sequence sets a shape, so under jax.jit pass "
-            "cu_seqlens as a tuple of Python ints (static), not a traced array"
+            "cu_seqlens must be concrete: the longest packed sequence sets a shape, so under jax.jit (or with "
+            "Dask arrays, whose values exist only after .compute()) pass cu_seqlens as a tuple of Python ints "
+            f"(static), not a {'Dask' if 'dask' in type(offsets).__module__ else 'traced'} array"
         )
     return _increasing_offsets(tuple(int(offsets[i]) for i in range(offsets.shape[0])), T)
 

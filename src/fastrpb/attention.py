@@ -207,6 +207,20 @@ def _mask_values(xp: Any, v: Any, key_mask: Any, *, bias: bool) -> Any:
     return xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
 
 
+def _mask_keys(xp: Any, k: Any, key_mask: Any) -> Any:
+    """``k`` with the padding keys zeroed when they may hold NaN or infinities.
+
+    Padding keys get zero features (or ``-inf`` logits) afterwards, so a non-finite
+    one never reaches an output; but the feature maps and the logits would still
+    compute ``inf - inf`` or ``inf * 0`` on it first, and NumPy then warns ("invalid
+    value encountered") about values the caller masked. Zeroing them first keeps the
+    arithmetic finite. Known-finite keys (``known_finite``) skip the pass.
+    """
+    if key_mask is None or known_finite(xp, k):
+        return k
+    return xp.where(key_mask[..., None], k, xp.zeros((), dtype=k.dtype, device=device_of(k)))
+
+
 def _tril_product(xp: Any, scores: Any, v: Any) -> Any:
     """``tril(scores) @ v`` over the last two axes, causal for non-finite values too.
 
@@ -709,6 +723,7 @@ def linear_attention(
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
     if scale is not None:
         qw = qw * scale
+    kw = _mask_keys(xp, kw, key_mask)
     vw = _mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
     offset = None
     if Lq == 0 or Lk == 0 or math.prod(out_lead) == 0 or (fmap.exponential and fmap.features(q.shape[-1]) == 0):
@@ -1141,6 +1156,7 @@ def softmax_attention(
     named = {"logits_bias": logits_bias} if logits_bias is not None else {}
     result, work = compute_dtype(xp, q, k, v, *tables.values(), *named.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    kw = _mask_keys(xp, kw, key_mask)
     vw = _mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
     logits = xp.matmul(qw, xp.matrix_transpose(kw)) * scale
     if logits_bias is not None:
