@@ -41,12 +41,15 @@ class Packing(NamedTuple):
     order: Any  # (N,) position of sequence n in the groups' order (for per-sequence states)
 
 
-def packing(xp: Any, offsets: tuple[int, ...], like: Any) -> Packing:
+def packing(xp: Any, offsets: tuple[int, ...], like: Any, *, align: int = 1) -> Packing:
     """The groups and index arrays for ``offsets`` (validated Python ints), on ``like``'s device.
 
     Sequences are grouped by length class (``ceil(log2(length))``): inside a group the
     longest is less than twice the shortest, so the padded work is below ``2 T`` in all,
-    in at most ``log2(T) + 1`` batched calls.
+    in at most ``log2(T) + 1`` batched calls. ``align``: each group's padded length is
+    rounded up to a multiple of it (causal attention passes its chunk size, so the
+    unpacked rows need no second padding to whole chunks: one copy of ``q``, ``k``,
+    ``v`` fewer), capped at the group's longest rounded to a power of two.
     """
     lengths = tuple(b - a for a, b in itertools.pairwise(offsets))
     T = offsets[-1]
@@ -62,6 +65,8 @@ def packing(xp: Any, offsets: tuple[int, ...], like: Any) -> Packing:
     for key in sorted(classes):
         members = tuple(classes[key])
         longest = max(lengths[n] for n in members)
+        if align > 1:
+            longest = min(-(-longest // align) * align, max(longest, 1 << (longest - 1).bit_length()))
         t = xp.arange(longest, dtype=index_dtype, device=dev)
         start = xp.asarray([offsets[n] for n in members], dtype=index_dtype, device=dev)
         length = xp.asarray([lengths[n] for n in members], dtype=index_dtype, device=dev)
@@ -83,9 +88,16 @@ def packing(xp: Any, offsets: tuple[int, ...], like: Any) -> Packing:
 
 
 def unpack(xp: Any, g: Group, x: Any, *, fill: Any = 0) -> Any:
-    """``(..., T, D)`` -> ``(..., n, longest, D)`` for group ``g``, padding set to ``fill``."""
+    """``(..., T, D)`` -> ``(..., n, longest, D)`` for group ``g``, padding set to ``fill``.
+
+    ``fill=None`` leaves the padding slots holding copies of other packed tokens (one
+    pass fewer), for a caller that masks them itself (attention with ``key_mask``:
+    padding keys get no weight, and padding queries are dropped by ``repack``).
+    """
     y = xp.take(x, g.unpack_index, axis=x.ndim - 2)
     y = xp.reshape(y, (*x.shape[:-2], len(g.members), g.longest, x.shape[-1]))
+    if fill is None:
+        return y
     return xp.where(g.valid[..., None], y, xp.asarray(fill, dtype=y.dtype, device=device_of(y)))
 
 
