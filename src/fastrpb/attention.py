@@ -221,7 +221,7 @@ def _mask_keys(xp: Any, k: Any, key_mask: Any) -> Any:
     return xp.where(key_mask[..., None], k, xp.zeros((), dtype=k.dtype, device=device_of(k)))
 
 
-def _tril_product(xp: Any, scores: Any, v: Any) -> Any:
+def _tril_product(xp: Any, scores: Any, v: Any, *, masked: bool = False) -> Any:
     """``tril(scores) @ v`` over the last two axes, causal for non-finite values too.
 
     ``tril`` zeroes the weights of later tokens exactly (a select, NaN included), but
@@ -231,8 +231,10 @@ def _tril_product(xp: Any, scores: Any, v: Any) -> Any:
     rest is added back with an inclusive prefix sum along the sequence: a non-finite
     value reaches its own row and the rows after it, in its own column, and no other.
     For finite ``v`` both paths give the same numbers (the prefix sum adds zeros).
+    ``masked=True``: ``scores`` is already lower triangular.
     """
-    scores = xp.tril(scores)
+    if not masked:
+        scores = xp.tril(scores)
     if known_finite(xp, v):
         return xp.matmul(scores, v)
     finite, rest = split_nonfinite(xp, v)
@@ -316,51 +318,75 @@ def _noncausal_exp(xp: Any, lq: Any, lk: Any, v: Any, eps: float) -> tuple[Any, 
 
 
 def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple[Any, Any, Any, Any]:
-    """Chunked causal linear attention; returns ``num``, ``den`` and the final ``S``, ``z``.
+    r"""Chunked causal linear attention; returns ``num``, ``den`` and the final ``S``, ``z``.
 
-    Numerator: inside each chunk of ``C`` tokens a masked ``tril(Qc Kc^T) Vc``; across
-    chunks an exclusive prefix sum of the chunk states ``Kc^T Vc``, applied as
-    ``Qc S_prev``. Normaliser: one dot product per query with the inclusive prefix of
-    the key features, ``den_i = phi(q_i) . sum_{j <= i} phi(k_j)`` (``_causal_normaliser``),
-    never the sum of an in-chunk and a cross-chunk part, which cancel for signed features.
+    Numerator: inside each chunk of ``C`` tokens a masked ``A_n = tril(Qc_n Kc_n^T)``
+    times ``Vc_n``; across chunks an exclusive prefix sum of the chunk states
+    ``Kc_m^T Vc_m``, applied as ``Qc_n S_{<n}``. Normaliser,
+    ``den_i = phi(q_i) . sum_{j <= i} phi(k_j)``:
+
+    - non-negative features: the row sums of ``A_n`` plus ``Qc_n z_{<n}`` (the exclusive
+      prefix of the chunks' key-feature sums, a last column of the states). Every term is ``>= 0``, so the two parts
+      cannot cancel; this drops the per-token prefix of the key features (a strided
+      running sum over ``(..., N, C, F)``, 27 % of the call with PyTorch at L = 16,384,
+      F = Dv = 64, measured 2026-11-30) and its elementwise dot products;
+    - signed features (``rff``, ``taylor``, a callable): one dot product per query with
+      the inclusive prefix of the key features (``_causal_normaliser``), never the sum
+      of an in-chunk and a cross-chunk part, which cancel.
     """
     L = fq.shape[-2]
     length = -(-L // C) * C
     qc = _pad_chunks(xp, fq, length, C, 0.0)
     kc = _pad_chunks(xp, fk, length, C, 0.0)  # padding keys have zero features
     vc = _pad_chunks(xp, v, length, C, 0.0)
-    y = _tril_product(xp, xp.matmul(qc, xp.matrix_transpose(kc)), vc)
+    scores = xp.tril(xp.matmul(qc, xp.matrix_transpose(kc)))
+    y = _tril_product(xp, scores, vc, masked=True)
     states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv)
-    if states.shape[-3] == 1:
-        S = states[..., 0, :, :]
-    else:
-        prefix = cumulative_sum(xp, states, axis=-3, include_initial=True)
-        y = y + xp.matmul(qc, prefix[..., :-1, :, :])
-        S = prefix[..., -1, :, :]
-    den, z = _causal_normaliser(xp, fq, fk, qc, kc, signed=signed)
-    return _unchunk(xp, y, L), den, S, z
+    Dv = v.shape[-1]
+    if not signed:
+        # [S_n, z_n]: the chunks' key-feature sums ride along as one more column, so one
+        # prefix sum and one product serve both; the odd width also keeps PyTorch's
+        # running sum off a power-of-two stride (4x slower at F = Dv = 64: 300 against
+        # 75 ms for (1, 8, 256, 64, 64 or 65), measured 2026-11-30)
+        states = xp.concat([states, xp.sum(kc, axis=-2)[..., None]], axis=-1)
+    final, before = _exclusive_prefix(xp, states, -3)
+    if signed:
+        if before is not None:
+            y = y + xp.matmul(qc, before)
+        den, z = _causal_normaliser(xp, fq, fk)
+        return _unchunk(xp, y, L), den, final, z
+    den = xp.sum(scores, axis=-1, keepdims=True)
+    if before is not None:
+        cross = xp.matmul(qc, before)
+        y, den = y + cross[..., :Dv], den + cross[..., Dv:]
+    return _unchunk(xp, y, L), _unchunk(xp, den, L), final[..., :Dv], final[..., Dv]
 
 
-def _causal_normaliser(xp: Any, fq: Any, fk: Any, qc: Any, kc: Any, *, signed: bool) -> tuple[Any, Any]:
-    r"""``den_i = phi(q_i) . Z_i`` with ``Z_i = sum_{j <= i} phi(k_j)``, and ``Z_L``.
+def _exclusive_prefix(xp: Any, x: Any, axis: int) -> tuple[Any, Any]:
+    """The total of ``x`` along the chunk ``axis`` and its exclusive prefix sum (``None``
+    for one chunk). The prefix is taken of the shifted ``x``, so it comes out contiguous
+    (PyTorch copies a sliced ``[:-1]`` of an inclusive prefix before every product)."""
+    if x.shape[axis] == 1:
+        return xp.squeeze(x, axis=axis), None
+    before = cumulative_sum(xp, _shift(xp, x, 1, axis, 0.0), axis=axis)
+    last = [slice(None)] * x.ndim
+    last[axis] = -1
+    return before[tuple(last)] + x[tuple(last)], before
+
+
+def _causal_normaliser(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
+    r"""``den_i = phi(q_i) . Z_i`` with ``Z_i = sum_{j <= i} phi(k_j)``, and ``Z_L``, for signed features.
 
     One dot product per query with the inclusive prefix of the key features. With
     signed features (``rff``, ``taylor``, a callable) that dot product can cancel to a
     tiny denominator (fla's ``test_naive_chunk`` data, identity map: 2.4e-5 against
-    terms of ~10), so there the prefix and the dot product are accumulated in
-    ``float64`` (``wider_float``), or, where the library has no ``float64`` on the
-    device, as compensated ``float32`` sums (``_compensated_den``); fla's err-ratio
-    then drops from 4e-2 (two cancelling dot products) to ~3e-7. Non-negative
-    features cannot cancel: their prefix is blocked by chunks in the compute dtype
-    (exclusive prefix of the chunk sums plus the in-chunk running sum), O(L F).
+    terms of ~10), so the prefix and the dot product are accumulated in ``float64``
+    (``wider_float``), or, where the library has no ``float64`` on the device, as
+    compensated ``float32`` sums (``_compensated_den``); fla's err-ratio then drops
+    from 4e-2 (two cancelling dot products) to ~3e-7. (Non-negative features cannot
+    cancel: ``_causal`` sums their two parts directly.)
     """
     work = fq.dtype
-    if not signed:
-        sums = xp.sum(kc, axis=-2)  # (..., N, F)
-        before = cumulative_sum(xp, sums, axis=-2, include_initial=True)
-        Z = before[..., :-1, None, :] + cumulative_sum(xp, kc, axis=-2)
-        den = xp.sum(qc * Z, axis=-1, keepdims=True)
-        return _unchunk(xp, den, fq.shape[-2]), before[..., -1, :]
     wide = wider_float(xp, fq)
     if wide is None and work == xp.float64:
         wide = work
@@ -783,13 +809,15 @@ def linear_attention(
     return out
 
 
-def _packed_lengths(xp: Any, cu_seqlens: Any, Lq: int, Lk: int, rpb_tables: Any, like: Any) -> Any:
+def _packed_lengths(
+    xp: Any, cu_seqlens: Any, Lq: int, Lk: int, rpb_tables: Any, like: Any, *, align: int = 1
+) -> Any:
     """The packing of ``cu_seqlens`` for attention over ``Lq = Lk`` packed tokens."""
     if Lq != Lk:
         raise ValueError(f"cu_seqlens packs queries and keys alike: it needs Lq == Lk, got Lq = {Lq} and Lk = {Lk}")
     if rpb_tables is not None:
         raise ValueError("cu_seqlens does not combine with the N-d bias (rpb_tables/rpb_grid): a grid spans one sequence")
-    return _packing.packing(xp, _packing.offsets_of(xp, cu_seqlens, Lq), like)
+    return _packing.packing(xp, _packing.offsets_of(xp, cu_seqlens, Lq), like, align=align)
 
 
 def _packed_bias(xp: Any, out: Any, v: Any, key_mask: Any, rpb: Any, rpb_skip: Any, causal: bool, cu_seqlens: Any) -> Any:
@@ -810,12 +838,14 @@ def _packed_linear_attention(
     rpb_skip: Any, causal: bool, return_state: bool, options: dict,
 ) -> Any:
     """``linear_attention`` of packed sequences: unpack, attend with the padding masked, repack."""
-    pk = _packed_lengths(xp, cu_seqlens, q.shape[-2], k.shape[-2], rpb_tables, q)
+    # causal: groups padded to whole chunks; their padding is masked by key_mask below
+    align = options["chunk_size"] if causal else 1
+    pk = _packed_lengths(xp, cu_seqlens, q.shape[-2], k.shape[-2], rpb_tables, q, align=align)
     outs: list[Any] = []
     states: list[Any] = []
     for g in pk.groups:
         mask = g.valid if key_mask is None else _packing.unpack_mask(xp, g, key_mask)
-        qu, ku, vu = (_packing.unpack(xp, g, x) for x in (q, k, v))
+        qu, ku, vu = (_packing.unpack(xp, g, x, fill=None) for x in (q, k, v))
         res = linear_attention(qu, ku, vu, causal=causal, key_mask=mask, return_state=return_state, **options)
         outs.append(res[0] if return_state else res)
         states.append(res[1] if return_state else None)
