@@ -369,7 +369,7 @@ def _exclusive_prefix(xp: Any, x: Any, axis: int) -> tuple[Any, Any]:
     if x.shape[axis] == 1:
         return xp.squeeze(x, axis=axis), None
     before = cumulative_sum(xp, _shift(xp, x, 1, axis, 0.0), axis=axis)
-    last = [slice(None)] * x.ndim
+    last: list[Any] = [slice(None)] * x.ndim
     last[axis] = -1
     return before[tuple(last)] + x[tuple(last)], before
 
