@@ -15,17 +15,18 @@ the same state (the state is immutable, so every round starts from the same pref
 - ``attention``: one ``linear_attention_step`` (elu, same shapes), the cost that the
   bias is added to;
 - ``step_rpb``: ``linear_attention_step(..., rpb=w)``, attention and bias in one call
-  from the state's bias history (issue 9: within 2x of ``attention`` at t = 16,384
+  from the state's bias history (target: within 2x of ``attention`` at t = 16,384
   and within 1.5x of itself at t = 1,024);
 - ``step_old``: ``linear_attention_step`` plus the old bias over the history (what the
   layers' ``step`` did before the state carried the bias).
 
 ``--prefill L`` (default 65,536) also times chunked prefill: ``linear_attention(...,
 causal=True, rpb=w)`` on L tokens in one call against ``--pieces`` calls (8) that pass
-the state along (issue 9: within 1.2x).
+the state along (target: within 1.2x).
 
-Self-contained (the benchmark package is being restructured): it imports only
-fastrpb, torch and, for the plot, matplotlib.
+It imports fastrpb, torch, the targets of ``benchmarks.report`` and, for the plot,
+matplotlib. The committed run is ``docs/performance/streaming.json`` and
+``streaming.png`` (``--json``, ``--plot``).
 """
 
 from __future__ import annotations
@@ -228,6 +229,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"chunked prefill, {pre['L']:,} tokens with rpb: one call {pre['one_s']:.3f} s, {pre['pieces']} calls "
             f"{pre['pieces_s']:.3f} s, ratio {pre['pieces_s'] / pre['one_s']:.2f} (target <= 1.2)"
         )
+    from .report import streaming_targets
+
+    result["targets"] = streaming_targets(result)
+    for tgt in result["targets"]:
+        shown = "not measured" if tgt["speedup"] is None else f"{tgt['speedup']:.2f}x, {'met' if tgt['met'] else 'MISSED'}"
+        print(f"target: {tgt['text']}: {shown}")
+    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32",
+                         "heads": HEADS, "features": FEATURES, "span": args.span, "rounds": args.rounds}
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")

@@ -353,6 +353,12 @@ def rpb_step(state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, i
     _validate.required(v_t=v_t, w=w)
     xp = namespace(v_t=v_t, w=w, state=_online.held(state))
     _validate.values(xp, "v_t", v_t, ndim=1)
+    return _step(xp, state, v_t, w, skip)
+
+
+def _step(xp: Any, state: RPBState | None, v_t: Any, w: Any, skip: Any) -> tuple[Any, RPBState]:
+    """``rpb_step`` after its namespace and ``v_t`` checks (``linear_attention_step`` makes
+    those for its own inputs, ``w`` and the state included, and calls this directly)."""
     M = _validate.table(xp, "w", w)
     a = (0 if state is None else state.skip) if skip is None else _check_stream(True, skip, state, True)
     lead = tuple(v_t.shape[:-1])
