@@ -43,16 +43,19 @@ import numpy as np
 HEADS, FEATURES = 8, 64
 
 
-def _median_mean(fn: Any, steps: int, rounds: int) -> float:
-    """Median over ``rounds`` of the mean time of ``steps`` calls of ``fn(round)``."""
-    samples = []
+def _median_means(runs: dict[str, tuple[Any, int]], rounds: int) -> dict[str, float]:
+    """Per name, the median over ``rounds`` of the mean time of ``steps`` calls of ``fn()``'s
+    generator, for ``runs = {name: (fn, steps)}``. The rounds are interleaved (A B C A B
+    C ...), so a change of load on the shared machine hits every variant alike."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        run = fn()
-        start = time.perf_counter()
-        for _ in range(steps):
-            next(run)
-        samples.append((time.perf_counter() - start) / steps)
-    return statistics.median(samples)
+        for name, (fn, steps) in runs.items():
+            run = fn()
+            start = time.perf_counter()
+            for _ in range(steps):
+                next(run)
+            samples[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(x) for name, x in samples.items()}
 
 
 def measure(t: int, *, span: int, old_steps: int, rounds: int, seed: int = 0) -> dict[str, float]:
@@ -118,14 +121,14 @@ def measure(t: int, *, span: int, old_steps: int, rounds: int, seed: int = 0) ->
             run = fn()
             for _ in range(min(4, old_steps)):
                 next(run)
-        return {
-            "t": t,
-            "new_s": _median_mean(new_run, span, rounds),
-            "old_s": _median_mean(old_run, old_steps, rounds),
-            "attention_s": _median_mean(attention_run, span, rounds),
-            "step_rpb_s": _median_mean(step_rpb_run, span, rounds),
-            "step_old_s": _median_mean(step_old_run, old_steps, rounds),
+        runs = {
+            "new_s": (new_run, span),
+            "old_s": (old_run, old_steps),
+            "attention_s": (attention_run, span),
+            "step_rpb_s": (step_rpb_run, span),
+            "step_old_s": (step_old_run, old_steps),
         }
+        return {"t": t, **_median_means(runs, rounds)}
 
 
 def prefill(L: int, pieces: int, *, rounds: int, seed: int = 0) -> dict[str, float]:

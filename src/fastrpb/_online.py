@@ -43,7 +43,17 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ._compat import device_of, irfft, is_traced, jax_pytree, multiply_add_into, multiply_into, next_fast_len, rfft
+from ._compat import (
+    device_of,
+    irfft,
+    is_traced,
+    jax_pytree,
+    multiply_add,
+    multiply_add_into,
+    multiply_into,
+    next_fast_len,
+    rfft,
+)
 from ._typing import Array, Namespace
 
 __all__ = ["RPBState", "as_dtype", "check_state", "extend", "held", "start", "step", "tokens_seen"]
@@ -86,7 +96,10 @@ class RPBState(NamedTuple):
     Fixed layout (inside ``jax.jit``, and after a chunk, ``rpb(..., return_state=True)``;
     ``length`` is None): ``buffer`` is the ``(..., M, D)`` array of all biased values
     (zeros ahead), ``count`` a 0-d int32 array of the tokens seen; ``M D`` numbers per
-    leading index. Eagerly, the first ``rpb_step`` after a chunk turns it into the
+    leading index. Eagerly after a chunk the history is kept in pieces instead (the
+    earlier chunks in ``blocks``, the last one in ``buffer``, no padding) with the
+    spectra of the chunks in ``future`` (about twice the history), so that the next
+    chunk of the same size reuses them; a traced function joins and pads them. Eagerly, the first ``rpb_step`` after a chunk turns it into the
     online layout (one FFT per level, once); a chunk after a chunk reads the buffer.
 
     Static fields (JAX aux data, not leaves): ``length`` (tokens seen, online layout),
@@ -382,7 +395,7 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
     near = _near_kernel(xp, w, M) if state.near is None else state.near
     r = t % _WINDOW
     # push: this token's weights c_{i-r} onto the window rows i >= r (one multiply-add)
-    window = as_dtype(xp, state.window, work) + near[..., _WINDOW - 1 - r : 2 * _WINDOW - 1 - r, :] * v[..., None, :]
+    window = multiply_add(xp, as_dtype(xp, state.window, work), near[..., _WINDOW - 1 - r : 2 * _WINDOW - 1 - r, :], v[..., None, :])
     out = window[..., r, :]
     recent = (*state.recent, v)
     if r != _WINDOW - 1:
@@ -527,9 +540,10 @@ def extend(
 ) -> tuple[Array, RPBState]:
     """A chunk ``v (..., L, D)`` (validated, compute dtype) after ``state``; returns ``(out, state)``.
 
-    Online layout: one causal FFT over the history and the chunk (the cost of one call
-    on the whole prefix), then the online state of the longer sequence is rebuilt
-    (one FFT per level, over its last two blocks).
+    Eagerly: the history's contribution by blocks of the chunk's size, summed as
+    spectra (``_chunk_conv``); the new state is in the fixed layout with the history
+    in pieces and the chunk spectra kept, and the first ``rpb_step`` after it rebuilds
+    the online levels once. Traced: one causal FFT over the ``M``-row buffer.
     """
     fixed = is_traced(xp, v, w) or (state is not None and is_traced(xp, state.buffer, state.window))
     D, L = v.shape[-1], v.shape[-2]

@@ -162,8 +162,10 @@ def rpb(
         Causal only: continue the sequence that this state ends (from
         ``return_state=True`` or ``rpb_step``); ``v`` holds the next tokens. Calls that
         pass the state along equal one call on the whole sequence, which must still
-        fit the table (``M`` biased tokens in all). The chunk costs one causal FFT
-        over the history and the chunk; token by token, use ``rpb_step``.
+        fit the table (``M`` biased tokens in all). A chunk of ``P`` tokens costs
+        FFTs of length about ``2P`` and one product of spectra per ``P`` tokens of
+        history (the state keeps the spectra of earlier chunks of the same size), so
+        ``k`` equal pieces cost about one call; token by token, use ``rpb_step``.
     return_state : bool
         Causal only: also return the ``RPBState`` after the last token.
     cu_seqlens : int array, shape (N + 1,), optional
