@@ -79,7 +79,8 @@ def test_half_precision_is_computed_in_float32(backend, rng, dtype):
     rest, state = step_all(backend, vb, wb, state=state, start=5)
     assert first.dtype == rest.dtype == backend.dtype(dtype)
     work = backend.dtype("float64" if dtype == "float64" else "float32")
-    assert state.recent.dtype == state.window.dtype == work
+    assert state.window.dtype == work
+    assert all(x.dtype == work for x in state.recent)
     got = backend.xp.concat([first, rest], axis=-2)
     assert_close(backend, got, expected, dtype, scale=scale_of(expected, L))
 
@@ -197,6 +198,29 @@ def test_jitted_step_continues_an_eager_prefill(backend, rng):
         o, state = step(state, vb[t, :], wb)
         outs.append(o[None, :])
     assert_close(backend, backend.xp.concat(outs, axis=0), causal_oracle(v, w), "float64")
+
+
+
+def test_jitted_chunk_continues_eager_equal_pieces(backend, rng):
+    # eager pieces of one size keep their spectra and their values in pieces; a traced
+    # chunk joins and pads them into the fixed layout, then traced steps continue
+    jax = _jax(backend)
+    L, M = 70, 80
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2, 2 * M - 1))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    state, outs = None, []
+    for a, b in ((0, 16), (16, 32), (32, 48)):
+        o, state = fastrpb.rpb(vb[..., a:b, :], wb, causal=True, initial_state=state, return_state=True)
+        outs.append(o)
+    chunk = jax.jit(lambda x, w, s: fastrpb.rpb(x, w, causal=True, initial_state=s, return_state=True))
+    o, state = chunk(vb[..., 48:60, :], wb, state)
+    outs.append(o)
+    step = jax.jit(fastrpb.rpb_step)
+    for t in range(60, L):
+        o, state = step(state, vb[..., t, :], wb)
+        outs.append(o[..., None, :])
+    assert_close(backend, backend.xp.concat(outs, axis=-2), causal_oracle(v, w), "float64")
 
 
 def test_past_the_table_under_jit_is_nan(backend, rng):

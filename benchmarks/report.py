@@ -67,6 +67,45 @@ TARGETS: list[Target] = [
 ]
 
 
+
+# Targets of the streaming run (``benchmarks.streaming``: decoding with FastRPB from the
+# state, chunked prefill), as speedups like every other target: t(reference) / t(ours).
+@dataclass
+class StreamingTarget:
+    id: str
+    text: str
+    metric: Callable[[dict], float | None]  # from the whole streaming result
+    minimum: float
+
+
+def _decode_at(result: dict, t: int) -> dict | None:
+    return next((r for r in result.get("decode", []) if r["t"] == t), None)
+
+
+def _ratio(result: dict, num: tuple[int, str], den: tuple[int, str]) -> float | None:
+    a, b = _decode_at(result, num[0]), _decode_at(result, den[0])
+    return None if a is None or b is None else a[num[1]] / b[den[1]]
+
+
+STREAMING_TARGETS: list[StreamingTarget] = [
+    StreamingTarget("decode-rpb", "linear_attention_step(rpb=) within 2x of the step without the bias at t = 16,384, speedup >= 0.50",
+                    lambda r: _ratio(r, (16384, "attention_s"), (16384, "step_rpb_s")), 1 / 2.0),
+    StreamingTarget("decode-rpb-flat", "linear_attention_step(rpb=) at t = 16,384 within 1.5x of t = 1,024, speedup >= 0.67",
+                    lambda r: _ratio(r, (1024, "step_rpb_s"), (16384, "step_rpb_s")), 1 / 1.5),
+    StreamingTarget("prefill-pieces", "Chunked prefill with rpb= in 8 calls within 1.2x of one call, speedup >= 0.83",
+                    lambda r: r["prefill"]["one_s"] / r["prefill"]["pieces_s"] if r.get("prefill") else None, 1 / 1.2),
+]
+
+
+def streaming_targets(result: dict) -> list[dict]:
+    """Each streaming target with its measured speedup (None: not measured in this run) and whether it is met."""
+    rows = []
+    for tgt in STREAMING_TARGETS:
+        value = tgt.metric(result)
+        rows.append({"id": tgt.id, "text": tgt.text, "speedup": value, "met": None if value is None else value >= tgt.minimum})
+    return rows
+
+
 def crossovers(results: list[dict]) -> list[dict]:
     """Per backend, the shortest L from which causal linear attention beats softmax at every measured L."""
     out = []

@@ -15,17 +15,18 @@ the same state (the state is immutable, so every round starts from the same pref
 - ``attention``: one ``linear_attention_step`` (elu, same shapes), the cost that the
   bias is added to;
 - ``step_rpb``: ``linear_attention_step(..., rpb=w)``, attention and bias in one call
-  from the state's bias history (issue 9: within 2x of ``attention`` at t = 16,384
+  from the state's bias history (target: within 2x of ``attention`` at t = 16,384
   and within 1.5x of itself at t = 1,024);
 - ``step_old``: ``linear_attention_step`` plus the old bias over the history (what the
   layers' ``step`` did before the state carried the bias).
 
 ``--prefill L`` (default 65,536) also times chunked prefill: ``linear_attention(...,
 causal=True, rpb=w)`` on L tokens in one call against ``--pieces`` calls (8) that pass
-the state along (issue 9: within 1.2x).
+the state along (target: within 1.2x).
 
-Self-contained (the benchmark package is being restructured): it imports only
-fastrpb, torch and, for the plot, matplotlib.
+It imports fastrpb, torch, the targets of ``benchmarks.report`` and, for the plot,
+matplotlib. The committed run is ``docs/performance/streaming.json`` and
+``streaming.png`` (``--json``, ``--plot``).
 """
 
 from __future__ import annotations
@@ -42,16 +43,19 @@ import numpy as np
 HEADS, FEATURES = 8, 64
 
 
-def _median_mean(fn: Any, steps: int, rounds: int) -> float:
-    """Median over ``rounds`` of the mean time of ``steps`` calls of ``fn(round)``."""
-    samples = []
+def _median_means(runs: dict[str, tuple[Any, int]], rounds: int) -> dict[str, float]:
+    """Per name, the median over ``rounds`` of the mean time of ``steps`` calls of ``fn()``'s
+    generator, for ``runs = {name: (fn, steps)}``. The rounds are interleaved (A B C A B
+    C ...), so a change of load on the shared machine hits every variant alike."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        run = fn()
-        start = time.perf_counter()
-        for _ in range(steps):
-            next(run)
-        samples.append((time.perf_counter() - start) / steps)
-    return statistics.median(samples)
+        for name, (fn, steps) in runs.items():
+            run = fn()
+            start = time.perf_counter()
+            for _ in range(steps):
+                next(run)
+            samples[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(x) for name, x in samples.items()}
 
 
 def measure(t: int, *, span: int, old_steps: int, rounds: int, seed: int = 0) -> dict[str, float]:
@@ -117,14 +121,14 @@ def measure(t: int, *, span: int, old_steps: int, rounds: int, seed: int = 0) ->
             run = fn()
             for _ in range(min(4, old_steps)):
                 next(run)
-        return {
-            "t": t,
-            "new_s": _median_mean(new_run, span, rounds),
-            "old_s": _median_mean(old_run, old_steps, rounds),
-            "attention_s": _median_mean(attention_run, span, rounds),
-            "step_rpb_s": _median_mean(step_rpb_run, span, rounds),
-            "step_old_s": _median_mean(step_old_run, old_steps, rounds),
+        runs = {
+            "new_s": (new_run, span),
+            "old_s": (old_run, old_steps),
+            "attention_s": (attention_run, span),
+            "step_rpb_s": (step_rpb_run, span),
+            "step_old_s": (step_old_run, old_steps),
         }
+        return {"t": t, **_median_means(runs, rounds)}
 
 
 def prefill(L: int, pieces: int, *, rounds: int, seed: int = 0) -> dict[str, float]:
@@ -228,6 +232,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"chunked prefill, {pre['L']:,} tokens with rpb: one call {pre['one_s']:.3f} s, {pre['pieces']} calls "
             f"{pre['pieces_s']:.3f} s, ratio {pre['pieces_s'] / pre['one_s']:.2f} (target <= 1.2)"
         )
+    from .report import streaming_targets
+
+    result["targets"] = streaming_targets(result)
+    for tgt in result["targets"]:
+        shown = "not measured" if tgt["speedup"] is None else f"{tgt['speedup']:.2f}x, {'met' if tgt['met'] else 'MISSED'}"
+        print(f"target: {tgt['text']}: {shown}")
+    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32",
+                         "heads": HEADS, "features": FEATURES, "span": args.span, "rounds": args.rounds}
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")

@@ -43,6 +43,8 @@ __all__ = [
     "elu_plus_one",
     "softmax",
     "multiply_into",
+    "multiply_add_into",
+    "multiply_add",
     "known_finite",
     "split_nonfinite",
     "cumulative_sum",
@@ -623,6 +625,45 @@ def multiply_into(xp: Any, a: Any, b: Any) -> Any:
             if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
                 return a.mul_(b)
     return a * b
+
+
+def multiply_add(xp: Any, acc: Any, a: Any, b: Any) -> Any:
+    """``acc + a * b`` as a new array (``acc`` is not changed).
+
+    PyTorch: ``torch.addcmul``, one kernel without the temporary product. Measured
+    for the streaming FastRPB push (torch CPU, one thread, ``(8, 32, 64) + (8, 32, 1) *
+    (8, 1, 64)``, once per decoded token): 18 us as two operations, 13 us fused.
+    """
+    if _is(xp, "torch"):
+        import torch  # already imported: xp is PyTorch's namespace
+
+        return torch.addcmul(acc, a, b)
+    return acc + a * b
+
+
+def multiply_add_into(xp: Any, acc: Any, a: Any, b: Any) -> Any:
+    """``acc + a * b``, written into ``acc``'s memory where the library allows it.
+
+    Only for an ``acc`` that the caller has just created and never reads again (a sum of
+    spectra being accumulated). Measured (torch CPU, one thread, complex64 ``(8, 64,
+    8193)`` times ``(8, 1, 8193)``): ``acc + a * b`` 197 ms, ``acc.addcmul_(a, b)`` 24 ms,
+    the two temporaries' page faults and passes over memory being most of the cost;
+    chunked FastRPB prefill sums one such product per earlier chunk. NumPy adds in
+    place (the product still allocates); everything else allocates.
+    """
+    shape = tuple(acc.shape)
+    if all(
+        len(x.shape) <= len(shape) and all(dx in (1, da) for da, dx in zip(reversed(shape), reversed(tuple(x.shape)), strict=False))
+        for x in (a, b)
+    ):
+        if _is(xp, "numpy") and isinstance(acc, np.ndarray) and acc.ndim > 0:
+            return np.add(acc, a * b, out=acc)
+        if _is(xp, "torch") and _torch_eager_tensors():
+            import torch  # already imported: acc is a torch.Tensor
+
+            if not (torch.is_grad_enabled() and (acc.requires_grad or a.requires_grad or b.requires_grad)):
+                return acc.addcmul_(a, b)
+    return acc + a * b
 
 
 def _torch_eager_tensors() -> bool:

@@ -7,16 +7,24 @@ costs O(t log t); the online scheme here costs amortised O(D log^2 t) per token
 tiling as "FutureFill", Agarwal et al. 2024, and "Flash Inference", Oncescu et al.
 2024):
 
-- offsets ``k < B`` (``B = _WINDOW``): a direct dot product of the last ``B`` values
-  with ``c_0 .. c_{B-1}`` (O(B D) per token);
-- offsets ``k`` in ``[s, 2s)`` for ``s = B, 2B, 4B, ...`` (``s < M``): the values are
+- the sequence is cut into aligned windows of ``B = _WINDOW`` tokens. ``window``
+  holds the bias of the current window's ``B`` positions accumulated so far; a new
+  token at row ``r`` *pushes* its contribution ``c_{i-r} v_t`` to the rows ``i >= r``
+  (offsets ``0 .. B - 1`` inside the window: one multiply-add of ``B D`` numbers) and
+  reads its own row. A pull (a dot product of the last ``B`` values with
+  ``c_0 .. c_{B-1}``) needs the last ``B`` values as one array each token, a copy of
+  ``B D`` numbers before the same ``B D`` products: twice the work, measured;
+- offsets ``k`` in ``[1, 2B)`` across windows: when the window ``[E - B, E)``
+  completes, one FFT of length ``4B`` convolves it with ``c_1 .. c_{2B-1}`` and
+  gives its contribution to the outputs ``E .. E + 2B - 2`` (level ``s = B``);
+- offsets ``k`` in ``[s, 2s)`` for ``s = 2B, 4B, ...`` (``s < M``): the values are
   cut into aligned blocks of ``s`` tokens; when the block ``[E - s, E)`` completes,
   one FFT of length ``2s`` convolves it with ``c_s .. c_{2s-1}`` and gives its
-  contribution to the outputs ``E .. E + 2s - 2``, all still in the future. Level
-  ``s`` keeps one pending array of those contributions; every ``B`` tokens the rows
-  of all levels for the next ``B`` positions are summed into one ``window``, so a
-  token reads one row. Each level costs O(t log s) over ``t`` tokens: O(log^2 t)
-  per token in all, never an FFT over the whole history.
+  contribution to the outputs ``E .. E + 2s - 2``, all still in the future. Each
+  level keeps one pending array of those contributions; every ``B`` tokens the rows
+  of all levels for the next ``B`` positions are summed into the new ``window``.
+  Each level costs O(t log s) over ``t`` tokens: O(log^2 t) per token in all, never
+  an FFT over the whole history.
 
 Every update builds new arrays (no array is written in place), so a state is never
 changed by a later step: it can be kept, branched, or differentiated (torch
@@ -32,9 +40,22 @@ traced function or back.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
-from ._compat import count_array, device_of, irfft, is_lazy, is_traced, jax_pytree, multiply_into, rfft
+from ._compat import (
+    count_array,
+    device_of,
+    irfft,
+    is_lazy,
+    is_traced,
+    jax_pytree,
+    multiply_add,
+    multiply_add_into,
+    multiply_into,
+    next_fast_len,
+    rfft,
+)
 from ._typing import Array, Namespace
 
 __all__ = ["RPBState", "as_dtype", "check_state", "extend", "held", "start", "step", "tokens_seen"]
@@ -53,34 +74,39 @@ class RPBState(NamedTuple):
     as ``initial_state=`` / ``state``. All arrays have the leading shape ``lead`` of
     the bias output (``broadcast(w.shape[:-1], v.shape[:-2])``) and the compute dtype
     (float32 for half-precision inputs). ``t`` below is the number of biased tokens
-    so far (tokens seen minus ``skip``), ``B = 32``, ``s`` runs over ``B, 2B, 4B, ...
-    < M``.
+    so far (tokens seen minus ``skip``), ``B = 32``, ``s`` runs over ``B`` (when
+    ``M > 1``) and ``2B, 4B, ... < M``.
 
     Online layout (eager code; ``length`` is an int, ``buffer`` and ``count`` are None):
 
     - ``blocks``: the biased values so far, in aligned blocks of ``B 2^k`` tokens (a
       binary counter: ``blocks[k]`` is a ``(..., B 2^k, D)`` array or None; oldest
       first when read from the highest ``k`` down), ``t`` rows in all with ``recent``;
-    - ``recent``: ``(..., B, D)``, the last ``B`` values, newest first (zeros before the
-      first token);
-    - ``window``: ``(..., B, D)``, the far-field bias (offsets ``>= B``) of the ``B``
-      positions of the current window, already summed;
+    - ``recent``: a tuple of the ``(..., D)`` values of the current window so far
+      (``t mod B`` of them, oldest first);
+    - ``window``: ``(..., B, D)``, the bias of the ``B`` positions of the current window
+      from every value so far, already summed;
     - ``future``: one entry per level ``s``: the ``(..., 2s - 1, D)`` contributions of the
-      completed level-``s`` blocks to the positions from the last multiple of ``s``.
+      completed level-``s`` blocks to the positions from the last multiple of ``s``;
+    - ``near``: ``(..., 2B - 1, 1)``, ``B - 1`` zeros then ``c_0 .. c_{B-1}`` (zero past
+      ``M``), the weights a token pushes into ``window`` (taken from ``w`` once).
 
     Memory: at most about ``(t + 4 min(t, M) + 2B) D`` numbers per leading index (the
-    history, the pending level contributions, two windows): O(M D), fixed by the
+    history, the pending level contributions, the window): O(M D), fixed by the
     table's ``M`` and never more.
 
     Fixed layout (inside ``jax.jit``, with Dask arrays, and after a chunk,
-    ``rpb(..., return_state=True)``;
-    ``length`` is None): ``buffer`` is the ``(..., M, D)`` array of all biased values
-    (zeros ahead), ``count`` a 0-d int32 array of the tokens seen (a NumPy one beside
-    Dask arrays: known when the state is made, read without computing anything);
-    ``M D`` numbers per leading index. Eagerly, the first ``rpb_step`` after a chunk
-    turns it into the online layout (one FFT per level, once); a chunk after a chunk
-    reads the buffer. Dask steps stay in the fixed layout (O(M D) per token, and a
-    task graph of the same size whatever ``M``).
+    ``rpb(..., return_state=True)``; ``length`` is None): ``buffer`` is the
+    ``(..., M, D)`` array of all biased values (zeros ahead), ``count`` a 0-d int32
+    array of the tokens seen (a NumPy one beside Dask arrays: known when the state is
+    made, read without computing anything); ``M D`` numbers per leading index. Eagerly
+    after a chunk the history is kept in pieces instead (the earlier chunks in
+    ``blocks``, the last one in ``buffer``, no padding) with the spectra of the chunks
+    in ``future`` (about twice the history), so that the next chunk of the same size
+    reuses them; a traced function joins and pads them. Eagerly, the first
+    ``rpb_step`` after a chunk turns it into the online layout (one FFT per level,
+    once); a chunk after a chunk reads the pieces. Dask steps stay in the fixed layout
+    (O(M D) per token, and a task graph of the same size whatever ``M``).
 
     Static fields (JAX aux data, not leaves): ``length`` (tokens seen, online layout),
     ``skip`` (the ``a`` of ``skip=(a, 0)``) and ``table_length`` (``M`` of the table
@@ -105,9 +131,10 @@ class RPBState(NamedTuple):
     """
 
     blocks: tuple
-    recent: Array
+    recent: tuple
     window: Array
     future: tuple
+    near: Array
     buffer: Array
     count: Array
     length: int | None
@@ -119,35 +146,39 @@ class RPBState(NamedTuple):
 
 
 def _make(xp: Any, **fields: Any) -> RPBState:
-    base: dict[str, Any] = {"blocks": (), "recent": None, "window": None, "future": (), "buffer": None, "count": None, "length": None}
+    base: dict[str, Any] = {
+        "blocks": (), "recent": (), "window": None, "future": (), "near": None, "buffer": None, "count": None, "length": None,
+    }
     base.update(fields)
     return RPBState(**base)
 
 
 # --------------------------------------------------------------------------- shapes
-def _levels(M: int) -> list[int]:
-    """Block sizes ``s = B, 2B, ... < M`` of the online levels."""
-    sizes, s = [], _WINDOW
+def _levels(M: int) -> list[tuple[int, int]]:
+    """Block size ``s`` and first offset of each online level: ``(B, 1)`` (the offsets
+    across windows, when ``M > 1``), then ``(s, s)`` for ``s = 2B, 4B, ... < M``."""
+    levels, s = ([(_WINDOW, 1)] if M > 1 else []), 2 * _WINDOW
     while s < M:
-        sizes.append(s)
+        levels.append((s, s))
         s *= 2
-    return sizes
+    return levels
 
 
 def _lead_of(state: RPBState) -> tuple:
-    x = state.recent if state.length is not None else state.buffer
+    x = state.window if state.length is not None else state.buffer
     return tuple(x.shape[:-2])
 
 
 def held(state: RPBState | None) -> Array | None:
-    """One array of the state (its library and device stand for all), or None."""
-    if state is None:
+    """One array of the state (its library and device stand for all), or None (also for
+    what is not a state: the checks that follow name it)."""
+    if not isinstance(state, RPBState):
         return None
-    return state.recent if state.length is not None else state.buffer
+    return state.window if state.length is not None else state.buffer
 
 
 def _width_of(state: RPBState) -> int:
-    x = state.recent if state.length is not None else state.buffer
+    x = state.window if state.length is not None else state.buffer
     return int(x.shape[-1])
 
 
@@ -192,7 +223,6 @@ def start(xp: Namespace, lead: tuple, D: int, M: int, a: int, like: Array, *, fi
         )
     return _make(
         xp,
-        recent=_zeros(xp, (*lead, _WINDOW, D), like),
         window=_zeros(xp, (*lead, _WINDOW, D), like),
         future=(None,) * len(_levels(M)),
         length=0,
@@ -207,9 +237,9 @@ def _history(xp: Any, state: RPBState, work: Any) -> Any:
     parts = [b for b in reversed(state.blocks) if b is not None]
     r = t % _WINDOW
     if r:
-        parts.append(xp.flip(state.recent[..., :r, :], axis=-2))
+        parts.append(xp.stack(state.recent, axis=-2))
     if not parts:
-        return xp.astype(state.recent[..., :0, :], work, copy=False)
+        return xp.astype(state.window[..., :0, :], work, copy=False)
     out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2)
     return xp.astype(out, work, copy=False)
 
@@ -227,9 +257,34 @@ def _length(state: RPBState) -> int:
     return state.length
 
 
+def _pieces(xp: Any, state: RPBState, work: Any) -> list[Any]:
+    """The biased values of a fixed-layout state, chronological, as pieces to concatenate.
+
+    Eagerly after chunks: ``blocks`` holds the earlier chunks' values and ``buffer`` the
+    last one's (no copy of the history per chunk); from a traced function: ``buffer`` has
+    ``M`` rows, the first ``t`` of them the history.
+    """
+    t = max(0, int(state.count) - state.skip)
+    if not state.blocks:
+        return [as_dtype(xp, state.buffer[..., :t, :], work)]
+    return [as_dtype(xp, x, work) for x in (*state.blocks, state.buffer)]
+
+
+def _joined(xp: Any, pieces: list[Any]) -> Any:
+    return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
+
+
 def _to_fixed(xp: Any, state: RPBState, work: Any) -> RPBState:
-    if state.length is None:
-        return state
+    if state.length is None:  # eagerly after a chunk: only the rows so far, and the chunk spectra
+        M = state.table_length
+        if not state.blocks and state.buffer.shape[-2] == M and not state.future:
+            return state
+        # all rows of the pieces (an eager chunk's pieces hold exactly the history; no count
+        # needed, which may be traced here)
+        hist = _joined(xp, [as_dtype(xp, x, work) for x in (*state.blocks, state.buffer)])
+        rows = hist.shape[-2]
+        pad = _zeros(xp, (*hist.shape[:-2], M - rows, hist.shape[-1]), hist)
+        return state._replace(buffer=xp.concat([hist, pad], axis=-2) if rows < M else hist, blocks=(), future=())
     hist = _history(xp, state, work)
     M = state.table_length
     pad = _zeros(xp, (*hist.shape[:-2], M - hist.shape[-2], hist.shape[-1]), hist)
@@ -245,21 +300,33 @@ def _to_fixed(xp: Any, state: RPBState, work: Any) -> RPBState:
 def _to_online(xp: Any, state: RPBState, w: Any, work: Any) -> RPBState:
     if state.length is not None:
         return state
-    length = int(state.count)
-    t = max(0, length - state.skip)
-    hist = xp.astype(state.buffer[..., :t, :], work, copy=False)
-    return _rebuild(xp, hist, w, length=length, a=state.skip)
+    hist = _joined(xp, _pieces(xp, state, work))
+    return _rebuild(xp, hist, w, length=int(state.count), a=state.skip)
 
 
 # --------------------------------------------------------------------------- online
-def _band_conv(xp: Any, x: Any, w: Any, s: int, n: int, lo: int, hi: int) -> Any:
-    """Rows ``lo:hi`` of the linear convolution of ``x (..., m, D)`` with ``c_s .. c_{2s-1}``.
+def _near_kernel(xp: Any, w: Any, M: int) -> Any:
+    """``(..., 2B - 1, 1)``: ``B - 1`` zeros, then ``c_0 .. c_{B-1}`` (zeros past ``M``).
 
-    FFT of length ``n`` (no wrap-around: ``n >= m + s - 1``), along the last axis of
-    the transposed values (contiguous transforms, as in ``bias._toeplitz``).
+    Rows ``B - 1 - r .. 2B - 2 - r`` are the weights ``c_{i-r}`` (zero for ``i < r``)
+    of the window rows ``i`` for a token at row ``r``.
+    """
+    nb = min(_WINDOW, M)
+    parts = [_zeros(xp, (*w.shape[:-1], _WINDOW - 1), w), w[..., M - 1 : M - 1 + nb]]
+    if nb < _WINDOW:
+        parts.append(_zeros(xp, (*w.shape[:-1], _WINDOW - nb), w))
+    return xp.concat(parts, axis=-1)[..., None]
+
+
+def _band_conv(xp: Any, x: Any, w: Any, d0: int, d1: int, n: int, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of the linear convolution of ``x (..., m, D)`` with ``c_{d0} .. c_{d1-1}``.
+
+    FFT of length ``n`` (no wrap-around onto the rows kept: ``n >= hi`` and ``n >= m +
+    d1 - d0 - 1``), along the last axis of the transposed values (contiguous
+    transforms, as in ``bias._toeplitz``).
     """
     M = (w.shape[-1] + 1) // 2
-    band = w[..., M - 1 + s : M - 1 + min(2 * s, M)]  # offsets s .. min(2s, M) - 1
+    band = w[..., M - 1 + d0 : M - 1 + d1]
     band_f = rfft(xp, band, n=n)[..., None, :]
     spectrum = multiply_into(xp, rfft(xp, xp.matrix_transpose(x), n=n), band_f)
     return xp.matrix_transpose(irfft(xp, spectrum, n=n, consume=True)[..., lo:hi])
@@ -284,8 +351,6 @@ def _rebuild(xp: Any, hist: Any, w: Any, *, length: int, a: int) -> RPBState:
     lead, t, D = tuple(hist.shape[:-2]), hist.shape[-2], hist.shape[-1]
     q = t // _WINDOW
     E = q * _WINDOW
-    tail = xp.flip(hist[..., max(0, t - _WINDOW) :, :], axis=-2)
-    recent = tail if tail.shape[-2] == _WINDOW else xp.concat([tail, _zeros(xp, (*lead, _WINDOW - tail.shape[-2], D), hist)], axis=-2)
     blocks: list[Any] = []
     cursor = 0
     for k in reversed(range(q.bit_length())):
@@ -297,23 +362,29 @@ def _rebuild(xp: Any, hist: Any, w: Any, *, length: int, a: int) -> RPBState:
     for k, b in blocks:
         stored[k] = b
     future: list[Any] = []
-    for s in _levels(M):
+    for s, d0 in _levels(M):
         first = (E // s) * s  # end of the last completed level-s block
         if first == 0:
             future.append(None)
             continue
         lo = max(0, first - 2 * s)
         x = hist[..., lo:first, :]
-        # rows of x start at first - 2s + (2s - m); output row i is position first + i
+        # x starts at position lo; output row i of the convolution is position lo + d0 + i,
+        # so position first + u (u < 2s - 1) is row m - d0 + u
         m = first - lo
-        future.append(_band_conv(xp, x, w, s, 3 * s, m - s, m + s - 1))
-    window = _window_rows(xp, tuple(future), E, recent)
+        future.append(_band_conv(xp, x, w, d0, min(2 * s, M), 4 * s, m - d0, m - d0 + 2 * s - 1))
+    window = _window_rows(xp, tuple(future), E, _zeros(xp, (*lead, _WINDOW, D), hist))
+    near = _near_kernel(xp, w, M)
+    recent = tuple(hist[..., E + i, :] for i in range(t - E))
+    for i, v in enumerate(recent):  # the current window's tokens push as the steps would have
+        window = window + near[..., _WINDOW - 1 - i : 2 * _WINDOW - 1 - i, :] * v[..., None, :]
     return _make(
         xp,
         blocks=tuple(stored),
         recent=recent,
         window=window,
         future=tuple(future),
+        near=near,
         length=length,
         skip=a,
         table_length=M,
@@ -325,29 +396,33 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
     t = length - a  # biased position of this token
     lead, D = _lead_of(state), v.shape[-1]
     if t < 0:  # a skipped token: no bias given or received
-        return _zeros(xp, (*lead, D), state.recent), state._replace(length=length + 1)
+        return _zeros(xp, (*lead, D), state.window), state._replace(length=length + 1)
     v = xp.broadcast_to(v, (*lead, D)) if tuple(v.shape[:-1]) != lead else v
-    recent = xp.concat([v[..., None, :], as_dtype(xp, state.recent[..., :-1, :], work)], axis=-2)
-    nb = min(_WINDOW, M)
-    taps = w[..., M - 1 : M - 1 + nb]  # offsets 0 .. nb - 1, against newest-first rows
-    near = recent if nb == _WINDOW else recent[..., :nb, :]
+    near = _near_kernel(xp, w, M) if state.near is None else state.near
     r = t % _WINDOW
-    out = (taps[..., None, :] @ near)[..., 0, :] + as_dtype(xp, state.window[..., r, :], work)
+    # push: this token's weights c_{i-r} onto the window rows i >= r (one multiply-add)
+    window = multiply_add(xp, as_dtype(xp, state.window, work), near[..., _WINDOW - 1 - r : 2 * _WINDOW - 1 - r, :], v[..., None, :])
+    out = window[..., r, :]
+    recent = (*state.recent, v)
     if r != _WINDOW - 1:
-        return out, state._replace(recent=recent, length=length + 1)
+        return out, state._replace(recent=recent, window=window, near=near, length=length + 1)
     # the aligned window [t + 1 - B, t] is complete: feed the binary counter of blocks
     E = t + 1
-    carry = xp.flip(recent, axis=-2)
+    carry = xp.stack(recent, axis=-2)
+    levels = _levels(M)
     blocks = list(state.blocks)
     future = list(state.future)
     k = 0
     while True:
         s = _WINDOW << k
-        if k < len(future):  # s < M: the block [E - s, E) reaches offsets s .. 2s - 1
-            tile = _band_conv(xp, xp.astype(carry, work, copy=False), w, s, 2 * s, 0, 2 * s - 1)
+        if k < len(levels):  # the block [E - s, E) reaches offsets d0 .. 2s - 1
+            d0 = levels[k][1]
+            # rows: position E + u is row s - d0 + u of the convolution (x starts at E - s)
+            tile = _band_conv(xp, as_dtype(xp, carry, work), w, d0, min(2 * s, M), 2 * s if d0 == s else 4 * s,
+                              s - d0, 3 * s - d0 - 1)
             old = future[k]
             if old is not None:  # the previous block's rows from E on: its rows s .. 2s - 2
-                tile = xp.concat([tile[..., : s - 1, :] + xp.astype(old[..., s:, :], work, copy=False), tile[..., s - 1 :, :]], axis=-2)
+                tile = xp.concat([tile[..., : s - 1, :] + as_dtype(xp, old[..., s:, :], work), tile[..., s - 1 :, :]], axis=-2)
             future[k] = tile
         if k < len(blocks) and blocks[k] is not None:
             carry = xp.concat([blocks[k], carry], axis=-2)
@@ -358,9 +433,9 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
             blocks.append(None)
         blocks[k] = carry
         break
-    window = _window_rows(xp, tuple(future), E, recent)
+    window = _window_rows(xp, tuple(future), E, window)
     return out, state._replace(
-        blocks=tuple(blocks), recent=recent, window=window, future=tuple(future), length=length + 1
+        blocks=tuple(blocks), recent=(), window=window, future=tuple(future), near=near, length=length + 1
     )
 
 
@@ -425,43 +500,99 @@ def step(xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tup
     return _step_online(xp, _to_online(xp, state, w, work), v, w, work)
 
 
+def _chunk_conv(xp: Any, pieces: list[Any], x: Any, w: Any, cache: tuple) -> tuple[Any, tuple]:
+    """The causal bias of a chunk ``x (..., P, D)`` after the history ``pieces`` (``T`` rows in all),
+    and the chunk spectra to keep.
+
+    The history is cut into blocks of ``P`` tokens, aligned to its end; block ``b``
+    (``b = 1, 2, ...`` back from the chunk, ``b = 0`` the chunk itself) reaches the
+    chunk at offsets ``bP - P + 1 .. bP + P - 1``, so its contribution is rows
+    ``P - 1 .. 2P - 2`` of its convolution with those ``2P - 1`` taps: a middle
+    product, exact in a circular convolution of length ``n >= 2P - 1`` (what wraps
+    around lands on rows ``< P - 1``). All blocks share ``n``, so the products are
+    summed as spectra and one inverse FFT gives the chunk: O(P log P) for the chunk's
+    own FFTs plus ``T / P`` products of spectra, never an FFT over the history. The
+    spectra of the blocks are kept (``cache``): the next chunk of the same size reuses
+    them, so ``k`` equal pieces cost about what one call does (plus the products).
+    """
+    M = (w.shape[-1] + 1) // 2
+    T, P = sum(p.shape[-2] for p in pieces), x.shape[-2]
+    n = next_fast_len(2 * P - 1)
+    lead_w = tuple(w.shape[:-1])
+
+    def spectrum(block: Any) -> Any:
+        return rfft(xp, xp.matrix_transpose(block), n=n)
+
+    aligned = T % P == 0
+    if aligned and len(cache) * P == T and all(c.shape[-1] == n // 2 + 1 for c in cache):
+        blocks = list(cache)  # oldest first
+    else:
+        blocks = []
+        hist = _joined(xp, pieces) if pieces else x[..., :0, :]
+        for end in range(T, 0, -P):  # back from the chunk; the oldest block zero-padded in front
+            part = hist[..., max(0, end - P) : end, :]
+            if part.shape[-2] < P:
+                part = xp.concat([_zeros(xp, (*part.shape[:-2], P - part.shape[-2], part.shape[-1]), part), part], axis=-2)
+            blocks.append(spectrum(part))
+        blocks.reverse()
+    own = spectrum(x)
+    taps = xp.concat([_zeros(xp, (*lead_w, P - 1), w), w[..., M - 1 : M - 1 + P]], axis=-1)  # offsets -(P-1) .. P-1, causal
+    total = own * rfft(xp, taps, n=n)[..., None, :]  # a new array: the sum accumulates into it
+    for b, block in enumerate(reversed(blocks), start=1):
+        first = b * P - P + 1  # the block's smallest offset into the chunk
+        if first >= M:
+            break  # older blocks are out of the table's reach
+        taps = w[..., M - 1 + first : min(M - 1 + first + 2 * P - 1, 2 * M - 1)]
+        total = multiply_add_into(xp, total, block, rfft(xp, taps, n=n)[..., None, :])
+    out = xp.matrix_transpose(irfft(xp, total, n=n, consume=True)[..., P - 1 : 2 * P - 1])
+    return out, (*blocks, own) if aligned else ()
+
+
 def extend(
     xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array, toeplitz: Array
 ) -> tuple[Array, RPBState]:
     """A chunk ``v (..., L, D)`` (validated, compute dtype) after ``state``; returns ``(out, state)``.
 
-    Online layout: one causal FFT over the history and the chunk (the cost of one call
-    on the whole prefix), then the online state of the longer sequence is rebuilt
-    (one FFT per level, over its last two blocks).
+    Eagerly: the history's contribution by blocks of the chunk's size, summed as
+    spectra (``_chunk_conv``); the new state is in the fixed layout with the history
+    in pieces and the chunk spectra kept, and the first ``rpb_step`` after it rebuilds
+    the online levels once. Traced: one causal FFT over the ``M``-row buffer.
     """
-    fixed = is_traced(xp, v, w) or (state is not None and is_traced(xp, state.buffer, state.recent))
+    fixed = is_traced(xp, v, w) or (state is not None and is_traced(xp, state.buffer, state.window))
     D, L = v.shape[-1], v.shape[-2]
     if state is None:
         state = start(xp, lead, D, M, a, v, fixed=fixed)
     v = xp.broadcast_to(v, (*lead, L, D))
     if fixed:
         return _extend_fixed(xp, _to_fixed(xp, state, work), v, w, work, toeplitz)
-    if state.length is None:  # the fixed layout, eagerly: its buffer is the history
+    cache: tuple = ()
+    if state.length is None:  # the fixed layout, eagerly: the history in pieces
         length = int(state.count)
-        hist = xp.astype(state.buffer[..., : max(0, length - a), :], work, copy=False)
+        pieces = [x for x in _pieces(xp, state, work) if x.shape[-2]]
+        cache = state.future
     else:
         length = _length(state)
-        hist = _history(xp, state, work)
+        pieces = [_history(xp, state, work)]
     skipped = min(L, max(0, a - length))  # tokens of this chunk still inside skip
     biased = v[..., skipped:, :]
-    t_old = hist.shape[-2]
-    full = xp.concat([hist, biased], axis=-2) if t_old else biased
-    out = toeplitz(xp, full, w, causal=True)[..., t_old:, :] if full.shape[-2] else full
+    if biased.shape[-2] == 0 or math.prod(biased.shape) == 0:
+        out = biased
+    else:
+        out, cache = _chunk_conv(xp, pieces, biased, w, cache)
     if skipped:
-        out = xp.concat([_zeros(xp, (*lead, skipped, D), full), out], axis=-2)
+        out = xp.concat([_zeros(xp, (*lead, skipped, D), v), out], axis=-2)
     # The history in the fixed layout, not the online one: rebuilding the online levels
     # costs one FFT per level (about 1.5 causal FFTs of the whole history), which a
-    # following chunk would throw away; the first rpb_step rebuilds them once.
-    pad = _zeros(xp, (*lead, M - full.shape[-2], D), full)
+    # following chunk would throw away; the first rpb_step rebuilds them once. Eagerly
+    # the history stays in pieces, one per chunk (``blocks`` and ``buffer``: joining or
+    # padding it to M rows would copy the history every chunk); ``_to_fixed`` joins and
+    # pads it when it enters a traced function. ``future`` keeps the chunks' spectra.
     return out, _make(
         xp,
-        buffer=xp.concat([full, pad], axis=-2) if full.shape[-2] < M else full,
-        count=count_array(xp, length + L, like=full),
+        blocks=tuple(x for x in pieces if x.shape[-2]),
+        buffer=biased,
+        future=cache,
+        count=count_array(xp, length + L, like=v),
         skip=a,
         table_length=M,
     )

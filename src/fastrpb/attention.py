@@ -948,6 +948,10 @@ def linear_attention_step(
         raise TypeError(f"state must be a LinearAttentionState or None, got {type(state).__name__}")
     _validate.required(q_t=q_t, k_t=k_t, v_t=v_t)
     held = {} if state is None else {"state.S": state.S, "state.z": state.z, "state.offset": state.offset}
+    if rpb is not None or (state is not None and state.rpb is not None):  # the bias term's arrays too
+        from ._online import held as _held
+
+        held = {**held, "rpb": rpb, "state.rpb": None if state is None else _held(state.rpb)}
     xp = namespace(q_t=q_t, k_t=k_t, v_t=v_t, **held, **fmap._arrays())
     lead = _validate.attention_inputs(xp, q_t, k_t, v_t, token=True)
     fmap._check_width(q_t.shape[-1], "q_t")
@@ -1018,7 +1022,9 @@ def _step_bias(xp: Any, out: Any, state: LinearAttentionState | None, v_t: Any, 
             "pass rpb= from the start of the sequence (or start from state=None)"
         )
     try:
-        term, history = _bias.rpb_step(None if state is None else state.rpb, v_t, w, skip=skip)
+        # not the public rpb_step: the namespace (w and the history included) and v_t are
+        # already checked, and those checks were a third of the bias term's cost per token
+        term, history = _bias._step(xp, None if state is None else state.rpb, v_t, w, skip)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
     return out + _as(xp, term, out.dtype), history

@@ -162,8 +162,10 @@ def rpb(
         Causal only: continue the sequence that this state ends (from
         ``return_state=True`` or ``rpb_step``); ``v`` holds the next tokens. Calls that
         pass the state along equal one call on the whole sequence, which must still
-        fit the table (``M`` biased tokens in all). The chunk costs one causal FFT
-        over the history and the chunk; token by token, use ``rpb_step``.
+        fit the table (``M`` biased tokens in all). A chunk of ``P`` tokens costs
+        FFTs of length about ``2P`` and one product of spectra per ``P`` tokens of
+        history (the state keeps the spectra of earlier chunks of the same size), so
+        ``k`` equal pieces cost about one call; token by token, use ``rpb_step``.
     return_state : bool
         Causal only: also return the ``RPBState`` after the last token.
     cu_seqlens : int array, shape (N + 1,), optional
@@ -353,6 +355,12 @@ def rpb_step(state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, i
     _validate.required(v_t=v_t, w=w)
     xp = namespace(v_t=v_t, w=w, state=_online.held(state))
     _validate.values(xp, "v_t", v_t, ndim=1)
+    return _step(xp, state, v_t, w, skip)
+
+
+def _step(xp: Any, state: RPBState | None, v_t: Any, w: Any, skip: Any) -> tuple[Any, RPBState]:
+    """``rpb_step`` after its namespace and ``v_t`` checks (``linear_attention_step`` makes
+    those for its own inputs, ``w`` and the state included, and calls this directly)."""
     M = _validate.table(xp, "w", w)
     a = (0 if state is None else state.skip) if skip is None else _check_stream(True, skip, state, True)
     lead = tuple(v_t.shape[:-1])
