@@ -556,9 +556,11 @@ def extend(
     Eagerly: the history's contribution by blocks of the chunk's size, summed as
     spectra (``_chunk_conv``); the new state is in the fixed layout with the history
     in pieces and the chunk spectra kept, and the first ``rpb_step`` after it rebuilds
-    the online levels once. Traced: one causal FFT over the ``M``-row buffer.
+    the online levels once. Traced and Dask (``is_lazy``): one causal FFT over the
+    ``M``-row buffer; the eager blocks, one per ``L`` tokens of history, would give
+    Dask a graph that grows with the history.
     """
-    fixed = is_traced(xp, v, w) or (state is not None and is_traced(xp, state.buffer, state.window))
+    fixed = is_lazy(xp, v, w) or (state is not None and is_traced(xp, state.buffer, state.window))
     D, L = v.shape[-1], v.shape[-2]
     if state is None:
         state = start(xp, lead, D, M, a, v, fixed=fixed)
