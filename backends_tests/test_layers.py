@@ -911,7 +911,7 @@ def test_lma_in_transformer_encoder_layer(tb, rng):
         loss = ((enc(x, src_key_padding_mask=pad) - target) ** 2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert lma.rpb.table.grad is not None
     assert float(lma.rpb.table.grad.abs().sum()) > 0
@@ -945,7 +945,7 @@ def test_lma_in_transformer_decoder_layer(tb, rng):
         loss = ((dec(tgt, memory, tgt_mask=mask) - target) ** 2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     # causal: an output never depends on later target tokens
     later = tgt.clone()
