@@ -825,9 +825,17 @@ def cumulative_max(xp: Any, x: Any, axis: int) -> Any:
         # running maximum per block, on the axis held whole, keeps one task per block.
         whole = _dask_whole(xp, x, axis)
         return whole.map_blocks(_running_max_block, axis=axis % x.ndim, dtype=x.dtype)
+    # Each pass updates only positions s.. (the head is already final) and joins the
+    # head back with one concat: torch, L = 16,384, sikf, chunks of 64, the shift-and-
+    # fill form (a filled copy plus a full maximum) cost 1.21 s per causal call against
+    # 0.65 s in this slice form (2026-11-30; rescaled_scan below has the same change).
+    n = x.shape[axis]
+    tail = (slice(None),) * (-axis - 1)
     s = 1
-    while s < x.shape[axis]:
-        x = xp.maximum(x, shift(xp, x, s, axis, -math.inf))
+    while s < n:
+        head = x[(..., slice(0, s)) + tail]
+        rest = xp.maximum(x[(..., slice(s, n)) + tail], x[(..., slice(0, n - s)) + tail])
+        x = xp.concat([head, rest], axis=axis)
         s *= 2
     return x
 
@@ -856,10 +864,14 @@ def rescaled_scan(xp: Any, X: Any, R: Any, R_safe: Any) -> Any:
             return rescaled_scan(bxp, x, r[..., 0], r_safe[..., 0])
 
         return _dask_map(block, X, R3, S3)
+    # As in cumulative_max: only chunks s.. change in a pass (the shifted-in chunks
+    # before them are zero), so the pass works on the tail and joins the head back.
+    N = X.shape[-3]
     s = 1
-    while s < X.shape[-3]:
-        decay = xp.exp(shift(xp, R, s, -2, -math.inf) - R_safe)
-        X = X + decay[..., None] * shift(xp, X, s, -3, 0.0)
+    while s < N:
+        decay = xp.exp(R[..., : N - s, :] - R_safe[..., s:, :])
+        rest = X[..., s:, :, :] + decay[..., None] * X[..., : N - s, :, :]
+        X = xp.concat([X[..., :s, :, :], rest], axis=-3)
         s *= 2
     return X
 
