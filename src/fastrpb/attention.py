@@ -193,6 +193,11 @@ def _unchunk(xp: Any, y: Any, L: int) -> Any:
     return y[..., :L, :]
 
 
+def _zero_padding(xp: Any, x: Any, key_mask: Any) -> Any:
+    """``x (..., Lk, D)`` with the rows of padding keys (``key_mask`` False) set to 0."""
+    return xp.where(key_mask[..., None], x, xp.zeros((), dtype=x.dtype, device=device_of(x)))
+
+
 def _mask_values(xp: Any, v: Any, key_mask: Any, *, bias: bool) -> Any:
     """``v`` with the values of padding keys zeroed, where they could reach an output.
 
@@ -204,7 +209,7 @@ def _mask_values(xp: Any, v: Any, key_mask: Any, *, bias: bool) -> Any:
     """
     if key_mask is None or (not bias and known_finite(xp, v)):
         return v
-    return xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+    return _zero_padding(xp, v, key_mask)
 
 
 def _mask_keys(xp: Any, k: Any, key_mask: Any) -> Any:
@@ -218,7 +223,7 @@ def _mask_keys(xp: Any, k: Any, key_mask: Any) -> Any:
     """
     if key_mask is None or known_finite(xp, k):
         return k
-    return xp.where(key_mask[..., None], k, xp.zeros((), dtype=k.dtype, device=device_of(k)))
+    return _zero_padding(xp, k, key_mask)
 
 
 def _tril_product(xp: Any, scores: Any, v: Any, *, masked: bool = False) -> Any:
@@ -265,7 +270,7 @@ def _features(xp: Any, fmap: FeatureMap, q: Any, k: Any, key_mask: Any) -> tuple
             f"{fk.shape[-1]}; they must match"
         )
     if key_mask is not None:
-        fk = xp.where(key_mask[..., None], fk, xp.zeros((), dtype=fk.dtype, device=device_of(fk)))
+        fk = _zero_padding(xp, fk, key_mask)
     return fq, fk
 
 
@@ -825,7 +830,7 @@ def _packed_bias(xp: Any, out: Any, v: Any, key_mask: Any, rpb: Any, rpb_skip: A
     if rpb is None:
         return out
     if key_mask is not None:
-        v = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
+        v = _zero_padding(xp, v, key_mask)
     try:
         term = _packing.packed_rpb(xp, v, rpb, causal=causal, skip=rpb_skip, cu_seqlens=cu_seqlens)
     except (TypeError, ValueError) as exc:
