@@ -151,6 +151,57 @@ def test_cumulative_max(backend, rng, axis):
     np.testing.assert_array_equal(got, np.maximum.accumulate(xn, axis=axis))
 
 
+# (n, slice size): few positions and large slices scan in order on eager CPU arrays,
+# many small ones with the odd-even schedule (JAX always); odd n has an unpaired end
+SCHEDULES = [(1, 3), (2, 3), (5, 3), (33, 3), (100, 2), (40, 1024)]
+
+
+@pytest.mark.parametrize(("n", "width"), SCHEDULES)
+def test_associative_scan_composes_in_order(backend, rng, n, width):
+    """An operator that does not commute (composing affine maps ``h -> a h + b``): each
+    position is the composition of every map up to it, earliest first."""
+    from fastrpb._compat import associative_scan
+
+    xp = backend.xp
+    an, bn = rng.uniform(0.5, 1.5, (n, width)), rng.standard_normal((n, width))
+    expected = np.empty_like(bn)
+    h = np.zeros(width)
+    for i in range(n):
+        h = an[i] * h + bn[i]
+        expected[i] = h
+
+    def compose(first, then):
+        return (first[0] * then[0], then[0] * first[1] + then[1])
+
+    got = associative_scan(xp, compose, (backend.asarray(an), backend.asarray(bn)), -2)
+    np.testing.assert_allclose(backend.to_numpy(got[1]), expected, rtol=1e-12, atol=1e-12)
+    got = backend.to_numpy(associative_scan(xp, lambda a, b: (xp.maximum(a[0], b[0]),), (backend.asarray(bn),), -2)[0])
+    np.testing.assert_array_equal(got, backend.to_numpy(backend.asarray(np.maximum.accumulate(bn, axis=0))))
+
+
+@pytest.mark.parametrize("N", [1, 2, 7, 40])
+def test_rescaled_scan(backend, rng, N):
+    """``X_n = sum_{m <= n} exp(R_m - R_n) X_m`` against the float64 double sum, with
+    features whose running maximum starts at ``-inf`` (no key yet)."""
+    from fastrpb._compat import rescaled_scan
+
+    F, D = 3, 2
+    Xn = rng.standard_normal((2, N, F, D))
+    Rn = np.maximum.accumulate(rng.standard_normal((2, N, F)) * 20, axis=1)
+    Rn[:, : N // 2, 0] = -np.inf
+    Xn[:, : N // 2, 0] = 0.0  # no key in the frame -inf: a zero state
+    safe = np.where(np.isfinite(Rn), Rn, 0.0)
+    expected = np.zeros_like(Xn)
+    for n in range(N):
+        for m in range(n + 1):
+            with np.errstate(invalid="ignore"):
+                factor = np.where(np.isfinite(Rn[:, m]), np.exp(Rn[:, m] - safe[:, n]), 0.0)
+            expected[:, n] += factor[..., None] * Xn[:, m]
+    R = backend.asarray(Rn)
+    got = rescaled_scan(backend.xp, backend.asarray(Xn), R, backend.asarray(safe))
+    np.testing.assert_allclose(backend.to_numpy(got), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("before", "after", "axis", "value"),
     [pytest.param(2, 1, -2, 0.0, id="rows"), pytest.param(0, 3, -1, -np.inf, id="end-neg-inf"), pytest.param(1, 0, -3, 5.0, id="start")],

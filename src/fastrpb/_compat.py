@@ -43,12 +43,15 @@ __all__ = [
     "elu_plus_one",
     "softmax",
     "multiply_into",
+    "add_into",
+    "tril_into",
     "multiply_add_into",
     "multiply_add",
     "known_finite",
     "split_nonfinite",
     "cumulative_sum",
     "cumulative_max",
+    "exclusive_sum",
     "wider_float",
     "shift",
     "pad_axis",
@@ -601,6 +604,33 @@ def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False)
     return xp.cumulative_sum(x, axis=axis, include_initial=include_initial)
 
 
+def exclusive_sum(xp: Any, x: Any, axis: int) -> tuple[Any, Any]:
+    """The total of ``x`` along a negative ``axis`` and its exclusive prefix sum
+    (position ``n`` holds the sum of positions ``< n``), contiguous.
+
+    Eager arrays on a CPU (``associative_scan``'s rule) add one slice at a time and
+    stack the partial sums; elsewhere the running sum of ``x`` shifted by one. The
+    causal chunk states of PyTorch, (1, 8, 256, 64, 65) float32 along the chunk axis,
+    one thread: 25 ms in order against 48 ms for ``torch.cumsum`` of the shifted copy,
+    and 24 against 129 ms at width 64, where ``torch.cumsum``'s stride is a power of
+    two (2026-11-30).
+    """
+    n = x.shape[axis]
+    ax = axis % x.ndim
+
+    def at(i: int) -> Any:
+        return x[tuple(i if d == ax else slice(None) for d in range(x.ndim))]
+
+    if _in_order(xp, x, n):
+        partial = [xp.zeros_like(at(0))]
+        for i in range(n - 1):
+            partial.append(partial[-1] + at(i))
+        return partial[-1] + at(n - 1), xp.stack(partial, axis=ax)
+    before = cumulative_sum(xp, shift(xp, x, 1, axis, 0.0), axis=axis)
+    last = tuple(slice(n - 1, n) if d == ax else slice(None) for d in range(x.ndim))
+    return xp.squeeze(before[last] + x[last], axis=axis), before
+
+
 def multiply_into(xp: Any, a: Any, b: Any) -> Any:
     """``a * b``, written into ``a``'s memory where the library allows it.
 
@@ -625,6 +655,44 @@ def multiply_into(xp: Any, a: Any, b: Any) -> Any:
             if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
                 return a.mul_(b)
     return a * b
+
+
+def _in_place(xp: Any, *arrays: Any) -> str | None:
+    """``"numpy"``/``"torch"`` where an array just created may be overwritten: NumPy,
+    and PyTorch outside ``torch.func``/``torch.compile`` when no gradient is recorded
+    through these arrays; ``None`` elsewhere (the caller allocates)."""
+    if _is(xp, "numpy") and all(isinstance(x, np.ndarray) and x.ndim > 0 for x in arrays):
+        return "numpy"
+    if _is(xp, "torch") and _torch_eager_tensors():
+        import torch  # already imported: the arrays are torch tensors
+
+        if not (torch.is_grad_enabled() and any(x.requires_grad for x in arrays)):
+            return "torch"
+    return None
+
+
+def add_into(xp: Any, acc: Any, b: Any) -> Any:
+    """``acc + b`` (same shape), written into ``acc``'s memory where the library allows
+    it: for an ``acc`` the caller has just created and never reads again. Causal linear
+    attention adds the cross-chunk product to the in-chunk one; allocating a third
+    array of the output's size cost PyTorch 8 ms of a 305 ms call (one thread, L =
+    16,384, 8 x 64, float32, 2026-11-30)."""
+    kind = _in_place(xp, acc, b) if tuple(acc.shape) == tuple(b.shape) else None
+    if kind == "numpy":
+        return np.add(acc, b, out=acc)
+    if kind == "torch":
+        return acc.add_(b)
+    return acc + b
+
+
+def tril_into(xp: Any, x: Any) -> Any:
+    """``xp.tril(x)``, written into ``x``'s memory where the library allows it (as
+    ``add_into``): the chunk scores of causal attention, PyTorch 22 ms of 305 copying
+    (same call as ``add_into``)."""
+    kind = _in_place(xp, x)
+    if kind == "torch":
+        return x.tril_()
+    return xp.tril(x)
 
 
 def multiply_add(xp: Any, acc: Any, a: Any, b: Any) -> Any:
@@ -808,40 +876,86 @@ def pad_chunks(xp: Any, x: Any, length: int, C: int, fill: float) -> Any:
     return xp.reshape(x, (*x.shape[:-2], length // C, C, x.shape[-1]))
 
 
-def cumulative_max(xp: Any, x: Any, axis: int) -> Any:
-    """Inclusive running maximum along a negative ``axis``, by doubling (``log2 n`` passes).
+def associative_scan(xp: Any, combine: Callable[[tuple, tuple], tuple], elems: tuple, axis: int) -> tuple:
+    """Inclusive scan of an associative ``combine`` along a negative ``axis``.
 
-    The standard has ``cumulative_sum`` but no cumulative maximum. The native scans
-    were measured slower where fastrpb uses this (causal linear attention, L = 1,024,
-    chunks of 64, (2, 4, 16, 64, 64) float32, along the chunk's token axis):
-    ``numpy.maximum.accumulate`` 5.6 against 1.8-3.4 ms, ``torch.cummax`` 7.0-8.3
-    against 2.8-3.7 ms, ``jax.lax.cummax`` under ``jit`` 6.6 against 1.7 ms
-    (2026-11-30), so every library uses the doubling. (A lazy library such as Dask
-    would rather have a native scan: the doubling adds ``log2 n`` graph layers.)
+    ``elems`` is a tuple of arrays with the scanned axis at the same position;
+    ``combine(a, b)`` takes two such tuples (``a`` the earlier) and returns one. The
+    standard has ``cumulative_sum`` only; running maxima and the rescaled sums of
+    causal attention need other operators (as ``jax.lax.associative_scan`` takes).
+    Two portable schedules, chosen by where the arrays run:
+
+    - eager arrays on a CPU (NumPy, PyTorch outside ``torch.compile``): one pass in
+      order, ``n - 1`` combines of single slices, each of which stays in the cache;
+    - anything traced or on an accelerator (JAX, ``torch.compile``, CUDA): the
+      odd-even (Ladner-Fischer) scan, ``O(n)`` work in ``2 log2 n`` array steps.
+
+    Both replace a doubling scan (``log2 n`` full passes, ``O(n log n)`` work).
+    Measured 2026-11-30 on 2 CPU cores, float32, (1, 8, 256, 64, 65) rescaled chunk
+    states along the chunk axis: PyTorch (one thread) doubling 230 ms, odd-even 84,
+    in order 13; JAX ``jit`` doubling 100, odd-even 27 (``lax.associative_scan`` 30,
+    ``lax.scan`` 18, but the order of a ``lax.scan`` is native to JAX only). Running
+    maximum along the 64 tokens of (1, 8, 256, 64, 64): PyTorch doubling 151 ms,
+    odd-even 38, in order 9.5 (``torch.cummax`` 228); JAX doubling 64, odd-even 16
+    (``lax.cummax`` 46).
+    """
+    n = elems[0].shape[axis]
+    if n < 2:
+        return elems
+    ax = axis % elems[0].ndim
+
+    def take(x: Any, start: int | None, stop: int | None = None, step: int | None = None) -> Any:
+        return x[tuple(slice(start, stop, step) if d == ax else slice(None) for d in range(x.ndim))]
+
+    if _in_order(xp, elems[0], n):
+        out = [tuple(take(x, 0, 1) for x in elems)]
+        for i in range(1, n):
+            out.append(combine(out[-1], tuple(take(x, i, i + 1) for x in elems)))
+        return tuple(xp.concat([o[j] for o in out], axis=axis) for j in range(len(elems)))
+    # odd-even: pair (2k, 2k + 1), scan the pairs, then fix up the even positions
+    m = n // 2
+    evens = tuple(take(x, 0, None, 2) for x in elems)
+    odds = tuple(take(x, 1, None, 2) for x in elems)
+    at_odds = associative_scan(xp, combine, combine(tuple(take(e, 0, m) for e in evens), odds), axis)
+    at_evens = combine(tuple(take(o, 0, (n - 1) // 2) for o in at_odds), tuple(take(e, 1) for e in evens))
+    result = []
+    for first, even, odd in zip(evens, at_evens, at_odds, strict=True):
+        even = xp.concat([take(first, 0, 1), even], axis=axis)
+        pairs = xp.stack([take(even, 0, m), odd], axis=ax + 1)  # (..., m, 2, ...)
+        shape = list(odd.shape)
+        shape[ax] = 2 * m
+        joined = xp.reshape(pairs, tuple(shape))
+        result.append(xp.concat([joined, take(even, m)], axis=axis) if n % 2 else joined)
+    return tuple(result)
+
+
+def _in_order(xp: Any, x: Any, n: int) -> bool:
+    """Whether ``associative_scan`` should combine in order: eager arrays on a CPU,
+    with slices large enough (or few enough) that a Python step per position costs
+    less than the odd-even scan's passes over the whole array."""
+    if not (n <= 32 or math.prod(x.shape) // n >= 1024):
+        return False
+    if _is(xp, "numpy"):
+        return True
+    if _is(xp, "torch"):
+        return bool(x.device.type == "cpu") and not _compiling()
+    return False
+
+
+def cumulative_max(xp: Any, x: Any, axis: int) -> Any:
+    """Inclusive running maximum along a negative ``axis`` (``associative_scan``).
+
+    The standard has ``cumulative_sum`` but no cumulative maximum, and the native
+    scans were measured slower (see ``associative_scan``; ``numpy.maximum.accumulate``
+    5.6 against 1.8-3.4 ms for the doubling scan on (2, 4, 16, 64, 64), 2026-11-30).
     """
     if _is(xp, "dask"):
-        # Dask: the doubling's shifted slices and concats split the axis into ever more
-        # chunks (L = 1,024 gave one task per token, 26,213 in all); one native
-        # running maximum per block, on the axis held whole, keeps one task per block.
+        # Dask: the scan's slices and concats split the axis into ever more chunks
+        # (L = 1,024 gave one task per token, 26,213 in all); one running maximum per
+        # block, on the axis held whole, keeps one task per block.
         whole = _dask_whole(xp, x, axis)
         return whole.map_blocks(_running_max_block, axis=axis % x.ndim, dtype=x.dtype)
-    # Each pass updates only positions s.. (the head is already final) and joins the
-    # head back with one concat: torch, L = 16,384, sikf, chunks of 64, the shift-and-
-    # fill form (a filled copy plus a full maximum) cost 1.21 s per causal call against
-    # 0.65 s in this slice form (2026-11-30; rescaled_scan below has the same change).
-    n = x.shape[axis]
-    ax = axis % x.ndim
-
-    def part(start: int, stop: int) -> tuple[slice, ...]:
-        return tuple(slice(start, stop) if d == ax else slice(None) for d in range(x.ndim))
-
-    s = 1
-    while s < n:
-        head = x[part(0, s)]
-        rest = xp.maximum(x[part(s, n)], x[part(0, n - s)])
-        x = xp.concat([head, rest], axis=axis)
-        s *= 2
-    return x
+    return associative_scan(xp, lambda a, b: (xp.maximum(a[0], b[0]),), (x,), axis)[0]
 
 
 def rescaled_scan(xp: Any, X: Any, R: Any, R_safe: Any) -> Any:
@@ -850,13 +964,15 @@ def rescaled_scan(xp: Any, X: Any, R: Any, R_safe: Any) -> Any:
     The rescaled prefix sum of causal linear attention with an exponential feature map
     (``attention._causal_exp``): ``X (..., N, F, Dv + 1)`` holds chunk states, chunk
     ``n`` in the frame of ``R (..., N, F)``, the running maximum of the key
-    log-features (``R_safe``: ``R`` with ``-inf`` as 0). Portable version: a doubling
-    scan, ``log2 N`` passes of shifted products, every factor ``<= 1``.
+    log-features (``R_safe``: ``R`` with ``-inf`` as 0). An ``associative_scan`` of
+    ``(X, R)`` pairs: joining a block that ends at ``m`` to a later one that ends at
+    ``n`` scales the first by ``exp(R_m - R_n) <= 1`` (one ``exp`` of a difference,
+    never a product of factors), so no sum overflows.
 
-    Dask: the doubling's shifts split the chunk axis into ever more chunks, and its
-    ``log2 N`` passes make the graph grow with ``L``; the same scan runs instead once
-    per block (the chunk, feature and value axes held whole, the leading axes keep
-    their chunks), on the block's own arrays: one task per leading chunk.
+    Dask: the scan's slices split the chunk axis into ever more chunks and its steps
+    make the graph grow with ``L``; the same scan runs instead once per block (the
+    chunk, feature and value axes held whole, the leading axes keep their chunks), on
+    the block's own arrays: one task per leading chunk.
     """
     if _is(xp, "dask"):
         X = _dask_whole(xp, X, (-3, -2, -1))
@@ -868,16 +984,11 @@ def rescaled_scan(xp: Any, X: Any, R: Any, R_safe: Any) -> Any:
             return rescaled_scan(bxp, x, r[..., 0], r_safe[..., 0])
 
         return _dask_map(block, X, R3, S3)
-    # As in cumulative_max: only chunks s.. change in a pass (the shifted-in chunks
-    # before them are zero), so the pass works on the tail and joins the head back.
-    N = X.shape[-3]
-    s = 1
-    while s < N:
-        decay = xp.exp(R[..., : N - s, :] - R_safe[..., s:, :])
-        rest = X[..., s:, :, :] + decay[..., None] * X[..., : N - s, :, :]
-        X = xp.concat([X[..., :s, :, :], rest], axis=-3)
-        s *= 2
-    return X
+
+    def join(a: tuple, b: tuple) -> tuple:
+        return (xp.exp(a[1] - b[2]) * a[0] + b[0], b[1], b[2])
+
+    return associative_scan(xp, join, (X, R[..., None], R_safe[..., None]), -3)[0]
 
 
 def _dask_map(fn: Any, *arrays: Any) -> Any:

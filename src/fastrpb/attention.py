@@ -51,13 +51,16 @@ from typing import Any, NamedTuple
 from . import _packing, _validate
 from . import bias as _bias
 from ._compat import (
+    add_into,
     compute_dtype,
     cumulative_sum,
     device_of,
+    exclusive_sum,
     jax_pytree,
     known_finite,
     namespace,
     split_nonfinite,
+    tril_into,
     wider_float,
 )
 from ._compat import cumulative_max as _cummax
@@ -331,10 +334,13 @@ def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple
     ``den_i = phi(q_i) . sum_{j <= i} phi(k_j)``:
 
     - non-negative features: the row sums of ``A_n`` plus ``Qc_n z_{<n}`` (the exclusive
-      prefix of the chunks' key-feature sums, a last column of the states). Every term is ``>= 0``, so the two parts
+      prefix of the chunks' key-feature sums). Every term is ``>= 0``, so the two parts
       cannot cancel; this drops the per-token prefix of the key features (a strided
       running sum over ``(..., N, C, F)``, 27 % of the call with PyTorch at L = 16,384,
-      F = Dv = 64, measured 2026-11-30) and its elementwise dot products;
+      F = Dv = 64, measured 2026-11-30) and its elementwise dot products. ``z`` is kept
+      apart from the states: riding along as their last column it cost a copy of the
+      states and an odd-width product (PyTorch, one thread, L = 16,384, ELU: 360 ms
+      against 305 ms for the call, 2026-11-30, with ``exclusive_sum`` in order);
     - signed features (``rff``, ``taylor``, a callable): one dot product per query with
       the inclusive prefix of the key features (``_causal_normaliser``), never the sum
       of an in-chunk and a cross-chunk part, which cancel.
@@ -344,39 +350,28 @@ def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple
     qc = _pad_chunks(xp, fq, length, C, 0.0)
     kc = _pad_chunks(xp, fk, length, C, 0.0)  # padding keys have zero features
     vc = _pad_chunks(xp, v, length, C, 0.0)
-    scores = xp.tril(xp.matmul(qc, xp.matrix_transpose(kc)))
+    scores = tril_into(xp, xp.matmul(qc, xp.matrix_transpose(kc)))
     y = _tril_product(xp, scores, vc, masked=True)
     states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv)
-    Dv = v.shape[-1]
-    if not signed:
-        # [S_n, z_n]: the chunks' key-feature sums ride along as one more column, so one
-        # prefix sum and one product serve both; the odd width also keeps PyTorch's
-        # running sum off a power-of-two stride (4x slower at F = Dv = 64: 300 against
-        # 75 ms for (1, 8, 256, 64, 64 or 65), measured 2026-11-30)
-        states = xp.concat([states, xp.sum(kc, axis=-2)[..., None]], axis=-1)
     final, before = _exclusive_prefix(xp, states, -3)
+    if before is not None:
+        y = add_into(xp, y, xp.matmul(qc, before))
     if signed:
-        if before is not None:
-            y = y + xp.matmul(qc, before)
         den, z = _causal_normaliser(xp, fq, fk)
         return _unchunk(xp, y, L), den, final, z
     den = xp.sum(scores, axis=-1, keepdims=True)
-    if before is not None:
-        cross = xp.matmul(qc, before)
-        y, den = y + cross[..., :Dv], den + cross[..., Dv:]
-    return _unchunk(xp, y, L), _unchunk(xp, den, L), final[..., :Dv], final[..., Dv]
+    z, z_before = _exclusive_prefix(xp, xp.sum(kc, axis=-2), -2)  # the chunks' key-feature sums
+    if z_before is not None:
+        den = den + xp.matmul(qc, z_before[..., None])
+    return _unchunk(xp, y, L), _unchunk(xp, den, L), final, z
 
 
 def _exclusive_prefix(xp: Any, x: Any, axis: int) -> tuple[Any, Any]:
     """The total of ``x`` along the chunk ``axis`` and its exclusive prefix sum (``None``
-    for one chunk). The prefix is taken of the shifted ``x``, so it comes out contiguous
-    (PyTorch copies a sliced ``[:-1]`` of an inclusive prefix before every product)."""
+    for one chunk)."""
     if x.shape[axis] == 1:
         return xp.squeeze(x, axis=axis), None
-    before = cumulative_sum(xp, _shift(xp, x, 1, axis, 0.0), axis=axis)
-    last: list[Any] = [slice(None)] * x.ndim
-    last[axis] = -1
-    return before[tuple(last)] + x[tuple(last)], before
+    return exclusive_sum(xp, x, axis)
 
 
 def _causal_normaliser(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
@@ -477,13 +472,13 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
         eps_rows = eps * xp.exp(s - m)
     else:
         eps_rows = 0.0
-    y = _tril_product(xp, xp.matmul(qc, xp.matrix_transpose(kc)), vc)
+    y = _tril_product(xp, tril_into(xp, xp.matmul(qc, xp.matrix_transpose(kc))), vc, masked=True)
     X = xp.matmul(xp.matrix_transpose(kc), vc)  # chunk states, chunk n in frame R_n
     X = _rescaled_scan(xp, X, R, R_safe)  # engines: the scan lives in _compat (a Dask path)
     if X.shape[-3] > 1:
         carried = _shift(xp, X, 1, -3, 0.0)  # chunk n-1's inclusive state, frame R_{n-1}
         rescale = xp.exp(_shift(xp, R, 1, -2, -math.inf) - R_safe)  # to frame R_n
-        y = y + xp.matmul(qc, rescale[..., None] * carried)
+        y = add_into(xp, y, xp.matmul(qc, rescale[..., None] * carried))
     eps_rows = _unchunk(xp, eps_rows, L) if running is not None else eps_rows
     log_scale = _unchunk(xp, m + top, L)
     return _unchunk(xp, y, L), eps_rows, X[..., -1, :, :], R[..., -1, :], log_scale
