@@ -52,6 +52,7 @@ from . import _packing, _validate
 from . import bias as _bias
 from ._compat import (
     add_into,
+    associative_scan,
     compute_dtype,
     cumulative_sum,
     device_of,
@@ -413,17 +414,16 @@ def _split(x: Any) -> tuple[Any, Any]:
 
 def _compensated_den(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
     """``_causal_normaliser`` for signed features without ``float64``: the prefix as an
-    unevaluated sum ``hi + lo`` (doubling scan of TwoSums, log2 L passes) and the dot
+    unevaluated sum ``hi + lo`` (an ``associative_scan`` of TwoSums) and the dot
     product with Dekker's exact products summed by a pairwise TwoSum tree (Ogita, Rump
     & Oishi 2005, "Accurate sum and dot product", SIAM J. Sci. Comput.)."""
-    hi, lo = fk, xp.zeros_like(fk)
-    s = 1
-    while s < hi.shape[-2]:
-        t, e = _two_sum(xp, hi, _shift(xp, hi, s, -2, 0.0))
-        lo = lo + _shift(xp, lo, s, -2, 0.0) + e
+    def join(a: tuple, b: tuple) -> tuple:
+        t, e = _two_sum(xp, a[0], b[0])
+        lo = a[1] + b[1] + e
         hi = t + lo
-        lo = lo - (hi - t)
-        s *= 2
+        return hi, lo - (hi - t)
+
+    hi, lo = associative_scan(xp, join, (fk, xp.zeros_like(fk)), -2)
     qh, ql = _split(fq)
     zh, zl = _split(hi)
     p = fq * hi
