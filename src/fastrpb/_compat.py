@@ -643,41 +643,43 @@ def multiply_into(xp: Any, a: Any, b: Any) -> Any:
     elements than the batched product: an in-place ``mul_`` is an error there);
     everything else allocates.
     """
-    shape = tuple(a.shape)
-    if len(b.shape) <= len(shape) and all(
-        db in (1, da) for da, db in zip(reversed(shape), reversed(tuple(b.shape)), strict=False)
-    ):
-        if _is(xp, "numpy") and isinstance(a, np.ndarray) and a.ndim > 0:
-            return np.multiply(a, b, out=a)
-        if _is(xp, "torch") and _torch_eager_tensors():
-            import torch  # already imported: a is a torch.Tensor
-
-            if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
-                return a.mul_(b)
+    kind = _in_place(xp, a, b)
+    if kind == "numpy":
+        return np.multiply(a, b, out=a)
+    if kind == "torch":
+        return a.mul_(b)
     return a * b
 
 
-def _in_place(xp: Any, *arrays: Any) -> str | None:
-    """``"numpy"``/``"torch"`` where an array just created may be overwritten: NumPy,
-    and PyTorch outside ``torch.func``/``torch.compile`` when no gradient is recorded
-    through these arrays; ``None`` elsewhere (the caller allocates)."""
-    if _is(xp, "numpy") and all(isinstance(x, np.ndarray) and x.ndim > 0 for x in arrays):
+def _in_place(xp: Any, target: Any, *operands: Any) -> str | None:
+    """``"numpy"``/``"torch"`` where ``target`` (an array just created) may be
+    overwritten by an operation with ``operands``, ``None`` where the caller must
+    allocate: the operands broadcast to ``target``'s shape, and ``target`` is a NumPy
+    array, or a PyTorch tensor outside ``torch.func``/``torch.compile`` with no
+    gradient recorded through any of the arrays."""
+    shape = tuple(target.shape)
+    for x in operands:
+        if len(x.shape) > len(shape) or any(
+            dx not in (1, dt) for dt, dx in zip(reversed(shape), reversed(tuple(x.shape)), strict=False)
+        ):
+            return None
+    if _is(xp, "numpy") and isinstance(target, np.ndarray) and target.ndim > 0:
         return "numpy"
     if _is(xp, "torch") and _torch_eager_tensors():
         import torch  # already imported: the arrays are torch tensors
 
-        if not (torch.is_grad_enabled() and any(x.requires_grad for x in arrays)):
+        if not (torch.is_grad_enabled() and any(x.requires_grad for x in (target, *operands))):
             return "torch"
     return None
 
 
 def add_into(xp: Any, acc: Any, b: Any) -> Any:
-    """``acc + b`` (same shape), written into ``acc``'s memory where the library allows
+    """``acc + b`` (``b`` broadcast to ``acc``), written into ``acc``'s memory where the library allows
     it: for an ``acc`` the caller has just created and never reads again. Causal linear
     attention adds the cross-chunk product to the in-chunk one; allocating a third
     array of the output's size cost PyTorch 8 ms of a 305 ms call (one thread, L =
     16,384, 8 x 64, float32, 2026-11-30)."""
-    kind = _in_place(xp, acc, b) if tuple(acc.shape) == tuple(b.shape) else None
+    kind = _in_place(xp, acc, b)
     if kind == "numpy":
         return np.add(acc, b, out=acc)
     if kind == "torch":
@@ -719,18 +721,11 @@ def multiply_add_into(xp: Any, acc: Any, a: Any, b: Any) -> Any:
     chunked FastRPB prefill sums one such product per earlier chunk. NumPy adds in
     place (the product still allocates); everything else allocates.
     """
-    shape = tuple(acc.shape)
-    if all(
-        len(x.shape) <= len(shape) and all(dx in (1, da) for da, dx in zip(reversed(shape), reversed(tuple(x.shape)), strict=False))
-        for x in (a, b)
-    ):
-        if _is(xp, "numpy") and isinstance(acc, np.ndarray) and acc.ndim > 0:
-            return np.add(acc, a * b, out=acc)
-        if _is(xp, "torch") and _torch_eager_tensors():
-            import torch  # already imported: acc is a torch.Tensor
-
-            if not (torch.is_grad_enabled() and (acc.requires_grad or a.requires_grad or b.requires_grad)):
-                return acc.addcmul_(a, b)
+    kind = _in_place(xp, acc, a, b)
+    if kind == "numpy":
+        return np.add(acc, a * b, out=acc)
+    if kind == "torch":
+        return acc.addcmul_(a, b)
     return acc + a * b
 
 
