@@ -72,6 +72,36 @@ def test_causal_lengths_and_chunk_sizes(backend, rng, name):
         assert_close(backend, out, _oracle(name, qn, kn, vn, causal=True, eps=1e-6), "float64")
 
 
+@pytest.mark.parametrize("name", ["elu", "signed"])
+def test_causal_blocks_of_chunks(backend, monkeypatch, rng, name):
+    """Long sequences run the causal chunks in blocks with the state carried between
+    them (``_compat.scan``: ``lax.scan`` on JAX). A budget of 24 chunk-state elements
+    makes blocks of 2 chunks here: 13 tokens in chunks of 3 are 2 blocks and a
+    remainder. Values, the returned state, continuation and gradients against the
+    dense oracle; ``signed``, a callable, takes the signed maps' normaliser."""
+    import fastrpb.attention
+
+    monkeypatch.setattr(fastrpb.attention, "_BLOCK_ELEMENTS", 24)
+    (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", lead=(), Lq=13)
+    fmap = (lambda x: x + 2.0) if name == "signed" else name
+    phi = (lambda x: x + 2.0) if name == "signed" else oracles.elu1
+    assert fastrpb.attention._block_chunks(k, v) == 2  # (features 4 x values 3) x 2 chunks = 24
+    run = backend.compile(lambda q, k, v: linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3))
+    expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=True, eps=1e-6)
+    assert_close(backend, run(q, k, v), expected, "float64")
+    out, state = linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3, return_state=True)
+    assert_close(backend, out, expected, "float64")
+    assert_close(backend, state.S, phi(kn).T @ vn, "float64")
+    assert_close(backend, state.z, phi(kn).sum(0), "float64")
+    head, head_state = linear_attention(q[:8, :], k[:8, :], v[:8, :], feature_map=fmap, causal=True, chunk_size=2, return_state=True)
+    tail = linear_attention(q[8:, :], k[8:, :], v[8:, :], feature_map=fmap, causal=True, chunk_size=2, initial_state=head_state)
+    assert_close(backend, head, expected[:8], "float64")
+    assert_close(backend, tail, expected[8:], "float64")
+    if backend.grad:
+        check_gradients(backend, lambda q, k, v: linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3),
+                        qn, kn, vn)
+
+
 def test_callable_and_rff_maps(backend, rng):
     (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", Lq=6)
     out = linear_attention(q, k, v, feature_map=lambda x: x * x + 0.5, causal=True, chunk_size=4)

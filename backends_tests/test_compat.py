@@ -179,6 +179,33 @@ def test_associative_scan_composes_in_order(backend, rng, n, width):
     np.testing.assert_array_equal(got, backend.to_numpy(backend.asarray(np.maximum.accumulate(bn, axis=0))))
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_scan_carries_state_in_order(backend, rng, n):
+    """``scan``: the affine recurrence ``h -> a h + b`` along axis -2 of ``(3, n, 4)``
+    (``lax.scan`` on JAX, eagerly and under the backend's compiler; a loop elsewhere),
+    each step's output stacked along the same axis as the input."""
+    from fastrpb._compat import scan
+
+    an, bn = rng.uniform(0.5, 1.5, (3, n, 4)), rng.standard_normal((3, n, 4))
+    expected, h = np.empty_like(bn), np.ones((3, 4))
+    for i in range(n):
+        h = an[:, i] * h + bn[:, i]
+        expected[:, i] = h
+
+    def run(a, b):
+        def step(h, ab):
+            h = ab[0] * h + ab[1]
+            return h, (h, -h)
+
+        return scan(backend.xp, step, backend.xp.ones((3, 4), dtype=a.dtype, device=backend.device), (a, b), -2)
+
+    for fn in (run, backend.compile(run)):
+        last, (ys, neg) = fn(backend.asarray(an), backend.asarray(bn))
+        np.testing.assert_allclose(backend.to_numpy(ys), expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(backend.to_numpy(neg), -expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(backend.to_numpy(last), expected[:, -1], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("N", [1, 2, 7, 40])
 def test_rescaled_scan(backend, rng, N):
     """``X_n = sum_{m <= n} exp(R_m - R_n) X_m`` against the float64 double sum, with

@@ -121,6 +121,26 @@ def test_pieces_equal_one_call(backend, rng, name, precision, bias, mask, chunk)
         assert isinstance(state.rpb, RPBState)
 
 
+@pytest.mark.parametrize("name", MAPS)
+def test_keys_shared_across_the_batch_continue(backend, rng, name):
+    """Keys broadcast over the batch (``k`` (1, 2, L, .) with ``q``, ``v`` (3, 2, L, .)):
+    the state's ``S`` and ``z`` share one lead (3, 2), so pieces and steps continue."""
+    fmap, formula = _map(backend, name)
+    qn, kn, vn = rng.standard_normal((3, 2, 9, DK)), rng.standard_normal((1, 2, 9, DK)), rng.standard_normal((3, 2, 9, DV))
+    q, k, v = (backend.asarray(x, "float64") for x in (qn, kn, vn))
+    got, state = _run_pieces(backend, q, k, v, [(0, 5), (5, 8)], feature_map=fmap, chunk_size=2)
+    assert tuple(state.S.shape) == (3, 2, state.z.shape[-1], DV)
+    assert tuple(state.z.shape[:-1]) == (3, 2)
+    last, state = linear_attention_step(state, q[..., 8, :], k[..., 8, :], v[..., 8, :], feature_map=fmap)
+    expected = _oracle(name, formula, qn, np.broadcast_to(kn, qn.shape), vn)
+    assert_close(backend, got, expected[..., :8, :], "float64")
+    assert_close(backend, last, expected[..., 8, :], "float64")
+    S, z = _state_oracle(name, formula, np.broadcast_to(kn, qn.shape), vn)
+    gS, gz = _unoffset(backend, state)
+    np.testing.assert_allclose(gS, S, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(S).max()))
+    np.testing.assert_allclose(gz, z, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(z).max()))
+
+
 @pytest.mark.parametrize("name", ["elu", "sikf"])
 def test_sikf_large_spread_across_pieces(backend, rng, name):
     # keys that rise by 60 units between pieces: the pseudo-keys keep the offsets exact

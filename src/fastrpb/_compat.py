@@ -604,9 +604,10 @@ def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False)
     return xp.cumulative_sum(x, axis=axis, include_initial=include_initial)
 
 
-def exclusive_sum(xp: Any, x: Any, axis: int) -> tuple[Any, Any]:
+def exclusive_sum(xp: Any, x: Any, axis: int, start: Any = None) -> tuple[Any, Any]:
     """The total of ``x`` along a negative ``axis`` and its exclusive prefix sum
-    (position ``n`` holds the sum of positions ``< n``), contiguous.
+    (position ``n`` holds the sum of positions ``< n``), contiguous; with ``start`` (an
+    array shaped as one slice of ``x``) both begin from it instead of zero.
 
     Eager arrays on a CPU (``associative_scan``'s rule) add one slice at a time and
     stack the partial sums; elsewhere the running sum of ``x`` shifted by one. The
@@ -622,11 +623,13 @@ def exclusive_sum(xp: Any, x: Any, axis: int) -> tuple[Any, Any]:
         return x[tuple(i if d == ax else slice(None) for d in range(x.ndim))]
 
     if _in_order(xp, x, n):
-        partial = [xp.zeros_like(at(0))]
+        partial = [xp.zeros_like(at(0)) if start is None else start]
         for i in range(n - 1):
             partial.append(partial[-1] + at(i))
         return partial[-1] + at(n - 1), xp.stack(partial, axis=ax)
     before = cumulative_sum(xp, shift(xp, x, 1, axis, 0.0), axis=axis)
+    if start is not None:
+        before = before + xp.expand_dims(start, axis=ax)
     last = tuple(slice(n - 1, n) if d == ax else slice(None) for d in range(x.ndim))
     return xp.squeeze(before[last] + x[last], axis=axis), before
 
@@ -694,6 +697,9 @@ def tril_into(xp: Any, x: Any) -> Any:
     kind = _in_place(xp, x)
     if kind == "torch":
         return x.tril_()
+    if kind == "numpy":  # a select, as np.tril: NaN above the diagonal becomes 0 too
+        np.copyto(x, 0, where=np.triu(np.ones(x.shape[-2:], dtype=bool), 1))
+        return x
     return xp.tril(x)
 
 
@@ -922,6 +928,29 @@ def associative_scan(xp: Any, combine: Callable[[tuple, tuple], tuple], elems: t
         joined = xp.reshape(pairs, tuple(shape))
         result.append(xp.concat([joined, take(even, m)], axis=axis) if n % 2 else joined)
     return tuple(result)
+
+
+def scan(xp: Any, step: Callable[[Any, tuple], tuple[Any, Any]], carry: Any, xs: tuple, axis: int) -> tuple[Any, Any]:
+    """``carry, y = step(carry, x)`` for the slices ``x`` of ``xs`` along a negative
+    ``axis``, in order; returns the last carry and the ``y`` (a tuple of arrays)
+    stacked along ``axis``.
+
+    The standard has no loop construct. A Python loop is right for eager arrays (each
+    step runs as it comes) but a traced one is unrolled: under ``jax.jit`` a loop of
+    ``n`` steps compiles ``n`` copies of the body. JAX gets ``lax.scan`` (one body, a
+    loop at run time; ``axis`` is moved to the front and back, one copy each way).
+    ``axis`` counts from the end in ``xs`` and in the stacked ``y`` alike.
+    """
+    if _is(xp, "jax"):
+        from jax import lax  # already imported: xp is jax.numpy
+
+        carry, ys = lax.scan(step, carry, tuple(xp.moveaxis(x, axis, 0) for x in xs))
+        return carry, tuple(xp.moveaxis(y, 0, axis) for y in ys)
+    outs = []
+    for i in range(xs[0].shape[axis]):
+        carry, y = step(carry, tuple(x[(..., i) + (slice(None),) * (-axis - 1)] for x in xs))
+        outs.append(y)
+    return carry, tuple(xp.stack(list(y), axis=axis) for y in zip(*outs, strict=True))
 
 
 def _in_order(xp: Any, x: Any, n: int) -> bool:

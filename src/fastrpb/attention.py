@@ -60,6 +60,7 @@ from ._compat import (
     jax_pytree,
     known_finite,
     namespace,
+    scan,
     split_nonfinite,
     tril_into,
     wider_float,
@@ -345,34 +346,83 @@ def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple
     - signed features (``rff``, ``taylor``, a callable): one dot product per query with
       the inclusive prefix of the key features (``_causal_normaliser``), never the sum
       of an in-chunk and a cross-chunk part, which cancel.
+
+    The chunks are taken in blocks of ``G`` (``_block_chunks``), one after another
+    with the state of the blocks before carried along (``scan``): every intermediate
+    of a block (scores, chunk states, their prefix) then stays in the cache, where
+    all chunks at once stream their chunk states through memory several times.
+    Causal time before -> after, ELU, (1, 8, L, 64) float32, one thread, L = 4,096 /
+    16,384 / 65,536 (2026-12-01): PyTorch 35 -> 35, 253 -> 197, 992 -> 618 ms; JAX
+    ``jit`` 36 -> 34, 217 -> 137, 880 -> 527 ms; NumPy (4,096 / 16,384) 41 -> 28,
+    180 -> 163 ms.
     """
     L = fq.shape[-2]
     length = -(-L // C) * C
-    qc = _pad_chunks(xp, fq, length, C, 0.0)
-    kc = _pad_chunks(xp, fk, length, C, 0.0)  # padding keys have zero features
-    vc = _pad_chunks(xp, v, length, C, 0.0)
+    chunks = tuple(_pad_chunks(xp, x, length, C, 0.0) for x in (fq, fk, v))  # padding keys: zero features
+    N = length // C
+    G = _block_chunks(chunks[1], chunks[2])
+    if N <= G:
+        (S, z), outs = _causal_block(xp, None, chunks, signed=signed)
+    else:
+        full = N - N % G
+        S0 = xp.zeros((*_lead(fk.shape[:-2], v.shape[:-2]), fk.shape[-1], v.shape[-1]), dtype=v.dtype, device=device_of(v))
+        z0 = xp.zeros((*fk.shape[:-2], fk.shape[-1]), dtype=fk.dtype, device=device_of(fk))
+        blocks = tuple(xp.reshape(x[..., :full, :, :], (*x.shape[:-3], full // G, G, *x.shape[-2:])) for x in chunks)
+        (S, z), outs = scan(xp, lambda carry, b: _causal_block(xp, carry, b, signed=signed), (S0, z0), blocks, -4)
+        outs = tuple(xp.reshape(y, (*y.shape[:-4], full, *y.shape[-2:])) for y in outs)
+        if full < N:
+            (S, z), rest = _causal_block(xp, (S, z), tuple(x[..., full:, :, :] for x in chunks), signed=signed)
+            outs = tuple(xp.concat([y, r], axis=-3) for y, r in zip(outs, rest, strict=True))
+    y = _unchunk(xp, outs[0], L)
+    if signed:
+        den, z = _causal_normaliser(xp, fq, fk)
+        return y, den, S, z
+    return y, _unchunk(xp, outs[1], L), S, z
+
+
+_BLOCK_ELEMENTS = 1 << 17  # chunk-state elements per block of causal attention (tests lower it)
+
+
+def _block_chunks(kc: Any, vc: Any) -> int:
+    """Chunks per block of causal attention: about ``_BLOCK_ELEMENTS = 2**17`` elements of chunk states
+    per block (512 KiB in float32, a quarter of this machine's L2 cache per core), at
+    least one chunk. Measured on 2 CPU cores, one thread, ELU, (1, 8, L, 64), causal
+    time at L = 16,384 / 65,536 for 2**15 .. 2**19 elements and all chunks at once:
+    JAX ``jit`` 147 / 564, 150 / 585, 137 / 517, 139 / 547, 143 / 548, 220 / 875 ms;
+    PyTorch 201 / 848, 223-234 / 633-789, 181-191 / 735-803, 317 / 1079, 317 / 1085,
+    277 / 1005 ms (2026-12-01)."""
+    lead = math.prod(_lead(kc.shape[:-3], vc.shape[:-3]))
+    return max(1, _BLOCK_ELEMENTS // max(1, lead * kc.shape[-1] * vc.shape[-1]))
+
+
+def _causal_block(xp: Any, carry: Any, chunks: tuple, *, signed: bool) -> tuple[tuple[Any, Any], tuple[Any, ...]]:
+    """Causal attention over a block of chunks ``(..., G, C, .)``, given ``carry``, the
+    state ``(S, z)`` of all chunks before it (``None``: none). Returns the state after
+    the block and ``(num, den)`` chunked (``(num,)`` for ``signed``: ``z`` passes
+    through, the normaliser is ``_causal_normaliser``'s)."""
+    qc, kc, vc = chunks
+    S, z = (None, None) if carry is None else carry
     scores = tril_into(xp, xp.matmul(qc, xp.matrix_transpose(kc)))
     y = _tril_product(xp, scores, vc, masked=True)
-    states = xp.matmul(xp.matrix_transpose(kc), vc)  # (..., N, F, Dv)
-    final, before = _exclusive_prefix(xp, states, -3)
+    S, before = _exclusive_prefix(xp, xp.matmul(xp.matrix_transpose(kc), vc), S, -3)  # chunk states (..., G, F, Dv)
     if before is not None:
         y = add_into(xp, y, xp.matmul(qc, before))
     if signed:
-        den, z = _causal_normaliser(xp, fq, fk)
-        return _unchunk(xp, y, L), den, final, z
+        return (S, z), (y,)
     den = xp.sum(scores, axis=-1, keepdims=True)
-    z, z_before = _exclusive_prefix(xp, xp.sum(kc, axis=-2), -2)  # the chunks' key-feature sums
+    z, z_before = _exclusive_prefix(xp, xp.sum(kc, axis=-2), z, -2)  # the chunks' key-feature sums
     if z_before is not None:
         den = den + xp.matmul(qc, z_before[..., None])
-    return _unchunk(xp, y, L), _unchunk(xp, den, L), final, z
+    return (S, z), (y, den)
 
 
-def _exclusive_prefix(xp: Any, x: Any, axis: int) -> tuple[Any, Any]:
-    """The total of ``x`` along the chunk ``axis`` and its exclusive prefix sum (``None``
-    for one chunk)."""
-    if x.shape[axis] == 1:
+def _exclusive_prefix(xp: Any, x: Any, start: Any, axis: int) -> tuple[Any, Any]:
+    """``start`` plus the total of ``x`` along the chunk ``axis``, and ``start`` plus
+    its exclusive prefix sum (``start`` ``None``: from zero; the prefix is ``None``
+    where there is nothing before, one chunk and no ``start``)."""
+    if start is None and x.shape[axis] == 1:
         return xp.squeeze(x, axis=axis), None
-    return exclusive_sum(xp, x, axis)
+    return exclusive_sum(xp, x, axis, start)
 
 
 def _causal_normaliser(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
@@ -487,6 +537,10 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
 def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentionState:
     """The state from ``(S, z)`` or from a ``(..., F, Dv + 1)`` array ``[S, z]``."""
     S, z = final if isinstance(final, tuple) else (final[..., :-1], final[..., -1])
+    # z comes from the keys alone, S from keys and values: one lead for both (broadcast
+    # keys, as k (1, H) with v (B, H), gave a z that initial_state= then refused)
+    lead = _lead(tuple(S.shape[:-2]), tuple(z.shape[:-1]))
+    S, z = xp.broadcast_to(S, (*lead, *S.shape[-2:])), xp.broadcast_to(z, (*lead, z.shape[-1]))
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)
     return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
