@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import fastrpb
 import fastrpb.bias
@@ -59,6 +60,15 @@ def test_harness_smoke(tmp_path):
     assert "| 128 |" in md
     assert (tmp_path / "rpb_time.png").stat().st_size > 0
     assert (tmp_path / "rpb_memory.png").stat().st_size > 0
+    # as after --no-memory: the memory figures have no curve, and matplotlib no legend to warn about
+    from benchmarks.report import plots
+
+    bare = {**payload, "results": [{k: x for k, x in r.items() if k != "memory"} for r in results]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = plots(bare, str(tmp_path))
+    assert drawn
+    assert not any(p.endswith("_memory.png") for p in drawn)
 
 
 def test_blocked_fft_path_matches_dense_oracle(backend, monkeypatch, rng):

@@ -315,7 +315,8 @@ def plots(payload: dict, out: str) -> list[str]:
                 ax.set_xlabel("sequence length L")
                 ax.set_ylabel("median time (s)" if kind == "time" else "peak extra memory (bytes)")
                 ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=7)
+                if ax.get_lines():  # a backend without memory rows draws no curve (and no legend)
+                    ax.legend(fontsize=7)
             if drew:
                 path = os.path.join(out, f"{case_name}_{kind}.png")
                 fig.tight_layout()
