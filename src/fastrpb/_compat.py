@@ -937,17 +937,35 @@ def scan(xp: Any, step: Callable[[Any, tuple], tuple[Any, Any]], carry: Any, xs:
 
     The standard has no loop construct. A Python loop is right for eager arrays (each
     step runs as it comes) but a traced one is unrolled: under ``jax.jit`` a loop of
-    ``n`` steps compiles ``n`` copies of the body. JAX gets ``lax.scan`` (one body, a
-    loop at run time; ``axis`` is moved to the front and back, one copy each way).
-    ``axis`` counts from the end in ``xs`` and in the stacked ``y`` alike.
+    ``n`` steps compiles ``n`` copies of the body. JAX gets one body in a
+    ``lax.fori_loop`` that reads its slice of ``xs`` where it lies
+    (``dynamic_index_in_dim``) and writes its ``y`` into the stacked outputs
+    (``dynamic_update_index_in_dim``). ``lax.scan`` over ``xs`` would want ``axis``
+    in front: a transposed copy of every input and output, which cost a quarter of
+    causal attention (ELU, (1, 8, 4,096, 64), one thread: 31 -> 20 ms without it,
+    2026-12-01). With static bounds ``fori_loop`` is a ``scan`` itself, so it stays
+    reverse-differentiable. ``axis`` counts from the end in ``xs`` and in the stacked
+    ``y`` alike.
     """
+    n = xs[0].shape[axis]
     if _is(xp, "jax"):
-        from jax import lax  # already imported: xp is jax.numpy
+        import jax  # already imported: xp is jax.numpy
+        from jax import lax
 
-        carry, ys = lax.scan(step, carry, tuple(xp.moveaxis(x, axis, 0) for x in xs))
-        return carry, tuple(xp.moveaxis(y, 0, axis) for y in ys)
+        def at(i: Any) -> tuple:
+            return tuple(lax.dynamic_index_in_dim(x, i, axis=x.ndim + axis, keepdims=False) for x in xs)
+
+        ys0 = tuple(xp.zeros((*y.shape[:y.ndim + axis + 1], n, *y.shape[y.ndim + axis + 1:]), dtype=y.dtype)
+                    for y in jax.eval_shape(step, carry, at(0))[1])
+
+        def body(i: Any, state: tuple) -> tuple:
+            carry, y = step(state[0], at(i))
+            return carry, tuple(lax.dynamic_update_index_in_dim(s, t, i, axis=s.ndim + axis)
+                                for s, t in zip(state[1], y, strict=True))
+
+        return lax.fori_loop(0, n, body, (carry, ys0))
     outs = []
-    for i in range(xs[0].shape[axis]):
+    for i in range(n):
         carry, y = step(carry, tuple(x[(..., i) + (slice(None),) * (-axis - 1)] for x in xs))
         outs.append(y)
     return carry, tuple(xp.stack(list(y), axis=axis) for y in zip(*outs, strict=True))
