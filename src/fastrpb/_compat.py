@@ -604,6 +604,11 @@ def cumulative_sum(xp: Any, x: Any, *, axis: int, include_initial: bool = False)
     return xp.cumulative_sum(x, axis=axis, include_initial=include_initial)
 
 
+def along(x: Any, axis: int, index: Any) -> Any:
+    """``x`` indexed by ``index`` (an integer or a slice) along a negative ``axis``."""
+    return x[(..., index) + (slice(None),) * (-axis - 1)]
+
+
 def exclusive_sum(xp: Any, x: Any, axis: int, start: Any = None) -> tuple[Any, Any]:
     """The total of ``x`` along a negative ``axis`` and its exclusive prefix sum
     (position ``n`` holds the sum of positions ``< n``), contiguous; with ``start`` (an
@@ -617,21 +622,15 @@ def exclusive_sum(xp: Any, x: Any, axis: int, start: Any = None) -> tuple[Any, A
     two (2026-11-30).
     """
     n = x.shape[axis]
-    ax = axis % x.ndim
-
-    def at(i: int) -> Any:
-        return x[tuple(i if d == ax else slice(None) for d in range(x.ndim))]
-
     if _in_order(xp, x, n):
-        partial = [xp.zeros_like(at(0)) if start is None else start]
+        partial = [xp.zeros_like(along(x, axis, 0)) if start is None else start]
         for i in range(n - 1):
-            partial.append(partial[-1] + at(i))
-        return partial[-1] + at(n - 1), xp.stack(partial, axis=ax)
+            partial.append(partial[-1] + along(x, axis, i))
+        return partial[-1] + along(x, axis, n - 1), xp.stack(partial, axis=axis)
     before = cumulative_sum(xp, shift(xp, x, 1, axis, 0.0), axis=axis)
     if start is not None:
-        before = before + xp.expand_dims(start, axis=ax)
-    last = tuple(slice(n - 1, n) if d == ax else slice(None) for d in range(x.ndim))
-    return xp.squeeze(before[last] + x[last], axis=axis), before
+        before = before + xp.expand_dims(start, axis=axis)
+    return along(before, axis, n - 1) + along(x, axis, n - 1), before
 
 
 def multiply_into(xp: Any, a: Any, b: Any) -> Any:
@@ -867,7 +866,7 @@ def shift(xp: Any, x: Any, s: int, axis: int, fill: float) -> Any:
     """Shift ``x`` by ``s`` positions towards the end of a negative ``axis``, filling the start."""
     n = x.shape[axis]
     s = min(s, n)
-    kept = x[(..., slice(0, n - s)) + (slice(None),) * (-axis - 1)]
+    kept = along(x, axis, slice(0, n - s))
     return pad_axis(xp, kept, s, 0, axis=axis, value=fill)
 
 
@@ -906,7 +905,7 @@ def associative_scan(xp: Any, combine: Callable[[tuple, tuple], tuple], elems: t
     ax = axis % elems[0].ndim
 
     def take(x: Any, start: int | None, stop: int | None = None, step: int | None = None) -> Any:
-        return x[tuple(slice(start, stop, step) if d == ax else slice(None) for d in range(x.ndim))]
+        return along(x, axis, slice(start, stop, step))
 
     if _in_order(xp, elems[0], n):
         out = [tuple(take(x, 0, 1) for x in elems)]
@@ -966,7 +965,7 @@ def scan(xp: Any, step: Callable[[Any, tuple], tuple[Any, Any]], carry: Any, xs:
         return lax.fori_loop(0, n, body, (carry, ys0))
     outs = []
     for i in range(n):
-        carry, y = step(carry, tuple(x[(..., i) + (slice(None),) * (-axis - 1)] for x in xs))
+        carry, y = step(carry, tuple(along(x, axis, i) for x in xs))
         outs.append(y)
     return carry, tuple(xp.stack(list(y), axis=axis) for y in zip(*outs, strict=True))
 
