@@ -267,3 +267,25 @@ def test_broadcast_shapes(shapes, expected):
     from fastrpb._validate import broadcast_shapes
 
     assert broadcast_shapes(*shapes) == expected == np.broadcast_shapes(*shapes)
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf], ids=["finite", "nan", "inf", "-inf"])
+def test_on_finite_takes_the_finite_path_only_for_finite_input(backend, rng, bad):
+    """``on_finite(xp, x, fn)`` calls ``fn(False)`` whenever ``x`` holds a NaN or an
+    infinity, eagerly and under the backend's compiler; for finite ``x`` it calls
+    ``fn(True)`` where that can be told without a synchronisation: eager CPU arrays
+    (NumPy, PyTorch, JAX) and traced JAX on the CPU (a ``lax.cond`` in the program)."""
+    from fastrpb._compat import on_finite
+
+    xn = rng.standard_normal((3, 5))
+    if bad is not None:
+        xn[1, 2] = bad
+    xp = backend.xp
+
+    def run(x):
+        return on_finite(xp, x, lambda finite: x[0, 0] * 0 + (1.0 if finite else 0.0))
+
+    cpu = backend.name in ("numpy", "torch", "jax")
+    for fn in (run, backend.compile(run)):
+        took_finite = float(backend.to_numpy(fn(backend.asarray(xn)))) == 1.0
+        assert took_finite == (bad is None and cpu), (backend.name, bad)

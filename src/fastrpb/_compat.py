@@ -48,6 +48,7 @@ __all__ = [
     "multiply_add_into",
     "multiply_add",
     "known_finite",
+    "on_finite",
     "split_nonfinite",
     "cumulative_sum",
     "cumulative_max",
@@ -773,6 +774,32 @@ def known_finite(xp: Any, x: Any, *, negative_infinity: bool = False) -> bool:
                 return bool(x.numel() == 0 or x.amax() < math.inf)
             return bool(torch.isfinite(x.sum()))
     return False
+
+
+def on_finite(xp: Any, x: Any, fn: Callable[[bool], Any]) -> Any:
+    """``fn(True)`` when ``x`` holds no NaN and no infinity, else ``fn(False)``: ``fn``
+    takes a cheaper path for finite input and must give the same result on it both ways.
+
+    Eager CPU arrays are asked directly (``known_finite``; JAX too, here). Traced JAX
+    on the CPU branches inside the program, ``lax.cond`` on one reduction of ``x``:
+    a traced program cannot ask, and without the branch every ``jit`` call paid for
+    the non-finite path, a third of causal attention (ELU, (1, 8, L, 64), one core,
+    L = 4,096: 16.2 ms against 10.9 with the finite path, 2026-12-01). On a GPU the
+    branch would read its predicate back to the host, a synchronisation, so there
+    (and in ``torch.compile``) ``x`` is taken as possibly non-finite. Under ``vmap``
+    the branch becomes a select that runs both paths: slower, the same numbers.
+    """
+    if known_finite(xp, x):
+        return fn(True)
+    if _is(xp, "jax"):
+        import jax  # already imported: xp is jax.numpy
+
+        if is_traced(xp, x):
+            if jax.default_backend() == "cpu":
+                return jax.lax.cond(xp.all(xp.isfinite(x)), lambda: fn(True), lambda: fn(False))
+        elif all(d.platform == "cpu" for d in x.devices()):
+            return fn(bool(xp.all(xp.isfinite(x))))
+    return fn(False)
 
 
 def split_nonfinite(xp: Any, x: Any) -> tuple[Any, Any]:

@@ -60,6 +60,7 @@ from ._compat import (
     jax_pytree,
     known_finite,
     namespace,
+    on_finite,
     scan,
     split_nonfinite,
     tril_into,
@@ -231,7 +232,7 @@ def _mask_keys(xp: Any, k: Any, key_mask: Any) -> Any:
     return _zero_padding(xp, k, key_mask)
 
 
-def _tril_product(xp: Any, scores: Any, v: Any, *, masked: bool = False) -> Any:
+def _tril_product(xp: Any, scores: Any, v: Any, *, masked: bool = False, finite: bool | None = None) -> Any:
     """``tril(scores) @ v`` over the last two axes, causal for non-finite values too.
 
     ``tril`` zeroes the weights of later tokens exactly (a select, NaN included), but
@@ -241,14 +242,15 @@ def _tril_product(xp: Any, scores: Any, v: Any, *, masked: bool = False) -> Any:
     rest is added back with an inclusive prefix sum along the sequence: a non-finite
     value reaches its own row and the rows after it, in its own column, and no other.
     For finite ``v`` both paths give the same numbers (the prefix sum adds zeros).
-    ``masked=True``: ``scores`` is already lower triangular.
+    ``masked=True``: ``scores`` is already lower triangular. ``finite``: whether ``v``
+    is known to be finite (``None``: ask ``known_finite``).
     """
     if not masked:
         scores = xp.tril(scores)
-    if known_finite(xp, v):
+    if known_finite(xp, v) if finite is None else finite:
         return xp.matmul(scores, v)
-    finite, rest = split_nonfinite(xp, v)
-    return xp.matmul(scores, finite) + cumulative_sum(xp, rest, axis=-2)
+    clean, rest = split_nonfinite(xp, v)
+    return xp.matmul(scores, clean) + cumulative_sum(xp, rest, axis=-2)
 
 
 def _with_ones(xp: Any, v: Any) -> Any:
@@ -328,6 +330,13 @@ def _noncausal_exp(xp: Any, lq: Any, lk: Any, v: Any, eps: float) -> tuple[Any, 
 
 
 def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple[Any, Any, Any, Any]:
+    """``_causal_chunks`` on the finite path where ``v`` is finite (``on_finite``)."""
+    return on_finite(xp, v, lambda finite: _causal_chunks(xp, fq, fk, v, C, signed=signed, finite=finite))
+
+
+def _causal_chunks(
+    xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool, finite: bool
+) -> tuple[Any, Any, Any, Any]:
     r"""Chunked causal linear attention; returns ``num``, ``den`` and the final ``S``, ``z``.
 
     Numerator: inside each chunk of ``C`` tokens a masked ``A_n = tril(Qc_n Kc_n^T)``
@@ -361,17 +370,21 @@ def _causal(xp: Any, fq: Any, fk: Any, v: Any, C: int, *, signed: bool) -> tuple
     chunks = tuple(_pad_chunks(xp, x, length, C, 0.0) for x in (fq, fk, v))  # padding keys: zero features
     N = length // C
     G = _block_chunks(chunks[1], chunks[2])
+
+    def block(carry: Any, b: tuple) -> tuple[tuple[Any, Any], tuple[Any, ...]]:
+        return _causal_block(xp, carry, b, signed=signed, finite=finite)
+
     if N <= G:
-        (S, z), outs = _causal_block(xp, None, chunks, signed=signed)
+        (S, z), outs = block(None, chunks)
     else:
         full = N - N % G
         S0 = xp.zeros((*_lead(fk.shape[:-2], v.shape[:-2]), fk.shape[-1], v.shape[-1]), dtype=v.dtype, device=device_of(v))
         z0 = xp.zeros((*fk.shape[:-2], fk.shape[-1]), dtype=fk.dtype, device=device_of(fk))
         blocks = tuple(xp.reshape(x[..., :full, :, :], (*x.shape[:-3], full // G, G, *x.shape[-2:])) for x in chunks)
-        (S, z), outs = scan(xp, lambda carry, b: _causal_block(xp, carry, b, signed=signed), (S0, z0), blocks, -4)
+        (S, z), outs = scan(xp, block, (S0, z0), blocks, -4)
         outs = tuple(xp.reshape(y, (*y.shape[:-4], full, *y.shape[-2:])) for y in outs)
         if full < N:
-            (S, z), rest = _causal_block(xp, (S, z), tuple(x[..., full:, :, :] for x in chunks), signed=signed)
+            (S, z), rest = block((S, z), tuple(x[..., full:, :, :] for x in chunks))
             outs = tuple(xp.concat([y, r], axis=-3) for y, r in zip(outs, rest, strict=True))
     y = _unchunk(xp, outs[0], L)
     if signed:
@@ -395,15 +408,17 @@ def _block_chunks(kc: Any, vc: Any) -> int:
     return max(1, _BLOCK_ELEMENTS // max(1, lead * kc.shape[-1] * vc.shape[-1]))
 
 
-def _causal_block(xp: Any, carry: Any, chunks: tuple, *, signed: bool) -> tuple[tuple[Any, Any], tuple[Any, ...]]:
+def _causal_block(
+    xp: Any, carry: Any, chunks: tuple, *, signed: bool, finite: bool
+) -> tuple[tuple[Any, Any], tuple[Any, ...]]:
     """Causal attention over a block of chunks ``(..., G, C, .)``, given ``carry``, the
     state ``(S, z)`` of all chunks before it (``None``: none). Returns the state after
     the block and ``(num, den)`` chunked (``(num,)`` for ``signed``: ``z`` passes
-    through, the normaliser is ``_causal_normaliser``'s)."""
+    through, the normaliser is ``_causal_normaliser``'s). ``finite``: the values are."""
     qc, kc, vc = chunks
     S, z = (None, None) if carry is None else carry
     scores = tril_into(xp, xp.matmul(qc, xp.matrix_transpose(kc)))
-    y = _tril_product(xp, scores, vc, masked=True)
+    y = _tril_product(xp, scores, vc, masked=True, finite=finite)
     S, before = _exclusive_prefix(xp, xp.matmul(xp.matrix_transpose(kc), vc), S, -3)  # chunk states (..., G, F, Dv)
     if before is not None:
         y = add_into(xp, y, xp.matmul(qc, before))
@@ -489,6 +504,13 @@ def _compensated_den(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
 
 
 def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple[Any, Any, Any, Any, Any]:
+    """``_causal_exp_chunks`` on the finite path where ``v1`` is finite (``on_finite``)."""
+    return on_finite(xp, v1, lambda finite: _causal_exp_chunks(xp, lq, lk, v1, C, eps, finite=finite))
+
+
+def _causal_exp_chunks(
+    xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float, *, finite: bool
+) -> tuple[Any, Any, Any, Any, Any]:
     """Chunked causal attention for an exponential map, with look-back offsets.
 
     Chunk ``n`` works relative to ``R_n``, the running maximum (per feature) of the
@@ -522,7 +544,7 @@ def _causal_exp(xp: Any, lq: Any, lk: Any, v1: Any, C: int, eps: float) -> tuple
         eps_rows = eps * xp.exp(s - m)
     else:
         eps_rows = 0.0
-    y = _tril_product(xp, tril_into(xp, xp.matmul(qc, xp.matrix_transpose(kc))), vc, masked=True)
+    y = _tril_product(xp, tril_into(xp, xp.matmul(qc, xp.matrix_transpose(kc))), vc, masked=True, finite=finite)
     X = xp.matmul(xp.matrix_transpose(kc), vc)  # chunk states, chunk n in frame R_n
     X = _rescaled_scan(xp, X, R, R_safe)  # engines: the scan lives in _compat (a Dask path)
     if X.shape[-3] > 1:
