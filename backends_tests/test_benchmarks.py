@@ -33,8 +33,10 @@ def _run_harness(tmp_path, *args: str) -> dict:
 
 def test_harness_smoke(tmp_path):
     payload = _run_harness(tmp_path, "--quick", "--backends", "numpy", "--sizes", "64,128", "--memory-sizes", "128",
-                           "--budget", "0.05")
+                           "--budget", "0.05", "--threads", "1")
     results = payload["results"]
+    if hasattr(os, "sched_getaffinity"):  # --threads 1 pins the process (JAX obeys nothing else)
+        assert payload["machine"]["usable_cpus"] == 1
     cases = {r["case"] for r in results}
     assert "rpb" in cases
     have_attention = hasattr(fastrpb, "linear_attention")

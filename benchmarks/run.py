@@ -49,7 +49,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--quick", action="store_true", help="small sizes and few rounds: under a minute")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads of PyTorch, BLAS and OpenMP (default: each library's own choice, one per core)")
+                   help="threads of PyTorch, BLAS and OpenMP, and the process pinned to that many cores (which "
+                        "is what limits JAX); default: each library's own choice, one per core")
     p.add_argument("--jobs", type=int, default=2, help="memory processes run at once (they measure RSS, not time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--streaming", action="store_true",
