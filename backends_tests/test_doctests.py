@@ -45,7 +45,7 @@ def test_docstring_examples(name):
 # Communicator) through the functions that return them
 EXAMPLE_CLASSES = {
     "LinearAttentionState", "RPBState", "FeatureMap",
-    "FastRPB", "FastRPBnd", "MultiheadLinearAttention", "LinearMultiheadAttention",
+    "FastRPB", "FastRPBnd", "LinearAttention", "MultiheadAttention",
 }
 
 

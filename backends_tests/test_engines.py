@@ -348,8 +348,8 @@ def _torch_cases():
     x = torch.randn(2, 24, 16, dtype=torch.float64)
     w = torch.randn(4, 2 * 24 - 1, dtype=torch.float64) * 0.1
     q, k, v = (torch.randn(2, 4, 24, 8, dtype=torch.float64) for _ in range(3))
-    mla = ft.MultiheadLinearAttention(16, 4, rpb=ft.FastRPB(4, 24, causal=True, dtype=torch.float64), causal=True, dtype=torch.float64)
-    lmha = ft.LinearMultiheadAttention(16, 4, batch_first=True, feature_map="elu", dtype=torch.float64)
+    mla = ft.LinearAttention(16, 4, rpb=ft.FastRPB(4, 24, causal=True, dtype=torch.float64), causal=True, dtype=torch.float64)
+    lmha = ft.MultiheadAttention(16, 4, batch_first=True, feature_map="elu", dtype=torch.float64)
     return {
         "linear_attention elu": (lambda: fastrpb.linear_attention(q, k, v), lambda: oracles.kernel_attention(
             oracles.elu1(q.numpy()), oracles.elu1(k.numpy()), v.numpy(), eps=1e-6)),
@@ -362,8 +362,8 @@ def _torch_cases():
                                      lambda: oracles.softmax_attention(q.numpy(), k.numpy(), v.numpy(), causal=True)),
         "rpb": (lambda: fastrpb.rpb(v, w, skip=(1, 0)), lambda: oracles.rpb(v.numpy(), w.numpy(), skip=(1, 0))),
         "rpb causal": (lambda: fastrpb.rpb(v, w, causal=True), lambda: oracles.rpb(v.numpy(), w.numpy(), causal=True)),
-        "MultiheadLinearAttention": (lambda: mla(x), None),
-        "LinearMultiheadAttention": (lambda: lmha(x, x, x)[0], None),
+        "LinearAttention": (lambda: mla(x), None),
+        "MultiheadAttention": (lambda: lmha(x, x, x)[0], None),
     }
 
 

@@ -9,7 +9,7 @@ differ (building a layer, reading a parameter, one training step); outputs are
 compared with dense float64 NumPy oracles assembled from ``oracles.py`` and the
 layer's parameters, never with the library's own functions.
 
-The drop-in ``LinearMultiheadAttention`` exists for PyTorch only; its tests are at
+The drop-in ``MultiheadAttention`` exists for PyTorch only; its tests are at
 the end.
 """
 
@@ -76,7 +76,7 @@ class Framework:
             from flax import nnx
 
             kw.setdefault("rngs", nnx.Rngs(0))
-        return self.module.MultiheadLinearAttention(d_model, heads, **self._kw(), **kw)
+        return self.module.LinearAttention(d_model, heads, **self._kw(), **kw)
 
     def bias(self, *args: Any, seed: int = 1, **kw: Any) -> Any:
         return self.module.FastRPB(*args, seed=seed, **self._kw(), **kw)
@@ -265,7 +265,7 @@ def multihead_oracle(
 
 
 def layer_oracle(fw: Framework, layer: Any, x: np.ndarray, keep: np.ndarray | None = None, *, feature: str = "sikf", projection: Any = None, kx: Any = None, vx: Any = None) -> np.ndarray:
-    """The oracle of a ``MultiheadLinearAttention`` from its parameters."""
+    """The oracle of a ``LinearAttention`` from its parameters."""
     bias = None
     if layer.rpb is not None:
         rpb = layer.rpb
@@ -307,7 +307,7 @@ def test_layer_modules_load_lazily(tb):
         "layer = fastrpb.torch.FastRPB(2, 8)\n"  # attribute access imports the submodule
         "import torch\n"
         "assert isinstance(layer, torch.nn.Module) and 'jax' not in sys.modules\n"
-        "assert fastrpb.torch.LinearMultiheadAttention is not None\n"
+        "assert fastrpb.torch.MultiheadAttention is not None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV, cwd=ROOT)
 
@@ -628,8 +628,8 @@ def test_flax_same_rngs_same_table_under_jit():
     import fastrpb.flax as frf
 
     fw = _flax()
-    eager = frf.MultiheadLinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0))
-    traced = nnx.jit(lambda: frf.MultiheadLinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0)))()
+    eager = frf.LinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0))
+    traced = nnx.jit(lambda: frf.LinearAttention(12, 3, rpb=16, causal=True, rngs=nnx.Rngs(0)))()
     table = fw.numpy(eager.rpb.table)
     assert table.shape == (3, 31)
     assert 0.005 < table.std() < 0.02
@@ -702,7 +702,7 @@ def _lma(tb: Backend, E: int = 12, H: int = 3, **kw: Any) -> Any:
     import fastrpb.torch as frt
 
     torch.manual_seed(0)
-    layer = frt.LinearMultiheadAttention(E, H, device=tb.device, dtype=torch.float64, **kw)
+    layer = frt.MultiheadAttention(E, H, device=tb.device, dtype=torch.float64, **kw)
     with torch.no_grad():  # torch's initialisation zeroes the biases: give them values to test
         if layer.in_proj_bias is not None:
             layer.in_proj_bias.normal_()
@@ -892,7 +892,7 @@ def test_lma_in_transformer_encoder_layer(tb, rng):
 
     import fastrpb.torch as frt
 
-    lma = frt.LinearMultiheadAttention(12, 4, batch_first=True, rpb=16, device=tb.device, dtype=torch.float64)
+    lma = frt.MultiheadAttention(12, 4, batch_first=True, rpb=16, device=tb.device, dtype=torch.float64)
     enc = _encoder(tb, lma)
     x = tb.asarray(rng.standard_normal((2, 10, 12)))
     pad = torch.zeros((2, 10), dtype=torch.bool, device=tb.device)
@@ -932,8 +932,8 @@ def test_lma_in_transformer_decoder_layer(tb, rng):
     torch.manual_seed(0)
     kw = dict(device=tb.device, dtype=torch.float64)
     dec = torch.nn.TransformerDecoderLayer(12, 4, dim_feedforward=24, dropout=0.0, **kw)  # sequence-first
-    dec.self_attn = frt.LinearMultiheadAttention(12, 4, rpb=16, causal=True, **kw)
-    dec.multihead_attn = frt.LinearMultiheadAttention(12, 4, **kw)
+    dec.self_attn = frt.MultiheadAttention(12, 4, rpb=16, causal=True, **kw)
+    dec.multihead_attn = frt.MultiheadAttention(12, 4, **kw)
     tgt = tb.asarray(rng.standard_normal((7, 2, 12)))  # (T, N, E)
     memory = tb.asarray(rng.standard_normal((11, 2, 12)))  # (S, N, E): cross-attention, S != T
     mask = torch.nn.Transformer.generate_square_subsequent_mask(7, device=tb.device, dtype=torch.float64)
@@ -1027,7 +1027,7 @@ STEPS = 3
 def build():
     import fastrpb.torch as frt
     torch.manual_seed(0)
-    return frt.MultiheadLinearAttention(8, 2, rpb=12, causal=True, dtype=torch.float64)
+    return frt.LinearAttention(8, 2, rpb=12, causal=True, dtype=torch.float64)
 
 
 def data():

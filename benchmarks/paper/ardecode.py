@@ -7,7 +7,7 @@ sampler does per token (embedding, MLPs, sampling) and, at 784 tokens and width 
 a softmax key/value cache is still cheap. This measures the attention layer alone, at
 the trained models' width and at a wider one, with ``t`` tokens already decoded:
 
-* linear: ``fastrpb.torch.MultiheadLinearAttention(causal=True).step`` from the cache
+* linear: ``fastrpb.torch.LinearAttention(causal=True).step`` from the cache
   that ``forward(x, return_cache=True)`` returns after ``t`` tokens (a fixed-size state:
   the cost should not depend on ``t``);
 * softmax: ``armodel.FunctionalCausalAttention.step`` with ``t`` keys and values in its
@@ -29,7 +29,7 @@ def measure(*, widths=((32, 2), (256, 8)), positions=(784, 4096, 16384), batch: 
             rounds: int = 5, threads: int = 1) -> dict:
     import torch
 
-    from fastrpb.torch import MultiheadLinearAttention
+    from fastrpb.torch import LinearAttention
 
     from .armodel import ARVariant, FunctionalCausalAttention
 
@@ -38,7 +38,7 @@ def measure(*, widths=((32, 2), (256, 8)), positions=(784, 4096, 16384), batch: 
     rows = []
     for d, heads in widths:
         for t in positions:
-            lin = MultiheadLinearAttention(d, heads, feature_map="elu", causal=True)
+            lin = LinearAttention(d, heads, feature_map="elu", causal=True)
             soft = FunctionalCausalAttention(d, heads, ARVariant.parse("softmax"), length=t + reps + 1, grid=(1, 1),
                                              chunk_size=64, seed=0)
             with torch.no_grad():

@@ -3,7 +3,7 @@
 As in ``model.py``, no attention maths lives here: every attention output comes from
 ``fastrpb`` on torch tensors.
 
-* ``elu``, ``sikf`` (``+rpb``): the public layer ``fastrpb.torch.MultiheadLinearAttention``
+* ``elu``, ``sikf`` (``+rpb``): the public layer ``fastrpb.torch.LinearAttention``
   with ``causal=True`` (and a causal ``fastrpb.torch.FastRPB``); training calls its
   ``forward``, sampling its ``step`` (O(1) state per token for the attention; the
   FastRPB term is whatever the layer's ``step`` does, so a streaming bias is picked up
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import fastrpb
-from fastrpb.torch import FastRPB, MultiheadLinearAttention
+from fastrpb.torch import FastRPB, LinearAttention
 
 from .model import sinusoidal
 
@@ -75,8 +75,8 @@ class FunctionalCausalAttention(nn.Module):
     """Causal multi-head attention through fastrpb's functions, with a KV-cache ``step``.
 
     Used for softmax (with or without FastRPB) and for the 2-d causal bias (any
-    attention), which the layer ``MultiheadLinearAttention`` does not take.
-    Same projections and call signature as ``MultiheadLinearAttention``:
+    attention), which the layer ``LinearAttention`` does not take.
+    Same projections and call signature as ``LinearAttention``:
     ``forward(x)`` on ``(B, L, d)`` and ``step(x_t, cache) -> (y_t, cache)``.
     """
 
@@ -149,7 +149,7 @@ def attention_layer(d: int, heads: int, variant: ARVariant, *, length: int, grid
                     chunk_size: int, seed: int) -> nn.Module:
     if variant.attention != "softmax" and variant.bias != "rpb2d":
         rpb = FastRPB(heads, length, causal=True, seed=seed) if variant.bias == "rpb" else None
-        return MultiheadLinearAttention(d, heads, feature_map=variant.attention, rpb=rpb, causal=True,
+        return LinearAttention(d, heads, feature_map=variant.attention, rpb=rpb, causal=True,
                                         chunk_size=chunk_size)
     return FunctionalCausalAttention(d, heads, variant, length=length, grid=grid, chunk_size=chunk_size, seed=seed)
 

@@ -267,7 +267,7 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         f"{s['d_ff']}, sinusoidal positions, a BOS token in front) predicts every pixel from the earlier ones; "
         f"AdamW lr {s['lr']}, {int(100 * s['warmup'])} % warm-up then linear decay, batch {s['batch']} images, "
         f"{s['steps']} steps, trained on a class-balanced subset of {s['train']} training images; bits/dim on "
-        f"{s['test']} test images. Variants: `softmax_attention(causal=True)`, `MultiheadLinearAttention(feature_map="
+        f"{s['test']} test images. Variants: `softmax_attention(causal=True)`, `LinearAttention(feature_map="
         "\"elu\" | \"sikf\", causal=True)`, each without and with a causal 1-d FastRPB "
         f"(`FastRPB(heads, {tokens + 1}, causal=True)` over the BOS token and the pixels)" + (" and the causal 2-d FastRPB in raster order "
         "(`rpb_nd(..., causal=True)`)." if have_2d else

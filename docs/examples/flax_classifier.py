@@ -47,7 +47,7 @@ class Classifier(nnx.Module):
     def __init__(self, vocab: int, d_model: int, heads: int, max_len: int, *, rngs: nnx.Rngs) -> None:
         self.embed = nnx.Embed(vocab, d_model, rngs=rngs)
         # SIKF feature map + a FastRPB table per head covering max_len tokens
-        self.attn = frf.MultiheadLinearAttention(d_model, heads, feature_map="sikf", rpb=max_len, rngs=rngs)
+        self.attn = frf.LinearAttention(d_model, heads, feature_map="sikf", rpb=max_len, rngs=rngs)
         self.norm1 = nnx.LayerNorm(d_model, rngs=rngs)
         self.up = nnx.Linear(d_model, 2 * d_model, rngs=rngs)
         self.down = nnx.Linear(2 * d_model, d_model, rngs=rngs)

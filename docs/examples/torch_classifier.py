@@ -47,7 +47,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         # SIKF feature map + a FastRPB table per head covering max_len tokens
-        self.attn = frt.MultiheadLinearAttention(d_model, heads, feature_map="sikf", rpb=max_len)
+        self.attn = frt.LinearAttention(d_model, heads, feature_map="sikf", rpb=max_len)
         self.norm1 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
         self.norm2 = nn.LayerNorm(d_model)

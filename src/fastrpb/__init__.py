@@ -35,8 +35,8 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> ModuleType:
     # The framework layers load only on request: ``fastrpb.torch`` / ``fastrpb.flax``
     # (or ``import fastrpb.torch``); ``import fastrpb`` never imports a framework.
-    # ``fastrpb.torch.LinearMultiheadAttention`` is the drop-in for
-    # ``torch.nn.MultiheadAttention``; ``fastrpb.torch/flax.MultiheadLinearAttention``
+    # ``fastrpb.torch.MultiheadAttention`` is the drop-in for
+    # ``torch.nn.MultiheadAttention``; ``fastrpb.torch/flax.LinearAttention``
     # the layers of fastrpb's own conventions (key_mask True = keep).
     # ``fastrpb.parallel`` (sequence parallelism) loads the same way.
     if name in ("torch", "flax", "parallel"):

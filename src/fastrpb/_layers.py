@@ -25,7 +25,7 @@ __all__ = ["AttentionLayer", "BiasLayer", "BiasNdLayer", "LayerCache", "check_ax
 
 
 class LayerCache(NamedTuple):
-    """Decoding cache of a ``MultiheadLinearAttention`` layer.
+    """Decoding cache of a ``LinearAttention`` layer.
 
     A ``NamedTuple`` (a pytree in JAX): new fields get defaults, so code that builds
     or unpacks the first two keeps working.

@@ -10,7 +10,7 @@ Examples
 --------
 >>> from flax import nnx
 >>> import jax.numpy as jnp, fastrpb.flax as frf
->>> layer = frf.MultiheadLinearAttention(64, heads=4, rpb=128, rngs=nnx.Rngs(0))
+>>> layer = frf.LinearAttention(64, heads=4, rpb=128, rngs=nnx.Rngs(0))
 >>> y = layer(jnp.ones((2, 100, 64)))
 """
 
@@ -36,7 +36,7 @@ from fastrpb._layers import (
 from fastrpb._validate import int_arg
 from fastrpb.feature_maps import FeatureMapLike
 
-__all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "MultiheadLinearAttention"]
+__all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "LinearAttention"]
 
 
 class FeatureMapArray(nnx.Variable[Any]):
@@ -238,10 +238,10 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
         return self._bias_of(v)
 
 
-class MultiheadLinearAttention(AttentionLayer, nnx.Module):
+class LinearAttention(AttentionLayer, nnx.Module):
     r"""Multi-head linear attention with an optional FastRPB term on the values.
 
-    ``y = W_o [ LinearAttention(x W_q, k W_k, v W_v) + B (v W_v) ]`` per head, the
+    ``y = W_o [ linear_attention(x W_q, k W_k, v W_v) + B (v W_v) ]`` per head, the
     paper's "Attn(Q, K, V) + B V" (self-attention: ``k = v = x``), through
     ``fastrpb.linear_attention`` and a call of the `FastRPB` / `FastRPBnd` module.
 
@@ -289,7 +289,7 @@ class MultiheadLinearAttention(AttentionLayer, nnx.Module):
 
     Examples
     --------
-    >>> layer = MultiheadLinearAttention(32, 4, rpb=128, causal=True, rngs=nnx.Rngs(0))
+    >>> layer = LinearAttention(32, 4, rpb=128, causal=True, rngs=nnx.Rngs(0))
     >>> x = jnp.ones((2, 10, 32))  # (batch, L, d_model)
     >>> layer(x).shape
     (2, 10, 32)

@@ -9,7 +9,7 @@ project and split heads.
 Examples
 --------
 >>> import torch, fastrpb.torch as frt
->>> layer = frt.MultiheadLinearAttention(64, heads=4, feature_map="sikf", rpb=128)
+>>> layer = frt.LinearAttention(64, heads=4, feature_map="sikf", rpb=128)
 >>> y = layer(torch.randn(2, 100, 64))          # (batch, L, d_model)
 """
 
@@ -34,7 +34,7 @@ from fastrpb._layers import (
 from fastrpb._validate import int_arg
 from fastrpb.feature_maps import FeatureMapLike
 
-__all__ = ["FastRPB", "FastRPBnd", "LayerCache", "LinearMultiheadAttention", "MultiheadLinearAttention"]
+__all__ = ["FastRPB", "FastRPBnd", "LayerCache", "MultiheadAttention", "LinearAttention"]
 
 
 def _seed(seed: int | None) -> int:
@@ -233,15 +233,15 @@ def _rpb_module(layer: AttentionLayer, rpb: Any, device: Any, dtype: Any) -> Any
     return layer._bias_module(rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype))
 
 
-class MultiheadLinearAttention(AttentionLayer, nn.Module):
+class LinearAttention(AttentionLayer, nn.Module):
     r"""Multi-head linear attention with an optional FastRPB term on the values.
 
-    ``y = W_o [ LinearAttention(x W_q, k W_k, v W_v) + B (v W_v) ]`` per head, the
+    ``y = W_o [ linear_attention(x W_q, k W_k, v W_v) + B (v W_v) ]`` per head, the
     paper's "Attn(Q, K, V) + B V" (self-attention: ``k = v = x``). Attention is
     ``fastrpb.linear_attention``; the bias is a `FastRPB` or `FastRPBnd` module, called
     on the values (so FSDP2's per-module ``fully_shard(layer.rpb)`` works). For a
     drop-in replacement of ``torch.nn.MultiheadAttention`` (its arguments, its
-    sequence-first layout, its mask polarity) use `LinearMultiheadAttention`.
+    sequence-first layout, its mask polarity) use `MultiheadAttention`.
 
     Parameters
     ----------
@@ -287,7 +287,7 @@ class MultiheadLinearAttention(AttentionLayer, nn.Module):
 
     Examples
     --------
-    >>> layer = MultiheadLinearAttention(64, 4, rpb=256, causal=True)
+    >>> layer = LinearAttention(64, 4, rpb=256, causal=True)
     >>> x = torch.randn(2, 10, 64)
     >>> y, cache = layer(x, return_cache=True)        # prefill
     >>> y_t, cache = layer.step(torch.randn(2, 64), cache)  # decode one token
@@ -440,7 +440,7 @@ def _keep_mask(key_padding_mask: torch.Tensor, shape: tuple[int, int]) -> torch.
     raise TypeError(f"key_padding_mask must be a bool or floating tensor, got dtype {key_padding_mask.dtype}")
 
 
-class LinearMultiheadAttention(AttentionLayer, nn.Module):
+class MultiheadAttention(AttentionLayer, nn.Module):
     r"""A drop-in for ``torch.nn.MultiheadAttention`` computing linear attention (+ FastRPB).
 
     Same constructor and ``forward`` as ``torch.nn.MultiheadAttention`` (sequence-first
@@ -477,7 +477,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
     ``forward(..., cache=cache)`` continues it with a chunk of several tokens (chunked
     prefill) and `step` decodes one token; with FastRPB the cache carries the bias
     history and a step costs amortised O(Dh log^2 t) for it. Both equal one causal
-    pass, as `MultiheadLinearAttention`'s cache (the same code).
+    pass, as `LinearAttention`'s cache (the same code).
 
     Parameters
     ----------
@@ -488,7 +488,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         ``"elu"``, ``"relu"``, ``"dpfp"``, ``"taylor"``, ``"hedgehog"`` or a map from
         ``fastrpb.feature_maps``; a map's fixed arrays become buffers, a learned one
         (Hedgehog's ``W``, ``feature_map_projection``, from the identity) a
-        parameter, as in `MultiheadLinearAttention`.
+        parameter, as in `LinearAttention`.
     rpb : None, int or FastRPB
         The FastRPB term: an int makes a ``FastRPB(num_heads, rpb, causal=causal)``
         with that ``max_len``. Needs ``Lq == Lk`` (self-attention).
@@ -502,13 +502,13 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
     Examples
     --------
     >>> layer = torch.nn.TransformerEncoderLayer(64, 4, batch_first=True)
-    >>> layer.self_attn = LinearMultiheadAttention(64, 4, batch_first=True, rpb=128)
+    >>> layer.self_attn = MultiheadAttention(64, 4, batch_first=True, rpb=128)
     >>> layer(torch.randn(2, 100, 64)).shape
     torch.Size([2, 100, 64])
 
     Prefill a prompt in two chunks, then decode, sequence first ``(L, N, E)``:
 
-    >>> attn = LinearMultiheadAttention(64, 4, rpb=128, causal=True)
+    >>> attn = MultiheadAttention(64, 4, rpb=128, causal=True)
     >>> x = torch.randn(10, 2, 64)
     >>> y, _, cache = attn(x[:6], x[:6], x[:6], return_cache=True)
     >>> y, _, cache = attn(x[6:], x[6:], x[6:], cache=cache, return_cache=True)
@@ -546,9 +546,9 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
     ) -> None:
         super().__init__()
         if add_bias_kv:
-            raise ValueError("add_bias_kv=True is not supported by LinearMultiheadAttention (no learned extra key/value)")
+            raise ValueError("add_bias_kv=True is not supported by MultiheadAttention (no learned extra key/value)")
         if add_zero_attn:
-            raise ValueError("add_zero_attn=True is not supported by LinearMultiheadAttention (no zero key/value)")
+            raise ValueError("add_zero_attn=True is not supported by MultiheadAttention (no zero key/value)")
         self.embed_dim = int_arg("embed_dim", embed_dim, minimum=1)
         self.num_heads = int_arg("num_heads", num_heads, minimum=1)
         if self.embed_dim % self.num_heads:
@@ -619,7 +619,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
         value : Tensor, shape (S, N, vdim), (N, S, vdim) or (S, vdim)
         key_padding_mask : Tensor, shape (N, S) or (S,), optional
             ``True`` (bool) or ``-inf`` (float) marks a padding key, as in torch; the
-            opposite of `MultiheadLinearAttention`'s ``key_mask`` (True = keep).
+            opposite of `LinearAttention`'s ``key_mask`` (True = keep).
             Padding keys are excluded exactly.
         need_weights : bool
             Accepted; the weights returned are always ``None`` (never formed).
@@ -703,7 +703,7 @@ class LinearMultiheadAttention(AttentionLayer, nn.Module):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.is_nested:
                 raise TypeError(
-                    f"{name} is a nested (jagged) tensor, which LinearMultiheadAttention does not take: "
+                    f"{name} is a nested (jagged) tensor, which MultiheadAttention does not take: "
                     "pad the batch and pass key_padding_mask, or use packed sequences (cu_seqlens, coming "
                     "to fastrpb's attention functions and layers). nn.TransformerEncoder makes nested "
                     "tensors in eval mode when it was built around an nn.MultiheadAttention: build it with "
