@@ -318,35 +318,41 @@ def step(xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tup
         state = start(xp, lead, D, M, a, w, v)
     v = xp.broadcast_to(v, (*lead, D)) if tuple(v.shape[:-1]) != lead else v
     compiled = is_compiled(xp, state.count, v, w)
-    t = state.count - a if compiled else int(state.count) - a  # biased position of this token
-    if not compiled and t < 0:  # a skipped token: no bias given or received
-        return _zeros(xp, (*lead, D), v), state._replace(count=count_array(xp, t + a + 1, like=v))
+    seen = -1 if compiled else int(state.count)  # -1: unknown here
+    if not compiled and seen < a:  # a skipped token: no bias given or received
+        return _zeros(xp, (*lead, D), v), state._replace(count=count_array(xp, seen + 1, like=v))
+    # positions as arrays under a compiler, and for libraries that compile one kernel per
+    # static slice (eager JAX: 32 window rows would be 32 compilations)
+    arrays = compiled or slices_compile(xp)
+    t = state.count - a if arrays else seen - a  # biased position of this token
     if compiled and a:
         v = xp.where(t < 0, _zeros(xp, (), v), v)
     r = t % _WINDOW
     near = as_dtype(xp, state.near, work)
-    # push: this token's weights c_{i-r} onto the window rows i >= r, and the token into row r
-    window = multiply_add(xp, as_dtype(xp, state.window, work), _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
-    out = _rows(xp, window[..., 0, :], r, 1)[..., 0, :]
-    parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
+    window = as_dtype(xp, state.window, work)
     n = _slots(M)
-    if compiled:
-        out = _mask_positions(xp, out, t, M)
-        count = state.count + 1
-        if n:  # else no window ever completes (M < B)
-            done = r == _WINDOW - 1
-            if a:
-                done = done & (t >= 0)
-            window, *rest = cond(
-                xp, done, lambda *ops: _complete(xp, (t + 1) // _WINDOW, w, M, *ops), lambda *ops: ops, (window, *parts)
-            )
-            parts = tuple(rest)
-    else:
-        count = count_array(xp, t + a + 1, like=v)
-        if r == _WINDOW - 1:
-            window, *rest = _complete(xp, (t + 1) // _WINDOW, w, M, window, *parts)
-            parts = tuple(rest)
-    return out, state._replace(blocks=tuple(parts[:n]), window=window, future=tuple(parts[n:]), near=near, count=count)
+    if not compiled:  # the hot path: one multiply-add, then only every B tokens the levels
+        # push: this token's weights c_{i-r} onto the window rows i >= r, and the token into row r
+        window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
+        out = _rows(xp, window[..., 0, :], r, 1)[..., 0, :]
+        count = state.count + 1 if arrays else count_array(xp, seen + 1, like=v)
+        if (seen - a) % _WINDOW != _WINDOW - 1:
+            return out, state._replace(window=window, near=near, count=count)
+        parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
+        window, *rest = _complete(xp, (t + 1) // _WINDOW, w, M, window, *parts)
+        return out, state._replace(blocks=tuple(rest[:n]), window=window, future=tuple(rest[n:]), near=near, count=count)
+    window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
+    out = _mask_positions(xp, _rows(xp, window[..., 0, :], r, 1)[..., 0, :], t, M)
+    parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
+    if n:  # else no window ever completes (M < B)
+        done = r == _WINDOW - 1
+        if a:
+            done = done & (t >= 0)
+        window, *rest = cond(
+            xp, done, lambda *ops: _complete(xp, (t + 1) // _WINDOW, w, M, *ops), lambda *ops: ops, (window, *parts)
+        )
+        parts = tuple(rest)
+    return out, state._replace(blocks=parts[:n], window=window, future=parts[n:], near=near, count=state.count + 1)
 
 
 def _mask_positions(xp: Any, out: Any, t: Any, M: int) -> Any:
@@ -538,6 +544,13 @@ def cond(xp: Any, pred: Any, true_fn: Callable[..., tuple], false_fn: Callable[.
 
         return tuple(torch.cond(pred, fresh(true_fn), fresh(false_fn), tuple(operands)))
     return tuple(true_fn(*operands) if bool(pred) else false_fn(*operands))
+
+
+def slices_compile(xp: Any) -> bool:
+    """Whether eager indexing with Python ints compiles a kernel per distinct slice (JAX:
+    one XLA executable per static start), so positions that change per call are better
+    passed as arrays (a gather, compiled once per shape)."""
+    return bool(_is(xp, "jax"))
 
 
 def contiguous(xp: Any, x: Any) -> Any:
