@@ -299,10 +299,9 @@ def is_lazy(xp: Any, *arrays: Any) -> bool:
     Reading such a value into Python (``int(x)``, ``bool(x)``) fails under ``jax.jit``
     and, with Dask, silently computes the whole graph behind it, which a lazy call
     must never do. So where fastrpb would read one it takes the path that does not:
-    streaming FastRPB steps in the fixed layout (``_online.step``, a graph of the same
-    size whatever ``M``, instead of the online levels whose number grows with
-    ``log M``), and array ``cu_seqlens`` offsets, which set shapes, are refused with
-    the advice to pass them as Python ints.
+    array ``cu_seqlens`` offsets, which set shapes, are refused with the advice to
+    pass them as Python ints. (A streaming FastRPB state's count is a NumPy array
+    beside Dask arrays, ``count_array``, so it is read without computing anything.)
     """
     return _is(xp, "dask") or is_traced(xp, *arrays)
 

@@ -1,0 +1,68 @@
+"""Control flow that compiles: conditionals and positions under ``jax.jit`` and
+``torch.compile``, eagerly plain Python (the streaming FastRPB state, ``_online``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .dispatch import _is
+
+
+def is_compiled(xp: Any, *arrays: Any) -> bool:
+    """Whether values cannot be read into Python here: any JAX tracer among ``arrays``,
+    or PyTorch's Dynamo tracing (``torch.compile``)."""
+    if _is(xp, "jax"):
+        import jax
+
+        return any(isinstance(x, jax.core.Tracer) for x in arrays if x is not None)
+    if _is(xp, "torch"):
+        import torch
+
+        return bool(torch.compiler.is_compiling())
+    return False
+
+
+def cond(xp: Any, pred: Any, true_fn: Callable[..., tuple], false_fn: Callable[..., tuple], operands: tuple) -> tuple:
+    """``true_fn(*operands)`` if ``pred`` else ``false_fn(*operands)``: a tuple of arrays.
+
+    Eagerly a Python ``if`` on ``bool(pred)``; a JAX tracer ``pred`` (``jax.jit``,
+    ``lax.scan``...): ``jax.lax.cond``; under ``torch.compile``: ``torch.cond``, whose
+    branches may not return an operand or a view of one, so every output is copied
+    there (a branch that leaves an array unchanged costs one copy of it).
+    """
+    if _is(xp, "jax") and is_compiled(xp, pred):
+        import jax
+
+        return tuple(jax.lax.cond(pred, true_fn, false_fn, *operands))
+    if _is(xp, "torch") and is_compiled(xp):
+        import torch
+
+        def fresh(fn: Callable[..., tuple]) -> Callable[..., tuple]:
+            def run(*ops: Any) -> tuple:
+                return tuple(x.clone(memory_format=torch.contiguous_format) for x in fn(*ops))
+
+            return run
+
+        return tuple(torch.cond(pred, fresh(true_fn), fresh(false_fn), tuple(operands)))
+    return tuple(true_fn(*operands) if bool(pred) else false_fn(*operands))
+
+
+def slices_compile(xp: Any) -> bool:
+    """Whether eager indexing with Python ints compiles a kernel per distinct slice (JAX:
+    one XLA executable per static start), so positions that change per call are better
+    passed as arrays (a gather, compiled once per shape)."""
+    return bool(_is(xp, "jax"))
+
+
+def contiguous(xp: Any, x: Any) -> Any:
+    """``x`` in row-major order (a copy only where it is not): the arrays a compiled
+    function receives are guarded by their strides, so a state made by a rebuild
+    (views, transposes) and one made by a compiled step must store the same layout."""
+    if _is(xp, "torch"):
+        return x.contiguous()
+    if _is(xp, "numpy"):
+        return np.ascontiguousarray(x)
+    return x
