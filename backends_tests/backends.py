@@ -6,7 +6,8 @@ results come back with ``backend.to_numpy`` and are judged by ``assert_close``, 
 checks library, dtype, device, shape and values in one call. ``FASTRPB_BACKENDS``
 (comma separated) chooses backends; a backend asked for by name but not importable
 is an error, not a skip, so CI can never lose one silently. GPU backends are
-skipped, with the reason, on machines without a GPU unless named explicitly.
+left out of the matrix, with the reason in the report header, on machines without a GPU
+unless named explicitly.
 
 What a backend can do (``jit``, ``grad``, ``fft``, ``gpu``, a second device, its
 dtypes) is declared here once; ``conftest.py`` turns the markers of the same names

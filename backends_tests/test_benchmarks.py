@@ -13,6 +13,8 @@ import subprocess
 import sys
 import warnings
 
+import pytest
+
 import fastrpb
 import fastrpb.bias
 import oracles
@@ -31,6 +33,7 @@ def _run_harness(tmp_path, *args: str) -> dict:
         return json.load(fh)
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_harness_smoke(tmp_path):
     payload = _run_harness(tmp_path, "--quick", "--backends", "numpy", "--sizes", "64,128", "--memory-sizes", "128",
                            "--budget", "0.05", "--threads", "1")

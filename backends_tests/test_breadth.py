@@ -124,6 +124,9 @@ def _unnormalised(name, lq, lk, vn, causal):
 MAPS = ["elu", "relu", "dpfp", "taylor", "identity", "rff", "sikf", "favor"]
 
 
+# elsewhere than NumPy and array-api-strict: every map in float32, and every dtype for
+# the plain (elu) and the exponential (sikf) kernel
+@pytest.mark.subset(lambda name, dtype, **_: dtype == "float32" or name in ("elu", "sikf"))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("name", MAPS)
 def test_unnormalised_scaled_matches_oracle(backend, dtype, rng, name, causal):
@@ -221,6 +224,7 @@ def _per_sequence(offsets, fn):
     return np.concatenate([fn(a, b) for a, b in itertools.pairwise(offsets)], axis=-2)
 
 
+@pytest.mark.subset(lambda name, dtype, **_: dtype == "float32" or name in ("elu", "sikf"))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("name", ["elu", "taylor", "sikf", "favor"])
 def test_packed_linear_attention_matches_separate_oracles(backend, dtype, rng, name, causal):

@@ -37,6 +37,9 @@ import pytest
 
 from backends import load, requested
 
+# the site build, Chromium and one interpreter per page: out of the inner loop (-m "not slow")
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RUN = ["index.md", "quickstart.md", "cookbook.md", "troubleshooting.md", "../README.md"]

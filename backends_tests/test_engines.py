@@ -36,6 +36,7 @@ def _selected(name: str) -> bool:
     return name in names
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_jax_sharded_jit_keeps_the_work_local():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(HERE)])}
@@ -384,6 +385,7 @@ def test_torch_compile_fullgraph_without_warnings(backend_name, recwarn):
     assert not messages, messages
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
 def test_torch_compile_inductor_rpb_and_attention(recwarn):
     torch = pytest.importorskip("torch")
@@ -409,6 +411,7 @@ def _scaling_examples() -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_docs_data_parallel_example(tmp_path):
     script = tmp_path / "data_parallel.py"
@@ -423,6 +426,7 @@ def test_docs_data_parallel_example(tmp_path):
     assert float(error) < 1e-4
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
 def test_docs_dask_example():
     pytest.importorskip("dask.array")

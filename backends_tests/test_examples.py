@@ -37,6 +37,7 @@ def _losses(output: str) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("numpy")
 def test_numpy_pipeline():
     out = _run("numpy_pipeline.py")
@@ -61,6 +62,7 @@ def test_cupy_pipeline_is_the_numpy_one_with_one_import_changed():
     assert j2 - j1 <= 8, cupy_body[j1:j2]
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("cupy")
 def test_cupy_pipeline():
     out = _run("cupy_pipeline.py")
@@ -69,12 +71,14 @@ def test_cupy_pipeline():
     assert "cupy.ndarray" in out, out
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("torch")
 def test_torch_classifier_learns():
     losses = _losses(_run("torch_classifier.py"))
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("jax")
 def test_flax_classifier_learns():
     losses = _losses(_run("flax_classifier.py"))

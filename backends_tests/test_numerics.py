@@ -77,6 +77,10 @@ def _poisoned(array, j, value):
     return out
 
 
+# elsewhere than NumPy and array-api-strict: every poison in every input for the plain
+# (elu), the exponential (sikf) and the projected exponential (favor) kernel; a NaN key
+# for the other maps
+@pytest.mark.subset(lambda name, where, bad: name in ("elu", "sikf", "favor") or (where == "key" and np.isnan(bad)))
 @pytest.mark.parametrize("name", MAPS)
 @pytest.mark.parametrize("where", ["value", "key", "query"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])

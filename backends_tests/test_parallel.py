@@ -51,6 +51,7 @@ def _docs_examples() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_jax_shard_map_equals_single_device():
     out = _run(str(HERE / "parallel_jax.py"))
@@ -58,6 +59,7 @@ def test_jax_shard_map_equals_single_device():
         assert f"P={P} " in out
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
 def test_torch_distributed_gloo_equals_one_process():
     out = _run(str(HERE / "parallel_torch.py"), "2", "4")
@@ -100,6 +102,7 @@ def test_torch_group_needs_an_initialised_group():
         parallel.rpb(np.zeros((8, 4)), np.zeros(31), comm=parallel.torch_group())
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_docs_shard_map_example_runs(tmp_path):
     script = tmp_path / "shard_map_example.py"
@@ -109,6 +112,7 @@ def test_docs_shard_map_example_runs(tmp_path):
     assert float(last.split()[-1]) < 1e-4, last
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
 def test_docs_torchrun_example_runs(tmp_path):
     script = tmp_path / "sp.py"

@@ -65,3 +65,12 @@ def test_check_gradients_catches_a_wrong_gradient(backend):
 
     with pytest.raises(AssertionError, match="gradient"):
         check_gradients(backend, detached, np.linspace(-1.0, 1.0, 5))
+
+
+@pytest.mark.subset(lambda case: case == "kept")
+@pytest.mark.parametrize("case", ["kept", "full-matrix-only"])
+def test_subset_marker(backend, case):
+    # NumPy and array-api-strict run every case; the other backends only those kept
+    from conftest import FULL_MATRIX
+
+    assert case == "kept" or backend.name in FULL_MATRIX

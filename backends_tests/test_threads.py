@@ -95,6 +95,7 @@ print(json.dumps({"jobs": len(jobs), "backends": [b.name for b in backends], "er
 """
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_eight_threads_first_calls_equal_serial_results():
     names, _ = requested()
     cpu = [n for n in names if n in CPU_BACKENDS]
