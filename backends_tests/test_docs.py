@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-RUN = ["index.md", "quickstart.md", "cookbook.md", "troubleshooting.md", "../README.md"]
+RUN = ["index.md", "quickstart.md", "cookbook.md", "troubleshooting.md", "deploy.md", "../README.md"]
 
 FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",

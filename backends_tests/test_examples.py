@@ -83,3 +83,13 @@ def test_torch_classifier_learns():
 def test_flax_classifier_learns():
     losses = _losses(_run("flax_classifier.py"))
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.uses_backend("torch")
+def test_onnx_deploy_matches_eager():
+    pytest.importorskip("onnxruntime", reason="the export extra (pip install 'fastrpb[export]') is not installed")
+    out = _run("onnx_deploy.py")
+    assert "DFT in the graph: True" in out, out
+    assert "also loaded: nothing else" in out, out  # the runtime process had no PyTorch, no fastrpb
+    error = float(re.search(r"max \|ONNX Runtime - eager\| / max \|eager\| = (\S+)", out).group(1))
+    assert error < 1e-4, out

@@ -188,15 +188,24 @@ def broadcast_shapes(*shapes: tuple) -> tuple:
     functions call ``broadcast``, which names the arguments.
     """
     first = tuple(shapes[0]) if shapes else ()
-    if all(tuple(s) == first for s in shapes):  # the usual case, and a decoding step's hot path
+    # the usual case, and a decoding step's hot path. Lengths first: a tuple compares
+    # items before lengths, and a symbolic batch compared with a head count that
+    # happens to equal it would pin the batch to that value under torch.export.
+    if all(len(s) == len(first) and tuple(s) == first for s in shapes):
         return first
     n = max(len(s) for s in shapes)
     out = []
     for axis in range(n, 0, -1):
-        sizes = {s[-axis] for s in shapes if len(s) >= axis} - {1}
-        if len(sizes) > 1:
-            raise ValueError(f"shapes {', '.join(str(tuple(s)) for s in shapes)} do not broadcast")
-        out.append(sizes.pop() if sizes else 1)
+        # Compared one by one, never put in a set: under torch.export and jax.export a
+        # size may be symbolic (a SymInt, a JAX dimension expression), which is not
+        # hashable; ``==`` and ``!=`` are what both answer.
+        size: Any = 1
+        for s in shapes:
+            if len(s) >= axis and s[-axis] != 1:
+                if size != 1 and s[-axis] != size:
+                    raise ValueError(f"shapes {', '.join(str(tuple(s)) for s in shapes)} do not broadcast")
+                size = s[-axis]
+        out.append(size)
     return tuple(out)
 
 

@@ -82,7 +82,10 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
         negative = w[..., M - L : M - 1]  # offsets -(L-1) .. -1, in that order
         zeros = xp.zeros((*w.shape[:-1], n - (2 * L - 1)), dtype=w.dtype, device=device_of(w))
         kernel = xp.concat([nonneg, zeros, negative], axis=-1)
-    kernel_f = rfft(xp, kernel, n=n)[..., None, :]  # (..., 1, n // 2 + 1)
+    # A spectrum is only ever made (rfft), multiplied and inverted, never reshaped or
+    # broadcast: torch.onnx lowers complex tensors through few operators (no unsqueeze,
+    # no expand), so the kernel gets its D axis, and its leading shape, while still real.
+    kernel = kernel[..., None, :]  # (..., 1, n) or (..., 1, L)
     columns = xp.matrix_transpose(v)  # (..., D, L): the sequence on the last axis
 
     def convolve(block: Any, k_f: Any) -> Any:
@@ -93,8 +96,8 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     per_row = (n // 2 + 1) * 2 * itemsize  # spectrum bytes of one (head, feature) row
     lead = _broadcast_lead(v.shape[:-2], w.shape[:-1])
     G = math.prod(lead)
-    if G * D * per_row <= _BLOCK_BYTES or not blocks_allowed(xp, v):  # engines: sharded JAX
-        return xp.matrix_transpose(convolve(columns, kernel_f))
+    if not _blocked(G * D * per_row) or not blocks_allowed(xp, v):  # engines: sharded JAX
+        return xp.matrix_transpose(convolve(columns, rfft(xp, kernel, n=n)))
     # Long input: blocks of (leading index, feature column) rows. A block takes whole
     # cache lines of each row of v (a multiple of 64 bytes of features: reading a
     # few strided columns would drag in their neighbours every time), and as many
@@ -103,7 +106,7 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     cols = min(D, max(line, (_BLOCK_BYTES // per_row) // line * line))
     heads = max(1, _BLOCK_BYTES // (per_row * cols))
     columns = xp.reshape(xp.broadcast_to(columns, (*lead, D, L)), (G, D, L))
-    kernel_f = xp.reshape(xp.broadcast_to(kernel_f, (*lead, 1, n // 2 + 1)), (G, 1, n // 2 + 1))
+    kernel_f = rfft(xp, xp.reshape(xp.broadcast_to(kernel, (*lead, *kernel.shape[-2:])), (G, *kernel.shape[-2:])), n=n)
     rows = []
     for g in range(0, G, heads):
         g_end = min(g + heads, G)
@@ -118,6 +121,18 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
 # blocks are recycled instead of page-faulted in again), large enough that the
 # per-call overhead of an FFT is negligible. Inputs below it are not blocked.
 _BLOCK_BYTES = 32 * 2**20
+
+
+def _blocked(spectrum_bytes: Any) -> bool:
+    """Whether a transform of ``spectrum_bytes`` of spectrum goes in blocks.
+
+    Only a known size is blocked: under ``torch.export`` or ``jax.export`` with a
+    symbolic batch the size is an expression (a SymInt, a JAX dimension), which
+    cannot be compared with the budget (the answer would depend on the batch) nor
+    cut into a Python loop of blocks, so the transform is one call, as for small
+    inputs.
+    """
+    return isinstance(spectrum_bytes, int) and spectrum_bytes > _BLOCK_BYTES
 
 
 def _itemsize(xp: Any, dtype: Any) -> int:
@@ -632,8 +647,8 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
         kernel = line if kernel is None else kernel + line
     kernel = xp.where(mask, kernel, xp.zeros((), dtype=kernel.dtype, device=dev))
     axes = tuple(range(-k, 0))
-    kernel_f = rfftn(xp, kernel, s=n, axes=axes)
-    kernel_f = xp.reshape(kernel_f, (*kernel_f.shape[:-k], 1, *kernel_f.shape[-k:]))  # a D axis
+    # a D axis, added before the FFT (the spectrum is never reshaped: see ``_toeplitz``)
+    kernel = xp.reshape(kernel, (*kernel.shape[:-k], 1, *kernel.shape[-k:]))
     nlead = cube.ndim - k - 1
     columns = xp.permute_dims(cube, (*range(nlead), cube.ndim - 1, *range(nlead, nlead + k)))
     crop = (..., *(slice(0, g) for g in grid))
@@ -646,17 +661,16 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
     # the column: long inputs go in blocks of columns of at most _BLOCK_BYTES of
     # spectrum (as in ``_toeplitz``), so the work space stays bounded.
     D = cube.shape[-1]
-    spec = tuple(kernel_f.shape[-k:])
-    per_col = math.prod(spec) * 2 * _itemsize(xp, cube.dtype)
-    lead = _broadcast_lead(columns.shape[:nlead], kernel_f.shape[: -k - 1])
+    per_col = math.prod(n[:-1]) * (n[-1] // 2 + 1) * 2 * _itemsize(xp, cube.dtype)
+    lead = _broadcast_lead(columns.shape[:nlead], kernel.shape[: -k - 1])
     G = math.prod(lead)
-    if G * D * per_col <= _BLOCK_BYTES or not blocks_allowed(xp, cube):  # engines: sharded JAX
-        out = convolve(columns, kernel_f)
+    if not _blocked(G * D * per_col) or not blocks_allowed(xp, cube):  # engines: sharded JAX
+        out = convolve(columns, rfftn(xp, kernel, s=n, axes=axes))
     else:
         cols = max(1, min(D, _BLOCK_BYTES // per_col))
         heads = max(1, _BLOCK_BYTES // (per_col * cols))
         columns = xp.reshape(xp.broadcast_to(columns, (*lead, D, *grid)), (G, D, *grid))
-        kernel_f = xp.reshape(xp.broadcast_to(kernel_f, (*lead, 1, *spec)), (G, 1, *spec))
+        kernel_f = rfftn(xp, xp.reshape(xp.broadcast_to(kernel, (*lead, 1, *n)), (G, 1, *n)), s=n, axes=axes)
         rows = []
         for g in range(0, G, heads):
             g_end = min(g + heads, G)

@@ -9,6 +9,7 @@ whether values are traced or lazy, whether PyTorch runs eager tensors.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -209,7 +210,13 @@ def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
         key, known = None, None
     if known is not None:
         return known
-    result = xp.result_type(*arrays)
+    if _is(xp, "torch") and _compiling():
+        # Dynamo cannot put ``torch.result_type`` (it returns a dtype) in a graph:
+        # promote the dtypes, which is the same rule for tensors of one or more dims.
+        torch = sys.modules["torch"]
+        result = functools.reduce(torch.promote_types, (x.dtype for x in arrays))
+    else:
+        result = xp.result_type(*arrays)
     pair = (result, xp.float64 if result == xp.float64 else xp.float32)
     if key is not None:
         _PROMOTED[key] = pair

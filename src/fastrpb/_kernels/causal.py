@@ -110,7 +110,10 @@ def block_chunks(kc: Any, vc: Any) -> int:
     JAX ``jit`` 147 / 564, 150 / 585, 137 / 517, 139 / 547, 143 / 548, 220 / 875 ms;
     PyTorch 201 / 848, 223-234 / 633-789, 181-191 / 735-803, 317 / 1079, 317 / 1085,
     277 / 1005 ms (2026-12-01)."""
-    lead = math.prod(_lead(kc.shape[:-3], vc.shape[:-3]))
+    # Known sizes only: under torch.export / jax.export a batch may be symbolic (a
+    # SymInt, a JAX dimension), and the count must be a Python int; a symbolic size
+    # counts as 1, so blocks are then sized from the static dimensions.
+    lead = math.prod([d for d in _lead(kc.shape[:-3], vc.shape[:-3]) if isinstance(d, int)])
     return max(1, BLOCK_ELEMENTS // max(1, lead * kc.shape[-1] * vc.shape[-1]))
 
 
