@@ -351,14 +351,15 @@ def test_mqar_tiny_sweep_appends_resumes_and_reports(tmp_path: Path):
 
     s = dataclasses.replace(mqar.QUICK, steps=2, long_steps=2)
     out = tmp_path / "mqar"
-    kw = dict(s=s, variants=["softmax", "sikf+rpb"], lengths=[24], seeds=[0, 1], out=out, command="test", log=lambda m: None)
+    kw = dict(s=s, variants=["softmax", "sikf+rpb"], seeds=[0, 1], out=out, command="test", log=lambda m: None)
     # a deadline already past: nothing trains, the report says every run is missing
     mqar.sweep(**kw, deadline=0.0)
     assert not (out / "results.json").exists()
     first = mqar.sweep(**{**kw, "seeds": [0]})
     runs = json.loads((out / "results.json").read_text())
     assert runs == first["runs"]
-    assert [(r["variant"], r["seq_len"], r["seed"]) for r in runs] == [("softmax", 24, 0), ("sikf+rpb", 24, 0)]
+    assert [(r["variant"], r["seq_len"], r["seed"]) for r in runs] == [
+        ("softmax", 24, 0), ("softmax", 40, 0), ("sikf+rpb", 24, 0), ("sikf+rpb", 40, 0)]
     for r in runs:
         for field in ("variant", "seed", "seq_len", "num_kv_pairs", "accuracy", "train_s_per_step"):
             assert field in r, field
@@ -366,19 +367,22 @@ def test_mqar_tiny_sweep_appends_resumes_and_reports(tmp_path: Path):
         assert r["train_s_per_step"] > 0
         assert r["loss_finite"]
         assert len(r["loss"]) == 2
+        assert r["n_test_queries"] == (16 if r["seq_len"] == 24 else 8) * 3
+    assert runs[1]["accuracy"] == runs[1]["accuracy_after_phase"]  # the last phase's model is the final one
     md = (out / "results.md").read_text()
     assert "PARTIAL" not in md
     # another seed: the finished runs are kept, only the new ones train, and the section says a cell is short
     second = mqar.sweep(**kw)
-    assert second["runs"][:2] == runs
-    assert len(second["runs"]) == 4
+    assert second["runs"][:4] == runs
+    assert len(second["runs"]) == 8
     assert mqar.sweep(**kw)["runs"] == second["runs"]  # nothing left to train
     rows = mqar.summarise(second["runs"])
-    assert {r["variant"]: r["seeds"] for r in rows} == {"softmax": [0, 1], "sikf+rpb": [0, 1]}
+    assert {(r["variant"], r["seq_len"]): r["seeds"] for r in rows} == {
+        (v, L): [0, 1] for v in ("softmax", "sikf+rpb") for L in (24, 40)}
     meta = json.loads((out / "sweep.json").read_text())
-    short = mqarreport.section(second["runs"][:3], meta, plot_rel="p.png", results_arg="r.json")
+    short = mqarreport.section(second["runs"][:6], meta, plot_rel="p.png", results_arg="r.json")
     assert "PARTIAL RESULTS" in short
-    assert "sikf+rpb/L = 24/seed 1" in short
+    assert "sikf+rpb/L = 24/seed 1, sikf+rpb/L = 40/seed 1" in short
     assert "(1 of 2 seeds)" in short
     # other settings into the same file: refused
     with pytest.raises(ValueError, match="another configuration"):

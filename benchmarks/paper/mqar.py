@@ -1,6 +1,6 @@
 """Multi-query associative recall (MQAR) across every feature map, with and without FastRPB.
 
-``python -m benchmarks.paper.mqar [--quick] [--seeds N] [--lengths L ...] [--steps N] [--out DIR]``
+``python -m benchmarks.paper.mqar [--quick] [--seeds N] [--lengths L ...] [--steps N] [--deadline-min M] [--out DIR]``
 
 The task, built the Zoology way (Arora et al. 2023, "Zoology: measuring and improving
 recall in efficient language models") and written here from its definition: a vocabulary
@@ -20,10 +20,16 @@ sinusoidal positions); only the attention differs:
   random projection of ``2 * head_dim`` rows, ``hedgehog`` with its trained ``W``;
 * ``<map>+rpb``: the same layer with a causal 1-d ``fastrpb.torch.FastRPB`` over the whole sequence.
 
-Runs go seed by seed (every variant and length of seed 0, then seed 1, ...), and each
-finished run is appended to ``OUT/results.json`` at once (written atomically), so a
+Each model is built for the longest length and learns the lengths in turn, shortest
+first, with one optimiser and one learning-rate schedule (Zoology, too, trains one model
+on several lengths): a few hundred steps at the short length, then a short phase at each
+longer one, which is where a step costs the most. Every length is tested with the final
+model; the JSON holds one record per (variant, seed, length).
+
+Models go seed by seed (every variant of seed 0, then seed 1, ...), and each finished
+model's records are appended to ``OUT/results.json`` at once (written atomically), so a
 sweep cut short still leaves every finished run; a restart with the same settings and
-code skips the runs already there. ``OUT/sweep.json`` holds the settings, command,
+code skips the models already there. ``OUT/sweep.json`` holds the settings, command,
 machine and versions; ``OUT/results.md`` and ``OUT/accuracy.png`` the page section.
 """
 
@@ -51,28 +57,29 @@ FILLER = 0
 @dataclass(frozen=True)
 class MQARSettings:
     # --- task
-    vocab: int = 64  # keys [1, vocab/2), values [vocab/2, vocab), 0 = filler
-    num_kv_pairs: int = 8
-    test: int = 256  # fixed test sequences per length
+    lengths: tuple[int, ...] = (64, 1024)  # trained in this order, one model per (variant, seed)
+    vocab: int = 32  # keys [1, vocab/2), values [vocab/2, vocab), 0 = filler
+    num_kv_pairs: int = 4
+    test: int = 128  # fixed test sequences at the shortest length
+    long_test: int = 64  # fixed test sequences at each longer length
     data_seed: int = 1234
     # --- model (identical for every variant)
-    d_model: int = 64
-    heads: int = 4
+    d_model: int = 32
+    heads: int = 2
     layers: int = 2
-    d_ff: int = 128
+    d_ff: int = 64
     chunk_size: int = 64
     short_conv: int = 3  # kernel of the causal depthwise convolution before each attention (0: none)
     # --- optimisation (identical for every variant)
-    steps: int = 300
-    batch: int = 16  # fresh sequences every step
-    lr: float = 3e-3
-    warmup: float = 0.1
+    steps: int = 300  # at the shortest length
+    batch: int = 8  # fresh sequences every step
+    long_steps: int = 60  # then at each longer length, the same model and optimiser
+    long_batch: int = 2
+    lr: float = 1e-2
+    warmup: float = 0.1  # one schedule over all the steps: warm-up, then linear decay to 0
     weight_decay: float = 0.01
     clip: float = 1.0
-    long_from: int = 512  # runs of this length or longer train with the two settings below
-    long_steps: int = 150
-    long_batch: int = 4
-    eval_batch: int = 64
+    eval_batch: int = 32
     # --- execution (does not change results, so not hashed)
     threads: int = 1
 
@@ -81,12 +88,19 @@ class MQARSettings:
     def hashed(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.UNHASHED}
 
+    def phases(self) -> list[tuple[int, int, int]]:
+        """``(seq_len, steps, batch)`` in training order: the shortest length first."""
+        first, *rest = sorted(self.lengths)
+        return [(first, self.steps, self.batch)] + [(L, self.long_steps, self.long_batch) for L in rest]
+
 
 FULL = MQARSettings()
 QUICK = MQARSettings(
+    lengths=(24, 40),
     vocab=16,
     num_kv_pairs=3,
     test=16,
+    long_test=8,
     d_model=16,
     heads=2,
     layers=1,
@@ -94,7 +108,6 @@ QUICK = MQARSettings(
     chunk_size=16,
     steps=3,
     batch=4,
-    long_from=32,
     long_steps=2,
     long_batch=2,
     eval_batch=16,
@@ -133,12 +146,14 @@ def generate(
 
 
 def test_set(seq_len: int, s: MQARSettings) -> tuple[np.ndarray, np.ndarray]:
-    return generate(s.test, seq_len, s.num_kv_pairs, s.vocab, np.random.default_rng([s.data_seed, seq_len]))
+    """The fixed test sequences of one length (the same for every variant and seed)."""
+    n = s.test if seq_len == min(s.lengths) else s.long_test
+    return generate(n, seq_len, s.num_kv_pairs, s.vocab, np.random.default_rng([s.data_seed, seq_len]))
 
 
 # ----------------------------------------------------------------------------- model
 def build(variant: str, seq_len: int, seed: int, s: MQARSettings):
-    """The causal Transformer for ``variant`` (seeded: same initialisation for the same seed)."""
+    """The causal Transformer for ``variant``, for sequences of up to ``seq_len`` tokens (seeded)."""
     import torch
     from torch import nn
 
@@ -207,11 +222,11 @@ def build(variant: str, seq_len: int, seed: int, s: MQARSettings):
 
 
 # ----------------------------------------------------------------------------- one run
-def _lr(step: int, s: MQARSettings) -> float:
-    warm = max(1, int(s.warmup * s.steps))
+def _lr(step: int, total: int, s: MQARSettings) -> float:
+    warm = max(1, int(s.warmup * total))
     if step < warm:
         return s.lr * (step + 1) / warm
-    return s.lr * max(0.0, (s.steps - step) / max(1, s.steps - warm))
+    return s.lr * max(0.0, (total - step) / max(1, total - warm))
 
 
 def accuracy(model, tokens: np.ndarray, targets: np.ndarray, s: MQARSettings) -> float:
@@ -231,59 +246,75 @@ def accuracy(model, tokens: np.ndarray, targets: np.ndarray, s: MQARSettings) ->
     return right / total
 
 
-def steps_batch(s: MQARSettings, seq_len: int) -> tuple[int, int]:
-    """Training steps and sequences per step at ``seq_len`` (long sequences: fewer, smaller steps)."""
-    return (s.long_steps, s.long_batch) if seq_len >= s.long_from else (s.steps, s.batch)
+def train_one(variant: str, seed: int, s: MQARSettings) -> list[dict]:
+    """Train one model through the phases of ``s`` (shortest length first); one record per length.
 
-
-def train_one(variant: str, seq_len: int, seed: int, s: MQARSettings) -> dict:
+    Each record's ``accuracy`` is measured on that length's test set after all the
+    training; ``accuracy_after_phase`` right after the phase at that length;
+    ``train_s_per_step`` is the median step time of that phase.
+    """
     import torch
 
-    steps, batch = steps_batch(s, seq_len)
-    s = dataclasses.replace(s, steps=steps, batch=batch)  # the learning-rate schedule follows the run's steps
-
     torch.set_num_threads(s.threads)
-    model = build(variant, seq_len, seed, s)
+    phases = s.phases()
+    total = sum(n for _, n, _ in phases)
+    model = build(variant, max(s.lengths), seed, s)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    rng = np.random.default_rng([seed, seq_len, 7])
-    losses, times = [], []
+    rng = np.random.default_rng([seed, 7])
+    step = 0
+    records = []
     finite = True
-    t_run = time.perf_counter()
-    for step in range(s.steps):
-        x, y = (torch.from_numpy(a) for a in generate(s.batch, seq_len, s.num_kv_pairs, s.vocab, rng))
-        for grp in opt.param_groups:
-            grp["lr"] = _lr(step, s)
+    for L, n_steps, batch in phases:
+        losses, times = [], []
+        t_phase = time.perf_counter()
+        for _ in range(n_steps):
+            x, y = (torch.from_numpy(a) for a in generate(batch, L, s.num_kv_pairs, s.vocab, rng))
+            for grp in opt.param_groups:
+                grp["lr"] = _lr(step, total, s)
+            t0 = time.perf_counter()
+            logits = model(x)
+            asked = y >= 0
+            loss = torch.nn.functional.cross_entropy(logits[asked], y[asked])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
+            opt.step()
+            times.append(time.perf_counter() - t0)
+            lv = float(loss.detach())
+            finite = finite and math.isfinite(lv)
+            losses.append(lv)
+            step += 1
+        train_s = time.perf_counter() - t_phase
         t0 = time.perf_counter()
-        logits = model(x)
-        asked = y >= 0
-        loss = torch.nn.functional.cross_entropy(logits[asked], y[asked])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        lv = float(loss.detach())
-        finite = finite and math.isfinite(lv)
-        losses.append(lv)
-    train_s = time.perf_counter() - t_run
-    acc = accuracy(model, *test_set(seq_len, s), s)
-    skip = min(5, max(0, len(times) - 1))  # the first steps include one-off allocations
-    return {
-        "variant": variant,
-        "seed": seed,
-        "seq_len": seq_len,
-        "num_kv_pairs": s.num_kv_pairs,
-        "accuracy": acc,
-        "train_s_per_step": float(np.median(times[skip:])),
-        "train_s": train_s,
-        "steps": s.steps,
-        "n_test_queries": s.test * s.num_kv_pairs,
-        "loss": [round(v, 4) for v in losses],
-        "loss_finite": finite,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "threads": s.threads,
-        "loadavg": list(os.getloadavg()),
-    }
+        acc = accuracy(model, *test_set(L, s), s)
+        skip = min(5, max(0, len(times) - 1))  # the first steps include one-off allocations
+        records.append(
+            {
+                "variant": variant,
+                "seed": seed,
+                "seq_len": L,
+                "num_kv_pairs": s.num_kv_pairs,
+                "accuracy_after_phase": acc,
+                "train_s_per_step": float(np.median(times[skip:])),
+                "train_s": train_s,
+                "eval_s": time.perf_counter() - t0,
+                "steps": n_steps,
+                "batch": batch,
+                "n_test_queries": len(test_set(L, s)[0]) * s.num_kv_pairs,
+                "loss": [round(v, 4) for v in losses],
+            }
+        )
+    for r in records:  # every length again with the final model (the last phase's is already measured)
+        r["accuracy"] = (
+            r["accuracy_after_phase"] if r is records[-1] else accuracy(model, *test_set(r["seq_len"], s), s)
+        )
+        r.update(
+            loss_finite=finite,
+            n_params=sum(p.numel() for p in model.parameters()),
+            threads=s.threads,
+            loadavg=list(os.getloadavg()),
+        )
+    return records
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -309,9 +340,19 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plan(variants: list[str], lengths: list[int], seeds: list[int]) -> list[tuple[str, int, int]]:
-    """Seed by seed, so that a sweep cut short has whole seeds; within a seed the short length first."""
-    return [(v, L, sd) for sd in seeds for L in sorted(lengths) for v in variants]
+def plan(variants: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """Seed by seed, so that a sweep cut short has whole seeds."""
+    return [(v, sd) for sd in seeds for v in variants]
+
+
+def missing_runs(runs: list[dict], variants: list[str], lengths: list[int], seeds: list[int]) -> list[dict]:
+    have = {(r["variant"], r["seq_len"], r["seed"]) for r in runs}
+    return [
+        {"variant": v, "seq_len": L, "seed": sd}
+        for v, sd in plan(variants, seeds)
+        for L in sorted(lengths)
+        if (v, L, sd) not in have
+    ]
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -341,14 +382,13 @@ def sweep(
     *,
     s: MQARSettings,
     variants: list[str],
-    lengths: list[int],
     seeds: list[int],
     out: Path,
     command: str,
     deadline: float | None = None,
     log=print,
 ) -> dict:
-    """Train every (variant, length, seed) not yet in ``out/results.json``; append each as it finishes.
+    """Train every (variant, seed) not yet in ``out/results.json``; append its records as it finishes.
 
     ``deadline`` (a ``time.time()``): start no run after it; the report then says which runs are missing.
     """
@@ -365,9 +405,9 @@ def sweep(
             f"{res_path} holds runs of another configuration (hash {', '.join(map(str, other))}); "
             f"this one is {h}: use another --out"
         )
-    done = {(r["variant"], r["seq_len"], r["seed"]) for r in runs}
-    todo = [t for t in plan(variants, lengths, seeds) if t not in done]
-    log(f"mqar: config hash {h}; {len(done)} run(s) already in {res_path}, {len(todo)} to train")
+    done = {(r["variant"], r["seed"]) for r in runs}
+    todo = [t for t in plan(variants, seeds) if t not in done]
+    log(f"mqar: config hash {h}; {len(done)} model(s) already in {res_path}, {len(todo)} to train")
     t_all = time.perf_counter()
     load0 = list(os.getloadavg())
     meta = {
@@ -376,7 +416,7 @@ def sweep(
         "command": command,
         "settings": dataclasses.asdict(s),
         "variants": variants,
-        "lengths": sorted(lengths),
+        "lengths": sorted(s.lengths),
         "seeds": seeds,
         "versions": versions(),
         "machine": machine(),
@@ -385,28 +425,28 @@ def sweep(
     }
     _atomic_write(out / "sweep.json", json.dumps({**meta, "finished": False}, indent=1))
     failures = []
-    for i, (v, L, sd) in enumerate(todo):
+    for i, (v, sd) in enumerate(todo):
         if deadline is not None and time.time() > deadline:
-            log(f"mqar: deadline reached; {len(todo) - i} run(s) not started")
+            log(f"mqar: deadline reached; {len(todo) - i} model(s) not trained")
             break
         try:
-            r = train_one(v, L, sd, s)
+            recs = train_one(v, sd, s)
         except Exception:
-            failures.append(f"{v} L={L} seed {sd}:\n{traceback.format_exc()}")
+            failures.append(f"{v} seed {sd}:\n{traceback.format_exc()}")
             log("FAILED " + failures[-1])
             continue
-        r["config_hash"] = h
-        runs.append(r)
+        for r in recs:
+            r["config_hash"] = h
+        runs += recs
         _atomic_write(res_path, json.dumps(runs, indent=0))
         log(
-            f"mqar [{i + 1}/{len(todo)}] {v:14s} L={L:5d} seed {sd}: accuracy {r['accuracy']:.3f}, "
-            f"{r['train_s_per_step'] * 1e3:.0f} ms/step, {r['train_s']:.0f} s"
+            f"mqar [{i + 1}/{len(todo)}] {v:14s} seed {sd}: "
+            + ", ".join(
+                f"L={r['seq_len']} accuracy {r['accuracy']:.3f} ({r['train_s_per_step'] * 1e3:.0f} ms/step, {r['train_s']:.0f} s)"
+                for r in recs
+            )
         )
-    missing = [
-        {"variant": v, "seq_len": L, "seed": sd}
-        for v, L, sd in plan(variants, lengths, seeds)
-        if (v, L, sd) not in {(r["variant"], r["seq_len"], r["seed"]) for r in runs}
-    ]
+    missing = missing_runs(runs, variants, list(s.lengths), seeds)
     meta.update(
         {
             "finished": True,
@@ -434,40 +474,48 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, 3 steps: seconds, not a result")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, a few steps: seconds, not a result")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
     ap.add_argument(
-        "--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 64 1024; --quick: 24 40)"
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sequence lengths, trained shortest first (default 64 1024)",
     )
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="steps at the shortest length")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step at the shortest length")
+    ap.add_argument("--long-steps", type=int, default=None, help="steps at each longer length")
+    ap.add_argument("--long-batch", type=int, default=None, help="sequences per step at each longer length")
     ap.add_argument("--variants", nargs="+", choices=MQAR_VARIANTS, default=list(MQAR_VARIANTS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     ap.add_argument(
         "--deadline-min",
         type=float,
         default=None,
-        help="start no run after this many minutes (the missing runs are reported)",
+        help="start no model after this many minutes (the missing runs are reported)",
     )
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
-    for field in ("steps", "batch", "threads"):
+    for field in ("steps", "batch", "long_steps", "long_batch", "threads"):
         if getattr(a, field) is not None:
             if getattr(a, field) < 1:
-                ap.error(f"--{field} must be >= 1")
+                ap.error(f"--{field.replace('_', '-')} must be >= 1")
             s = dataclasses.replace(s, **{field: getattr(a, field)})
+    if a.lengths is not None:
+        if len(set(a.lengths)) != len(a.lengths):
+            ap.error(f"--lengths must be distinct, got {a.lengths}")
+        s = dataclasses.replace(s, lengths=tuple(sorted(a.lengths)))
     seeds = list(range(a.seeds if a.seeds is not None else (1 if a.quick else 3)))
-    lengths = a.lengths or ([24, 40] if a.quick else [64, 1024])
     out = a.out or Path("paper-mqar-results-quick" if a.quick else "paper-mqar-results")
     deadline = time.time() + 60 * a.deadline_min if a.deadline_min is not None else None
     try:
-        for L in lengths:
+        for L in s.lengths:
             generate(1, L, s.num_kv_pairs, s.vocab, np.random.default_rng(0))  # bad sizes fail before training
         sweep(
             s=s,
             variants=list(a.variants),
-            lengths=lengths,
             seeds=seeds,
             out=out,
             deadline=deadline,

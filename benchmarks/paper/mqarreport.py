@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .mqar import FEATURE_MAPS, plan, summarise
+from .mqar import FEATURE_MAPS, missing_runs, summarise
 
 MAP_TITLES = {
     "elu": "elu+1",
@@ -245,12 +245,7 @@ def section(runs: list[dict], meta: dict, *, plot_rel: str, results_arg: str, he
     m = meta["machine"]
     half = s["vocab"] // 2
     partial = ""
-    have = {(r["variant"], r["seq_len"], r["seed"]) for r in runs}
-    missing = [
-        {"variant": v, "seq_len": L, "seed": sd}
-        for v, L, sd in plan(meta["variants"], meta["lengths"], meta["seeds"])
-        if (v, L, sd) not in have
-    ]
+    missing = missing_runs(runs, meta["variants"], meta["lengths"], meta["seeds"])
     if missing:
         partial = (
             f"**PARTIAL RESULTS**: {len(missing)} planned run(s) did not finish within the time budget ("
@@ -258,9 +253,12 @@ def section(runs: list[dict], meta: dict, *, plot_rel: str, results_arg: str, he
             + (", ..." if len(missing) > 12 else "")
             + "); the table says which cells have fewer seeds than planned.\n\n"
         )
-    steps = "; ".join(
-        f"L = {L}: {n} steps of {b} sequences" for L, n, b in ((L, *steps_batch_of(s, L)) for L in meta["lengths"])
+    lengths = meta["lengths"]
+    first, *longer = lengths
+    training = f"{s['steps']} steps of {s['batch']} fresh sequences at L = {first}" + "".join(
+        f", then {s['long_steps']} steps of {s['long_batch']} at L = {L}" for L in longer
     )
+    tests = f"{s['test']} at L = {first}" + "".join(f", {s['long_test']} at L = {L}" for L in longer)
     lines = [
         f"{heading} Which feature map? Multi-query associative recall (MQAR)",
         "",
@@ -272,9 +270,9 @@ def section(runs: list[dict], meta: dict, *, plot_rel: str, results_arg: str, he
             f"{s['vocab']} tokens (keys 1-{half - 1}, values {half}-{s['vocab'] - 1}, 0 a filler); each sequence "
             f"starts with {s['num_kv_pairs']} key-value pairs (distinct keys, random values), then filler tokens "
             "in which every key is asked once, at random distinct later positions; at each asked key the model "
-            "must predict the value that followed that key in the context. Accuracy is over all queries of "
-            f"{s['test']} fixed test sequences per length ({s['test'] * s['num_kv_pairs']} queries; chance "
-            f"{2 / s['vocab']:.3f}). Training draws fresh sequences at every step."
+            "must predict the value that followed that key in the context. Accuracy is the fraction of right answers "
+            f"over all queries of fixed test sequences ({tests}; {s['num_kv_pairs']} queries each; chance "
+            f"{2 / s['vocab']:.3f}, a guess among the values)."
         ),
         "",
         (
@@ -287,26 +285,28 @@ def section(runs: list[dict], meta: dict, *, plot_rel: str, results_arg: str, he
                 if s.get("short_conv")
                 else ""
             )
-            + f"); AdamW lr {s['lr']}, {int(100 * s['warmup'])} % warm-up then linear decay, clipping {s['clip']}; "
-            f"{steps}. Only the attention differs: `softmax_attention(causal=True)`, or the layer "
+            + "). As in Zoology, one model per variant and seed learns all the lengths: "
+            f"{training}, the same model and optimiser throughout (AdamW lr {s['lr']}, one schedule of "
+            f"{int(100 * s['warmup'])} % warm-up then linear decay to 0, clipping {s['clip']}); every length is then "
+            "tested with the final model. Only the attention differs: `softmax_attention(causal=True)`, or the layer "
             '`LinearAttention(feature_map=..., causal=True)` with `"elu"`, `"relu"`, `"sikf"`, `"dpfp"` '
             f"(nu = 1), `favor(random_projection({2 * (s['d_model'] // s['heads'])}, {s['d_model'] // s['heads']}))` "
             '(fixed), `"taylor"` or `"hedgehog"` (its W trained with the model, from the identity), each without and '
-            "with a causal 1-d FastRPB over the whole sequence (`FastRPB(heads, L, causal=True)`)."
+            f"with a causal 1-d FastRPB over the whole sequence (`FastRPB(heads, {lengths[-1]}, causal=True)`)."
         ),
         "",
         (
             "**What was cut to fit the budget** (the sweep shared a 2-core machine with other work; Zoology trains "
             "width 64-512 models for tens of thousands of steps on a vocabulary of 8,192 with up to 64 pairs): "
             f"width {s['d_model']} and {s['layers']} layers, a vocabulary of {s['vocab']}, {s['num_kv_pairs']} key-value "
-            f"pairs at every length, {len(meta['seeds'])} seeds, and a few hundred steps at most (fewer and smaller "
-            "batches at the long length, where one softmax step costs the most). The numbers therefore compare "
+            f"pairs at every length, {len(meta['seeds'])} seeds, a few hundred steps, and at the long length only a "
+            "short phase of small batches, where one softmax step costs the most. The numbers therefore compare "
             "the maps early in training at a small state size; they are not the maps' capacity."
         ),
         "",
         (
             f"Command: `PYTHONPATH=src:. {meta['command']}` (config hash `{meta['config_hash']}`, "
-            f"{meta.get('sweep_wall_s', 0) / 60:.0f} min, one process of {s['threads']} thread at `nice -n 19`; "
+            f"{meta.get('sweep_wall_s', 0) / 60:.0f} min, one process of {s['threads']} thread; "
             f"load average {meta['loadavg_start'][0]:.1f} at the start and "
             f"{meta.get('loadavg_end', meta['loadavg_start'])[0]:.1f} at the end on "
             f"{m.get('usable_cpus', m.get('affinity_cpus', m.get('cpus')))} cores: times are indicative, compare them "
@@ -331,13 +331,6 @@ def section(runs: list[dict], meta: dict, *, plot_rel: str, results_arg: str, he
         "",
     ]
     return "\n".join(lines)
-
-
-def steps_batch_of(s: dict, L: int) -> tuple[int, int]:
-    """The steps and batch a run of length ``L`` trains with (settings as a dict)."""
-    if s.get("long_from") and s["long_from"] <= L:
-        return s["long_steps"], s["long_batch"]
-    return s["steps"], s["batch"]
 
 
 def load_dir(out: Path) -> tuple[list[dict], dict]:
