@@ -398,7 +398,7 @@ def test_mqar_tiny_sweep_appends_resumes_and_reports(tmp_path: Path):
     assert "## Which feature map? Multi-query associative recall (MQAR)" in text
     mq = text.split("## Which feature map?")[1]
     assert "SIKF is more accurate than elu+1" not in mq  # no elu run in this sweep: no such verdict
-    assert "the best linear map (linear, SIKF + FastRPB) matches softmax" in mq
+    assert "the best linear map (linear, SIKF + FastRPB) is more accurate than softmax" in mq
     assert meta["config_hash"] in text
     assert "--mqar" in text
 
@@ -417,4 +417,4 @@ def test_mqar_verdicts_follow_the_two_standard_error_rule():
     assert c[("sikf", "elu")]["verdict"] == "held"  # +0.10, s.e. 0.016
     assert c[("elu+rpb", "elu")]["verdict"].startswith("not resolved")  # +-0.02 within 2 s.e. (0.06)
     assert c[("sikf", "softmax")]["verdict"].startswith("did not hold")  # the best linear map is sikf
-    assert c[("sikf", "softmax")]["claim"] == "the best linear map (linear, SIKF) matches softmax"
+    assert c[("sikf", "softmax")]["claim"] == "the best linear map (linear, SIKF) is more accurate than softmax"
