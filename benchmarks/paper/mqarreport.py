@@ -170,6 +170,14 @@ def in_words(rows: list[dict], meta: dict) -> list[str]:
             f"{', '.join(opp) or 'none'}; not resolved: {', '.join(rest) or 'none'} (mean change over the "
             f"{len(rp)} maps {mean_gain:+.3f})."
         )
+    for L in meta["lengths"]:
+        ranked = sorted((r for r in rows if r["seq_len"] == L), key=lambda r: -r["accuracy_mean"])
+        if ranked:
+            out.append(
+                f"- **Ranking at L = {L}** (mean accuracy): "
+                + ", ".join(f"{title(r['variant']).removeprefix('linear, ')} {r['accuracy_mean']:.3f}" for r in ranked)
+                + "."
+            )
     for c in (c for c in cl if c["group"] == "best"):
         soft = _row(rows, "softmax", c["seq_len"])
         assert soft is not None
@@ -257,6 +265,9 @@ def section(runs: list[dict], meta: dict, *, plot_rel: str, results_arg: str, he
         )
     lengths = meta["lengths"]
     first, *longer = lengths
+    busy = sum(r["train_s"] + r["eval_s"] for r in runs)
+    loads = [r["loadavg"][0] for r in runs]
+    cores = m.get("usable_cpus", m.get("affinity_cpus", m.get("cpus")))
     training = f"{s['steps']} steps of {s['batch']} fresh sequences at L = {first}" + "".join(
         f", then {s['long_steps']} steps of {s['long_batch']} at L = {L}" for L in longer
     )
@@ -307,12 +318,12 @@ def section(runs: list[dict], meta: dict, *, plot_rel: str, results_arg: str, he
         ),
         "",
         (
-            f"Command: `PYTHONPATH=src:. {meta['command']}` (config hash `{meta['config_hash']}`, "
-            f"{meta.get('sweep_wall_s', 0) / 60:.0f} min, one process of {s['threads']} thread; "
-            f"load average {meta['loadavg_start'][0]:.1f} at the start and "
-            f"{meta.get('loadavg_end', meta['loadavg_start'])[0]:.1f} at the end on "
-            f"{m.get('usable_cpus', m.get('affinity_cpus', m.get('cpus')))} cores: times are indicative, compare them "
-            f"within a length). Raw runs: `{results_arg}`."
+            f"Command: `PYTHONPATH=src:. {meta['command']}` (config hash `{meta['config_hash']}`; the runner appends "
+            "each finished model to the JSON and a later invocation with the same settings and code trains only the "
+            f"missing ones). Training and testing took {busy / 60:.0f} min in all, in one process of "
+            f"{s['threads']} thread; the load average of the shared machine ({cores} cores) was "
+            f"{min(loads):.1f}-{max(loads):.1f} at the ends of the runs, so times are indicative: compare them "
+            f"within a length. Raw runs: `{results_arg}`."
         ),
         "",
         table(rows, meta),
