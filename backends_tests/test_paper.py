@@ -418,3 +418,16 @@ def test_mqar_verdicts_follow_the_two_standard_error_rule():
     assert c[("elu+rpb", "elu")]["verdict"].startswith("not resolved")  # +-0.02 within 2 s.e. (0.06)
     assert c[("sikf", "softmax")]["verdict"].startswith("did not hold")  # the best linear map is sikf
     assert c[("sikf", "softmax")]["claim"] == "the best linear map (linear, SIKF) is more accurate than softmax"
+
+
+def test_mqar_report_names_diverged_models():
+    from benchmarks.paper import mqarreport
+
+    def rec(v, seed, L, loss):
+        return {"variant": v, "seed": seed, "seq_len": L, "loss": loss, "loss_finite": bool(np.isfinite(loss).all())}
+
+    runs = [rec("favor", 0, 64, [2.0, 1.5]), rec("favor", 0, 1024, [1.4]),
+            rec("favor", 1, 64, [2.0, 1.9, float("nan")]), rec("favor", 1, 1024, [float("nan")])]
+    (line,) = mqarreport.non_finite(runs)
+    assert "linear, FAVOR+, seed 1 (from step 3 of 4)" in line
+    assert mqarreport.non_finite(runs[:2]) == []

@@ -205,6 +205,26 @@ def in_words(rows: list[dict], meta: dict) -> list[str]:
     return out
 
 
+def non_finite(runs: list[dict]) -> list[str]:
+    """One line naming the models whose training loss became NaN or infinite, and at which step."""
+    bad = []
+    for r in runs:
+        if r["loss_finite"] or r["seq_len"] != min(x["seq_len"] for x in runs if x["variant"] == r["variant"]):
+            continue
+        phases = sorted(
+            (x for x in runs if (x["variant"], x["seed"]) == (r["variant"], r["seed"])), key=lambda x: x["seq_len"]
+        )
+        losses = [v for x in phases for v in x["loss"]]
+        step = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+        bad.append(f"{title(r['variant'])}, seed {r['seed']} (from step {step + 1} of {len(losses)})")
+    if not bad:
+        return []
+    return [
+        "- **Training diverged** (the loss became NaN or infinite) for: " + "; ".join(bad) + ". Its final accuracy "
+        "counts in the means above, as a failure of that variant to train at this learning rate."
+    ]
+
+
 def plot(rows: list[dict], meta: dict, path: Path) -> None:
     import matplotlib
 
@@ -342,6 +362,7 @@ def section(runs: list[dict], meta: dict, *, plot_rel: str, results_arg: str, he
         claims_md(rows, meta),
         "",
         *in_words(rows, meta),
+        *non_finite(runs),
         "",
     ]
     return "\n".join(lines)
