@@ -220,8 +220,8 @@ def non_finite(runs: list[dict]) -> list[str]:
     if not bad:
         return []
     return [
-        "- **Training diverged** (the loss became NaN or infinite) for: " + "; ".join(bad) + ". Its final accuracy "
-        "counts in the means above, as a failure of that variant to train at this learning rate."
+        "- **Training diverged** (the loss became NaN or infinite) for: " + "; ".join(bad) + ". The final accuracy "
+        "of such a model counts in the means above, as a failure of that variant to train at this learning rate."
     ]
 
 
