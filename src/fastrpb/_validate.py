@@ -349,8 +349,7 @@ def _increasing_offsets(values: tuple[int, ...], T: int) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------- old names
-# ``fastrpb.torch`` and ``fastrpb.flax`` import these from ``fastrpb._compat``, which
-# re-exports them until the layers import from here.
+# The names ``fastrpb.torch`` and ``fastrpb.flax`` import.
 int_arg = integer
 check_floating = floating
 
