@@ -183,11 +183,13 @@ def write_outputs(results: dict, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- docs page
 def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
-         extras: list[tuple[dict, str, str]] = (), autoregressive: dict | None = None) -> str:
+         extras: list[tuple[dict, str, str]] = (), autoregressive: dict | None = None,
+         mqar: dict | None = None) -> str:
     """The Experiments page; ``extras`` are (results, path as given, plot path relative to the page)
     of further sweeps with the same settings (e.g. more seeds for some models); ``autoregressive`` holds what
     ``python -m benchmarks.paper.autoregressive`` wrote: ``runs``, ``meta``, ``samples_rel``, ``arg``,
-    ``decode`` (or None), ``dirs`` and ``more``, further sweeps as (runs, meta, samples_rel, arg)."""
+    ``decode`` (or None), ``dirs`` and ``more``, further sweeps as (runs, meta, samples_rel, arg); ``mqar`` what
+    ``python -m benchmarks.paper.mqar`` wrote: ``runs``, ``meta``, ``plot_rel``, ``arg`` and ``dir``."""
     s = results["settings"]
     v = results["versions"]
     m = results["machine"]
@@ -216,6 +218,10 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
            "tests the causal setting, where linear attention decodes in O(1) per token: next-pixel prediction "
            "(bits per dimension), the causal FastRPB, SIKF against elu+1, and sampling speed against softmax with a "
            "key/value cache.")] if autoregressive is not None else []),
+        *(["",
+           ("[Which feature map? Multi-query associative recall](#which-feature-map-multi-query-associative-recall-mqar) "
+            "compares every feature map of the library, with and without FastRPB, against softmax on the recall task "
+            "that separates them in the Zoology and Based papers.")] if mqar is not None else []),
         "",
         "## How it was run",
         "",
@@ -228,9 +234,11 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
           if autoregressive is not None else []),
         *([f"PYTHONPATH=src:. python -m benchmarks.paper.ardecode --out {autoregressive['dirs'][0]}/decode-scaling.json"]
           if autoregressive is not None and autoregressive["decode"] is not None else []),
+        *([f"PYTHONPATH=src:. {mqar['meta']['command']}"] if mqar is not None else []),
         f"PYTHONPATH=src:. python -m benchmarks.paper.report {results_arg} --page docs/experiments.md"
         + "".join(f" --extra {arg}" for _, arg, _ in extras)
-        + "".join(f" --autoregressive {d}" for d in (autoregressive["dirs"] if autoregressive is not None else ())),
+        + "".join(f" --autoregressive {d}" for d in (autoregressive["dirs"] if autoregressive is not None else ()))
+        + (f" --mqar {mqar['dir']}" if mqar is not None else ""),
         "```",
         "",
         (f"- Config hash `{results['config_hash']}` (settings and code); finished {results['finished_utc']}, "
@@ -300,6 +308,10 @@ def page(results: dict, *, results_rel: str, plot_rel: str, results_arg: str,
 
         lines += [section(autoregressive["runs"], autoregressive["meta"], samples_rel=autoregressive["samples_rel"],
                           results_arg=autoregressive["arg"], decode=autoregressive["decode"], more=autoregressive["more"])]
+    if mqar is not None:
+        from .mqarreport import section as mqar_section
+
+        lines += [mqar_section(mqar["runs"], mqar["meta"], plot_rel=mqar["plot_rel"], results_arg=mqar["arg"])]
     return "\n".join(lines) + "\n"
 
 
@@ -433,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="output directory of `python -m benchmarks.paper.autoregressive` (results.json, sweep.json, "
                          "samples.png) to add to the page; repeat it for further variants (same settings), whose rows "
                          "join the first directory's table")
+    ap.add_argument("--mqar", type=Path, default=None,
+                    help="output directory of `python -m benchmarks.paper.mqar` (results.json, sweep.json, accuracy.png) "
+                         "to add to the page")
     a = ap.parse_args(argv)
     results = json.loads(a.results.read_text())
     if a.outputs:
@@ -449,8 +464,15 @@ def main(argv: list[str] | None = None) -> None:
             ar = {"runs": runs, "meta": meta, "samples_rel": rel(d / "samples.png"), "arg": str(d / "results.json"),
                   "decode": decode, "dirs": [str(x) for x in a.autoregressive],
                   "more": [(*load_dir(x)[:2], rel(x / "samples.png"), str(x / "results.json")) for x in more]}
+        mq = None
+        if a.mqar:
+            from .mqarreport import load_dir as mqar_load
+
+            mq_runs, mq_meta = mqar_load(a.mqar)
+            mq = {"runs": mq_runs, "meta": mq_meta, "plot_rel": rel(a.mqar / "accuracy.png"),
+                  "arg": str(a.mqar / "results.json"), "dir": str(a.mqar)}
         a.page.write_text(page(results, results_rel=rel(a.results), plot_rel=rel(a.results.parent / "curves.png"),
-                                 results_arg=str(a.results), extras=extras, autoregressive=ar))
+                                 results_arg=str(a.results), extras=extras, autoregressive=ar, mqar=mq))
         print(f"wrote {a.page}")
     if not a.page and not a.outputs:
         print(table(results))
