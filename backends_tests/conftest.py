@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends import DTYPES, load, requested
+from backends_tests.backends import DTYPES, load, requested
 
 _LOADED: dict[str, object] = {}
 _SKIPPED: dict[str, str] = {}

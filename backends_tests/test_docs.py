@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import load, requested
+from backends_tests.backends import load, requested
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
