@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends import DTYPES, Backend, load, requested
+from backends_tests.backends import DTYPES, Backend, load, requested
 
 _LOADED: dict[str, Backend] = {}
 _SKIPPED: dict[str, str] = {}

@@ -18,7 +18,7 @@ import pytest
 import fastrpb
 import fastrpb.bias
 import oracles
-from backends import assert_close
+from backends_tests.backends import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

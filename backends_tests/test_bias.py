@@ -9,7 +9,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends import assert_array, assert_close, check_gradients
+from backends_tests.backends import assert_array, assert_close, check_gradients
 
 # ----------------------------------------------------------------- oracle (NumPy, float64)
 # The dense Toeplitz oracle lives in oracles.py (one for the whole suite); these names

@@ -10,7 +10,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends import assert_close, check_gradients
+from backends_tests.backends import assert_close, check_gradients
 from fastrpb import (
     LinearAttentionState,
     linear_attention,

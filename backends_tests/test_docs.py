@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import load, requested
+from backends_tests.backends import load, requested
 
 # the site build, Chromium and one interpreter per page: out of the inner loop (-m "not slow")
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends import requested
+from backends_tests.backends import requested
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

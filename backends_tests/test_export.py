@@ -30,7 +30,7 @@ from test_layers import Framework, _backend, _lma_oracle, bias_nd_oracle, bias_o
 
 import fastrpb
 import oracles
-from backends import assert_close, tolerance
+from backends_tests.backends import assert_close, tolerance
 
 H, DH, L, M = 2, 4, 12, 16  # heads, head width, tokens, table length
 E = H * DH  # model width

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends import assert_array, assert_close, check_gradients
+from backends_tests.backends import assert_array, assert_close, check_gradients
 from fastrpb import feature_maps as fm
 from fastrpb import linear_attention, random_projection
 

@@ -27,7 +27,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends import Backend, assert_close, load, requested
+from backends_tests.backends import Backend, assert_close, load, requested
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends import assert_close, tolerance
+from backends_tests.backends import assert_close, tolerance
 from fastrpb import feature_maps as fm
 from fastrpb import linear_attention, random_projection, rpb, softmax_attention
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends import requested
+from backends_tests.backends import requested
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

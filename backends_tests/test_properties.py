@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import oracles
-from backends import tolerance
+from backends_tests.backends import tolerance
 from fastrpb import feature_maps as fm
 from fastrpb import (
     linear_attention,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from backends import assert_array, assert_close, check_gradients
+from backends_tests.backends import assert_array, assert_close, check_gradients
 
 
 def test_backend_round_trip(backend, dtype):

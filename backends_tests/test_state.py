@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends import assert_array, assert_close, check_gradients
+from backends_tests.backends import assert_array, assert_close, check_gradients
 from fastrpb import (
     LinearAttentionState,
     RPBState,

@@ -10,7 +10,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends import assert_close
+from backends_tests.backends import assert_close
 
 # lengths that cross the online convolution's block boundaries (blocks of 32, 64, ...)
 LENGTHS = [1, 2, 3, 63, 64, 65, 1000]

@@ -14,7 +14,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends import assert_close
+from backends_tests.backends import assert_close
 from fastrpb import feature_maps as fm
 from fastrpb import linear_attention, linear_attention_step, softmax_attention
 

@@ -166,7 +166,7 @@ def samples_plot(runs: list[dict], meta: dict, path: Path, test_images=None) -> 
     for v in meta["variants"]:
         r = next((r for r in runs if r["variant"] == v and r["seed"] == seed), None)
         if r is not None:
-            from .autoregressive import decode_samples
+            from .ardata import decode_samples
 
             rows.append((AR_TITLES.get(v, v), decode_samples(r["samples_hex"], levels)))
     cols = max(len(x) for _, x in rows)
@@ -323,7 +323,7 @@ def load_dir(out: Path) -> tuple[list[dict], dict, dict | None]:
 
 
 def write_outputs(runs: list[dict], meta: dict, out: Path) -> None:
-    from .autoregressive import ARSettings, load
+    from .ardata import ARSettings, load
     from .data import DataMissing
 
     s = ARSettings(**meta["settings"])

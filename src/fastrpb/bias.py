@@ -15,11 +15,12 @@ dimensions of the values (e.g. a per-head table ``(H, 2M - 1)`` with values
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from . import _online, _validate
+from . import _online, _packing, _validate
 from ._compat import (
     blocks_allowed,
     compute_dtype,
@@ -34,8 +35,6 @@ from ._compat import (
 )
 from ._compat import pad_axis as _pad_rows
 from ._online import RPBState
-from ._packing import array_argument as _packing_argument
-from ._packing import packed_rpb as _packed_rpb
 from ._random import seeded_normal
 from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
@@ -233,7 +232,7 @@ def rpb(
     if cu_seqlens is not None:  # packed sequences (fastrpb._packing), each biased on its own
         if initial_state is not None or return_state:
             raise ValueError("cu_seqlens does not combine with initial_state/return_state (streaming one sequence)")
-        xp = namespace(v=v, w=w, cu_seqlens=_packing_argument(cu_seqlens))
+        xp = namespace(v=v, w=w, cu_seqlens=_packing.array_argument(cu_seqlens))
         return _packed_rpb(xp, v, w, causal=causal, skip=skip, cu_seqlens=cu_seqlens)
     if initial_state is not None or return_state:
         return _rpb_stream(v, w, causal, skip, initial_state, return_state)
@@ -272,6 +271,37 @@ def _check_stream(causal: Any, skip: Any, initial_state: Any, return_state: Any)
             "drop the trailing tokens' output rows yourself"
         )
     return a
+
+
+def _packed_rpb(xp: Any, v: Any, w: Any, *, causal: bool, skip: Any, cu_seqlens: Any) -> Any:
+    """``fastrpb.rpb`` of every packed sequence on its own, ``skip`` per sequence."""
+    _validate.values(xp, "v", v)
+    offsets = _packing.offsets_of(xp, cu_seqlens, v.shape[-2])
+    a, b = _validate.skip(skip)
+    lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
+    for n, length in enumerate(lengths):
+        if length < a + b:
+            raise ValueError(
+                f"skip = ({a}, {b}) skips {a + b} tokens of every sequence but sequence {n} of cu_seqlens "
+                f"has only {length}"
+            )
+    pk = _packing.packing(xp, offsets, v)
+    outs = []
+    for g in pk.groups:
+        vu = _packing.unpack(xp, g, v)
+        keep = None
+        if b:
+            # the last b tokens of each sequence neither give nor receive the bias
+            t = xp.arange(g.longest, dtype=xp.int32, device=device_of(v))
+            ends = xp.asarray([lengths[n] - b for n in g.members], dtype=xp.int32, device=device_of(v))
+            keep = t[None, :] < ends[:, None]
+            vu = xp.where(keep[..., None], vu, xp.zeros((), dtype=vu.dtype, device=device_of(v)))
+        out = rpb(vu, _packing.per_sequence_table(w), causal=causal, skip=(a, 0))
+        if keep is not None:
+            out = xp.where(keep[..., None], out, xp.zeros((), dtype=out.dtype, device=device_of(v)))
+        outs.append(out)
+    return _packing.repack(xp, pk, outs)
+
 
 
 def _check_position(end: int, a: int, M: int, name: str) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _packing
+from .. import bias as _bias
 from .common import zero_padding
 
 __all__ = ["packed_lengths", "packed_bias", "packed_linear_attention"]
@@ -29,7 +30,7 @@ def packed_bias(xp: Any, out: Any, v: Any, key_mask: Any, rpb: Any, rpb_skip: An
     if key_mask is not None:
         v = zero_padding(xp, v, key_mask)
     try:
-        term = _packing.packed_rpb(xp, v, rpb, causal=causal, skip=rpb_skip, cu_seqlens=cu_seqlens)
+        term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip, cu_seqlens=cu_seqlens)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
     return out + xp.astype(term, out.dtype, copy=False)
