@@ -94,7 +94,9 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     lead = _broadcast_lead(v.shape[:-2], w.shape[:-1])
     G = math.prod(lead)
     if G * D * per_row <= _BLOCK_BYTES or not blocks_allowed(xp, v):  # engines: sharded JAX
-        return xp.matrix_transpose(convolve(columns, kernel_f))
+        # a copy of the cropped rows: the result owns its memory, and the padded
+        # irfft buffer (about twice the result) is freed at once
+        return xp.matrix_transpose(xp.asarray(convolve(columns, kernel_f), copy=True))
     # Long input: blocks of (leading index, feature column) rows. A block takes whole
     # cache lines of each row of v (a multiple of 64 bytes of features: reading a
     # few strided columns would drag in their neighbours every time), and as many
@@ -237,9 +239,8 @@ def rpb(
         out = xp.zeros((*lead, L, v.shape[-1]), dtype=work, device=device_of(v))
     else:
         out = _toeplitz(xp, xp.astype(inner, work, copy=False), xp.astype(w, work, copy=False), causal=causal)
-    out = _pad_rows(xp, out, a, b)
-    shape = (*lead, *v.shape[-2:])
-    return xp.astype(xp.broadcast_to(out, shape), result, copy=False)
+    out = _pad_rows(xp, out, a, b)  # (*lead, *v.shape[-2:]): a plain array, writable, its own memory
+    return xp.astype(out, result, copy=False)
 
 
 # --------------------------------------------------------------------------- streaming
