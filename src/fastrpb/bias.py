@@ -171,9 +171,10 @@ def rpb(
     return_state : bool
         Causal only: also return the ``RPBState`` after the last token.
     cu_seqlens : int array, shape (N + 1,), optional
-        Packed sequences (flash-attention / fla convention): offsets ``0 = c_0 < ... <
+        Packed sequences (flash-attention / fla convention): offsets ``0 = c_0 <= ... <=
         c_N = L`` along ``v``'s length axis; every sequence is biased only within
-        itself, ``skip`` applied to each (see ``fastrpb.linear_attention``). Must be
+        itself, ``skip`` applied to each non-empty one (a zero-length sequence gives
+        no rows; see ``fastrpb.linear_attention``). Must be
         concrete (not traced under ``jax.jit``); each sequence of at most ``M`` tokens
         after ``skip[0]``.
 

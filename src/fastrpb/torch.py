@@ -365,7 +365,7 @@ class LinearAttention(AttentionLayer, nn.Module):
             term included (its history lives in the cache).
         cu_seqlens : int Tensor, shape (N + 1,), or tuple of ints, optional
             Packed sequences along the length axis (flash-attention / fla offsets
-            ``0 = c_0 < ... < c_N = L``): each sequence attends and is biased only
+            ``0 = c_0 <= ... <= c_N = L``, zero-length sequences allowed): each sequence attends and is biased only
             within itself, as ``fastrpb.linear_attention(..., cu_seqlens=)``.
             Self-attention only, without ``return_cache`` or ``cache``, and without an N-d bias.
 
