@@ -79,13 +79,13 @@ def test_causal_blocks_of_chunks(backend, monkeypatch, rng, name):
     makes blocks of 2 chunks here: 13 tokens in chunks of 3 are 2 blocks and a
     remainder. Values, the returned state, continuation and gradients against the
     dense oracle; ``signed``, a callable, takes the signed maps' normaliser."""
-    import fastrpb.attention
+    from fastrpb._kernels import causal as causal_kernel
 
-    monkeypatch.setattr(fastrpb.attention, "_BLOCK_ELEMENTS", 24)
+    monkeypatch.setattr(causal_kernel, "BLOCK_ELEMENTS", 24)
     (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", lead=(), Lq=13)
     fmap = (lambda x: x + 2.0) if name == "signed" else name
     phi = (lambda x: x + 2.0) if name == "signed" else oracles.elu1
-    assert fastrpb.attention._block_chunks(k, v) == 2  # (features 4 x values 3) x 2 chunks = 24
+    assert causal_kernel.block_chunks(k, v) == 2  # (features 4 x values 3) x 2 chunks = 24
     run = backend.compile(lambda q, k, v: linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3))
     expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=True, eps=1e-6)
     assert_close(backend, run(q, k, v), expected, "float64")

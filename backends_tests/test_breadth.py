@@ -47,11 +47,11 @@ def test_fla_naive_chunk_err_ratio(backend, seed):
 
 def test_compensated_normaliser_without_float64(backend, rng):
     """The float32 fallback (JAX without x64, MPS): compensated prefix and dot product."""
-    from fastrpb.attention import _compensated_den
+    from fastrpb._kernels.causal import compensated_den
 
     qn, kn = (rng.standard_normal((2, 300, 64)).astype(np.float32) for _ in range(2))
     q, k = backend.asarray(qn, "float32"), backend.asarray(kn, "float32")
-    den, z = _compensated_den(backend.xp, q, k)
+    den, z = compensated_den(backend.xp, q, k)
     q64, k64 = qn.astype(np.float64), kn.astype(np.float64)
     Z = np.cumsum(k64, axis=-2)
     expected = np.sum(q64 * Z, axis=-1, keepdims=True)

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from fastrpb._compat import MIN_API_VERSION, _next_fast_len_portable, int_arg, namespace, next_fast_len
+from fastrpb._compat import MIN_API_VERSION, namespace, next_fast_len
+from fastrpb._compat.fft import _next_fast_len_portable
+from fastrpb._validate import int_arg
 
 
 def _is_5_smooth(n: int) -> bool:
@@ -64,9 +66,9 @@ def test_namespace_older_than_2023_12_is_rejected():
 def test_array_api_strict_at_2022_12_is_rejected(monkeypatch):
     strict = pytest.importorskip("array_api_strict")
     import fastrpb
-    from fastrpb import _compat
+    from fastrpb._compat import dispatch
 
-    monkeypatch.setattr(_compat, "_NAMESPACES", {})  # forget namespaces resolved earlier
+    monkeypatch.setattr(dispatch, "_NAMESPACES", {})  # forget namespaces resolved earlier
     strict.set_array_api_strict_flags(api_version="2022.12")
     try:
         v = strict.asarray([[1.0, 2.0]])

@@ -353,8 +353,7 @@ def _non_decreasing_offsets(values: tuple[int, ...], T: int) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------- old names
-# ``fastrpb.torch`` and ``fastrpb.flax`` import these from ``fastrpb._compat``, which
-# re-exports them until the layers import from here.
+# The names ``fastrpb.torch`` and ``fastrpb.flax`` import.
 int_arg = integer
 check_floating = floating
 

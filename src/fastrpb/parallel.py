@@ -47,24 +47,14 @@ from typing import Any
 from . import _validate
 from . import bias as _bias
 from ._compat import compute_dtype, device_of, namespace
+
+# The local block is computed with fastrpb's own single-device kernels (the chunked causal
+# algorithm, the exponential maps' offsets and relative eps).
+from ._kernels.causal import causal_attention
+from ._kernels.common import features, finite_or_zero, normalise, prepend, with_ones
+from ._kernels.exponential import causal_exp_attention, log_features, noncausal_exp_attention, state_keys
 from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
-
-# The local block is computed with fastrpb's own single-device cores (the chunked causal
-# algorithm, the exponential maps' offsets and relative eps). This is the one place this
-# module depends on private code of ``attention``.
-from .attention import (
-    _causal,
-    _causal_exp,
-    _features,
-    _finite_or_zero,
-    _log_features,
-    _noncausal_exp,
-    _normalise,
-    _prepend,
-    _state_keys,
-    _with_ones,
-)
 from .feature_maps import FeatureMapLike, resolve
 
 __all__ = ["Communicator", "jax_axis", "linear_attention", "rpb", "torch_group"]
@@ -292,7 +282,7 @@ def _merge(xp: Any, gathered: Any, visible: Any, exponential: bool) -> tuple[Any
         S = xp.where(visible, S, zero)
         c = xp.where(visible[..., 0], c, xp.asarray(-math.inf, dtype=c.dtype, device=device_of(c)))
     top = xp.max(c, axis=0)
-    weight = xp.exp(c - _finite_or_zero(xp, top))  # 0 for a rank without keys
+    weight = xp.exp(c - finite_or_zero(xp, top))  # 0 for a rank without keys
     return xp.sum(weight[..., None] * S, axis=0), top
 
 
@@ -416,23 +406,23 @@ def linear_attention(
             raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
     result, work = compute_dtype(xp, q, k, v, *named.values())
     qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
-    v1 = _with_ones(xp, vw)
+    v1 = with_ones(xp, vw)
     visible = None
     if causal:  # the ranks before this one
         visible = xp.arange(P, dtype=xp.int32, device=device_of(v)) < comm.rank()
     if fmap.exponential:
-        lq, lk, _ = _log_features(xp, fmap, qw, kw, key_mask)
+        lq, lk, _ = log_features(xp, fmap, qw, kw, key_mask)
         c = xp.max(lk, axis=-2)  # (..., F): this block's key maximum per feature
-        state = _block_state(xp, xp.exp(lk - _finite_or_zero(xp, c)[..., None, :]), v1)
+        state = _block_state(xp, xp.exp(lk - finite_or_zero(xp, c)[..., None, :]), v1)
         c = xp.broadcast_to(c, state.shape[:-1])
         gathered = comm.all_gather(xp.concat([state, c[..., None]], axis=-1))  # one collective
         merged, offset = _merge(xp, gathered, visible, True)
-        keys = _state_keys(xp, offset)
+        keys = state_keys(xp, offset)
         if causal:
             F = keys.shape[-1]
-            queries = _prepend(xp, xp.zeros((F, F), dtype=work, device=device_of(lq)), lq)
-            total, eps_rows, _, _, _ = _causal_exp(
-                xp, queries, _prepend(xp, keys, lk), _prepend(xp, merged, v1), min(C, F + Lq), eps
+            queries = prepend(xp, xp.zeros((F, F), dtype=work, device=device_of(lq)), lq)
+            total, eps_rows, _, _, _ = causal_exp_attention(
+                xp, queries, prepend(xp, keys, lk), prepend(xp, merged, v1), min(C, F + Lq), eps
             )
             total = total[..., F:, :]
             if not isinstance(eps_rows, float):
@@ -440,19 +430,19 @@ def linear_attention(
             num, den = total[..., :-1], total[..., -1:]
         else:
             # the merged state is every key: its den column rides in the numerator
-            total, _, eps_rows, _ = _noncausal_exp(xp, lq, keys, merged, eps)
+            total, _, eps_rows, _ = noncausal_exp_attention(xp, lq, keys, merged, eps)
             num, den = total[..., :-1], total[..., -1:]
-        out = _normalise(xp, num, den, eps_rows)
+        out = normalise(xp, num, den, eps_rows)
     else:
-        fq, fk = _features(xp, fmap, qw, kw, key_mask)
+        fq, fk = features(xp, fmap, qw, kw, key_mask)
         gathered = comm.all_gather(_block_state(xp, fk, v1))  # one collective
         merged, _ = _merge(xp, gathered, visible, False)
         total = xp.matmul(fq, merged)  # the earlier ranks' keys (all keys when not causal)
         num, den = total[..., :-1], total[..., -1:]
         if causal:  # plus this block's own keys, causally (exact normaliser)
-            num_b, den_b, _, _ = _causal(xp, fq, fk, vw, min(C, Lq), signed=not fmap.nonnegative)
+            num_b, den_b, _, _ = causal_attention(xp, fq, fk, vw, min(C, Lq), signed=not fmap.nonnegative)
             num, den = num + num_b, den + den_b
-        out = _normalise(xp, num, den, eps)
+        out = normalise(xp, num, den, eps)
     if rpb is not None:
         if key_mask is not None:  # a padding key gives no bias either
             vw = xp.where(key_mask[..., None], vw, xp.zeros((), dtype=vw.dtype, device=device_of(vw)))
