@@ -37,6 +37,12 @@ CALLS = {
     "rpb_init": lambda r: fastrpb.rpb_init(2, 4, seed=0, like=np.zeros(1)),
     "linear_attention": lambda r: fastrpb.linear_attention(*_qkv(r)),
     "linear_attention-causal-bias": lambda r: fastrpb.linear_attention(*_qkv(r), causal=True, rpb=r.standard_normal((2, 9))),
+    "linear_attention-state": lambda r: fastrpb.linear_attention(*_qkv(r), causal=True, return_state=True),
+    "linear_attention-state-broadcast": lambda r: fastrpb.linear_attention(
+        r.standard_normal((1, 5, 4)), r.standard_normal((1, 5, 4)), r.standard_normal((3, 5, 2)), causal=True, return_state=True
+    ),
+    "linear_attention-state-sikf": lambda r: fastrpb.linear_attention(*_qkv(r), feature_map="sikf", causal=True, return_state=True),
+    "linear_attention-packed-state": lambda r: fastrpb.linear_attention(*_qkv(r), causal=True, return_state=True, cu_seqlens=(0, 2, 2, 5)),
     "linear_attention_step": lambda r: fastrpb.linear_attention_step(None, *(x[:, 0] for x in _qkv(r))),
     "softmax_attention": lambda r: fastrpb.softmax_attention(*_qkv(r)),
     "softmax_attention-causal": lambda r: fastrpb.softmax_attention(*_qkv(r), causal=True),
