@@ -7,7 +7,9 @@
   all-to-all, and keep the input's sharding; eager calls on sharded arrays work.
 - Dask: every public function takes Dask arrays chunked along leading axes, lazily,
   equals the float64 oracle after ``.compute()``, and its task graph has the same size
-  for L = 1,024 and 4,096.
+  for L = 1,024 and 4,096. On a ``dask.distributed`` cluster of two worker processes
+  (started and closed by the module), the bias, linear attention with the bias and
+  the streaming paths compute to what NumPy gives.
 - ``torch.compile(fullgraph=True)`` of the functions and the layers, with the
   ``eager``/``aot_eager`` backends and ``inductor``, equals the oracle without warnings.
 - The runnable examples of docs/scaling.md's "Data parallel" and "Dask" sections.
@@ -123,8 +125,6 @@ def _concat(parts):
 
 
 def _dask_cases():
-    import dask.array as da
-
     import fastrpb
     import fastrpb.feature_maps as fm
 
@@ -157,8 +157,8 @@ def _dask_cases():
                 q[..., cut[0] : cut[1], :], k[..., cut[0] : cut[1], :], v[..., cut[0] : cut[1], :],
                 feature_map=m, causal=True, rpb=w, chunk_size=16, initial_state=state, return_state=True,
             )
-            assert isinstance(state.S, da.Array), type(state.S)
-            assert isinstance(state.rpb.buffer, da.Array), type(state.rpb.buffer)
+            assert isinstance(state.S, type(v)), type(state.S)  # Dask in, Dask state
+            assert isinstance(state.rpb.buffer, type(v)), type(state.rpb.buffer)
             rows = []
             for t in range(cut[1], L):
                 out_t, state = fastrpb.linear_attention_step(state, q[..., t, :], k[..., t, :], v[..., t, :], feature_map=m, rpb=w)
@@ -172,7 +172,7 @@ def _dask_cases():
         L = v.shape[-2]
         first, state = fastrpb.rpb(v[..., : L - 32, :], w, causal=True, skip=(1, 0), return_state=True)
         second, state = fastrpb.rpb(v[..., L - 32 : L - 8, :], w, causal=True, skip=(1, 0), initial_state=state, return_state=True)
-        assert isinstance(state.buffer, da.Array), state
+        assert isinstance(state.buffer, type(v)), state
         rows = []
         for t in range(L - 8, L):
             out_t, state = fastrpb.rpb_step(state, v[..., t, :], w)
@@ -274,6 +274,63 @@ def test_dask_lazy_equal_and_graph_independent_of_length(case):
     want = oracle(v, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, float(np.max(np.abs(want)))))
+
+
+# The cases of _dask_cases that run on a real cluster: the bias (causal and not, N-d),
+# linear attention with the bias (causal and not) and the streaming chunk path.
+CLUSTER_CASES = [
+    "rpb",
+    "rpb causal",
+    "rpb_nd causal=False",
+    "linear_attention elu causal=False rpb=",
+    "linear_attention sikf causal=True rpb=",
+    "rpb causal return_state, initial_state, rpb_step",
+    "linear_attention elu return_state, initial_state, linear_attention_step rpb=",
+]
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """A ``dask.distributed`` cluster of two worker processes on 127.0.0.1, for this module."""
+    pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
+@pytest.mark.parametrize("case", CLUSTER_CASES)
+def test_dask_distributed_cluster_equals_numpy(dask_cluster, case):
+    """On two worker processes the graph computes to what the same call gives on NumPy
+    arrays (and to the float64 oracle); its size does not depend on L."""
+    da = pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    f, oracle = _dask_cases()[case]
+    rng = np.random.default_rng(11)
+    sizes, graphs = {}, {}
+    for L in (1024, 256):  # computed at the last length
+        v = rng.standard_normal((2, 2, L, 4))
+        w = rng.standard_normal((2, 2 * L - 1)) * 0.1
+        graphs[L] = f(da.from_array(v, chunks=(1, 1, L, 4)), da.from_array(w, chunks=(1, 2 * L - 1)))
+        sizes[L] = len(graphs[L].__dask_graph__())
+    assert sizes[256] == sizes[1024], sizes
+    with distributed.get_task_stream(client=dask_cluster) as stream:
+        got = dask_cluster.compute(graphs[256]).result()
+    np.testing.assert_allclose(got, f(v, w), rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(got)))))
+    want = oracle(v, w)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, float(np.max(np.abs(want)))))
+    # the tasks ran in the two worker processes, not in this one
+    pids = dask_cluster.run(os.getpid)
+    assert len(pids) == 2, pids
+    assert os.getpid() not in pids.values(), pids
+    assert stream.data, "no task ran on the cluster"
+    assert {task["worker"] for task in stream.data} <= set(pids), stream.data[:3]
 
 
 @pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
@@ -402,12 +459,14 @@ def test_torch_compile_inductor_rpb_and_attention(recwarn):
 
 # --------------------------------------------------------------------------- docs
 def _scaling_examples() -> dict[str, str]:
-    """The python blocks of docs/scaling.md's "Data parallel" and "Dask" sections."""
+    """The python blocks of docs/scaling.md's "Data parallel" and "Dask" sections (the
+    first Dask block, and the one on a ``LocalCluster``)."""
     text = (ROOT / "docs" / "scaling.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
     return {
         "jax": next(b for b in blocks if "jax.jit(lambda q, k, v, w" in b),
         "dask": next(b for b in blocks if "dask.array" in b),
+        "cluster": next(b for b in blocks if "LocalCluster" in b),
     }
 
 
@@ -435,3 +494,15 @@ def test_docs_dask_example():
     v = namespace["v"].compute()
     want = oracles.exp_kernel_attention(v, v, v, causal=True, eps=1e-6) + oracles.rpb(v, namespace["w"], causal=True)
     np.testing.assert_allclose(namespace["result"], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
+def test_docs_dask_cluster_example(tmp_path):
+    pytest.importorskip("distributed")
+    script = tmp_path / "cluster.py"
+    script.write_text(_scaling_examples()["cluster"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip() == "(2, 4, 256, 16) 2", proc.stdout

@@ -574,6 +574,16 @@ ERRORS = {
         ValueError, "Lq = 3 and Lk = 5",
     ),
     "bias-too-short": (lambda fw: fw.bias(2, 8), lambda fw, m: m(fw.array(np.zeros((2, 9, 3)))), ValueError, "L = 9 tokens"),
+    # flags take True or False only, as the functions' flags do: a string read from a
+    # config file ("no", "false") is truthy and would silently switch the flag on
+    "flag-bias-causal-str": (lambda fw: fw.bias(2, 8, causal="no"), None, TypeError, "causal must be a bool"),
+    "flag-bias-causal-int": (lambda fw: fw.bias(2, 8, causal=1), None, TypeError, "causal must be a bool"),
+    "flag-bias-symmetric": (lambda fw: fw.bias(2, 8, symmetric="yes"), None, TypeError, "symmetric must be a bool"),
+    "flag-nd-share": (lambda fw: fw.bias_nd(2, (3, 4), share="yes"), None, TypeError, "share must be a bool"),
+    "flag-nd-symmetric": (lambda fw: fw.bias_nd(2, (3, 4), symmetric=0), None, TypeError, "symmetric must be a bool"),
+    "flag-attention-causal-str": (lambda fw: fw.mha(8, 2, causal="no"), None, TypeError, "causal must be a bool"),
+    "flag-attention-causal-int": (lambda fw: fw.mha(8, 2, causal=1), None, TypeError, "causal must be a bool"),
+    "attention-eps": (lambda fw: fw.mha(8, 2, eps=-1.0), None, ValueError, "eps must be a finite float >= 0"),
 }
 
 
@@ -957,6 +967,11 @@ def test_lma_in_transformer_decoder_layer(tb, rng):
 LMA_ERRORS = {
     "add_bias_kv": (dict(add_bias_kv=True), None, ValueError, "add_bias_kv"),
     "add_zero_attn": (dict(add_zero_attn=True), None, ValueError, "add_zero_attn"),
+    "flag-causal-str": (dict(causal="no"), None, TypeError, "causal must be a bool"),
+    "flag-causal-int": (dict(causal=1), None, TypeError, "causal must be a bool"),
+    "flag-batch_first": (dict(batch_first="yes"), None, TypeError, "batch_first must be a bool"),
+    "flag-bias": (dict(bias="no"), None, TypeError, "bias must be a bool"),
+    "flag-add_bias_kv": (dict(add_bias_kv="False"), None, TypeError, "add_bias_kv must be a bool"),
     "indivisible": (dict(E=10), None, ValueError, "divisible"),
     "dropout": (dict(dropout=1.5), None, ValueError, "dropout"),
     "mask-not-causal": (dict(), dict(attn_mask=lambda t: t.ones((5, 5), dtype=t.bool).tril()), ValueError, "causal mask"),

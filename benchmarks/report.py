@@ -251,7 +251,35 @@ def summary(payload: dict) -> str:
     bad = [(r["case"], r["backend"], r["L"], r["check"]) for r in payload["results"] if r.get("check")]
     errors = [(r["case"], r["backend"], r["L"], r["error"]) for r in payload["results"] if "error" in r]
     out += [f"  output mismatch: {b}" for b in bad] + [f"  error: {e}" for e in errors]
+    if missed:
+        out.append(reading_a_miss(payload, missed[0]))
     return "\n".join(out)
+
+
+def reading_a_miss(payload: dict, first: dict) -> str:
+    """How to read a missed target: the load the machine had, and how to check it."""
+    machine = payload.get("machine", {})
+    cores = machine.get("usable_cpus") or machine.get("logical_cpus")
+    start, end = machine.get("load_average_start"), machine.get("load_average_end")
+    load = (
+        f"the load average went {start[0]:.1f} -> {end[0]:.1f} on {cores} usable cores during the run"
+        if start and end else "the machine's load was not recorded"
+    )
+    busy = bool(start and end and cores and max(start[0], end[0]) > 0.5 * cores)
+    return "\n".join([
+        f"how to read a miss: {load}{' (a busy machine)' if busy else ''}.",
+        "  A ratio compares fastrpb with its reference round by round (A B A B ...), which cancels a steady load but not one that comes and goes;",
+        "  a --quick run has few rounds at small sizes, where a burst of another job weighs most. On a shared",
+        "  machine, rerun the missed comparison alone, with more rounds and pinned threads, before reading it as",
+        (
+            f"  a regression: python -m benchmarks --cases {_case_of(first)} --backends {first['backend']} "
+            f"--sizes {first['L']} --repeats 11 --threads 1"
+        ),
+    ])
+
+
+def _case_of(target: dict) -> str:
+    return next(t.case for t in TARGETS if t.id == target["id"])
 
 
 # ------------------------------------------------------------------------- plots

@@ -1,6 +1,9 @@
 """Command line of the benchmark suite: ``python -m benchmarks [options]``.
 
-Defaults finish in under 10 minutes on a 2-core CPU; ``--quick`` in under a minute.
+Defaults take about 10 minutes on 2 idle cores; ``--quick`` (L = 256 and 1,024, few
+rounds) takes minutes too: 77 s to 6.3 minutes on a 2-core machine, depending on what
+else runs on it. A missed target comes with how to read it: the load the machine had,
+and the command that reruns that comparison alone.
 Writes ``results.json`` (every raw sample, machine and versions), ``results.md`` and
 ``*_time.png`` / ``*_memory.png`` into ``--out``.
 """
@@ -47,7 +50,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cap-gib", type=float, default=1.0,
                    help="largest quadratic intermediate (dense matrix, naive cumsum) a reference may build")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
-    p.add_argument("--quick", action="store_true", help="small sizes and few rounds: under a minute")
+    p.add_argument("--quick", action="store_true", help="L = 256 and 1,024 with few rounds: minutes on 2 cores (77 s to 6.3 min measured, by the machine's load)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of PyTorch, BLAS and OpenMP, and the process pinned to that many cores (which "
                         "is what limits JAX); default: each library's own choice, one per core")

@@ -402,8 +402,8 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
     r = t % _WINDOW
     # push: this token's weights c_{i-r} onto the window rows i >= r (one multiply-add)
     window = multiply_add(xp, as_dtype(xp, state.window, work), near[..., _WINDOW - 1 - r : 2 * _WINDOW - 1 - r, :], v[..., None, :])
-    out = window[..., r, :]
-    recent = (*state.recent, v)
+    out = xp.asarray(window[..., r, :], copy=True)  # not a view into the state's window
+    recent = (*state.recent, xp.asarray(v, copy=True))  # a copy: the caller may reuse its v_t array
     if r != _WINDOW - 1:
         return out, state._replace(recent=recent, window=window, near=near, length=length + 1)
     # the aligned window [t + 1 - B, t] is complete: feed the binary counter of blocks
@@ -544,7 +544,8 @@ def _chunk_conv(xp: Any, pieces: list[Any], x: Any, w: Any, cache: tuple) -> tup
             break  # older blocks are out of the table's reach
         taps = w[..., M - 1 + first : min(M - 1 + first + 2 * P - 1, 2 * M - 1)]
         total = multiply_add_into(xp, total, block, rfft(xp, taps, n=n)[..., None, :])
-    out = xp.matrix_transpose(irfft(xp, total, n=n, consume=True)[..., P - 1 : 2 * P - 1])
+    # a copy of the rows kept: the chunk's output owns its memory, the padded buffer is freed
+    out = xp.matrix_transpose(xp.asarray(irfft(xp, total, n=n, consume=True)[..., P - 1 : 2 * P - 1], copy=True))
     return out, (*blocks, own) if aligned else ()
 
 
@@ -592,7 +593,7 @@ def extend(
     return out, _make(
         xp,
         blocks=tuple(x for x in pieces if x.shape[-2]),
-        buffer=biased,
+        buffer=xp.asarray(biased, copy=True),  # a copy: the caller may reuse its v array
         future=cache,
         count=count_array(xp, length + L, like=v),
         skip=a,

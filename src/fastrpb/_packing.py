@@ -1,9 +1,11 @@
 r"""Packed variable-length sequences (``cu_seqlens``), shared by the public functions.
 
 LM training packs documents into one row of ``T`` tokens; ``cu_seqlens``, an integer
-array ``0 = c_0 < c_1 < ... < c_N = T`` (the flash-attention / fla convention), says
+array ``0 = c_0 <= c_1 <= ... <= c_N = T`` (the flash-attention / fla convention), says
 where each begins. Sequence ``n`` holds tokens ``c_n .. c_{n+1} - 1`` of the length
-axis (-2), and attends and is biased only within itself.
+axis (-2), and attends and is biased only within itself. A zero-length sequence
+(``c_n = c_{n+1}``) is a group member of length 0: all its slots are padding, it
+gives no output rows, and its state (``return_state=True``) is the empty one.
 
 Here the sequences are grouped by length (``_grouping``: runs of the sorted lengths
 that minimise the padded work, or length classes ``ceil(log2 length)``); each group

@@ -313,7 +313,11 @@ def bias_arguments(rpb: Any, rpb_tables: Any, rpb_grid: Any, rpb_skip: Any) -> d
 
 
 def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...]:
-    """Packed-sequence offsets ``0 = c_0 < c_1 < ... < c_N = T`` (flash-attention / fla).
+    """Packed-sequence offsets ``0 = c_0 <= c_1 <= ... <= c_N = T`` (flash-attention / fla).
+
+    Non-decreasing: a zero-length sequence (``c_n = c_{n+1}``: an empty document, an
+    unused slot of a fixed-size packing) is allowed and gets an empty output and an
+    empty (or its initial) state; only decreasing offsets are an error.
 
     A 1-d integer array of ``N + 1 >= 2`` entries, of the library and device of the
     other inputs (checked when the namespace is resolved), or a tuple/list of Python
@@ -326,9 +330,9 @@ def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...
         values = tuple(integer(f"cu_seqlens[{n}]", c, minimum=0) for n, c in enumerate(offsets))
         if len(values) < 2:
             raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got {len(values)} offsets")
-        return _increasing_offsets(values, T)
+        return _non_decreasing_offsets(values, T)
     if not xp.isdtype(offsets.dtype, "integral"):
-        raise TypeError(f"cu_seqlens must be an integer array of offsets 0 = c_0 < ... < c_N = T, got dtype {offsets.dtype}")
+        raise TypeError(f"cu_seqlens must be an integer array of offsets 0 = c_0 <= ... <= c_N = T, got dtype {offsets.dtype}")
     if offsets.ndim != 1 or offsets.shape[0] < 2:
         raise ValueError(
             f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got shape {tuple(offsets.shape)}"
@@ -339,19 +343,19 @@ def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...
             "Dask arrays, whose values exist only after .compute()) pass cu_seqlens as a tuple of Python ints "
             f"(static), not a {'Dask' if 'dask' in type(offsets).__module__ else 'traced'} array"
         )
-    return _increasing_offsets(tuple(int(offsets[i]) for i in range(offsets.shape[0])), T)
+    return _non_decreasing_offsets(tuple(int(offsets[i]) for i in range(offsets.shape[0])), T)
 
 
-def _increasing_offsets(values: tuple[int, ...], T: int) -> tuple[int, ...]:
+def _non_decreasing_offsets(values: tuple[int, ...], T: int) -> tuple[int, ...]:
     if values[0] != 0 or values[-1] != T:
         raise ValueError(
             f"cu_seqlens must start at 0 and end at T = {T} (the packed length axis), "
             f"got c_0 = {values[0]} and c_N = {values[-1]}"
         )
     for n in range(1, len(values)):
-        if values[n] <= values[n - 1]:
+        if values[n] < values[n - 1]:
             raise ValueError(
-                f"cu_seqlens must be strictly increasing (every sequence at least one token), "
+                f"cu_seqlens must be non-decreasing (a sequence has zero tokens or more), "
                 f"got c_{n - 1} = {values[n - 1]} and c_{n} = {values[n]}"
             )
     return values

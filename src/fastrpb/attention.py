@@ -121,9 +121,12 @@ def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentio
     # z comes from the keys alone, S from keys and values: one lead for both (broadcast
     # keys, as k (1, H) with v (B, H), gave a z that initial_state= then refused)
     lead = _lead(tuple(S.shape[:-2]), tuple(z.shape[:-1]))
-    S, z = xp.broadcast_to(S, (*lead, *S.shape[-2:])), xp.broadcast_to(z, (*lead, z.shape[-1]))
+    # copies, so the state holds plain arrays of its own: a broadcast is a read-only
+    # view on NumPy, a slice of [S, z] keeps the whole of it; O(F Dv) once per call
+    S = xp.asarray(xp.broadcast_to(S, (*lead, *S.shape[-2:])), copy=True)
+    z = xp.asarray(xp.broadcast_to(z, (*lead, z.shape[-1])), copy=True)
     if offset is not None:
-        offset = xp.broadcast_to(offset, z.shape)
+        offset = xp.asarray(xp.broadcast_to(offset, z.shape), copy=True)
     return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
 
 
@@ -271,11 +274,12 @@ def linear_attention(
         Multiplies the queries before the feature map, ``phi(s q_i)`` (``None``: 1),
         e.g. ``1 / sqrt(Dk)`` to match softmax attention's temperature.
     cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
-        Packed sequences, the flash-attention / fla convention: offsets ``0 = c_0 <
-        c_1 < ... < c_N = L`` along the length axis of ``q``, ``k``, ``v`` (``Lq = Lk
+        Packed sequences, the flash-attention / fla convention: offsets ``0 = c_0 <=
+        c_1 <= ... <= c_N = L`` along the length axis of ``q``, ``k``, ``v`` (``Lq = Lk
         = L``; leading dimensions allowed, batch 1 typical). Sequence ``n`` is tokens
         ``c_n .. c_{n+1} - 1``; it attends (causal or not) and is biased only within
         itself, ``rpb_skip`` applied to each sequence: equal to ``N`` separate calls.
+        A zero-length sequence (``c_n = c_{n+1}``) gives no rows and the empty state.
         With ``return_state=True`` the state holds one state per sequence, stacked
         along a new *leading* axis ``N`` (``state.S`` of shape ``(N, ..., F, Dv)``);
         these states carry no FastRPB history (``state.rpb`` is None), and

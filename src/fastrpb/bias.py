@@ -96,7 +96,9 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     lead = _broadcast_lead(v.shape[:-2], w.shape[:-1])
     G = math.prod(lead)
     if not _blocked(G * D * per_row) or not blocks_allowed(xp, v):  # engines: sharded JAX
-        return xp.matrix_transpose(convolve(columns, rfft(xp, kernel, n=n)))
+        # a copy of the cropped rows: the result owns its memory, and the padded
+        # irfft buffer (about twice the result) is freed at once
+        return xp.matrix_transpose(xp.asarray(convolve(columns, rfft(xp, kernel, n=n)), copy=True))
     # Long input: blocks of (leading index, feature column) rows. A block takes whole
     # cache lines of each row of v (a multiple of 64 bytes of features: reading a
     # few strided columns would drag in their neighbours every time), and as many
@@ -183,9 +185,10 @@ def rpb(
     return_state : bool
         Causal only: also return the ``RPBState`` after the last token.
     cu_seqlens : int array, shape (N + 1,), optional
-        Packed sequences (flash-attention / fla convention): offsets ``0 = c_0 < ... <
+        Packed sequences (flash-attention / fla convention): offsets ``0 = c_0 <= ... <=
         c_N = L`` along ``v``'s length axis; every sequence is biased only within
-        itself, ``skip`` applied to each (see ``fastrpb.linear_attention``). Must be
+        itself, ``skip`` applied to each non-empty one (a zero-length sequence gives
+        no rows; see ``fastrpb.linear_attention``). Must be
         concrete (not traced under ``jax.jit``); each sequence of at most ``M`` tokens
         after ``skip[0]``.
 
@@ -251,9 +254,8 @@ def rpb(
         out = xp.zeros((*lead, L, v.shape[-1]), dtype=work, device=device_of(v))
     else:
         out = _toeplitz(xp, xp.astype(inner, work, copy=False), xp.astype(w, work, copy=False), causal=causal)
-    out = _pad_rows(xp, out, a, b)
-    shape = (*lead, *v.shape[-2:])
-    return xp.astype(xp.broadcast_to(out, shape), result, copy=False)
+    out = _pad_rows(xp, out, a, b)  # (*lead, *v.shape[-2:]): a plain array, writable, its own memory
+    return xp.astype(out, result, copy=False)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -280,7 +282,7 @@ def _packed_rpb(xp: Any, v: Any, w: Any, *, causal: bool, skip: Any, cu_seqlens:
     a, b = _validate.skip(skip)
     lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
     for n, length in enumerate(lengths):
-        if length < a + b:
+        if 0 < length < a + b:  # an empty sequence has no token to skip
             raise ValueError(
                 f"skip = ({a}, {b}) skips {a + b} tokens of every sequence but sequence {n} of cu_seqlens "
                 f"has only {length}"
