@@ -57,7 +57,12 @@ def test_compensated_normaliser_without_float64(backend, rng):
     expected = np.sum(q64 * Z, axis=-1, keepdims=True)
     # an accurate dot product: error of the order of one rounding of the result's terms
     got = backend.to_numpy(den)
-    assert np.max(np.abs(got - expected) / (np.abs(q64) @ np.abs(Z).swapaxes(-1, -2)).diagonal(axis1=-2, axis2=-1)[..., None]) < 1e-6
+    assert (
+        np.max(
+            np.abs(got - expected) / (np.abs(q64) @ np.abs(Z).swapaxes(-1, -2)).diagonal(axis1=-2, axis2=-1)[..., None]
+        )
+        < 1e-6
+    )
     np.testing.assert_allclose(backend.to_numpy(z), Z[..., -1, :], rtol=1e-6, atol=1e-5)
 
 
@@ -261,11 +266,15 @@ def test_packed_softmax_and_rpb_match_separate_oracles(backend, dtype, rng, caus
     qn, kn, vn, wn = (backend.to_numpy(x).astype(np.float64) for x in (q, k, v, w))
     cu = backend.asarray(offsets, None)
     out = softmax_attention(q, k, v, causal=causal, cu_seqlens=cu, scale=0.5)
-    expected = _per_sequence(offsets, lambda a, b: oracles.softmax_attention(qn[:, a:b], kn[:, a:b], vn[:, a:b], causal=causal, scale=0.5))
+    expected = _per_sequence(
+        offsets, lambda a, b: oracles.softmax_attention(qn[:, a:b], kn[:, a:b], vn[:, a:b], causal=causal, scale=0.5)
+    )
     assert_close(backend, out, expected, dtype)
     skip = (0, 1)  # every sequence has at least one token
     out = rpb(v, w, causal=causal, skip=skip, cu_seqlens=cu)
-    assert_close(backend, out, _per_sequence(offsets, lambda a, b: oracles.rpb(vn[:, a:b], wn, causal=causal, skip=skip)), dtype)
+    assert_close(
+        backend, out, _per_sequence(offsets, lambda a, b: oracles.rpb(vn[:, a:b], wn, causal=causal, skip=skip)), dtype
+    )
 
 
 @pytest.mark.parametrize("name", ["elu", "sikf"])
@@ -276,12 +285,21 @@ def test_packed_states_continue_each_sequence(backend, rng, name):
     q, k, v = (backend.asarray(x, "float64") for x in (qn, kn, vn))
     cu = backend.asarray(offsets, None)
     _, state = linear_attention(
-        q[:, :T, :], k[:, :T, :], v[:, :T, :], feature_map=name, causal=True, chunk_size=2, cu_seqlens=cu, return_state=True
+        q[:, :T, :],
+        k[:, :T, :],
+        v[:, :T, :],
+        feature_map=name,
+        causal=True,
+        chunk_size=2,
+        cu_seqlens=cu,
+        return_state=True,
     )
     assert tuple(state.S.shape)[:2] == (len(offsets) - 1, 2)  # a new leading axis N
     for n, (a, b) in enumerate(itertools.pairwise(offsets)):
         one = LinearAttentionState(
-            S=state.S[n, ...], z=state.z[n, ...], offset=None if state.offset is None else state.offset[n, ...],
+            S=state.S[n, ...],
+            z=state.z[n, ...],
+            offset=None if state.offset is None else state.offset[n, ...],
             feature_map=state.feature_map,
         )
         # the next token of sequence n continues it: oracle over its tokens and the new one
@@ -320,7 +338,16 @@ def test_packed_gradients(backend, causal):
         ((0, 4, 3, 6), ValueError, "non-decreasing"),
         ((0, 2.5, 6), TypeError, "int"),
     ],
-    ids=["decreasing", "not-from-zero", "not-to-T", "float-dtype", "two-d", "no-sequence", "static-decreasing", "static-float"],
+    ids=[
+        "decreasing",
+        "not-from-zero",
+        "not-to-T",
+        "float-dtype",
+        "two-d",
+        "no-sequence",
+        "static-decreasing",
+        "static-float",
+    ],
 )
 @pytest.mark.parametrize("fn", ["linear_attention", "softmax_attention", "rpb"])
 def test_packed_errors(backend, offsets, error, match, fn):
@@ -358,23 +385,41 @@ def test_packed_empty_sequences_match_separate_oracles(backend, rng, case, causa
     q, k, v, w = (backend.asarray(x, "float64") for x in (qn, kn, vn, wn))
     skip = (1, 0) if causal else (0, 1)  # every non-empty sequence skips a token; an empty one has none
     for cu in (offsets, backend.asarray(np.array(offsets), None)):  # static and array offsets
-        out = linear_attention(q, k, v, feature_map="elu", causal=causal, key_mask=backend.asarray(mask_n, None),
-                               chunk_size=2, rpb=w, cu_seqlens=cu)
+        out = linear_attention(
+            q,
+            k,
+            v,
+            feature_map="elu",
+            causal=causal,
+            key_mask=backend.asarray(mask_n, None),
+            chunk_size=2,
+            rpb=w,
+            cu_seqlens=cu,
+        )
 
         def one(a, b):
             vm = np.where(mask_n[:, a:b, None], vn[:, a:b], 0.0)
-            att = oracles.kernel_attention(oracles.elu1(qn[:, a:b]), oracles.elu1(kn[:, a:b]), vn[:, a:b], causal=causal,
-                                           key_mask=mask_n[:, a:b], eps=1e-6)
+            att = oracles.kernel_attention(
+                oracles.elu1(qn[:, a:b]),
+                oracles.elu1(kn[:, a:b]),
+                vn[:, a:b],
+                causal=causal,
+                key_mask=mask_n[:, a:b],
+                eps=1e-6,
+            )
             return att + oracles.rpb(vm, wn, causal=causal)
 
         assert_close(backend, out, _per_sequence(offsets, one), "float64")
         out = softmax_attention(q, k, v, causal=causal, cu_seqlens=cu, scale=0.5)
         expected = _per_sequence(
-            offsets, lambda a, b: oracles.softmax_attention(qn[:, a:b], kn[:, a:b], vn[:, a:b], causal=causal, scale=0.5)
+            offsets,
+            lambda a, b: oracles.softmax_attention(qn[:, a:b], kn[:, a:b], vn[:, a:b], causal=causal, scale=0.5),
         )
         assert_close(backend, out, expected, "float64")
         out = rpb(v, w[0, ...], causal=causal, skip=skip, cu_seqlens=cu)
-        expected = _per_sequence(offsets, lambda a, b: oracles.rpb(vn[:, a:b], wn[0], causal=causal, skip=skip if b > a else (0, 0)))
+        expected = _per_sequence(
+            offsets, lambda a, b: oracles.rpb(vn[:, a:b], wn[0], causal=causal, skip=skip if b > a else (0, 0))
+        )
         assert_close(backend, out, expected, "float64")
 
 
@@ -386,13 +431,23 @@ def test_packed_empty_sequences_get_the_empty_state(backend, rng, case, name):
     T = offsets[-1]
     qn, kn, vn = (rng.standard_normal((2, T + 1, 3)) for _ in range(3))
     q, k, v = (backend.asarray(x, "float64") for x in (qn, kn, vn))
-    _, state = linear_attention(q[:, :T, :], k[:, :T, :], v[:, :T, :], feature_map=name, causal=True, chunk_size=2,
-                                cu_seqlens=offsets, return_state=True)
+    _, state = linear_attention(
+        q[:, :T, :],
+        k[:, :T, :],
+        v[:, :T, :],
+        feature_map=name,
+        causal=True,
+        chunk_size=2,
+        cu_seqlens=offsets,
+        return_state=True,
+    )
     assert tuple(state.S.shape)[:2] == (len(offsets) - 1, 2)
     kernel = oracles.exp_kernel_attention if name == "sikf" else oracles.kernel_attention
     for n, (a, b) in enumerate(itertools.pairwise(offsets)):
         one = LinearAttentionState(
-            S=state.S[n, ...], z=state.z[n, ...], offset=None if state.offset is None else state.offset[n, ...],
+            S=state.S[n, ...],
+            z=state.z[n, ...],
+            offset=None if state.offset is None else state.offset[n, ...],
             feature_map=state.feature_map,
         )
         idx = [*range(a, b), T]
@@ -434,9 +489,7 @@ def test_packed_layer_forward_equals_separate_calls(framework, causal):
     x_n = np.random.default_rng(8).standard_normal((1, int(offsets[-1]), 12))
     x = fw.array(x_n)
     packed = layer(x, cu_seqlens=fw.mask(offsets))
-    separate = np.concatenate(
-        [fw.numpy(layer(fw.array(x_n[:, a:b]))) for a, b in itertools.pairwise(offsets)], axis=-2
-    )
+    separate = np.concatenate([fw.numpy(layer(fw.array(x_n[:, a:b]))) for a, b in itertools.pairwise(offsets)], axis=-2)
     np.testing.assert_allclose(fw.numpy(packed), separate, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(x, cu_seqlens=fw.mask(offsets), inputs_k=x)

@@ -15,7 +15,9 @@ def _is_5_smooth(n: int) -> bool:
     return n == 1
 
 
-@pytest.mark.parametrize("fast_len", [pytest.param(next_fast_len, id="native"), pytest.param(_next_fast_len_portable, id="portable")])
+@pytest.mark.parametrize(
+    "fast_len", [pytest.param(next_fast_len, id="native"), pytest.param(_next_fast_len_portable, id="portable")]
+)
 def test_next_fast_len_is_the_smallest_5_smooth_length(fast_len):
     for n in range(1, 3000):
         m = fast_len(n)
@@ -129,7 +131,9 @@ print("threads ok")
 """
 
 
-@pytest.mark.parametrize("script", [pytest.param(_FRESH_JIT, id="jit-first-state"), pytest.param(_FRESH_THREADS, id="8-threads")])
+@pytest.mark.parametrize(
+    "script", [pytest.param(_FRESH_JIT, id="jit-first-state"), pytest.param(_FRESH_THREADS, id="8-threads")]
+)
 def test_state_is_a_jax_pytree_in_a_fresh_process(script):
     pytest.importorskip("jax")
     import os
@@ -233,7 +237,11 @@ def test_rescaled_scan(backend, rng, N):
 
 @pytest.mark.parametrize(
     ("before", "after", "axis", "value"),
-    [pytest.param(2, 1, -2, 0.0, id="rows"), pytest.param(0, 3, -1, -np.inf, id="end-neg-inf"), pytest.param(1, 0, -3, 5.0, id="start")],
+    [
+        pytest.param(2, 1, -2, 0.0, id="rows"),
+        pytest.param(0, 3, -1, -np.inf, id="end-neg-inf"),
+        pytest.param(1, 0, -3, 5.0, id="start"),
+    ],
 )
 def test_pad_axis(backend, rng, before, after, axis, value):
     from fastrpb._compat import pad_axis
@@ -251,7 +259,7 @@ def test_shift(backend, rng, s):
 
     xn = rng.standard_normal((2, 4, 3))
     expected = np.full_like(xn, -np.inf)
-    expected[:, min(s, 4):, :] = xn[:, : 4 - min(s, 4), :]
+    expected[:, min(s, 4) :, :] = xn[:, : 4 - min(s, 4), :]
     got = backend.to_numpy(shift(backend.xp, backend.asarray(xn), s, -2, -np.inf))
     np.testing.assert_array_equal(got, expected)
 

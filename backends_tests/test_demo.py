@@ -15,7 +15,10 @@ from fastrpb.__main__ import _fmt_ratio, main
 
 
 def test_demo_runs_and_prints_the_comparison(capsys):
-    assert main(["demo", "--length", "2048", "--heads", "2", "--features", "8", "--repeats", "1", "--check-length", "64"]) == 0
+    assert (
+        main(["demo", "--length", "2048", "--heads", "2", "--features", "8", "--repeats", "1", "--check-length", "64"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "[OK]" in out
     assert "FastRPB time" in out
@@ -26,11 +29,19 @@ def test_demo_runs_and_prints_the_comparison(capsys):
 
 # --------------------------------------------------------------------------- the command line, in subprocesses
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    "OMP_NUM_THREADS": "1",
+}
 # backend of the matrix -> (--backend, --device)
 CLI = {
-    "numpy": ("numpy", "cpu"), "torch": ("torch", "cpu"), "torch_cuda": ("torch", "cuda"),
-    "jax": ("jax", "cpu"), "jax_gpu": ("jax", "gpu"), "cupy": ("cupy", "0"),
+    "numpy": ("numpy", "cpu"),
+    "torch": ("torch", "cpu"),
+    "torch_cuda": ("torch", "cuda"),
+    "jax": ("jax", "cpu"),
+    "jax_gpu": ("jax", "gpu"),
+    "cupy": ("cupy", "0"),
 }
 
 
@@ -42,8 +53,22 @@ def _cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.only_backends(*CLI, reason="the command line runs NumPy, PyTorch, JAX and CuPy")
 def test_cli_runs_on_every_backend(backend):
     name, device = CLI[backend.name]
-    run = _cli("--backend", name, "--device", device, "--length", "1500", "--heads", "2", "--features", "4",
-               "--check-length", "48", "--repeats", "1")
+    run = _cli(
+        "--backend",
+        name,
+        "--device",
+        device,
+        "--length",
+        "1500",
+        "--heads",
+        "2",
+        "--features",
+        "4",
+        "--check-length",
+        "48",
+        "--repeats",
+        "1",
+    )
     assert run.returncode == 0, run.stderr
     assert f"demo on {name} " in run.stdout
     assert "[OK]" in run.stdout
@@ -60,10 +85,16 @@ NO_TORCH = "import sys; sys.modules['torch'] = None; from fastrpb.__main__ impor
 # name -> (arguments, a phrase of the one-line error)
 CLI_ERRORS = {
     "unknown-option": (("--backnd", "torch"), "unknown option --backnd (did you mean --backend?)"),
-    "unknown-backend": (("--backend", "tensorflow"), "--backend tensorflow: unknown backend; choose one of numpy, torch, jax, cupy"),
+    "unknown-backend": (
+        ("--backend", "tensorflow"),
+        "--backend tensorflow: unknown backend; choose one of numpy, torch, jax, cupy",
+    ),
     "backend-not-installed": (("--backend", "torch"), "--backend torch: torch is not installed here"),
     "numpy-device": (("--device", "cuda"), "--device cuda: NumPy runs on the CPU only"),
-    "check-too-large": (("--check-length", "1000000"), "--check-length 1000000 (the dense float64 check) needs about 14.6 TiB"),
+    "check-too-large": (
+        ("--check-length", "1000000"),
+        "--check-length 1000000 (the dense float64 check) needs about 14.6 TiB",
+    ),
     "length-too-large": (("--length", "10000000000"), "--length 10000000000 with 8 heads x 64 features needs about"),
     "below-one": (("--heads", "0"), "--heads must be >= 1, got 0"),
     "unknown-command": (("bench",), "unknown command 'bench'"),
@@ -86,7 +117,16 @@ def test_cli_errors_are_one_line(case):
 def test_cli_help_gives_every_default_and_no_markup():
     run = _cli("--help")
     assert run.returncode == 0
-    for option in ("--backend", "--device", "--length", "--heads", "--features", "--check-length", "--repeats", "--seed"):
+    for option in (
+        "--backend",
+        "--device",
+        "--length",
+        "--heads",
+        "--features",
+        "--check-length",
+        "--repeats",
+        "--seed",
+    ):
         assert option in run.stdout
     options = run.stdout.split("options:")[1]
     helps = re.split(r"\n  (?=-)", options)[2:]  # the entries after -h

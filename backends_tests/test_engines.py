@@ -44,7 +44,13 @@ def test_jax_sharded_jit_keeps_the_work_local():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(HERE)])}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, str(HERE / "sharded_jax.py")], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+        [sys.executable, str(HERE / "sharded_jax.py")],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
     assert proc.stdout.rstrip().endswith("OK"), proc.stdout
@@ -150,18 +156,33 @@ def _dask_cases():
             L, m = v.shape[-2], _dask_map(fmap)
             cut = (L - 32, L - 8)
             first, state = fastrpb.linear_attention(
-                q[..., : cut[0], :], k[..., : cut[0], :], v[..., : cut[0], :],
-                feature_map=m, causal=True, rpb=w, chunk_size=16, return_state=True,
+                q[..., : cut[0], :],
+                k[..., : cut[0], :],
+                v[..., : cut[0], :],
+                feature_map=m,
+                causal=True,
+                rpb=w,
+                chunk_size=16,
+                return_state=True,
             )
             second, state = fastrpb.linear_attention(
-                q[..., cut[0] : cut[1], :], k[..., cut[0] : cut[1], :], v[..., cut[0] : cut[1], :],
-                feature_map=m, causal=True, rpb=w, chunk_size=16, initial_state=state, return_state=True,
+                q[..., cut[0] : cut[1], :],
+                k[..., cut[0] : cut[1], :],
+                v[..., cut[0] : cut[1], :],
+                feature_map=m,
+                causal=True,
+                rpb=w,
+                chunk_size=16,
+                initial_state=state,
+                return_state=True,
             )
             assert isinstance(state.S, type(v)), type(state.S)  # Dask in, Dask state
             assert isinstance(state.rpb.buffer, type(v)), type(state.rpb.buffer)
             rows = []
             for t in range(cut[1], L):
-                out_t, state = fastrpb.linear_attention_step(state, q[..., t, :], k[..., t, :], v[..., t, :], feature_map=m, rpb=w)
+                out_t, state = fastrpb.linear_attention_step(
+                    state, q[..., t, :], k[..., t, :], v[..., t, :], feature_map=m, rpb=w
+                )
                 rows.append(out_t[..., None, :])
             return _concat([first, second, *rows])
 
@@ -171,7 +192,9 @@ def _dask_cases():
         # chunk, chunk, then steps; skip=(1, 0) carried by the state
         L = v.shape[-2]
         first, state = fastrpb.rpb(v[..., : L - 32, :], w, causal=True, skip=(1, 0), return_state=True)
-        second, state = fastrpb.rpb(v[..., L - 32 : L - 8, :], w, causal=True, skip=(1, 0), initial_state=state, return_state=True)
+        second, state = fastrpb.rpb(
+            v[..., L - 32 : L - 8, :], w, causal=True, skip=(1, 0), initial_state=state, return_state=True
+        )
         assert isinstance(state.buffer, type(v)), state
         rows = []
         for t in range(L - 8, L):
@@ -195,7 +218,8 @@ def _dask_cases():
         "rpb": (lambda v, w: fastrpb.rpb(v, w, skip=(1, 1)), lambda v, w: oracles.rpb(v, w, skip=(1, 1))),
         "rpb causal": (lambda v, w: fastrpb.rpb(v, w, causal=True), lambda v, w: oracles.rpb(v, w, causal=True)),
         "rpb causal return_state, initial_state, rpb_step": (
-            rpb_stream, lambda v, w: oracles.rpb(v, w, causal=True, skip=(1, 0))
+            rpb_stream,
+            lambda v, w: oracles.rpb(v, w, causal=True, skip=(1, 0)),
         ),
         "rpb_step from the start": (rpb_steps, lambda v, w: oracles.rpb(v[..., :40, :], w, causal=True)),
         "rpb_matrix": (lambda v, w: fastrpb.rpb_matrix(w, v.shape[-2]), lambda v, w: oracles.toeplitz(w, v.shape[-2])),
@@ -216,13 +240,21 @@ def _dask_cases():
             lambda v, w: np.random.default_rng(4).standard_normal((6, v.shape[-1])),
         ),
         "softmax_attention logits_bias=rpb_matrix, rpb=": (
-            lambda v, w: fastrpb.softmax_attention(v, v * 0.5, v, logits_bias=fastrpb.rpb_matrix(w, v.shape[-2]), rpb=w),
-            lambda v, w: oracles.softmax_attention(v, v * 0.5, v, logits_bias=oracles.toeplitz(w, v.shape[-2]))
-            + oracles.rpb(v, w),
+            lambda v, w: fastrpb.softmax_attention(
+                v, v * 0.5, v, logits_bias=fastrpb.rpb_matrix(w, v.shape[-2]), rpb=w
+            ),
+            lambda v, w: (
+                oracles.softmax_attention(v, v * 0.5, v, logits_bias=oracles.toeplitz(w, v.shape[-2]))
+                + oracles.rpb(v, w)
+            ),
         ),
         "linear_attention sikf causal key_mask": (
-            lambda v, w: fastrpb.linear_attention(v, v * 0.5, v, feature_map="sikf", causal=True, key_mask=v[:, :1, :, 0] > -1.0, chunk_size=16),
-            lambda v, w: oracles.exp_kernel_attention(v, v * 0.5, v, causal=True, key_mask=v[:, :1, :, 0] > -1.0, eps=1e-6),
+            lambda v, w: fastrpb.linear_attention(
+                v, v * 0.5, v, feature_map="sikf", causal=True, key_mask=v[:, :1, :, 0] > -1.0, chunk_size=16
+            ),
+            lambda v, w: oracles.exp_kernel_attention(
+                v, v * 0.5, v, causal=True, key_mask=v[:, :1, :, 0] > -1.0, eps=1e-6
+            ),
         ),
     }
     for causal in (False, True):
@@ -241,7 +273,8 @@ def _dask_cases():
         cases[f"feature_maps.{fmap} keys"] = (lambda v, w, m=fmap: _dask_map(m).keys(v), lambda v, w, f=fk: f(v))
     for fmap in ("elu", "sikf", "favor", "taylor"):
         cases[f"linear_attention {fmap} return_state, initial_state, linear_attention_step rpb="] = (
-            la_stream(fmap), la_oracle(fmap, True)
+            la_stream(fmap),
+            la_oracle(fmap, True),
         )
     return cases
 
@@ -296,7 +329,11 @@ def dask_cluster():
     distributed = pytest.importorskip("distributed")
     with (
         distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+            n_workers=2,
+            processes=True,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
     ):
@@ -386,7 +423,9 @@ def test_dask_cu_seqlens_array_is_refused_static_offsets_work():
     assert isinstance(out, da.Array), type(out)
     want = np.concatenate(
         [
-            oracles.kernel_attention(oracles.elu1(v[..., s, :]), oracles.elu1(v[..., s, :] * 0.5), v[..., s, :], causal=True, eps=1e-6)
+            oracles.kernel_attention(
+                oracles.elu1(v[..., s, :]), oracles.elu1(v[..., s, :] * 0.5), v[..., s, :], causal=True, eps=1e-6
+            )
             + oracles.rpb(v[..., s, :], w, causal=True)
             for s in (slice(0, 10), slice(10, 24))
         ],
@@ -406,18 +445,26 @@ def _torch_cases():
     x = torch.randn(2, 24, 16, dtype=torch.float64)
     w = torch.randn(4, 2 * 24 - 1, dtype=torch.float64) * 0.1
     q, k, v = (torch.randn(2, 4, 24, 8, dtype=torch.float64) for _ in range(3))
-    mla = ft.LinearAttention(16, 4, rpb=ft.FastRPB(4, 24, causal=True, dtype=torch.float64), causal=True, dtype=torch.float64)
+    mla = ft.LinearAttention(
+        16, 4, rpb=ft.FastRPB(4, 24, causal=True, dtype=torch.float64), causal=True, dtype=torch.float64
+    )
     lmha = ft.MultiheadAttention(16, 4, batch_first=True, feature_map="elu", dtype=torch.float64)
     return {
-        "linear_attention elu": (lambda: fastrpb.linear_attention(q, k, v), lambda: oracles.kernel_attention(
-            oracles.elu1(q.numpy()), oracles.elu1(k.numpy()), v.numpy(), eps=1e-6)),
+        "linear_attention elu": (
+            lambda: fastrpb.linear_attention(q, k, v),
+            lambda: oracles.kernel_attention(oracles.elu1(q.numpy()), oracles.elu1(k.numpy()), v.numpy(), eps=1e-6),
+        ),
         "linear_attention sikf causal rpb=": (
             lambda: fastrpb.linear_attention(q, k, v, feature_map="sikf", causal=True, rpb=w, chunk_size=8),
-            lambda: oracles.exp_kernel_attention(q.numpy(), k.numpy(), v.numpy(), causal=True, eps=1e-6)
-            + oracles.rpb(v.numpy(), w.numpy(), causal=True),
+            lambda: (
+                oracles.exp_kernel_attention(q.numpy(), k.numpy(), v.numpy(), causal=True, eps=1e-6)
+                + oracles.rpb(v.numpy(), w.numpy(), causal=True)
+            ),
         ),
-        "softmax_attention causal": (lambda: fastrpb.softmax_attention(q, k, v, causal=True),
-                                     lambda: oracles.softmax_attention(q.numpy(), k.numpy(), v.numpy(), causal=True)),
+        "softmax_attention causal": (
+            lambda: fastrpb.softmax_attention(q, k, v, causal=True),
+            lambda: oracles.softmax_attention(q.numpy(), k.numpy(), v.numpy(), causal=True),
+        ),
         "rpb": (lambda: fastrpb.rpb(v, w, skip=(1, 0)), lambda: oracles.rpb(v.numpy(), w.numpy(), skip=(1, 0))),
         "rpb causal": (lambda: fastrpb.rpb(v, w, causal=True), lambda: oracles.rpb(v.numpy(), w.numpy(), causal=True)),
         "LinearAttention": (lambda: mla(x), None),
@@ -477,7 +524,9 @@ def test_docs_data_parallel_example(tmp_path):
     script.write_text(_scaling_examples()["jax"])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     spec, collectives, error = proc.stdout.strip().splitlines()
     assert spec == "P('data', 'model')", spec
@@ -503,6 +552,8 @@ def test_docs_dask_cluster_example(tmp_path):
     script = tmp_path / "cluster.py"
     script.write_text(_scaling_examples()["cluster"])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip() == "(2, 4, 256, 16) 2", proc.stdout

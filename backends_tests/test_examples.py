@@ -25,7 +25,11 @@ def _run(script: str, timeout: float = 300) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--tiny"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -54,7 +58,11 @@ def test_cupy_pipeline_is_the_numpy_one_with_one_import_changed():
         return lines[next(i for i, line in enumerate(lines) if line.startswith("from __future__")) :]
 
     numpy_body, cupy_body = body("numpy_pipeline.py"), body("cupy_pipeline.py")
-    changes = [op for op in difflib.SequenceMatcher(a=numpy_body, b=cupy_body, autojunk=False).get_opcodes() if op[0] != "equal"]
+    changes = [
+        op
+        for op in difflib.SequenceMatcher(a=numpy_body, b=cupy_body, autojunk=False).get_opcodes()
+        if op[0] != "equal"
+    ]
     assert len(changes) == 1, changes
     _, i1, i2, j1, j2 = changes[0]
     assert [line.split("#")[0].strip() for line in numpy_body[i1:i2]] == ["import numpy as xp"]

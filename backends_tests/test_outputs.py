@@ -29,20 +29,34 @@ CALLS = {
     "rpb-state": lambda r: fastrpb.rpb(r.standard_normal((4, 2)), r.standard_normal(7), causal=True, return_state=True),
     "rpb-packed": lambda r: fastrpb.rpb(r.standard_normal((6, 2)), r.standard_normal(11), cu_seqlens=(0, 2, 6)),
     "rpb_step": lambda r: fastrpb.rpb_step(
-        fastrpb.rpb_step(None, r.standard_normal(2), r.standard_normal(7))[1], r.standard_normal(2), r.standard_normal(7)
+        fastrpb.rpb_step(None, r.standard_normal(2), r.standard_normal(7))[1],
+        r.standard_normal(2),
+        r.standard_normal(7),
     ),
-    "rpb_nd": lambda r: fastrpb.rpb_nd(r.standard_normal((12, 2)), [r.standard_normal(5), r.standard_normal(7)], (3, 4)),
+    "rpb_nd": lambda r: fastrpb.rpb_nd(
+        r.standard_normal((12, 2)), [r.standard_normal(5), r.standard_normal(7)], (3, 4)
+    ),
     "rpb_matrix": lambda r: fastrpb.rpb_matrix(r.standard_normal(7), 4),
     "symmetric_table": lambda r: fastrpb.symmetric_table(r.standard_normal(4)),
     "rpb_init": lambda r: fastrpb.rpb_init(2, 4, seed=0, like=np.zeros(1)),
     "linear_attention": lambda r: fastrpb.linear_attention(*_qkv(r)),
-    "linear_attention-causal-bias": lambda r: fastrpb.linear_attention(*_qkv(r), causal=True, rpb=r.standard_normal((2, 9))),
+    "linear_attention-causal-bias": lambda r: fastrpb.linear_attention(
+        *_qkv(r), causal=True, rpb=r.standard_normal((2, 9))
+    ),
     "linear_attention-state": lambda r: fastrpb.linear_attention(*_qkv(r), causal=True, return_state=True),
     "linear_attention-state-broadcast": lambda r: fastrpb.linear_attention(
-        r.standard_normal((1, 5, 4)), r.standard_normal((1, 5, 4)), r.standard_normal((3, 5, 2)), causal=True, return_state=True
+        r.standard_normal((1, 5, 4)),
+        r.standard_normal((1, 5, 4)),
+        r.standard_normal((3, 5, 2)),
+        causal=True,
+        return_state=True,
     ),
-    "linear_attention-state-sikf": lambda r: fastrpb.linear_attention(*_qkv(r), feature_map="sikf", causal=True, return_state=True),
-    "linear_attention-packed-state": lambda r: fastrpb.linear_attention(*_qkv(r), causal=True, return_state=True, cu_seqlens=(0, 2, 2, 5)),
+    "linear_attention-state-sikf": lambda r: fastrpb.linear_attention(
+        *_qkv(r), feature_map="sikf", causal=True, return_state=True
+    ),
+    "linear_attention-packed-state": lambda r: fastrpb.linear_attention(
+        *_qkv(r), causal=True, return_state=True, cu_seqlens=(0, 2, 2, 5)
+    ),
     "linear_attention_step": lambda r: fastrpb.linear_attention_step(None, *(x[:, 0] for x in _qkv(r))),
     "softmax_attention": lambda r: fastrpb.softmax_attention(*_qkv(r)),
     "softmax_attention-causal": lambda r: fastrpb.softmax_attention(*_qkv(r), causal=True),
@@ -77,7 +91,9 @@ def _arrays(out: Any, name: str) -> list[tuple[str, np.ndarray]]:
     return []
 
 
-@pytest.mark.only_backends("numpy", reason="NumPy's views and read-only flags; other libraries have their own memory model")
+@pytest.mark.only_backends(
+    "numpy", reason="NumPy's views and read-only flags; other libraries have their own memory model"
+)
 @pytest.mark.parametrize("case", list(CALLS))
 def test_results_are_plain_writable_arrays(backend, rng, case):
     found = _arrays(CALLS[case](rng), case)

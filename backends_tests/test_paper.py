@@ -67,7 +67,11 @@ def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = _env()
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.paper", "--quick", "--out", str(out), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -117,9 +121,23 @@ def test_quick_run_end_to_end(tmp_path: Path):
     # the docs page is generated from the JSON
     page = tmp_path / "experiments.md"
     env = _env()
-    gen = subprocess.run([sys.executable, "-m", "benchmarks.paper.report", str(out / "results.json"), "--page", str(page),
-                          "--extra", str(out / "results.json")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.paper.report",
+            str(out / "results.json"),
+            "--page",
+            str(page),
+            "--extra",
+            str(out / "results.json"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
     assert "GENERATED" in text
@@ -215,8 +233,15 @@ def test_ar_quick_run_end_to_end(tmp_path: Path):
     from benchmarks.paper.autoregressive import QUICK
 
     out = tmp_path / "ar"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.paper.autoregressive", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.paper.autoregressive", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, f"--quick failed:\nSTDERR:\n{proc.stderr[-6000:]}"
     runs = json.loads((out / "results.json").read_text())
     assert isinstance(runs, list)
@@ -231,19 +256,37 @@ def test_ar_quick_run_end_to_end(tmp_path: Path):
         assert r["generate_tokens_per_s"] > 0
         assert r["loss_finite"]
         assert len(r["samples_hex"]) == QUICK.gen_images
-        assert all(len(h) == QUICK.side ** 2 for h in r["samples_hex"])
+        assert all(len(h) == QUICK.side**2 for h in r["samples_hex"])
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["generation_timing"]["per_variant"].keys() == set(default_variants())
     assert (out / "samples.png").stat().st_size > 5_000
     md = (out / "results.md").read_text()
-    for claim in ("FastRPB improves causal linear attention's bits/dim", "SIKF vs elu+1 in the causal setting",
-                  "Linear decoding vs softmax decoding at 49 tokens"):
+    for claim in (
+        "FastRPB improves causal linear attention's bits/dim",
+        "SIKF vs elu+1 in the causal setting",
+        "Linear decoding vs softmax decoding at 49 tokens",
+    ):
         assert claim in md, claim
     # the Experiments page takes the section
     page = tmp_path / "experiments.md"
-    gen = subprocess.run([sys.executable, "-m", "benchmarks.paper.report", str(ROOT / "docs/experiments/results.json"),
-                          "--page", str(page), "--autoregressive", str(out)],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.paper.report",
+            str(ROOT / "docs/experiments/results.json"),
+            "--page",
+            str(page),
+            "--autoregressive",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
     assert "## Autoregressive Fashion-MNIST" in text
@@ -359,7 +402,11 @@ def test_mqar_tiny_sweep_appends_resumes_and_reports(tmp_path: Path):
     runs = json.loads((out / "results.json").read_text())
     assert runs == first["runs"]
     assert [(r["variant"], r["seq_len"], r["seed"]) for r in runs] == [
-        ("softmax", 24, 0), ("softmax", 40, 0), ("sikf+rpb", 24, 0), ("sikf+rpb", 40, 0)]
+        ("softmax", 24, 0),
+        ("softmax", 40, 0),
+        ("sikf+rpb", 24, 0),
+        ("sikf+rpb", 40, 0),
+    ]
     for r in runs:
         for field in ("variant", "seed", "seq_len", "num_kv_pairs", "accuracy", "train_s_per_step"):
             assert field in r, field
@@ -378,7 +425,8 @@ def test_mqar_tiny_sweep_appends_resumes_and_reports(tmp_path: Path):
     assert mqar.sweep(**kw)["runs"] == second["runs"]  # nothing left to train
     rows = mqar.summarise(second["runs"])
     assert {(r["variant"], r["seq_len"]): r["seeds"] for r in rows} == {
-        (v, L): [0, 1] for v in ("softmax", "sikf+rpb") for L in (24, 40)}
+        (v, L): [0, 1] for v in ("softmax", "sikf+rpb") for L in (24, 40)
+    }
     meta = json.loads((out / "sweep.json").read_text())
     short = mqarreport.section(second["runs"][:6], meta, plot_rel="p.png", results_arg="r.json")
     assert "PARTIAL RESULTS" in short
@@ -390,9 +438,24 @@ def test_mqar_tiny_sweep_appends_resumes_and_reports(tmp_path: Path):
     assert (out / "accuracy.png").stat().st_size > 5_000
     # the experiments page takes the section
     page = tmp_path / "experiments.md"
-    gen = subprocess.run([sys.executable, "-m", "benchmarks.paper.report", str(ROOT / "docs/experiments/results.json"),
-                          "--page", str(page), "--mqar", str(out)],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.paper.report",
+            str(ROOT / "docs/experiments/results.json"),
+            "--page",
+            str(page),
+            "--mqar",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
     assert "## Which feature map? Multi-query associative recall (MQAR)" in text
@@ -408,11 +471,21 @@ def test_mqar_verdicts_follow_the_two_standard_error_rule():
 
     def row(v, accs):
         a = np.array(accs)
-        return {"variant": v, "seq_len": 64, "seeds": list(range(len(a))), "accuracy_mean": float(a.mean()),
-                "accuracy_se": float(a.std(ddof=1) / np.sqrt(len(a))), "train_s_per_step": 1.0}
+        return {
+            "variant": v,
+            "seq_len": 64,
+            "seeds": list(range(len(a))),
+            "accuracy_mean": float(a.mean()),
+            "accuracy_se": float(a.std(ddof=1) / np.sqrt(len(a))),
+            "train_s_per_step": 1.0,
+        }
 
-    rows = [row("softmax", [0.9, 0.92, 0.94]), row("elu", [0.5, 0.52, 0.54]), row("sikf", [0.6, 0.62, 0.64]),
-            row("elu+rpb", [0.4, 0.6, 0.5])]
+    rows = [
+        row("softmax", [0.9, 0.92, 0.94]),
+        row("elu", [0.5, 0.52, 0.54]),
+        row("sikf", [0.6, 0.62, 0.64]),
+        row("elu+rpb", [0.4, 0.6, 0.5]),
+    ]
     c = {(x["a"], x["b"]): x for x in mqarreport.claims(rows, [64])}
     assert c[("sikf", "elu")]["verdict"] == "held"  # +0.10, s.e. 0.016
     assert c[("elu+rpb", "elu")]["verdict"].startswith("not resolved")  # +-0.02 within 2 s.e. (0.06)
@@ -426,8 +499,12 @@ def test_mqar_report_names_diverged_models():
     def rec(v, seed, L, loss):
         return {"variant": v, "seed": seed, "seq_len": L, "loss": loss, "loss_finite": bool(np.isfinite(loss).all())}
 
-    runs = [rec("favor", 0, 64, [2.0, 1.5]), rec("favor", 0, 1024, [1.4]),
-            rec("favor", 1, 64, [2.0, 1.9, float("nan")]), rec("favor", 1, 1024, [float("nan")])]
+    runs = [
+        rec("favor", 0, 64, [2.0, 1.5]),
+        rec("favor", 0, 1024, [1.4]),
+        rec("favor", 1, 64, [2.0, 1.9, float("nan")]),
+        rec("favor", 1, 1024, [float("nan")]),
+    ]
     (line,) = mqarreport.non_finite(runs)
     assert "linear, FAVOR+, seed 1 (from step 3 of 4)" in line
     assert mqarreport.non_finite(runs[:2]) == []

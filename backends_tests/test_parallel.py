@@ -38,7 +38,9 @@ def _selected(name: str) -> bool:
 def _run(*args: str, ok: bool = True) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(HERE)])}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     if ok:
         assert proc.stdout.rstrip().endswith("OK"), proc.stdout
@@ -118,8 +120,19 @@ def test_docs_torchrun_example_runs(tmp_path):
     script = tmp_path / "sp.py"
     script.write_text(_docs_examples()[1])
     logs = tmp_path / "logs"
-    _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "--log-dir", str(logs), "--redirects", "1", str(script), ok=False)
+    _run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "1",
+        str(script),
+        ok=False,
+    )
     # each rank prints "rank error" to its own stdout file: on the shared stdout the two
     # ranks' writes interleaved once ("01  0.0" in a clean CI run)
     out = "".join(f.read_text() for f in sorted(logs.rglob("stdout.log")))

@@ -60,8 +60,11 @@ def test_check_gradients_catches_a_wrong_gradient(backend):
     check_gradients(backend, lambda x: xp.sin(x) * x, np.linspace(-1.0, 1.0, 5))
 
     def detached(x):  # the value of x * x with the gradient of x: wrong on purpose
-        return x * (xp.asarray(backend.to_numpy(x), device=backend.device) if backend.grad == "torch" else
-                    backend.native.lax.stop_gradient(x))
+        return x * (
+            xp.asarray(backend.to_numpy(x), device=backend.device)
+            if backend.grad == "torch"
+            else backend.native.lax.stop_gradient(x)
+        )
 
     with pytest.raises(AssertionError, match="gradient"):
         check_gradients(backend, detached, np.linspace(-1.0, 1.0, 5))

@@ -47,8 +47,22 @@ class ARSettings:
 
 
 FULL = ARSettings()
-QUICK = ARSettings(side=7, levels=4, train=200, test=16, d_model=16, heads=2, layers=1, d_ff=32, chunk_size=16,
-                   steps=20, batch=8, lr=1e-2, eval_batch=8, gen_images=2)
+QUICK = ARSettings(
+    side=7,
+    levels=4,
+    train=200,
+    test=16,
+    d_model=16,
+    heads=2,
+    layers=1,
+    d_ff=32,
+    chunk_size=16,
+    steps=20,
+    batch=8,
+    lr=1e-2,
+    eval_batch=8,
+    gen_images=2,
+)
 
 
 def quantise(images: np.ndarray, side: int, levels: int) -> np.ndarray:

@@ -45,7 +45,13 @@ __all__ = ["FULL", "QUICK", "ARSettings", "decode_samples", "encode_samples", "l
 def code_digest() -> str:
     here = Path(__file__).resolve().parent
     lib = Path(__import__("fastrpb").__file__).resolve().parent
-    files = [*sorted(lib.rglob("*.py")), here / "ardata.py", here / "armodel.py", here / "model.py", here / "autoregressive.py"]
+    files = [
+        *sorted(lib.rglob("*.py")),
+        here / "ardata.py",
+        here / "armodel.py",
+        here / "model.py",
+        here / "autoregressive.py",
+    ]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -61,8 +67,17 @@ def config_hash(s: ARSettings, code: str) -> str:
 def build(variant: str, seed: int, s: ARSettings):
     from .armodel import PixelTransformer
 
-    return PixelTransformer(levels=s.levels, grid=(s.side, s.side), d=s.d_model, heads=s.heads, layers=s.layers,
-                            d_ff=s.d_ff, variant=variant, chunk_size=s.chunk_size, seed=seed)
+    return PixelTransformer(
+        levels=s.levels,
+        grid=(s.side, s.side),
+        d=s.d_model,
+        heads=s.heads,
+        layers=s.layers,
+        d_ff=s.d_ff,
+        variant=variant,
+        chunk_size=s.chunk_size,
+        seed=seed,
+    )
 
 
 def _lr(step: int, s: ARSettings) -> float:
@@ -102,8 +117,16 @@ def generate(model, s: ARSettings, seed: int) -> tuple[np.ndarray, float]:
     return out.numpy(), dt
 
 
-def train_one(xtr: np.ndarray, xte: np.ndarray, variant: str, seed: int, s: ARSettings, *, progress=None,
-              state_path: Path | None = None) -> dict:
+def train_one(
+    xtr: np.ndarray,
+    xte: np.ndarray,
+    variant: str,
+    seed: int,
+    s: ARSettings,
+    *,
+    progress=None,
+    state_path: Path | None = None,
+) -> dict:
     import torch
 
     torch.set_num_threads(s.threads)
@@ -183,9 +206,16 @@ def interleaved_generation(out: Path, h: str, variants: list[str], s: ARSettings
         for v in variants:
             times[v].append(generate(models[v], s, seed)[1])
     tokens = s.gen_images * s.side * s.side
-    return {"seed": seed, "rounds": rounds, "images": s.gen_images, "tokens": tokens,
-            "per_variant": {v: {"best_s": min(t), "all_s": t, "tokens_per_s": tokens / min(t),
-                                "images_per_s": s.gen_images / min(t)} for v, t in times.items()}}
+    return {
+        "seed": seed,
+        "rounds": rounds,
+        "images": s.gen_images,
+        "tokens": tokens,
+        "per_variant": {
+            v: {"best_s": min(t), "all_s": t, "tokens_per_s": tokens / min(t), "images_per_s": s.gen_images / min(t)}
+            for v, t in times.items()
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -205,8 +235,14 @@ def _worker(args) -> str:
     from tqdm import tqdm
 
     try:
-        with tqdm(total=s.steps, desc=f"ar {variant:14s} seed {seed}", leave=True, dynamic_ncols=True,
-                  mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr) as bar:
+        with tqdm(
+            total=s.steps,
+            desc=f"ar {variant:14s} seed {seed}",
+            leave=True,
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            file=sys.stderr,
+        ) as bar:
             res = train_one(xtr, xte, variant, seed, s, progress=bar, state_path=Path(path).with_suffix(".pt"))
         res["config_hash"] = h
         _atomic_write(Path(path), json.dumps(res))
@@ -221,23 +257,35 @@ def summarise(runs: list[dict]) -> list[dict]:
         rs = [r for r in runs if r["variant"] == v]
         b = np.array([r["bits_per_dim"] for r in rs])
         n = len(b)
-        rows.append({
-            "variant": v,
-            "seeds": sorted(r["seed"] for r in rs),
-            "bits_per_dim_mean": float(b.mean()),
-            "bits_per_dim_std": float(b.std(ddof=1)) if n > 1 else 0.0,
-            "bits_per_dim_se": float(b.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-            "train_s_per_step": float(np.median([r["train_s_per_step"] for r in rs])),
-            "generate_tokens_per_s": float(np.median([r["generate_tokens_per_s"] for r in rs])),
-            "generate_images_per_s": float(np.median([r["generate_images_per_s"] for r in rs])),
-            "n_params": rs[0]["n_params"],
-            "all_finite": all(r["loss_finite"] for r in rs),
-        })
+        rows.append(
+            {
+                "variant": v,
+                "seeds": sorted(r["seed"] for r in rs),
+                "bits_per_dim_mean": float(b.mean()),
+                "bits_per_dim_std": float(b.std(ddof=1)) if n > 1 else 0.0,
+                "bits_per_dim_se": float(b.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+                "train_s_per_step": float(np.median([r["train_s_per_step"] for r in rs])),
+                "generate_tokens_per_s": float(np.median([r["generate_tokens_per_s"] for r in rs])),
+                "generate_images_per_s": float(np.median([r["generate_images_per_s"] for r in rs])),
+                "n_params": rs[0]["n_params"],
+                "all_finite": all(r["loss_finite"] for r in rs),
+            }
+        )
     return rows
 
 
-def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jobs: int, command: str,
-          partial: bool = False, timing_rounds: int = 2, log=print) -> dict:
+def sweep(
+    *,
+    s: ARSettings,
+    variants: list[str],
+    seeds: list[int],
+    out: Path,
+    jobs: int,
+    command: str,
+    partial: bool = False,
+    timing_rounds: int = 2,
+    log=print,
+) -> dict:
     import multiprocessing as mp
 
     from ..environment import machine, versions
@@ -249,8 +297,12 @@ def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jo
     t_all = time.perf_counter()
     load0 = os.getloadavg()
     xtr, xte = load(s)
-    todo = [(xtr, xte, v, sd, s, h, str(run_path(out, h, v, sd))) for sd in seeds for v in variants
-            if not run_path(out, h, v, sd).exists()]
+    todo = [
+        (xtr, xte, v, sd, s, h, str(run_path(out, h, v, sd)))
+        for sd in seeds
+        for v in variants
+        if not run_path(out, h, v, sd).exists()
+    ]
     if len(todo) < len(variants) * len(seeds):
         log(f"autoregressive: reusing {len(variants) * len(seeds) - len(todo)} finished run(s)")
     # the slowest models (softmax) first within each seed, so the two workers end together
@@ -286,12 +338,23 @@ def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jo
         timing = interleaved_generation(out, h, variants, s, seed=tseed, rounds=timing_rounds)
         _atomic_write(tpath, json.dumps(timing))
     meta = {
-        "config_hash": h, "code_digest": code, "command": command, "settings": dataclasses.asdict(s),
-        "variants": variants, "seeds": seeds, "jobs": jobs, "versions": versions(), "machine": machine(),
-        "loadavg_start": load0, "loadavg_end": os.getloadavg(), "sweep_wall_s": time.perf_counter() - t_all,
+        "config_hash": h,
+        "code_digest": code,
+        "command": command,
+        "settings": dataclasses.asdict(s),
+        "variants": variants,
+        "seeds": seeds,
+        "jobs": jobs,
+        "versions": versions(),
+        "machine": machine(),
+        "loadavg_start": load0,
+        "loadavg_end": os.getloadavg(),
+        "sweep_wall_s": time.perf_counter() - t_all,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "partial": bool(missing), "missing_runs": missing,
-        "generation_timing": timing, "summary": summarise(runs),
+        "partial": bool(missing),
+        "missing_runs": missing,
+        "generation_timing": timing,
+        "summary": summarise(runs),
         # how the sampling loop adds the 1-d bias: "streaming" = rpb_step from the state (every
         # variant); sweeps before it recomputed the bias over the value history per token
         "decode_bias": "streaming",
@@ -308,17 +371,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from .armodel import AR_VARIANTS, default_variants
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.paper.autoregressive", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.paper.autoregressive",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="7 x 7 images, 4 levels, 20 steps: seconds, not a result")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 2)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--levels", type=int, default=None, help="intensity levels per pixel (default 16)")
-    ap.add_argument("--variants", nargs="+", choices=AR_VARIANTS, default=None,
-                    help="default: every variant this fastrpb supports")
+    ap.add_argument(
+        "--variants", nargs="+", choices=AR_VARIANTS, default=None, help="default: every variant this fastrpb supports"
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--timing-rounds", type=int, default=2, help="rounds of the interleaved generation timing (0: none)")
+    ap.add_argument(
+        "--timing-rounds", type=int, default=2, help="rounds of the interleaved generation timing (0: none)"
+    )
     ap.add_argument("--report-partial", action="store_true", help="train nothing; report the finished runs")
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
@@ -336,10 +405,18 @@ def main(argv: list[str] | None = None) -> int:
             from .armodel import ARVariant
 
             ARVariant.parse(v)
-        sweep(s=s, variants=variants, seeds=seeds, out=out, jobs=a.jobs, partial=a.report_partial,
-              timing_rounds=a.timing_rounds,
-              command="python -m benchmarks.paper.autoregressive " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+        sweep(
+            s=s,
+            variants=variants,
+            seeds=seeds,
+            out=out,
+            jobs=a.jobs,
+            partial=a.report_partial,
+            timing_rounds=a.timing_rounds,
+            command="python -m benchmarks.paper.autoregressive "
+            + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
     except (DataMissing, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

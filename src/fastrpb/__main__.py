@@ -118,8 +118,13 @@ def _torch(device: str | None) -> Backend:
         return int(torch.cuda.max_memory_allocated(dev) - base)
 
     return Backend(
-        "torch", torch.__version__, str(dev), lambda x: torch.asarray(x, device=dev),
-        lambda x: x.cpu().numpy(), sync, free,
+        "torch",
+        torch.__version__,
+        str(dev),
+        lambda x: torch.asarray(x, device=dev),
+        lambda x: x.cpu().numpy(),
+        sync,
+        free,
         peak if dev.type == "cuda" else None,  # PyTorch's CPU allocations are invisible to tracemalloc
     )
 
@@ -147,8 +152,13 @@ def _jax(device: str | None) -> Backend:
         return None if limit is None else int(limit - stats.get("bytes_in_use", 0))
 
     return Backend(
-        "jax", jax.__version__, f"{dev.platform}:{dev.id}", lambda x: jax.device_put(x, dev), np.asarray,
-        lambda out: out.block_until_ready(), free,
+        "jax",
+        jax.__version__,
+        f"{dev.platform}:{dev.id}",
+        lambda x: jax.device_put(x, dev),
+        np.asarray,
+        lambda out: out.block_until_ready(),
+        free,
     )
 
 
@@ -177,7 +187,13 @@ def _cupy(device: str | None) -> Backend:
             return int(cupy.cuda.runtime.memGetInfo()[0])
 
     return Backend(
-        "cupy", cupy.__version__, f"cuda:{index}", asarray, cupy.asnumpy, lambda out: dev.synchronize(), free,
+        "cupy",
+        cupy.__version__,
+        f"cuda:{index}",
+        asarray,
+        cupy.asnumpy,
+        lambda out: dev.synchronize(),
+        free,
     )
 
 
@@ -282,7 +298,13 @@ def demo(be: Backend, length: int, heads: int, features: int, repeats: int, seed
         w = rpb_init(heads, L, seed=seed, like=v)
         fast_t, fast_m = _measure(be, lambda: rpb(v, w), repeats)  # noqa: B023 - called in this iteration
         dense_bytes = heads * L * L * 4
-        row: dict[str, Any] = {"L": L, "fast_time": fast_t, "fast_mem": fast_m, "dense_mem": dense_bytes, "measured": False}
+        row: dict[str, Any] = {
+            "L": L,
+            "fast_time": fast_t,
+            "fast_mem": fast_m,
+            "dense_mem": dense_bytes,
+            "measured": False,
+        }
         if dense_bytes <= DENSE_LIMIT_BYTES:
             row["dense_time"], measured_mem = _measure(be, lambda: rpb_matrix(w, L) @ v, max(1, repeats // 2))  # noqa: B023 - called in this iteration
             row["dense_mem"] = dense_bytes if measured_mem is None else measured_mem
@@ -339,7 +361,8 @@ def _parser() -> _Parser:
     parser.add_argument("command", nargs="?", default="demo", help="what to run (the only command is demo)")
     parser.add_argument("--backend", default="numpy", metavar="{" + ",".join(BACKENDS) + "}", help="array library")
     parser.add_argument(
-        "--device", default=None,
+        "--device",
+        default=None,
         help="device of the backend: cpu (numpy); cpu, cuda or cuda:N (torch); cpu, gpu or tpu, "
         "optionally :N (jax); a GPU index N or cuda:N (cupy); None: the library's default device",
     )
@@ -347,7 +370,9 @@ def _parser() -> _Parser:
     parser.add_argument("--heads", type=int, default=8, help="number of heads timed")
     parser.add_argument("--features", type=int, default=64, help="features per head D timed")
     parser.add_argument(
-        "--check-length", type=int, default=512,
+        "--check-length",
+        type=int,
+        default=512,
         help="length of the float64 correctness check against the dense matrix (its memory grows as L^2)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per case (the best is reported)")
@@ -382,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fits(f"--check-length {args.check_length} (the dense float64 check)", check_bytes(args.check_length), be)
         _fits(
             f"--length {args.length} with {args.heads} heads x {args.features} features",
-            demo_bytes(args.length, args.heads, args.features), be,
+            demo_bytes(args.length, args.heads, args.features),
+            be,
         )
     except CLIError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")

@@ -142,12 +142,16 @@ class RPBState(NamedTuple):
     table_length: int
 
 
-
-
-
 def _make(xp: Any, **fields: Any) -> RPBState:
     base: dict[str, Any] = {
-        "blocks": (), "recent": (), "window": None, "future": (), "near": None, "buffer": None, "count": None, "length": None,
+        "blocks": (),
+        "recent": (),
+        "window": None,
+        "future": (),
+        "near": None,
+        "buffer": None,
+        "count": None,
+        "length": None,
     }
     base.update(fields)
     return RPBState(**base)
@@ -185,14 +189,18 @@ def _width_of(state: RPBState) -> int:
 def check_state(state: Any, M: int, a: int, D: int, lead: tuple, name: str) -> None:
     """The state fits these inputs: type, table length, skip, feature width, leading shape."""
     if not isinstance(state, RPBState):
-        raise TypeError(f"{name} must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}")
+        raise TypeError(
+            f"{name} must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}"
+        )
     if state.table_length != M:
         raise ValueError(
             f"{name} was made for a table with M = {state.table_length} but w has M = {M} "
             f"(shape (..., {2 * M - 1})); continue a sequence with the table that started it"
         )
     if state.skip != a:
-        raise ValueError(f"{name} was started with skip = ({state.skip}, 0) but skip is ({a}, 0); pass the skip of the sequence's start")
+        raise ValueError(
+            f"{name} was started with skip = ({state.skip}, 0) but skip is ({a}, 0); pass the skip of the sequence's start"
+        )
     if _width_of(state) != D:
         raise ValueError(f"{name} holds values of width D = {_width_of(state)} but the new values have width D = {D}")
     if _lead_of(state) != tuple(lead):
@@ -401,7 +409,9 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
     near = _near_kernel(xp, w, M) if state.near is None else state.near
     r = t % _WINDOW
     # push: this token's weights c_{i-r} onto the window rows i >= r (one multiply-add)
-    window = multiply_add(xp, as_dtype(xp, state.window, work), near[..., _WINDOW - 1 - r : 2 * _WINDOW - 1 - r, :], v[..., None, :])
+    window = multiply_add(
+        xp, as_dtype(xp, state.window, work), near[..., _WINDOW - 1 - r : 2 * _WINDOW - 1 - r, :], v[..., None, :]
+    )
     out = xp.asarray(window[..., r, :], copy=True)  # not a view into the state's window
     recent = (*state.recent, xp.asarray(v, copy=True))  # a copy: the caller may reuse its v_t array
     if r != _WINDOW - 1:
@@ -418,11 +428,14 @@ def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[A
         if k < len(levels):  # the block [E - s, E) reaches offsets d0 .. 2s - 1
             d0 = levels[k][1]
             # rows: position E + u is row s - d0 + u of the convolution (x starts at E - s)
-            tile = _band_conv(xp, as_dtype(xp, carry, work), w, d0, min(2 * s, M), 2 * s if d0 == s else 4 * s,
-                              s - d0, 3 * s - d0 - 1)
+            tile = _band_conv(
+                xp, as_dtype(xp, carry, work), w, d0, min(2 * s, M), 2 * s if d0 == s else 4 * s, s - d0, 3 * s - d0 - 1
+            )
             old = future[k]
             if old is not None:  # the previous block's rows from E on: its rows s .. 2s - 2
-                tile = xp.concat([tile[..., : s - 1, :] + as_dtype(xp, old[..., s:, :], work), tile[..., s - 1 :, :]], axis=-2)
+                tile = xp.concat(
+                    [tile[..., : s - 1, :] + as_dtype(xp, old[..., s:, :], work), tile[..., s - 1 :, :]], axis=-2
+                )
             future[k] = tile
         if k < len(blocks) and blocks[k] is not None:
             carry = xp.concat([blocks[k], carry], axis=-2)
@@ -482,7 +495,9 @@ def _extend_fixed(xp: Any, state: RPBState, v: Any, w: Any, work: Any, toeplitz:
 
 
 # --------------------------------------------------------------------------- entry points
-def step(xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array) -> tuple[Array, RPBState]:
+def step(
+    xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array
+) -> tuple[Array, RPBState]:
     """One token ``v (..., D)`` (validated, compute dtype); returns ``(out, state)``.
 
     Traced (``jax.jit``) and Dask steps take the fixed layout (``is_lazy``): its step
@@ -532,11 +547,15 @@ def _chunk_conv(xp: Any, pieces: list[Any], x: Any, w: Any, cache: tuple) -> tup
         for end in range(T, 0, -P):  # back from the chunk; the oldest block zero-padded in front
             part = hist[..., max(0, end - P) : end, :]
             if part.shape[-2] < P:
-                part = xp.concat([_zeros(xp, (*part.shape[:-2], P - part.shape[-2], part.shape[-1]), part), part], axis=-2)
+                part = xp.concat(
+                    [_zeros(xp, (*part.shape[:-2], P - part.shape[-2], part.shape[-1]), part), part], axis=-2
+                )
             blocks.append(spectrum(part))
         blocks.reverse()
     own = spectrum(x)
-    taps = xp.concat([_zeros(xp, (*lead_w, P - 1), w), w[..., M - 1 : M - 1 + P]], axis=-1)  # offsets -(P-1) .. P-1, causal
+    taps = xp.concat(
+        [_zeros(xp, (*lead_w, P - 1), w), w[..., M - 1 : M - 1 + P]], axis=-1
+    )  # offsets -(P-1) .. P-1, causal
     total = own * rfft(xp, taps, n=n)[..., None, :]  # a new array: the sum accumulates into it
     for b, block in enumerate(reversed(blocks), start=1):
         first = b * P - P + 1  # the block's smallest offset into the chunk
@@ -550,7 +569,16 @@ def _chunk_conv(xp: Any, pieces: list[Any], x: Any, w: Any, cache: tuple) -> tup
 
 
 def extend(
-    xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array, toeplitz: Array
+    xp: Namespace,
+    state: RPBState | None,
+    v: Array,
+    w: Array,
+    *,
+    lead: tuple,
+    M: int,
+    a: int,
+    work: Array,
+    toeplitz: Array,
 ) -> tuple[Array, RPBState]:
     """A chunk ``v (..., L, D)`` (validated, compute dtype) after ``state``; returns ``(out, state)``.
 

@@ -121,7 +121,7 @@ def _grouping(lengths: tuple[int, ...], align: int) -> list[tuple[int, ...]]:
     groups: list[tuple[int, ...]] = []
     j = n_seq
     while j > 0:
-        groups.append(tuple(order[cut[j]:j]))
+        groups.append(tuple(order[cut[j] : j]))
         j = cut[j]
     return groups[::-1]
 

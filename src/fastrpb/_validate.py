@@ -121,8 +121,7 @@ def floating(xp: Any, name: str, x: Any) -> None:
     """Reject integer, bool and complex arrays with a message naming ``name``."""
     if not _real_floating(xp, x.dtype):
         raise TypeError(
-            f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {x.dtype}"
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
         )
 
 
@@ -332,11 +331,11 @@ def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...
             raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got {len(values)} offsets")
         return _non_decreasing_offsets(values, T)
     if not xp.isdtype(offsets.dtype, "integral"):
-        raise TypeError(f"cu_seqlens must be an integer array of offsets 0 = c_0 <= ... <= c_N = T, got dtype {offsets.dtype}")
-    if offsets.ndim != 1 or offsets.shape[0] < 2:
-        raise ValueError(
-            f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got shape {tuple(offsets.shape)}"
+        raise TypeError(
+            f"cu_seqlens must be an integer array of offsets 0 = c_0 <= ... <= c_N = T, got dtype {offsets.dtype}"
         )
+    if offsets.ndim != 1 or offsets.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got shape {tuple(offsets.shape)}")
     if traced:
         raise ValueError(
             "cu_seqlens must be concrete: the longest packed sequence sets a shape, so under jax.jit (or with "

@@ -163,11 +163,17 @@ def _initial_arguments(fmap: FeatureMap, state: Any, causal: bool, rpb: Any, rpb
         )
     from ._online import held
 
-    return {"initial_state": state.S, "initial_state.z": state.z, "initial_state.offset": state.offset,
-            "initial_state.rpb": held(state.rpb)}
+    return {
+        "initial_state": state.S,
+        "initial_state.z": state.z,
+        "initial_state.offset": state.offset,
+        "initial_state.rpb": held(state.rpb),
+    }
 
 
-def _carried(xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple, work: Any) -> tuple[Any, Any]:
+def _carried(
+    xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple, work: Any
+) -> tuple[Any, Any]:
     """``[S, z]`` of a checked initial state as one ``(..., F, Dv + 1)`` array, and its offset."""
     S, z, offset = _check_state(xp, fmap, state, F, Dv, lead, name="initial_state", inputs="q, k, v")
     total = xp.concat([as_dtype(xp, S, work), as_dtype(xp, z, work)[..., None]], axis=-1)
@@ -332,19 +338,49 @@ def linear_attention(
     Scalable Relative Positional Encoding for Long Sequence Tasks", arXiv:2202.11364.
     """
     call = _checked_call(
-        q, k, v, feature_map=feature_map, causal=causal, key_mask=key_mask, eps=eps, chunk_size=chunk_size,
-        rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, initial_state=initial_state,
-        return_state=return_state, normalize=normalize, scale=scale, cu_seqlens=cu_seqlens,
+        q,
+        k,
+        v,
+        feature_map=feature_map,
+        causal=causal,
+        key_mask=key_mask,
+        eps=eps,
+        chunk_size=chunk_size,
+        rpb=rpb,
+        rpb_tables=rpb_tables,
+        rpb_grid=rpb_grid,
+        rpb_skip=rpb_skip,
+        initial_state=initial_state,
+        return_state=return_state,
+        normalize=normalize,
+        scale=scale,
+        cu_seqlens=cu_seqlens,
     )
     xp = call.xp
     if cu_seqlens is not None:
         attend = functools.partial(
-            linear_attention, feature_map=call.fmap, causal=call.causal, eps=call.eps, chunk_size=call.C,
-            normalize=call.normalize, scale=call.scale,
+            linear_attention,
+            feature_map=call.fmap,
+            causal=call.causal,
+            eps=call.eps,
+            chunk_size=call.C,
+            normalize=call.normalize,
+            scale=call.scale,
         )
         return packed_linear_attention(
-            xp, attend, q, k, v, cu_seqlens, key_mask=key_mask, rpb=rpb, rpb_tables=rpb_tables, rpb_skip=rpb_skip,
-            causal=call.causal, return_state=call.return_state, chunk_size=call.C,
+            xp,
+            attend,
+            q,
+            k,
+            v,
+            cu_seqlens,
+            key_mask=key_mask,
+            rpb=rpb,
+            rpb_tables=rpb_tables,
+            rpb_skip=rpb_skip,
+            causal=call.causal,
+            return_state=call.return_state,
+            chunk_size=call.C,
         )
     # -- compute, in the compute dtype
     result, work = compute_dtype(xp, q, k, v, *call.tables.values())
@@ -390,9 +426,24 @@ class _Call(NamedTuple):
 
 
 def _checked_call(
-    q: Any, k: Any, v: Any, *, feature_map: Any, causal: Any, key_mask: Any, eps: Any, chunk_size: Any, rpb: Any,
-    rpb_tables: Any, rpb_grid: Any, rpb_skip: Any, initial_state: Any, return_state: Any, normalize: Any,
-    scale: Any, cu_seqlens: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    feature_map: Any,
+    causal: Any,
+    key_mask: Any,
+    eps: Any,
+    chunk_size: Any,
+    rpb: Any,
+    rpb_tables: Any,
+    rpb_grid: Any,
+    rpb_skip: Any,
+    initial_state: Any,
+    return_state: Any,
+    normalize: Any,
+    scale: Any,
+    cu_seqlens: Any,
 ) -> _Call:
     """Every check of ``linear_attention``'s arguments; resolves the namespace once."""
     fmap = resolve(feature_map)
@@ -411,8 +462,14 @@ def _checked_call(
         )
     carried = _initial_arguments(fmap, initial_state, causal, rpb, rpb_tables)  # initial_state
     xp = namespace(
-        q=q, k=k, v=v, key_mask=key_mask, cu_seqlens=_packing.array_argument(cu_seqlens), **tables,
-        **fmap._arrays(), **carried,
+        q=q,
+        k=k,
+        v=v,
+        key_mask=key_mask,
+        cu_seqlens=_packing.array_argument(cu_seqlens),
+        **tables,
+        **fmap._arrays(),
+        **carried,
     )
     lead = _validate.attention_inputs(xp, q, k, v)
     out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
@@ -488,6 +545,7 @@ def _attend_features(
         num, den = noncausal_attention(xp, fq, fk, vw)
     out = normalise(xp, num, den, call.eps) if call.normalize else num
     return out, final, None
+
 
 def linear_attention_step(
     state: LinearAttentionState | None,
@@ -648,8 +706,15 @@ def _fits(state: LinearAttentionState, fmap: FeatureMap, F: int, Dv: int, lead: 
 
 
 def _check_state(
-    xp: Any, fmap: FeatureMap, state: LinearAttentionState, F: int, Dv: int, lead: tuple,
-    *, name: str = "state", inputs: str = "q_t, k_t, v_t",
+    xp: Any,
+    fmap: FeatureMap,
+    state: LinearAttentionState,
+    F: int,
+    Dv: int,
+    lead: tuple,
+    *,
+    name: str = "state",
+    inputs: str = "q_t, k_t, v_t",
 ) -> tuple:
     if state.feature_map != fmap.signature:
         raise ValueError(
@@ -664,11 +729,15 @@ def _check_state(
             f"{name}.S must have shape (..., F, Dv) = (..., {F}, {Dv}) for these inputs, got shape {tuple(S.shape)}"
         )
     if tuple(z.shape) != tuple(S.shape[:-1]):
-        raise ValueError(f"{name}.z must have shape {tuple(S.shape[:-1])} (that of {name}.S without Dv), got {tuple(z.shape)}")
+        raise ValueError(
+            f"{name}.z must have shape {tuple(S.shape[:-1])} (that of {name}.S without Dv), got {tuple(z.shape)}"
+        )
     if fmap.exponential:
         if offset is None or tuple(offset.shape) != tuple(z.shape):
             got = None if offset is None else tuple(offset.shape)
-            raise ValueError(f"{name}.offset must have shape {tuple(z.shape)} for feature map {fmap.signature!r}, got {got}")
+            raise ValueError(
+                f"{name}.offset must have shape {tuple(z.shape)} for feature map {fmap.signature!r}, got {got}"
+            )
     elif offset is not None:
         raise ValueError(f"{name}.offset must be None for feature map {fmap.signature!r}, got an array")
     _validate.broadcast({name: tuple(z.shape[:-1]), inputs: lead})
@@ -753,7 +822,15 @@ def softmax_attention(
     scale = None if scale is None else _validate.finite("scale", scale)
     tables = _validate.bias_arguments(rpb, rpb_tables, rpb_grid, rpb_skip)
     _validate.required(q=q, k=k, v=v)
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, logits_bias=logits_bias, cu_seqlens=_packing.array_argument(cu_seqlens), **tables)
+    xp = namespace(
+        q=q,
+        k=k,
+        v=v,
+        key_mask=key_mask,
+        logits_bias=logits_bias,
+        cu_seqlens=_packing.array_argument(cu_seqlens),
+        **tables,
+    )
     lead = _validate.attention_inputs(xp, q, k, v)
     _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     Lq, Lk = q.shape[-2], k.shape[-2]
@@ -798,7 +875,5 @@ def softmax_attention(
         den = xp.where(den == 0, xp.ones((), dtype=den.dtype, device=device_of(den)), den)
         # causal: p is tril, and a later NaN value must not reach earlier rows through 0 * NaN
         out = (tril_product(xp, p, vw) if causal else xp.matmul(p, vw)) / den
-    out = add_bias(
-        xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal
-    )
+    out = add_bias(xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal)
     return xp.astype(out, result, copy=False)

@@ -263,9 +263,13 @@ def _check_stream(causal: Any, skip: Any, initial_state: Any, return_state: Any)
     """Arguments of a streaming call; returns the skip ``a`` (``b`` must be 0)."""
     if not causal:
         given = "initial_state" if initial_state is not None else "return_state=True"
-        raise ValueError(f"{given} needs causal=True: only the causal bias can be continued token by token, got causal={causal!r}")
+        raise ValueError(
+            f"{given} needs causal=True: only the causal bias can be continued token by token, got causal={causal!r}"
+        )
     if initial_state is not None and not isinstance(initial_state, RPBState):
-        raise TypeError(f"initial_state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(initial_state).__name__}")
+        raise TypeError(
+            f"initial_state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(initial_state).__name__}"
+        )
     a, b = _validate.skip(skip)
     if b:
         raise ValueError(
@@ -305,7 +309,6 @@ def _packed_rpb(xp: Any, v: Any, w: Any, *, causal: bool, skip: Any, cu_seqlens:
     return _packing.repack(xp, pk, outs)
 
 
-
 def _check_position(end: int, a: int, M: int, name: str) -> None:
     """A streamed sequence of ``end`` tokens (``a`` skipped) must fit the table."""
     if end - a > M:
@@ -330,14 +333,23 @@ def _rpb_stream(v: Any, w: Any, causal: Any, skip: Any, state: RPBState | None, 
         _check_position(v.shape[-2], a, M, "w")
     result, work = compute_dtype(xp, v, w)
     out, new = _online.extend(
-        xp, state, xp.astype(v, work, copy=False), xp.astype(w, work, copy=False),
-        lead=lead, M=M, a=a, work=work, toeplitz=_toeplitz,
+        xp,
+        state,
+        xp.astype(v, work, copy=False),
+        xp.astype(w, work, copy=False),
+        lead=lead,
+        M=M,
+        a=a,
+        work=work,
+        toeplitz=_toeplitz,
     )
     out = xp.astype(out, result, copy=False)
     return (out, new) if return_state else out
 
 
-def rpb_step(state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, int] | None = None) -> tuple[Array, RPBState]:
+def rpb_step(
+    state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, int] | None = None
+) -> tuple[Array, RPBState]:
     r"""One decoding step of the causal bias: the output of token ``t`` and the new state.
 
     $$
@@ -398,7 +410,9 @@ def rpb_step(state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, i
     Zubkov & Gavrilov (2022), arXiv:2202.11364.
     """
     if state is not None and not isinstance(state, RPBState):
-        raise TypeError(f"state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}")
+        raise TypeError(
+            f"state must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}"
+        )
     _validate.required(v_t=v_t, w=w)
     xp = namespace(v_t=v_t, w=w, state=_online.held(state))
     _validate.values(xp, "v_t", v_t, ndim=1)
@@ -421,7 +435,9 @@ def _step(xp: Any, state: RPBState | None, v_t: Any, w: Any, skip: Any) -> tuple
     else:
         _check_position(1, a, M, "w")
     result, work = compute_dtype(xp, v_t, w)
-    out, new = _online.step(xp, state, _online.as_dtype(xp, v_t, work), _online.as_dtype(xp, w, work), lead=lead, M=M, a=a, work=work)
+    out, new = _online.step(
+        xp, state, _online.as_dtype(xp, v_t, work), _online.as_dtype(xp, w, work), lead=lead, M=M, a=a, work=work
+    )
     return _online.as_dtype(xp, out, result), new
 
 
@@ -597,10 +613,14 @@ def rpb_nd(
     # -- validate, resolve the namespace once
     causal = _validate.flag("causal", causal)
     if not isinstance(tables, (tuple, list)):
-        raise TypeError(f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}")
+        raise TypeError(
+            f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}"
+        )
     grid = _validate.grid(grid)
     if len(tables) != len(grid):
-        raise ValueError(f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis")
+        raise ValueError(
+            f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis"
+        )
     _validate.required(v=v)
     named = {f"tables[{k}]": t for k, t in enumerate(tables)}
     xp = namespace(v=v, **named)

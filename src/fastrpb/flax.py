@@ -62,8 +62,15 @@ def _normal(key: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
 
 
 def _init_table(
-    heads: int | None, max_len: int, symmetric: bool, *, seed: int | None, rngs: nnx.Rngs | None, offset: int,
-    param_dtype: Any, scale: float,
+    heads: int | None,
+    max_len: int,
+    symmetric: bool,
+    *,
+    seed: int | None,
+    rngs: nnx.Rngs | None,
+    offset: int,
+    param_dtype: Any,
+    scale: float,
 ) -> jax.Array:
     """The paper's initialisation: normal values of standard deviation ``scale``.
 
@@ -146,7 +153,16 @@ class FastRPB(BiasLayer, nnx.Module):
     ) -> None:
         self._configure(heads, max_len, causal, symmetric, skip)
         self.table = nnx.Param(
-            _init_table(self.heads, self.max_len, self.symmetric, seed=seed, rngs=rngs, offset=0, param_dtype=param_dtype, scale=scale)
+            _init_table(
+                self.heads,
+                self.max_len,
+                self.symmetric,
+                seed=seed,
+                rngs=rngs,
+                offset=0,
+                param_dtype=param_dtype,
+                scale=scale,
+            )
         )
 
     def _table(self) -> jax.Array:
@@ -225,7 +241,16 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
         self.tables = nnx.List(
             [
                 nnx.Param(
-                    _init_table(self.heads, m, self.symmetric, seed=seed, rngs=rngs, offset=n, param_dtype=param_dtype, scale=scale)
+                    _init_table(
+                        self.heads,
+                        m,
+                        self.symmetric,
+                        seed=seed,
+                        rngs=rngs,
+                        offset=n,
+                        param_dtype=param_dtype,
+                        scale=scale,
+                    )
                 )
                 for n, m in enumerate(self.lengths)
             ]

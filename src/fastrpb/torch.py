@@ -48,7 +48,9 @@ def _like(device: Any, dtype: Any) -> torch.Tensor:
     return torch.empty((0,), device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
 
 
-def _init_table(heads: int | None, max_len: int, symmetric: bool, seed: int, like: torch.Tensor, scale: float) -> torch.Tensor:
+def _init_table(
+    heads: int | None, max_len: int, symmetric: bool, seed: int, like: torch.Tensor, scale: float
+) -> torch.Tensor:
     table = fastrpb.rpb_init(heads, max_len, seed=seed, like=like, scale=scale)
     # A symmetric table stores offsets 0 .. M-1 only: the non-negative half of the draw.
     return table[..., max_len - 1 :].clone() if symmetric else table
@@ -121,7 +123,9 @@ class FastRPB(BiasLayer, nn.Module):
     def _table(self) -> torch.Tensor:
         return self.table
 
-    def forward(self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+    def forward(
+        self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False
+    ) -> Any:
         """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``.
 
         Causal tables stream: ``initial_state`` (a ``fastrpb.RPBState``) continues a
@@ -231,7 +235,9 @@ def _own_feature_map(layer: AttentionLayer, feature_map: Any, device: Any, dtype
 
 def _rpb_module(layer: AttentionLayer, rpb: Any, device: Any, dtype: Any) -> Any:
     """``rpb`` as the layer's FastRPB module (an int: a new one with that ``max_len``)."""
-    return layer._bias_module(rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype))
+    return layer._bias_module(
+        rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype)
+    )
 
 
 class LinearAttention(AttentionLayer, nn.Module):

@@ -18,7 +18,16 @@ import numpy as np
 
 from .pytree import register_pytrees
 
-__all__ = ["MIN_API_VERSION", "namespace", "device_of", "compute_dtype", "wider_float", "is_traced", "is_lazy", "count_array"]
+__all__ = [
+    "MIN_API_VERSION",
+    "namespace",
+    "device_of",
+    "compute_dtype",
+    "wider_float",
+    "is_traced",
+    "is_lazy",
+    "count_array",
+]
 
 
 #: The oldest array API standard fastrpb runs on (``moveaxis``, ``cumulative_sum``
@@ -64,8 +73,7 @@ def namespace(**arrays: Any) -> Any:
     for name, x in given.items():
         if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
             raise TypeError(
-                f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any array API "
-                f"library), got {type(x).__name__}"
+                f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any array API library), got {type(x).__name__}"
             )
     try:
         xp = array_api_compat.array_namespace(*given.values())
@@ -143,8 +151,7 @@ def _check_devices(given: dict[str, Any]) -> None:
         for name, d in known.items():
             if d != first[1]:
                 raise ValueError(
-                    f"all arrays must be on one device: {first[0]} is on {first[1]!r} "
-                    f"but {name} is on {d!r}"
+                    f"all arrays must be on one device: {first[0]} is on {first[1]!r} but {name} is on {d!r}"
                 )
 
 

@@ -150,13 +150,16 @@ def scan(xp: Any, step: Callable[[Any, tuple], tuple[Any, Any]], carry: Any, xs:
         def at(i: Any) -> tuple:
             return tuple(lax.dynamic_index_in_dim(x, i, axis=x.ndim + axis, keepdims=False) for x in xs)
 
-        ys0 = tuple(xp.zeros((*y.shape[:y.ndim + axis + 1], n, *y.shape[y.ndim + axis + 1:]), dtype=y.dtype)
-                    for y in jax.eval_shape(step, carry, at(0))[1])
+        ys0 = tuple(
+            xp.zeros((*y.shape[: y.ndim + axis + 1], n, *y.shape[y.ndim + axis + 1 :]), dtype=y.dtype)
+            for y in jax.eval_shape(step, carry, at(0))[1]
+        )
 
         def body(i: Any, state: tuple) -> tuple:
             carry, y = step(state[0], at(i))
-            return carry, tuple(lax.dynamic_update_index_in_dim(s, t, i, axis=s.ndim + axis)
-                                for s, t in zip(state[1], y, strict=True))
+            return carry, tuple(
+                lax.dynamic_update_index_in_dim(s, t, i, axis=s.ndim + axis) for s, t in zip(state[1], y, strict=True)
+            )
 
         return lax.fori_loop(0, n, body, (carry, ys0))
     outs = []
