@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .mqar import FEATURE_MAPS, missing_runs, summarise
+from .mqarruns import FEATURE_MAPS, missing_runs, summarise
 
 MAP_TITLES = {
     "elu": "elu+1",
