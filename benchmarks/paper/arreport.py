@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .verdict import two_se_verdict
+
 AR_TITLES = {
     "softmax": "softmax (KV cache)",
     "softmax+rpb": "softmax + causal FastRPB",
@@ -42,14 +44,7 @@ def compare_bpd(meta: dict, a: str, b: str) -> dict | None:
         return None
     gain = rb["bits_per_dim_mean"] - ra["bits_per_dim_mean"]
     se = math.sqrt(ra["bits_per_dim_se"] ** 2 + rb["bits_per_dim_se"] ** 2)
-    if min(len(ra["seeds"]), len(rb["seeds"])) < 2:
-        verdict = "not resolved (one seed: no spread to judge by)"
-    elif gain > 2 * se:
-        verdict = "held"
-    elif gain < -2 * se:
-        verdict = "did not hold (the opposite was seen)"
-    else:
-        verdict = "not resolved (difference within 2 standard errors)"
+    verdict = two_se_verdict(gain, se, min(len(ra["seeds"]), len(rb["seeds"])))
     return {
         "a": a,
         "b": b,

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from .mqarruns import FEATURE_MAPS, missing_runs, summarise
+from .verdict import two_se_verdict
 
 MAP_TITLES = {
     "elu": "elu+1",
@@ -43,14 +44,7 @@ def compare(rows: list[dict], a: str, b: str, L: int) -> dict | None:
         return None
     diff = ra["accuracy_mean"] - rb["accuracy_mean"]
     se = math.sqrt(ra["accuracy_se"] ** 2 + rb["accuracy_se"] ** 2)
-    if min(len(ra["seeds"]), len(rb["seeds"])) < 2:
-        verdict = "not resolved (one seed: no spread to judge by)"
-    elif diff > 2 * se:
-        verdict = "held"
-    elif diff < -2 * se:
-        verdict = "did not hold (the opposite was seen)"
-    else:
-        verdict = "not resolved (difference within 2 standard errors)"
+    verdict = two_se_verdict(diff, se, min(len(ra["seeds"]), len(rb["seeds"])))
     return {
         "a": a,
         "b": b,

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..environment import describe_versions
+from .verdict import two_se_verdict
 
 TASK_TITLES = {
     "fmnist": "Fashion-MNIST (784 pixels + class token, 2-d FastRPB)",
@@ -94,14 +95,7 @@ def _compare(results: dict, task: str, a: str, b: str) -> dict | None:
     na, nb = len(ra["seeds"]), len(rb["seeds"])
     diff = ra["acc_mean"] - rb["acc_mean"]
     se = math.sqrt(ra["acc_std"] ** 2 / na + rb["acc_std"] ** 2 / nb)
-    if min(na, nb) < 2:
-        verdict = "not resolved (one seed: no spread to judge by)"
-    elif diff > 2 * se and diff > 0:
-        verdict = "held"
-    elif diff < -2 * se and diff < 0:
-        verdict = "did not hold (the opposite was seen)"
-    else:
-        verdict = "not resolved (difference within 2 standard errors)"
+    verdict = two_se_verdict(diff, se, min(na, nb))
     return {
         "task": task,
         "a": a,
