@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, cast
 
 from ._compat import device_of, namespace
 from ._typing import Array
-from ._validate import grid_arg, int_arg, skip_arg
+from ._validate import flag, grid_arg, int_arg, non_negative, skip_arg
 from .attention import linear_attention, linear_attention_step
 from .bias import rpb, rpb_matrix, rpb_nd, rpb_step, symmetric_table
 from .feature_maps import FeatureMap, hedgehog, resolve
@@ -87,8 +87,8 @@ class BiasLayer:
     def _configure(self, heads: Any, max_len: Any, causal: Any, symmetric: Any, skip: Any) -> None:
         self.heads = check_heads(heads)
         self.max_len = int_arg("max_len", max_len, minimum=1)
-        self.causal = bool(causal)
-        self.symmetric = bool(symmetric)
+        self.causal = flag("causal", causal)
+        self.symmetric = flag("symmetric", symmetric)
         self.skip = skip_arg(skip)
 
     def _table(self) -> Any:
@@ -143,8 +143,8 @@ class BiasNdLayer:
         self.heads = check_heads(heads)
         self.grid = grid_arg(grid)
         self.axes = check_axes(axes, self.grid)
-        self.share = bool(share)
-        self.symmetric = bool(symmetric)
+        self.share = flag("share", share)
+        self.symmetric = flag("symmetric", symmetric)
         self.skip = skip_arg(skip)
 
     @property
@@ -180,8 +180,7 @@ def check_layer_rpb(rpb: Any, heads: int, causal: bool) -> None:
     """A FastRPB module given to an attention layer must fit its heads and causality."""
     if not isinstance(rpb, (BiasLayer, BiasNdLayer)):
         raise TypeError(
-            f"rpb must be None, an int (the table's max_len) or a FastRPB / FastRPBnd module, "
-            f"got {type(rpb).__name__}"
+            f"rpb must be None, an int (the table's max_len) or a FastRPB / FastRPBnd module, got {type(rpb).__name__}"
         )
     if rpb.heads not in (None, heads):
         raise ValueError(f"rpb has {rpb.heads} heads but the attention layer has heads = {heads}")
@@ -238,8 +237,8 @@ class AttentionLayer:
                 )
             head_dim = self.d_model // self.heads
         self.head_dim = int_arg("head_dim", head_dim, minimum=1)
-        self.causal = bool(causal)
-        self.eps = float(eps)
+        self.causal = flag("causal", causal)
+        self.eps = non_negative("eps", eps)
         self.chunk_size = int_arg("chunk_size", chunk_size, minimum=1)
         return self.heads * self.head_dim
 
@@ -266,9 +265,15 @@ class AttentionLayer:
             )
         self._map = None if arrays else fmap
         self._map_class = type(fmap)
-        self._map_fields = {
-            f.name: getattr(fmap, f.name) for f in dataclasses.fields(cast(Any, fmap)) if f.init and f.name not in arrays
-        } if arrays else {}
+        self._map_fields = (
+            {
+                f.name: getattr(fmap, f.name)
+                for f in dataclasses.fields(cast(Any, fmap))
+                if f.init and f.name not in arrays
+            }
+            if arrays
+            else {}
+        )
         self._map_arrays = tuple(arrays)
         for name, array in arrays.items():
             own(name, array, name in fmap.learned)
@@ -313,7 +318,15 @@ class AttentionLayer:
         return xp
 
     def _heads(
-        self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool, cache: Any = None,
+        self,
+        xp: Any,
+        q: Any,
+        k: Any,
+        v: Any,
+        key_mask: Any,
+        causal: bool,
+        return_state: bool,
+        cache: Any = None,
         cu_seqlens: Any = None,
     ) -> tuple[Any, Any]:
         """Attention plus bias on split heads ``(..., H, L, Dh)``; ``key_mask: (..., 1, Lk)``
@@ -328,9 +341,17 @@ class AttentionLayer:
         stream = return_state or cache is not None
         previous = None if cache is None else cache.state
         result = linear_attention(
-            q, k, v, feature_map=self.feature_map, causal=causal, key_mask=key_mask,
-            eps=self.eps, chunk_size=self.chunk_size, return_state=stream,
-            initial_state=None if previous is None else previous._replace(rpb=None), cu_seqlens=cu_seqlens,
+            q,
+            k,
+            v,
+            feature_map=self.feature_map,
+            causal=causal,
+            key_mask=key_mask,
+            eps=self.eps,
+            chunk_size=self.chunk_size,
+            return_state=stream,
+            initial_state=None if previous is None else previous._replace(rpb=None),
+            cu_seqlens=cu_seqlens,
         )
         out, state = result if stream else (result, None)
         if self.rpb is not None:
@@ -338,13 +359,17 @@ class AttentionLayer:
             if key_mask is not None:  # padding keys give no bias (garbage and NaN included)
                 values = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
             if stream:  # the bias continues from (and returns) its history
-                term, history = self.rpb(values, initial_state=None if previous is None else previous.rpb, return_state=True)
+                term, history = self.rpb(
+                    values, initial_state=None if previous is None else previous.rpb, return_state=True
+                )
                 assert state is not None  # stream: linear_attention returned a state
                 state = state._replace(rpb=history)
             elif cu_seqlens is None:
                 term = self.rpb(values)
             else:  # packed: the bias restarts at every sequence
-                term = rpb(values, self.rpb.weights(), causal=self.rpb.causal, skip=self.rpb.skip, cu_seqlens=cu_seqlens)
+                term = rpb(
+                    values, self.rpb.weights(), causal=self.rpb.causal, skip=self.rpb.skip, cu_seqlens=cu_seqlens
+                )
             out = out + term
         return out, state
 
@@ -367,7 +392,13 @@ class AttentionLayer:
             )
 
     def _attend(
-        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None, cache: Any = None,
+        self,
+        x: Any,
+        key_mask: Any,
+        return_cache: bool,
+        inputs_k: Any = None,
+        inputs_v: Any = None,
+        cache: Any = None,
         cu_seqlens: Any = None,
     ) -> Any:
         xp = self._check_input(x, "x", 2)
@@ -419,17 +450,26 @@ class AttentionLayer:
             _check_cache_type(cache)
         previous = None if cache is None else cache.state
         out, state = linear_attention_step(
-            None if previous is None else previous._replace(rpb=None), q, k, v, feature_map=self.feature_map, eps=self.eps,
+            None if previous is None else previous._replace(rpb=None),
+            q,
+            k,
+            v,
+            feature_map=self.feature_map,
+            eps=self.eps,
         )
         if self.rpb is not None:  # one online step of the bias, from its history in the state
-            term, history = self.rpb(v, initial_state=None if previous is None else previous.rpb, return_state=True, step=True)
+            term, history = self.rpb(
+                v, initial_state=None if previous is None else previous.rpb, return_state=True, step=True
+            )
             out, state = out + term, state._replace(rpb=history)
         return out, LayerCache(state)
 
 
 def _check_cache_type(cache: Any) -> None:
     if not isinstance(cache, LayerCache):
-        raise TypeError(f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}")
+        raise TypeError(
+            f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}"
+        )
 
 
 def _swap_last_but_one(xp: Any, x: Any) -> Any:

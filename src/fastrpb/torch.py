@@ -31,7 +31,7 @@ from fastrpb._layers import (
     BiasNdLayer,
     LayerCache,
 )
-from fastrpb._validate import int_arg
+from fastrpb._validate import finite, flag, int_arg
 from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "LayerCache", "MultiheadAttention", "LinearAttention"]
@@ -48,7 +48,9 @@ def _like(device: Any, dtype: Any) -> torch.Tensor:
     return torch.empty((0,), device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
 
 
-def _init_table(heads: int | None, max_len: int, symmetric: bool, seed: int, like: torch.Tensor, scale: float) -> torch.Tensor:
+def _init_table(
+    heads: int | None, max_len: int, symmetric: bool, seed: int, like: torch.Tensor, scale: float
+) -> torch.Tensor:
     table = fastrpb.rpb_init(heads, max_len, seed=seed, like=like, scale=scale)
     # A symmetric table stores offsets 0 .. M-1 only: the non-negative half of the draw.
     return table[..., max_len - 1 :].clone() if symmetric else table
@@ -85,7 +87,8 @@ class FastRPB(BiasLayer, nn.Module):
     Raises
     ------
     TypeError
-        If ``heads``, ``max_len`` or ``seed`` is not an int.
+        If ``heads``, ``max_len`` or ``seed`` is not an int, or ``causal`` or
+        ``symmetric`` is not a bool (``True`` or ``False``: not ``1`` or ``"no"``).
     ValueError
         If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
         ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
@@ -120,7 +123,9 @@ class FastRPB(BiasLayer, nn.Module):
     def _table(self) -> torch.Tensor:
         return self.table
 
-    def forward(self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+    def forward(
+        self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False
+    ) -> Any:
         """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``.
 
         Causal tables stream: ``initial_state`` (a ``fastrpb.RPBState``) continues a
@@ -159,8 +164,8 @@ class FastRPBnd(BiasNdLayer, nn.Module):
     Raises
     ------
     TypeError
-        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
-        something other than ints.
+        If ``grid`` is not a non-empty sequence of ints, ``heads`` or ``axes`` holds
+        something other than ints, or ``share`` or ``symmetric`` is not a bool.
     ValueError
         If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
         twice), or ``skip`` is not two non-negative ints. Calls raise as
@@ -230,7 +235,9 @@ def _own_feature_map(layer: AttentionLayer, feature_map: Any, device: Any, dtype
 
 def _rpb_module(layer: AttentionLayer, rpb: Any, device: Any, dtype: Any) -> Any:
     """``rpb`` as the layer's FastRPB module (an int: a new one with that ``max_len``)."""
-    return layer._bias_module(rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype))
+    return layer._bias_module(
+        rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype)
+    )
 
 
 class LinearAttention(AttentionLayer, nn.Module):
@@ -278,8 +285,9 @@ class LinearAttention(AttentionLayer, nn.Module):
     Raises
     ------
     TypeError
-        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
-        or ``rpb`` is of an unsupported kind.
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, ``causal`` is not a
+        bool (``True`` or ``False``: not ``1`` or ``"no"``), or ``feature_map`` or
+        ``rpb`` is of an unsupported kind.
     ValueError
         If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
         below 1, or ``feature_map`` is an unknown name. Calls raise as
@@ -363,7 +371,7 @@ class LinearAttention(AttentionLayer, nn.Module):
             term included (its history lives in the cache).
         cu_seqlens : int Tensor, shape (N + 1,), or tuple of ints, optional
             Packed sequences along the length axis (flash-attention / fla offsets
-            ``0 = c_0 < ... < c_N = L``): each sequence attends and is biased only
+            ``0 = c_0 <= ... <= c_N = L``, zero-length sequences allowed): each sequence attends and is biased only
             within itself, as ``fastrpb.linear_attention(..., cu_seqlens=)``.
             Self-attention only, without ``return_cache`` or ``cache``, and without an N-d bias.
 
@@ -545,9 +553,10 @@ class MultiheadAttention(AttentionLayer, nn.Module):
         chunk_size: int = 64,
     ) -> None:
         super().__init__()
-        if add_bias_kv:
+        bias = flag("bias", bias)
+        if flag("add_bias_kv", add_bias_kv):
             raise ValueError("add_bias_kv=True is not supported by MultiheadAttention (no learned extra key/value)")
-        if add_zero_attn:
+        if flag("add_zero_attn", add_zero_attn):
             raise ValueError("add_zero_attn=True is not supported by MultiheadAttention (no zero key/value)")
         self.embed_dim = int_arg("embed_dim", embed_dim, minimum=1)
         self.num_heads = int_arg("num_heads", num_heads, minimum=1)
@@ -556,11 +565,11 @@ class MultiheadAttention(AttentionLayer, nn.Module):
         self._configure(self.embed_dim, self.num_heads, None, causal, eps, chunk_size)
         self.kdim = self.embed_dim if kdim is None else int_arg("kdim", kdim, minimum=1)
         self.vdim = self.embed_dim if vdim is None else int_arg("vdim", vdim, minimum=1)
-        dropout = float(dropout)
+        dropout = finite("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout
-        self.batch_first = bool(batch_first)
+        self.batch_first = flag("batch_first", batch_first)
         _own_feature_map(self, feature_map, device, dtype)
         E = self.embed_dim
         kw: dict[str, Any] = dict(device=device, dtype=dtype)

@@ -30,7 +30,7 @@ This module re-exports their names: ``from fastrpb._compat import x`` is the imp
 from __future__ import annotations
 
 from .activations import elu_plus_one, softmax
-from .control import cond, contiguous, is_compiled, slices_compile
+from .control import cond, is_compiled, owned, slices_compile
 from .dispatch import (
     MIN_API_VERSION,
     compute_dtype,
@@ -50,8 +50,8 @@ from .scan import associative_scan, cumulative_max, cumulative_sum, exclusive_su
 
 __all__ = [
     "cond",
-    "contiguous",
     "is_compiled",
+    "owned",
     "slices_compile",
     "MIN_API_VERSION",
     "namespace",

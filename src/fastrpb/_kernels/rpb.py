@@ -46,9 +46,7 @@ def add_bias(
     return out + xp.astype(term, out.dtype, copy=False)
 
 
-def add_bias_streaming(
-    xp: Any, out: Any, v: Any, w: Any, skip: Any, state: Any
-) -> tuple[Any, Any]:
+def add_bias_streaming(xp: Any, out: Any, v: Any, w: Any, skip: Any, state: Any) -> tuple[Any, Any]:
     """``out + B v`` continued from (and returning) the bias history of the state.
 
     ``v`` comes from ``mask_values(..., bias=True)``: padding keys' values are zero,
