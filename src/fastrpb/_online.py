@@ -51,6 +51,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._compat import (
+    concat_rows,
     cond,
     count_array,
     device_of,
@@ -103,8 +104,8 @@ class RPBState(NamedTuple):
       known when the state is made, read without computing anything);
     - ``ready``: a 0-d int32 array (NumPy beside Dask, as ``count``): 1 when the fields
       above are the online levels; 0 after a chunk, when only the history is kept, in
-      the first ``t`` rows of the top slot ``blocks[-1]`` (zeros after; its capacity
-      is at least ``M``), and the other fields are stale. The first step after a chunk
+      the first ``t`` rows of the top slot ``blocks[-1]`` (the rows after them are
+      unspecified; its capacity is at least ``M``), and the other fields are stale. The first step after a chunk
       rebuilds the levels from it (once); a chunk after a chunk only reads it.
 
     Memory: about ``4 M D`` numbers per leading index (``2 M`` of blocks, ``2 M`` of
@@ -421,7 +422,7 @@ def _step_history(xp: Any, state: RPBState, v: Any, w: Any, *, M: int, a: int, w
         return _zeros(xp, (*lead, D), v), state._replace(count=count)
     top = _history_top(xp, state, t, work)
     rows = xp.arange(top.shape[-2], device=device_of(top))
-    top = xp.where((rows == t)[:, None], v[..., None, :], top)
+    top = xp.where((rows == t)[:, None], v[..., None, :], xp.where((rows < t)[:, None], top, _zeros(xp, (), top)))
     kernel = xp.take(w, xp.clip(M - 1 + t - rows, 0, 2 * M - 2), axis=-1)
     kernel = xp.where(rows <= t, kernel, _zeros(xp, (), kernel))
     out = (kernel[..., None, :] @ top)[..., 0, :]
@@ -454,12 +455,10 @@ def _history(xp: Any, state: RPBState, t: int, work: Any) -> Any:
 
 def _history_top(xp: Any, state: RPBState, t: int, work: Any) -> Any:
     """The top slot of a state after its ``t`` biased values (an int count): those values,
-    then zeros."""
+    then unspecified rows."""
     if not int(state.ready):
         return as_dtype(xp, state.blocks[-1], work)
-    hist = _history(xp, state, t, work)
-    rows = _capacity(state.table_length)
-    return xp.concat([hist, _zeros(xp, (*hist.shape[:-2], rows - t, hist.shape[-1]), hist)], axis=-2)
+    return concat_rows(xp, [_history(xp, state, t, work)], _capacity(state.table_length))
 
 
 def _history_buffer(xp: Any, state: RPBState, t: Any, rows: int, work: Any) -> Any:
@@ -598,6 +597,7 @@ def extend(
         inside = (position >= t0) & (position < t0 + L)
         if L:
             H = xp.where(inside[:, None], xp.take(v, xp.clip(position - t0, 0, L - 1), axis=-2), H)
+        H = xp.where((position < t0 + L)[:, None], H, _zeros(xp, (), H))  # the rows ahead may be anything
         out = _rows(xp, toeplitz(xp, H, w, causal=True), t0, L)
         out = _mask_positions(xp, out, (t0 + xp.arange(L, dtype=t0.dtype, device=device_of(H)))[:, None], M)
         ready = count_array(xp, 0, like=v)
@@ -611,8 +611,8 @@ def extend(
     if P == 0:  # nothing biased: the history is unchanged
         return _zeros(xp, (*lead, L, D), v), state._replace(count=count)
     hist = _history(xp, state, t0, work)
-    # the history and the chunk, zeros ahead: a copy, so the state never holds the caller's v
-    H = xp.concat([hist, biased, _zeros(xp, (*lead, cap - t0 - P, D), biased)], axis=-2)
+    # the history and the chunk (rows ahead unspecified): a copy, so the state never holds the caller's v
+    H = concat_rows(xp, [hist, biased], cap)
     if is_lazy(xp, v, w, state.window):
         out = _rows(xp, toeplitz(xp, H, w, causal=True), t0, P)
     else:

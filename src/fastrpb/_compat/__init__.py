@@ -43,12 +43,13 @@ from .dispatch import (
 )
 from .fft import blocks_allowed, fft_namespace, irfft, irfftn, next_fast_len, rfft, rfftn
 from .finite import known_finite, on_finite, split_nonfinite
-from .fused import add_into, multiply_add, multiply_add_into, multiply_into, tril_into
+from .fused import add_into, concat_rows, multiply_add, multiply_add_into, multiply_into, tril_into
 from .pad import along, pad_axis, pad_chunks, shift
 from .pytree import jax_pytree, register_pytrees
 from .scan import associative_scan, cumulative_max, cumulative_sum, exclusive_sum, rescaled_scan, scan
 
 __all__ = [
+    "concat_rows",
     "cond",
     "is_compiled",
     "owned",
