@@ -430,6 +430,27 @@ def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, 
     assert count[0] <= 2, count
 
 
+def test_step_under_torch_compile_compiles_once_from_an_empty_dtype_memo(backend, rng):
+    # compute_dtype's memo is not read under Dynamo: a first trace that filled it made
+    # Dynamo's guard on the dict fail at the next call, and the step compiled twice
+    if backend.name != "torch":
+        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
+    torch = backend.native
+    from fastrpb._compat import dispatch
+
+    (q, k, v), _, _ = _data(backend, rng, "float32", L=8)
+    _, state = linear_attention(q[:, :4], k[:, :4], v[:, :4], feature_map="elu", causal=True, return_state=True)
+    counted, count = _compile_counter()
+    torch._dynamo.reset()
+    dispatch._PROMOTED.clear()
+    step = torch.compile(
+        lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map="elu"), fullgraph=True, backend=counted
+    )
+    for t in range(4, 8):
+        _, state = step(state, q[:, t], k[:, t], v[:, t])
+    assert count[0] == 1, count
+
+
 def test_layer_step_under_torch_compile_compiles_at_most_twice(backend, rng):
     if backend.name != "torch":
         pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")

@@ -504,6 +504,8 @@ def _rebuild(xp: Any, H: Any, t: Any, count: Any, a: int, w: Any, M: int) -> RPB
         # x = the two blocks before first (zeros before 0): position first + u is row 2s - d0 + u
         x = _rows(xp, H, first - 2 * s, 2 * s)
         future.append(owned(xp, _band_conv(xp, x, w, d0, min(2 * s, M), 4 * s, 2 * s - d0, 4 * s - d0 - 1)))
+    if isinstance(E, int) and slices_compile(xp):  # the gathers a step's window completion compiles
+        E = count_array(xp, E, like=H)
     rows = _window_rows(xp, tuple(future), E, _zeros(xp, (*lead, _WINDOW, D), H))
     recent = _rows(xp, H, E, _WINDOW)
     if not isinstance(t, int):  # rows t and after are not values yet
@@ -619,5 +621,7 @@ def extend(
         out = _chunk_conv(xp, hist, biased, w)
     if skipped:
         out = xp.concat([_zeros(xp, (*lead, skipped, D), v), out], axis=-2)
-    ready = count_array(xp, 0, like=v)
-    return out, state._replace(blocks=(*state.blocks[:-1], H), count=count, ready=ready)
+    if slices_compile(xp):  # eager JAX: the levels now, where their kernels' compilations are
+        # a share of the prefill's, not the first decoding step's (seconds: one per operation)
+        return out, _rebuild(xp, H[..., : t0 + P, :], t0 + P, count, a, w, M)
+    return out, state._replace(blocks=(*state.blocks[:-1], H), count=count, ready=count_array(xp, 0, like=v))

@@ -51,9 +51,10 @@ def cond(xp: Any, pred: Any, true_fn: Callable[..., tuple], false_fn: Callable[.
 
 
 def slices_compile(xp: Any) -> bool:
-    """Whether eager indexing with Python ints compiles a kernel per distinct slice (JAX:
-    one XLA executable per static start), so positions that change per call are better
-    passed as arrays (a gather, compiled once per shape)."""
+    """Whether eager operations compile a kernel per shape and per static slice (JAX:
+    one XLA executable each, tens of milliseconds on a CPU): positions that change per
+    call are better passed as arrays (a gather, compiled once per shape), and work
+    with many shapes better done where its compilations cost least."""
     return bool(_is(xp, "jax"))
 
 

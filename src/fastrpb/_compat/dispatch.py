@@ -207,6 +207,14 @@ def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
     # ``float32``), so the weak flag is part of the key; and NumPy < 2 (value-based
     # casting) or a library with its own rules may look at 0-d values, so calls with a
     # 0-d input are not cached at all.
+    if _is(xp, "torch") and _compiling():
+        # Dynamo cannot put ``torch.result_type`` (it returns a dtype) in a graph:
+        # promote the dtypes, which is the same rule for tensors of one or more dims.
+        # The memo is not read here: Dynamo would guard on the dict's contents, and a
+        # first trace that fills it would compile a second time.
+        torch = sys.modules["torch"]
+        result = functools.reduce(torch.promote_types, (x.dtype for x in arrays))
+        return result, torch.float64 if result == torch.float64 else torch.float32
     key: tuple | None = None
     known = None
     try:
@@ -217,13 +225,7 @@ def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
         key, known = None, None
     if known is not None:
         return known
-    if _is(xp, "torch") and _compiling():
-        # Dynamo cannot put ``torch.result_type`` (it returns a dtype) in a graph:
-        # promote the dtypes, which is the same rule for tensors of one or more dims.
-        torch = sys.modules["torch"]
-        result = functools.reduce(torch.promote_types, (x.dtype for x in arrays))
-    else:
-        result = xp.result_type(*arrays)
+    result = xp.result_type(*arrays)
     pair = (result, xp.float64 if result == xp.float64 else xp.float32)
     if key is not None:
         _PROMOTED[key] = pair
