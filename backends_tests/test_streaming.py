@@ -541,3 +541,24 @@ def test_rpb_step_under_torch_compile_compiles_once(backend, rng, inductor):
     assert count[0] <= 2, count
     tail = fastrpb.rpb(v[..., L:, :], w, causal=True, initial_state=state)
     assert float((tail - fastrpb.rpb(v[..., L:, :], w, causal=True, initial_state=eager)).abs().max()) <= 1e-5
+
+
+def test_rpb_step_under_torch_compile_completes_every_level_at_once(backend, rng):
+    # M = 256: the window that ends at token 256 completes the levels 32 .. 128 and the
+    # counter's slots 0 .. 3 together; as nested conditionals (one per level) Dynamo
+    # failed from this depth on ("cond's output stride ... size u1"), so each level is
+    # its own conditional. The compiled loop after an eager prefill equals eager steps.
+    torch = _torch_compile(backend)
+    M, n = 256, 248
+    v = backend.asarray(rng.standard_normal((2, M, 3)), "float32")
+    w = backend.asarray(rng.standard_normal((2, 2 * M - 1)) / 8, "float32")
+    counted, count = compile_counter("aot_eager")
+    torch._dynamo.reset()
+    step = torch.compile(fastrpb.rpb_step, fullgraph=True, backend=counted)
+    _, state = fastrpb.rpb(v[..., :n, :], w, causal=True, return_state=True)
+    eager = state
+    for t in range(n, M):
+        o, state = step(state, v[..., t, :], w)
+        e, eager = fastrpb.rpb_step(eager, v[..., t, :], w)
+        assert float((o - e).abs().max()) <= 1e-5, t
+    assert count[0] <= 2, count

@@ -276,39 +276,51 @@ def _band_conv(xp: Any, x: Any, w: Any, d0: int, d1: int, n: int, lo: int, hi: i
 
 
 # --------------------------------------------------------------------------- online
-def _levels_complete(xp: Any, state_parts: tuple, q: Any, w: Any, M: int) -> tuple:
+def _levels_complete(xp: Any, state_parts: tuple, q: Any, w: Any, M: int, done: Any = None) -> tuple:
     """The levels that complete with window ``q`` (``q = E / B`` windows done, ``E`` an
     aligned end), from ``(carry, *blocks, *future)``: ``carry`` the window's values.
 
-    Level ``k`` completes iff ``q`` is a multiple of ``2^k``: its block is the carry
-    (the lower blocks of the binary counter joined to the window), convolved with its
-    band of the kernel into the level's pending rows. Where level ``k + 1`` does not
-    complete, the carry is the counter's new slot ``k``. Returns ``(*blocks, *future)``.
+    Level ``k`` completes iff ``q`` is a multiple of ``2^k``: its block (the carry: the
+    lower blocks of the binary counter joined to the window) is convolved with its
+    band of the kernel into the level's pending rows and becomes the counter's slot
+    ``k`` (where level ``k + 1`` completes too, that slot's bit is clear and its
+    contents unused). Eagerly the loop stops at the first level that does not
+    complete; under a compiler (``done``: whether the window completes at all) each
+    level is one conditional, side by side: nested ones failed in Dynamo from three
+    levels deep. Returns ``(*blocks, *future)``.
     """
     levels, n = _levels(M), _slots(M)
     counter = max(1, (M // _WINDOW).bit_length())  # the slots a carry reaches (t <= M)
+    carry, parts = state_parts[0], state_parts[1:]
+    old, blocks, future = parts[:n], list(parts[:n]), list(parts[n:])
+    for k in range(counter):
+        if k:
+            carry = xp.concat([old[k - 1], carry], axis=-2)
+        fires = q % (1 << k) == 0
+        if done is None and not bool(fires):
+            break
+        has_level = k < len(levels)
 
-    def level(k: int, carry: Any, *parts: Any) -> tuple:
-        blocks, future = list(parts[:n]), list(parts[n:])
-        if k < len(levels):
-            s, d0 = levels[k]
-            # rows: position E + u is row s - d0 + u of the convolution (carry starts at E - s)
-            tile = _band_conv(xp, carry, w, d0, min(2 * s, M), 2 * s if d0 == s else 4 * s, s - d0, 3 * s - d0 - 1)
-            old = future[k]  # the previous block's rows from E on: its rows s .. 2s - 2
-            future[k] = xp.concat([tile[..., : s - 1, :] + old[..., s:, :], tile[..., s - 1 :, :]], axis=-2)
+        def fire(*ops: Any, carry: Any = carry, k: int = k) -> tuple:
+            if len(ops) == 1:
+                return (carry,)
+            return (carry, _level_rows(xp, carry, ops[1], w, M, *levels[k]))
 
-        def store(*parts: Any) -> tuple:
-            return (*parts[:k], carry, *parts[k + 1 :])
+        ops: tuple = (blocks[k], future[k]) if has_level else (blocks[k],)
+        ops = fire(*ops) if done is None else cond(xp, done & fires, fire, lambda *ops: ops, ops)
+        blocks[k] = ops[0]
+        if has_level:
+            future[k] = ops[1]
+    return (*blocks, *future)
 
-        def climb(*parts: Any) -> tuple:
-            return level(k + 1, xp.concat([parts[k], carry], axis=-2), *parts)
 
-        parts = (*blocks, *future)
-        if k + 1 >= counter:  # the counter's highest slot: t <= M never carries past it
-            return store(*parts)
-        return cond(xp, q % (2 << k) == 0, climb, store, parts)
-
-    return level(0, *state_parts)
+def _level_rows(xp: Any, carry: Any, old: Any, w: Any, M: int, s: int, d0: int) -> Any:
+    """Level ``s``'s pending rows after its block ``carry`` (the ``s`` values before an
+    aligned end ``E``) completes: its contributions to the positions from ``E``, and
+    ``old``'s (the previous block's rows from ``E`` on: its rows ``s .. 2s - 2``)."""
+    # rows: position E + u is row s - d0 + u of the convolution (carry starts at E - s)
+    tile = _band_conv(xp, carry, w, d0, min(2 * s, M), 2 * s if d0 == s else 4 * s, s - d0, 3 * s - d0 - 1)
+    return xp.concat([tile[..., : s - 1, :] + old[..., s:, :], tile[..., s - 1 :, :]], axis=-2)
 
 
 def _window_rows(xp: Any, future: tuple, E: Any, like: Any) -> Any:
@@ -380,12 +392,11 @@ def step(
     done = r == _WINDOW - 1
     if a:
         done = done & (t >= 0)
-    window, *rest = cond(
-        xp, done, lambda *ops: _complete(xp, (t + 1) // _WINDOW, w, M, *ops), lambda *ops: ops, (window, *parts)
-    )
-    return out, state._replace(
-        blocks=tuple(rest[:n]), window=window, future=tuple(rest[n:]), near=near, count=state.count + 1
-    )
+    q = (t + 1) // _WINDOW
+    levels = _levels_complete(xp, (window[..., 1, :], *parts), q, w, M, done=done)
+    rows = _window_rows(xp, levels[n:], q * _WINDOW, window[..., 0, :])
+    window = xp.where(done, xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), window)
+    return out, state._replace(blocks=levels[:n], window=window, future=levels[n:], near=near, count=state.count + 1)
 
 
 def _ready_compiled(xp: Any, state: RPBState, w: Any, M: int, a: int, work: Any) -> RPBState:
