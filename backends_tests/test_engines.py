@@ -177,7 +177,7 @@ def _dask_cases():
                 return_state=True,
             )
             assert isinstance(state.S, type(v)), type(state.S)  # Dask in, Dask state
-            assert isinstance(state.rpb.buffer, type(v)), type(state.rpb.buffer)
+            assert isinstance(state.rpb.window, type(v)), type(state.rpb.window)
             rows = []
             for t in range(cut[1], L):
                 out_t, state = fastrpb.linear_attention_step(
@@ -195,7 +195,7 @@ def _dask_cases():
         second, state = fastrpb.rpb(
             v[..., L - 32 : L - 8, :], w, causal=True, skip=(1, 0), initial_state=state, return_state=True
         )
-        assert isinstance(state.buffer, type(v)), state
+        assert isinstance(state.window, type(v)), state
         rows = []
         for t in range(L - 8, L):
             out_t, state = fastrpb.rpb_step(state, v[..., t, :], w)

@@ -381,3 +381,96 @@ def test_state_is_a_jax_pytree():
     assert isinstance(again, LinearAttentionState)
     assert again.feature_map == state.feature_map
     assert isinstance(again.rpb, RPBState)
+
+
+# --------------------------------------------------------------------------- compiled decoding loops
+def _compile_counter(backend_name="aot_eager"):
+    """A torch.compile backend that counts the graphs it compiles, and the count."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner, count = lookup_backend(backend_name), [0]
+
+    def counted(gm, example_inputs):
+        count[0] += 1
+        return inner(gm, example_inputs)
+
+    return counted, count
+
+
+_CALLABLE_UNDER_DYNAMO = pytest.mark.xfail(
+    strict=True, reason="a plain callable's map signature reads __qualname__, which Dynamo traces to another string"
+)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(m, marks=_CALLABLE_UNDER_DYNAMO) if m == "callable" else m for m in MAPS]
+)
+def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, name):
+    # 36 tokens after a 4-token prompt cross a window completion (the level-32 FFT):
+    # every feature map compiles at most twice (aot_eager) and equals eager steps to 1e-5
+    # (the 300-token run over several levels is rpb_step's, test_streaming)
+    if backend.name != "torch":
+        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
+    torch = backend.native
+    L = 36
+    (q, k, v), _, _ = _data(backend, rng, "float32", L=L)
+    w = backend.asarray(rng.standard_normal((2, 2 * L - 1)) / 8, "float32")
+    fmap, _ = _map(backend, name)
+    counted, count = _compile_counter()
+    torch._dynamo.reset()
+    step = torch.compile(
+        lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map=fmap, rpb=w), fullgraph=True, backend=counted
+    )
+    _, state = linear_attention(q[:, :4], k[:, :4], v[:, :4], feature_map=fmap, causal=True, rpb=w, return_state=True)
+    eager = state
+    for t in range(4, L):
+        out, state = step(state, q[:, t], k[:, t], v[:, t])
+        want, eager = linear_attention_step(eager, q[:, t], k[:, t], v[:, t], feature_map=fmap, rpb=w)
+        assert float((out - want).abs().max()) <= 1e-5, t
+    assert count[0] <= 2, count
+
+
+def test_step_under_torch_compile_compiles_once_from_an_empty_dtype_memo(backend, rng):
+    # compute_dtype's memo is not read under Dynamo: a first trace that filled it made
+    # Dynamo's guard on the dict fail at the next call, and the step compiled twice
+    if backend.name != "torch":
+        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
+    torch = backend.native
+    from fastrpb._compat import dispatch
+
+    (q, k, v), _, _ = _data(backend, rng, "float32", L=8)
+    _, state = linear_attention(q[:, :4], k[:, :4], v[:, :4], feature_map="elu", causal=True, return_state=True)
+    counted, count = _compile_counter()
+    torch._dynamo.reset()
+    dispatch._PROMOTED.clear()
+    step = torch.compile(
+        lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map="elu"), fullgraph=True, backend=counted
+    )
+    for t in range(4, 8):
+        _, state = step(state, q[:, t], k[:, t], v[:, t])
+    assert count[0] == 1, count
+
+
+def test_layer_step_under_torch_compile_compiles_at_most_twice(backend, rng):
+    if backend.name != "torch":
+        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
+    torch = backend.native
+    from fastrpb.torch import FastRPB
+    from fastrpb.torch import LinearAttention as Layer
+
+    torch.manual_seed(0)
+    L = 36
+    layer = Layer(8, 2, feature_map="elu", rpb=FastRPB(2, L, causal=True), causal=True)
+    x = backend.asarray(rng.standard_normal((1, L, 8)), "float32")
+    counted, count = _compile_counter()
+    torch._dynamo.reset()
+    step = torch.compile(layer.step, fullgraph=True, backend=counted)
+    cache = eager = None
+    with torch.no_grad():
+        for t in range(L):
+            y, cache = step(x[:, t], cache)
+            want, eager = layer.step(x[:, t], eager)
+            assert float((y - want).abs().max()) <= 1e-5, t
+        full = layer(x)
+    assert float((y - full[:, -1]).abs().max()) <= 1e-5
+    assert count[0] <= 2, count

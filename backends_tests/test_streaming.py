@@ -80,7 +80,7 @@ def test_half_precision_is_computed_in_float32(backend, rng, dtype):
     assert first.dtype == rest.dtype == backend.dtype(dtype)
     work = backend.dtype("float64" if dtype == "float64" else "float32")
     assert state.window.dtype == work
-    assert all(x.dtype == work for x in state.recent)
+    assert all(x.dtype == work for x in (*state.blocks, *state.future, state.near))
     got = backend.xp.concat([first, rest], axis=-2)
     assert_close(backend, got, expected, dtype, scale=scale_of(expected, L))
 
@@ -389,3 +389,176 @@ def test_streaming_errors(backend, rng, case):
         call(backend, w, v)
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+# ----------------------------------------------------------------- one fixed layout
+CHECKPOINTS = [1, 2, 31, 32, 33, 100, 300]
+
+
+def _layout(state):
+    """Structure, leaf shapes and dtypes of a state: equal for every count."""
+    leaves = (*state.blocks, state.window, *state.future, state.near, state.count)
+    return (
+        len(state.blocks),
+        len(state.future),
+        state.skip,
+        state.table_length,
+        tuple((tuple(x.shape), str(x.dtype)) for x in leaves),
+    )
+
+
+def test_state_layout_is_fixed_after_any_count(backend, rng):
+    # steps and chunks, eagerly (and under jax.jit): the same structure, shapes and dtypes
+    # as the empty state after every count; each state continues to the dense oracle
+    L, M = 300, 310
+    v = rng.standard_normal((2, L + 4, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    expected = causal_oracle(v, w)
+    _, empty = fastrpb.rpb(vb[..., :0, :], wb, causal=True, return_state=True)
+    layout = _layout(empty)
+    jit = backend.jit if backend.grad == "jax" else None
+    stepped, state = {}, None
+    for t in range(L):
+        _, state = fastrpb.rpb_step(state, vb[..., t, :], wb)
+        if t + 1 in CHECKPOINTS:
+            stepped[t + 1] = state
+    for n in CHECKPOINTS:
+        states = {"step": stepped[n], "chunk": fastrpb.rpb(vb[..., :n, :], wb, causal=True, return_state=True)[1]}
+        if jit is not None:
+            states["jit"] = jit(lambda x, w: fastrpb.rpb(x, w, causal=True, return_state=True))(vb[..., :n, :], wb)[1]
+        for how, s in states.items():
+            assert _layout(s) == layout, (n, how)
+            assert int(s.count) == n
+            got = fastrpb.rpb(vb[..., n : n + 4, :], wb, causal=True, initial_state=s)
+            assert_close(backend, got, expected[..., n : n + 4, :], "float64")
+
+
+def test_jitted_step_compiles_once_and_continues_both_ways(backend, rng):
+    # eager prefill -> a jitted step in a Python loop (one compilation over window and
+    # level completions) -> eager steps -> a jitted chunk
+    jax = _jax(backend)
+    L, M = 110, 128
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2, 2 * M - 1))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    traces = []
+
+    def step(state, v_t, w):
+        traces.append(None)  # runs once per compilation
+        return fastrpb.rpb_step(state, v_t, w)
+
+    step = jax.jit(step)
+    first, state = fastrpb.rpb(vb[..., :20, :], wb, causal=True, return_state=True)
+    outs = [first]
+    for t in range(20, 90):  # windows complete at 32, 64 (levels 32 and 64)
+        o, state = step(state, vb[..., t, :], wb)
+        outs.append(o[..., None, :])
+    assert len(traces) == 1
+    rest, state = step_all(backend, vb[..., :100, :], wb, state=state, start=90)
+    outs.append(rest)
+    tail, state = jax.jit(lambda s, x, w: fastrpb.rpb(x, w, causal=True, initial_state=s, return_state=True))(
+        state, vb[..., 100:, :], wb
+    )
+    outs.append(tail)
+    assert_close(backend, backend.xp.concat(outs, axis=-2), causal_oracle(v, w), "float64")
+
+
+def _writable(backend):
+    if backend.name not in ("numpy", "torch"):
+        pytest.skip(f"{backend.name} arrays are not written in place here")
+
+
+def test_a_reused_input_buffer_never_changes_later_outputs(backend, rng):
+    # a decoding loop that writes every token into one buffer (static addresses, CUDA
+    # graphs): the state keeps its own copy of each token
+    _writable(backend)
+    L, M = 80, 80
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    buffer = backend.asarray(np.zeros((2, 3)))
+    state, outs = None, []
+    for t in range(L):
+        buffer[...] = vb[..., t, :]
+        o, state = fastrpb.rpb_step(state, buffer, wb)
+        outs.append(o)
+    assert_close(backend, backend.xp.stack(outs, axis=-2), causal_oracle(v, w), "float64")
+
+
+@pytest.mark.parametrize("n", [20, 40])
+def test_overwriting_the_prompt_never_changes_later_outputs(backend, rng, n):
+    _writable(backend)
+    L, M = 80, 80
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    prompt, wb = backend.asarray(v[..., :n, :]), backend.asarray(w)
+    _, state = fastrpb.rpb(prompt, wb, causal=True, return_state=True)
+    prompt[...] = backend.asarray(rng.standard_normal((2, n, 3)))  # the caller recycles its array
+    rest, _ = step_all(backend, backend.asarray(v), wb, state=state, start=n)
+    assert_close(backend, rest, causal_oracle(v, w)[..., n:, :], "float64")
+
+
+def _torch_compile(backend):
+    if backend.name != "torch":
+        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
+    return backend.native
+
+
+def compile_counter(backend="aot_eager"):
+    """A torch.compile backend that counts the graphs it compiles, and the count."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner, count = lookup_backend(backend), [0]
+
+    def counted(gm, example_inputs):
+        count[0] += 1
+        return inner(gm, example_inputs)
+
+    return counted, count
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["aot_eager", "inductor"])
+def test_rpb_step_under_torch_compile_compiles_once(backend, rng, inductor):
+    # 140 tokens after a prefill cross the windows and the levels 32, 64 and 128
+    # (Inductor: 40 tokens, one window; both kept short, compiling is slow on a CPU);
+    # the compiled decoding loop compiles once from the eager state, equals eager
+    # steps, and its state continues eagerly
+    torch = _torch_compile(backend)
+    L, n = (140, 20) if not inductor else (40, 20)
+    M = L + 4
+    v = backend.asarray(rng.standard_normal((2, M, 3)), "float32")
+    w = backend.asarray(rng.standard_normal((2, 2 * M - 1)), "float32")
+    counted, count = compile_counter("inductor" if inductor else "aot_eager")
+    torch._dynamo.reset()
+    step = torch.compile(fastrpb.rpb_step, fullgraph=True, backend=counted)
+    _, state = fastrpb.rpb(v[..., :n, :], w, causal=True, return_state=True)
+    eager = state
+    for t in range(n, L):
+        o, state = step(state, v[..., t, :], w)
+        e, eager = fastrpb.rpb_step(eager, v[..., t, :], w)
+        assert float((o - e).abs().max()) <= 1e-5, t
+    assert count[0] <= 2, count
+    tail = fastrpb.rpb(v[..., L:, :], w, causal=True, initial_state=state)
+    assert float((tail - fastrpb.rpb(v[..., L:, :], w, causal=True, initial_state=eager)).abs().max()) <= 1e-5
+
+
+def test_rpb_step_under_torch_compile_completes_every_level_at_once(backend, rng):
+    # M = 256: the window that ends at token 256 completes the levels 32 .. 128 and the
+    # counter's slots 0 .. 3 together; as nested conditionals (one per level) Dynamo
+    # failed from this depth on ("cond's output stride ... size u1"), so each level is
+    # its own conditional. The compiled loop after an eager prefill equals eager steps.
+    torch = _torch_compile(backend)
+    M, n = 256, 248
+    v = backend.asarray(rng.standard_normal((2, M, 3)), "float32")
+    w = backend.asarray(rng.standard_normal((2, 2 * M - 1)) / 8, "float32")
+    counted, count = compile_counter("aot_eager")
+    torch._dynamo.reset()
+    step = torch.compile(fastrpb.rpb_step, fullgraph=True, backend=counted)
+    _, state = fastrpb.rpb(v[..., :n, :], w, causal=True, return_state=True)
+    eager = state
+    for t in range(n, M):
+        o, state = step(state, v[..., t, :], w)
+        e, eager = fastrpb.rpb_step(eager, v[..., t, :], w)
+        assert float((o - e).abs().max()) <= 1e-5, t
+    assert count[0] <= 2, count

@@ -1,4 +1,4 @@
-"""Streaming causal FastRPB: an online (relaxed) FFT convolution.
+"""Streaming causal FastRPB: an online (relaxed) FFT convolution in a fixed-shape state.
 
 The causal bias of token ``t`` is the convolution ``out_t = sum_{j <= t} c_{t-j} v_j``
 with the kernel ``c_k = w[M - 1 + k]``. Recomputing it over the history each token
@@ -10,10 +10,9 @@ tiling as "FutureFill", Agarwal et al. 2024, and "Flash Inference", Oncescu et a
 - the sequence is cut into aligned windows of ``B = _WINDOW`` tokens. ``window``
   holds the bias of the current window's ``B`` positions accumulated so far; a new
   token at row ``r`` *pushes* its contribution ``c_{i-r} v_t`` to the rows ``i >= r``
-  (offsets ``0 .. B - 1`` inside the window: one multiply-add of ``B D`` numbers) and
-  reads its own row. A pull (a dot product of the last ``B`` values with
-  ``c_0 .. c_{B-1}``) needs the last ``B`` values as one array each token, a copy of
-  ``B D`` numbers before the same ``B D`` products: twice the work, measured;
+  (offsets ``0 .. B - 1`` inside the window: one multiply-add) and reads its own
+  row. The same multiply-add writes the token into the window's value rows (a unit
+  pulse beside the kernel), so the state holds its own copy of every token;
 - offsets ``k`` in ``[1, 2B)`` across windows: when the window ``[E - B, E)``
   completes, one FFT of length ``4B`` convolves it with ``c_1 .. c_{2B-1}`` and
   gives its contribution to the outputs ``E .. E + 2B - 2`` (level ``s = B``);
@@ -26,94 +25,97 @@ tiling as "FutureFill", Agarwal et al. 2024, and "Flash Inference", Oncescu et a
   Each level costs O(t log s) over ``t`` tokens: O(log^2 t) per token in all, never
   an FFT over the whole history.
 
+One layout for every library and mode: every array is preallocated from the table
+capacity ``M``, so the state's structure and leaf shapes never change with the
+number of tokens, eagerly or under ``jax.jit`` / ``torch.compile``, and a state
+crosses between them as it is. Eagerly the count is read once per step and Python
+decides which levels complete; under a compiler (``is_compiled``) the same decisions
+are compiled conditionals (``cond``) and positions are dynamic slices (``_rows``).
+
+The levels are built lazily. A chunk (``extend``) leaves them stale (``ready`` is 0)
+and keeps only the history, in the counter's top slot (its capacity is at least
+``M``): a chunked prefill pays the chunks' convolutions and one copy of the history
+per chunk, never a rebuild of every level per chunk. The first step after a chunk
+rebuilds the levels once (one FFT per level, ``_rebuild``). Dask never builds them:
+its steps are an O(M D) product with the history (``_step_history``), the same few
+tasks whatever ``M`` and ``t``, where the levels would add a task group per level.
+
 Every update builds new arrays (no array is written in place), so a state is never
 changed by a later step: it can be kept, branched, or differentiated (torch
-autograd, ``jax.grad``).
-
-Under ``jax.jit`` (any JAX tracer) shapes must not depend on the position, so the
-state takes a *fixed* layout instead: a ``(..., M, D)`` buffer of all biased values
-(zeros ahead) and a 0-d integer count, and a step is an O(M D) dot product of the
-buffer with the flipped table; a chunk is one causal FFT over the buffer (O(M log M)).
-The two layouts convert into each other when a state crosses from eager code into a
-traced function or back.
+autograd, ``jax.grad``). No state holds a caller's array: tokens enter it through
+arithmetic or a concatenation, both fresh arrays.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 from ._compat import (
+    concat_rows,
+    cond,
     count_array,
     device_of,
     irfft,
+    is_compiled,
     is_lazy,
-    is_traced,
     jax_pytree,
     multiply_add,
     multiply_add_into,
     multiply_into,
     next_fast_len,
+    owned,
     rfft,
+    slices_compile,
 )
 from ._typing import Array, Namespace
 
 __all__ = ["RPBState", "as_dtype", "check_state", "extend", "held", "start", "step", "tokens_seen"]
 
 # Tokens handled by the direct near field, and the granularity of the online levels:
-# 32 rows of D values is a few microseconds of dot product, and level work then runs
+# 32 rows of D values is a few microseconds of multiply-add, and level work then runs
 # only every 32 tokens (its Python overhead amortised over them).
 _WINDOW = 32
 
 
-@jax_pytree(static=("length", "skip", "table_length"))
+@jax_pytree(static=("skip", "table_length"))
 class RPBState(NamedTuple):
     """What causal FastRPB carries from one token (or chunk) to the next.
 
     Made by ``rpb(..., causal=True, return_state=True)`` and ``rpb_step``; pass it back
     as ``initial_state=`` / ``state``. All arrays have the leading shape ``lead`` of
-    the bias output (``broadcast(w.shape[:-1], v.shape[:-2])``) and the compute dtype
-    (float32 for half-precision inputs). ``t`` below is the number of biased tokens
-    so far (tokens seen minus ``skip``), ``B = 32``, ``s`` runs over ``B`` (when
-    ``M > 1``) and ``2B, 4B, ... < M``.
+    the bias output (``broadcast(w.shape[:-1], v.shape[:-2])``; ``near`` has ``w``'s)
+    and the compute dtype (float32 for half-precision inputs). ``t`` below is the
+    number of biased tokens so far (tokens seen minus ``skip``), ``B = 32``, ``s``
+    runs over ``B`` (when ``M > 1``) and ``2B, 4B, ... < M``.
 
-    Online layout (eager code; ``length`` is an int, ``buffer`` and ``count`` are None):
+    - ``blocks``: the biased values so far in aligned blocks of ``B 2^k`` tokens, a
+      binary counter: slot ``k`` is a ``(..., B 2^k, D)`` array, holding a block when
+      bit ``k`` of ``t // B`` is set (oldest first when read from the highest ``k``
+      down); one slot per bit of ``M // B``;
+    - ``window``: ``(..., B, 2, D)``: ``[..., 0, :]`` the bias of the ``B`` positions of
+      the current window from every value so far, already summed; ``[..., 1, :]`` the
+      window's values so far (zeros ahead);
+    - ``future``: one ``(..., 2s - 1, D)`` array per level ``s``: the contributions of
+      the completed level-``s`` blocks to the positions from the last multiple of ``s``;
+    - ``near``: ``(..., 2B - 1, 2, 1)``: ``B - 1`` zeros then ``c_0 .. c_{B-1}`` (zero
+      past ``M``), the weights a token pushes into the window, beside a unit pulse at
+      row ``B - 1`` that writes the token into the window's value rows;
+    - ``count``: a 0-d int32 array, the tokens seen (a NumPy one beside Dask arrays:
+      known when the state is made, read without computing anything);
+    - ``ready``: a 0-d int32 array (NumPy beside Dask, as ``count``): 1 when the fields
+      above are the online levels; 0 after a chunk, when only the history is kept, in
+      the first ``t`` rows of the top slot ``blocks[-1]`` (the rows after them are
+      unspecified; its capacity is at least ``M``), and the other fields are stale. The first step after a chunk
+      rebuilds the levels from it (once); a chunk after a chunk only reads it.
 
-    - ``blocks``: the biased values so far, in aligned blocks of ``B 2^k`` tokens (a
-      binary counter: ``blocks[k]`` is a ``(..., B 2^k, D)`` array or None; oldest
-      first when read from the highest ``k`` down), ``t`` rows in all with ``recent``;
-    - ``recent``: a tuple of the ``(..., D)`` values of the current window so far
-      (``t mod B`` of them, oldest first);
-    - ``window``: ``(..., B, D)``, the bias of the ``B`` positions of the current window
-      from every value so far, already summed;
-    - ``future``: one entry per level ``s``: the ``(..., 2s - 1, D)`` contributions of the
-      completed level-``s`` blocks to the positions from the last multiple of ``s``;
-    - ``near``: ``(..., 2B - 1, 1)``, ``B - 1`` zeros then ``c_0 .. c_{B-1}`` (zero past
-      ``M``), the weights a token pushes into ``window`` (taken from ``w`` once).
+    Memory: about ``4 M D`` numbers per leading index (``2 M`` of blocks, ``2 M`` of
+    pending rows), fixed by the table's ``M`` whatever the number of tokens.
 
-    Memory: at most about ``(t + 4 min(t, M) + 2B) D`` numbers per leading index (the
-    history, the pending level contributions, the window): O(M D), fixed by the
-    table's ``M`` and never more.
-
-    Fixed layout (inside ``jax.jit``, with Dask arrays, and after a chunk,
-    ``rpb(..., return_state=True)``; ``length`` is None): ``buffer`` is the
-    ``(..., M, D)`` array of all biased values (zeros ahead), ``count`` a 0-d int32
-    array of the tokens seen (a NumPy one beside Dask arrays: known when the state is
-    made, read without computing anything); ``M D`` numbers per leading index. Eagerly
-    after a chunk the history is kept in pieces instead (the earlier chunks in
-    ``blocks``, the last one in ``buffer``, no padding) with the spectra of the chunks
-    in ``future`` (about twice the history), so that the next chunk of the same size
-    reuses them; a traced function joins and pads them. Eagerly, the first
-    ``rpb_step`` after a chunk turns it into the online layout (one FFT per level,
-    once); a chunk after a chunk reads the pieces. Dask steps stay in the fixed layout
-    (O(M D) per token, and a task graph of the same size whatever ``M``).
-
-    Static fields (JAX aux data, not leaves): ``length`` (tokens seen, online layout),
-    ``skip`` (the ``a`` of ``skip=(a, 0)``) and ``table_length`` (``M`` of the table
-    the state was made for). The state is a JAX pytree of the arrays above, so it
-    crosses ``jax.jit`` and is a ``jax.lax.scan`` carry (fixed layout). Only the arrays
-    of the fixed layout have fixed shapes: a scan must start from a state made inside
-    the traced function (e.g. ``rpb(prompt, w, causal=True, return_state=True)``).
+    Static fields (JAX aux data, not leaves): ``skip`` (the ``a`` of ``skip=(a, 0)``)
+    and ``table_length`` (``M`` of the table the state was made for). The state is a
+    JAX pytree of the arrays above with the same structure, shapes and dtypes after
+    any number of tokens, so it is a ``jax.lax.scan`` carry and a ``jax.jit`` argument
+    that compiles once, and ``torch.compile`` does not recompile per token.
 
     Examples
     --------
@@ -131,30 +133,13 @@ class RPBState(NamedTuple):
     """
 
     blocks: tuple
-    recent: tuple
     window: Array
     future: tuple
     near: Array
-    buffer: Array
     count: Array
-    length: int | None
+    ready: Array
     skip: int
     table_length: int
-
-
-def _make(xp: Any, **fields: Any) -> RPBState:
-    base: dict[str, Any] = {
-        "blocks": (),
-        "recent": (),
-        "window": None,
-        "future": (),
-        "near": None,
-        "buffer": None,
-        "count": None,
-        "length": None,
-    }
-    base.update(fields)
-    return RPBState(**base)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -168,22 +153,20 @@ def _levels(M: int) -> list[tuple[int, int]]:
     return levels
 
 
+def _slots(M: int) -> int:
+    """Block slots: one per bit of ``t // B`` for ``t <= M``, and a top slot of at least
+    ``M`` rows (the whole history after a chunk)."""
+    return ((max(M, 1) - 1) // _WINDOW).bit_length() + 1
+
+
 def _lead_of(state: RPBState) -> tuple:
-    x = state.window if state.length is not None else state.buffer
-    return tuple(x.shape[:-2])
+    return tuple(state.window.shape[:-3])
 
 
 def held(state: RPBState | None) -> Array | None:
     """One array of the state (its library and device stand for all), or None (also for
     what is not a state: the checks that follow name it)."""
-    if not isinstance(state, RPBState):
-        return None
-    return state.window if state.length is not None else state.buffer
-
-
-def _width_of(state: RPBState) -> int:
-    x = state.window if state.length is not None else state.buffer
-    return int(x.shape[-1])
+    return state.window if isinstance(state, RPBState) else None
 
 
 def check_state(state: Any, M: int, a: int, D: int, lead: tuple, name: str) -> None:
@@ -201,8 +184,9 @@ def check_state(state: Any, M: int, a: int, D: int, lead: tuple, name: str) -> N
         raise ValueError(
             f"{name} was started with skip = ({state.skip}, 0) but skip is ({a}, 0); pass the skip of the sequence's start"
         )
-    if _width_of(state) != D:
-        raise ValueError(f"{name} holds values of width D = {_width_of(state)} but the new values have width D = {D}")
+    width = int(state.window.shape[-1])
+    if width != D:
+        raise ValueError(f"{name} holds values of width D = {width} but the new values have width D = {D}")
     if _lead_of(state) != tuple(lead):
         raise ValueError(
             f"{name} has leading shape {_lead_of(state)} but w and the new values broadcast to {tuple(lead)}; "
@@ -219,111 +203,62 @@ def _zeros(xp: Any, shape: tuple, like: Any) -> Any:
     return xp.zeros(shape, dtype=like.dtype, device=device_of(like))
 
 
-def start(xp: Namespace, lead: tuple, D: int, M: int, a: int, like: Array, *, fixed: bool) -> RPBState:
+def _near_kernel(xp: Any, w: Any, M: int) -> Any:
+    """``(..., 2B - 1, 2, 1)``: column 0 ``B - 1`` zeros, then ``c_0 .. c_{B-1}`` (zeros
+    past ``M``); column 1 a unit pulse at row ``B - 1``.
+
+    Rows ``B - 1 - r .. 2B - 2 - r`` are the weights ``c_{i-r}`` (zero for ``i < r``)
+    of the window rows ``i`` for a token at row ``r``, and the pulse at row ``r``.
+    """
+    nb = min(_WINDOW, M)
+    lead = tuple(w.shape[:-1])
+    parts = [_zeros(xp, (*lead, _WINDOW - 1), w), w[..., M - 1 : M - 1 + nb]]
+    if nb < _WINDOW:
+        parts.append(_zeros(xp, (*lead, _WINDOW - nb), w))
+    kernel = xp.concat(parts, axis=-1)
+    rows = xp.arange(2 * _WINDOW - 1, device=device_of(w))
+    pulse = xp.broadcast_to(xp.astype(rows == _WINDOW - 1, w.dtype), kernel.shape)
+    return xp.stack([kernel, pulse], axis=-1)[..., None]
+
+
+def start(xp: Namespace, lead: tuple, D: int, M: int, a: int, w: Array, like: Array) -> RPBState:
     """The state of an empty sequence (``like`` gives dtype and device)."""
-    if fixed:
-        return _make(
-            xp,
-            buffer=_zeros(xp, (*lead, M, D), like),
-            count=count_array(xp, 0, like=like),
-            skip=a,
-            table_length=M,
-        )
-    return _make(
-        xp,
-        window=_zeros(xp, (*lead, _WINDOW, D), like),
-        future=(None,) * len(_levels(M)),
-        length=0,
+    return RPBState(
+        blocks=tuple(_zeros(xp, (*lead, _WINDOW << k, D), like) for k in range(_slots(M))),
+        window=_zeros(xp, (*lead, _WINDOW, 2, D), like),
+        future=tuple(_zeros(xp, (*lead, 2 * s - 1, D), like) for s, _ in _levels(M)),
+        near=_near_kernel(xp, as_dtype(xp, w, like.dtype), M),
+        count=count_array(xp, 0, like=like),
+        ready=count_array(xp, 1, like=like),
         skip=a,
         table_length=M,
     )
 
 
-def _history(xp: Any, state: RPBState, work: Any) -> Any:
-    """The biased values of an online state, chronological, ``(..., t, D)``."""
-    t = max(0, _length(state) - state.skip)
-    parts = [b for b in reversed(state.blocks) if b is not None]
-    r = t % _WINDOW
-    if r:
-        parts.append(xp.stack(state.recent, axis=-2))
-    if not parts:
-        return xp.astype(state.window[..., :0, :], work, copy=False)
-    out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2)
-    return xp.astype(out, work, copy=False)
-
-
 def tokens_seen(xp: Namespace, state: RPBState) -> int | None:
-    """Tokens a state has seen, or None when only a traced count knows it."""
-    if state.length is not None:
-        return state.length
-    return None if is_traced(xp, state.count) else int(state.count)
+    """Tokens a state has seen, or None when only a compiled count knows it."""
+    return None if is_compiled(xp, state.count) else int(state.count)
 
 
-def _length(state: RPBState) -> int:
-    """Tokens seen by an online state."""
-    assert state.length is not None, "an online state"
-    return state.length
-
-
-def _pieces(xp: Any, state: RPBState, work: Any) -> list[Any]:
-    """The biased values of a fixed-layout state, chronological, as pieces to concatenate.
-
-    Eagerly after chunks: ``blocks`` holds the earlier chunks' values and ``buffer`` the
-    last one's (no copy of the history per chunk); from a traced function: ``buffer`` has
-    ``M`` rows, the first ``t`` of them the history.
-    """
-    t = max(0, int(state.count) - state.skip)
-    if not state.blocks:
-        return [as_dtype(xp, state.buffer[..., :t, :], work)]
-    return [as_dtype(xp, x, work) for x in (*state.blocks, state.buffer)]
-
-
-def _joined(xp: Any, pieces: list[Any]) -> Any:
-    return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
-
-
-def _to_fixed(xp: Any, state: RPBState, work: Any) -> RPBState:
-    if state.length is None:  # eagerly after a chunk: only the rows so far, and the chunk spectra
-        M = state.table_length
-        if not state.blocks and state.buffer.shape[-2] == M and not state.future:
-            return state
-        # all rows of the pieces (an eager chunk's pieces hold exactly the history; no count
-        # needed, which may be traced here)
-        hist = _joined(xp, [as_dtype(xp, x, work) for x in (*state.blocks, state.buffer)])
-        rows = hist.shape[-2]
-        pad = _zeros(xp, (*hist.shape[:-2], M - rows, hist.shape[-1]), hist)
-        return state._replace(buffer=xp.concat([hist, pad], axis=-2) if rows < M else hist, blocks=(), future=())
-    hist = _history(xp, state, work)
-    M = state.table_length
-    pad = _zeros(xp, (*hist.shape[:-2], M - hist.shape[-2], hist.shape[-1]), hist)
-    return _make(
-        xp,
-        buffer=xp.concat([hist, pad], axis=-2),
-        count=count_array(xp, state.length, like=hist),
-        skip=state.skip,
-        table_length=M,
-    )
-
-
-def _to_online(xp: Any, state: RPBState, w: Any, work: Any) -> RPBState:
-    if state.length is not None:
-        return state
-    hist = _joined(xp, _pieces(xp, state, work))
-    return _rebuild(xp, hist, w, length=int(state.count), a=state.skip)
-
-
-# --------------------------------------------------------------------------- online
-def _near_kernel(xp: Any, w: Any, M: int) -> Any:
-    """``(..., 2B - 1, 1)``: ``B - 1`` zeros, then ``c_0 .. c_{B-1}`` (zeros past ``M``).
-
-    Rows ``B - 1 - r .. 2B - 2 - r`` are the weights ``c_{i-r}`` (zero for ``i < r``)
-    of the window rows ``i`` for a token at row ``r``.
-    """
-    nb = min(_WINDOW, M)
-    parts = [_zeros(xp, (*w.shape[:-1], _WINDOW - 1), w), w[..., M - 1 : M - 1 + nb]]
-    if nb < _WINDOW:
-        parts.append(_zeros(xp, (*w.shape[:-1], _WINDOW - nb), w))
-    return xp.concat(parts, axis=-1)[..., None]
+def _rows(xp: Any, x: Any, start: Any, size: int, axis: int = -2) -> Any:
+    """``size`` consecutive entries of ``x`` along ``axis`` from ``start`` (an int, or a
+    0-d integer array under a compiler), zeros where the index is outside ``x``."""
+    n = x.shape[axis]
+    if isinstance(start, int):
+        lo, hi = max(0, start), min(n, start + size)
+        hi = max(lo, hi)
+        part = x[(slice(None),) * (x.ndim + axis) + (slice(lo, hi),) + (slice(None),) * (-axis - 1)]
+        if hi - lo == size:
+            return part
+        before, after = list(x.shape), list(x.shape)
+        before[axis] = min(size, lo - start)
+        after[axis] = size - before[axis] - (hi - lo)
+        return xp.concat([_zeros(xp, tuple(before), x), part, _zeros(xp, tuple(after), x)], axis=axis)
+    index = start + xp.arange(size, dtype=start.dtype, device=device_of(x))
+    inside = (index >= 0) & (index < n)
+    taken = xp.take(x, xp.clip(index, 0, n - 1), axis=axis)
+    mask = xp.reshape(inside, (size,) + (1,) * (-axis - 1))
+    return xp.where(mask, taken, _zeros(xp, (), x))
 
 
 def _band_conv(xp: Any, x: Any, w: Any, d0: int, d1: int, n: int, lo: int, hi: int) -> Any:
@@ -340,184 +275,272 @@ def _band_conv(xp: Any, x: Any, w: Any, d0: int, d1: int, n: int, lo: int, hi: i
     return xp.matrix_transpose(irfft(xp, spectrum, n=n, consume=True)[..., lo:hi])
 
 
-def _window_rows(xp: Any, future: tuple, E: int, like: Any) -> Any:
+# --------------------------------------------------------------------------- online
+def _levels_complete(xp: Any, state_parts: tuple, q: Any, w: Any, M: int, done: Any = None) -> tuple:
+    """The levels that complete with window ``q`` (``q = E / B`` windows done, ``E`` an
+    aligned end), from ``(carry, *blocks, *future)``: ``carry`` the window's values.
+
+    Level ``k`` completes iff ``q`` is a multiple of ``2^k``: its block (the carry: the
+    lower blocks of the binary counter joined to the window) is convolved with its
+    band of the kernel into the level's pending rows and becomes the counter's slot
+    ``k`` (where level ``k + 1`` completes too, that slot's bit is clear and its
+    contents unused). Eagerly the loop stops at the first level that does not
+    complete; under a compiler (``done``: whether the window completes at all) each
+    level is one conditional, side by side: nested ones failed in Dynamo from three
+    levels deep. Returns ``(*blocks, *future)``.
+    """
+    levels, n = _levels(M), _slots(M)
+    counter = max(1, (M // _WINDOW).bit_length())  # the slots a carry reaches (t <= M)
+    carry, parts = state_parts[0], state_parts[1:]
+    old, blocks, future = parts[:n], list(parts[:n]), list(parts[n:])
+    for k in range(counter):
+        if k:
+            carry = xp.concat([old[k - 1], carry], axis=-2)
+        fires = q % (1 << k) == 0
+        if done is None and not bool(fires):
+            break
+        has_level = k < len(levels)
+
+        def fire(*ops: Any, carry: Any = carry, k: int = k) -> tuple:
+            if len(ops) == 1:
+                return (carry,)
+            return (carry, _level_rows(xp, carry, ops[1], w, M, *levels[k]))
+
+        ops: tuple = (blocks[k], future[k]) if has_level else (blocks[k],)
+        ops = fire(*ops) if done is None else cond(xp, done & fires, fire, lambda *ops: ops, ops)
+        blocks[k] = ops[0]
+        if has_level:
+            future[k] = ops[1]
+    return (*blocks, *future)
+
+
+def _level_rows(xp: Any, carry: Any, old: Any, w: Any, M: int, s: int, d0: int) -> Any:
+    """Level ``s``'s pending rows after its block ``carry`` (the ``s`` values before an
+    aligned end ``E``) completes: its contributions to the positions from ``E``, and
+    ``old``'s (the previous block's rows from ``E`` on: its rows ``s .. 2s - 2``)."""
+    # rows: position E + u is row s - d0 + u of the convolution (carry starts at E - s)
+    tile = _band_conv(xp, carry, w, d0, min(2 * s, M), 2 * s if d0 == s else 4 * s, s - d0, 3 * s - d0 - 1)
+    return xp.concat([tile[..., : s - 1, :] + old[..., s:, :], tile[..., s - 1 :, :]], axis=-2)
+
+
+def _window_rows(xp: Any, future: tuple, E: Any, like: Any) -> Any:
     """Sum over levels of the pending rows for positions ``E .. E + B - 1``."""
-    total = None
+    total = _zeros(xp, tuple(like.shape), like)
     for k, f in enumerate(future):
-        if f is None:
-            continue
         s = _WINDOW << k
-        off = E - (E // s) * s  # the level's pending array starts at the last multiple of s
-        rows = f[..., off : off + _WINDOW, :]
-        total = rows if total is None else total + rows
-    return _zeros(xp, tuple(like.shape), like) if total is None else total
+        total = total + _rows(xp, f, E % s, _WINDOW)  # the level's rows start at the last multiple of s
+    return total
 
 
-def _rebuild(xp: Any, hist: Any, w: Any, *, length: int, a: int) -> RPBState:
-    """The online state after the biased values ``hist (..., t, D)`` (``length`` tokens seen)."""
-    M = (w.shape[-1] + 1) // 2
-    lead, t, D = tuple(hist.shape[:-2]), hist.shape[-2], hist.shape[-1]
-    q = t // _WINDOW
-    E = q * _WINDOW
-    blocks: list[Any] = []
-    cursor = 0
-    for k in reversed(range(q.bit_length())):
-        if (q >> k) & 1:
-            size = _WINDOW << k
-            blocks.append((k, hist[..., cursor : cursor + size, :]))
-            cursor += size
-    stored: list[Any] = [None] * q.bit_length()
-    for k, b in blocks:
-        stored[k] = b
-    future: list[Any] = []
-    for s, d0 in _levels(M):
-        first = (E // s) * s  # end of the last completed level-s block
-        if first == 0:
-            future.append(None)
-            continue
-        lo = max(0, first - 2 * s)
-        x = hist[..., lo:first, :]
-        # x starts at position lo; output row i of the convolution is position lo + d0 + i,
-        # so position first + u (u < 2s - 1) is row m - d0 + u
-        m = first - lo
-        future.append(_band_conv(xp, x, w, d0, min(2 * s, M), 4 * s, m - d0, m - d0 + 2 * s - 1))
-    window = _window_rows(xp, tuple(future), E, _zeros(xp, (*lead, _WINDOW, D), hist))
-    near = _near_kernel(xp, w, M)
-    recent = tuple(hist[..., E + i, :] for i in range(t - E))
-    for i, v in enumerate(recent):  # the current window's tokens push as the steps would have
-        window = window + near[..., _WINDOW - 1 - i : 2 * _WINDOW - 1 - i, :] * v[..., None, :]
-    return _make(
-        xp,
-        blocks=tuple(stored),
-        recent=recent,
-        window=window,
-        future=tuple(future),
-        near=near,
-        length=length,
-        skip=a,
-        table_length=M,
-    )
+def _complete(xp: Any, q: Any, w: Any, M: int, window: Any, *parts: Any) -> tuple:
+    """The window ``q`` (counting from 1) is complete: feed the levels and start the next
+    window from their pending rows. ``parts`` is ``(*blocks, *future)``; returns
+    ``(window, *blocks, *future)``."""
+    parts = _levels_complete(xp, (window[..., 1, :], *parts), q, w, M)
+    rows = _window_rows(xp, parts[_slots(M) :], q * _WINDOW, window[..., 0, :])
+    return (xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), *parts)
 
 
-def _step_online(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[Any, RPBState]:
-    M, a, length = state.table_length, state.skip, _length(state)
-    t = length - a  # biased position of this token
-    lead, D = _lead_of(state), v.shape[-1]
-    if t < 0:  # a skipped token: no bias given or received
-        return _zeros(xp, (*lead, D), state.window), state._replace(length=length + 1)
-    v = xp.broadcast_to(v, (*lead, D)) if tuple(v.shape[:-1]) != lead else v
-    near = _near_kernel(xp, w, M) if state.near is None else state.near
-    r = t % _WINDOW
-    # push: this token's weights c_{i-r} onto the window rows i >= r (one multiply-add)
-    window = multiply_add(
-        xp, as_dtype(xp, state.window, work), near[..., _WINDOW - 1 - r : 2 * _WINDOW - 1 - r, :], v[..., None, :]
-    )
-    out = xp.asarray(window[..., r, :], copy=True)  # not a view into the state's window
-    recent = (*state.recent, xp.asarray(v, copy=True))  # a copy: the caller may reuse its v_t array
-    if r != _WINDOW - 1:
-        return out, state._replace(recent=recent, window=window, near=near, length=length + 1)
-    # the aligned window [t + 1 - B, t] is complete: feed the binary counter of blocks
-    E = t + 1
-    carry = xp.stack(recent, axis=-2)
-    levels = _levels(M)
-    blocks = list(state.blocks)
-    future = list(state.future)
-    k = 0
-    while True:
-        s = _WINDOW << k
-        if k < len(levels):  # the block [E - s, E) reaches offsets d0 .. 2s - 1
-            d0 = levels[k][1]
-            # rows: position E + u is row s - d0 + u of the convolution (x starts at E - s)
-            tile = _band_conv(
-                xp, as_dtype(xp, carry, work), w, d0, min(2 * s, M), 2 * s if d0 == s else 4 * s, s - d0, 3 * s - d0 - 1
-            )
-            old = future[k]
-            if old is not None:  # the previous block's rows from E on: its rows s .. 2s - 2
-                tile = xp.concat(
-                    [tile[..., : s - 1, :] + as_dtype(xp, old[..., s:, :], work), tile[..., s - 1 :, :]], axis=-2
-                )
-            future[k] = tile
-        if k < len(blocks) and blocks[k] is not None:
-            carry = xp.concat([blocks[k], carry], axis=-2)
-            blocks[k] = None
-            k += 1
-            continue
-        if k == len(blocks):
-            blocks.append(None)
-        blocks[k] = carry
-        break
-    window = _window_rows(xp, tuple(future), E, window)
-    return out, state._replace(
-        blocks=tuple(blocks), recent=(), window=window, future=tuple(future), near=near, length=length + 1
-    )
-
-
-# --------------------------------------------------------------------------- fixed
-def _positions(xp: Any, n: int, like: Any) -> Any:
-    return xp.arange(n, dtype=xp.int32, device=device_of(like))
-
-
-def _step_fixed(xp: Any, state: RPBState, v: Any, w: Any, work: Any) -> tuple[Any, RPBState]:
-    M = state.table_length
-    buffer = xp.astype(state.buffer, work, copy=False)
-    t = state.count - state.skip  # traced biased position
-    rows = _positions(xp, M, buffer)
-    buffer = xp.where((rows == t)[:, None], v[..., None, :], buffer)
-    index = xp.clip(M - 1 + t - rows, 0, 2 * M - 2)
-    kernel = xp.where(rows <= t, xp.take(w, index, axis=-1), xp.zeros((), dtype=work, device=device_of(buffer)))
-    out = (kernel[..., None, :] @ buffer)[..., 0, :]
-    out = _mask_positions(xp, out, t, M)
-    return out, state._replace(buffer=buffer, count=state.count + 1)
-
-
-def _mask_positions(xp: Any, out: Any, t: Any, M: int) -> Any:
-    """Zero for skipped tokens (``t < 0``); NaN past the table (``t >= M``: no error can be raised under jit)."""
-    zero = xp.zeros((), dtype=out.dtype, device=device_of(out))
-    nan = xp.asarray(float("nan"), dtype=out.dtype, device=device_of(out))
-    return xp.where(t < 0, zero, xp.where(t < M, out, nan))
-
-
-def _extend_fixed(xp: Any, state: RPBState, v: Any, w: Any, work: Any, toeplitz: Any) -> tuple[Any, RPBState]:
-    M, L = state.table_length, v.shape[-2]
-    buffer = xp.astype(state.buffer, work, copy=False)
-    t0 = state.count - state.skip
-    rows = _positions(xp, M, buffer)
-    rel = rows - t0  # chunk row written at each buffer row
-    inside = (rel >= 0) & (rel < L)
-    if L:
-        gathered = xp.take(v, xp.clip(rel, 0, L - 1), axis=-2)
-        buffer = xp.where(inside[:, None], gathered, buffer)
-    full = toeplitz(xp, buffer, w, causal=True)
-    pos = t0 + _positions(xp, L, buffer)
-    out = xp.take(full, xp.clip(pos, 0, M - 1), axis=-2)
-    out = _mask_positions(xp, out, pos[:, None], M)
-    return out, state._replace(buffer=buffer, count=state.count + L)
-
-
-# --------------------------------------------------------------------------- entry points
 def step(
     xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array
 ) -> tuple[Array, RPBState]:
     """One token ``v (..., D)`` (validated, compute dtype); returns ``(out, state)``.
 
-    Traced (``jax.jit``) and Dask steps take the fixed layout (``is_lazy``): its step
-    is the same few operations whatever ``M`` and ``t``, where the online layout's
-    rebuild after a chunk adds one FFT per level (``log2(M / B)`` of them) to a Dask
-    graph. The count stays readable there (``count_array``), so a Dask stream past
-    the table is still an error, not NaN.
+    Eagerly the count is read (once) and Python decides whether the levels need a
+    rebuild (after a chunk) and whether the window completes; under a compiler the
+    decisions are compiled conditionals and positions past the table give NaN (no
+    error can be raised there). Dask: ``_step_history``.
     """
-    fixed = is_lazy(xp, v, w)
+    D = v.shape[-1]
     if state is None:
-        state = start(xp, lead, v.shape[-1], M, a, v, fixed=fixed)
-    if fixed:
-        v = xp.broadcast_to(v, (*lead, v.shape[-1]))
-        return _step_fixed(xp, _to_fixed(xp, state, work), v, w, work)
-    return _step_online(xp, _to_online(xp, state, w, work), v, w, work)
+        state = start(xp, lead, D, M, a, w, v)
+    v = xp.broadcast_to(v, (*lead, D)) if tuple(v.shape[:-1]) != lead else v
+    compiled = is_compiled(xp, state.count, v, w)
+    if not compiled and is_lazy(xp, v, w, state.window):
+        return _step_history(xp, state, v, w, M=M, a=a, work=work)
+    seen = -1 if compiled else int(state.count)  # -1: unknown here
+    if not compiled and seen < a:  # a skipped token: no bias given or received
+        return _zeros(xp, (*lead, D), v), state._replace(count=count_array(xp, seen + 1, like=v))
+    if compiled:
+        state = _ready_compiled(xp, state, w, M, a, work)
+    elif not int(state.ready):  # the first step after a chunk: the levels, once
+        state = _rebuild(xp, _history(xp, state, seen - a, work), seen - a, state.count, a, w, M)
+    # positions as arrays under a compiler, and for libraries that compile one kernel per
+    # static slice (eager JAX: 32 window rows would be 32 compilations)
+    arrays = compiled or slices_compile(xp)
+    t = state.count - a if arrays else seen - a  # biased position of this token
+    if compiled and a:
+        v = xp.where(t < 0, _zeros(xp, (), v), v)
+    r = t % _WINDOW
+    near = as_dtype(xp, state.near, work)
+    window = as_dtype(xp, state.window, work)
+    n = _slots(M)
+    # push: this token's weights c_{i-r} onto the window rows i >= r, and the token into row r
+    window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
+    if not compiled:  # the hot path: one multiply-add, then only every B tokens the levels
+        out = _rows(xp, window[..., 0, :], r, 1)[..., 0, :] if arrays else owned(xp, window[..., r, 0, :])
+        count = state.count + 1 if arrays else count_array(xp, seen + 1, like=v)
+        if (seen - a) % _WINDOW != _WINDOW - 1:
+            return out, state._replace(window=window, near=near, count=count)
+        parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
+        window, *rest = _complete(xp, (t + 1) // _WINDOW, w, M, window, *parts)
+        return out, state._replace(
+            blocks=tuple(rest[:n]), window=window, future=tuple(rest[n:]), near=near, count=count
+        )
+    out = _mask_positions(xp, _rows(xp, window[..., 0, :], r, 1)[..., 0, :], t, M)
+    parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
+    done = r == _WINDOW - 1
+    if a:
+        done = done & (t >= 0)
+    q = (t + 1) // _WINDOW
+    levels = _levels_complete(xp, (window[..., 1, :], *parts), q, w, M, done=done)
+    rows = _window_rows(xp, levels[n:], q * _WINDOW, window[..., 0, :])
+    window = xp.where(done, xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), window)
+    return out, state._replace(blocks=levels[:n], window=window, future=levels[n:], near=near, count=state.count + 1)
 
 
-def _chunk_conv(xp: Any, pieces: list[Any], x: Any, w: Any, cache: tuple) -> tuple[Any, tuple]:
-    """The causal bias of a chunk ``x (..., P, D)`` after the history ``pieces`` (``T`` rows in all),
-    and the chunk spectra to keep.
+def _ready_compiled(xp: Any, state: RPBState, w: Any, M: int, a: int, work: Any) -> RPBState:
+    """Under a compiler: the state with its levels built (a conditional on ``ready``:
+    the rebuild from the top slot runs only after a chunk)."""
+    n, n_future = _slots(M), len(_levels(M))
+    t = xp.maximum(state.count - a, 0 * state.count)
+
+    def build(*ops: Any) -> tuple:
+        new = _rebuild(xp, ops[n - 1], t, state.count, a, w, M)
+        return (*new.blocks, new.window, *new.future, new.near)
+
+    ops = tuple(as_dtype(xp, x, work) for x in (*state.blocks, state.window, *state.future, state.near))
+    ops = cond(xp, state.ready == 1, lambda *ops: ops, build, ops)
+    return state._replace(
+        blocks=ops[:n],
+        window=ops[n],
+        future=ops[n + 1 : n + 1 + n_future],
+        near=ops[-1],
+        ready=count_array(xp, 1, like=state.window),
+    )
+
+
+def _step_history(xp: Any, state: RPBState, v: Any, w: Any, *, M: int, a: int, work: Any) -> tuple[Any, RPBState]:
+    """A Dask step (the count is known, the values are not): the token written into the
+    history (the top slot) and its bias as one product of the history with the
+    reversed kernel, O(M D) and the same few tasks whatever ``M`` and ``t``. The levels
+    are never built (``ready`` stays 0): they would add a task group per level."""
+    seen = int(state.count)
+    t = seen - a
+    lead, D = tuple(v.shape[:-1]), v.shape[-1]
+    count = count_array(xp, seen + 1, like=v)
+    if t < 0:
+        return _zeros(xp, (*lead, D), v), state._replace(count=count)
+    top = _history_top(xp, state, t, work)
+    rows = xp.arange(top.shape[-2], device=device_of(top))
+    top = xp.where((rows == t)[:, None], v[..., None, :], xp.where((rows < t)[:, None], top, _zeros(xp, (), top)))
+    kernel = xp.take(w, xp.clip(M - 1 + t - rows, 0, 2 * M - 2), axis=-1)
+    kernel = xp.where(rows <= t, kernel, _zeros(xp, (), kernel))
+    out = (kernel[..., None, :] @ top)[..., 0, :]
+    ready = count_array(xp, 0, like=v)
+    return out, state._replace(blocks=(*state.blocks[:-1], top), count=count, ready=ready)
+
+
+def _mask_positions(xp: Any, out: Any, t: Any, M: int) -> Any:
+    """Zero for skipped tokens (``t < 0``); NaN past the table (``t >= M``: no error can be raised under a compiler)."""
+    zero = xp.zeros((), dtype=out.dtype, device=device_of(out))
+    nan = xp.asarray(float("nan"), dtype=out.dtype, device=device_of(out))
+    return xp.where(t < 0, zero, xp.where(t < M, out, nan))
+
+
+# --------------------------------------------------------------------------- chunks
+def _capacity(M: int) -> int:
+    """Rows of the top slot (at least ``M``): the history after a chunk."""
+    return _WINDOW << (_slots(M) - 1)
+
+
+def _history(xp: Any, state: RPBState, t: int, work: Any) -> Any:
+    """The ``t`` biased values of a state (an int count), chronological, ``(..., t, D)``."""
+    if not int(state.ready):
+        return as_dtype(xp, state.blocks[-1][..., :t, :], work)
+    q, E = t // _WINDOW, (t // _WINDOW) * _WINDOW
+    parts = [b for k, b in reversed(list(enumerate(state.blocks))) if (q >> k) & 1]
+    parts.append(state.window[..., : t - E, 1, :])
+    return xp.concat([as_dtype(xp, x, work) for x in parts], axis=-2)
+
+
+def _history_top(xp: Any, state: RPBState, t: int, work: Any) -> Any:
+    """The top slot of a state after its ``t`` biased values (an int count): those values,
+    then unspecified rows."""
+    if not int(state.ready):
+        return as_dtype(xp, state.blocks[-1], work)
+    return concat_rows(xp, [_history(xp, state, t, work)], _capacity(state.table_length))
+
+
+def _history_buffer(xp: Any, state: RPBState, t: Any, rows: int, work: Any) -> Any:
+    """The biased values of a state as ``(..., rows, D)``, zeros after the first ``t``
+    (``t`` a 0-d array under a compiler): each block placed where its bit puts it."""
+    q = t // _WINDOW
+    recent = as_dtype(xp, state.window[..., 1, :], work)
+    out = _zeros(xp, (*recent.shape[:-2], rows, recent.shape[-1]), recent)
+    position = xp.arange(rows, dtype=state.count.dtype, device=device_of(recent))
+    places = [(q // (2 << k) * (2 << k) * _WINDOW, b, (q // (1 << k)) % 2 == 1) for k, b in enumerate(state.blocks)]
+    places.append((q * _WINDOW, recent, None))  # zeros ahead of t
+    for first, block, present in places:
+        size = block.shape[-2]
+        inside = (position >= first) & (position < first + size)
+        if present is not None:
+            inside = inside & present
+        gathered = xp.take(as_dtype(xp, block, work), xp.clip(position - first, 0, size - 1), axis=-2)
+        out = xp.where(inside[:, None], gathered, out)
+    return out
+
+
+def _rebuild(xp: Any, H: Any, t: Any, count: Any, a: int, w: Any, M: int) -> RPBState:
+    """The state after the biased values ``H (..., t, D)`` (``t`` an int), or after the
+    first ``t`` rows of ``H`` (``t`` a 0-d array under a compiler; the later rows are
+    ignored)."""
+    lead, D = tuple(H.shape[:-2]), H.shape[-1]
+    q = t // _WINDOW
+    E = q * _WINDOW
+    blocks = []
+    for k in range(_slots(M)):  # slot k: the block from the higher bits' end, if bit k is set
+        size = _WINDOW << k
+        first = q // (2 << k) * (2 << k) * _WINDOW
+        if isinstance(t, int) and not (q >> k) & 1:
+            blocks.append(_zeros(xp, (*lead, size, D), H))
+        else:
+            blocks.append(owned(xp, _rows(xp, H, first, size)))
+    future = []
+    for s, d0 in _levels(M):
+        first = E // s * s  # end of the last completed level-s block
+        if isinstance(t, int) and first == 0:
+            future.append(_zeros(xp, (*lead, 2 * s - 1, D), H))
+            continue
+        # x = the two blocks before first (zeros before 0): position first + u is row 2s - d0 + u
+        x = _rows(xp, H, first - 2 * s, 2 * s)
+        future.append(owned(xp, _band_conv(xp, x, w, d0, min(2 * s, M), 4 * s, 2 * s - d0, 4 * s - d0 - 1)))
+    if isinstance(E, int) and slices_compile(xp):  # the gathers a step's window completion compiles
+        E = count_array(xp, E, like=H)
+    rows = _window_rows(xp, tuple(future), E, _zeros(xp, (*lead, _WINDOW, D), H))
+    recent = _rows(xp, H, E, _WINDOW)
+    if not isinstance(t, int):  # rows t and after are not values yet
+        ahead = xp.arange(_WINDOW, dtype=E.dtype, device=device_of(H)) >= t - E
+        recent = xp.where(ahead[:, None], _zeros(xp, (), H), recent)
+    near = _near_kernel(xp, w, M)
+    # the window's tokens push as the steps would have: rows += T recent, T[i, j] = c_{i-j}
+    i = xp.arange(_WINDOW, device=device_of(H))
+    toeplitz = xp.take(near[..., 0, 0], xp.reshape(_WINDOW - 1 + i[:, None] - i[None, :], (-1,)), axis=-1)
+    rows = rows + xp.reshape(toeplitz, (*toeplitz.shape[:-1], _WINDOW, _WINDOW)) @ recent
+    return RPBState(
+        blocks=tuple(blocks),
+        window=xp.stack([rows, recent], axis=-2),
+        future=tuple(future),
+        near=near,
+        count=count,
+        ready=count_array(xp, 1, like=H),
+        skip=a,
+        table_length=M,
+    )
+
+
+def _chunk_conv(xp: Any, hist: Any, x: Any, w: Any) -> Any:
+    """The causal bias of a chunk ``x (..., P, D)`` after the history ``hist (..., T, D)``.
 
     The history is cut into blocks of ``P`` tokens, aligned to its end; block ``b``
     (``b = 1, 2, ...`` back from the chunk, ``b = 0`` the chunk itself) reaches the
@@ -526,46 +549,29 @@ def _chunk_conv(xp: Any, pieces: list[Any], x: Any, w: Any, cache: tuple) -> tup
     product, exact in a circular convolution of length ``n >= 2P - 1`` (what wraps
     around lands on rows ``< P - 1``). All blocks share ``n``, so the products are
     summed as spectra and one inverse FFT gives the chunk: O(P log P) for the chunk's
-    own FFTs plus ``T / P`` products of spectra, never an FFT over the history. The
-    spectra of the blocks are kept (``cache``): the next chunk of the same size reuses
-    them, so ``k`` equal pieces cost about what one call does (plus the products).
+    own FFTs plus one per block of history within the table's reach, never an FFT
+    over the whole history at once.
     """
     M = (w.shape[-1] + 1) // 2
-    T, P = sum(p.shape[-2] for p in pieces), x.shape[-2]
+    T, P = hist.shape[-2], x.shape[-2]
     n = next_fast_len(2 * P - 1)
     lead_w = tuple(w.shape[:-1])
 
     def spectrum(block: Any) -> Any:
         return rfft(xp, xp.matrix_transpose(block), n=n)
 
-    aligned = T % P == 0
-    if aligned and len(cache) * P == T and all(c.shape[-1] == n // 2 + 1 for c in cache):
-        blocks = list(cache)  # oldest first
-    else:
-        blocks = []
-        hist = _joined(xp, pieces) if pieces else x[..., :0, :]
-        for end in range(T, 0, -P):  # back from the chunk; the oldest block zero-padded in front
-            part = hist[..., max(0, end - P) : end, :]
-            if part.shape[-2] < P:
-                part = xp.concat(
-                    [_zeros(xp, (*part.shape[:-2], P - part.shape[-2], part.shape[-1]), part), part], axis=-2
-                )
-            blocks.append(spectrum(part))
-        blocks.reverse()
-    own = spectrum(x)
     taps = xp.concat(
         [_zeros(xp, (*lead_w, P - 1), w), w[..., M - 1 : M - 1 + P]], axis=-1
     )  # offsets -(P-1) .. P-1, causal
-    total = own * rfft(xp, taps, n=n)[..., None, :]  # a new array: the sum accumulates into it
-    for b, block in enumerate(reversed(blocks), start=1):
+    total = spectrum(x) * rfft(xp, taps, n=n)[..., None, :]  # a new array: the sum accumulates into it
+    for b, end in enumerate(range(T, 0, -P), start=1):  # back from the chunk; the oldest block zero-padded in front
         first = b * P - P + 1  # the block's smallest offset into the chunk
         if first >= M:
             break  # older blocks are out of the table's reach
         taps = w[..., M - 1 + first : min(M - 1 + first + 2 * P - 1, 2 * M - 1)]
-        total = multiply_add_into(xp, total, block, rfft(xp, taps, n=n)[..., None, :])
+        total = multiply_add_into(xp, total, spectrum(_rows(xp, hist, end - P, P)), rfft(xp, taps, n=n)[..., None, :])
     # a copy of the rows kept: the chunk's output owns its memory, the padded buffer is freed
-    out = xp.matrix_transpose(xp.asarray(irfft(xp, total, n=n, consume=True)[..., P - 1 : 2 * P - 1], copy=True))
-    return out, (*blocks, own) if aligned else ()
+    return owned(xp, xp.matrix_transpose(irfft(xp, total, n=n, consume=True)[..., P - 1 : 2 * P - 1]))
 
 
 def extend(
@@ -582,48 +588,51 @@ def extend(
 ) -> tuple[Array, RPBState]:
     """A chunk ``v (..., L, D)`` (validated, compute dtype) after ``state``; returns ``(out, state)``.
 
-    Eagerly: the history's contribution by blocks of the chunk's size, summed as
-    spectra (``_chunk_conv``); the new state is in the fixed layout with the history
-    in pieces and the chunk spectra kept, and the first ``rpb_step`` after it rebuilds
-    the online levels once. Traced and Dask (``is_lazy``): one causal FFT over the
-    ``M``-row buffer; the eager blocks, one per ``L`` tokens of history, would give
-    Dask a graph that grows with the history.
+    The new state keeps the history in its top slot with the levels stale (``ready``
+    0): the first step rebuilds them once, and a chunk after a chunk does not pay
+    for them. Eagerly: the history's contribution by blocks of the chunk's size,
+    summed as spectra (``_chunk_conv``). Dask (whose graph would grow with the
+    blocks of history) and under a compiler (where the count is not known): one
+    causal FFT over the history and the chunk in a buffer of fixed rows.
     """
-    fixed = is_lazy(xp, v, w) or (state is not None and is_traced(xp, state.buffer, state.window))
     D, L = v.shape[-1], v.shape[-2]
     if state is None:
-        state = start(xp, lead, D, M, a, v, fixed=fixed)
+        state = start(xp, lead, D, M, a, w, v)
     v = xp.broadcast_to(v, (*lead, L, D))
-    if fixed:
-        return _extend_fixed(xp, _to_fixed(xp, state, work), v, w, work, toeplitz)
-    cache: tuple = ()
-    if state.length is None:  # the fixed layout, eagerly: the history in pieces
-        length = int(state.count)
-        pieces = [x for x in _pieces(xp, state, work) if x.shape[-2]]
-        cache = state.future
-    else:
-        length = _length(state)
-        pieces = [_history(xp, state, work)]
-    skipped = min(L, max(0, a - length))  # tokens of this chunk still inside skip
+    cap = _capacity(M)
+    if is_compiled(xp, state.count, v, w):
+        t0 = state.count - a  # biased position of the chunk's first token
+        rows = max(M + L, cap)
+        first = xp.maximum(t0, 0 * t0)
+        top = _rows(xp, as_dtype(xp, state.blocks[-1], work), 0, rows)
+        H = xp.where(state.ready == 1, _history_buffer(xp, state, first, rows, work), top)
+        position = xp.arange(rows, dtype=t0.dtype, device=device_of(H))
+        inside = (position >= t0) & (position < t0 + L)
+        if L:
+            H = xp.where(inside[:, None], xp.take(v, xp.clip(position - t0, 0, L - 1), axis=-2), H)
+        H = xp.where((position < t0 + L)[:, None], H, _zeros(xp, (), H))  # the rows ahead may be anything
+        out = _rows(xp, toeplitz(xp, H, w, causal=True), t0, L)
+        out = _mask_positions(xp, out, (t0 + xp.arange(L, dtype=t0.dtype, device=device_of(H)))[:, None], M)
+        ready = count_array(xp, 0, like=v)
+        return out, state._replace(blocks=(*state.blocks[:-1], H[..., :cap, :]), count=state.count + L, ready=ready)
+    seen = int(state.count)
+    t0 = max(0, seen - a)
+    skipped = min(L, max(0, a - seen))  # tokens of this chunk still inside skip
     biased = v[..., skipped:, :]
-    if biased.shape[-2] == 0 or math.prod(biased.shape) == 0:
-        out = biased
+    P = biased.shape[-2]
+    count = count_array(xp, seen + L, like=v)
+    if P == 0:  # nothing biased: the history is unchanged
+        return _zeros(xp, (*lead, L, D), v), state._replace(count=count)
+    hist = _history(xp, state, t0, work)
+    # the history and the chunk (rows ahead unspecified): a copy, so the state never holds the caller's v
+    H = concat_rows(xp, [hist, biased], cap)
+    if is_lazy(xp, v, w, state.window):
+        out = _rows(xp, toeplitz(xp, H, w, causal=True), t0, P)
     else:
-        out, cache = _chunk_conv(xp, pieces, biased, w, cache)
+        out = _chunk_conv(xp, hist, biased, w)
     if skipped:
         out = xp.concat([_zeros(xp, (*lead, skipped, D), v), out], axis=-2)
-    # The history in the fixed layout, not the online one: rebuilding the online levels
-    # costs one FFT per level (about 1.5 causal FFTs of the whole history), which a
-    # following chunk would throw away; the first rpb_step rebuilds them once. Eagerly
-    # the history stays in pieces, one per chunk (``blocks`` and ``buffer``: joining or
-    # padding it to M rows would copy the history every chunk); ``_to_fixed`` joins and
-    # pads it when it enters a traced function. ``future`` keeps the chunks' spectra.
-    return out, _make(
-        xp,
-        blocks=tuple(x for x in pieces if x.shape[-2]),
-        buffer=xp.asarray(biased, copy=True),  # a copy: the caller may reuse its v array
-        future=cache,
-        count=count_array(xp, length + L, like=v),
-        skip=a,
-        table_length=M,
-    )
+    if slices_compile(xp):  # eager JAX: the levels now, where their kernels' compilations are
+        # a share of the prefill's, not the first decoding step's (seconds: one per operation)
+        return out, _rebuild(xp, H[..., : t0 + P, :], t0 + P, count, a, w, M)
+    return out, state._replace(blocks=(*state.blocks[:-1], H), count=count, ready=count_array(xp, 0, like=v))

@@ -94,9 +94,9 @@ class LinearAttentionState(NamedTuple):
     of all earlier values, which ``S`` and ``z`` do not summarise.
 
     Memory per leading index: ``F (Dv + 2)`` numbers (``F (Dv + 1)`` without an
-    offset), independent of the tokens seen; with ``rpb`` add the ``RPBState``'s, at
-    most about ``(t + 4 min(t, M) + 64) Dv`` numbers after ``t`` tokens (``M`` the
-    table's maximum length; ``M Dv`` under ``jax.jit``).
+    offset), independent of the tokens seen; with ``rpb`` add the ``RPBState``'s,
+    about ``4 M Dv`` numbers (``M`` the table's maximum length), preallocated: the
+    state's structure and shapes do not change with the tokens seen.
 
     Examples
     --------

@@ -358,10 +358,12 @@ def rpb_step(
 
     Stepping token by token equals ``rpb(v, w, causal=True)`` on the whole sequence.
     Amortised O(D log^2 t) per token: an online (relaxed) FFT convolution over
-    blocks of doubling size (see ``RPBState``), never an FFT over the history. Under
-    ``jax.jit`` (any JAX tracer) the state has fixed shapes and a step is an O(M D)
-    dot product with the flipped table, so a ``jax.lax.scan`` decoding loop traces
-    once; past the table (``t >= M``) it gives NaN there instead of an error.
+    blocks of doubling size (see ``RPBState``), never an FFT over the history. The
+    state has the same structure and shapes after any number of tokens, so a step
+    under ``jax.jit`` / ``torch.compile`` compiles once (its level completions become
+    compiled conditionals) and a ``jax.lax.scan`` decoding loop traces once; compiled,
+    past the table (``t >= M``) it gives NaN there instead of an error. The state
+    keeps its own copy of ``v_t``: the caller may reuse its buffer.
 
     Parameters
     ----------

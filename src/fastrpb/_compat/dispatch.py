@@ -207,6 +207,14 @@ def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
     # ``float32``), so the weak flag is part of the key; and NumPy < 2 (value-based
     # casting) or a library with its own rules may look at 0-d values, so calls with a
     # 0-d input are not cached at all.
+    if _is(xp, "torch") and _compiling():
+        # Dynamo cannot put ``torch.result_type`` (it returns a dtype) in a graph:
+        # promote the dtypes, which is the same rule for tensors of one or more dims.
+        # The memo is not read here: Dynamo would guard on the dict's contents, and a
+        # first trace that fills it would compile a second time.
+        torch = sys.modules["torch"]
+        result = functools.reduce(torch.promote_types, (x.dtype for x in arrays))
+        return result, torch.float64 if result == torch.float64 else torch.float32
     key: tuple | None = None
     known = None
     try:
@@ -217,13 +225,7 @@ def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
         key, known = None, None
     if known is not None:
         return known
-    if _is(xp, "torch") and _compiling():
-        # Dynamo cannot put ``torch.result_type`` (it returns a dtype) in a graph:
-        # promote the dtypes, which is the same rule for tensors of one or more dims.
-        torch = sys.modules["torch"]
-        result = functools.reduce(torch.promote_types, (x.dtype for x in arrays))
-    else:
-        result = xp.result_type(*arrays)
+    result = xp.result_type(*arrays)
     pair = (result, xp.float64 if result == xp.float64 else xp.float32)
     if key is not None:
         _PROMOTED[key] = pair
@@ -313,10 +315,9 @@ def is_lazy(xp: Any, *arrays: Any) -> bool:
     Reading such a value into Python (``int(x)``, ``bool(x)``) fails under ``jax.jit``
     and, with Dask, silently computes the whole graph behind it, which a lazy call
     must never do. So where fastrpb would read one it takes the path that does not:
-    streaming FastRPB steps in the fixed layout (``_online.step``, a graph of the same
-    size whatever ``M``, instead of the online levels whose number grows with
-    ``log M``), and array ``cu_seqlens`` offsets, which set shapes, are refused with
-    the advice to pass them as Python ints.
+    array ``cu_seqlens`` offsets, which set shapes, are refused with the advice to
+    pass them as Python ints. (A streaming FastRPB state's count is a NumPy array
+    beside Dask arrays, ``count_array``, so it is read without computing anything.)
     """
     return _is(xp, "dask") or is_traced(xp, *arrays)
 
