@@ -1,0 +1,211 @@
+"""Streaming the causal N-d FastRPB in raster order (``rpb_nd(..., initial_state=,
+return_state=)``, ``rpb_nd_step``, the attention state's N-d term) against the float64
+dense raster-causal oracle, on every backend. Grids are small: a few rows cross every
+level of the state (row ends, slab ends, the 1-d windows of 32 within a row)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+import fastrpb
+import oracles
+from backends import assert_close
+
+PRECISIONS = ["float64", "float32"]
+# (grid, skip, the axis without a table or None); 2 x 34 crosses a 1-d window (32) in a row
+CASES = [((3, 4), (0, 0), None), ((2, 34), (1, 0), None), ((2, 3, 3), (1, 1), None), ((3, 2, 4), (0, 0), 2)]
+
+
+def _case(rng, grid, skip, none_axis, *, lead=(2,), D=3):
+    a, b = skip
+    L = a + math.prod(grid) + b
+    v = rng.standard_normal((*lead, L, D))
+    # tables longer than their axes (M_a = G_a + 2), one per head on the first axis
+    tables = [rng.standard_normal(((2,) if k == 0 else ()) + (2 * g + 3,)) for k, g in enumerate(grid)]
+    if none_axis is not None:
+        tables[none_axis] = None
+    return v, tables, oracles.rpb_nd(v, tables, grid, skip=skip, causal=True)
+
+
+def _on(backend, tables, precision="float64"):
+    return [None if t is None else backend.asarray(t, precision) for t in tables]
+
+
+def _steps(backend, v, tables, grid, *, state=None, skip=None, start=0):
+    outs = []
+    for t in range(start, v.shape[-2]):
+        kwargs = {"skip": skip} if state is None and skip is not None else {}
+        y, state = fastrpb.rpb_nd_step(state, v[..., t, :], tables, grid=grid, **kwargs)
+        outs.append(y)
+    return backend.xp.stack(outs, axis=-2), state
+
+
+def _leaf_shapes(state):
+    row = state.row
+    arrays = [*row.blocks, row.window, *row.future, row.near, row.count, *state.sums, *state.carry]
+    arrays += [x for group in (*state.marginals, *state.across) for x in group]
+    return [(tuple(x.shape), str(x.dtype)) for x in arrays]
+
+
+# --------------------------------------------------------------------------- steps and pieces
+@pytest.mark.parametrize(
+    ("grid", "skip", "none_axis", "precision"),
+    [(*case, "float64") for case in CASES] + [(*CASES[0], "float32"), (*CASES[2], "float32")],
+)
+def test_steps_match_dense(backend, rng, grid, skip, none_axis, precision):
+    v, tables, expected = _case(rng, grid, skip, none_axis)
+    got, state = _steps(backend, backend.asarray(v, precision), _on(backend, tables, precision), grid, skip=skip)
+    assert_close(backend, got, expected, precision)
+    assert isinstance(state, fastrpb.RPBndState)
+
+
+@pytest.mark.parametrize(("grid", "skip", "none_axis"), CASES)
+def test_random_pieces_equal_one_call(backend, rng, grid, skip, none_axis):
+    # split points anywhere: empty and one-token pieces, pieces across rows and slabs
+    v, tables, expected = _case(rng, grid, skip, none_axis)
+    vb, tb = backend.asarray(v), _on(backend, tables)
+    L = v.shape[-2]
+    cuts = sorted({0, 1, 2, L - 1, *rng.integers(0, L + 1, size=3).tolist()})
+    cuts = [0, *cuts, cuts[-1], L]  # an empty piece, at the start and at a repeated cut
+    state, parts = None, []
+    for lo, hi in itertools.pairwise(cuts):
+        out, state = fastrpb.rpb_nd(
+            vb[..., lo:hi, :], tb, grid, causal=True, skip=skip, initial_state=state, return_state=True
+        )
+        parts.append(out)
+    assert_close(backend, backend.xp.concat(parts, axis=-2), expected, "float64")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_steps_after_a_prefill(backend, rng, precision):
+    grid, skip = (3, 5), (1, 0)
+    v, tables, expected = _case(rng, grid, skip, None)
+    vb, tb = backend.asarray(v, precision), _on(backend, tables, precision)
+    first, state = fastrpb.rpb_nd(vb[..., :7, :], tb, grid, causal=True, skip=skip, return_state=True)
+    rest, _ = _steps(backend, vb, tb, grid, state=state, start=7)
+    assert_close(backend, backend.xp.concat([first, rest], axis=-2), expected, precision)
+
+
+def test_a_causal_call_shorter_than_the_grid_is_a_prefix(backend, rng):
+    grid, skip = (3, 4), (1, 2)
+    v, tables, expected = _case(rng, grid, skip, None)
+    got = fastrpb.rpb_nd(backend.asarray(v[..., :9, :]), _on(backend, tables), grid, causal=True, skip=skip)
+    assert_close(backend, got, expected[..., :9, :], "float64")
+
+
+def test_state_layout_is_fixed_and_owns_its_values(backend, rng):
+    # the same leaves after any number of tokens; a reused input buffer changes nothing
+    grid = (3, 4)
+    v, tables, expected = _case(rng, grid, (0, 0), None)
+    tb = _on(backend, tables)
+    state, layout, outs = None, None, []
+    for t in range(v.shape[-2]):
+        buffer = backend.asarray(v[..., t, :])
+        y, state = fastrpb.rpb_nd_step(state, buffer, tb, grid=grid)
+        outs.append(y)
+        if backend.name in ("numpy", "torch"):  # libraries with in-place writes: overwrite the buffer
+            buffer[...] = 1e6
+        layout = layout or _leaf_shapes(state)
+        assert _leaf_shapes(state) == layout, t
+    assert_close(backend, backend.xp.stack(outs, axis=-2), expected, "float64")
+
+
+def test_a_step_never_changes_the_state_it_is_given(backend, rng):
+    grid = (2, 3)
+    v, tables, expected = _case(rng, grid, (0, 0), None)
+    vb, tb = backend.asarray(v), _on(backend, tables)
+    _, state = fastrpb.rpb_nd(
+        vb[..., :2, :], tb, grid, causal=True, return_state=True
+    )  # the row ends at the next token
+    first, _ = fastrpb.rpb_nd(vb[..., 2:, :], tb, grid, causal=True, initial_state=state, return_state=True)
+    again, _ = fastrpb.rpb_nd(vb[..., 2:, :], tb, grid, causal=True, initial_state=state, return_state=True)
+    assert_close(backend, first, expected[..., 2:, :], "float64")
+    assert_close(backend, again, expected[..., 2:, :], "float64")
+
+
+# --------------------------------------------------------------------------- compiled
+_GRID = (2, 5)  # the grid of the shared jitted step (static: one compilation for the module)
+_JITTED: dict = {}
+
+
+def _jitted_step(jax):
+    if "step" not in _JITTED:
+        _JITTED["step"] = jax.jit(lambda s, v_t, w0, w1: fastrpb.rpb_nd_step(s, v_t, (w0, w1), grid=_GRID))
+    return _JITTED["step"]
+
+
+@pytest.mark.jit
+def test_jitted_steps_continue_an_eager_prefill_and_back(backend, rng):
+    if backend.grad != "jax":
+        pytest.skip(f"{backend.name}: jax.jit steps run on JAX")
+    jax = backend.native
+    v, tables, expected = _case(rng, _GRID, (1, 0), None)
+    vb, tb = backend.asarray(v), _on(backend, tables)
+    first, state = fastrpb.rpb_nd(vb[..., :4, :], tb, _GRID, causal=True, skip=(1, 0), return_state=True)
+    structure = jax.tree_util.tree_structure(state)
+    step, outs = _jitted_step(jax), [first]
+    for t in range(4, 9):  # across a row's end
+        y, state = step(state, vb[..., t, :], *tb)
+        assert jax.tree_util.tree_structure(state) == structure
+        outs.append(y[..., None, :])
+    rest, _ = _steps(backend, vb, tb, _GRID, state=state, start=9)  # eager again
+    assert_close(backend, backend.xp.concat([*outs, rest], axis=-2), expected, "float64")
+    assert step._cache_size() == 1
+
+
+@pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
+def test_steps_under_torch_compile_compile_at_most_twice(backend, rng):
+    import torch
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner, count = lookup_backend("aot_eager"), [0]
+
+    def counted(gm, example_inputs):
+        count[0] += 1
+        return inner(gm, example_inputs)
+
+    v, tables, expected = _case(rng, _GRID, (1, 0), None)
+    vb, tb = backend.asarray(v), _on(backend, tables)
+    step = torch.compile(
+        lambda s, v_t, w0, w1: fastrpb.rpb_nd_step(s, v_t, (w0, w1), grid=_GRID), fullgraph=True, backend=counted
+    )
+    first, state = fastrpb.rpb_nd(vb[..., :3, :], tb, _GRID, causal=True, skip=(1, 0), return_state=True)
+    outs = [first]
+    for t in range(3, v.shape[-2]):
+        y, state = step(state, vb[..., t, :], *tb)
+        outs.append(y[..., None, :])
+    assert_close(backend, backend.xp.concat(outs, axis=-2), expected, "float64", rtol=1e-5, atol=1e-5)
+    assert count[0] <= 2
+
+
+# --------------------------------------------------------------------------- errors
+def test_bad_streams_are_errors_that_name_the_argument(backend, rng):
+    grid = (2, 3)
+    v, tables, _ = _case(rng, grid, (0, 0), None)
+    vb, tb = backend.asarray(v), _on(backend, tables)
+    _, state = fastrpb.rpb_nd(vb[..., :4, :], tb, grid, causal=True, return_state=True)
+    with pytest.raises(ValueError, match="grid"):
+        fastrpb.rpb_nd_step(state, vb[..., 4, :], tb, grid=(3, 2))
+    full = fastrpb.rpb_nd(vb, tb, grid, causal=True, return_state=True)[1]
+    with pytest.raises(ValueError, match="v_t goes past the end"):
+        fastrpb.rpb_nd_step(full, vb[..., 5, :], tb, grid=grid)
+    with pytest.raises(ValueError, match="v goes past the end"):
+        fastrpb.rpb_nd(vb[..., :5, :], tb, grid, causal=True, initial_state=state)
+    with pytest.raises(ValueError, match="tables"):
+        fastrpb.rpb_nd_step(state, vb[..., 4, :], [tb[0], None], grid=grid)
+    longer = backend.asarray(rng.standard_normal(2 * 5 + 1))
+    with pytest.raises(ValueError, match="tables"):
+        fastrpb.rpb_nd_step(state, vb[..., 4, :], [tb[0], longer], grid=grid)
+    with pytest.raises(ValueError, match=r"tables\[1\]"):
+        fastrpb.rpb_nd_step(None, vb[..., 4, :], [tb[0], tb[1][..., 3:-3]], grid=grid)  # shorter than its axis
+    with pytest.raises(ValueError, match="skip"):
+        fastrpb.rpb_nd(vb[..., 4:, :], tb, grid, causal=True, skip=(1, 0), initial_state=state)
+    with pytest.raises(ValueError, match="causal"):
+        fastrpb.rpb_nd(vb, tb, grid, return_state=True)
+    with pytest.raises(TypeError, match="state"):
+        fastrpb.rpb_nd_step(object(), vb[..., 4, :], tb, grid=grid)
+    with pytest.raises(ValueError, match="width"):
+        fastrpb.rpb_nd_step(state, vb[..., 4, :2], tb, grid=grid)
