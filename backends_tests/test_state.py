@@ -270,7 +270,7 @@ ERRORS = [
     ("rpb-past-table", lambda b, w: linear_attention(*_qkv(b, L=M), causal=True, rpb=w, initial_state=_state_of(b, w=w)),
      ValueError, r"position past the bias table"),
     ("rpb-nd", lambda b, w: linear_attention(*_qkv(b), causal=True, rpb_tables=[w], rpb_grid=(2,), initial_state=_state_of(b)),
-     ValueError, r"initial_state cannot continue the N-d FastRPB term"),
+     ValueError, r"initial_state was made without rpb_tables="),
     ("step-rpb-missing", lambda b, w: linear_attention_step(_state_of(b, w=w), *(x[:, 0, :] for x in _qkv(b))), ValueError,
      r"state carries a FastRPB history"),
     ("step-rpb-extra", lambda b, w: linear_attention_step(_state_of(b), *(x[:, 0, :] for x in _qkv(b)), rpb=w), ValueError,

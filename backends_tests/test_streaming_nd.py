@@ -181,6 +181,56 @@ def test_steps_under_torch_compile_compile_at_most_twice(backend, rng):
     assert count[0] <= 2
 
 
+# --------------------------------------------------------------------------- attention and layers
+def test_attention_continues_the_nd_bias(backend, rng):
+    # a prefill, steps across a row's end, a last piece: equal to one causal call
+    grid, skip = (3, 4), (1, 1)
+    L = 1 + 12 + 1
+    q, k, v = (backend.asarray(x) for x in rng.standard_normal((3, 2, L, 4)))
+    tables = _on(backend, [rng.standard_normal((2, 2 * g + 1)) for g in grid])
+    bias = {"rpb_tables": tables, "rpb_grid": grid}
+    whole = fastrpb.linear_attention(q, k, v, causal=True, rpb_skip=skip, **bias)
+    first, state = fastrpb.linear_attention(
+        q[..., :5, :], k[..., :5, :], v[..., :5, :], causal=True, rpb_skip=skip, return_state=True, **bias
+    )
+    assert isinstance(state.rpb, fastrpb.RPBndState)
+    outs = [first]
+    for t in range(5, 9):
+        y, state = fastrpb.linear_attention_step(state, q[..., t, :], k[..., t, :], v[..., t, :], **bias)
+        outs.append(y[..., None, :])
+    outs.append(
+        fastrpb.linear_attention(
+            q[..., 9:, :], k[..., 9:, :], v[..., 9:, :], causal=True, rpb_skip=skip, initial_state=state, **bias
+        )
+    )
+    assert_close(backend, backend.xp.concat(outs, axis=-2), whole, "float64")
+    with pytest.raises(ValueError, match="rpb_tables"):  # the N-d history needs its tables
+        fastrpb.linear_attention_step(state, q[..., 9, :], k[..., 9, :], v[..., 9, :])
+    with pytest.raises(ValueError, match="rpb_tables"):
+        fastrpb.linear_attention(q[..., 9:, :], k[..., 9:, :], v[..., 9:, :], causal=True, initial_state=state)
+
+
+@pytest.mark.only_backends("torch", reason="the torch layers run on the torch CPU backend")
+def test_torch_layer_streams_a_causal_nd_bias(backend, rng):
+    import torch
+
+    from fastrpb.torch import FastRPBnd, LinearAttention
+
+    bias = FastRPBnd(2, (3, 4), skip=(1, 0), causal=True, seed=0, scale=0.3, dtype=torch.float64)
+    layer = LinearAttention(8, 2, causal=True, rpb=bias, dtype=torch.float64)
+    x = backend.asarray(rng.standard_normal((2, 13, 8)))
+    whole = layer(x)
+    first, cache = layer(x[:, :6], return_cache=True)
+    outs = [first]
+    for t in range(6, 10):
+        y, cache = layer.step(x[:, t], cache)
+        outs.append(y[:, None])
+    outs.append(layer(x[:, 10:], cache=cache, return_cache=True)[0])
+    assert_close(backend, torch.cat(outs, dim=1), whole, "float64")
+    with pytest.raises(ValueError, match=r"FastRPBnd\(\.\.\., causal=True\)"):
+        LinearAttention(8, 2, causal=True, rpb=FastRPBnd(2, (3, 4)))
+
+
 # --------------------------------------------------------------------------- errors
 def test_bad_streams_are_errors_that_name_the_argument(backend, rng):
     grid = (2, 3)

@@ -18,7 +18,7 @@ from ._compat import device_of, namespace
 from ._typing import Array
 from ._validate import grid_arg, int_arg, skip_arg
 from .attention import linear_attention, linear_attention_step
-from .bias import rpb, rpb_matrix, rpb_nd, rpb_step, symmetric_table
+from .bias import rpb, rpb_matrix, rpb_nd, rpb_nd_step, rpb_step, symmetric_table
 from .feature_maps import FeatureMap, hedgehog, resolve
 
 __all__ = ["AttentionLayer", "BiasLayer", "BiasNdLayer", "LayerCache", "check_axes", "check_heads"]
@@ -137,9 +137,12 @@ class BiasNdLayer:
     share: bool
     symmetric: bool
     skip: tuple[int, int]
-    causal: bool = False  # the N-d bias looks in every direction
+    causal: bool  # raster order: only positions no later row-major bias a token
 
-    def _configure(self, heads: Any, grid: Any, axes: Any, share: Any, symmetric: Any, skip: Any) -> None:
+    def _configure(
+        self, heads: Any, grid: Any, axes: Any, share: Any, symmetric: Any, skip: Any, causal: Any = False
+    ) -> None:
+        self.causal = bool(causal)
         self.heads = check_heads(heads)
         self.grid = grid_arg(grid)
         self.axes = check_axes(axes, self.grid)
@@ -166,13 +169,31 @@ class BiasNdLayer:
             out[a] = full[0] if self.share else full[n]
         return out
 
-    def _bias_of(self, v: Any) -> Any:
-        return rpb_nd(v, self.weights(), self.grid, skip=self.skip)
+    def _bias_of(self, v: Any, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+        """``B @ v``; streaming (causal, raster order): continue ``initial_state`` and
+        return ``(out, state)``, for a piece ``v: (..., L, D)`` or, with ``step=True``,
+        one position ``v: (..., D)`` (``fastrpb.rpb_nd_step``)."""
+        tables = self.weights()
+        if step:
+            return rpb_nd_step(
+                initial_state, v, tables, grid=self.grid, skip=self.skip if initial_state is None else None
+            )
+        if initial_state is None and not return_state:
+            return rpb_nd(v, tables, self.grid, causal=self.causal, skip=self.skip)
+        return rpb_nd(
+            v,
+            tables,
+            self.grid,
+            causal=self.causal,
+            skip=self.skip,
+            initial_state=initial_state,
+            return_state=return_state,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"heads={self.heads}, grid={self.grid}, axes={self.axes}, share={self.share}, "
-            f"symmetric={self.symmetric}, skip={self.skip}"
+            f"symmetric={self.symmetric}, skip={self.skip}, causal={self.causal}"
         )
 
 
@@ -180,16 +201,14 @@ def check_layer_rpb(rpb: Any, heads: int, causal: bool) -> None:
     """A FastRPB module given to an attention layer must fit its heads and causality."""
     if not isinstance(rpb, (BiasLayer, BiasNdLayer)):
         raise TypeError(
-            f"rpb must be None, an int (the table's max_len) or a FastRPB / FastRPBnd module, "
-            f"got {type(rpb).__name__}"
+            f"rpb must be None, an int (the table's max_len) or a FastRPB / FastRPBnd module, got {type(rpb).__name__}"
         )
     if rpb.heads not in (None, heads):
         raise ValueError(f"rpb has {rpb.heads} heads but the attention layer has heads = {heads}")
-    if causal and isinstance(rpb, BiasNdLayer):
-        raise ValueError("a causal attention layer cannot use FastRPBnd: the N-d bias looks in every direction")
     if causal and not rpb.causal:
+        made = "FastRPBnd(..., causal=True)" if isinstance(rpb, BiasNdLayer) else "FastRPB(..., causal=True)"
         raise ValueError(
-            "a causal attention layer needs a causal FastRPB (FastRPB(..., causal=True)); "
+            f"a causal attention layer needs a causal FastRPB ({made}); "
             "a non-causal bias would let every token see the values of later tokens"
         )
 
@@ -266,9 +285,15 @@ class AttentionLayer:
             )
         self._map = None if arrays else fmap
         self._map_class = type(fmap)
-        self._map_fields = {
-            f.name: getattr(fmap, f.name) for f in dataclasses.fields(cast(Any, fmap)) if f.init and f.name not in arrays
-        } if arrays else {}
+        self._map_fields = (
+            {
+                f.name: getattr(fmap, f.name)
+                for f in dataclasses.fields(cast(Any, fmap))
+                if f.init and f.name not in arrays
+            }
+            if arrays
+            else {}
+        )
         self._map_arrays = tuple(arrays)
         for name, array in arrays.items():
             own(name, array, name in fmap.learned)
@@ -313,7 +338,15 @@ class AttentionLayer:
         return xp
 
     def _heads(
-        self, xp: Any, q: Any, k: Any, v: Any, key_mask: Any, causal: bool, return_state: bool, cache: Any = None,
+        self,
+        xp: Any,
+        q: Any,
+        k: Any,
+        v: Any,
+        key_mask: Any,
+        causal: bool,
+        return_state: bool,
+        cache: Any = None,
         cu_seqlens: Any = None,
     ) -> tuple[Any, Any]:
         """Attention plus bias on split heads ``(..., H, L, Dh)``; ``key_mask: (..., 1, Lk)``
@@ -328,9 +361,17 @@ class AttentionLayer:
         stream = return_state or cache is not None
         previous = None if cache is None else cache.state
         result = linear_attention(
-            q, k, v, feature_map=self.feature_map, causal=causal, key_mask=key_mask,
-            eps=self.eps, chunk_size=self.chunk_size, return_state=stream,
-            initial_state=None if previous is None else previous._replace(rpb=None), cu_seqlens=cu_seqlens,
+            q,
+            k,
+            v,
+            feature_map=self.feature_map,
+            causal=causal,
+            key_mask=key_mask,
+            eps=self.eps,
+            chunk_size=self.chunk_size,
+            return_state=stream,
+            initial_state=None if previous is None else previous._replace(rpb=None),
+            cu_seqlens=cu_seqlens,
         )
         out, state = result if stream else (result, None)
         if self.rpb is not None:
@@ -338,13 +379,17 @@ class AttentionLayer:
             if key_mask is not None:  # padding keys give no bias (garbage and NaN included)
                 values = xp.where(key_mask[..., None], v, xp.zeros((), dtype=v.dtype, device=device_of(v)))
             if stream:  # the bias continues from (and returns) its history
-                term, history = self.rpb(values, initial_state=None if previous is None else previous.rpb, return_state=True)
+                term, history = self.rpb(
+                    values, initial_state=None if previous is None else previous.rpb, return_state=True
+                )
                 assert state is not None  # stream: linear_attention returned a state
                 state = state._replace(rpb=history)
             elif cu_seqlens is None:
                 term = self.rpb(values)
             else:  # packed: the bias restarts at every sequence
-                term = rpb(values, self.rpb.weights(), causal=self.rpb.causal, skip=self.rpb.skip, cu_seqlens=cu_seqlens)
+                term = rpb(
+                    values, self.rpb.weights(), causal=self.rpb.causal, skip=self.rpb.skip, cu_seqlens=cu_seqlens
+                )
             out = out + term
         return out, state
 
@@ -360,14 +405,21 @@ class AttentionLayer:
             self._check_streaming_bias("a cache (return_cache=True, cache=)")
 
     def _check_streaming_bias(self, what: str) -> None:
-        if self.rpb is not None and self.rpb.skip[1]:
+        # the N-d bias knows where its trailing tokens are (after the grid); the 1-d does not
+        if isinstance(self.rpb, BiasLayer) and self.rpb.skip[1]:
             raise ValueError(
                 f"{what} cannot honour skip = {self.rpb.skip}: while decoding it is unknown which tokens "
                 "are the last ones; use skip=(a, 0)"
             )
 
     def _attend(
-        self, x: Any, key_mask: Any, return_cache: bool, inputs_k: Any = None, inputs_v: Any = None, cache: Any = None,
+        self,
+        x: Any,
+        key_mask: Any,
+        return_cache: bool,
+        inputs_k: Any = None,
+        inputs_v: Any = None,
+        cache: Any = None,
         cu_seqlens: Any = None,
     ) -> Any:
         xp = self._check_input(x, "x", 2)
@@ -419,17 +471,26 @@ class AttentionLayer:
             _check_cache_type(cache)
         previous = None if cache is None else cache.state
         out, state = linear_attention_step(
-            None if previous is None else previous._replace(rpb=None), q, k, v, feature_map=self.feature_map, eps=self.eps,
+            None if previous is None else previous._replace(rpb=None),
+            q,
+            k,
+            v,
+            feature_map=self.feature_map,
+            eps=self.eps,
         )
         if self.rpb is not None:  # one online step of the bias, from its history in the state
-            term, history = self.rpb(v, initial_state=None if previous is None else previous.rpb, return_state=True, step=True)
+            term, history = self.rpb(
+                v, initial_state=None if previous is None else previous.rpb, return_state=True, step=True
+            )
             out, state = out + term, state._replace(rpb=history)
         return out, LayerCache(state)
 
 
 def _check_cache_type(cache: Any) -> None:
     if not isinstance(cache, LayerCache):
-        raise TypeError(f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}")
+        raise TypeError(
+            f"cache must be a LayerCache (from return_cache=True or step) or None, got {type(cache).__name__}"
+        )
 
 
 def _swap_last_but_one(xp: Any, x: Any) -> Any:

@@ -48,7 +48,9 @@ def _like(device: Any, dtype: Any) -> torch.Tensor:
     return torch.empty((0,), device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
 
 
-def _init_table(heads: int | None, max_len: int, symmetric: bool, seed: int, like: torch.Tensor, scale: float) -> torch.Tensor:
+def _init_table(
+    heads: int | None, max_len: int, symmetric: bool, seed: int, like: torch.Tensor, scale: float
+) -> torch.Tensor:
     table = fastrpb.rpb_init(heads, max_len, seed=seed, like=like, scale=scale)
     # A symmetric table stores offsets 0 .. M-1 only: the non-negative half of the draw.
     return table[..., max_len - 1 :].clone() if symmetric else table
@@ -120,7 +122,9 @@ class FastRPB(BiasLayer, nn.Module):
     def _table(self) -> torch.Tensor:
         return self.table
 
-    def forward(self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+    def forward(
+        self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False
+    ) -> Any:
         """``B @ v`` for values ``(..., heads, L, D)`` with ``L <= max_len``.
 
         Causal tables stream: ``initial_state`` (a ``fastrpb.RPBState``) continues a
@@ -153,6 +157,10 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         Learn ``h`` and use ``w(t) = h[|t|]``.
     skip : (int, int)
         Tokens before and after the grid (a class token) without bias.
+    causal : bool
+        Raster order: a token receives bias only from the positions no later
+        row-major (``fastrpb.rpb_nd(..., causal=True)``); needed in a causal
+        attention layer, and it streams (``initial_state=``, ``step=True``).
     seed, scale, device, dtype :
         As in `FastRPB`.
 
@@ -185,13 +193,14 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         share: bool = False,
         symmetric: bool = False,
         skip: tuple[int, int] = (0, 0),
+        causal: bool = False,
         seed: int | None = None,
         scale: float = 1e-2,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self._configure(heads, grid, axes, share, symmetric, skip)
+        self._configure(heads, grid, axes, share, symmetric, skip, causal)
         seed = _seed(seed)
         like = _like(device, dtype)
         self.tables = nn.ParameterList(
@@ -202,9 +211,18 @@ class FastRPBnd(BiasNdLayer, nn.Module):
     def _tables(self) -> list[torch.Tensor]:
         return list(self.tables)
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``."""
-        return self._bias_of(v)
+    def forward(
+        self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False
+    ) -> Any:
+        """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``.
+
+        Causal tables stream in raster order: ``initial_state`` (a
+        ``fastrpb.RPBndState``) continues a sequence and ``return_state=True`` returns
+        ``(out, state)``, as ``fastrpb.rpb_nd`` (a piece may stop anywhere on the
+        grid); ``step=True`` takes one position ``v: (..., heads, D)`` and returns
+        ``(out, state)`` by ``fastrpb.rpb_nd_step``.
+        """
+        return self._bias_of(v, initial_state, return_state, step)
 
 
 def _own_feature_map(layer: AttentionLayer, feature_map: Any, device: Any, dtype: Any) -> None:
@@ -230,7 +248,9 @@ def _own_feature_map(layer: AttentionLayer, feature_map: Any, device: Any, dtype
 
 def _rpb_module(layer: AttentionLayer, rpb: Any, device: Any, dtype: Any) -> Any:
     """``rpb`` as the layer's FastRPB module (an int: a new one with that ``max_len``)."""
-    return layer._bias_module(rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype))
+    return layer._bias_module(
+        rpb, lambda max_len: FastRPB(layer.heads, max_len, causal=layer.causal, device=device, dtype=dtype)
+    )
 
 
 class LinearAttention(AttentionLayer, nn.Module):
