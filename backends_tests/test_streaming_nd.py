@@ -183,31 +183,29 @@ def test_steps_under_torch_compile_compile_at_most_twice(backend, rng):
 
 # --------------------------------------------------------------------------- attention and layers
 def test_attention_continues_the_nd_bias(backend, rng):
-    # a prefill, steps across a row's end, a last piece: equal to one causal call
+    # a prefill, steps across a row's end, a last piece: the dense causal attention plus
+    # the dense raster-causal bias
     grid, skip = (3, 4), (1, 1)
-    L = 1 + 12 + 1
-    q, k, v = (backend.asarray(x) for x in rng.standard_normal((3, 2, L, 4)))
-    tables = _on(backend, [rng.standard_normal((2, 2 * g + 1)) for g in grid])
-    bias = {"rpb_tables": tables, "rpb_grid": grid}
-    whole = fastrpb.linear_attention(q, k, v, causal=True, rpb_skip=skip, **bias)
+    v, tables, bias_oracle = _case(rng, grid, skip, None)
+    q, k = rng.standard_normal((2, *v.shape))
+    expected = oracles.kernel_attention(oracles.elu1(q), oracles.elu1(k), v, causal=True, eps=1e-6) + bias_oracle
+    qb, kb, vb = (backend.asarray(x) for x in (q, k, v))
+    bias = {"rpb_tables": _on(backend, tables), "rpb_grid": grid}
     first, state = fastrpb.linear_attention(
-        q[..., :5, :], k[..., :5, :], v[..., :5, :], causal=True, rpb_skip=skip, return_state=True, **bias
+        qb[..., :5, :], kb[..., :5, :], vb[..., :5, :], causal=True, rpb_skip=skip, return_state=True, **bias
     )
     assert isinstance(state.rpb, fastrpb.RPBndState)
     outs = [first]
     for t in range(5, 9):
-        y, state = fastrpb.linear_attention_step(state, q[..., t, :], k[..., t, :], v[..., t, :], **bias)
+        y, state = fastrpb.linear_attention_step(state, qb[..., t, :], kb[..., t, :], vb[..., t, :], **bias)
         outs.append(y[..., None, :])
-    outs.append(
-        fastrpb.linear_attention(
-            q[..., 9:, :], k[..., 9:, :], v[..., 9:, :], causal=True, rpb_skip=skip, initial_state=state, **bias
-        )
-    )
-    assert_close(backend, backend.xp.concat(outs, axis=-2), whole, "float64")
+    rest = (qb[..., 9:, :], kb[..., 9:, :], vb[..., 9:, :])
+    outs.append(fastrpb.linear_attention(*rest, causal=True, rpb_skip=skip, initial_state=state, **bias))
+    assert_close(backend, backend.xp.concat(outs, axis=-2), expected, "float64")
     with pytest.raises(ValueError, match="rpb_tables"):  # the N-d history needs its tables
-        fastrpb.linear_attention_step(state, q[..., 9, :], k[..., 9, :], v[..., 9, :])
+        fastrpb.linear_attention_step(state, qb[..., 9, :], kb[..., 9, :], vb[..., 9, :])
     with pytest.raises(ValueError, match="rpb_tables"):
-        fastrpb.linear_attention(q[..., 9:, :], k[..., 9:, :], v[..., 9:, :], causal=True, initial_state=state)
+        fastrpb.linear_attention(*rest, causal=True, initial_state=state)
 
 
 @pytest.mark.only_backends("torch", reason="the torch layers run on the torch CPU backend")

@@ -328,9 +328,10 @@ def _grid_step(
         return out, state
     if known is not None:
         finished = known % grid[-1] == grid[-1] - 1
-        return out, (
-            _finish_row(xp, state, _coordinates(known, grid), cut, e_last, work, toeplitz, lead) if finished else state
-        )
+        at = (
+            p if slices_compile(xp) else _coordinates(known, grid)
+        )  # eager JAX: array positions, one kernel for every row
+        return out, (_finish_row(xp, state, at, cut, e_last, work, toeplitz, lead) if finished else state)
     last = p[-1] == grid[-1] - 1
     leaves = cond(
         xp, last, lambda *ls: _leaves(_finish_row(xp, _unleaves(state, ls), p, cut, e_last, work, toeplitz, lead)),
