@@ -53,7 +53,7 @@ def _leaf_shapes(state):
 # --------------------------------------------------------------------------- steps and pieces
 @pytest.mark.parametrize(
     ("grid", "skip", "none_axis", "precision"),
-    [(*case, "float64") for case in CASES] + [(*CASES[0], "float32"), (*CASES[2], "float32")],
+    [(*case, "float64") for case in CASES] + [(*CASES[2], "float32")],
 )
 def test_steps_match_dense(backend, rng, grid, skip, none_axis, precision):
     v, tables, expected = _case(rng, grid, skip, none_axis)
@@ -68,7 +68,7 @@ def test_random_pieces_equal_one_call(backend, rng, grid, skip, none_axis):
     v, tables, expected = _case(rng, grid, skip, none_axis)
     vb, tb = backend.asarray(v), _on(backend, tables)
     L = v.shape[-2]
-    cuts = sorted({0, 1, 2, L - 1, *rng.integers(0, L + 1, size=3).tolist()})
+    cuts = sorted({0, 1, 2, L - 1, *rng.integers(0, L + 1, size=2).tolist()})
     cuts = [0, *cuts, cuts[-1], L]  # an empty piece, at the start and at a repeated cut
     state, parts = None, []
     for lo, hi in itertools.pairwise(cuts):
@@ -97,20 +97,24 @@ def test_a_causal_call_shorter_than_the_grid_is_a_prefix(backend, rng):
 
 
 def test_state_layout_is_fixed_and_owns_its_values(backend, rng):
-    # the same leaves after any number of tokens; a reused input buffer changes nothing
+    # the same leaves after any number of tokens; a recycled prompt and a reused input
+    # buffer change nothing
     grid = (3, 4)
     v, tables, expected = _case(rng, grid, (0, 0), None)
     tb = _on(backend, tables)
-    state, layout, outs = None, None, []
-    for t in range(v.shape[-2]):
+    prompt = backend.asarray(v[..., :2, :])
+    first, state = fastrpb.rpb_nd(prompt, tb, grid, causal=True, return_state=True)
+    layout, outs = _leaf_shapes(state), [first]
+    if backend.name in ("numpy", "torch"):  # libraries with in-place writes: recycle the prompt
+        prompt[...] = 1e6
+    for t in range(2, v.shape[-2]):
         buffer = backend.asarray(v[..., t, :])
         y, state = fastrpb.rpb_nd_step(state, buffer, tb, grid=grid)
-        outs.append(y)
         if backend.name in ("numpy", "torch"):  # libraries with in-place writes: overwrite the buffer
             buffer[...] = 1e6
-        layout = layout or _leaf_shapes(state)
+        outs.append(y[..., None, :])
         assert _leaf_shapes(state) == layout, t
-    assert_close(backend, backend.xp.stack(outs, axis=-2), expected, "float64")
+    assert_close(backend, backend.xp.concat(outs, axis=-2), expected, "float64")
 
 
 def test_a_step_never_changes_the_state_it_is_given(backend, rng):
@@ -145,11 +149,12 @@ def test_jitted_steps_continue_an_eager_prefill_and_back(backend, rng):
     v, tables, expected = _case(rng, _GRID, (1, 0), None)
     vb, tb = backend.asarray(v), _on(backend, tables)
     first, state = fastrpb.rpb_nd(vb[..., :4, :], tb, _GRID, causal=True, skip=(1, 0), return_state=True)
-    structure = jax.tree_util.tree_structure(state)
+    structure, layout = jax.tree_util.tree_structure(state), _leaf_shapes(state)
     step, outs = _jitted_step(jax), [first]
     for t in range(4, 9):  # across a row's end
         y, state = step(state, vb[..., t, :], *tb)
         assert jax.tree_util.tree_structure(state) == structure
+        assert _leaf_shapes(state) == layout
         outs.append(y[..., None, :])
     rest, _ = _steps(backend, vb, tb, _GRID, state=state, start=9)  # eager again
     assert_close(backend, backend.xp.concat([*outs, rest], axis=-2), expected, "float64")
@@ -227,6 +232,26 @@ def test_torch_layer_streams_a_causal_nd_bias(backend, rng):
     assert_close(backend, torch.cat(outs, dim=1), whole, "float64")
     with pytest.raises(ValueError, match=r"FastRPBnd\(\.\.\., causal=True\)"):
         LinearAttention(8, 2, causal=True, rpb=FastRPBnd(2, (3, 4)))
+
+
+@pytest.mark.only_backends("jax", reason="the flax layers run on the JAX CPU backend")
+def test_flax_bias_module_streams(backend, rng):
+    # the flax FastRPBnd's streaming calls (the attention layers around it are the
+    # torch layers' code, tested above; an eager flax attention layer costs ~40 s here)
+    from fastrpb.flax import FastRPBnd
+
+    grid, skip = (3, 4), (1, 0)
+    bias = FastRPBnd(2, grid, skip=skip, causal=True, seed=0, scale=0.3, param_dtype=backend.xp.float64)
+    v = rng.standard_normal((2, 13, 3))  # (heads, L, D): the shapes of the tests above (compiled kernels shared)
+    expected = oracles.rpb_nd(v, [backend.to_numpy(w) for w in bias.weights()], grid, skip=skip, causal=True)
+    vb = backend.asarray(v)
+    first, state = bias(vb[..., :6, :], return_state=True)
+    outs = [first]
+    for t in range(6, 10):  # across a row's end
+        y, state = bias(vb[..., t, :], initial_state=state, step=True)
+        outs.append(y[..., None, :])
+    outs.append(bias(vb[..., 10:, :], initial_state=state))
+    assert_close(backend, backend.xp.concat(outs, axis=-2), expected, "float64")
 
 
 # --------------------------------------------------------------------------- errors
