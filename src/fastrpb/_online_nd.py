@@ -49,7 +49,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import _online
-from ._compat import cond, count_array, device_of, is_compiled, jax_pytree, slices_compile
+from ._compat import cond, count_array, device_of, is_compiled, jax_pytree, next_fast_len, slices_compile
 from ._online import RPBState, as_dtype
 from ._typing import Array, Namespace
 
@@ -363,6 +363,8 @@ def step(
         position = state.count - a if slices_compile(xp) else n  # eager JAX: reads at array positions
         out, new = _grid_step(xp, state, v, position, cut, e_last, lead=lead, work=work, toeplitz=toeplitz, known=n)
         return out, new._replace(count=count)
+    for G in grid:  # the FFT lengths of the row-end Toeplitz products, memoised out here: a
+        next_fast_len(2 * G - 1)  # first use inside torch.cond would write a global dict there
     n = state.count - a
     inside = (n >= 0) & (n < N)
     if a or b:  # a skipped token must not advance the grid
