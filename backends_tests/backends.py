@@ -6,7 +6,8 @@ results come back with ``backend.to_numpy`` and are judged by ``assert_close``, 
 checks library, dtype, device, shape and values in one call. ``FASTRPB_BACKENDS``
 (comma separated) chooses backends; a backend asked for by name but not importable
 is an error, not a skip, so CI can never lose one silently. GPU backends are
-skipped, with the reason, on machines without a GPU unless named explicitly.
+left out of the matrix, with the reason in the report header, on machines without a GPU
+unless named explicitly.
 
 What a backend can do (``jit``, ``grad``, ``fft``, ``gpu``, a second device, its
 dtypes) is declared here once; ``conftest.py`` turns the markers of the same names
@@ -195,8 +196,9 @@ def make(name: str, *, x64: bool = True) -> Backend:
                 raise _NoGPU("PyTorch sees no CUDA device")
             # with its index: results report cuda:0, and cuda != cuda:0 for torch
             device = torch.device("cuda", torch.cuda.current_device())
-            return Backend(name, xp, device, DTYPES, grad="torch", native=torch, gpu=True,
-                           other_device=torch.device("cpu"))
+            return Backend(
+                name, xp, device, DTYPES, grad="torch", native=torch, gpu=True, other_device=torch.device("cpu")
+            )
         return Backend(name, xp, torch.device("cpu"), DTYPES, grad="torch", native=torch)
     if name in ("jax", "jax_gpu"):
         import jax
@@ -336,8 +338,15 @@ def assert_close(
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol * max(scale, 1e-30))
 
 
-def check_gradients(backend: Backend, fn: Callable[..., Any], *inputs: np.ndarray, h: float = 1e-6,
-                    rtol: float = 1e-6, atol: float = 1e-6, seed: int = 0) -> None:
+def check_gradients(
+    backend: Backend,
+    fn: Callable[..., Any],
+    *inputs: np.ndarray,
+    h: float = 1e-6,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    seed: int = 0,
+) -> None:
     """Gradients of ``fn`` on ``backend`` against float64 central differences.
 
     ``fn`` takes backend arrays (built from the NumPy ``inputs`` in float64) and
@@ -361,5 +370,6 @@ def check_gradients(backend: Backend, fn: Callable[..., Any], *inputs: np.ndarra
     numeric = oracles.finite_differences(lambda *a: float(compiled(*(backend.asarray(x) for x in a))), *args, h=h)
     for k, (g, n) in enumerate(zip(grads, numeric, strict=True)):
         scale = max(1.0, float(np.max(np.abs(n))) if n.size else 1.0)
-        np.testing.assert_allclose(backend.to_numpy(g), n, rtol=rtol, atol=atol * scale,
-                                   err_msg=f"gradient with respect to argument {k}")
+        np.testing.assert_allclose(
+            backend.to_numpy(g), n, rtol=rtol, atol=atol * scale, err_msg=f"gradient with respect to argument {k}"
+        )

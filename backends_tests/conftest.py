@@ -1,7 +1,9 @@
 """Fixtures of the shared cross-backend matrix: ``backend``, ``dtype``, ``rng``.
 
 Every test that takes ``backend`` runs once per backend of ``FASTRPB_BACKENDS``
-(default: all; GPU backends skip with their reason where there is no GPU).
+(default: all that can run here). A GPU backend not named there and without a GPU on
+this machine is left out of the matrix, not skipped test by test: the report header
+says once which backends were left out and why.
 
 What a test needs from a backend is said by a marker, never by a skip in its body
 (in the spirit of array-api-extra's conftest and SciPy's ``xp_capabilities``); the
@@ -14,6 +16,11 @@ What a test needs from a backend is said by a marker, never by a skip in its bod
   ``@pytest.mark.only_backends("torch", ..., reason=...)``: named backends;
 - ``@pytest.mark.uses_backend("torch", reason=...)`` on a test without the ``backend`` fixture
   (an example script, a training run): skipped unless that backend is selected.
+
+The full combinatorics of a parametrised test run where they are cheap, on NumPy and
+array-api-strict (``FULL_MATRIX``). ``@pytest.mark.subset(keep)`` on a test says which
+cases the other backends run: those whose parameters satisfy ``keep(**params)`` (the
+cases each of their code paths needs); the rest are deselected there, not skipped.
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends import DTYPES, load, requested
+from backends_tests.backends import DTYPES, Backend, load, requested
 
-_LOADED: dict[str, object] = {}
+_LOADED: dict[str, Backend] = {}
 _SKIPPED: dict[str, str] = {}
+
+# the backends that run every case of a test marked ``subset`` (see the module docstring)
+FULL_MATRIX = ("numpy", "array_api_strict")
 
 # marker -> (what the backend must have, why a backend without it skips)
 CAPABILITIES = {
@@ -51,16 +61,40 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [f"fastrpb backends: {', '.join(_LOADED) or 'none'}"]
-    lines += [f"  skipped backend {reason}" for reason in _SKIPPED.values()]
+    lines += [f"  left out of the matrix: {reason}" for reason in _SKIPPED.values()]
+    full = [name for name in FULL_MATRIX if name in _LOADED]
+    if full and len(full) < len(_LOADED):
+        lines.append(f"  tests marked subset: every case on {', '.join(full)}, the marked subset on the others")
     return lines
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend" in metafunc.fixturenames:
-        names, _ = requested()
-        metafunc.parametrize("backend", list(names), indirect=True, ids=list(names))
-    if "dtype" in metafunc.fixturenames:
+    # only the backends that can run here: a GPU backend without a GPU gives no ids (the
+    # header says why it is left out), and a dtype a backend lacks gives no id either
+    names = list(_LOADED)
+    if "backend" in metafunc.fixturenames and "dtype" in metafunc.fixturenames:
+        pairs = [(name, d) for name in names for d in DTYPES if d in _LOADED[name].dtypes]
+        metafunc.parametrize(("backend", "dtype"), pairs, indirect=True, ids=[f"{n}-{d}" for n, d in pairs])
+    elif "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", names, indirect=True, ids=names)
+    elif "dtype" in metafunc.fixturenames:
         metafunc.parametrize("dtype", list(DTYPES), indirect=True, ids=list(DTYPES))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the cases of a ``subset`` test that a backend outside FULL_MATRIX skips."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("subset")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if marker is None or params.get("backend", FULL_MATRIX[0]) in FULL_MATRIX:
+            kept.append(item)
+            continue
+        keep = marker.args[0]
+        (kept if keep(**{k: v for k, v in params.items() if k != "backend"}) else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def _unmet(node: pytest.Item, backend) -> str | None:
@@ -83,10 +117,7 @@ def _unmet(node: pytest.Item, backend) -> str | None:
 
 @pytest.fixture
 def backend(request: pytest.FixtureRequest):
-    name = request.param
-    if name in _SKIPPED:
-        pytest.skip(_SKIPPED[name])
-    loaded = _LOADED[name]
+    loaded = _LOADED[request.param]
     reason = _unmet(request.node, loaded)
     if reason is not None:
         pytest.skip(reason)

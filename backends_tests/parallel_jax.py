@@ -54,8 +54,6 @@ def oracle_attention(q, k, v, fmap, causal, key_mask, table, skip, proj):
     return out
 
 
-
-
 def value_and_grad(f, km, weight, argnums):
     """``jit`` of ((loss, output), gradients) for ``loss = sum(f(...) * weight)``."""
 
@@ -116,12 +114,16 @@ def main() -> None:
         # forward and gradients of a scalar loss in one compiled function each
         (_, got), g_sharded = value_and_grad(sharded, km, weight, argnums)(*args)
         (_, ref), g_single = value_and_grad(single, km, weight, argnums)(*args)
-        want = oracle_attention(qs, ks, v, fmap, causal, key_mask if masked else None, table if with_bias else None, skip, proj)
+        want = oracle_attention(
+            qs, ks, v, fmap, causal, key_mask if masked else None, table if with_bias else None, skip, proj
+        )
         e1 = check(f"P={P} {fmap} causal={causal} forward vs oracle", got, want)
         e2 = check(f"P={P} {fmap} causal={causal} forward vs single", got, ref)
         e3 = max(check(f"P={P} {fmap} grad {n}", a, b) for n, a, b in zip("qkvw", g_sharded, g_single, strict=False))
-        print(f"P={P} {fmap:5s} causal={causal!s:5s} bias={with_bias!s:5s} skip={skip} mask={masked!s:5s} "
-              f"err oracle {e1:.1e} single {e2:.1e} grad {e3:.1e}")
+        print(
+            f"P={P} {fmap:5s} causal={causal!s:5s} bias={with_bias!s:5s} skip={skip} mask={masked!s:5s} "
+            f"err oracle {e1:.1e} single {e2:.1e} grad {e3:.1e}"
+        )
 
     # the bias alone: per-head table, a shared 1-d table, odd column counts (padding)
     for P, shape, w_shape, causal, skip in [
@@ -138,14 +140,19 @@ def main() -> None:
         def sharded_rpb(x, w, vspec=vspec, ospec=ospec, mesh=mesh, causal=causal, skip=skip):
             def body(x, w):
                 return parallel.rpb(x, w, comm=parallel.jax_axis("seq"), causal=causal, skip=skip)
+
             return jax.shard_map(body, mesh=mesh, in_specs=(vspec, Spec()), out_specs=ospec)(x, w)
 
         dense = oracles.toeplitz(w, L, causal=causal, skip=skip)
         weight = jnp.asarray(rng.standard_normal(np.broadcast_shapes(shape[:-2], w_shape[:-1]) + shape[-2:]))
+
         def single(x, w, causal=causal, skip=skip):
             return fastrpb.rpb(x, w, causal=causal, skip=skip)
+
         (_, got), g1 = value_and_grad(lambda x, w, *_: sharded_rpb(x, w), None, weight, (0, 1))(x, w, None, None)
-        (_, ref), g2 = value_and_grad(lambda x, w, *_, single=single: single(x, w), None, weight, (0, 1))(x, w, None, None)
+        (_, ref), g2 = value_and_grad(lambda x, w, *_, single=single: single(x, w), None, weight, (0, 1))(
+            x, w, None, None
+        )
         e1 = check(f"rpb P={P} {shape} forward vs oracle", got, dense @ x)
         check(f"rpb P={P} {shape} forward vs single", got, ref)
         e2 = max(check(f"rpb P={P} grad {n}", a, b) for n, a, b in zip("vw", g1, g2, strict=False))
@@ -155,8 +162,10 @@ def main() -> None:
     mesh = Mesh(np.array(jax.devices()[:8]), ("seq",))
     for length in (64, 256):
         x = jnp.zeros((1, 1, length, D))
+
         def body(q, k, v):
             return parallel.linear_attention(q, k, v, comm=parallel.jax_axis("seq"), causal=True)
+
         f = jax.shard_map(body, mesh=mesh, in_specs=(seq,) * 3, out_specs=seq)
         hlo = jax.jit(f).lower(x, x, x).as_text()  # StableHLO: the collectives as written
         gathers = [line for line in hlo.splitlines() if "all_gather" in line]

@@ -16,7 +16,10 @@ import os
 import socket
 import sys
 
-sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"), os.path.dirname(os.path.abspath(__file__))]
+sys.path[:0] = [
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"),
+    os.path.dirname(os.path.abspath(__file__)),
+]
 
 import numpy as np
 import torch
@@ -113,7 +116,10 @@ def worker(rank: int, world: int, port: int) -> None:
                 ref, ref_grads = attend(fastrpb.linear_attention, d, *case, 0, L)
                 e1 = check(f"P={world} {case} forward vs oracle", full.numpy(), oracle(d, *case))
                 e2 = check(f"P={world} {case} forward vs one process", full.numpy(), ref.numpy())
-                e3 = max(check(f"P={world} {case} grad {n}", a.numpy(), b.numpy()) for n, a, b in zip("qkvw", gathered, ref_grads, strict=False))
+                e3 = max(
+                    check(f"P={world} {case} grad {n}", a.numpy(), b.numpy())
+                    for n, a, b in zip("qkvw", gathered, ref_grads, strict=False)
+                )
                 print(f"P={world} {case}: err oracle {e1:.1e} one process {e2:.1e} grad {e3:.1e}", flush=True)
         # the bias alone, a shared 1-d table and an odd column count
         x = torch.tensor(d["v"][0, :1, lo:hi, :3], requires_grad=True)  # (1, Lb, 3)
@@ -151,8 +157,6 @@ def worker(rank: int, world: int, port: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
 
 
 def check(name, got, want, rtol=RTOL):

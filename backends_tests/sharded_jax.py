@@ -56,8 +56,6 @@ def collectives(hlo: str) -> list[tuple[str, int]]:
     return found
 
 
-
-
 def main() -> None:
     assert len(jax.devices()) == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
@@ -79,24 +77,37 @@ def main() -> None:
         elif fmap == "sikf":
             out = oracles.exp_kernel_attention(q, k, v, causal=causal, eps=1e-6)
         else:
-            out = oracles.exp_kernel_attention(oracles.favor_log(q, proj), oracles.favor_log(k, proj), v, causal=causal, eps=1e-6)
+            out = oracles.exp_kernel_attention(
+                oracles.favor_log(q, proj), oracles.favor_log(k, proj), v, causal=causal, eps=1e-6
+            )
         return out + oracles.rpb(v, table, causal=causal)
 
     cases = []
     for causal in (False, True):
         for skip in ((0, 0), (1, 2)):
             cases.append(
-                (f"rpb causal={causal} skip={skip}", lambda q, k, v, w, wr, wc, c=causal, s=skip: fastrpb.rpb(v, w, causal=c, skip=s),
-                 oracles.rpb(v, w, causal=causal, skip=skip))
+                (
+                    f"rpb causal={causal} skip={skip}",
+                    lambda q, k, v, w, wr, wc, c=causal, s=skip: fastrpb.rpb(v, w, causal=c, skip=s),
+                    oracles.rpb(v, w, causal=causal, skip=skip),
+                )
             )
         cases.append(
-            (f"rpb_nd causal={causal}", lambda q, k, v, w, wr, wc, c=causal: fastrpb.rpb_nd(v, [wr, wc], GRID, causal=c),
-             oracles.rpb_nd(v, [w_rows, w_cols], GRID, causal=causal))
+            (
+                f"rpb_nd causal={causal}",
+                lambda q, k, v, w, wr, wc, c=causal: fastrpb.rpb_nd(v, [wr, wc], GRID, causal=c),
+                oracles.rpb_nd(v, [w_rows, w_cols], GRID, causal=causal),
+            )
         )
     for fmap, causal in (("elu", False), ("sikf", True), ("dpfp", True), ("favor", False)):
         cases.append(
-            (f"linear_attention {fmap} causal={causal} rpb=", lambda q, k, v, w, wr, wc, f=fmap, c=causal: fastrpb.linear_attention(
-                q, k, v, feature_map=maps[f], causal=c, rpb=w, chunk_size=8), oracle_la(fmap, causal, w))
+            (
+                f"linear_attention {fmap} causal={causal} rpb=",
+                lambda q, k, v, w, wr, wc, f=fmap, c=causal: fastrpb.linear_attention(
+                    q, k, v, feature_map=maps[f], causal=c, rpb=w, chunk_size=8
+                ),
+                oracle_la(fmap, causal, w),
+            )
         )
 
     # the detector finds the gather XLA makes of an FFT it cannot partition (jax#15680)
@@ -114,7 +125,11 @@ def main() -> None:
         assert not big, f"long input, causal={causal}: value-sized collectives {big}"
     print("long input: no value-sized collectives")
 
-    layouts = {"batch": (Spec("data"), Spec()), "heads": (Spec(None, "model"), Spec("model")), "batch+heads": (Spec("data", "model"), Spec("model"))}
+    layouts = {
+        "batch": (Spec("data"), Spec()),
+        "heads": (Spec(None, "model"), Spec("model")),
+        "batch+heads": (Spec("data", "model"), Spec("model")),
+    }
     value_size = L * D
     for layout, (vspec, wspec) in layouts.items():
         on_v, on_w = NamedSharding(mesh, vspec), NamedSharding(mesh, wspec)
@@ -128,7 +143,9 @@ def main() -> None:
             big = [(kind, n) for kind, n in collectives(hlo) if n >= value_size]
             assert not big, f"{layout} {name}: value-sized collectives {big}"
             out = jitted(*args)
-            assert out.sharding.is_equivalent_to(args[2].sharding, out.ndim), f"{layout} {name}: output sharding {out.sharding} != {args[2].sharding}"
+            assert out.sharding.is_equivalent_to(args[2].sharding, out.ndim), (
+                f"{layout} {name}: output sharding {out.sharding} != {args[2].sharding}"
+            )
             check(f"{layout} {name} (oracle)", out, want)
             check(f"{layout} {name} (unsharded)", out, jax.jit(f)(*plain))
             print(f"{layout}: {name}: no value-sized collectives, sharding kept, equal")
@@ -136,21 +153,28 @@ def main() -> None:
                 continue
             # gradients: value, table (and queries/keys) through the partitioned FFTs
             weight = jnp.asarray(rng.standard_normal(want.shape))
+
             def loss(*a, f=f, weight=weight):
                 return jnp.sum(f(*a) * weight)
+
             grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
             hlo = grads.lower(*args).compile().as_text()
             big = [(kind, n) for kind, n in collectives(hlo) if n >= value_size]
             assert not big, f"{layout} {name} grad: value-sized collectives {big}"
-            for j, (g, g_ref) in enumerate(zip(grads(*args), jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(*plain), strict=False)):
+            for j, (g, g_ref) in enumerate(
+                zip(grads(*args), jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(*plain), strict=False)
+            ):
                 check(f"{layout} {name} grad {j}", g, g_ref, rtol=1e-8)
             print(f"{layout}: {name}: gradients equal, no value-sized collectives")
         # eager calls on sharded arrays: a replicated or sharded table beside sharded values
         replicated = jax.device_put(jnp.asarray(w), NamedSharding(mesh, Spec()))
         for table in (replicated, args[3]):
             check(f"{layout} eager rpb", fastrpb.rpb(args[2], table), oracles.rpb(v, w))
-            check(f"{layout} eager linear_attention", fastrpb.linear_attention(args[0], args[1], args[2], rpb=table, causal=True),
-                  oracle_la("elu", True, w))
+            check(
+                f"{layout} eager linear_attention",
+                fastrpb.linear_attention(args[0], args[1], args[2], rpb=table, causal=True),
+                oracle_la("elu", True, w),
+            )
         print(f"{layout}: eager calls equal")
     print("OK")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends import assert_array, assert_close, check_gradients
+from backends_tests.backends import assert_array, assert_close, check_gradients
 from fastrpb import feature_maps as fm
 from fastrpb import linear_attention, linear_attention_step, random_projection, softmax_attention
 
@@ -93,13 +93,18 @@ def test_causal_blocks_of_chunks(backend, monkeypatch, rng, name):
     assert_close(backend, out, expected, "float64")
     assert_close(backend, state.S, phi(kn).T @ vn, "float64")
     assert_close(backend, state.z, phi(kn).sum(0), "float64")
-    head, head_state = linear_attention(q[:8, :], k[:8, :], v[:8, :], feature_map=fmap, causal=True, chunk_size=2, return_state=True)
-    tail = linear_attention(q[8:, :], k[8:, :], v[8:, :], feature_map=fmap, causal=True, chunk_size=2, initial_state=head_state)
+    head, head_state = linear_attention(
+        q[:8, :], k[:8, :], v[:8, :], feature_map=fmap, causal=True, chunk_size=2, return_state=True
+    )
+    tail = linear_attention(
+        q[8:, :], k[8:, :], v[8:, :], feature_map=fmap, causal=True, chunk_size=2, initial_state=head_state
+    )
     assert_close(backend, head, expected[:8], "float64")
     assert_close(backend, tail, expected[8:], "float64")
     if backend.grad:
-        check_gradients(backend, lambda q, k, v: linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3),
-                        qn, kn, vn)
+        check_gradients(
+            backend, lambda q, k, v: linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3), qn, kn, vn
+        )
 
 
 def test_callable_and_rff_maps(backend, rng):
@@ -169,7 +174,9 @@ def test_rpb_term_is_added(backend, dtype, rng, causal):
     mask = backend.asarray(mask_n, None)
     vmasked = np.where(mask_n[..., None], vn, 0.0)
     B = oracles.toeplitz(wn, L, causal=causal, skip=(1, 1))
-    out = linear_attention(q, k, v, feature_map="sikf", causal=causal, key_mask=mask, chunk_size=3, rpb=w, rpb_skip=(1, 1))
+    out = linear_attention(
+        q, k, v, feature_map="sikf", causal=causal, key_mask=mask, chunk_size=3, rpb=w, rpb_skip=(1, 1)
+    )
     expected = _oracle("sikf", qn, kn, vn, causal=causal, key_mask=mask_n, eps=1e-6) + B @ vmasked
     assert_close(backend, out, expected, dtype)
     out = softmax_attention(q, k, v, causal=causal, key_mask=mask, rpb=w, rpb_skip=(1, 1))
@@ -223,7 +230,9 @@ def test_decoding_equals_causal(backend, dtype, rng, name):
         outs.append(out_t)
     assert_close(backend, backend.xp.stack(outs, axis=-2), expected, dtype)
     # prefill the first 4 tokens, then decode the rest
-    prompt, state = linear_attention(q[:, :4, :], k[:, :4, :], v[:, :4, :], feature_map=fmap, causal=True, chunk_size=3, return_state=True)
+    prompt, state = linear_attention(
+        q[:, :4, :], k[:, :4, :], v[:, :4, :], feature_map=fmap, causal=True, chunk_size=3, return_state=True
+    )
     assert_close(backend, prompt, expected[:, :4], dtype)
     assert state.S.shape[-1] == 3
     assert state.z.shape == state.S.shape[:-1]
@@ -308,7 +317,9 @@ def test_sikf_shift_invariance(backend, rng, causal):
     if causal:
         state, outs = None, []
         for t in range(9):
-            out_t, state = linear_attention_step(state, q[:, t, :] + row_shift[:, t, :], k[:, t, :] + 400.0, v[:, t, :], feature_map="sikf")
+            out_t, state = linear_attention_step(
+                state, q[:, t, :] + row_shift[:, t, :], k[:, t, :] + 400.0, v[:, t, :], feature_map="sikf"
+            )
             outs.append(backend.to_numpy(out_t))
         np.testing.assert_allclose(np.stack(outs, axis=1), base, rtol=1e-9, atol=1e-9)
 
@@ -334,7 +345,9 @@ def test_softmax_attention_matches_oracle(backend, dtype, rng, causal):
     Bn = oracles.toeplitz(wn, 6)
     out = softmax_attention(q, k, v, causal=causal, logits_bias=backend.asarray(Bn, dtype), scale=0.7)
     bias_n = backend.to_numpy(backend.asarray(Bn, dtype)).astype(np.float64)
-    assert_close(backend, out, oracles.softmax_attention(qn, kn, vn, causal=causal, logits_bias=bias_n, scale=0.7), dtype)
+    assert_close(
+        backend, out, oracles.softmax_attention(qn, kn, vn, causal=causal, logits_bias=bias_n, scale=0.7), dtype
+    )
 
 
 def test_softmax_attention_is_stable_and_cross(backend, rng):
@@ -449,37 +462,172 @@ def _bad_inputs(backend):
 _BAD_CALLS = [
     ("width", lambda c: linear_attention(c.q, c.a(2, 5, 3), c.v), ValueError, r"k must have the width Dk of q"),
     ("length", lambda c: linear_attention(c.q, c.k, c.a(2, 4, 3)), ValueError, r"v must have one row per key.*Lk = 5"),
-    ("lead", lambda c: linear_attention(c.q, c.a(3, 5, 4), c.a(3, 5, 3)), ValueError, r"leading dimensions of q, k and v"),
-    ("mask shape", lambda c: linear_attention(c.q, c.k, c.v, key_mask=c.mask[:, :4]), ValueError, r"key_mask must have shape \(\.\.\., Lk\) with Lk = 5"),
-    ("mask lead", lambda c: linear_attention(c.q, c.k, c.v, key_mask=c.backend.asarray(np.ones((3, 5), dtype=bool), None)), ValueError, r"key_mask"),
-    ("mask dtype", lambda c: linear_attention(c.q, c.k, c.v, key_mask=c.a(2, 5)), TypeError, r"key_mask must be a bool array"),
-    ("map name", lambda c: linear_attention(c.q, c.k, c.v, feature_map="softmax"), ValueError, r"feature_map 'softmax'.*'elu', 'relu', 'sikf', 'dpfp'"),
-    ("map needs projection", lambda c: linear_attention(c.q, c.k, c.v, feature_map="hedgehog"), ValueError, r"feature_map 'hedgehog' needs a projection.*feature_maps.hedgehog\(projection\)"),
+    (
+        "lead",
+        lambda c: linear_attention(c.q, c.a(3, 5, 4), c.a(3, 5, 3)),
+        ValueError,
+        r"leading dimensions of q, k and v",
+    ),
+    (
+        "mask shape",
+        lambda c: linear_attention(c.q, c.k, c.v, key_mask=c.mask[:, :4]),
+        ValueError,
+        r"key_mask must have shape \(\.\.\., Lk\) with Lk = 5",
+    ),
+    (
+        "mask lead",
+        lambda c: linear_attention(c.q, c.k, c.v, key_mask=c.backend.asarray(np.ones((3, 5), dtype=bool), None)),
+        ValueError,
+        r"key_mask",
+    ),
+    (
+        "mask dtype",
+        lambda c: linear_attention(c.q, c.k, c.v, key_mask=c.a(2, 5)),
+        TypeError,
+        r"key_mask must be a bool array",
+    ),
+    (
+        "map name",
+        lambda c: linear_attention(c.q, c.k, c.v, feature_map="softmax"),
+        ValueError,
+        r"feature_map 'softmax'.*'elu', 'relu', 'sikf', 'dpfp'",
+    ),
+    (
+        "map needs projection",
+        lambda c: linear_attention(c.q, c.k, c.v, feature_map="hedgehog"),
+        ValueError,
+        r"feature_map 'hedgehog' needs a projection.*feature_maps.hedgehog\(projection\)",
+    ),
     ("map type", lambda c: linear_attention(c.q, c.k, c.v, feature_map=3), TypeError, r"feature_map must be"),
-    ("chunk zero", lambda c: linear_attention(c.q, c.k, c.v, causal=True, chunk_size=0), ValueError, r"chunk_size must be >= 1, got 0"),
-    ("chunk negative", lambda c: linear_attention(c.q, c.k, c.v, causal=True, chunk_size=-2), ValueError, r"chunk_size must be >= 1"),
-    ("chunk float", lambda c: linear_attention(c.q, c.k, c.v, causal=True, chunk_size=2.0), TypeError, r"chunk_size must be an int"),
-    ("causal lengths", lambda c: linear_attention(c.q, c.a(2, 6, 4), c.a(2, 6, 3), causal=True), ValueError, r"causal=True needs as many queries as keys.*Lq = 5.*Lk = 6"),
-    ("softmax causal lengths", lambda c: softmax_attention(c.q, c.a(2, 6, 4), c.a(2, 6, 3), causal=True), ValueError, r"causal=True.*Lq = 5"),
-    ("int dtype", lambda c: linear_attention(c.backend.asarray(np.ones((2, 5, 4), dtype=np.int32), None), c.k, c.v), TypeError, r"q must have a real floating dtype"),
-    ("bool dtype", lambda c: softmax_attention(c.q, c.k, c.backend.asarray(np.ones((2, 5, 3), dtype=bool), None)), TypeError, r"v must have a real floating dtype"),
-    ("not an array", lambda c: linear_attention(np.ones((2, 5, 4)).tolist(), c.k, c.v), TypeError, r"q must be an array"),
+    (
+        "chunk zero",
+        lambda c: linear_attention(c.q, c.k, c.v, causal=True, chunk_size=0),
+        ValueError,
+        r"chunk_size must be >= 1, got 0",
+    ),
+    (
+        "chunk negative",
+        lambda c: linear_attention(c.q, c.k, c.v, causal=True, chunk_size=-2),
+        ValueError,
+        r"chunk_size must be >= 1",
+    ),
+    (
+        "chunk float",
+        lambda c: linear_attention(c.q, c.k, c.v, causal=True, chunk_size=2.0),
+        TypeError,
+        r"chunk_size must be an int",
+    ),
+    (
+        "causal lengths",
+        lambda c: linear_attention(c.q, c.a(2, 6, 4), c.a(2, 6, 3), causal=True),
+        ValueError,
+        r"causal=True needs as many queries as keys.*Lq = 5.*Lk = 6",
+    ),
+    (
+        "softmax causal lengths",
+        lambda c: softmax_attention(c.q, c.a(2, 6, 4), c.a(2, 6, 3), causal=True),
+        ValueError,
+        r"causal=True.*Lq = 5",
+    ),
+    (
+        "int dtype",
+        lambda c: linear_attention(c.backend.asarray(np.ones((2, 5, 4), dtype=np.int32), None), c.k, c.v),
+        TypeError,
+        r"q must have a real floating dtype",
+    ),
+    (
+        "bool dtype",
+        lambda c: softmax_attention(c.q, c.k, c.backend.asarray(np.ones((2, 5, 3), dtype=bool), None)),
+        TypeError,
+        r"v must have a real floating dtype",
+    ),
+    (
+        "not an array",
+        lambda c: linear_attention(np.ones((2, 5, 4)).tolist(), c.k, c.v),
+        TypeError,
+        r"q must be an array",
+    ),
     ("eps", lambda c: linear_attention(c.q, c.k, c.v, eps=-1.0), ValueError, r"eps must be a finite float >= 0"),
     ("causal type", lambda c: linear_attention(c.q, c.k, c.v, causal="yes"), TypeError, r"causal must be a bool"),
-    ("return_state", lambda c: linear_attention(c.q, c.k, c.v, return_state=True), ValueError, r"return_state=True needs causal=True"),
-    ("rpb both", lambda c: linear_attention(c.q, c.k, c.v, rpb=c.a(9), rpb_tables=(c.a(3),), rpb_grid=(5,)), ValueError, r"either rpb"),
-    ("rpb cross", lambda c: linear_attention(c.a(2, 3, 4), c.k, c.v, rpb=c.a(9)), ValueError, r"FastRPB term.*Lq = 3 and Lk = 5"),
-    ("rpb short", lambda c: linear_attention(c.q, c.k, c.v, rpb=c.a(5)), ValueError, r"L = 5 tokens but the table covers at most M = 3"),
-    ("logits_bias shape", lambda c: softmax_attention(c.q, c.k, c.v, logits_bias=c.a(5, 4)), ValueError, r"logits_bias must broadcast to \(\.\.\., Lq, Lk\)"),
+    (
+        "return_state",
+        lambda c: linear_attention(c.q, c.k, c.v, return_state=True),
+        ValueError,
+        r"return_state=True needs causal=True",
+    ),
+    (
+        "rpb both",
+        lambda c: linear_attention(c.q, c.k, c.v, rpb=c.a(9), rpb_tables=(c.a(3),), rpb_grid=(5,)),
+        ValueError,
+        r"either rpb",
+    ),
+    (
+        "rpb cross",
+        lambda c: linear_attention(c.a(2, 3, 4), c.k, c.v, rpb=c.a(9)),
+        ValueError,
+        r"FastRPB term.*Lq = 3 and Lk = 5",
+    ),
+    (
+        "rpb short",
+        lambda c: linear_attention(c.q, c.k, c.v, rpb=c.a(5)),
+        ValueError,
+        r"L = 5 tokens but the table covers at most M = 3",
+    ),
+    (
+        "logits_bias shape",
+        lambda c: softmax_attention(c.q, c.k, c.v, logits_bias=c.a(5, 4)),
+        ValueError,
+        r"logits_bias must broadcast to \(\.\.\., Lq, Lk\)",
+    ),
     ("scale", lambda c: softmax_attention(c.q, c.k, c.v, scale="big"), TypeError, r"scale must be a float"),
-    ("state map", lambda c: linear_attention_step(c.elu_state, c.q[:, 0, :], c.k[:, 0, :], c.v[:, 0, :], feature_map="relu"), ValueError, r"state was made by feature map 'elu' but feature_map is 'relu'"),
-    ("state map exp", lambda c: linear_attention_step(c.sikf_state, c.q[:, 0, :], c.k[:, 0, :], c.v[:, 0, :], feature_map="elu"), ValueError, r"state was made by feature map 'sikf'"),
-    ("state Dv", lambda c: linear_attention_step(c.elu_state, c.q[:, 0, :], c.k[:, 0, :], c.a(2, 4), feature_map="elu"), ValueError, r"state.S must have shape \(\.\.\., F, Dv\) = \(\.\.\., 4, 4\)"),
-    ("state Dk", lambda c: linear_attention_step(c.elu_state, c.a(2, 6), c.a(2, 6), c.v[:, 0, :]), ValueError, r"state.S must have shape"),
-    ("state lead", lambda c: linear_attention_step(c.elu_state, c.a(3, 4), c.a(3, 4), c.a(3, 3)), ValueError, r"leading dimensions of state"),
-    ("state type", lambda c: linear_attention_step((1, 2), c.q[:, 0, :], c.k[:, 0, :], c.v[:, 0, :]), TypeError, r"state must be a LinearAttentionState"),
-    ("mixed libraries", lambda c: linear_attention(c.q, c.k, _other_library(c.backend, c.v)), TypeError, r"one array library|v must be an array"),
-    ("step width", lambda c: linear_attention_step(None, c.q[:, 0, :], c.a(2, 3), c.v[:, 0, :]), ValueError, r"k_t must have the width Dk of q_t"),
+    (
+        "state map",
+        lambda c: linear_attention_step(c.elu_state, c.q[:, 0, :], c.k[:, 0, :], c.v[:, 0, :], feature_map="relu"),
+        ValueError,
+        r"state was made by feature map 'elu' but feature_map is 'relu'",
+    ),
+    (
+        "state map exp",
+        lambda c: linear_attention_step(c.sikf_state, c.q[:, 0, :], c.k[:, 0, :], c.v[:, 0, :], feature_map="elu"),
+        ValueError,
+        r"state was made by feature map 'sikf'",
+    ),
+    (
+        "state Dv",
+        lambda c: linear_attention_step(c.elu_state, c.q[:, 0, :], c.k[:, 0, :], c.a(2, 4), feature_map="elu"),
+        ValueError,
+        r"state.S must have shape \(\.\.\., F, Dv\) = \(\.\.\., 4, 4\)",
+    ),
+    (
+        "state Dk",
+        lambda c: linear_attention_step(c.elu_state, c.a(2, 6), c.a(2, 6), c.v[:, 0, :]),
+        ValueError,
+        r"state.S must have shape",
+    ),
+    (
+        "state lead",
+        lambda c: linear_attention_step(c.elu_state, c.a(3, 4), c.a(3, 4), c.a(3, 3)),
+        ValueError,
+        r"leading dimensions of state",
+    ),
+    (
+        "state type",
+        lambda c: linear_attention_step((1, 2), c.q[:, 0, :], c.k[:, 0, :], c.v[:, 0, :]),
+        TypeError,
+        r"state must be a LinearAttentionState",
+    ),
+    (
+        "mixed libraries",
+        lambda c: linear_attention(c.q, c.k, _other_library(c.backend, c.v)),
+        TypeError,
+        r"one array library|v must be an array",
+    ),
+    (
+        "step width",
+        lambda c: linear_attention_step(None, c.q[:, 0, :], c.a(2, 3), c.v[:, 0, :]),
+        ValueError,
+        r"k_t must have the width Dk of q_t",
+    ),
 ]
 
 

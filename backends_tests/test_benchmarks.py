@@ -13,10 +13,12 @@ import subprocess
 import sys
 import warnings
 
+import pytest
+
 import fastrpb
 import fastrpb.bias
 import oracles
-from backends import assert_close
+from backends_tests.backends import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,9 +33,22 @@ def _run_harness(tmp_path, *args: str) -> dict:
         return json.load(fh)
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_harness_smoke(tmp_path):
-    payload = _run_harness(tmp_path, "--quick", "--backends", "numpy", "--sizes", "64,128", "--memory-sizes", "128",
-                           "--budget", "0.05", "--threads", "1")
+    payload = _run_harness(
+        tmp_path,
+        "--quick",
+        "--backends",
+        "numpy",
+        "--sizes",
+        "64,128",
+        "--memory-sizes",
+        "128",
+        "--budget",
+        "0.05",
+        "--threads",
+        "1",
+    )
     results = payload["results"]
     if hasattr(os, "sched_getaffinity"):  # --threads 1 pins the process (JAX obeys nothing else)
         assert payload["machine"]["usable_cpus"] == 1
@@ -83,3 +98,51 @@ def test_blocked_fft_path_matches_dense_oracle(backend, monkeypatch, rng):
     for causal in (False, True):
         got = fastrpb.rpb(backend.asarray(v, dtype), backend.asarray(w, dtype), causal=causal)
         assert_close(backend, got, oracles.rpb(v, w, causal), dtype)
+
+
+# name -> (the run's targets, machine, phrases the summary must hold, phrases it must not)
+_MISSED = dict(
+    id="rpb-dense",
+    text="FastRPB >= 20x faster than the dense product (PyTorch)",
+    backend="torch",
+    L=4096,
+    met=False,
+    shown="18.4x",
+)
+_MET = dict(_MISSED, id="causal-naive", text="Causal linear attention >= 10x faster", met=True, shown="62x", L=16384)
+SUMMARIES = {
+    "miss-on-a-busy-machine": (
+        [_MET, _MISSED],
+        dict(usable_cpus=2, load_average_start=[13.96, 12.0, 9.0], load_average_end=[14.48, 13.0, 9.5]),
+        [
+            "targets: 1 met, 1 missed",
+            "the load average went 14.0 -> 14.5 on 2 usable cores during the run (a busy machine)",
+            "python -m benchmarks --cases rpb --backends torch --sizes 4096 --repeats 11 --threads 1",
+        ],
+        [],
+    ),
+    "miss-on-a-quiet-machine": (
+        [_MISSED],
+        dict(usable_cpus=2, load_average_start=[0.1, 0.1, 0.1], load_average_end=[0.4, 0.2, 0.1]),
+        ["how to read a miss: the load average went 0.1 -> 0.4 on 2 usable cores", "--cases rpb --backends torch"],
+        ["busy machine"],
+    ),
+    "all-met": (
+        [_MET],
+        dict(usable_cpus=2, load_average_start=[9.0], load_average_end=[9.0]),
+        ["1 met, 0 missed"],
+        ["how to read"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SUMMARIES))
+def test_summary_says_how_to_read_a_miss(case):
+    from benchmarks import report
+
+    targets, machine, present, absent = SUMMARIES[case]
+    text = report.summary(dict(targets=targets, machine=machine, results=[]))
+    for phrase in present:
+        assert phrase in text, text
+    for phrase in absent:
+        assert phrase not in text, text

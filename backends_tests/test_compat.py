@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import fastrpb
 from fastrpb._compat import MIN_API_VERSION, namespace, next_fast_len
 from fastrpb._compat.fft import _next_fast_len_portable
 from fastrpb._validate import int_arg
@@ -15,7 +16,9 @@ def _is_5_smooth(n: int) -> bool:
     return n == 1
 
 
-@pytest.mark.parametrize("fast_len", [pytest.param(next_fast_len, id="native"), pytest.param(_next_fast_len_portable, id="portable")])
+@pytest.mark.parametrize(
+    "fast_len", [pytest.param(next_fast_len, id="native"), pytest.param(_next_fast_len_portable, id="portable")]
+)
 def test_next_fast_len_is_the_smallest_5_smooth_length(fast_len):
     for n in range(1, 3000):
         m = fast_len(n)
@@ -129,7 +132,9 @@ print("threads ok")
 """
 
 
-@pytest.mark.parametrize("script", [pytest.param(_FRESH_JIT, id="jit-first-state"), pytest.param(_FRESH_THREADS, id="8-threads")])
+@pytest.mark.parametrize(
+    "script", [pytest.param(_FRESH_JIT, id="jit-first-state"), pytest.param(_FRESH_THREADS, id="8-threads")]
+)
 def test_state_is_a_jax_pytree_in_a_fresh_process(script):
     pytest.importorskip("jax")
     import os
@@ -233,7 +238,11 @@ def test_rescaled_scan(backend, rng, N):
 
 @pytest.mark.parametrize(
     ("before", "after", "axis", "value"),
-    [pytest.param(2, 1, -2, 0.0, id="rows"), pytest.param(0, 3, -1, -np.inf, id="end-neg-inf"), pytest.param(1, 0, -3, 5.0, id="start")],
+    [
+        pytest.param(2, 1, -2, 0.0, id="rows"),
+        pytest.param(0, 3, -1, -np.inf, id="end-neg-inf"),
+        pytest.param(1, 0, -3, 5.0, id="start"),
+    ],
 )
 def test_pad_axis(backend, rng, before, after, axis, value):
     from fastrpb._compat import pad_axis
@@ -251,7 +260,7 @@ def test_shift(backend, rng, s):
 
     xn = rng.standard_normal((2, 4, 3))
     expected = np.full_like(xn, -np.inf)
-    expected[:, min(s, 4):, :] = xn[:, : 4 - min(s, 4), :]
+    expected[:, min(s, 4) :, :] = xn[:, : 4 - min(s, 4), :]
     got = backend.to_numpy(shift(backend.xp, backend.asarray(xn), s, -2, -np.inf))
     np.testing.assert_array_equal(got, expected)
 
@@ -291,3 +300,33 @@ def test_on_finite_takes_the_finite_path_only_for_finite_input(backend, rng, bad
     for fn in (run, backend.compile(run)):
         took_finite = float(backend.to_numpy(fn(backend.asarray(xn)))) == 1.0
         assert took_finite == (bad is None and cpu), (backend.name, bad)
+
+
+@pytest.mark.jit
+@pytest.mark.parametrize("bad", [None, np.nan], ids=["finite", "nan"])
+def test_on_finite_of_an_array_closed_over_by_a_compiled_function(backend, rng, bad):
+    """A concrete array that a compiled function closes over meets the trace: asking
+    whether it is finite must neither fail (JAX staged its reduction out as a tracer,
+    and bool() of it raised) nor change the answer for non-finite input; and causal
+    attention over closed-over keys equals the eager call."""
+    from fastrpb._compat import on_finite
+
+    xn = rng.standard_normal((3, 5))
+    if bad is not None:
+        xn[1, 2] = bad
+    xp, x = backend.xp, backend.asarray(xn)
+
+    def run(y):
+        return on_finite(xp, x, lambda finite: y[0, 0] * 0 + (1.0 if finite else 0.0))
+
+    took_finite = float(backend.to_numpy(backend.compile(run)(backend.asarray(xn[:1, :1] * 0)))) == 1.0
+    if bad is not None:
+        assert not took_finite
+    elif backend.name == "jax":  # a concrete CPU array: asked at trace time
+        assert took_finite
+
+    k = backend.asarray(rng.standard_normal((2, 20, 4)).astype(np.float32))
+    q = backend.asarray(rng.standard_normal((2, 20, 4)).astype(np.float32))
+    got = backend.compile(lambda q: fastrpb.linear_attention(q, k, k, causal=True, chunk_size=8))(q)
+    want = backend.to_numpy(fastrpb.linear_attention(q, k, k, causal=True, chunk_size=8))
+    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-5, atol=1e-5)

@@ -35,11 +35,14 @@ from pathlib import Path
 
 import pytest
 
-from backends import load, requested
+from backends_tests.backends import load, requested
+
+# the site build, Chromium and one interpreter per page: out of the inner loop (-m "not slow")
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-RUN = ["index.md", "quickstart.md", "cookbook.md", "troubleshooting.md", "../README.md"]
+RUN = ["index.md", "quickstart.md", "cookbook.md", "troubleshooting.md", "deploy.md", "../README.md"]
 
 FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
@@ -68,7 +71,11 @@ def site(tmp_path_factory) -> Path:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     return out
@@ -83,7 +90,9 @@ def test_mkdocs_build_strict(site):
 REMOTE = re.compile(r"^(?:https?:)?//", flags=re.I)
 # what makes a browser fetch on load: script, stylesheet/icon/preload links, images,
 # frames, media; and url()/@import in stylesheets
-LOADING_TAG = re.compile(r"<(?P<tag>script|link|img|iframe|source|video|audio|embed)\b(?P<attrs>[^>]*)>", flags=re.I | re.S)
+LOADING_TAG = re.compile(
+    r"<(?P<tag>script|link|img|iframe|source|video|audio|embed)\b(?P<attrs>[^>]*)>", flags=re.I | re.S
+)
 ATTR = re.compile(r"\b(?P<name>src|href|srcset|data)\s*=\s*(?P<q>[\"']?)(?P<value>[^\"'\s>]*)(?P=q)", flags=re.I)
 CSS_URL = re.compile(r"""(?:url\(\s*|@import\s+)(?P<q>["']?)(?P<value>[^"')\s;]+)(?P=q)""", flags=re.I)
 
@@ -100,11 +109,19 @@ def test_site_loads_nothing_remote(site):
             for tag in LOADING_TAG.finditer(path.read_text(encoding="utf-8")):
                 is_link = tag.group("tag").lower() == "link"
                 rel = re.search(r"\brel\s*=\s*[\"']?([^\"'>]*)", tag.group("attrs"), flags=re.I)
-                if is_link and rel and not re.search(r"stylesheet|icon|preload|prefetch|modulepreload|manifest|preconnect|dns-prefetch", rel.group(1)):
+                if (
+                    is_link
+                    and rel
+                    and not re.search(
+                        r"stylesheet|icon|preload|prefetch|modulepreload|manifest|preconnect|dns-prefetch", rel.group(1)
+                    )
+                ):
                     continue  # e.g. rel="canonical", rel="prev"/"next": not fetched
                 for attr in ATTR.finditer(tag.group("attrs")):
                     if REMOTE.match(attr.group("value")):
-                        remote.append(f"{path.relative_to(site)}: <{tag.group('tag')} {attr.group('name')}={attr.group('value')}>")
+                        remote.append(
+                            f"{path.relative_to(site)}: <{tag.group('tag')} {attr.group('name')}={attr.group('value')}>"
+                        )
         elif path.suffix == ".css":
             for m in CSS_URL.finditer(path.read_text(encoding="utf-8")):
                 if REMOTE.match(m.group("value")):
@@ -124,9 +141,17 @@ def test_site_has_no_raw_tex(site):
 
 
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-extensions", "--disable-dev-shm-usage", "--remote-debugging-pipe",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-pipe",
 )
 
 
@@ -144,15 +169,26 @@ class DevTools:
         # the child's ends must not be 3 or 4 themselves, or one redirection undoes the other
         to_browser_r, from_browser_w = (self._above_4(fd) for fd in (to_browser_r, from_browser_w))
         # the shell moves the pipe ends onto fds 3 and 4, where chromium expects them
-        command = " ".join([
-            'exec "$0"', *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank",
-            f"3<&{to_browser_r}", f"4>&{from_browser_w}", f"{to_browser_r}<&-", f"{from_browser_w}>&-",
-        ])
+        command = " ".join(
+            [
+                'exec "$0"',
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "about:blank",
+                f"3<&{to_browser_r}",
+                f"4>&{from_browser_w}",
+                f"{to_browser_r}<&-",
+                f"{from_browser_w}>&-",
+            ]
+        )
         self.log = log
         with log.open("wb") as stderr:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                ["bash", "-c", command, executable], pass_fds=(to_browser_r, from_browser_w),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                ["bash", "-c", command, executable],
+                pass_fds=(to_browser_r, from_browser_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
             )
         os.close(to_browser_r)
         os.close(from_browser_w)
@@ -197,7 +233,9 @@ class DevTools:
         chunk = os.read(self._r, 1 << 20)
         if not chunk:
             tail = self.log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"chromium closed the DevTools pipe (exit code {self.proc.poll()}); its log ends:\n{tail}")
+            raise RuntimeError(
+                f"chromium closed the DevTools pipe (exit code {self.proc.poll()}); its log ends:\n{tail}"
+            )
         self._buffer += chunk
         *messages, self._buffer = self._buffer.split(b"\0")
         for raw in messages:
@@ -272,8 +310,10 @@ def test_site_renders_offline_in_chromium(site, tmp_path):
     as MathML, no raw TeX is visible, and no request goes to another host."""
     executable = _chromium()
     if executable is None:
-        pytest.skip("headless Chromium is not installed (Debian: apt-get install -y chromium); "
-                    "test_site_loads_nothing_remote and test_site_has_no_raw_tex still check the built files")
+        pytest.skip(
+            "headless Chromium is not installed (Debian: apt-get install -y chromium); "
+            "test_site_loads_nothing_remote and test_site_has_no_raw_tex still check the built files"
+        )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -289,7 +329,11 @@ def test_site_renders_offline_in_chromium(site, tmp_path):
             session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             browser.call("Network.enable", session=session)
             browser.call("Page.enable", session=session)
-            browser.call("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True}, session=session)
+            browser.call(
+                "Target.setAutoAttach",
+                {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True},
+                session=session,
+            )
             since = len(browser.events)
             browser.call("Page.navigate", {"url": url}, session=session)
             browser.wait_event("Page.loadEventFired", session, since)
@@ -302,11 +346,17 @@ def test_site_renders_offline_in_chromium(site, tmp_path):
             totals["maths"] += seen["maths"]
             totals["stacked"] += seen["stacked"]
             if seen["maths"] != expected or seen["mathml"] != expected:
-                problems.append(f"{page}: {expected} formulas in the HTML, {seen['maths']} in the page, {seen['mathml']} of them MathML")
+                problems.append(
+                    f"{page}: {expected} formulas in the HTML, {seen['maths']} in the page, {seen['mathml']} of them MathML"
+                )
             if seen["sized"] != seen["visible"]:
-                problems.append(f"{page}: {seen['visible'] - seen['sized']} of {seen['visible']} visible formulas have no size")
+                problems.append(
+                    f"{page}: {seen['visible'] - seen['sized']} of {seen['visible']} visible formulas have no size"
+                )
             if seen["stacked"] != seen["fracs"]:
-                problems.append(f"{page}: {seen['fracs'] - seen['stacked']} of {seen['fracs']} fractions are not laid out as MathML")
+                problems.append(
+                    f"{page}: {seen['fracs'] - seen['stacked']} of {seen['fracs']} fractions are not laid out as MathML"
+                )
             if seen["tex"]:
                 problems.append(f"{page}: raw TeX is visible: {seen['tex'][:3]}")
         for event in browser.events:
@@ -331,7 +381,15 @@ def code_blocks(page: str) -> list[dict]:
     for m in FENCE.finditer(text):
         indent = len(m.group("indent"))
         body = "".join(line[indent:] for line in m.group("body").splitlines(keepends=True))
-        blocks.append(dict(lang=m.group("lang"), line=text.count("\n", 0, m.start()) + 1, code=textwrap.dedent(body), start=m.start(), end=m.end()))
+        blocks.append(
+            dict(
+                lang=m.group("lang"),
+                line=text.count("\n", 0, m.start()) + 1,
+                code=textwrap.dedent(body),
+                start=m.start(),
+                end=m.end(),
+            )
+        )
     return blocks
 
 
@@ -345,7 +403,11 @@ def runnable(page: str) -> list[dict]:
             continue
         expect = None
         following = blocks[n + 1] if n + 1 < len(blocks) else None
-        if following is not None and following["lang"] == "text" and not text[block["end"] : following["start"]].strip():
+        if (
+            following is not None
+            and following["lang"] == "text"
+            and not text[block["end"] : following["start"]].strip()
+        ):
             shown = following["code"].strip()
             m = ERROR_LINE.match(shown.splitlines()[0]) if shown else None
             if m:
@@ -418,10 +480,17 @@ def test_page_code_runs(page, tmp_path):
     if todo:
         (tmp_path / "blocks.json").write_text(json.dumps(todo))
         (tmp_path / "driver.py").write_text(DRIVER)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+        }
         proc = subprocess.run(
             [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "blocks.json"), f"docs/{page}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert proc.returncode == 0, f"code in docs/{page} failed:\n{proc.stderr[-6000:]}"
     if not todo:
@@ -437,11 +506,23 @@ def test_figures_script_runs(tmp_path):
         _names, explicit = requested()
         if explicit:
             pytest.skip(f"matplotlib is not installed ({exc}) and FASTRPB_BACKENDS is narrowed")
-        raise RuntimeError(f"the figure script is part of the suite but matplotlib is missing ({exc}): pip install -e '.[docs]'") from exc
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])), "MPLBACKEND": "Agg"}
+        raise RuntimeError(
+            f"the figure script is part of the suite but matplotlib is missing ({exc}): pip install -e '.[docs]'"
+        ) from exc
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+        "MPLBACKEND": "Agg",
+    }
     subprocess.run(
         [sys.executable, str(DOCS / "figures" / "make_figures.py"), "--out", str(tmp_path)],
-        cwd=ROOT, env=env, check=True, capture_output=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     assert (tmp_path / "fastrpb_bias.png").stat().st_size > 10_000
-    assert (DOCS / "figures" / "fastrpb_bias.png").exists(), "the committed figure is missing: run docs/figures/make_figures.py"
+    assert (DOCS / "figures" / "fastrpb_bias.png").exists(), (
+        "the committed figure is missing: run docs/figures/make_figures.py"
+    )

@@ -44,8 +44,13 @@ def test_docstring_examples(name):
 # FAVOR, ...) are shown through their factories, the small records (LayerCache,
 # Communicator) through the functions that return them
 EXAMPLE_CLASSES = {
-    "LinearAttentionState", "RPBState", "FeatureMap",
-    "FastRPB", "FastRPBnd", "LinearAttention", "MultiheadAttention",
+    "LinearAttentionState",
+    "RPBState",
+    "FeatureMap",
+    "FastRPB",
+    "FastRPBnd",
+    "LinearAttention",
+    "MultiheadAttention",
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends import assert_close
+from backends_tests.backends import assert_close
 from fastrpb import feature_maps as fm
 
 EPS = 1e-6
@@ -76,6 +76,10 @@ def _bias(wn, L, vn, causal):
     return oracles.toeplitz(wn, L, causal=causal) @ vn
 
 
+# every map with every zero-size shape on every backend; the other backends than NumPy and
+# array-api-strict take (non-causal, plain) and (causal, FastRPB): each kernel and the bias
+# term meet every empty shape there too
+@pytest.mark.subset(lambda causal, with_rpb, **_: causal == with_rpb)
 @pytest.mark.parametrize("with_rpb", [False, True], ids=["plain", "rpb"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("name", "lead", "L", "Dk", "Dv"), MAP_SHAPES)

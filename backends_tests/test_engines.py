@@ -7,7 +7,9 @@
   all-to-all, and keep the input's sharding; eager calls on sharded arrays work.
 - Dask: every public function takes Dask arrays chunked along leading axes, lazily,
   equals the float64 oracle after ``.compute()``, and its task graph has the same size
-  for L = 1,024 and 4,096.
+  for L = 1,024 and 4,096. On a ``dask.distributed`` cluster of two worker processes
+  (started and closed by the module), the bias, linear attention with the bias and
+  the streaming paths compute to what NumPy gives.
 - ``torch.compile(fullgraph=True)`` of the functions and the layers, with the
   ``eager``/``aot_eager`` backends and ``inductor``, equals the oracle without warnings.
 - The runnable examples of docs/scaling.md's "Data parallel" and "Dask" sections.
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends import requested
+from backends_tests.backends import requested
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,12 +38,19 @@ def _selected(name: str) -> bool:
     return name in names
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_jax_sharded_jit_keeps_the_work_local():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(HERE)])}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, str(HERE / "sharded_jax.py")], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+        [sys.executable, str(HERE / "sharded_jax.py")],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
     assert proc.stdout.rstrip().endswith("OK"), proc.stdout
@@ -122,8 +131,6 @@ def _concat(parts):
 
 
 def _dask_cases():
-    import dask.array as da
-
     import fastrpb
     import fastrpb.feature_maps as fm
 
@@ -149,18 +156,33 @@ def _dask_cases():
             L, m = v.shape[-2], _dask_map(fmap)
             cut = (L - 32, L - 8)
             first, state = fastrpb.linear_attention(
-                q[..., : cut[0], :], k[..., : cut[0], :], v[..., : cut[0], :],
-                feature_map=m, causal=True, rpb=w, chunk_size=16, return_state=True,
+                q[..., : cut[0], :],
+                k[..., : cut[0], :],
+                v[..., : cut[0], :],
+                feature_map=m,
+                causal=True,
+                rpb=w,
+                chunk_size=16,
+                return_state=True,
             )
             second, state = fastrpb.linear_attention(
-                q[..., cut[0] : cut[1], :], k[..., cut[0] : cut[1], :], v[..., cut[0] : cut[1], :],
-                feature_map=m, causal=True, rpb=w, chunk_size=16, initial_state=state, return_state=True,
+                q[..., cut[0] : cut[1], :],
+                k[..., cut[0] : cut[1], :],
+                v[..., cut[0] : cut[1], :],
+                feature_map=m,
+                causal=True,
+                rpb=w,
+                chunk_size=16,
+                initial_state=state,
+                return_state=True,
             )
-            assert isinstance(state.S, da.Array), type(state.S)
-            assert isinstance(state.rpb.window, da.Array), type(state.rpb.window)
+            assert isinstance(state.S, type(v)), type(state.S)  # Dask in, Dask state
+            assert isinstance(state.rpb.window, type(v)), type(state.rpb.window)
             rows = []
             for t in range(cut[1], L):
-                out_t, state = fastrpb.linear_attention_step(state, q[..., t, :], k[..., t, :], v[..., t, :], feature_map=m, rpb=w)
+                out_t, state = fastrpb.linear_attention_step(
+                    state, q[..., t, :], k[..., t, :], v[..., t, :], feature_map=m, rpb=w
+                )
                 rows.append(out_t[..., None, :])
             return _concat([first, second, *rows])
 
@@ -170,8 +192,10 @@ def _dask_cases():
         # chunk, chunk, then steps; skip=(1, 0) carried by the state
         L = v.shape[-2]
         first, state = fastrpb.rpb(v[..., : L - 32, :], w, causal=True, skip=(1, 0), return_state=True)
-        second, state = fastrpb.rpb(v[..., L - 32 : L - 8, :], w, causal=True, skip=(1, 0), initial_state=state, return_state=True)
-        assert isinstance(state.window, da.Array), state
+        second, state = fastrpb.rpb(
+            v[..., L - 32 : L - 8, :], w, causal=True, skip=(1, 0), initial_state=state, return_state=True
+        )
+        assert isinstance(state.window, type(v)), state
         rows = []
         for t in range(L - 8, L):
             out_t, state = fastrpb.rpb_step(state, v[..., t, :], w)
@@ -194,7 +218,8 @@ def _dask_cases():
         "rpb": (lambda v, w: fastrpb.rpb(v, w, skip=(1, 1)), lambda v, w: oracles.rpb(v, w, skip=(1, 1))),
         "rpb causal": (lambda v, w: fastrpb.rpb(v, w, causal=True), lambda v, w: oracles.rpb(v, w, causal=True)),
         "rpb causal return_state, initial_state, rpb_step": (
-            rpb_stream, lambda v, w: oracles.rpb(v, w, causal=True, skip=(1, 0))
+            rpb_stream,
+            lambda v, w: oracles.rpb(v, w, causal=True, skip=(1, 0)),
         ),
         "rpb_step from the start": (rpb_steps, lambda v, w: oracles.rpb(v[..., :40, :], w, causal=True)),
         "rpb_matrix": (lambda v, w: fastrpb.rpb_matrix(w, v.shape[-2]), lambda v, w: oracles.toeplitz(w, v.shape[-2])),
@@ -215,13 +240,21 @@ def _dask_cases():
             lambda v, w: np.random.default_rng(4).standard_normal((6, v.shape[-1])),
         ),
         "softmax_attention logits_bias=rpb_matrix, rpb=": (
-            lambda v, w: fastrpb.softmax_attention(v, v * 0.5, v, logits_bias=fastrpb.rpb_matrix(w, v.shape[-2]), rpb=w),
-            lambda v, w: oracles.softmax_attention(v, v * 0.5, v, logits_bias=oracles.toeplitz(w, v.shape[-2]))
-            + oracles.rpb(v, w),
+            lambda v, w: fastrpb.softmax_attention(
+                v, v * 0.5, v, logits_bias=fastrpb.rpb_matrix(w, v.shape[-2]), rpb=w
+            ),
+            lambda v, w: (
+                oracles.softmax_attention(v, v * 0.5, v, logits_bias=oracles.toeplitz(w, v.shape[-2]))
+                + oracles.rpb(v, w)
+            ),
         ),
         "linear_attention sikf causal key_mask": (
-            lambda v, w: fastrpb.linear_attention(v, v * 0.5, v, feature_map="sikf", causal=True, key_mask=v[:, :1, :, 0] > -1.0, chunk_size=16),
-            lambda v, w: oracles.exp_kernel_attention(v, v * 0.5, v, causal=True, key_mask=v[:, :1, :, 0] > -1.0, eps=1e-6),
+            lambda v, w: fastrpb.linear_attention(
+                v, v * 0.5, v, feature_map="sikf", causal=True, key_mask=v[:, :1, :, 0] > -1.0, chunk_size=16
+            ),
+            lambda v, w: oracles.exp_kernel_attention(
+                v, v * 0.5, v, causal=True, key_mask=v[:, :1, :, 0] > -1.0, eps=1e-6
+            ),
         ),
     }
     for causal in (False, True):
@@ -240,7 +273,8 @@ def _dask_cases():
         cases[f"feature_maps.{fmap} keys"] = (lambda v, w, m=fmap: _dask_map(m).keys(v), lambda v, w, f=fk: f(v))
     for fmap in ("elu", "sikf", "favor", "taylor"):
         cases[f"linear_attention {fmap} return_state, initial_state, linear_attention_step rpb="] = (
-            la_stream(fmap), la_oracle(fmap, True)
+            la_stream(fmap),
+            la_oracle(fmap, True),
         )
     return cases
 
@@ -268,15 +302,72 @@ def test_dask_lazy_equal_and_graph_independent_of_length(case):
             out = f(dv, dw)
         assert isinstance(out, da.Array), type(out)
         sizes[L] = len(out.__dask_graph__())
-    if "rpb_step" in case or "initial_state" in case:
-        # streaming FastRPB: one task group per online level (log2 M of them), never per token
-        assert sizes[4096] < 2 * sizes[1024], sizes
-    else:
-        assert sizes[1024] == sizes[4096], sizes
+    assert sizes[1024] == sizes[4096], sizes
     got = out.compute(scheduler="sync")
     want = oracle(v, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, float(np.max(np.abs(want)))))
+
+
+# The cases of _dask_cases that run on a real cluster: the bias (causal and not, N-d),
+# linear attention with the bias (causal and not) and the streaming chunk path.
+CLUSTER_CASES = [
+    "rpb",
+    "rpb causal",
+    "rpb_nd causal=False",
+    "linear_attention elu causal=False rpb=",
+    "linear_attention sikf causal=True rpb=",
+    "rpb causal return_state, initial_state, rpb_step",
+    "linear_attention elu return_state, initial_state, linear_attention_step rpb=",
+]
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """A ``dask.distributed`` cluster of two worker processes on 127.0.0.1, for this module."""
+    pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            processes=True,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
+@pytest.mark.parametrize("case", CLUSTER_CASES)
+def test_dask_distributed_cluster_equals_numpy(dask_cluster, case):
+    """On two worker processes the graph computes to what the same call gives on NumPy
+    arrays (and to the float64 oracle); its size does not depend on L."""
+    da = pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    f, oracle = _dask_cases()[case]
+    rng = np.random.default_rng(11)
+    sizes, graphs = {}, {}
+    for L in (1024, 256):  # computed at the last length
+        v = rng.standard_normal((2, 2, L, 4))
+        w = rng.standard_normal((2, 2 * L - 1)) * 0.1
+        graphs[L] = f(da.from_array(v, chunks=(1, 1, L, 4)), da.from_array(w, chunks=(1, 2 * L - 1)))
+        sizes[L] = len(graphs[L].__dask_graph__())
+    assert sizes[256] == sizes[1024], sizes
+    with distributed.get_task_stream(client=dask_cluster) as stream:
+        got = dask_cluster.compute(graphs[256]).result()
+    np.testing.assert_allclose(got, f(v, w), rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(got)))))
+    want = oracle(v, w)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, float(np.max(np.abs(want)))))
+    # the tasks ran in the two worker processes, not in this one
+    pids = dask_cluster.run(os.getpid)
+    assert len(pids) == 2, pids
+    assert os.getpid() not in pids.values(), pids
+    assert stream.data, "no task ran on the cluster"
+    assert {task["worker"] for task in stream.data} <= set(pids), stream.data[:3]
 
 
 @pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
@@ -332,7 +423,9 @@ def test_dask_cu_seqlens_array_is_refused_static_offsets_work():
     assert isinstance(out, da.Array), type(out)
     want = np.concatenate(
         [
-            oracles.kernel_attention(oracles.elu1(v[..., s, :]), oracles.elu1(v[..., s, :] * 0.5), v[..., s, :], causal=True, eps=1e-6)
+            oracles.kernel_attention(
+                oracles.elu1(v[..., s, :]), oracles.elu1(v[..., s, :] * 0.5), v[..., s, :], causal=True, eps=1e-6
+            )
             + oracles.rpb(v[..., s, :], w, causal=True)
             for s in (slice(0, 10), slice(10, 24))
         ],
@@ -352,18 +445,26 @@ def _torch_cases():
     x = torch.randn(2, 24, 16, dtype=torch.float64)
     w = torch.randn(4, 2 * 24 - 1, dtype=torch.float64) * 0.1
     q, k, v = (torch.randn(2, 4, 24, 8, dtype=torch.float64) for _ in range(3))
-    mla = ft.LinearAttention(16, 4, rpb=ft.FastRPB(4, 24, causal=True, dtype=torch.float64), causal=True, dtype=torch.float64)
+    mla = ft.LinearAttention(
+        16, 4, rpb=ft.FastRPB(4, 24, causal=True, dtype=torch.float64), causal=True, dtype=torch.float64
+    )
     lmha = ft.MultiheadAttention(16, 4, batch_first=True, feature_map="elu", dtype=torch.float64)
     return {
-        "linear_attention elu": (lambda: fastrpb.linear_attention(q, k, v), lambda: oracles.kernel_attention(
-            oracles.elu1(q.numpy()), oracles.elu1(k.numpy()), v.numpy(), eps=1e-6)),
+        "linear_attention elu": (
+            lambda: fastrpb.linear_attention(q, k, v),
+            lambda: oracles.kernel_attention(oracles.elu1(q.numpy()), oracles.elu1(k.numpy()), v.numpy(), eps=1e-6),
+        ),
         "linear_attention sikf causal rpb=": (
             lambda: fastrpb.linear_attention(q, k, v, feature_map="sikf", causal=True, rpb=w, chunk_size=8),
-            lambda: oracles.exp_kernel_attention(q.numpy(), k.numpy(), v.numpy(), causal=True, eps=1e-6)
-            + oracles.rpb(v.numpy(), w.numpy(), causal=True),
+            lambda: (
+                oracles.exp_kernel_attention(q.numpy(), k.numpy(), v.numpy(), causal=True, eps=1e-6)
+                + oracles.rpb(v.numpy(), w.numpy(), causal=True)
+            ),
         ),
-        "softmax_attention causal": (lambda: fastrpb.softmax_attention(q, k, v, causal=True),
-                                     lambda: oracles.softmax_attention(q.numpy(), k.numpy(), v.numpy(), causal=True)),
+        "softmax_attention causal": (
+            lambda: fastrpb.softmax_attention(q, k, v, causal=True),
+            lambda: oracles.softmax_attention(q.numpy(), k.numpy(), v.numpy(), causal=True),
+        ),
         "rpb": (lambda: fastrpb.rpb(v, w, skip=(1, 0)), lambda: oracles.rpb(v.numpy(), w.numpy(), skip=(1, 0))),
         "rpb causal": (lambda: fastrpb.rpb(v, w, causal=True), lambda: oracles.rpb(v.numpy(), w.numpy(), causal=True)),
         "LinearAttention": (lambda: mla(x), None),
@@ -388,6 +489,7 @@ def test_torch_compile_fullgraph_without_warnings(backend_name, recwarn):
     assert not messages, messages
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
 def test_torch_compile_inductor_rpb_and_attention(recwarn):
     torch = pytest.importorskip("torch")
@@ -404,22 +506,27 @@ def test_torch_compile_inductor_rpb_and_attention(recwarn):
 
 # --------------------------------------------------------------------------- docs
 def _scaling_examples() -> dict[str, str]:
-    """The python blocks of docs/scaling.md's "Data parallel" and "Dask" sections."""
+    """The python blocks of docs/scaling.md's "Data parallel" and "Dask" sections (the
+    first Dask block, and the one on a ``LocalCluster``)."""
     text = (ROOT / "docs" / "scaling.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
     return {
         "jax": next(b for b in blocks if "jax.jit(lambda q, k, v, w" in b),
         "dask": next(b for b in blocks if "dask.array" in b),
+        "cluster": next(b for b in blocks if "LocalCluster" in b),
     }
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_docs_data_parallel_example(tmp_path):
     script = tmp_path / "data_parallel.py"
     script.write_text(_scaling_examples()["jax"])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     spec, collectives, error = proc.stdout.strip().splitlines()
     assert spec == "P('data', 'model')", spec
@@ -427,6 +534,7 @@ def test_docs_data_parallel_example(tmp_path):
     assert float(error) < 1e-4
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
 def test_docs_dask_example():
     pytest.importorskip("dask.array")
@@ -435,3 +543,17 @@ def test_docs_dask_example():
     v = namespace["v"].compute()
     want = oracles.exp_kernel_attention(v, v, v, causal=True, eps=1e-6) + oracles.rpb(v, namespace["w"], causal=True)
     np.testing.assert_allclose(namespace["result"], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _selected("numpy"), reason="numpy is not in FASTRPB_BACKENDS")
+def test_docs_dask_cluster_example(tmp_path):
+    pytest.importorskip("distributed")
+    script = tmp_path / "cluster.py"
+    script.write_text(_scaling_examples()["cluster"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip() == "(2, 4, 256, 16) 2", proc.stdout

@@ -25,7 +25,11 @@ def _run(script: str, timeout: float = 300) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--tiny"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -37,6 +41,7 @@ def _losses(output: str) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("numpy")
 def test_numpy_pipeline():
     out = _run("numpy_pipeline.py")
@@ -53,7 +58,11 @@ def test_cupy_pipeline_is_the_numpy_one_with_one_import_changed():
         return lines[next(i for i, line in enumerate(lines) if line.startswith("from __future__")) :]
 
     numpy_body, cupy_body = body("numpy_pipeline.py"), body("cupy_pipeline.py")
-    changes = [op for op in difflib.SequenceMatcher(a=numpy_body, b=cupy_body, autojunk=False).get_opcodes() if op[0] != "equal"]
+    changes = [
+        op
+        for op in difflib.SequenceMatcher(a=numpy_body, b=cupy_body, autojunk=False).get_opcodes()
+        if op[0] != "equal"
+    ]
     assert len(changes) == 1, changes
     _, i1, i2, j1, j2 = changes[0]
     assert [line.split("#")[0].strip() for line in numpy_body[i1:i2]] == ["import numpy as xp"]
@@ -61,6 +70,7 @@ def test_cupy_pipeline_is_the_numpy_one_with_one_import_changed():
     assert j2 - j1 <= 8, cupy_body[j1:j2]
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("cupy")
 def test_cupy_pipeline():
     out = _run("cupy_pipeline.py")
@@ -69,13 +79,25 @@ def test_cupy_pipeline():
     assert "cupy.ndarray" in out, out
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("torch")
 def test_torch_classifier_learns():
     losses = _losses(_run("torch_classifier.py"))
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("jax")
 def test_flax_classifier_learns():
     losses = _losses(_run("flax_classifier.py"))
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.uses_backend("torch")
+def test_onnx_deploy_matches_eager():
+    pytest.importorskip("onnxruntime", reason="the export extra (pip install 'fastrpb[export]') is not installed")
+    out = _run("onnx_deploy.py")
+    assert "DFT in the graph: True" in out, out
+    assert "also loaded: nothing else" in out, out  # the runtime process had no PyTorch, no fastrpb
+    error = float(re.search(r"max \|ONNX Runtime - eager\| / max \|eager\| = (\S+)", out).group(1))
+    assert error < 1e-4, out

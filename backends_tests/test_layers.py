@@ -27,7 +27,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends import Backend, assert_close, load, requested
+from backends_tests.backends import Backend, assert_close, load, requested
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -209,7 +209,9 @@ def bias_oracle(w: np.ndarray, v: np.ndarray, *, causal: bool = False, skip: tup
     return oracles.toeplitz(w, v.shape[-2], causal=causal, skip=skip) @ v
 
 
-def bias_nd_oracle(tables: list[np.ndarray | None], grid: tuple[int, ...], v: np.ndarray, skip: tuple[int, int]) -> np.ndarray:
+def bias_nd_oracle(
+    tables: list[np.ndarray | None], grid: tuple[int, ...], v: np.ndarray, skip: tuple[int, int]
+) -> np.ndarray:
     """Per head: the separable N-d Toeplitz matrix on the grid tokens, zero on the skipped ones."""
     heads = next(t for t in tables if t is not None).shape[0]
     a, b = skip
@@ -220,7 +222,9 @@ def bias_nd_oracle(tables: list[np.ndarray | None], grid: tuple[int, ...], v: np
     return B @ v
 
 
-def attention_oracle(feature: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, projection: Any = None, **kw: Any) -> np.ndarray:
+def attention_oracle(
+    feature: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, projection: Any = None, **kw: Any
+) -> np.ndarray:
     if feature == "sikf":
         return oracles.exp_kernel_attention(q, k, v, **kw)
     if feature == "favor":
@@ -264,7 +268,17 @@ def multihead_oracle(
     return out.reshape(*out.shape[:-2], -1) @ wo + bo
 
 
-def layer_oracle(fw: Framework, layer: Any, x: np.ndarray, keep: np.ndarray | None = None, *, feature: str = "sikf", projection: Any = None, kx: Any = None, vx: Any = None) -> np.ndarray:
+def layer_oracle(
+    fw: Framework,
+    layer: Any,
+    x: np.ndarray,
+    keep: np.ndarray | None = None,
+    *,
+    feature: str = "sikf",
+    projection: Any = None,
+    kx: Any = None,
+    vx: Any = None,
+) -> np.ndarray:
     """The oracle of a ``LinearAttention`` from its parameters."""
     bias = None
     if layer.rpb is not None:
@@ -279,8 +293,17 @@ def layer_oracle(fw: Framework, layer: Any, x: np.ndarray, keep: np.ndarray | No
             bias = lambda v: bias_oracle(tables[0], v, causal=rpb.causal, skip=rpb.skip)  # noqa: E731
     projections = [fw.linear(m) for m in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj)]
     return multihead_oracle(
-        projections, layer.heads, x, kx, vx, feature=feature, causal=layer.causal, keep=keep, bias=bias,
-        projection=projection, eps=layer.eps,
+        projections,
+        layer.heads,
+        x,
+        kx,
+        vx,
+        feature=feature,
+        causal=layer.causal,
+        keep=keep,
+        bias=bias,
+        projection=projection,
+        eps=layer.eps,
     )
 
 
@@ -451,7 +474,9 @@ def test_hedgehog_projection_is_a_trained_parameter(framework, rng, start):
     fw = framework
     w0 = np.eye(4) if start == "identity" else rng.standard_normal((6, 4))  # head_dim 4
     given = fw.array(w0)
-    layer = fw.mha(feature_map="hedgehog" if start == "identity" else fastrpb.feature_maps.hedgehog(given), rpb=16, causal=True)
+    layer = fw.mha(
+        feature_map="hedgehog" if start == "identity" else fastrpb.feature_maps.hedgehog(given), rpb=16, causal=True
+    )
     np.testing.assert_array_equal(fw.numpy(layer.feature_map_projection), w0)
     if fw.name == "torch":
         assert "feature_map_projection" in dict(layer.named_parameters())
@@ -551,29 +576,70 @@ def test_chunked_prefill_with_cache_equals_one_pass(framework, rng, bias):
 ERRORS = {
     "cache-noncausal-layer": (
         lambda fw: fw.mha(8, 2),
-        lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), cache=fw.mha(8, 2, causal=True)(fw.array(np.zeros((1, 3, 8))), return_cache=True)[1]),
-        ValueError, "cache= continues a causal sequence",
+        lambda fw, m: m(
+            fw.array(np.zeros((1, 3, 8))),
+            cache=fw.mha(8, 2, causal=True)(fw.array(np.zeros((1, 3, 8))), return_cache=True)[1],
+        ),
+        ValueError,
+        "cache= continues a causal sequence",
     ),
-    "cache-not-a-cache": (lambda fw: fw.mha(8, 2, causal=True), lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), cache=(1, 2)), TypeError, "LayerCache"),
+    "cache-not-a-cache": (
+        lambda fw: fw.mha(8, 2, causal=True),
+        lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), cache=(1, 2)),
+        TypeError,
+        "LayerCache",
+    ),
     "cache-skip-end": (
         lambda fw: fw.mha(8, 2, rpb=fw.bias(2, 8, causal=True, skip=(0, 1)), causal=True),
         lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), return_cache=True),
-        ValueError, "cannot honour skip",
+        ValueError,
+        "cannot honour skip",
     ),
-    "causal-layer-noncausal-bias": (lambda fw: fw.mha(8, 2, rpb=fw.bias(2, 8), causal=True), None, ValueError, "causal FastRPB"),
+    "causal-layer-noncausal-bias": (
+        lambda fw: fw.mha(8, 2, rpb=fw.bias(2, 8), causal=True),
+        None,
+        ValueError,
+        "causal FastRPB",
+    ),
     "bias-heads": (lambda fw: fw.mha(8, 2, rpb=fw.bias(4, 8)), None, ValueError, "heads"),
     "causal-nd-bias": (lambda fw: fw.mha(12, 3, rpb=fw.bias_nd(3, (3, 4)), causal=True), None, ValueError, "FastRPBnd"),
     "not-a-bias": (lambda fw: fw.mha(8, 2, rpb="16"), None, TypeError, "rpb"),
     "indivisible": (lambda fw: fw.mha(10, 3), None, ValueError, "divisible"),
-    "step-noncausal": (lambda fw: fw.mha(8, 2), lambda fw, m: m.step(fw.array(np.zeros((1, 8)))), ValueError, "causal=True"),
+    "step-noncausal": (
+        lambda fw: fw.mha(8, 2),
+        lambda fw, m: m.step(fw.array(np.zeros((1, 8)))),
+        ValueError,
+        "causal=True",
+    ),
     "width": (lambda fw: fw.mha(8, 2), lambda fw, m: m(fw.array(np.zeros((1, 3, 5)))), ValueError, "d_model = 8"),
-    "cache-noncausal": (lambda fw: fw.mha(8, 2), lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), return_cache=True), ValueError, "causal"),
+    "cache-noncausal": (
+        lambda fw: fw.mha(8, 2),
+        lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), return_cache=True),
+        ValueError,
+        "causal",
+    ),
     "cross-with-bias": (
         lambda fw: fw.mha(8, 2, rpb=8),
         lambda fw, m: m(fw.array(np.zeros((1, 3, 8))), inputs_k=fw.array(np.zeros((1, 5, 8)))),
-        ValueError, "Lq = 3 and Lk = 5",
+        ValueError,
+        "Lq = 3 and Lk = 5",
     ),
-    "bias-too-short": (lambda fw: fw.bias(2, 8), lambda fw, m: m(fw.array(np.zeros((2, 9, 3)))), ValueError, "L = 9 tokens"),
+    "bias-too-short": (
+        lambda fw: fw.bias(2, 8),
+        lambda fw, m: m(fw.array(np.zeros((2, 9, 3)))),
+        ValueError,
+        "L = 9 tokens",
+    ),
+    # flags take True or False only, as the functions' flags do: a string read from a
+    # config file ("no", "false") is truthy and would silently switch the flag on
+    "flag-bias-causal-str": (lambda fw: fw.bias(2, 8, causal="no"), None, TypeError, "causal must be a bool"),
+    "flag-bias-causal-int": (lambda fw: fw.bias(2, 8, causal=1), None, TypeError, "causal must be a bool"),
+    "flag-bias-symmetric": (lambda fw: fw.bias(2, 8, symmetric="yes"), None, TypeError, "symmetric must be a bool"),
+    "flag-nd-share": (lambda fw: fw.bias_nd(2, (3, 4), share="yes"), None, TypeError, "share must be a bool"),
+    "flag-nd-symmetric": (lambda fw: fw.bias_nd(2, (3, 4), symmetric=0), None, TypeError, "symmetric must be a bool"),
+    "flag-attention-causal-str": (lambda fw: fw.mha(8, 2, causal="no"), None, TypeError, "causal must be a bool"),
+    "flag-attention-causal-int": (lambda fw: fw.mha(8, 2, causal=1), None, TypeError, "causal must be a bool"),
+    "attention-eps": (lambda fw: fw.mha(8, 2, eps=-1.0), None, ValueError, "eps must be a finite float >= 0"),
 }
 
 
@@ -826,7 +892,9 @@ def test_lma_cache_on_causal_calls_of_a_noncausal_layer(tb, rng):
     with torch.no_grad():
         x = tb.asarray(np.swapaxes(xn[:, :4], 0, 1))
         pad = torch.as_tensor(~keep[:, :4], device=tb.device)
-        y, _, cache = layer(x, x, x, key_padding_mask=pad, attn_mask=_causal_masks(tb, 4)["bool-mask"]["attn_mask"], return_cache=True)
+        y, _, cache = layer(
+            x, x, x, key_padding_mask=pad, attn_mask=_causal_masks(tb, 4)["bool-mask"]["attn_mask"], return_cache=True
+        )
         assert_close(tb, y, np.swapaxes(expected[:, :4], 0, 1), "float64")
         x = tb.asarray(xn[0, 4:7])  # unbatched (L, E)
         y, _, cache = layer(x, x, x, is_causal=True, cache=cache, return_cache=True)
@@ -882,7 +950,9 @@ def _encoder(tb: Backend, lma: Any) -> Any:
     import torch
 
     torch.manual_seed(0)
-    enc = torch.nn.TransformerEncoderLayer(12, 4, dim_feedforward=24, dropout=0.0, batch_first=True, device=tb.device, dtype=torch.float64)
+    enc = torch.nn.TransformerEncoderLayer(
+        12, 4, dim_feedforward=24, dropout=0.0, batch_first=True, device=tb.device, dtype=torch.float64
+    )
     enc.self_attn = lma
     return enc
 
@@ -951,30 +1021,67 @@ def test_lma_in_transformer_decoder_layer(tb, rng):
     later = tgt.clone()
     later[5:] = 100.0
     with torch.no_grad():
-        assert_close(tb, dec(later, memory, tgt_mask=mask)[:5], tb.to_numpy(dec(tgt, memory, tgt_mask=mask)[:5]), "float64")
+        assert_close(
+            tb, dec(later, memory, tgt_mask=mask)[:5], tb.to_numpy(dec(tgt, memory, tgt_mask=mask)[:5]), "float64"
+        )
 
 
 LMA_ERRORS = {
     "add_bias_kv": (dict(add_bias_kv=True), None, ValueError, "add_bias_kv"),
     "add_zero_attn": (dict(add_zero_attn=True), None, ValueError, "add_zero_attn"),
+    "flag-causal-str": (dict(causal="no"), None, TypeError, "causal must be a bool"),
+    "flag-causal-int": (dict(causal=1), None, TypeError, "causal must be a bool"),
+    "flag-batch_first": (dict(batch_first="yes"), None, TypeError, "batch_first must be a bool"),
+    "flag-bias": (dict(bias="no"), None, TypeError, "bias must be a bool"),
+    "flag-add_bias_kv": (dict(add_bias_kv="False"), None, TypeError, "add_bias_kv must be a bool"),
     "indivisible": (dict(E=10), None, ValueError, "divisible"),
     "dropout": (dict(dropout=1.5), None, ValueError, "dropout"),
-    "mask-not-causal": (dict(), dict(attn_mask=lambda t: t.ones((5, 5), dtype=t.bool).tril()), ValueError, "causal mask"),
-    "mask-additive": (dict(), dict(attn_mask=lambda t: t.zeros((5, 5), dtype=t.float64) + 0.5), ValueError, "causal mask"),
+    "mask-not-causal": (
+        dict(),
+        dict(attn_mask=lambda t: t.ones((5, 5), dtype=t.bool).tril()),
+        ValueError,
+        "causal mask",
+    ),
+    "mask-additive": (
+        dict(),
+        dict(attn_mask=lambda t: t.zeros((5, 5), dtype=t.float64) + 0.5),
+        ValueError,
+        "causal mask",
+    ),
     "mask-3d": (dict(), dict(attn_mask=lambda t: t.zeros((6, 5, 5), dtype=t.bool)), ValueError, "2-d"),
     "mask-int": (dict(), dict(attn_mask=lambda t: t.zeros((5, 5), dtype=t.int64)), TypeError, "bool or floating"),
-    "padding-shape": (dict(), dict(key_padding_mask=lambda t: t.zeros((2, 4), dtype=t.bool)), ValueError, "key_padding_mask"),
-    "padding-additive": (dict(), dict(key_padding_mask=lambda t: t.full((2, 5), 0.5, dtype=t.float64)), ValueError, "-inf"),
+    "padding-shape": (
+        dict(),
+        dict(key_padding_mask=lambda t: t.zeros((2, 4), dtype=t.bool)),
+        ValueError,
+        "key_padding_mask",
+    ),
+    "padding-additive": (
+        dict(),
+        dict(key_padding_mask=lambda t: t.full((2, 5), 0.5, dtype=t.float64)),
+        ValueError,
+        "-inf",
+    ),
     "causal-call-noncausal-bias": (dict(rpb=8), dict(is_causal=True), ValueError, "build the layer with causal=True"),
     "nested": (dict(), "nested", TypeError, "packed sequences"),
     "rank": (dict(), "rank", ValueError, "batched 3-d"),
     "cache-noncausal-call": (dict(), dict(return_cache=True), ValueError, "needs a causal call"),
-    "cache-noncausal": (dict(), dict(cache=lambda t: fastrpb.torch.LayerCache(None)), ValueError, "continues a causal sequence"),
+    "cache-noncausal": (
+        dict(),
+        dict(cache=lambda t: fastrpb.torch.LayerCache(None)),
+        ValueError,
+        "continues a causal sequence",
+    ),
     "cache-not-a-cache": (dict(), dict(is_causal=True, cache=(1, 2)), TypeError, "LayerCache"),
     "cache-skip-end": (
-        dict(rpb=lambda tb: fastrpb.torch.FastRPB(3, 8, causal=True, skip=(0, 1), device=tb.device, dtype=tb.native.float64)),
+        dict(
+            rpb=lambda tb: fastrpb.torch.FastRPB(
+                3, 8, causal=True, skip=(0, 1), device=tb.device, dtype=tb.native.float64
+            )
+        ),
         dict(is_causal=True, return_cache=True),
-        ValueError, "cannot honour skip",
+        ValueError,
+        "cannot honour skip",
     ),
     "step-noncausal-bias": (dict(rpb=8), "step", ValueError, "build the layer with causal=True"),
     "step-rank": (dict(), "step-rank", ValueError, "one token each"),
@@ -997,7 +1104,9 @@ def test_lma_errors(tb, case):
         elif call == "step-cache":
             layer.step(x[0], x[0], x[0], (1, 2))
         elif call == "nested":
-            nt = torch.nested.nested_tensor([torch.zeros(3, 12), torch.zeros(5, 12)], layout=torch.jagged, dtype=torch.float64, device=tb.device)
+            nt = torch.nested.nested_tensor(
+                [torch.zeros(3, 12), torch.zeros(5, 12)], layout=torch.jagged, dtype=torch.float64, device=tb.device
+            )
             layer(nt, nt, nt)
         elif call == "rank":
             layer(x[None], x, x)
@@ -1015,7 +1124,7 @@ def test_lma_cross_attention_with_bias_needs_equal_lengths(tb):
 
 
 # --------------------------------------------------------------------------- FSDP2 (PyTorch)
-FSDP2_SCRIPT = r'''
+FSDP2_SCRIPT = r"""
 import os, sys, socket
 import torch
 import torch.distributed as dist
@@ -1078,7 +1187,7 @@ if __name__ == "__main__":
         err = (got[k] - v).abs().max().item()
         assert err < 1e-10, (k, err)
     print("ok", sorted(got))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -1094,7 +1203,13 @@ def test_fsdp2_per_submodule_training_equals_one_process(torch_cpu, tmp_path):
     script = tmp_path / "fsdp2.py"
     script.write_text(FSDP2_SCRIPT)
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "out.pt")], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(script), str(tmp_path / "out.pt")],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok" in done.stdout

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends import assert_close, tolerance
+from backends_tests.backends import assert_close, tolerance
 from fastrpb import feature_maps as fm
 from fastrpb import linear_attention, random_projection, rpb, softmax_attention
 
@@ -34,9 +34,7 @@ def _map_and_oracle(backend, name, dk):
     if name == "sikf":
         return name, oracles.exp_kernel_attention
     if name == "callable":
-        return _square, lambda q, k, v, **kw: oracles.kernel_attention(
-            _square(q), _square(k), v, **kw
-        )
+        return _square, lambda q, k, v, **kw: oracles.kernel_attention(_square(q), _square(k), v, **kw)
     phi = {"elu": oracles.elu1, "relu": oracles.relu, "dpfp": oracles.dpfp}[name]
     return name, lambda q, k, v, **kw: oracles.kernel_attention(phi(q), phi(k), v, **kw)
 
@@ -77,6 +75,10 @@ def _poisoned(array, j, value):
     return out
 
 
+# elsewhere than NumPy and array-api-strict: every poison in every input for the plain
+# (elu), the exponential (sikf) and the projected exponential (favor) kernel; a NaN key
+# for the other maps
+@pytest.mark.subset(lambda name, where, bad: name in ("elu", "sikf", "favor") or (where == "key" and np.isnan(bad)))
 @pytest.mark.parametrize("name", MAPS)
 @pytest.mark.parametrize("where", ["value", "key", "query"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
@@ -97,22 +99,16 @@ def test_causal_output_never_depends_on_later_tokens(backend, rng, name, where, 
         # the poisoned token's own row and the later ones are NaN on purpose (inf - inf,
         # 0 * inf): NumPy's "invalid value" warnings say just that
         with np.errstate(invalid="ignore"):
-            out = backend.to_numpy(
-                linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=C)
-            )
+            out = backend.to_numpy(linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=C))
         kept = [i for i in range(L) if i != j] if where == "query" else list(range(j))
         _close(out[:, kept], expected[:, kept])
         if np.isnan(bad) and where != "query":
-            assert not np.isfinite(out[:, j:]).all(axis=-1).any(), (
-                "a NaN must reach its own and later tokens"
-            )
+            assert not np.isfinite(out[:, j:]).all(axis=-1).any(), "a NaN must reach its own and later tokens"
     if name == "elu":  # softmax attention follows the same policy
         with np.errstate(invalid="ignore"):
             out = backend.to_numpy(softmax_attention(q, k, v, causal=True))
         kept = [i for i in range(L) if i != j] if where == "query" else list(range(j))
-        _close(
-            out[:, kept], oracles.softmax_attention(qn, kn, vn, causal=True)[:, kept]
-        )
+        _close(out[:, kept], oracles.softmax_attention(qn, kn, vn, causal=True)[:, kept])
 
 
 # ----------------------------------------------------------------- 12.3 masks
@@ -140,9 +136,7 @@ def test_masked_keys_never_reach_any_output(backend, rng, name, causal):
         expected = oracles.softmax_attention(qn, kn, vn, causal=causal, key_mask=mask)
     else:
         fmap, oracle = _map_and_oracle(backend, name, dk)
-        out = linear_attention(
-            q, k, v, feature_map=fmap, causal=causal, key_mask=km, chunk_size=4, rpb=w
-        )
+        out = linear_attention(q, k, v, feature_map=fmap, causal=causal, key_mask=km, chunk_size=4, rpb=w)
         expected = oracle(qn, kn, vn, causal=causal, key_mask=mask, eps=1e-6)
     assert_close(backend, out, expected + bias, "float64")
 
@@ -192,19 +186,13 @@ def test_vmap_over_the_table(backend, rng, name):
     if name == "elu":
         assert_close(backend, vmap(lambda t: rpb(v, t))(w), bias, "float64")
         out = vmap(lambda t: softmax_attention(q, k, v, rpb=t))(w)
-        assert_close(
-            backend, out, oracles.softmax_attention(qn, kn, vn) + bias, "float64"
-        )
+        assert_close(backend, out, oracles.softmax_attention(qn, kn, vn) + bias, "float64")
     for causal in (False, True):
         out = vmap(
-            lambda t, causal=causal: linear_attention(
-                q, k, v, feature_map=fmap, causal=causal, chunk_size=4, rpb=t
-            )
+            lambda t, causal=causal: linear_attention(q, k, v, feature_map=fmap, causal=causal, chunk_size=4, rpb=t)
         )(w)
         bias = np.stack([oracles.toeplitz(t, L, causal=causal) @ vn for t in wn])
-        assert_close(
-            backend, out, oracle(qn, kn, vn, causal=causal, eps=1e-6) + bias, "float64"
-        )
+        assert_close(backend, out, oracle(qn, kn, vn, causal=causal, eps=1e-6) + bias, "float64")
 
 
 # ----------------------------------------------------------------- 12.8 sikf keys

@@ -67,7 +67,11 @@ def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = _env()
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.paper", "--quick", "--out", str(out), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -117,9 +121,23 @@ def test_quick_run_end_to_end(tmp_path: Path):
     # the docs page is generated from the JSON
     page = tmp_path / "experiments.md"
     env = _env()
-    gen = subprocess.run([sys.executable, "-m", "benchmarks.paper.report", str(out / "results.json"), "--page", str(page),
-                          "--extra", str(out / "results.json")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.paper.report",
+            str(out / "results.json"),
+            "--page",
+            str(page),
+            "--extra",
+            str(out / "results.json"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
     assert "GENERATED" in text
@@ -215,8 +233,15 @@ def test_ar_quick_run_end_to_end(tmp_path: Path):
     from benchmarks.paper.autoregressive import QUICK
 
     out = tmp_path / "ar"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.paper.autoregressive", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.paper.autoregressive", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, f"--quick failed:\nSTDERR:\n{proc.stderr[-6000:]}"
     runs = json.loads((out / "results.json").read_text())
     assert isinstance(runs, list)
@@ -231,19 +256,37 @@ def test_ar_quick_run_end_to_end(tmp_path: Path):
         assert r["generate_tokens_per_s"] > 0
         assert r["loss_finite"]
         assert len(r["samples_hex"]) == QUICK.gen_images
-        assert all(len(h) == QUICK.side ** 2 for h in r["samples_hex"])
+        assert all(len(h) == QUICK.side**2 for h in r["samples_hex"])
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["generation_timing"]["per_variant"].keys() == set(default_variants())
     assert (out / "samples.png").stat().st_size > 5_000
     md = (out / "results.md").read_text()
-    for claim in ("FastRPB improves causal linear attention's bits/dim", "SIKF vs elu+1 in the causal setting",
-                  "Linear decoding vs softmax decoding at 49 tokens"):
+    for claim in (
+        "FastRPB improves causal linear attention's bits/dim",
+        "SIKF vs elu+1 in the causal setting",
+        "Linear decoding vs softmax decoding at 49 tokens",
+    ):
         assert claim in md, claim
     # the Experiments page takes the section
     page = tmp_path / "experiments.md"
-    gen = subprocess.run([sys.executable, "-m", "benchmarks.paper.report", str(ROOT / "docs/experiments/results.json"),
-                          "--page", str(page), "--autoregressive", str(out)],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.paper.report",
+            str(ROOT / "docs/experiments/results.json"),
+            "--page",
+            str(page),
+            "--autoregressive",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert gen.returncode == 0, gen.stderr
     text = page.read_text()
     assert "## Autoregressive Fashion-MNIST" in text
@@ -278,3 +321,190 @@ def test_ar_decoding_cost_measurement_runs():
         assert r["softmax_ms_per_token"] > 0
         assert r["speedup"] == pytest.approx(r["softmax_ms_per_token"] / r["linear_ms_per_token"])
     assert table(res).count("\n") == 3
+
+
+# ----------------------------------------------------------------------------- MQAR
+def _mqar_answers_by_reading(tokens: np.ndarray, num_kv_pairs: int) -> dict[int, int]:
+    """Oracle: for every token after the context, the value that followed the same key in the context."""
+    context = {int(tokens[2 * i]): int(tokens[2 * i + 1]) for i in range(num_kv_pairs)}
+    return {t: context[int(tokens[t])] for t in range(2 * num_kv_pairs, len(tokens)) if int(tokens[t]) in context}
+
+
+def test_mqar_generator_answers_are_recoverable_from_the_sequence():
+    from benchmarks.paper import mqar
+
+    n, L, kv, vocab = 50, 40, 6, 20
+    tokens, targets = mqar.generate(n, L, kv, vocab, np.random.default_rng(5))
+    again = mqar.generate(n, L, kv, vocab, np.random.default_rng(5))
+    assert np.array_equal(tokens, again[0])
+    assert np.array_equal(targets, again[1])
+    assert tokens.shape == targets.shape == (n, L)
+    half = vocab // 2
+    for x, y in zip(tokens, targets, strict=True):
+        keys, values = x[0 : 2 * kv : 2], x[1 : 2 * kv : 2]
+        assert len(set(keys.tolist())) == kv  # distinct keys, each from the key range
+        assert ((keys >= 1) & (keys < half)).all()
+        assert ((values >= half) & (values < vocab)).all()
+        asked = np.flatnonzero(y >= 0)
+        assert len(asked) == kv  # one query per pair
+        assert asked.min() >= 2 * kv  # all after the context
+        assert sorted(x[asked].tolist()) == sorted(keys.tolist())  # every key is asked once
+        oracle = _mqar_answers_by_reading(x, kv)
+        assert set(oracle) == set(asked.tolist())  # after the context, only queries carry keys (the rest is filler)
+        for t in asked:
+            assert y[t] == oracle[int(t)]
+        rest = np.ones(L, dtype=bool)
+        rest[: 2 * kv] = False
+        rest[asked] = False
+        assert (x[rest] == mqar.FILLER).all()
+    other = mqar.generate(n, L, kv, vocab, np.random.default_rng(6))[0]
+    assert not np.array_equal(tokens, other)
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        mqar.generate(1, L, 10, 20, np.random.default_rng(0))  # only 9 keys in a vocabulary of 20
+    with pytest.raises(ValueError, match="seq_len"):
+        mqar.generate(1, 17, 6, 20, np.random.default_rng(0))  # 12 context tokens + 6 queries do not fit
+
+
+@pytest.mark.uses_backend("torch", reason="the MQAR models are PyTorch modules")
+def test_mqar_models_are_causal():
+    """Every variant's prediction at token t ignores the tokens after t (the recall is not read off the future)."""
+    import torch
+
+    from benchmarks.paper import mqar
+
+    s = mqar.QUICK
+    L = 24
+    x, _ = mqar.generate(2, L, s.num_kv_pairs, s.vocab, np.random.default_rng(0))
+    x = torch.from_numpy(x)
+    y = x.clone()
+    y[:, 15:] = (y[:, 15:] + 1) % s.vocab
+    for v in mqar.MQAR_VARIANTS:
+        model = mqar.build(v, L, 0, s).eval()
+        with torch.no_grad():
+            a, b = model(x), model(y)
+        torch.testing.assert_close(a[:, :15], b[:, :15], msg=lambda m, v=v: f"{v}: {m}")
+        assert not torch.allclose(a[:, 15:], b[:, 15:]), v
+
+
+@pytest.mark.uses_backend("torch", reason="the MQAR benchmark trains PyTorch models")
+def test_mqar_tiny_sweep_appends_resumes_and_reports(tmp_path: Path):
+    import dataclasses
+
+    from benchmarks.paper import mqar, mqarreport
+
+    s = dataclasses.replace(mqar.QUICK, steps=2, long_steps=2)
+    out = tmp_path / "mqar"
+    kw = dict(s=s, variants=["softmax", "sikf+rpb"], seeds=[0, 1], out=out, command="test", log=lambda m: None)
+    # a deadline already past: nothing trains, the report says every run is missing
+    mqar.sweep(**kw, deadline=0.0)
+    assert not (out / "results.json").exists()
+    first = mqar.sweep(**{**kw, "seeds": [0]})
+    runs = json.loads((out / "results.json").read_text())
+    assert runs == first["runs"]
+    assert [(r["variant"], r["seq_len"], r["seed"]) for r in runs] == [
+        ("softmax", 24, 0),
+        ("softmax", 40, 0),
+        ("sikf+rpb", 24, 0),
+        ("sikf+rpb", 40, 0),
+    ]
+    for r in runs:
+        for field in ("variant", "seed", "seq_len", "num_kv_pairs", "accuracy", "train_s_per_step"):
+            assert field in r, field
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["train_s_per_step"] > 0
+        assert r["loss_finite"]
+        assert len(r["loss"]) == 2
+        assert r["n_test_queries"] == (16 if r["seq_len"] == 24 else 8) * 3
+    assert runs[1]["accuracy"] == runs[1]["accuracy_after_phase"]  # the last phase's model is the final one
+    md = (out / "results.md").read_text()
+    assert "PARTIAL" not in md
+    # another seed: the finished runs are kept, only the new ones train, and the section says a cell is short
+    second = mqar.sweep(**kw)
+    assert second["runs"][:4] == runs
+    assert len(second["runs"]) == 8
+    assert mqar.sweep(**kw)["runs"] == second["runs"]  # nothing left to train
+    rows = mqar.summarise(second["runs"])
+    assert {(r["variant"], r["seq_len"]): r["seeds"] for r in rows} == {
+        (v, L): [0, 1] for v in ("softmax", "sikf+rpb") for L in (24, 40)
+    }
+    meta = json.loads((out / "sweep.json").read_text())
+    short = mqarreport.section(second["runs"][:6], meta, plot_rel="p.png", results_arg="r.json")
+    assert "PARTIAL RESULTS" in short
+    assert "sikf+rpb/L = 24/seed 1, sikf+rpb/L = 40/seed 1" in short
+    assert "(1 of 2 seeds)" in short
+    # other settings into the same file: refused
+    with pytest.raises(ValueError, match="another configuration"):
+        mqar.sweep(**{**kw, "s": dataclasses.replace(s, steps=3)})
+    assert (out / "accuracy.png").stat().st_size > 5_000
+    # the experiments page takes the section
+    page = tmp_path / "experiments.md"
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.paper.report",
+            str(ROOT / "docs/experiments/results.json"),
+            "--page",
+            str(page),
+            "--mqar",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert gen.returncode == 0, gen.stderr
+    text = page.read_text()
+    assert "## Which feature map? Multi-query associative recall (MQAR)" in text
+    mq = text.split("## Which feature map?")[1]
+    assert "SIKF is more accurate than elu+1" not in mq  # no elu run in this sweep: no such verdict
+    assert "the best linear map (linear, SIKF + FastRPB) is more accurate than softmax" in mq
+    assert meta["config_hash"] in text
+    assert "--mqar" in text
+
+
+def test_mqar_verdicts_follow_the_two_standard_error_rule():
+    from benchmarks.paper import mqarreport
+
+    def row(v, accs):
+        a = np.array(accs)
+        return {
+            "variant": v,
+            "seq_len": 64,
+            "seeds": list(range(len(a))),
+            "accuracy_mean": float(a.mean()),
+            "accuracy_se": float(a.std(ddof=1) / np.sqrt(len(a))),
+            "train_s_per_step": 1.0,
+        }
+
+    rows = [
+        row("softmax", [0.9, 0.92, 0.94]),
+        row("elu", [0.5, 0.52, 0.54]),
+        row("sikf", [0.6, 0.62, 0.64]),
+        row("elu+rpb", [0.4, 0.6, 0.5]),
+    ]
+    c = {(x["a"], x["b"]): x for x in mqarreport.claims(rows, [64])}
+    assert c[("sikf", "elu")]["verdict"] == "held"  # +0.10, s.e. 0.016
+    assert c[("elu+rpb", "elu")]["verdict"].startswith("not resolved")  # +-0.02 within 2 s.e. (0.06)
+    assert c[("sikf", "softmax")]["verdict"].startswith("did not hold")  # the best linear map is sikf
+    assert c[("sikf", "softmax")]["claim"] == "the best linear map (linear, SIKF) is more accurate than softmax"
+
+
+def test_mqar_report_names_diverged_models():
+    from benchmarks.paper import mqarreport
+
+    def rec(v, seed, L, loss):
+        return {"variant": v, "seed": seed, "seq_len": L, "loss": loss, "loss_finite": bool(np.isfinite(loss).all())}
+
+    runs = [
+        rec("favor", 0, 64, [2.0, 1.5]),
+        rec("favor", 0, 1024, [1.4]),
+        rec("favor", 1, 64, [2.0, 1.9, float("nan")]),
+        rec("favor", 1, 1024, [float("nan")]),
+    ]
+    (line,) = mqarreport.non_finite(runs)
+    assert "linear, FAVOR+, seed 1 (from step 3 of 4)" in line
+    assert mqarreport.non_finite(runs[:2]) == []

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends import requested
+from backends_tests.backends import requested
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -38,7 +38,9 @@ def _selected(name: str) -> bool:
 def _run(*args: str, ok: bool = True) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(HERE)])}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     if ok:
         assert proc.stdout.rstrip().endswith("OK"), proc.stdout
@@ -51,6 +53,7 @@ def _docs_examples() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_jax_shard_map_equals_single_device():
     out = _run(str(HERE / "parallel_jax.py"))
@@ -58,6 +61,7 @@ def test_jax_shard_map_equals_single_device():
         assert f"P={P} " in out
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
 def test_torch_distributed_gloo_equals_one_process():
     out = _run(str(HERE / "parallel_torch.py"), "2", "4")
@@ -100,6 +104,7 @@ def test_torch_group_needs_an_initialised_group():
         parallel.rpb(np.zeros((8, 4)), np.zeros(31), comm=parallel.torch_group())
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_docs_shard_map_example_runs(tmp_path):
     script = tmp_path / "shard_map_example.py"
@@ -109,13 +114,25 @@ def test_docs_shard_map_example_runs(tmp_path):
     assert float(last.split()[-1]) < 1e-4, last
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
 def test_docs_torchrun_example_runs(tmp_path):
     script = tmp_path / "sp.py"
     script.write_text(_docs_examples()[1])
     logs = tmp_path / "logs"
-    _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "--log-dir", str(logs), "--redirects", "1", str(script), ok=False)
+    _run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "1",
+        str(script),
+        ok=False,
+    )
     # each rank prints "rank error" to its own stdout file: on the shared stdout the two
     # ranks' writes interleaved once ("01  0.0" in a clean CI run)
     out = "".join(f.read_text() for f in sorted(logs.rglob("stdout.log")))

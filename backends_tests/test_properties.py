@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import oracles
-from backends import tolerance
+from backends_tests.backends import tolerance
 from fastrpb import feature_maps as fm
 from fastrpb import (
     linear_attention,
@@ -41,9 +41,7 @@ POSITIVE = ("elu", "sikf", "favor")
 MAPS = (*POSITIVE, "relu", "dpfp")
 BAD = (np.nan, np.inf, -np.inf)
 
-lead_shapes = st.sampled_from(
-    [(), (1,), (2,), (2, 1), (0,), (0, 2)]
-)
+lead_shapes = st.sampled_from([(), (1,), (2,), (2, 1), (0,), (0, 2)])
 lengths = st.integers(LOW, 13)
 widths = st.integers(LOW, 4)
 
@@ -87,14 +85,10 @@ def _mask(data, lead, L):
 
 def _check(backend, got, expected, dtype):
     got = backend.to_numpy(got) if not isinstance(got, np.ndarray) else got
-    assert got.shape == expected.shape, (
-        f"shape {got.shape} != expected {expected.shape}"
-    )
+    assert got.shape == expected.shape, f"shape {got.shape} != expected {expected.shape}"
     tol = tolerance(dtype)
     scale = float(np.max(np.abs(expected))) if expected.size else 1.0
-    np.testing.assert_allclose(
-        got, expected, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30)
-    )
+    np.testing.assert_allclose(got, expected, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30))
 
 
 # ----------------------------------------------------------------- against the oracles
@@ -111,25 +105,17 @@ def _check(backend, got, expected, dtype):
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_linear_attention_property(
-    backend, data, lead, L, dk, dv, chunk, name, causal, masked, seed
-):
+def test_linear_attention_property(backend, data, lead, L, dk, dv, chunk, name, causal, masked, seed):
     assume(name != "favor" or dk > 0)  # a projection (m, d) has d >= 1
     rng = np.random.default_rng(seed)
     dtype = _dtype(data, backend, name)
-    (q, k, v), (qn, kn, vn) = _arrays(
-        backend, rng, dtype, (*lead, L, dk), (*lead, L, dk), (*lead, L, dv)
-    )
+    (q, k, v), (qn, kn, vn) = _arrays(backend, rng, dtype, (*lead, L, dk), (*lead, L, dk), (*lead, L, dv))
     mask = _mask(data, lead, L) if masked else None
     fmap, oracle = _map(backend, name, dk)
     km = None if mask is None else backend.asarray(mask, None)
-    out = linear_attention(
-        q, k, v, feature_map=fmap, causal=causal, key_mask=km, chunk_size=chunk
-    )
+    out = linear_attention(q, k, v, feature_map=fmap, causal=causal, key_mask=km, chunk_size=chunk)
     assert out.dtype == q.dtype
-    _check(
-        backend, out, oracle(qn, kn, vn, causal=causal, key_mask=mask, eps=1e-6), dtype
-    )
+    _check(backend, out, oracle(qn, kn, vn, causal=causal, key_mask=mask, eps=1e-6), dtype)
 
 
 @SETTINGS
@@ -144,24 +130,18 @@ def test_linear_attention_property(
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_softmax_attention_property(
-    backend, data, lead, Lq, Lk, dk, dv, causal, masked, seed
-):
+def test_softmax_attention_property(backend, data, lead, Lq, Lk, dk, dv, causal, masked, seed):
     rng = np.random.default_rng(seed)
     Lk = Lq if causal else Lk
     dtype = _dtype(data, backend, "elu")
-    (q, k, v), (qn, kn, vn) = _arrays(
-        backend, rng, dtype, (*lead, Lq, dk), (*lead, Lk, dk), (*lead, Lk, dv)
-    )
+    (q, k, v), (qn, kn, vn) = _arrays(backend, rng, dtype, (*lead, Lq, dk), (*lead, Lk, dk), (*lead, Lk, dv))
     mask = _mask(data, lead, Lk) if masked else None
     km = None if mask is None else backend.asarray(mask, None)
     out = softmax_attention(q, k, v, causal=causal, key_mask=km)
     _check(
         backend,
         out,
-        oracles.softmax_attention(
-            qn, kn, vn, causal=causal, key_mask=mask, scale=1.0 if dk == 0 else None
-        ),
+        oracles.softmax_attention(qn, kn, vn, causal=causal, key_mask=mask, scale=1.0 if dk == 0 else None),
         dtype,
     )
 
@@ -181,9 +161,7 @@ def test_prefill_then_decode_property(backend, data, L, split, chunk, name, seed
     rng = np.random.default_rng(seed)
     split = min(split, L)
     dtype = _dtype(data, backend, name)
-    (q, k, v), (qn, kn, vn) = _arrays(
-        backend, rng, dtype, (2, L, 3), (2, L, 3), (2, L, 2)
-    )
+    (q, k, v), (qn, kn, vn) = _arrays(backend, rng, dtype, (2, L, 3), (2, L, 3), (2, L, 2))
     fmap, oracle = _map(backend, name, 3)
     expected = oracle(qn, kn, vn, causal=True, eps=1e-6)
     state = None
@@ -199,9 +177,7 @@ def test_prefill_then_decode_property(backend, data, L, split, chunk, name, seed
         )
         _check(backend, out, expected[:, :split], dtype)
     for t in range(split, L):
-        out_t, state = linear_attention_step(
-            state, q[:, t, :], k[:, t, :], v[:, t, :], feature_map=fmap
-        )
+        out_t, state = linear_attention_step(state, q[:, t, :], k[:, t, :], v[:, t, :], feature_map=fmap)
         _check(backend, out_t, expected[:, t], dtype)
 
 
@@ -216,9 +192,7 @@ def test_prefill_then_decode_property(backend, data, L, split, chunk, name, seed
     bad=st.sampled_from(BAD),
     seed=st.integers(0, 2**16),
 )
-def test_later_tokens_never_reach_earlier_outputs(
-    backend, data, L, chunk, name, where, bad, seed
-):
+def test_later_tokens_never_reach_earlier_outputs(backend, data, L, chunk, name, where, bad, seed):
     """Poison token ``j`` (one entry of its query, key or value) with NaN or an
     infinity: every causal output before ``j`` (for a query: every other output) is the
     oracle's for the clean inputs."""
@@ -228,18 +202,14 @@ def test_later_tokens_never_reach_earlier_outputs(
     clean = {n: rng.standard_normal(s) for n, s in shapes.items()}
     poisoned = dict(clean)
     poisoned[where] = clean[where].copy()
-    poisoned[where][
-        ..., j, data.draw(st.integers(0, shapes[where][-1] - 1), label="column")
-    ] = bad
+    poisoned[where][..., j, data.draw(st.integers(0, shapes[where][-1] - 1), label="column")] = bad
     q, k, v = (backend.asarray(poisoned[n]) for n in "qkv")
     # rows from j on are NaN on purpose (inf - inf, 0 * inf): NumPy's "invalid value"
     # warnings say just that
     with np.errstate(invalid="ignore"):
         if name == "softmax":
             out = softmax_attention(q, k, v, causal=True)
-            expected = oracles.softmax_attention(
-                clean["q"], clean["k"], clean["v"], causal=True
-            )
+            expected = oracles.softmax_attention(clean["q"], clean["k"], clean["v"], causal=True)
         else:
             fmap, oracle = _map(backend, name, 3)
             out = linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=chunk)
@@ -260,9 +230,7 @@ def test_later_tokens_never_reach_earlier_outputs(
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_masked_positions_never_reach_any_output(
-    backend, data, lead, L, chunk, name, causal, bias, seed
-):
+def test_masked_positions_never_reach_any_output(backend, data, lead, L, chunk, name, causal, bias, seed):
     """NaN and infinities in the keys and values of masked positions change no output,
     the FastRPB term included."""
     rng = np.random.default_rng(seed)
@@ -271,12 +239,8 @@ def test_masked_positions_never_reach_any_output(
     pick = st.sampled_from(BAD)
     k_bad, v_bad = kn.copy(), vn.copy()
     for index in zip(*np.nonzero(~mask), strict=False):
-        k_bad[(*index, data.draw(st.integers(0, 2), label="k column"))] = data.draw(
-            pick, label="k value"
-        )
-        v_bad[(*index, data.draw(st.integers(0, 2), label="v column"))] = data.draw(
-            pick, label="v value"
-        )
+        k_bad[(*index, data.draw(st.integers(0, 2), label="k column"))] = data.draw(pick, label="k value")
+        v_bad[(*index, data.draw(st.integers(0, 2), label="v column"))] = data.draw(pick, label="v value")
     q, k, v, km = (
         backend.asarray(qn),
         backend.asarray(k_bad),
@@ -301,7 +265,7 @@ def test_masked_positions_never_reach_any_output(
         )
         expected = oracle(qn, kn, vn, causal=causal, key_mask=mask, eps=1e-6)
     if bias:
-        expected = expected + oracles.toeplitz(
-            backend.to_numpy(w), L, causal=causal
-        ) @ np.where(mask[..., None], vn, 0.0)
+        expected = expected + oracles.toeplitz(backend.to_numpy(w), L, causal=causal) @ np.where(
+            mask[..., None], vn, 0.0
+        )
     _check(backend, out, expected, "float64")

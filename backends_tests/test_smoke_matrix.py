@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from backends import assert_array, assert_close, check_gradients
+from backends_tests.backends import assert_array, assert_close, check_gradients
 
 
 def test_backend_round_trip(backend, dtype):
@@ -60,8 +60,20 @@ def test_check_gradients_catches_a_wrong_gradient(backend):
     check_gradients(backend, lambda x: xp.sin(x) * x, np.linspace(-1.0, 1.0, 5))
 
     def detached(x):  # the value of x * x with the gradient of x: wrong on purpose
-        return x * (xp.asarray(backend.to_numpy(x), device=backend.device) if backend.grad == "torch" else
-                    backend.native.lax.stop_gradient(x))
+        return x * (
+            xp.asarray(backend.to_numpy(x), device=backend.device)
+            if backend.grad == "torch"
+            else backend.native.lax.stop_gradient(x)
+        )
 
     with pytest.raises(AssertionError, match="gradient"):
         check_gradients(backend, detached, np.linspace(-1.0, 1.0, 5))
+
+
+@pytest.mark.subset(lambda case: case == "kept")
+@pytest.mark.parametrize("case", ["kept", "full-matrix-only"])
+def test_subset_marker(backend, case):
+    # NumPy and array-api-strict run every case; the other backends only those kept
+    from conftest import FULL_MATRIX
+
+    assert case == "kept" or backend.name in FULL_MATRIX

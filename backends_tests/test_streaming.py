@@ -10,7 +10,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends import assert_close
+from backends_tests.backends import assert_close
 
 # lengths that cross the online convolution's block boundaries (blocks of 32, 64, ...)
 LENGTHS = [1, 2, 3, 63, 64, 65, 1000]
@@ -200,7 +200,6 @@ def test_jitted_step_continues_an_eager_prefill(backend, rng):
     assert_close(backend, backend.xp.concat(outs, axis=0), causal_oracle(v, w), "float64")
 
 
-
 def test_jitted_chunk_continues_eager_equal_pieces(backend, rng):
     # eager pieces of one size keep their spectra and their values in pieces; a traced
     # chunk joins and pads them into the fixed layout, then traced steps continue
@@ -346,7 +345,9 @@ def _error_cases():
             ["state", "M = 4", "M = 5"],
         ),
         "state-of-another-skip": (
-            lambda b, w, v: fastrpb.rpb(v[3:4, :], w, causal=True, skip=(2, 0), initial_state=started(b, w, v, skip=(1, 0))),
+            lambda b, w, v: fastrpb.rpb(
+                v[3:4, :], w, causal=True, skip=(2, 0), initial_state=started(b, w, v, skip=(1, 0))
+            ),
             ValueError,
             ["initial_state", "skip = (1, 0)", "(2, 0)"],
         ),
@@ -397,8 +398,13 @@ CHECKPOINTS = [1, 2, 31, 32, 33, 100, 300]
 def _layout(state):
     """Structure, leaf shapes and dtypes of a state: equal for every count."""
     leaves = (*state.blocks, state.window, *state.future, state.near, state.count)
-    return (len(state.blocks), len(state.future), state.skip, state.table_length,
-            tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+    return (
+        len(state.blocks),
+        len(state.future),
+        state.skip,
+        state.table_length,
+        tuple((tuple(x.shape), str(x.dtype)) for x in leaves),
+    )
 
 
 def test_state_layout_is_fixed_after_any_count(backend, rng):

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from backends import CPU_BACKENDS, requested
+from backends_tests.backends import CPU_BACKENDS, requested
 
 HERE = Path(__file__).resolve().parent
 
 SCRIPT = r"""
 import json, sys, threading
 import numpy as np
-from backends import load
+from backends_tests.backends import load
 import fastrpb
 from fastrpb import feature_maps as fm
 
@@ -95,6 +95,7 @@ print(json.dumps({"jobs": len(jobs), "backends": [b.name for b in backends], "er
 """
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_eight_threads_first_calls_equal_serial_results():
     names, _ = requested()
     cpu = [n for n in names if n in CPU_BACKENDS]
@@ -102,7 +103,7 @@ def test_eight_threads_first_calls_equal_serial_results():
         pytest.skip("FASTRPB_BACKENDS names no CPU backend")
     env = dict(os.environ)
     src = str(HERE.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, str(HERE), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([src, str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
     run = subprocess.run(
         [sys.executable, "-c", SCRIPT, ",".join(cpu)],
         check=False,

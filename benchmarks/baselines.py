@@ -35,12 +35,21 @@ def fft_module(bench: Any) -> SimpleNamespace:
             rfft = lambda x, n, axis: np.fft.rfft(x, n=n, axis=axis)  # noqa: E731
             irfft = lambda x, n, axis: np.fft.irfft(x, n=n, axis=axis)  # noqa: E731
         return SimpleNamespace(
-            rfft=rfft, irfft=irfft, swap=lambda x: np.swapaxes(x, -1, -2),
-            cat=lambda xs: np.concatenate(xs, axis=-1), cat3=lambda xs: np.concatenate(xs, axis=-3),
-            zeros=lambda s, like: np.zeros(s, dtype=like.dtype), ones=lambda s, like: np.ones(s, dtype=like.dtype),
-            zeros_like=np.zeros_like, matmul=np.matmul, einsum=np.einsum, stack=np.stack, tril=np.tril,
+            rfft=rfft,
+            irfft=irfft,
+            swap=lambda x: np.swapaxes(x, -1, -2),
+            cat=lambda xs: np.concatenate(xs, axis=-1),
+            cat3=lambda xs: np.concatenate(xs, axis=-3),
+            zeros=lambda s, like: np.zeros(s, dtype=like.dtype),
+            ones=lambda s, like: np.ones(s, dtype=like.dtype),
+            zeros_like=np.zeros_like,
+            matmul=np.matmul,
+            einsum=np.einsum,
+            stack=np.stack,
+            tril=np.tril,
             sum=lambda x, axis: np.sum(x, axis=axis, keepdims=True),
-            cumsum=lambda x, axis: np.cumsum(x, axis=axis), cumsum_=lambda x, axis: np.cumsum(x, axis=axis, out=x),
+            cumsum=lambda x, axis: np.cumsum(x, axis=axis),
+            cumsum_=lambda x, axis: np.cumsum(x, axis=axis, out=x),
         )
     if name.startswith("torch"):
         import torch
@@ -49,12 +58,18 @@ def fft_module(bench: Any) -> SimpleNamespace:
             rfft=lambda x, n, axis: torch.fft.rfft(x, n=n, dim=axis),
             irfft=lambda x, n, axis: torch.fft.irfft(x, n=n, dim=axis),
             swap=lambda x: x.transpose(-1, -2),
-            cat=lambda xs: torch.cat(xs, dim=-1), cat3=lambda xs: torch.cat(xs, dim=-3),
+            cat=lambda xs: torch.cat(xs, dim=-1),
+            cat3=lambda xs: torch.cat(xs, dim=-3),
             zeros=lambda s, like: torch.zeros(s, dtype=like.dtype, device=like.device),
             ones=lambda s, like: torch.ones(s, dtype=like.dtype, device=like.device),
-            zeros_like=torch.zeros_like, matmul=torch.matmul, einsum=torch.einsum, stack=torch.stack, tril=torch.tril,
+            zeros_like=torch.zeros_like,
+            matmul=torch.matmul,
+            einsum=torch.einsum,
+            stack=torch.stack,
+            tril=torch.tril,
             sum=lambda x, axis: torch.sum(x, dim=axis, keepdim=True),
-            cumsum=lambda x, axis: torch.cumsum(x, dim=axis), cumsum_=lambda x, axis: torch.cumsum(x, dim=axis, out=x),
+            cumsum=lambda x, axis: torch.cumsum(x, dim=axis),
+            cumsum_=lambda x, axis: torch.cumsum(x, dim=axis, out=x),
         )
     if name.startswith("jax") or name == "cupy":
         if name == "cupy":
@@ -66,11 +81,18 @@ def fft_module(bench: Any) -> SimpleNamespace:
             rfft=lambda x, n, axis: lib.fft.rfft(x, n=n, axis=axis),
             irfft=lambda x, n, axis: lib.fft.irfft(x, n=n, axis=axis),
             swap=lambda x: lib.swapaxes(x, -1, -2),
-            cat=lambda xs: lib.concatenate(xs, axis=-1), cat3=lambda xs: lib.concatenate(xs, axis=-3),
-            zeros=lambda s, like: lib.zeros(s, dtype=like.dtype), ones=lambda s, like: lib.ones(s, dtype=like.dtype),
-            zeros_like=lib.zeros_like, matmul=lib.matmul, einsum=lib.einsum, stack=lib.stack, tril=lib.tril,
+            cat=lambda xs: lib.concatenate(xs, axis=-1),
+            cat3=lambda xs: lib.concatenate(xs, axis=-3),
+            zeros=lambda s, like: lib.zeros(s, dtype=like.dtype),
+            ones=lambda s, like: lib.ones(s, dtype=like.dtype),
+            zeros_like=lib.zeros_like,
+            matmul=lib.matmul,
+            einsum=lib.einsum,
+            stack=lib.stack,
+            tril=lib.tril,
             sum=lambda x, axis: lib.sum(x, axis=axis, keepdims=True),
-            cumsum=lambda x, axis: lib.cumsum(x, axis=axis), cumsum_=lambda x, axis: lib.cumsum(x, axis=axis),
+            cumsum=lambda x, axis: lib.cumsum(x, axis=axis),
+            cumsum_=lambda x, axis: lib.cumsum(x, axis=axis),
         )
     raise ValueError(f"no native baselines for backend {name!r}")
 

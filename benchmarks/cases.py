@@ -77,7 +77,9 @@ def build_rpb(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool) ->
         # its memory is measured while it is cheap: past 16,384 one call takes seconds
         variants.insert(2, Variant("paper_2L-1", lambda: paper(v, w), memory=L <= 16384))
     else:
-        skipped["paper_2L-1"] = f"its FFT length 2L - 1 = {2 * L - 1:,} is prime: tens of seconds a call; run up to L = {PAPER_MAX_LEN:,}"
+        skipped["paper_2L-1"] = (
+            f"its FFT length 2L - 1 = {2 * L - 1:,} is prime: tens of seconds a call; run up to L = {PAPER_MAX_LEN:,}"
+        )
     dense_bytes = HEADS * L * L * _itemsize(dtype)
     if dense_bytes <= cap_bytes:
         xp = bench.xp
@@ -99,8 +101,11 @@ def _attention_api():
 def _qkv(bench: Any, L: int, dtype: str) -> tuple[Any, Any, Any]:
     shape = (BATCH, HEADS, L, FEATURES)
     # logits of a trained model are O(1); 0.5 keeps ELU on both of its branches
-    return (bench.random(shape, seed=3, dtype=dtype, scale=0.5), bench.random(shape, seed=4, dtype=dtype, scale=0.5),
-            bench.random(shape, seed=5, dtype=dtype))
+    return (
+        bench.random(shape, seed=3, dtype=dtype, scale=0.5),
+        bench.random(shape, seed=4, dtype=dtype, scale=0.5),
+        bench.random(shape, seed=5, dtype=dtype),
+    )
 
 
 def build_attention(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool) -> Built:
@@ -237,14 +242,32 @@ def build_packed(bench: Any, L: int, dtype: str, *, cap_bytes: int, quick: bool)
 
 
 CASES: dict[str, Case] = {
-    "rpb": Case("rpb", "FastRPB: fastrpb.rpb vs native FFT, paper-style 2L-1 FFT, FFT floor, dense product", build_rpb,
-                applies=_rpb_applies),
-    "attention": Case("attention", "Non-causal linear attention (ELU+1) vs hand-written native and the bare matmuls",
-                      build_attention),
-    "causal": Case("causal", "Causal linear attention vs native chunked, naive cumsum, softmax and our non-causal",
-                   build_causal, applies=lambda b, L, cfg: L <= CAUSAL_MAX_LEN or cfg.get("sizes_explicit", False)),
-    "decode": Case("decode", "Decoding: one linear_attention_step (1, 8 heads, 64) vs a hand-written native step",
-                   build_decode, sizes=(1,), unit="tokens"),
-    "packed": Case("packed", "Packed causal linear attention (cu_seqlens, lengths 64..4,096) vs padded to the longest + key_mask",
-                   build_packed, applies=lambda b, L, cfg: L >= 4096),
+    "rpb": Case(
+        "rpb",
+        "FastRPB: fastrpb.rpb vs native FFT, paper-style 2L-1 FFT, FFT floor, dense product",
+        build_rpb,
+        applies=_rpb_applies,
+    ),
+    "attention": Case(
+        "attention", "Non-causal linear attention (ELU+1) vs hand-written native and the bare matmuls", build_attention
+    ),
+    "causal": Case(
+        "causal",
+        "Causal linear attention vs native chunked, naive cumsum, softmax and our non-causal",
+        build_causal,
+        applies=lambda b, L, cfg: L <= CAUSAL_MAX_LEN or cfg.get("sizes_explicit", False),
+    ),
+    "decode": Case(
+        "decode",
+        "Decoding: one linear_attention_step (1, 8 heads, 64) vs a hand-written native step",
+        build_decode,
+        sizes=(1,),
+        unit="tokens",
+    ),
+    "packed": Case(
+        "packed",
+        "Packed causal linear attention (cu_seqlens, lengths 64..4,096) vs padded to the longest + key_mask",
+        build_packed,
+        applies=lambda b, L, cfg: L >= 4096,
+    ),
 }

@@ -62,7 +62,9 @@ def decode(t: int, steps: int, rounds: int, modes: list[str]) -> dict[str, Any]:
             return fastrpb.linear_attention_step(s, a, b, c, rpb=tw)
 
         if "torch" in modes:
-            row["torch_eager_s"] = statistics.median(_mean_steps(eager, state, tokens, steps, lambda o: None)[1] for _ in range(rounds))
+            row["torch_eager_s"] = statistics.median(
+                _mean_steps(eager, state, tokens, steps, lambda o: None)[1] for _ in range(rounds)
+            )
         if "torch_compile" in modes:
             from torch._dynamo.utils import counters
 
@@ -71,7 +73,9 @@ def decode(t: int, steps: int, rounds: int, modes: list[str]) -> dict[str, Any]:
             compiled = torch.compile(eager, fullgraph=True)
             first, _ = _mean_steps(compiled, state, tokens, steps, lambda o: None)
             row["torch_compile_first_s"] = first
-            row["torch_compile_s"] = statistics.median(_mean_steps(compiled, state, tokens, steps, lambda o: None)[1] for _ in range(rounds))
+            row["torch_compile_s"] = statistics.median(
+                _mean_steps(compiled, state, tokens, steps, lambda o: None)[1] for _ in range(rounds)
+            )
             row["torch_compile_graphs"] = int(counters["stats"]["unique_graphs"])
     if any(m.startswith("jax") for m in modes):
         import jax
@@ -90,13 +94,17 @@ def decode(t: int, steps: int, rounds: int, modes: list[str]) -> dict[str, Any]:
             jax.block_until_ready(o)
 
         if "jax" in modes:
-            row["jax_eager_s"] = statistics.median(_mean_steps(step, state, tokens, steps, sync)[1] for _ in range(rounds))
+            row["jax_eager_s"] = statistics.median(
+                _mean_steps(step, state, tokens, steps, sync)[1] for _ in range(rounds)
+            )
         if "jax_jit" in modes:
             traces.clear()
             jitted = jax.jit(step)
             first, _ = _mean_steps(jitted, state, tokens, steps, sync)
             row["jax_jit_first_s"] = first
-            row["jax_jit_s"] = statistics.median(_mean_steps(jitted, state, tokens, steps, sync)[1] for _ in range(rounds))
+            row["jax_jit_s"] = statistics.median(
+                _mean_steps(jitted, state, tokens, steps, sync)[1] for _ in range(rounds)
+            )
             row["jax_jit_traces"] = len(traces)
     return row
 
@@ -115,7 +123,9 @@ def jax_after_prompt(L: int, steps: int = 50) -> dict[str, Any]:
     row: dict[str, Any] = {"prompt": L, "steps": steps}
     for name, conv in (("numpy", np.asarray), ("jax", jnp.asarray)):
         a, b, c, tw = (conv(x) for x in (q, k, v, w))
-        _, state = fastrpb.linear_attention(a[:, :L], b[:, :L], c[:, :L], feature_map="sikf", causal=True, rpb=tw, return_state=True)
+        _, state = fastrpb.linear_attention(
+            a[:, :L], b[:, :L], c[:, :L], feature_map="sikf", causal=True, rpb=tw, return_state=True
+        )
         start = time.perf_counter()
         for i in range(L, L + steps):
             out, state = fastrpb.linear_attention_step(state, a[:, i], b[:, i], c[:, i], feature_map="sikf", rpb=tw)
@@ -138,8 +148,17 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     modes = args.modes.split(",")
-    result: dict[str, Any] = {"decode": [], "machine": {"torch": torch.__version__, "threads": 1, "heads": HEADS,
-                                                        "features": FEATURES, "steps": args.steps, "rounds": args.rounds}}
+    result: dict[str, Any] = {
+        "decode": [],
+        "machine": {
+            "torch": torch.__version__,
+            "threads": 1,
+            "heads": HEADS,
+            "features": FEATURES,
+            "steps": args.steps,
+            "rounds": args.rounds,
+        },
+    }
     for t in (int(x) for x in args.ts.split(",")):
         row = decode(t, args.steps, args.rounds, modes)
         print(json.dumps(row), flush=True)

@@ -19,8 +19,20 @@ from pathlib import Path
 from typing import Any
 
 # distributions reported when installed (CuPy ships under its CUDA version's name)
-PACKAGES = ("numpy", "scipy", "torch", ("jax",), "jaxlib", ("cupy", "cupy-cuda12x", "cupy-cuda11x"), "flax", "optax",
-            "array-api-compat", "array-api-extra", "tqdm", "matplotlib")
+PACKAGES = (
+    "numpy",
+    "scipy",
+    "torch",
+    ("jax",),
+    "jaxlib",
+    ("cupy", "cupy-cuda12x", "cupy-cuda11x"),
+    "flax",
+    "optax",
+    "array-api-compat",
+    "array-api-extra",
+    "tqdm",
+    "matplotlib",
+)
 
 
 def keep_freed_memory() -> bool:
@@ -47,8 +59,10 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # <malloc.h>
-    return all(mallopt(option, value) == 1 for option, value in
-               ((m_arena_max, 1), (m_mmap_threshold, 256 << 20), (m_trim_threshold, 1 << 30)))
+    return all(
+        mallopt(option, value) == 1
+        for option, value in ((m_arena_max, 1), (m_mmap_threshold, 256 << 20), (m_trim_threshold, 1 << 30))
+    )
 
 
 def load_average() -> list[float] | None:
@@ -74,8 +88,11 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = dict(
         date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         cpu=_first_line("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
-        logical_cpus=os.cpu_count(), platform=platform.platform(), machine=platform.machine(),
-        python=platform.python_version(), load_average_start=load_average(),
+        logical_cpus=os.cpu_count(),
+        platform=platform.platform(),
+        machine=platform.machine(),
+        python=platform.python_version(),
+        load_average_start=load_average(),
     )
     with contextlib.suppress(AttributeError):  # not on Linux
         info["usable_cpus"] = len(os.sched_getaffinity(0))
@@ -107,8 +124,9 @@ def versions(packages: tuple = PACKAGES) -> dict[str, Any]:
     try:
         git = ["git", "-C", str(root)]
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if commit:
             out["git_commit"] = commit
             out["git_dirty"] = bool(dirty)

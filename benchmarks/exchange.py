@@ -49,10 +49,19 @@ def sequence_parallel(P: int, L: int) -> tuple[int, int, int]:
     x = jax.ShapeDtypeStruct((1, 8, L, 64), jnp.float32, sharding=NamedSharding(mesh, seq))
     w = jax.ShapeDtypeStruct((8, 2 * L - 1), jnp.float32, sharding=NamedSharding(mesh, Spec()))
     comm = parallel.jax_axis("seq")
-    att = jax.jit(jax.shard_map(lambda q, k, v: parallel.linear_attention(q, k, v, comm=comm, causal=True),
-                                mesh=mesh, in_specs=(seq,) * 3, out_specs=seq))
-    bias = jax.jit(jax.shard_map(lambda v, w: parallel.rpb(v, w, comm=comm, causal=True),
-                                 mesh=mesh, in_specs=(seq, Spec()), out_specs=seq))
+    att = jax.jit(
+        jax.shard_map(
+            lambda q, k, v: parallel.linear_attention(q, k, v, comm=comm, causal=True),
+            mesh=mesh,
+            in_specs=(seq,) * 3,
+            out_specs=seq,
+        )
+    )
+    bias = jax.jit(
+        jax.shard_map(
+            lambda v, w: parallel.rpb(v, w, comm=comm, causal=True), mesh=mesh, in_specs=(seq, Spec()), out_specs=seq
+        )
+    )
     block = 8 * (L // P) * 64 * 4
     return block, received(att.lower(x, x, x).compile().as_text()), received(bias.lower(x, w).compile().as_text())
 

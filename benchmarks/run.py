@@ -1,6 +1,9 @@
 """Command line of the benchmark suite: ``python -m benchmarks [options]``.
 
-Defaults finish in under 10 minutes on a 2-core CPU; ``--quick`` in under a minute.
+Defaults take about 10 minutes on 2 idle cores; ``--quick`` (L = 256 and 1,024, few
+rounds) takes minutes too: 77 s to 6.3 minutes on a 2-core machine, depending on what
+else runs on it. A missed target comes with how to read it: the load the machine had,
+and the command that reruns that comparison alone.
 Writes ``results.json`` (every raw sample, machine and versions), ``results.md`` and
 ``*_time.png`` / ``*_memory.png`` into ``--out``.
 """
@@ -30,32 +33,60 @@ QUICK_SIZES = (256, 1024)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", default=None,
-                   help=f"comma-separated, from {', '.join(ALL)} (default: the CPU ones and every GPU one that is present)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated, from {', '.join(ALL)} (default: the CPU ones and every GPU one that is present)",
+    )
     p.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)} (default: all)")
     p.add_argument("--sizes", default=None, help="comma-separated sequence lengths L (default: 256 .. 262144 by 4x)")
     p.add_argument("--max-len", type=int, default=None, help="drop sizes above this L")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per comparison (at most; default 7, quick 3)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timing per comparison before rounds are cut down to 3 (default 4, quick 0.5)")
-    p.add_argument("--memory-sizes", default=None,
-                   help="sizes at which peak memory is measured (default: every size >= 1024; quick: 1024)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="interleaved rounds per comparison (at most; default 7, quick 3)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of timing per comparison before rounds are cut down to 3 (default 4, quick 0.5)",
+    )
+    p.add_argument(
+        "--memory-sizes",
+        default=None,
+        help="sizes at which peak memory is measured (default: every size >= 1024; quick: 1024)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    p.add_argument("--cap-gib", type=float, default=1.0,
-                   help="largest quadratic intermediate (dense matrix, naive cumsum) a reference may build")
+    p.add_argument(
+        "--cap-gib",
+        type=float,
+        default=1.0,
+        help="largest quadratic intermediate (dense matrix, naive cumsum) a reference may build",
+    )
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
-    p.add_argument("--quick", action="store_true", help="small sizes and few rounds: under a minute")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads of PyTorch, BLAS and OpenMP, and the process pinned to that many cores (which "
-                        "is what limits JAX); default: each library's own choice, one per core")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="L = 256 and 1,024 with few rounds: minutes on 2 cores (77 s to 6.3 min measured, by the machine's load)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads of PyTorch, BLAS and OpenMP, and the process pinned to that many cores (which "
+        "is what limits JAX); default: each library's own choice, one per core",
+    )
     p.add_argument("--jobs", type=int, default=2, help="memory processes run at once (they measure RSS, not time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--streaming", action="store_true",
-                   help="also time decoding and chunked prefill with FastRPB (benchmarks.streaming, torch CPU): "
-                        "streaming.json and streaming.png in --out")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="also time decoding and chunked prefill with FastRPB (benchmarks.streaming, torch CPU): "
+        "streaming.json and streaming.png in --out",
+    )
     return p.parse_args(argv)
 
 
@@ -78,11 +109,21 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     names = tuple(b.strip() for b in args.backends.split(",")) if args.backends else ALL
     explicit = args.backends is not None
     return dict(
-        sizes=sizes, sizes_explicit=args.sizes is not None, memory_sizes=memory_sizes, cases=cases, backends=names, explicit=explicit,
-        dtype=args.dtype, repeats=args.repeats or (3 if args.quick else 7),
+        sizes=sizes,
+        sizes_explicit=args.sizes is not None,
+        memory_sizes=memory_sizes,
+        cases=cases,
+        backends=names,
+        explicit=explicit,
+        dtype=args.dtype,
+        repeats=args.repeats or (3 if args.quick else 7),
         budget=args.budget if args.budget is not None else (0.5 if args.quick else 4.0),
-        min_sample=0.002 if args.quick else 0.005, cap_bytes=int(args.cap_gib * 2**30),
-        quick=bool(args.quick), memory=not args.no_memory, threads=args.threads, jobs=max(1, args.jobs),
+        min_sample=0.002 if args.quick else 0.005,
+        cap_bytes=int(args.cap_gib * 2**30),
+        quick=bool(args.quick),
+        memory=not args.no_memory,
+        threads=args.threads,
+        jobs=max(1, args.jobs),
     )
 
 
@@ -106,10 +147,17 @@ def _progress(total: int, disable: bool, desc: str):
     except ImportError:  # pragma: no cover - tqdm is in the bench extra
         tqdm = None
     if tqdm is None or disable:
+
         class _Null:
-            def update(self, n=1): pass
-            def set_postfix_str(self, s): pass
-            def close(self): pass
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                pass
+
         return _Null()
     return tqdm(total=total, desc=desc, unit="cmp", dynamic_ncols=True)
 
@@ -119,7 +167,7 @@ def run_timing(cfg: dict, benches: dict, progress: bool) -> list[dict]:
     for case_name in cfg["cases"]:
         case = CASES[case_name]
         for bname in benches:
-            for L in (case.sizes or cfg["sizes"]):
+            for L in case.sizes or cfg["sizes"]:
                 if case.applies is not None and not case.applies(bname, L, cfg):
                     continue
                 work.append((case, bname, L))
@@ -135,8 +183,15 @@ def run_timing(cfg: dict, benches: dict, progress: bool) -> list[dict]:
             record["skipped"] = built.skipped
             if not built.variants:
                 raise RuntimeError("no variant to run")
-            m = measure(bench, built.variants, dtype=cfg["dtype"], repeats=cfg["repeats"],
-                        min_sample=cfg["min_sample"], budget=cfg["budget"], heavy=0.3 if cfg["quick"] else 1.5)
+            m = measure(
+                bench,
+                built.variants,
+                dtype=cfg["dtype"],
+                repeats=cfg["repeats"],
+                min_sample=cfg["min_sample"],
+                budget=cfg["budget"],
+                heavy=0.3 if cfg["quick"] else 1.5,
+            )
             record.update(m)
             ours = next(v.name for v in built.variants if v.ours)
             record["ours"] = ours
@@ -171,8 +226,10 @@ def run_memory(cfg: dict, results: list[dict], progress: bool, out_dir: str) -> 
         env["FASTRPB_BENCH_THREADS"] = str(cfg["threads"])
     import fastrpb
 
-    roots = [os.path.dirname(os.path.dirname(os.path.abspath(fastrpb.__file__))),
-             os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    roots = [
+        os.path.dirname(os.path.dirname(os.path.abspath(fastrpb.__file__))),
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ]
     env["PYTHONPATH"] = os.pathsep.join([*roots, env.get("PYTHONPATH", "")])
     by_key = {(r["case"], r["backend"], r["L"]): r for r in results}
     pending = list(groups.items())
@@ -180,10 +237,22 @@ def run_memory(cfg: dict, results: list[dict], progress: bool, out_dir: str) -> 
     while pending or running:
         while pending and len(running) < cfg["jobs"]:
             (case, bname), g = pending.pop(0)
-            spec = dict(case=case, backend=bname, dtype=cfg["dtype"], sizes=sorted(g["sizes"]),
-                        variants=sorted(g["variants"]), cap_bytes=cfg["cap_bytes"], quick=cfg["quick"])
-            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            spec = dict(
+                case=case,
+                backend=bname,
+                dtype=cfg["dtype"],
+                sizes=sorted(g["sizes"]),
+                variants=sorted(g["variants"]),
+                cap_bytes=cfg["cap_bytes"],
+                quick=cfg["quick"],
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
             running.append(((case, bname), g, proc))
         (case, bname), g, proc = running.pop(0)
         bar.set_postfix_str(f"{case} {bname}")
@@ -200,7 +269,8 @@ def run_memory(cfg: dict, results: list[dict], progress: bool, out_dir: str) -> 
             rec = by_key.get((case, bname, m["L"]))
             if rec is not None:
                 rec.setdefault("memory", {})[m["variant"]] = {
-                    "extra_bytes": m["extra_bytes"], "method": m["method"],
+                    "extra_bytes": m["extra_bytes"],
+                    "method": m["method"],
                     "x_values": m["extra_bytes"] / m["values_bytes"],
                 }
         if proc.returncode != 0:
@@ -236,8 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg["memory"]:
         run_memory(cfg, results, progress, args.out)
     machine["load_average_end"] = environment.load_average()
-    payload = dict(config=dict(cfg.items()), machine=machine, versions=environment.versions(),
-                   skipped_backends=skipped, results=results, wall_s=time.time() - t0)
+    payload = dict(
+        config=dict(cfg.items()),
+        machine=machine,
+        versions=environment.versions(),
+        skipped_backends=skipped,
+        results=results,
+        wall_s=time.time() - t0,
+    )
     payload["targets"] = report.evaluate_targets(results)
     payload["crossovers"] = report.crossovers(results)
     paths = report.write_all(payload, args.out)
@@ -245,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import streaming
 
         extra = [os.path.join(args.out, "streaming.json"), os.path.join(args.out, "streaming.png")]
-        streaming.main(["--json", extra[0], "--plot", extra[1]] + (["--ts", "256,1024", "--prefill", "4096"] if args.quick else []))
+        streaming.main(
+            ["--json", extra[0], "--plot", extra[1]] + (["--ts", "256,1024", "--prefill", "4096"] if args.quick else [])
+        )
         paths = [*paths, *extra]
     print(report.summary(payload))
     print("wrote " + ", ".join(paths))

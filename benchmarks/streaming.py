@@ -245,7 +245,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--span", type=int, default=512, help="rpb_step calls averaged per round")
     parser.add_argument("--old-steps", type=int, default=8, help="calls of the old method per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; 1 by default: a step is many small ops)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch's default; 1 by default: a step is many small ops)",
+    )
     parser.add_argument("--plot", default=None, help="write the plot here (PNG)")
     parser.add_argument("--json", default=None, help="write the numbers here")
     parser.add_argument("--prefill", type=int, default=65536, help="tokens of the chunked-prefill timing (0: skip it)")
@@ -259,8 +264,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     ts = [int(x) for x in args.ts.split(",") if x]
     print(f"torch {torch.__version__} CPU float32, {HEADS} heads x {FEATURES}, {torch.get_num_threads()} threads")
-    print(f"{'t':>7} {'new ms':>9} {'old ms':>9} {'old/new':>8} {'attn step ms':>13} {'new/attn':>9} "
-          f"{'step+rpb ms':>12} {'/attn':>6} {'step+old ms':>12}")
+    print(
+        f"{'t':>7} {'new ms':>9} {'old ms':>9} {'old/new':>8} {'attn step ms':>13} {'new/attn':>9} "
+        f"{'step+rpb ms':>12} {'/attn':>6} {'step+old ms':>12}"
+    )
     rows = []
     for t in ts:
         row = measure(t, span=args.span, old_steps=args.old_steps, rounds=args.rounds)
@@ -307,10 +314,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     result["targets"] = streaming_targets(result)
     for tgt in result["targets"]:
-        shown = "not measured" if tgt["speedup"] is None else f"{tgt['speedup']:.2f}x, {'met' if tgt['met'] else 'MISSED'}"
+        shown = (
+            "not measured" if tgt["speedup"] is None else f"{tgt['speedup']:.2f}x, {'met' if tgt['met'] else 'MISSED'}"
+        )
         print(f"target: {tgt['text']}: {shown}")
-    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32",
-                         "heads": HEADS, "features": FEATURES, "span": args.span, "rounds": args.rounds}
+    result["machine"] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "heads": HEADS,
+        "features": FEATURES,
+        "span": args.span,
+        "rounds": args.rounds,
+    }
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")

@@ -25,8 +25,15 @@ import time
 from pathlib import Path
 
 
-def measure(*, widths=((32, 2), (256, 8)), positions=(784, 4096, 16384), batch: int = 8, reps: int = 30,
-            rounds: int = 5, threads: int = 1) -> dict:
+def measure(
+    *,
+    widths=((32, 2), (256, 8)),
+    positions=(784, 4096, 16384),
+    batch: int = 8,
+    reps: int = 30,
+    rounds: int = 5,
+    threads: int = 1,
+) -> dict:
     import torch
 
     from fastrpb.torch import LinearAttention
@@ -39,14 +46,18 @@ def measure(*, widths=((32, 2), (256, 8)), positions=(784, 4096, 16384), batch: 
     for d, heads in widths:
         for t in positions:
             lin = LinearAttention(d, heads, feature_map="elu", causal=True)
-            soft = FunctionalCausalAttention(d, heads, ARVariant.parse("softmax"), length=t + reps + 1, grid=(1, 1),
-                                             chunk_size=64, seed=0)
+            soft = FunctionalCausalAttention(
+                d, heads, ARVariant.parse("softmax"), length=t + reps + 1, grid=(1, 1), chunk_size=64, seed=0
+            )
             with torch.no_grad():
                 x = torch.randn(batch, t, d)
                 _, lin_cache0 = lin(x, return_cache=True)
-                soft_cache0 = {"t": t, "state": None,
-                               "k": torch.randn(batch, heads, t + reps + 1, d // heads),
-                               "v": torch.randn(batch, heads, t + reps + 1, d // heads)}
+                soft_cache0 = {
+                    "t": t,
+                    "state": None,
+                    "k": torch.randn(batch, heads, t + reps + 1, d // heads),
+                    "v": torch.randn(batch, heads, t + reps + 1, d // heads),
+                }
                 xs = torch.randn(reps, batch, d)
                 best = {"linear": float("inf"), "softmax": float("inf")}
                 for _ in range(rounds):
@@ -56,18 +67,33 @@ def measure(*, widths=((32, 2), (256, 8)), positions=(784, 4096, 16384), batch: 
                         for i in range(reps):
                             _, cache = layer.step(xs[i], cache)
                         best[name] = min(best[name], (time.perf_counter() - t0) / reps)
-            rows.append({"d_model": d, "heads": heads, "batch": batch, "position": t,
-                         "linear_ms_per_token": 1000 * best["linear"], "softmax_ms_per_token": 1000 * best["softmax"],
-                         "speedup": best["softmax"] / best["linear"]})
+            rows.append(
+                {
+                    "d_model": d,
+                    "heads": heads,
+                    "batch": batch,
+                    "position": t,
+                    "linear_ms_per_token": 1000 * best["linear"],
+                    "softmax_ms_per_token": 1000 * best["softmax"],
+                    "speedup": best["softmax"] / best["linear"],
+                }
+            )
     return {"reps": reps, "rounds": rounds, "threads": threads, "rows": rows}
 
 
 def table(res: dict) -> str:
-    lines = [("| width (heads) | tokens already decoded | linear step ms/token | softmax KV cache ms/token | "
-              "linear speed-up |"), "|---|---|---|---|---|"]
+    lines = [
+        (
+            "| width (heads) | tokens already decoded | linear step ms/token | softmax KV cache ms/token | "
+            "linear speed-up |"
+        ),
+        "|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['d_model']} ({r['heads']}) | {r['position']} | {r['linear_ms_per_token']:.3f} | "
-                     f"{r['softmax_ms_per_token']:.3f} | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| {r['d_model']} ({r['heads']}) | {r['position']} | {r['linear_ms_per_token']:.3f} | "
+            f"{r['softmax_ms_per_token']:.3f} | {r['speedup']:.2f}x |"
+        )
     return "\n".join(lines)
 
 

@@ -80,8 +80,9 @@ class FunctionalCausalAttention(nn.Module):
     ``forward(x)`` on ``(B, L, d)`` and ``step(x_t, cache) -> (y_t, cache)``.
     """
 
-    def __init__(self, d: int, heads: int, variant: ARVariant, *, length: int, grid: tuple[int, int],
-                 chunk_size: int, seed: int):
+    def __init__(
+        self, d: int, heads: int, variant: ARVariant, *, length: int, grid: tuple[int, int], chunk_size: int, seed: int
+    ):
         super().__init__()
         if d % heads:
             raise ValueError(f"d_model {d} is not a multiple of heads {heads}")
@@ -114,8 +115,9 @@ class FunctionalCausalAttention(nn.Module):
         if self.variant.attention == "softmax":
             o = fastrpb.softmax_attention(q, k, v, causal=True, **self._bias())
         else:
-            o = fastrpb.linear_attention(q, k, v, feature_map=self.variant.attention, causal=True,
-                                         chunk_size=self.chunk_size, **self._bias())
+            o = fastrpb.linear_attention(
+                q, k, v, feature_map=self.variant.attention, causal=True, chunk_size=self.chunk_size, **self._bias()
+            )
         return self.out_proj(o.transpose(-3, -2).flatten(-2))
 
     def step(self, x_t: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, dict]:
@@ -123,18 +125,25 @@ class FunctionalCausalAttention(nn.Module):
         q, k, v = (p(x_t).unflatten(-1, (self.h, self.dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
         if cache is None:
             B = x_t.shape[0]
-            cache = {"t": 0, "state": None,
-                     "k": x_t.new_zeros(B, self.h, self.length, self.dh),
-                     "v": x_t.new_zeros(B, self.h, self.length, self.dh)}
+            cache = {
+                "t": 0,
+                "state": None,
+                "k": x_t.new_zeros(B, self.h, self.length, self.dh),
+                "v": x_t.new_zeros(B, self.h, self.length, self.dh),
+            }
         t = cache["t"]
         if t >= self.length:
             raise ValueError(f"the cache holds {self.length} tokens; cannot decode token {t + 1}")
         cache["v"][:, :, t] = v
         if self.variant.attention == "softmax":
             cache["k"][:, :, t] = k
-            o = fastrpb.softmax_attention(q[..., None, :], cache["k"][:, :, : t + 1], cache["v"][:, :, : t + 1])[..., 0, :]
+            o = fastrpb.softmax_attention(q[..., None, :], cache["k"][:, :, : t + 1], cache["v"][:, :, : t + 1])[
+                ..., 0, :
+            ]
         else:
-            o, cache["state"] = fastrpb.linear_attention_step(cache["state"], q, k, v, feature_map=self.variant.attention)
+            o, cache["state"] = fastrpb.linear_attention_step(
+                cache["state"], q, k, v, feature_map=self.variant.attention
+            )
         if self.rpb is not None:  # the streaming bias, as the linear layer's step: amortised O(D log^2 t)
             b, cache["rpb"] = self.rpb(v, initial_state=cache.get("rpb"), step=True)
             o = o + b
@@ -145,12 +154,12 @@ class FunctionalCausalAttention(nn.Module):
         return self.out_proj(o.flatten(-2)), cache
 
 
-def attention_layer(d: int, heads: int, variant: ARVariant, *, length: int, grid: tuple[int, int],
-                    chunk_size: int, seed: int) -> nn.Module:
+def attention_layer(
+    d: int, heads: int, variant: ARVariant, *, length: int, grid: tuple[int, int], chunk_size: int, seed: int
+) -> nn.Module:
     if variant.attention != "softmax" and variant.bias != "rpb2d":
         rpb = FastRPB(heads, length, causal=True, seed=seed) if variant.bias == "rpb" else None
-        return LinearAttention(d, heads, feature_map=variant.attention, rpb=rpb, causal=True,
-                                        chunk_size=chunk_size)
+        return LinearAttention(d, heads, feature_map=variant.attention, rpb=rpb, causal=True, chunk_size=chunk_size)
     return FunctionalCausalAttention(d, heads, variant, length=length, grid=grid, chunk_size=chunk_size, seed=seed)
 
 
@@ -176,8 +185,19 @@ class PixelTransformer(nn.Module):
     ``grid`` is the image shape; ``n = prod(grid)`` pixels, ``n + 1`` tokens.
     """
 
-    def __init__(self, *, levels: int, grid: tuple[int, int], d: int, heads: int, layers: int, d_ff: int,
-                 variant: str, chunk_size: int = 64, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        levels: int,
+        grid: tuple[int, int],
+        d: int,
+        heads: int,
+        layers: int,
+        d_ff: int,
+        variant: str,
+        chunk_size: int = 64,
+        seed: int = 0,
+    ):
         super().__init__()
         var = ARVariant.parse(variant)
         self.levels, self.grid = levels, tuple(grid)
@@ -186,11 +206,24 @@ class PixelTransformer(nn.Module):
         self.bos = levels
         self.embed = nn.Embedding(levels + 1, d)
         self.register_buffer("pos", sinusoidal(self.length, d), persistent=False)
-        self.blocks = nn.ModuleList([
-            Block(d, d_ff, attention_layer(d, heads, var, length=self.length, grid=self.grid,
-                                           chunk_size=chunk_size, seed=seed * 1000 + 17 * i))
-            for i in range(layers)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    d,
+                    d_ff,
+                    attention_layer(
+                        d,
+                        heads,
+                        var,
+                        length=self.length,
+                        grid=self.grid,
+                        chunk_size=chunk_size,
+                        seed=seed * 1000 + 17 * i,
+                    ),
+                )
+                for i in range(layers)
+            ]
+        )
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, levels)
 
@@ -225,5 +258,12 @@ class PixelTransformer(nn.Module):
         return out
 
 
-__all__ = ["AR_VARIANTS", "AR_VARIANTS_1D", "AR_VARIANTS_2D", "ARVariant", "PixelTransformer",
-           "causal_2d_available", "default_variants"]
+__all__ = [
+    "AR_VARIANTS",
+    "AR_VARIANTS_1D",
+    "AR_VARIANTS_2D",
+    "ARVariant",
+    "PixelTransformer",
+    "causal_2d_available",
+    "default_variants",
+]

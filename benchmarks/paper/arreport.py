@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .verdict import two_se_verdict
+
 AR_TITLES = {
     "softmax": "softmax (KV cache)",
     "softmax+rpb": "softmax + causal FastRPB",
@@ -42,16 +44,15 @@ def compare_bpd(meta: dict, a: str, b: str) -> dict | None:
         return None
     gain = rb["bits_per_dim_mean"] - ra["bits_per_dim_mean"]
     se = math.sqrt(ra["bits_per_dim_se"] ** 2 + rb["bits_per_dim_se"] ** 2)
-    if min(len(ra["seeds"]), len(rb["seeds"])) < 2:
-        verdict = "not resolved (one seed: no spread to judge by)"
-    elif gain > 2 * se:
-        verdict = "held"
-    elif gain < -2 * se:
-        verdict = "did not hold (the opposite was seen)"
-    else:
-        verdict = "not resolved (difference within 2 standard errors)"
-    return {"a": a, "b": b, "gain": gain, "se": se, "verdict": verdict,
-            "time_ratio": ra["train_s_per_step"] / rb["train_s_per_step"]}
+    verdict = two_se_verdict(gain, se, min(len(ra["seeds"]), len(rb["seeds"])))
+    return {
+        "a": a,
+        "b": b,
+        "gain": gain,
+        "se": se,
+        "verdict": verdict,
+        "time_ratio": ra["train_s_per_step"] / rb["train_s_per_step"],
+    }
 
 
 def bpd_claims(meta: dict) -> list[dict]:
@@ -85,16 +86,30 @@ def speed_claims(meta: dict) -> list[dict]:
                 continue
             ratio = lin[0] / ref[0]
             word = "faster" if ratio > 1.1 else ("slower" if ratio < 1 / 1.1 else "as fast (within 10 %)")
-            out.append({"a": f"{base}{bias}", "b": f"softmax{bias}", "ratio": ratio, "how": lin[1],
-                        "a_tps": lin[0], "b_tps": ref[0], "verdict": word})
+            out.append(
+                {
+                    "a": f"{base}{bias}",
+                    "b": f"softmax{bias}",
+                    "ratio": ratio,
+                    "how": lin[1],
+                    "a_tps": lin[0],
+                    "b_tps": ref[0],
+                    "verdict": word,
+                }
+            )
     return out
 
 
 def table(runs: list[dict], meta: dict) -> str:
     s = meta["settings"]
     tokens = s["side"] * s["side"]
-    lines = [("| model | test bits/dim (mean ± s.e.) | seeds | s / training step | sampling tokens/s | "
-              "sampling images/s | params |"), "|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| model | test bits/dim (mean ± s.e.) | seeds | s / training step | sampling tokens/s | "
+            "sampling images/s | params |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in meta["variants"]:
         r = _row(meta, v)
         if r is None:
@@ -112,12 +127,20 @@ def table(runs: list[dict], meta: dict) -> str:
 def claims_md(meta: dict) -> str:
     lines = ["| claim | bits/dim gained (± s.e.) | verdict | training time ratio |", "|---|---|---|---|"]
     for c in bpd_claims(meta):
-        lines.append(f"| {c['claim']} ({c['a']} vs {c['b']}) | {c['gain']:+.3f} ± {c['se']:.3f} | {c['verdict']} | "
-                     f"{c['time_ratio']:.2f} |")
-    lines += ["", "| decoding | tokens/s | softmax tokens/s | speed-up | verdict | measured |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {c['claim']} ({c['a']} vs {c['b']}) | {c['gain']:+.3f} ± {c['se']:.3f} | {c['verdict']} | "
+            f"{c['time_ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        "| decoding | tokens/s | softmax tokens/s | speed-up | verdict | measured |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in speed_claims(meta):
-        lines.append(f"| {AR_TITLES[c['a']]} vs {AR_TITLES[c['b']]} | {c['a_tps']:.0f} | {c['b_tps']:.0f} | "
-                     f"{c['ratio']:.2f}x | {c['verdict']} | {c['how']} |")
+        lines.append(
+            f"| {AR_TITLES[c['a']]} vs {AR_TITLES[c['b']]} | {c['a_tps']:.0f} | {c['b_tps']:.0f} | "
+            f"{c['ratio']:.2f}x | {c['verdict']} | {c['how']} |"
+        )
     return "\n".join(lines)
 
 
@@ -127,26 +150,55 @@ def in_words(meta: dict) -> list[str]:
     out = []
     rp = [c for c in bpd_claims(meta) if c["b"] in ("elu", "sikf") and "rpb" in c["a"]]
     if rp:
-        out.append("- **FastRPB improves causal linear attention's bits/dim**: " + "; ".join(
-            f"{AR_TITLES[c['a']]} vs {AR_TITLES[c['b']]}: {c['verdict'].split(' (')[0]} ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim, "
-            f"{c['time_ratio']:.2f}x the training time per step)" for c in rp) + ".")
+        out.append(
+            "- **FastRPB improves causal linear attention's bits/dim**: "
+            + "; ".join(
+                f"{AR_TITLES[c['a']]} vs {AR_TITLES[c['b']]}: {c['verdict'].split(' (')[0]} ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim, "
+                f"{c['time_ratio']:.2f}x the training time per step)"
+                for c in rp
+            )
+            + "."
+        )
     two = [c for c in bpd_claims(meta) if c["a"].endswith("rpb2d") and c["b"].endswith("+rpb")]
     if two:
-        out.append("- **The causal 2-d FastRPB (raster order) against the 1-d one**: " + "; ".join(
-            f"{AR_TITLES[c['b'].split('+')[0]]}: {c['verdict'].split(' (')[0]} ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim "
-            f"for the 2-d bias, {c['time_ratio']:.2f}x the training time per step)" for c in two) + ".")
+        out.append(
+            "- **The causal 2-d FastRPB (raster order) against the 1-d one**: "
+            + "; ".join(
+                f"{AR_TITLES[c['b'].split('+')[0]]}: {c['verdict'].split(' (')[0]} ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim "
+                f"for the 2-d bias, {c['time_ratio']:.2f}x the training time per step)"
+                for c in two
+            )
+            + "."
+        )
     sk = [c for c in bpd_claims(meta) if c["a"].startswith("sikf") and c["b"].startswith("elu")]
     if sk:
-        out.append("- **SIKF vs elu+1 in the causal setting**: " + "; ".join(
-            f"{c['a']} vs {c['b']}: " + ("SIKF better" if c["verdict"] == "held" else
-                                          "elu+1 better" if c["verdict"].startswith("did not") else "no resolved difference")
-            + f" ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim for SIKF, {c['time_ratio']:.2f}x the training time per step)"
-            for c in sk) + ".")
+        out.append(
+            "- **SIKF vs elu+1 in the causal setting**: "
+            + "; ".join(
+                f"{c['a']} vs {c['b']}: "
+                + (
+                    "SIKF better"
+                    if c["verdict"] == "held"
+                    else "elu+1 better"
+                    if c["verdict"].startswith("did not")
+                    else "no resolved difference"
+                )
+                + f" ({c['gain']:+.3f} ± {c['se']:.3f} bits/dim for SIKF, {c['time_ratio']:.2f}x the training time per step)"
+                for c in sk
+            )
+            + "."
+        )
     sp = speed_claims(meta)
     if sp:
-        out.append(f"- **Linear decoding vs softmax decoding at {tokens} tokens**: " + "; ".join(
-            f"{AR_TITLES[c['a']]} {c['verdict']} {'as' if c['verdict'].startswith('as') else 'than'} {AR_TITLES[c['b']]}: {c['ratio']:.2f}x "
-            f"({c['a_tps']:.0f} vs {c['b_tps']:.0f} tokens/s)" for c in sp) + ".")
+        out.append(
+            f"- **Linear decoding vs softmax decoding at {tokens} tokens**: "
+            + "; ".join(
+                f"{AR_TITLES[c['a']]} {c['verdict']} {'as' if c['verdict'].startswith('as') else 'than'} {AR_TITLES[c['b']]}: {c['ratio']:.2f}x "
+                f"({c['a_tps']:.0f} vs {c['b_tps']:.0f} tokens/s)"
+                for c in sp
+            )
+            + "."
+        )
     return out
 
 
@@ -166,7 +218,7 @@ def samples_plot(runs: list[dict], meta: dict, path: Path, test_images=None) -> 
     for v in meta["variants"]:
         r = next((r for r in runs if r["variant"] == v and r["seed"] == seed), None)
         if r is not None:
-            from .autoregressive import decode_samples
+            from .ardata import decode_samples
 
             rows.append((AR_TITLES.get(v, v), decode_samples(r["samples_hex"], levels)))
     cols = max(len(x) for _, x in rows)
@@ -200,10 +252,13 @@ def decode_md(decode: dict) -> list[str]:
             f"width {d}: from {lo['position']} to {hi['position']} tokens the linear step goes from "
             f"{lo['linear_ms_per_token']:.2f} to {hi['linear_ms_per_token']:.2f} ms/token and the softmax cache from "
             f"{lo['softmax_ms_per_token']:.2f} to {hi['softmax_ms_per_token']:.2f} ms/token (linear speed-up "
-            f"{lo['speedup']:.1f}x to {hi['speedup']:.1f}x)")
-    words = ("The attention layer alone (`python -m benchmarks.paper.ardecode`: one layer, batch "
-             f"{rows[0]['batch']}, the best of {decode['rounds']} rounds of {decode['reps']} steps; a sampler adds a "
-             "fixed cost per token for embeddings, MLPs and sampling): " + "; ".join(parts) + ".")
+            f"{lo['speedup']:.1f}x to {hi['speedup']:.1f}x)"
+        )
+    words = (
+        "The attention layer alone (`python -m benchmarks.paper.ardecode`: one layer, batch "
+        f"{rows[0]['batch']}, the best of {decode['rounds']} rounds of {decode['reps']} steps; a sampler adds a "
+        "fixed cost per token for embeddings, MLPs and sampling): " + "; ".join(parts) + "."
+    )
     return ["", decode_table(decode), "", words]
 
 
@@ -231,8 +286,16 @@ def combine(runs: list[dict], meta: dict, more: list[tuple]) -> tuple[list[dict]
     return runs, meta
 
 
-def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str, heading: str = "##",
-            decode: dict | None = None, more: list[tuple] = ()) -> str:
+def section(
+    runs: list[dict],
+    meta: dict,
+    *,
+    samples_rel: str,
+    results_arg: str,
+    heading: str = "##",
+    decode: dict | None = None,
+    more: list[tuple] = (),
+) -> str:
     first_variants = list(meta["variants"])
     runs, meta = combine(runs, meta, list(more))
     s = meta["settings"]
@@ -241,25 +304,39 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
     tim = meta.get("generation_timing")
     partial = ""
     if meta.get("partial"):
-        partial = (f"**PARTIAL RESULTS**: {len(meta['missing_runs'])} planned run(s) did not finish ("
-                   + ", ".join(f"{x['variant']}/seed {x['seed']}" for x in meta["missing_runs"][:12])
-                   + "); the seeds column says how many each row has.\n\n")
+        partial = (
+            f"**PARTIAL RESULTS**: {len(meta['missing_runs'])} planned run(s) did not finish ("
+            + ", ".join(f"{x['variant']}/seed {x['seed']}" for x in meta["missing_runs"][:12])
+            + "); the seeds column says how many each row has.\n\n"
+        )
     have_2d = any(v.endswith("rpb2d") for v in meta["variants"])
     further = ""
     for _r2, m2, rel2, arg2 in more:
         names = ", ".join(AR_TITLES.get(v, v) for v in m2["variants"] if v not in first_variants)
-        code = "the same code" if m2["code_digest"] == meta["code_digest"] else (
-            f"code digest `{m2['code_digest']}` against `{meta['code_digest']}`: the library changed between the sweeps")
-        further += (f"\n\nThe rows {names} come from a further sweep with the same settings "
-                    f"(`PYTHONPATH=src:. {m2['command']}`, config hash `{m2['config_hash']}`, {code}; "
-                    f"{m2['sweep_wall_s'] / 60:.0f} min; raw runs `{arg2}`); their sampling throughput is that sweep's "
-                    "own interleaved measurement, and their training times were measured under another load of the "
-                    f"shared machine (compare times across the sweeps with care). Their samples: ![samples, further sweep]({rel2})")
+        code = (
+            "the same code"
+            if m2["code_digest"] == meta["code_digest"]
+            else (
+                f"code digest `{m2['code_digest']}` against `{meta['code_digest']}`: the library changed between the sweeps"
+            )
+        )
+        further += (
+            f"\n\nThe rows {names} come from a further sweep with the same settings "
+            f"(`PYTHONPATH=src:. {m2['command']}`, config hash `{m2['config_hash']}`, {code}; "
+            f"{m2['sweep_wall_s'] / 60:.0f} min; raw runs `{arg2}`); their sampling throughput is that sweep's "
+            "own interleaved measurement, and their training times were measured under another load of the "
+            f"shared machine (compare times across the sweeps with care). Their samples: ![samples, further sweep]({rel2})"
+        )
     lines = [
         f"{heading} Autoregressive Fashion-MNIST (causal attention, next-pixel prediction)",
         "",
-        partial + f"Each image is a sequence of {tokens} pixel tokens in raster order"
-        + (f" ({28 // s['side']} x {28 // s['side']} average-pooled to {s['side']} x {s['side']})" if s["side"] != 28 else "")
+        partial
+        + f"Each image is a sequence of {tokens} pixel tokens in raster order"
+        + (
+            f" ({28 // s['side']} x {28 // s['side']} average-pooled to {s['side']} x {s['side']})"
+            if s["side"] != 28
+            else ""
+        )
         + f", every pixel quantised to **{s['levels']} intensity levels** (`level = pixel * {s['levels']} // 256`; "
         f"not 8-bit, to keep the CPU cost sane, so bits/dim are not comparable with 8-bit results such as the "
         f"Linear Transformers paper's 0.644 on MNIST; the uniform guess is {math.log2(s['levels']):.0f} bits/dim). "
@@ -268,32 +345,47 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         f"AdamW lr {s['lr']}, {int(100 * s['warmup'])} % warm-up then linear decay, batch {s['batch']} images, "
         f"{s['steps']} steps, trained on a class-balanced subset of {s['train']} training images; bits/dim on "
         f"{s['test']} test images. Variants: `softmax_attention(causal=True)`, `LinearAttention(feature_map="
-        "\"elu\" | \"sikf\", causal=True)`, each without and with a causal 1-d FastRPB "
-        f"(`FastRPB(heads, {tokens + 1}, causal=True)` over the BOS token and the pixels)" + (" and the causal 2-d FastRPB in raster order "
-        "(`rpb_nd(..., causal=True)`)." if have_2d else
-        ". The causal 2-d FastRPB (raster order, `rpb_nd(..., causal=True)`) is not in this fastrpb yet: "
-        "`armodel.py` adds the variants `*+rpb2d` as soon as `rpb_nd` takes `causal`.") + further,
+        '"elu" | "sikf", causal=True)`, each without and with a causal 1-d FastRPB '
+        f"(`FastRPB(heads, {tokens + 1}, causal=True)` over the BOS token and the pixels)"
+        + (
+            " and the causal 2-d FastRPB in raster order (`rpb_nd(..., causal=True)`)."
+            if have_2d
+            else ". The causal 2-d FastRPB (raster order, `rpb_nd(..., causal=True)`) is not in this fastrpb yet: "
+            "`armodel.py` adds the variants `*+rpb2d` as soon as `rpb_nd` takes `causal`."
+        )
+        + further,
         "",
         f"Sampling: {s['gen_images']} images per model, pixel by pixel at temperature 1, from the same trained models: "
         "linear attention through the layer's `step` (a fixed-size state per layer), softmax through a key/value "
         "cache (`softmax_attention` of the new query over the cached keys, O(t) per token); "
-        + ("the causal 1-d FastRPB term streams in both from a state of its own (`rpb_step`, an online FFT "
-           "convolution: amortised O(D log² t) per token, never an FFT over the history). "
-           if meta.get("decode_bias") == "streaming" else
-           "with FastRPB this sweep's decoding recomputed the bias over the value history, O(t log t) per token "
-           "(the library's streaming bias came later). ")
-        + ("The causal 2-d FastRPB has no decoding step in the library: its rows apply `rpb_nd(..., causal=True)` to "
-           "the whole zero-padded grid at every token (O(L log L) per token), so their sampling speed says nothing "
-           "about the 2-d bias itself. " if have_2d else "")
-        + (f"Throughput in the tables is the interleaved measurement: the seed-{tim['seed']} models of all variants "
-           f"generate in one process, in turn, {tim['rounds']} rounds, best round; the per-run numbers in "
-           "`results.json` were taken right after each run's training, next to another training run."
-           if tim else "Throughput is the median over seeds of the per-run measurement."),
+        + (
+            "the causal 1-d FastRPB term streams in both from a state of its own (`rpb_step`, an online FFT "
+            "convolution: amortised O(D log² t) per token, never an FFT over the history). "
+            if meta.get("decode_bias") == "streaming"
+            else "with FastRPB this sweep's decoding recomputed the bias over the value history, O(t log t) per token "
+            "(the library's streaming bias came later). "
+        )
+        + (
+            "The causal 2-d FastRPB has no decoding step in the library: its rows apply `rpb_nd(..., causal=True)` to "
+            "the whole zero-padded grid at every token (O(L log L) per token), so their sampling speed says nothing "
+            "about the 2-d bias itself. "
+            if have_2d
+            else ""
+        )
+        + (
+            f"Throughput in the tables is the interleaved measurement: the seed-{tim['seed']} models of all variants "
+            f"generate in one process, in turn, {tim['rounds']} rounds, best round; the per-run numbers in "
+            "`results.json` were taken right after each run's training, next to another training run."
+            if tim
+            else "Throughput is the median over seeds of the per-run measurement."
+        ),
         "",
-        (f"Command: `PYTHONPATH=src:. {meta['command']}` (config hash `{meta['config_hash']}`, "
-         f"{meta['sweep_wall_s'] / 60:.0f} min with {meta['jobs']} worker(s) of {s['threads']} thread; "
-         f"load average {meta['loadavg_start'][0]:.1f} at the start and {meta['loadavg_end'][0]:.1f} at the end on "
-         f"{m.get('usable_cpus', m.get('affinity_cpus', m.get('cpus')))} cores: times are indicative). Raw runs: `{results_arg}`."),
+        (
+            f"Command: `PYTHONPATH=src:. {meta['command']}` (config hash `{meta['config_hash']}`, "
+            f"{meta['sweep_wall_s'] / 60:.0f} min with {meta['jobs']} worker(s) of {s['threads']} thread; "
+            f"load average {meta['loadavg_start'][0]:.1f} at the start and {meta['loadavg_end'][0]:.1f} at the end on "
+            f"{m.get('usable_cpus', m.get('affinity_cpus', m.get('cpus')))} cores: times are indicative). Raw runs: `{results_arg}`."
+        ),
         "",
         table(runs, meta),
         "",
@@ -301,8 +393,10 @@ def section(runs: list[dict], meta: dict, *, samples_rel: str, results_arg: str,
         "",
         f"{heading}# Verdicts (causal)",
         "",
-        ("Bits/dim gained = bits/dim of the second model minus the first (positive: the first is better); a claim "
-         "*held* when the gain exceeds two standard errors (from the seeds' spread)."),
+        (
+            "Bits/dim gained = bits/dim of the second model minus the first (positive: the first is better); a claim "
+            "*held* when the gain exceeds two standard errors (from the seeds' spread)."
+        ),
         "",
         claims_md(meta),
         "",
@@ -318,12 +412,15 @@ def load_dir(out: Path) -> tuple[list[dict], dict, dict | None]:
     import json
 
     dec = out / "decode-scaling.json"
-    return (json.loads((out / "results.json").read_text()), json.loads((out / "sweep.json").read_text()),
-            json.loads(dec.read_text()) if dec.exists() else None)
+    return (
+        json.loads((out / "results.json").read_text()),
+        json.loads((out / "sweep.json").read_text()),
+        json.loads(dec.read_text()) if dec.exists() else None,
+    )
 
 
 def write_outputs(runs: list[dict], meta: dict, out: Path) -> None:
-    from .autoregressive import ARSettings, load
+    from .ardata import ARSettings, load
     from .data import DataMissing
 
     s = ARSettings(**meta["settings"])
@@ -334,7 +431,8 @@ def write_outputs(runs: list[dict], meta: dict, out: Path) -> None:
     samples_plot(runs, meta, out / "samples.png", test)
     dec = load_dir(out)[2] if (out / "results.json").exists() else None
     (out / "results.md").write_text(
-        section(runs, meta, samples_rel="samples.png", results_arg=str(out / "results.json"), decode=dec) + "\n")
+        section(runs, meta, samples_rel="samples.png", results_arg=str(out / "results.json"), decode=dec) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,54 +33,25 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .ardata import FULL, QUICK, ARSettings, decode_samples, encode_samples, load, quantise
 
-@dataclass(frozen=True)
-class ARSettings:
-    # --- data
-    side: int = 28  # image side after average pooling (28: the full 784 pixels)
-    levels: int = 16  # intensity levels per pixel (8-bit would be 256)
-    train: int = 10_000
-    test: int = 100
-    data_seed: int = 1234
-    # --- model (identical for every variant)
-    d_model: int = 32
-    heads: int = 2
-    layers: int = 2
-    d_ff: int = 64
-    chunk_size: int = 64
-    # --- optimisation (identical for every variant)
-    steps: int = 200
-    batch: int = 4
-    lr: float = 3e-3
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    # --- evaluation and sampling
-    eval_batch: int = 10
-    gen_images: int = 8
-    # --- execution (does not change results, so not hashed)
-    threads: int = 1
-
-    UNHASHED = ("threads",)
-
-    def hashed(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.UNHASHED}
-
-
-FULL = ARSettings()
-QUICK = ARSettings(side=7, levels=4, train=200, test=16, d_model=16, heads=2, layers=1, d_ff=32, chunk_size=16,
-                   steps=20, batch=8, lr=1e-2, eval_batch=8, gen_images=2)
+__all__ = ["FULL", "QUICK", "ARSettings", "decode_samples", "encode_samples", "load", "quantise", "sweep", "main"]
 
 
 def code_digest() -> str:
     here = Path(__file__).resolve().parent
     lib = Path(__import__("fastrpb").__file__).resolve().parent
-    files = [*sorted(lib.glob("*.py")), here / "armodel.py", here / "model.py", here / "autoregressive.py"]
+    files = [
+        *sorted(lib.rglob("*.py")),
+        here / "ardata.py",
+        here / "armodel.py",
+        here / "model.py",
+        here / "autoregressive.py",
+    ]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -92,47 +63,21 @@ def config_hash(s: ARSettings, code: str) -> str:
     return hashlib.sha256(json.dumps({"settings": s.hashed(), "code": code}, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# ----------------------------------------------------------------------------- data
-def quantise(images: np.ndarray, side: int, levels: int) -> np.ndarray:
-    """``(N, 784)`` uint8 -> ``(N, side * side)`` int64 levels in ``[0, levels)``.
-
-    Average pooling over ``28 / side`` square blocks, then ``level = value * levels // 256``.
-    """
-    if 28 % side:
-        raise ValueError(f"side must divide 28, got {side}")
-    if not 2 <= levels <= 256:
-        raise ValueError(f"levels must be in [2, 256], got {levels}")
-    f = 28 // side
-    x = images.reshape(-1, side, f, side, f).astype(np.float64).mean(axis=(2, 4))
-    q = np.floor(x * levels / 256.0).astype(np.int64)
-    return np.clip(q, 0, levels - 1).reshape(len(images), side * side)
-
-
-def load(s: ARSettings) -> tuple[np.ndarray, np.ndarray]:
-    from .data import fashion_mnist_subset
-
-    xtr, _ = fashion_mnist_subset("train", s.train, seed=s.data_seed)
-    xte, _ = fashion_mnist_subset("test", s.test, seed=s.data_seed + 1)
-    return quantise(xtr, s.side, s.levels), quantise(xte, s.side, s.levels)
-
-
-def encode_samples(samples: np.ndarray, levels: int) -> list[str]:
-    """Images of levels as hex strings, one per image (one digit per pixel up to 16 levels, else two)."""
-    w = 1 if levels <= 16 else 2
-    return ["".join(f"{int(p):0{w}x}" for p in img) for img in samples]
-
-
-def decode_samples(hexes: list[str], levels: int) -> np.ndarray:
-    w = 1 if levels <= 16 else 2
-    return np.array([[int(h[i : i + w], 16) for i in range(0, len(h), w)] for h in hexes], dtype=np.int64)
-
-
 # ----------------------------------------------------------------------------- one run
 def build(variant: str, seed: int, s: ARSettings):
     from .armodel import PixelTransformer
 
-    return PixelTransformer(levels=s.levels, grid=(s.side, s.side), d=s.d_model, heads=s.heads, layers=s.layers,
-                            d_ff=s.d_ff, variant=variant, chunk_size=s.chunk_size, seed=seed)
+    return PixelTransformer(
+        levels=s.levels,
+        grid=(s.side, s.side),
+        d=s.d_model,
+        heads=s.heads,
+        layers=s.layers,
+        d_ff=s.d_ff,
+        variant=variant,
+        chunk_size=s.chunk_size,
+        seed=seed,
+    )
 
 
 def _lr(step: int, s: ARSettings) -> float:
@@ -172,8 +117,16 @@ def generate(model, s: ARSettings, seed: int) -> tuple[np.ndarray, float]:
     return out.numpy(), dt
 
 
-def train_one(xtr: np.ndarray, xte: np.ndarray, variant: str, seed: int, s: ARSettings, *, progress=None,
-              state_path: Path | None = None) -> dict:
+def train_one(
+    xtr: np.ndarray,
+    xte: np.ndarray,
+    variant: str,
+    seed: int,
+    s: ARSettings,
+    *,
+    progress=None,
+    state_path: Path | None = None,
+) -> dict:
     import torch
 
     torch.set_num_threads(s.threads)
@@ -253,9 +206,16 @@ def interleaved_generation(out: Path, h: str, variants: list[str], s: ARSettings
         for v in variants:
             times[v].append(generate(models[v], s, seed)[1])
     tokens = s.gen_images * s.side * s.side
-    return {"seed": seed, "rounds": rounds, "images": s.gen_images, "tokens": tokens,
-            "per_variant": {v: {"best_s": min(t), "all_s": t, "tokens_per_s": tokens / min(t),
-                                "images_per_s": s.gen_images / min(t)} for v, t in times.items()}}
+    return {
+        "seed": seed,
+        "rounds": rounds,
+        "images": s.gen_images,
+        "tokens": tokens,
+        "per_variant": {
+            v: {"best_s": min(t), "all_s": t, "tokens_per_s": tokens / min(t), "images_per_s": s.gen_images / min(t)}
+            for v, t in times.items()
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -275,8 +235,14 @@ def _worker(args) -> str:
     from tqdm import tqdm
 
     try:
-        with tqdm(total=s.steps, desc=f"ar {variant:14s} seed {seed}", leave=True, dynamic_ncols=True,
-                  mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr) as bar:
+        with tqdm(
+            total=s.steps,
+            desc=f"ar {variant:14s} seed {seed}",
+            leave=True,
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            file=sys.stderr,
+        ) as bar:
             res = train_one(xtr, xte, variant, seed, s, progress=bar, state_path=Path(path).with_suffix(".pt"))
         res["config_hash"] = h
         _atomic_write(Path(path), json.dumps(res))
@@ -291,23 +257,35 @@ def summarise(runs: list[dict]) -> list[dict]:
         rs = [r for r in runs if r["variant"] == v]
         b = np.array([r["bits_per_dim"] for r in rs])
         n = len(b)
-        rows.append({
-            "variant": v,
-            "seeds": sorted(r["seed"] for r in rs),
-            "bits_per_dim_mean": float(b.mean()),
-            "bits_per_dim_std": float(b.std(ddof=1)) if n > 1 else 0.0,
-            "bits_per_dim_se": float(b.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-            "train_s_per_step": float(np.median([r["train_s_per_step"] for r in rs])),
-            "generate_tokens_per_s": float(np.median([r["generate_tokens_per_s"] for r in rs])),
-            "generate_images_per_s": float(np.median([r["generate_images_per_s"] for r in rs])),
-            "n_params": rs[0]["n_params"],
-            "all_finite": all(r["loss_finite"] for r in rs),
-        })
+        rows.append(
+            {
+                "variant": v,
+                "seeds": sorted(r["seed"] for r in rs),
+                "bits_per_dim_mean": float(b.mean()),
+                "bits_per_dim_std": float(b.std(ddof=1)) if n > 1 else 0.0,
+                "bits_per_dim_se": float(b.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+                "train_s_per_step": float(np.median([r["train_s_per_step"] for r in rs])),
+                "generate_tokens_per_s": float(np.median([r["generate_tokens_per_s"] for r in rs])),
+                "generate_images_per_s": float(np.median([r["generate_images_per_s"] for r in rs])),
+                "n_params": rs[0]["n_params"],
+                "all_finite": all(r["loss_finite"] for r in rs),
+            }
+        )
     return rows
 
 
-def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jobs: int, command: str,
-          partial: bool = False, timing_rounds: int = 2, log=print) -> dict:
+def sweep(
+    *,
+    s: ARSettings,
+    variants: list[str],
+    seeds: list[int],
+    out: Path,
+    jobs: int,
+    command: str,
+    partial: bool = False,
+    timing_rounds: int = 2,
+    log=print,
+) -> dict:
     import multiprocessing as mp
 
     from ..environment import machine, versions
@@ -319,8 +297,12 @@ def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jo
     t_all = time.perf_counter()
     load0 = os.getloadavg()
     xtr, xte = load(s)
-    todo = [(xtr, xte, v, sd, s, h, str(run_path(out, h, v, sd))) for sd in seeds for v in variants
-            if not run_path(out, h, v, sd).exists()]
+    todo = [
+        (xtr, xte, v, sd, s, h, str(run_path(out, h, v, sd)))
+        for sd in seeds
+        for v in variants
+        if not run_path(out, h, v, sd).exists()
+    ]
     if len(todo) < len(variants) * len(seeds):
         log(f"autoregressive: reusing {len(variants) * len(seeds) - len(todo)} finished run(s)")
     # the slowest models (softmax) first within each seed, so the two workers end together
@@ -356,12 +338,23 @@ def sweep(*, s: ARSettings, variants: list[str], seeds: list[int], out: Path, jo
         timing = interleaved_generation(out, h, variants, s, seed=tseed, rounds=timing_rounds)
         _atomic_write(tpath, json.dumps(timing))
     meta = {
-        "config_hash": h, "code_digest": code, "command": command, "settings": dataclasses.asdict(s),
-        "variants": variants, "seeds": seeds, "jobs": jobs, "versions": versions(), "machine": machine(),
-        "loadavg_start": load0, "loadavg_end": os.getloadavg(), "sweep_wall_s": time.perf_counter() - t_all,
+        "config_hash": h,
+        "code_digest": code,
+        "command": command,
+        "settings": dataclasses.asdict(s),
+        "variants": variants,
+        "seeds": seeds,
+        "jobs": jobs,
+        "versions": versions(),
+        "machine": machine(),
+        "loadavg_start": load0,
+        "loadavg_end": os.getloadavg(),
+        "sweep_wall_s": time.perf_counter() - t_all,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "partial": bool(missing), "missing_runs": missing,
-        "generation_timing": timing, "summary": summarise(runs),
+        "partial": bool(missing),
+        "missing_runs": missing,
+        "generation_timing": timing,
+        "summary": summarise(runs),
         # how the sampling loop adds the 1-d bias: "streaming" = rpb_step from the state (every
         # variant); sweeps before it recomputed the bias over the value history per token
         "decode_bias": "streaming",
@@ -378,17 +371,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from .armodel import AR_VARIANTS, default_variants
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.paper.autoregressive", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.paper.autoregressive",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="7 x 7 images, 4 levels, 20 steps: seconds, not a result")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 2)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--levels", type=int, default=None, help="intensity levels per pixel (default 16)")
-    ap.add_argument("--variants", nargs="+", choices=AR_VARIANTS, default=None,
-                    help="default: every variant this fastrpb supports")
+    ap.add_argument(
+        "--variants", nargs="+", choices=AR_VARIANTS, default=None, help="default: every variant this fastrpb supports"
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--timing-rounds", type=int, default=2, help="rounds of the interleaved generation timing (0: none)")
+    ap.add_argument(
+        "--timing-rounds", type=int, default=2, help="rounds of the interleaved generation timing (0: none)"
+    )
     ap.add_argument("--report-partial", action="store_true", help="train nothing; report the finished runs")
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
@@ -406,10 +405,18 @@ def main(argv: list[str] | None = None) -> int:
             from .armodel import ARVariant
 
             ARVariant.parse(v)
-        sweep(s=s, variants=variants, seeds=seeds, out=out, jobs=a.jobs, partial=a.report_partial,
-              timing_rounds=a.timing_rounds,
-              command="python -m benchmarks.paper.autoregressive " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+        sweep(
+            s=s,
+            variants=variants,
+            seeds=seeds,
+            out=out,
+            jobs=a.jobs,
+            partial=a.report_partial,
+            timing_rounds=a.timing_rounds,
+            command="python -m benchmarks.paper.autoregressive "
+            + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
     except (DataMissing, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

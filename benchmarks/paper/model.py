@@ -90,8 +90,10 @@ class Attention(nn.Module):
             if geom.kind == "grid":
                 # one table per grid axis and head; tables for the rows and the columns
                 self.tables = nn.ParameterList(
-                    [nn.Parameter(fastrpb.rpb_init(heads, g, seed=seed + 7919 * a, like=like))
-                     for a, g in enumerate(geom.grid)]
+                    [
+                        nn.Parameter(fastrpb.rpb_init(heads, g, seed=seed + 7919 * a, like=like))
+                        for a, g in enumerate(geom.grid)
+                    ]
                 )
             else:
                 self.tables = nn.ParameterList(
@@ -151,8 +153,19 @@ class Classifier(nn.Module):
     ``vocab=None`` means real-valued inputs (pixels, one scalar per token).
     """
 
-    def __init__(self, *, vocab: int | None, n_classes: int, d: int, heads: int, layers: int,
-                 d_ff: int, variant: str, geom: Geometry, seed: int):
+    def __init__(
+        self,
+        *,
+        vocab: int | None,
+        n_classes: int,
+        d: int,
+        heads: int,
+        layers: int,
+        d_ff: int,
+        variant: str,
+        geom: Geometry,
+        seed: int,
+    ):
         super().__init__()
         var = Variant.parse(variant)
         self.embed = nn.Embedding(vocab, d) if vocab is not None else nn.Linear(1, d)

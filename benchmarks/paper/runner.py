@@ -52,15 +52,20 @@ def _worker(d: TaskData, variant: str, seed: int, s: Settings, h: str, path: str
     from tqdm import tqdm
 
     try:
-        with tqdm(total=s.steps, desc=f"{d.name:7s} {variant:14s} seed {seed}", position=slot,
-                  leave=True, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0,
-                  file=sys.stderr) as bar:
+        with tqdm(
+            total=s.steps,
+            desc=f"{d.name:7s} {variant:14s} seed {seed}",
+            position=slot,
+            leave=True,
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 15.0,
+            file=sys.stderr,
+        ) as bar:
             res = train_one(d, variant, seed, s, progress=bar)
         res["config_hash"] = h
         _atomic_write(Path(path), json.dumps(res))
     except BaseException:
-        err = {"task": d.name, "variant": variant, "seed": seed, "config_hash": h,
-               "error": traceback.format_exc()}
+        err = {"task": d.name, "variant": variant, "seed": seed, "config_hash": h, "error": traceback.format_exc()}
         _atomic_write(Path(path).with_suffix(".error.json"), json.dumps(err))
         os._exit(1)
     os._exit(0)
@@ -87,25 +92,39 @@ def summarise(runs: list[dict]) -> list[dict]:
         acc = np.array([r["test_acc"] for r in rs])
         times = np.array([r["step_time_median_s"] for r in rs])
         extra = [r["peak_extra_mb"] for r in rs if r.get("peak_extra_mb") is not None]
-        rows.append({
-            "task": task,
-            "variant": variant,
-            "seeds": sorted(r["seed"] for r in rs),
-            "acc_mean": float(acc.mean()),
-            "acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-            "step_time_s": float(np.median(times)),
-            "step_time_min_s": float(times.min()),
-            "peak_extra_mb": float(max(extra)) if extra else None,
-            "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)) if all(r.get("peak_rss_mb") for r in rs) else None,
-            "n_params": rs[0]["n_params"],
-            "all_finite": all(r["loss_finite"] for r in rs),
-        })
+        rows.append(
+            {
+                "task": task,
+                "variant": variant,
+                "seeds": sorted(r["seed"] for r in rs),
+                "acc_mean": float(acc.mean()),
+                "acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                "step_time_s": float(np.median(times)),
+                "step_time_min_s": float(times.min()),
+                "peak_extra_mb": float(max(extra)) if extra else None,
+                "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs))
+                if all(r.get("peak_rss_mb") for r in rs)
+                else None,
+                "n_params": rs[0]["n_params"],
+                "all_finite": all(r["loss_finite"] for r in rs),
+            }
+        )
     return rows
 
 
-def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: list[int], out: Path,
-          jobs: int = 1, replace: bool = False, command: str | None = None, partial: bool = False,
-          log=print) -> dict:
+def sweep(
+    *,
+    settings: Settings,
+    tasks: list[str],
+    variants: list[str],
+    seeds: list[int],
+    out: Path,
+    jobs: int = 1,
+    replace: bool = False,
+    command: str | None = None,
+    partial: bool = False,
+    log=print,
+) -> dict:
     """Run (or reuse) every (task, variant, seed); write results.json / .md / curves.png.
 
     ``partial=True`` trains nothing: it reports the runs of this configuration that have
@@ -119,8 +138,12 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
     top = out / "results.json"
     if top.exists() and not replace and not (partial and json.loads(top.read_text()).get("partial")):
         old = json.loads(top.read_text())
-        same = (old.get("config_hash") == h and old.get("tasks") == tasks and old.get("variants") == variants
-                and old.get("seeds") == seeds)
+        same = (
+            old.get("config_hash") == h
+            and old.get("tasks") == tasks
+            and old.get("variants") == variants
+            and old.get("seeds") == seeds
+        )
         if not same:
             raise ConfigMismatch(
                 f"{top} holds results of another configuration (hash {old.get('config_hash')}, tasks "
@@ -223,15 +246,15 @@ def sweep(*, settings: Settings, tasks: list[str], variants: list[str], seeds: l
         "sweep_wall_s": time.perf_counter() - t_all,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "memory_measure": "peak RSS of the forked worker process that trains one model (VmHWM from "
-                          "/proc/self/status after resetting it through /proc/self/clear_refs); "
-                          "'extra' = that peak minus the worker's RSS before the model was built",
+        "/proc/self/status after resetting it through /proc/self/clear_refs); "
+        "'extra' = that peak minus the worker's RSS before the model was built",
         "time_measure": "median wall time of one optimiser step (forward, backward, clip, AdamW) "
-                        "over the steps after the first 5, per seed; the table shows the median over seeds",
+        "over the steps after the first 5, per seed; the table shows the median over seeds",
         "partial": bool(missing),
         "missing_runs": missing,
         "timing_measure": "in one process per task, one optimiser step of each variant in "
-                          "turn on the same training batch, for several rounds after a warm-up step; "
-                          "the minimum over rounds",
+        "turn on the same training batch, for several rounds after a warm-up step; "
+        "the minimum over rounds",
         "timing": timing,
         "runs": runs,
         "summary": summarise(runs),

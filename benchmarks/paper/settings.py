@@ -103,7 +103,9 @@ def code_digest() -> str:
     """Hash of the library source and of the experiment code that runs the models."""
     here = Path(__file__).resolve().parent
     lib = Path(__import__("fastrpb").__file__).resolve().parent
-    files = sorted(lib.glob("*.py")) + sorted(here / n for n in ("data.py", "model.py", "train.py", "settings.py", "timing.py"))
+    files = sorted(lib.glob("*.py")) + sorted(
+        here / n for n in ("data.py", "model.py", "train.py", "settings.py", "timing.py")
+    )
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())

@@ -32,8 +32,17 @@ def interleaved_step_times(d: TaskData, variants: list[str], s: Settings, *, rou
     models, opts = {}, {}
     for v in variants:
         torch.manual_seed(seed)
-        models[v] = Classifier(vocab=vocab, n_classes=10, d=s.d_model, heads=s.heads, layers=s.layers,
-                               d_ff=s.d_ff, variant=v, geom=geometry(d.name, s), seed=seed)
+        models[v] = Classifier(
+            vocab=vocab,
+            n_classes=10,
+            d=s.d_model,
+            heads=s.heads,
+            layers=s.layers,
+            d_ff=s.d_ff,
+            variant=v,
+            geom=geometry(d.name, s),
+            seed=seed,
+        )
         opts[v] = torch.optim.AdamW(models[v].parameters(), lr=s.lr, weight_decay=s.weight_decay)
 
     def step(v: str) -> float:

@@ -67,8 +67,12 @@ def load_task(task: str, s: Settings, cache: Path | None = None) -> TaskData:
         xte, yte = data.fashion_mnist_subset("test", s.fmnist_test, seed=s.data_seed + 1)
         return TaskData(task, xtr, ytr, xte, yte)
     if task == "listops":
-        common = dict(min_len=s.listops_min_len, max_len=s.listops_max_len,
-                      max_depth=s.listops_max_depth, max_args=s.listops_max_args)
+        common = dict(
+            min_len=s.listops_min_len,
+            max_len=s.listops_max_len,
+            max_depth=s.listops_max_depth,
+            max_args=s.listops_max_args,
+        )
         xtr, ltr, ytr = _listops_cached(data.ListOpsSpec(s.listops_train, seed=s.data_seed, **common), cache)
         xte, lte, yte = _listops_cached(data.ListOpsSpec(s.listops_test, seed=s.data_seed + 1, **common), cache)
         return TaskData(task, xtr, ytr, xte, yte, ltr, lte)
@@ -76,8 +80,11 @@ def load_task(task: str, s: Settings, cache: Path | None = None) -> TaskData:
 
 
 def task_stats(d: TaskData) -> dict:
-    out: dict[str, Any] = {"n_train": len(d.y_train), "n_test": len(d.y_test),
-                           "test_label_counts": np.bincount(d.y_test, minlength=10).tolist()}
+    out: dict[str, Any] = {
+        "n_train": len(d.y_train),
+        "n_test": len(d.y_test),
+        "test_label_counts": np.bincount(d.y_test, minlength=10).tolist(),
+    }
     counts = np.bincount(d.y_test, minlength=10)
     out["majority_class_test_acc"] = float(counts.max() / counts.sum())
     if d.len_train is not None:
@@ -160,8 +167,17 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
     rss0 = status_kb("VmRSS")
     torch.manual_seed(seed)
     vocab = None if d.name == "fmnist" else len(data_mod.VOCAB)
-    model = Classifier(vocab=vocab, n_classes=10, d=s.d_model, heads=s.heads, layers=s.layers,
-                       d_ff=s.d_ff, variant=variant, geom=geometry(d.name, s), seed=seed)
+    model = Classifier(
+        vocab=vocab,
+        n_classes=10,
+        d=s.d_model,
+        heads=s.heads,
+        layers=s.layers,
+        d_ff=s.d_ff,
+        variant=variant,
+        geom=geometry(d.name, s),
+        seed=seed,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(d.y_train))
@@ -200,7 +216,13 @@ def train_one(d: TaskData, variant: str, seed: int, s: Settings, *, progress: An
             progress.set_postfix(loss=f"{lv:.3f}", refresh=False)
         if step + 1 in curve_at and step + 1 != s.steps:
             t0 = time.perf_counter()
-            curve.append({"step": step + 1, "acc": evaluate(model, d, s.curve_examples, s), "n": min(s.curve_examples, len(d.y_test))})
+            curve.append(
+                {
+                    "step": step + 1,
+                    "acc": evaluate(model, d, s.curve_examples, s),
+                    "n": min(s.curve_examples, len(d.y_test)),
+                }
+            )
             eval_time += time.perf_counter() - t0
     train_time = time.perf_counter() - t_start - eval_time
     hwm = status_kb("VmHWM")

@@ -56,8 +56,10 @@ def main() -> None:
     bias = fastrpb.rpb(v, table, causal=True)  # B @ v by FFT: O(L log L)
     features = attn + bias
     elapsed = time.perf_counter() - start
-    print(f"{type(features).__module__}.{type(features).__name__} {features.shape} {features.dtype}: "
-          f"attention + FastRPB on L = {L} tokens in {elapsed * 1e3:.1f} ms")
+    print(
+        f"{type(features).__module__}.{type(features).__name__} {features.shape} {features.dtype}: "
+        f"attention + FastRPB on L = {L} tokens in {elapsed * 1e3:.1f} ms"
+    )
 
     # The FFT product equals the dense Toeplitz matrix product (checked on a prefix).
     n = min(L, 512)

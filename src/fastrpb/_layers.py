@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, cast
 
 from ._compat import device_of, namespace
 from ._typing import Array
-from ._validate import grid_arg, int_arg, skip_arg
+from ._validate import flag, grid_arg, int_arg, non_negative, skip_arg
 from .attention import linear_attention, linear_attention_step
 from .bias import rpb, rpb_matrix, rpb_nd, rpb_nd_step, rpb_step, symmetric_table
 from .feature_maps import FeatureMap, hedgehog, resolve
@@ -87,8 +87,8 @@ class BiasLayer:
     def _configure(self, heads: Any, max_len: Any, causal: Any, symmetric: Any, skip: Any) -> None:
         self.heads = check_heads(heads)
         self.max_len = int_arg("max_len", max_len, minimum=1)
-        self.causal = bool(causal)
-        self.symmetric = bool(symmetric)
+        self.causal = flag("causal", causal)
+        self.symmetric = flag("symmetric", symmetric)
         self.skip = skip_arg(skip)
 
     def _table(self) -> Any:
@@ -146,8 +146,8 @@ class BiasNdLayer:
         self.heads = check_heads(heads)
         self.grid = grid_arg(grid)
         self.axes = check_axes(axes, self.grid)
-        self.share = bool(share)
-        self.symmetric = bool(symmetric)
+        self.share = flag("share", share)
+        self.symmetric = flag("symmetric", symmetric)
         self.skip = skip_arg(skip)
 
     @property
@@ -257,8 +257,8 @@ class AttentionLayer:
                 )
             head_dim = self.d_model // self.heads
         self.head_dim = int_arg("head_dim", head_dim, minimum=1)
-        self.causal = bool(causal)
-        self.eps = float(eps)
+        self.causal = flag("causal", causal)
+        self.eps = non_negative("eps", eps)
         self.chunk_size = int_arg("chunk_size", chunk_size, minimum=1)
         return self.heads * self.head_dim
 

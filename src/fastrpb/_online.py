@@ -32,6 +32,14 @@ crosses between them as it is. Eagerly the count is read once per step and Pytho
 decides which levels complete; under a compiler (``is_compiled``) the same decisions
 are compiled conditionals (``cond``) and positions are dynamic slices (``_rows``).
 
+The levels are built lazily. A chunk (``extend``) leaves them stale (``ready`` is 0)
+and keeps only the history, in the counter's top slot (its capacity is at least
+``M``): a chunked prefill pays the chunks' convolutions and one copy of the history
+per chunk, never a rebuild of every level per chunk. The first step after a chunk
+rebuilds the levels once (one FFT per level, ``_rebuild``). Dask never builds them:
+its steps are an O(M D) product with the history (``_step_history``), the same few
+tasks whatever ``M`` and ``t``, where the levels would add a task group per level.
+
 Every update builds new arrays (no array is written in place), so a state is never
 changed by a later step: it can be kept, branched, or differentiated (torch
 autograd, ``jax.grad``). No state holds a caller's array: tokens enter it through
@@ -43,17 +51,19 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._compat import (
+    concat_rows,
     cond,
-    contiguous,
     count_array,
     device_of,
     irfft,
     is_compiled,
+    is_lazy,
     jax_pytree,
     multiply_add,
     multiply_add_into,
     multiply_into,
     next_fast_len,
+    owned,
     rfft,
     slices_compile,
 )
@@ -91,7 +101,12 @@ class RPBState(NamedTuple):
       past ``M``), the weights a token pushes into the window, beside a unit pulse at
       row ``B - 1`` that writes the token into the window's value rows;
     - ``count``: a 0-d int32 array, the tokens seen (a NumPy one beside Dask arrays:
-      known when the state is made, read without computing anything).
+      known when the state is made, read without computing anything);
+    - ``ready``: a 0-d int32 array (NumPy beside Dask, as ``count``): 1 when the fields
+      above are the online levels; 0 after a chunk, when only the history is kept, in
+      the first ``t`` rows of the top slot ``blocks[-1]`` (the rows after them are
+      unspecified; its capacity is at least ``M``), and the other fields are stale. The first step after a chunk
+      rebuilds the levels from it (once); a chunk after a chunk only reads it.
 
     Memory: about ``4 M D`` numbers per leading index (``2 M`` of blocks, ``2 M`` of
     pending rows), fixed by the table's ``M`` whatever the number of tokens.
@@ -122,6 +137,7 @@ class RPBState(NamedTuple):
     future: tuple
     near: Array
     count: Array
+    ready: Array
     skip: int
     table_length: int
 
@@ -138,8 +154,9 @@ def _levels(M: int) -> list[tuple[int, int]]:
 
 
 def _slots(M: int) -> int:
-    """Block slots: one per bit of ``t // B`` for ``t <= M``."""
-    return (M // _WINDOW).bit_length()
+    """Block slots: one per bit of ``t // B`` for ``t <= M``, and a top slot of at least
+    ``M`` rows (the whole history after a chunk)."""
+    return ((max(M, 1) - 1) // _WINDOW).bit_length() + 1
 
 
 def _lead_of(state: RPBState) -> tuple:
@@ -155,14 +172,18 @@ def held(state: RPBState | None) -> Array | None:
 def check_state(state: Any, M: int, a: int, D: int, lead: tuple, name: str) -> None:
     """The state fits these inputs: type, table length, skip, feature width, leading shape."""
     if not isinstance(state, RPBState):
-        raise TypeError(f"{name} must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}")
+        raise TypeError(
+            f"{name} must be an RPBState (from rpb(..., return_state=True) or rpb_step) or None, got {type(state).__name__}"
+        )
     if state.table_length != M:
         raise ValueError(
             f"{name} was made for a table with M = {state.table_length} but w has M = {M} "
             f"(shape (..., {2 * M - 1})); continue a sequence with the table that started it"
         )
     if state.skip != a:
-        raise ValueError(f"{name} was started with skip = ({state.skip}, 0) but skip is ({a}, 0); pass the skip of the sequence's start")
+        raise ValueError(
+            f"{name} was started with skip = ({state.skip}, 0) but skip is ({a}, 0); pass the skip of the sequence's start"
+        )
     width = int(state.window.shape[-1])
     if width != D:
         raise ValueError(f"{name} holds values of width D = {width} but the new values have width D = {D}")
@@ -208,6 +229,7 @@ def start(xp: Namespace, lead: tuple, D: int, M: int, a: int, w: Array, like: Ar
         future=tuple(_zeros(xp, (*lead, 2 * s - 1, D), like) for s, _ in _levels(M)),
         near=_near_kernel(xp, as_dtype(xp, w, like.dtype), M),
         count=count_array(xp, 0, like=like),
+        ready=count_array(xp, 1, like=like),
         skip=a,
         table_length=M,
     )
@@ -264,6 +286,7 @@ def _levels_complete(xp: Any, state_parts: tuple, q: Any, w: Any, M: int) -> tup
     complete, the carry is the counter's new slot ``k``. Returns ``(*blocks, *future)``.
     """
     levels, n = _levels(M), _slots(M)
+    counter = max(1, (M // _WINDOW).bit_length())  # the slots a carry reaches (t <= M)
 
     def level(k: int, carry: Any, *parts: Any) -> tuple:
         blocks, future = list(parts[:n]), list(parts[n:])
@@ -281,7 +304,7 @@ def _levels_complete(xp: Any, state_parts: tuple, q: Any, w: Any, M: int) -> tup
             return level(k + 1, xp.concat([parts[k], carry], axis=-2), *parts)
 
         parts = (*blocks, *future)
-        if k + 1 == n:  # the counter's top slot: t <= M never carries past it
+        if k + 1 >= counter:  # the counter's highest slot: t <= M never carries past it
             return store(*parts)
         return cond(xp, q % (2 << k) == 0, climb, store, parts)
 
@@ -306,21 +329,30 @@ def _complete(xp: Any, q: Any, w: Any, M: int, window: Any, *parts: Any) -> tupl
     return (xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), *parts)
 
 
-def step(xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array) -> tuple[Array, RPBState]:
+def step(
+    xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array
+) -> tuple[Array, RPBState]:
     """One token ``v (..., D)`` (validated, compute dtype); returns ``(out, state)``.
 
-    Eagerly the count is read (once) and Python decides whether the window completes;
-    under a compiler the decision is a compiled conditional and positions past the
-    table give NaN (no error can be raised there).
+    Eagerly the count is read (once) and Python decides whether the levels need a
+    rebuild (after a chunk) and whether the window completes; under a compiler the
+    decisions are compiled conditionals and positions past the table give NaN (no
+    error can be raised there). Dask: ``_step_history``.
     """
     D = v.shape[-1]
     if state is None:
         state = start(xp, lead, D, M, a, w, v)
     v = xp.broadcast_to(v, (*lead, D)) if tuple(v.shape[:-1]) != lead else v
     compiled = is_compiled(xp, state.count, v, w)
+    if not compiled and is_lazy(xp, v, w, state.window):
+        return _step_history(xp, state, v, w, M=M, a=a, work=work)
     seen = -1 if compiled else int(state.count)  # -1: unknown here
     if not compiled and seen < a:  # a skipped token: no bias given or received
         return _zeros(xp, (*lead, D), v), state._replace(count=count_array(xp, seen + 1, like=v))
+    if compiled:
+        state = _ready_compiled(xp, state, w, M, a, work)
+    elif not int(state.ready):  # the first step after a chunk: the levels, once
+        state = _rebuild(xp, _history(xp, state, seen - a, work), seen - a, state.count, a, w, M)
     # positions as arrays under a compiler, and for libraries that compile one kernel per
     # static slice (eager JAX: 32 window rows would be 32 compilations)
     arrays = compiled or slices_compile(xp)
@@ -331,28 +363,71 @@ def step(xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tup
     near = as_dtype(xp, state.near, work)
     window = as_dtype(xp, state.window, work)
     n = _slots(M)
+    # push: this token's weights c_{i-r} onto the window rows i >= r, and the token into row r
+    window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
     if not compiled:  # the hot path: one multiply-add, then only every B tokens the levels
-        # push: this token's weights c_{i-r} onto the window rows i >= r, and the token into row r
-        window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
-        out = _rows(xp, window[..., 0, :], r, 1)[..., 0, :]
+        out = _rows(xp, window[..., 0, :], r, 1)[..., 0, :] if arrays else owned(xp, window[..., r, 0, :])
         count = state.count + 1 if arrays else count_array(xp, seen + 1, like=v)
         if (seen - a) % _WINDOW != _WINDOW - 1:
             return out, state._replace(window=window, near=near, count=count)
         parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
         window, *rest = _complete(xp, (t + 1) // _WINDOW, w, M, window, *parts)
-        return out, state._replace(blocks=tuple(rest[:n]), window=window, future=tuple(rest[n:]), near=near, count=count)
-    window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
+        return out, state._replace(
+            blocks=tuple(rest[:n]), window=window, future=tuple(rest[n:]), near=near, count=count
+        )
     out = _mask_positions(xp, _rows(xp, window[..., 0, :], r, 1)[..., 0, :], t, M)
     parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
-    if n:  # else no window ever completes (M < B)
-        done = r == _WINDOW - 1
-        if a:
-            done = done & (t >= 0)
-        window, *rest = cond(
-            xp, done, lambda *ops: _complete(xp, (t + 1) // _WINDOW, w, M, *ops), lambda *ops: ops, (window, *parts)
-        )
-        parts = tuple(rest)
-    return out, state._replace(blocks=parts[:n], window=window, future=parts[n:], near=near, count=state.count + 1)
+    done = r == _WINDOW - 1
+    if a:
+        done = done & (t >= 0)
+    window, *rest = cond(
+        xp, done, lambda *ops: _complete(xp, (t + 1) // _WINDOW, w, M, *ops), lambda *ops: ops, (window, *parts)
+    )
+    return out, state._replace(
+        blocks=tuple(rest[:n]), window=window, future=tuple(rest[n:]), near=near, count=state.count + 1
+    )
+
+
+def _ready_compiled(xp: Any, state: RPBState, w: Any, M: int, a: int, work: Any) -> RPBState:
+    """Under a compiler: the state with its levels built (a conditional on ``ready``:
+    the rebuild from the top slot runs only after a chunk)."""
+    n, n_future = _slots(M), len(_levels(M))
+    t = xp.maximum(state.count - a, 0 * state.count)
+
+    def build(*ops: Any) -> tuple:
+        new = _rebuild(xp, ops[n - 1], t, state.count, a, w, M)
+        return (*new.blocks, new.window, *new.future, new.near)
+
+    ops = tuple(as_dtype(xp, x, work) for x in (*state.blocks, state.window, *state.future, state.near))
+    ops = cond(xp, state.ready == 1, lambda *ops: ops, build, ops)
+    return state._replace(
+        blocks=ops[:n],
+        window=ops[n],
+        future=ops[n + 1 : n + 1 + n_future],
+        near=ops[-1],
+        ready=count_array(xp, 1, like=state.window),
+    )
+
+
+def _step_history(xp: Any, state: RPBState, v: Any, w: Any, *, M: int, a: int, work: Any) -> tuple[Any, RPBState]:
+    """A Dask step (the count is known, the values are not): the token written into the
+    history (the top slot) and its bias as one product of the history with the
+    reversed kernel, O(M D) and the same few tasks whatever ``M`` and ``t``. The levels
+    are never built (``ready`` stays 0): they would add a task group per level."""
+    seen = int(state.count)
+    t = seen - a
+    lead, D = tuple(v.shape[:-1]), v.shape[-1]
+    count = count_array(xp, seen + 1, like=v)
+    if t < 0:
+        return _zeros(xp, (*lead, D), v), state._replace(count=count)
+    top = _history_top(xp, state, t, work)
+    rows = xp.arange(top.shape[-2], device=device_of(top))
+    top = xp.where((rows == t)[:, None], v[..., None, :], xp.where((rows < t)[:, None], top, _zeros(xp, (), top)))
+    kernel = xp.take(w, xp.clip(M - 1 + t - rows, 0, 2 * M - 2), axis=-1)
+    kernel = xp.where(rows <= t, kernel, _zeros(xp, (), kernel))
+    out = (kernel[..., None, :] @ top)[..., 0, :]
+    ready = count_array(xp, 0, like=v)
+    return out, state._replace(blocks=(*state.blocks[:-1], top), count=count, ready=ready)
 
 
 def _mask_positions(xp: Any, out: Any, t: Any, M: int) -> Any:
@@ -363,12 +438,27 @@ def _mask_positions(xp: Any, out: Any, t: Any, M: int) -> Any:
 
 
 # --------------------------------------------------------------------------- chunks
+def _capacity(M: int) -> int:
+    """Rows of the top slot (at least ``M``): the history after a chunk."""
+    return _WINDOW << (_slots(M) - 1)
+
+
 def _history(xp: Any, state: RPBState, t: int, work: Any) -> Any:
     """The ``t`` biased values of a state (an int count), chronological, ``(..., t, D)``."""
+    if not int(state.ready):
+        return as_dtype(xp, state.blocks[-1][..., :t, :], work)
     q, E = t // _WINDOW, (t // _WINDOW) * _WINDOW
     parts = [b for k, b in reversed(list(enumerate(state.blocks))) if (q >> k) & 1]
     parts.append(state.window[..., : t - E, 1, :])
     return xp.concat([as_dtype(xp, x, work) for x in parts], axis=-2)
+
+
+def _history_top(xp: Any, state: RPBState, t: int, work: Any) -> Any:
+    """The top slot of a state after its ``t`` biased values (an int count): those values,
+    then unspecified rows."""
+    if not int(state.ready):
+        return as_dtype(xp, state.blocks[-1], work)
+    return concat_rows(xp, [_history(xp, state, t, work)], _capacity(state.table_length))
 
 
 def _history_buffer(xp: Any, state: RPBState, t: Any, rows: int, work: Any) -> Any:
@@ -404,7 +494,7 @@ def _rebuild(xp: Any, H: Any, t: Any, count: Any, a: int, w: Any, M: int) -> RPB
         if isinstance(t, int) and not (q >> k) & 1:
             blocks.append(_zeros(xp, (*lead, size, D), H))
         else:
-            blocks.append(contiguous(xp, _rows(xp, H, first, size)))
+            blocks.append(owned(xp, _rows(xp, H, first, size)))
     future = []
     for s, d0 in _levels(M):
         first = E // s * s  # end of the last completed level-s block
@@ -413,7 +503,7 @@ def _rebuild(xp: Any, H: Any, t: Any, count: Any, a: int, w: Any, M: int) -> RPB
             continue
         # x = the two blocks before first (zeros before 0): position first + u is row 2s - d0 + u
         x = _rows(xp, H, first - 2 * s, 2 * s)
-        future.append(contiguous(xp, _band_conv(xp, x, w, d0, min(2 * s, M), 4 * s, 2 * s - d0, 4 * s - d0 - 1)))
+        future.append(owned(xp, _band_conv(xp, x, w, d0, min(2 * s, M), 4 * s, 2 * s - d0, 4 * s - d0 - 1)))
     rows = _window_rows(xp, tuple(future), E, _zeros(xp, (*lead, _WINDOW, D), H))
     recent = _rows(xp, H, E, _WINDOW)
     if not isinstance(t, int):  # rows t and after are not values yet
@@ -430,6 +520,7 @@ def _rebuild(xp: Any, H: Any, t: Any, count: Any, a: int, w: Any, M: int) -> RPB
         future=tuple(future),
         near=near,
         count=count,
+        ready=count_array(xp, 1, like=H),
         skip=a,
         table_length=M,
     )
@@ -456,7 +547,9 @@ def _chunk_conv(xp: Any, hist: Any, x: Any, w: Any) -> Any:
     def spectrum(block: Any) -> Any:
         return rfft(xp, xp.matrix_transpose(block), n=n)
 
-    taps = xp.concat([_zeros(xp, (*lead_w, P - 1), w), w[..., M - 1 : M - 1 + P]], axis=-1)  # offsets -(P-1) .. P-1, causal
+    taps = xp.concat(
+        [_zeros(xp, (*lead_w, P - 1), w), w[..., M - 1 : M - 1 + P]], axis=-1
+    )  # offsets -(P-1) .. P-1, causal
     total = spectrum(x) * rfft(xp, taps, n=n)[..., None, :]  # a new array: the sum accumulates into it
     for b, end in enumerate(range(T, 0, -P), start=1):  # back from the chunk; the oldest block zero-padded in front
         first = b * P - P + 1  # the block's smallest offset into the chunk
@@ -464,44 +557,67 @@ def _chunk_conv(xp: Any, hist: Any, x: Any, w: Any) -> Any:
             break  # older blocks are out of the table's reach
         taps = w[..., M - 1 + first : min(M - 1 + first + 2 * P - 1, 2 * M - 1)]
         total = multiply_add_into(xp, total, spectrum(_rows(xp, hist, end - P, P)), rfft(xp, taps, n=n)[..., None, :])
-    return xp.matrix_transpose(irfft(xp, total, n=n, consume=True)[..., P - 1 : 2 * P - 1])
+    # a copy of the rows kept: the chunk's output owns its memory, the padded buffer is freed
+    return owned(xp, xp.matrix_transpose(irfft(xp, total, n=n, consume=True)[..., P - 1 : 2 * P - 1]))
 
 
 def extend(
-    xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array, toeplitz: Array
+    xp: Namespace,
+    state: RPBState | None,
+    v: Array,
+    w: Array,
+    *,
+    lead: tuple,
+    M: int,
+    a: int,
+    work: Array,
+    toeplitz: Array,
 ) -> tuple[Array, RPBState]:
     """A chunk ``v (..., L, D)`` (validated, compute dtype) after ``state``; returns ``(out, state)``.
 
-    Eagerly: the history's contribution by blocks of the chunk's size, summed as
-    spectra (``_chunk_conv``), then the state rebuilt from the whole history (one FFT
-    per level). Under a compiler, where the count is not known: the history placed in
-    an ``M + L``-row buffer, one causal FFT over it, and the same rebuild with dynamic
-    positions.
+    The new state keeps the history in its top slot with the levels stale (``ready``
+    0): the first step rebuilds them once, and a chunk after a chunk does not pay
+    for them. Eagerly: the history's contribution by blocks of the chunk's size,
+    summed as spectra (``_chunk_conv``). Dask (whose graph would grow with the
+    blocks of history) and under a compiler (where the count is not known): one
+    causal FFT over the history and the chunk in a buffer of fixed rows.
     """
     D, L = v.shape[-1], v.shape[-2]
     if state is None:
         state = start(xp, lead, D, M, a, w, v)
     v = xp.broadcast_to(v, (*lead, L, D))
+    cap = _capacity(M)
     if is_compiled(xp, state.count, v, w):
         t0 = state.count - a  # biased position of the chunk's first token
-        rows = M + L
-        H = _history_buffer(xp, state, xp.maximum(t0, 0 * t0), rows, work)
+        rows = max(M + L, cap)
+        first = xp.maximum(t0, 0 * t0)
+        top = _rows(xp, as_dtype(xp, state.blocks[-1], work), 0, rows)
+        H = xp.where(state.ready == 1, _history_buffer(xp, state, first, rows, work), top)
         position = xp.arange(rows, dtype=t0.dtype, device=device_of(H))
         inside = (position >= t0) & (position < t0 + L)
         if L:
             H = xp.where(inside[:, None], xp.take(v, xp.clip(position - t0, 0, L - 1), axis=-2), H)
+        H = xp.where((position < t0 + L)[:, None], H, _zeros(xp, (), H))  # the rows ahead may be anything
         out = _rows(xp, toeplitz(xp, H, w, causal=True), t0, L)
         out = _mask_positions(xp, out, (t0 + xp.arange(L, dtype=t0.dtype, device=device_of(H)))[:, None], M)
-        end = t0 + L
-        return out, _rebuild(xp, H, xp.maximum(end, 0 * end), state.count + L, a, w, M)
+        ready = count_array(xp, 0, like=v)
+        return out, state._replace(blocks=(*state.blocks[:-1], H[..., :cap, :]), count=state.count + L, ready=ready)
     seen = int(state.count)
     t0 = max(0, seen - a)
     skipped = min(L, max(0, a - seen))  # tokens of this chunk still inside skip
     biased = v[..., skipped:, :]
+    P = biased.shape[-2]
+    count = count_array(xp, seen + L, like=v)
+    if P == 0:  # nothing biased: the history is unchanged
+        return _zeros(xp, (*lead, L, D), v), state._replace(count=count)
     hist = _history(xp, state, t0, work)
-    out = biased if biased.shape[-2] == 0 else _chunk_conv(xp, hist, biased, w)
+    # the history and the chunk (rows ahead unspecified): a copy, so the state never holds the caller's v
+    H = concat_rows(xp, [hist, biased], cap)
+    if is_lazy(xp, v, w, state.window):
+        out = _rows(xp, toeplitz(xp, H, w, causal=True), t0, P)
+    else:
+        out = _chunk_conv(xp, hist, biased, w)
     if skipped:
         out = xp.concat([_zeros(xp, (*lead, skipped, D), v), out], axis=-2)
-    H = xp.concat([hist, biased], axis=-2)  # a copy: the state never holds the caller's v
-    return out, _rebuild(xp, H, H.shape[-2], count_array(xp, seen + L, like=v), a, w, M)
-
+    ready = count_array(xp, 0, like=v)
+    return out, state._replace(blocks=(*state.blocks[:-1], H), count=count, ready=ready)

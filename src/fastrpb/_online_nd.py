@@ -275,27 +275,34 @@ def _update(xp: Any, touched: Any, done: Any, new: Any, old: Any) -> Any:
 
 
 # flattening for the compiled conditional (``cond`` takes and returns tuples of arrays)
+_ROW_STATIC = ("skip", "table_length")  # the row state's static fields (JAX aux data)
+
+
 def _leaves(state: RPBndState) -> tuple:
-    r = state.row
-    return (
-        *r.blocks, r.window, *r.future, r.near, r.count,
-        *state.sums, *state.carry,
-        *(m for ms in state.marginals for m in ms), *(u for us in state.across for u in us),
-    )  # fmt: skip
+    """Every array of the state, in a fixed order (the row state's fields first)."""
+    out: list = []
+    for name in RPBState._fields:
+        if name not in _ROW_STATIC:
+            x = getattr(state.row, name)
+            out.extend(x if isinstance(x, tuple) else (x,))
+    out.extend((*state.sums, *state.carry))
+    out.extend(x for group in (*state.marginals, *state.across) for x in group)
+    return tuple(out)
 
 
 def _unleaves(state: RPBndState, leaves: tuple) -> RPBndState:
+    """``state`` with the arrays ``leaves`` (from ``_leaves``) in place of its own."""
     it = iter(leaves)
-    r = state.row
-    row = r._replace(
-        blocks=tuple(next(it) for _ in r.blocks), window=next(it), future=tuple(next(it) for _ in r.future),
-        near=next(it), count=next(it),
-    )  # fmt: skip
+    fields: dict[str, Any] = {}
+    for name in RPBState._fields:
+        if name not in _ROW_STATIC:
+            x = getattr(state.row, name)
+            fields[name] = tuple(next(it) for _ in x) if isinstance(x, tuple) else next(it)
     sums = tuple(next(it) for _ in state.sums)
     carry = tuple(next(it) for _ in state.carry)
     marginals = tuple(tuple(next(it) for _ in ms) for ms in state.marginals)
     across = tuple(tuple(next(it) for _ in us) for us in state.across)
-    return state._replace(row=row, sums=sums, carry=carry, marginals=marginals, across=across)
+    return state._replace(row=state.row._replace(**fields), sums=sums, carry=carry, marginals=marginals, across=across)
 
 
 # --------------------------------------------------------------------------- one token

@@ -1,9 +1,11 @@
 r"""Packed variable-length sequences (``cu_seqlens``), shared by the public functions.
 
 LM training packs documents into one row of ``T`` tokens; ``cu_seqlens``, an integer
-array ``0 = c_0 < c_1 < ... < c_N = T`` (the flash-attention / fla convention), says
+array ``0 = c_0 <= c_1 <= ... <= c_N = T`` (the flash-attention / fla convention), says
 where each begins. Sequence ``n`` holds tokens ``c_n .. c_{n+1} - 1`` of the length
-axis (-2), and attends and is biased only within itself.
+axis (-2), and attends and is biased only within itself. A zero-length sequence
+(``c_n = c_{n+1}``) is a group member of length 0: all its slots are padding, it
+gives no output rows, and its state (``return_state=True``) is the empty one.
 
 Here the sequences are grouped by length (``_grouping``: runs of the sorted lengths
 that minimise the padded work, or length classes ``ceil(log2 length)``); each group
@@ -19,7 +21,9 @@ from __future__ import annotations
 import itertools
 from typing import Any, NamedTuple
 
-from ._compat import device_of
+from . import _validate
+from ._compat import device_of, is_lazy
+from ._validate import broadcast_shapes
 
 
 class Group(NamedTuple):
@@ -117,7 +121,7 @@ def _grouping(lengths: tuple[int, ...], align: int) -> list[tuple[int, ...]]:
     groups: list[tuple[int, ...]] = []
     j = n_seq
     while j > 0:
-        groups.append(tuple(order[cut[j]:j]))
+        groups.append(tuple(order[cut[j] : j]))
         j = cut[j]
     return groups[::-1]
 
@@ -159,8 +163,6 @@ def per_sequence(xp: Any, pk: Packing, parts: list[Any], axis: int) -> Any:
 
 
 def _broadcast_lead(shapes: list[tuple]) -> tuple:
-    from ._validate import broadcast_shapes
-
     return broadcast_shapes(*shapes)
 
 
@@ -171,9 +173,6 @@ def per_sequence_table(w: Any) -> Any:
 
 def offsets_of(xp: Any, cu_seqlens: Any, T: int) -> tuple[int, ...]:
     """Validated offsets of ``cu_seqlens`` for a packed length ``T``."""
-    from . import _validate
-    from ._compat import is_lazy
-
     static = isinstance(cu_seqlens, (tuple, list))
     return _validate.cu_seqlens(xp, cu_seqlens, T, traced=not static and is_lazy(xp, cu_seqlens))
 
@@ -181,36 +180,3 @@ def offsets_of(xp: Any, cu_seqlens: Any, T: int) -> tuple[int, ...]:
 def array_argument(cu_seqlens: Any) -> Any:
     """``cu_seqlens`` as a namespace argument: ``None`` for static (tuple/list) offsets."""
     return None if isinstance(cu_seqlens, (tuple, list)) else cu_seqlens
-
-
-def packed_rpb(xp: Any, v: Any, w: Any, *, causal: bool, skip: Any, cu_seqlens: Any) -> Any:
-    """``fastrpb.rpb`` of every packed sequence on its own, ``skip`` per sequence."""
-    from . import _validate
-    from .bias import rpb
-
-    _validate.values(xp, "v", v)
-    offsets = offsets_of(xp, cu_seqlens, v.shape[-2])
-    a, b = _validate.skip(skip)
-    lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
-    for n, length in enumerate(lengths):
-        if length < a + b:
-            raise ValueError(
-                f"skip = ({a}, {b}) skips {a + b} tokens of every sequence but sequence {n} of cu_seqlens "
-                f"has only {length}"
-            )
-    pk = packing(xp, offsets, v)
-    outs = []
-    for g in pk.groups:
-        vu = unpack(xp, g, v)
-        keep = None
-        if b:
-            # the last b tokens of each sequence neither give nor receive the bias
-            t = xp.arange(g.longest, dtype=xp.int32, device=device_of(v))
-            ends = xp.asarray([lengths[n] - b for n in g.members], dtype=xp.int32, device=device_of(v))
-            keep = t[None, :] < ends[:, None]
-            vu = xp.where(keep[..., None], vu, xp.zeros((), dtype=vu.dtype, device=device_of(v)))
-        out = rpb(vu, per_sequence_table(w), causal=causal, skip=(a, 0))
-        if keep is not None:
-            out = xp.where(keep[..., None], out, xp.zeros((), dtype=out.dtype, device=device_of(v)))
-        outs.append(out)
-    return repack(xp, pk, outs)

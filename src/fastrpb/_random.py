@@ -24,9 +24,7 @@ def seeded_normal(xp: Any, shape: tuple[int, ...], *, seed: int, dtype: Any, dev
     return xp.asarray(sample, dtype=dtype, device=device)
 
 
-def seeded_projection(
-    xp: Any, m: int, d: int, *, seed: int, orthogonal: bool, dtype: Any, device: Any
-) -> Any:
+def seeded_projection(xp: Any, m: int, d: int, *, seed: int, orthogonal: bool, dtype: Any, device: Any) -> Any:
     """An ``(m, d)`` Gaussian random projection from an explicit ``seed``, on ``device``.
 
     ``orthogonal=True`` stacks ``ceil(m / d)`` independent Haar-random orthogonal

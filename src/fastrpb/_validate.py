@@ -121,8 +121,7 @@ def floating(xp: Any, name: str, x: Any) -> None:
     """Reject integer, bool and complex arrays with a message naming ``name``."""
     if not _real_floating(xp, x.dtype):
         raise TypeError(
-            f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {x.dtype}"
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
         )
 
 
@@ -188,15 +187,24 @@ def broadcast_shapes(*shapes: tuple) -> tuple:
     functions call ``broadcast``, which names the arguments.
     """
     first = tuple(shapes[0]) if shapes else ()
-    if all(tuple(s) == first for s in shapes):  # the usual case, and a decoding step's hot path
+    # the usual case, and a decoding step's hot path. Lengths first: a tuple compares
+    # items before lengths, and a symbolic batch compared with a head count that
+    # happens to equal it would pin the batch to that value under torch.export.
+    if all(len(s) == len(first) and tuple(s) == first for s in shapes):
         return first
     n = max(len(s) for s in shapes)
     out = []
     for axis in range(n, 0, -1):
-        sizes = {s[-axis] for s in shapes if len(s) >= axis} - {1}
-        if len(sizes) > 1:
-            raise ValueError(f"shapes {', '.join(str(tuple(s)) for s in shapes)} do not broadcast")
-        out.append(sizes.pop() if sizes else 1)
+        # Compared one by one, never put in a set: under torch.export and jax.export a
+        # size may be symbolic (a SymInt, a JAX dimension expression), which is not
+        # hashable; ``==`` and ``!=`` are what both answer.
+        size: Any = 1
+        for s in shapes:
+            if len(s) >= axis and s[-axis] != 1:
+                if size != 1 and s[-axis] != size:
+                    raise ValueError(f"shapes {', '.join(str(tuple(s)) for s in shapes)} do not broadcast")
+                size = s[-axis]
+        out.append(size)
     return tuple(out)
 
 
@@ -304,7 +312,11 @@ def bias_arguments(rpb: Any, rpb_tables: Any, rpb_grid: Any, rpb_skip: Any) -> d
 
 
 def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...]:
-    """Packed-sequence offsets ``0 = c_0 < c_1 < ... < c_N = T`` (flash-attention / fla).
+    """Packed-sequence offsets ``0 = c_0 <= c_1 <= ... <= c_N = T`` (flash-attention / fla).
+
+    Non-decreasing: a zero-length sequence (``c_n = c_{n+1}``: an empty document, an
+    unused slot of a fixed-size packing) is allowed and gets an empty output and an
+    empty (or its initial) state; only decreasing offsets are an error.
 
     A 1-d integer array of ``N + 1 >= 2`` entries, of the library and device of the
     other inputs (checked when the namespace is resolved), or a tuple/list of Python
@@ -317,32 +329,32 @@ def cu_seqlens(xp: Any, offsets: Any, T: int, *, traced: bool) -> tuple[int, ...
         values = tuple(integer(f"cu_seqlens[{n}]", c, minimum=0) for n, c in enumerate(offsets))
         if len(values) < 2:
             raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got {len(values)} offsets")
-        return _increasing_offsets(values, T)
+        return _non_decreasing_offsets(values, T)
     if not xp.isdtype(offsets.dtype, "integral"):
-        raise TypeError(f"cu_seqlens must be an integer array of offsets 0 = c_0 < ... < c_N = T, got dtype {offsets.dtype}")
-    if offsets.ndim != 1 or offsets.shape[0] < 2:
-        raise ValueError(
-            f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got shape {tuple(offsets.shape)}"
+        raise TypeError(
+            f"cu_seqlens must be an integer array of offsets 0 = c_0 <= ... <= c_N = T, got dtype {offsets.dtype}"
         )
+    if offsets.ndim != 1 or offsets.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got shape {tuple(offsets.shape)}")
     if traced:
         raise ValueError(
             "cu_seqlens must be concrete: the longest packed sequence sets a shape, so under jax.jit (or with "
             "Dask arrays, whose values exist only after .compute()) pass cu_seqlens as a tuple of Python ints "
             f"(static), not a {'Dask' if 'dask' in type(offsets).__module__ else 'traced'} array"
         )
-    return _increasing_offsets(tuple(int(offsets[i]) for i in range(offsets.shape[0])), T)
+    return _non_decreasing_offsets(tuple(int(offsets[i]) for i in range(offsets.shape[0])), T)
 
 
-def _increasing_offsets(values: tuple[int, ...], T: int) -> tuple[int, ...]:
+def _non_decreasing_offsets(values: tuple[int, ...], T: int) -> tuple[int, ...]:
     if values[0] != 0 or values[-1] != T:
         raise ValueError(
             f"cu_seqlens must start at 0 and end at T = {T} (the packed length axis), "
             f"got c_0 = {values[0]} and c_N = {values[-1]}"
         )
     for n in range(1, len(values)):
-        if values[n] <= values[n - 1]:
+        if values[n] < values[n - 1]:
             raise ValueError(
-                f"cu_seqlens must be strictly increasing (every sequence at least one token), "
+                f"cu_seqlens must be non-decreasing (a sequence has zero tokens or more), "
                 f"got c_{n - 1} = {values[n - 1]} and c_{n} = {values[n]}"
             )
     return values

@@ -124,9 +124,12 @@ def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentio
     # z comes from the keys alone, S from keys and values: one lead for both (broadcast
     # keys, as k (1, H) with v (B, H), gave a z that initial_state= then refused)
     lead = _lead(tuple(S.shape[:-2]), tuple(z.shape[:-1]))
-    S, z = xp.broadcast_to(S, (*lead, *S.shape[-2:])), xp.broadcast_to(z, (*lead, z.shape[-1]))
+    # copies, so the state holds plain arrays of its own: a broadcast is a read-only
+    # view on NumPy, a slice of [S, z] keeps the whole of it; O(F Dv) once per call
+    S = xp.asarray(xp.broadcast_to(S, (*lead, *S.shape[-2:])), copy=True)
+    z = xp.asarray(xp.broadcast_to(z, (*lead, z.shape[-1])), copy=True)
     if offset is not None:
-        offset = xp.broadcast_to(offset, z.shape)
+        offset = xp.asarray(xp.broadcast_to(offset, z.shape), copy=True)
     return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
 
 
@@ -288,11 +291,12 @@ def linear_attention(
         Multiplies the queries before the feature map, ``phi(s q_i)`` (``None``: 1),
         e.g. ``1 / sqrt(Dk)`` to match softmax attention's temperature.
     cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
-        Packed sequences, the flash-attention / fla convention: offsets ``0 = c_0 <
-        c_1 < ... < c_N = L`` along the length axis of ``q``, ``k``, ``v`` (``Lq = Lk
+        Packed sequences, the flash-attention / fla convention: offsets ``0 = c_0 <=
+        c_1 <= ... <= c_N = L`` along the length axis of ``q``, ``k``, ``v`` (``Lq = Lk
         = L``; leading dimensions allowed, batch 1 typical). Sequence ``n`` is tokens
         ``c_n .. c_{n+1} - 1``; it attends (causal or not) and is biased only within
         itself, ``rpb_skip`` applied to each sequence: equal to ``N`` separate calls.
+        A zero-length sequence (``c_n = c_{n+1}``) gives no rows and the empty state.
         With ``return_state=True`` the state holds one state per sequence, stacked
         along a new *leading* axis ``N`` (``state.S`` of shape ``(N, ..., F, Dv)``);
         these states carry no FastRPB history (``state.rpb`` is None), and
@@ -344,7 +348,117 @@ def linear_attention(
     Transformers with Linear Attention", ICML. Zubkov & Gavrilov (2022), "FastRPB: a
     Scalable Relative Positional Encoding for Long Sequence Tasks", arXiv:2202.11364.
     """
-    # -- validate, resolve the namespace once
+    call = _checked_call(
+        q,
+        k,
+        v,
+        feature_map=feature_map,
+        causal=causal,
+        key_mask=key_mask,
+        eps=eps,
+        chunk_size=chunk_size,
+        rpb=rpb,
+        rpb_tables=rpb_tables,
+        rpb_grid=rpb_grid,
+        rpb_skip=rpb_skip,
+        initial_state=initial_state,
+        return_state=return_state,
+        normalize=normalize,
+        scale=scale,
+        cu_seqlens=cu_seqlens,
+    )
+    xp = call.xp
+    if cu_seqlens is not None:
+        attend = functools.partial(
+            linear_attention,
+            feature_map=call.fmap,
+            causal=call.causal,
+            eps=call.eps,
+            chunk_size=call.C,
+            normalize=call.normalize,
+            scale=call.scale,
+        )
+        return packed_linear_attention(
+            xp,
+            attend,
+            q,
+            k,
+            v,
+            cu_seqlens,
+            key_mask=key_mask,
+            rpb=rpb,
+            rpb_tables=rpb_tables,
+            rpb_skip=rpb_skip,
+            causal=call.causal,
+            return_state=call.return_state,
+            chunk_size=call.C,
+        )
+    # -- compute, in the compute dtype
+    result, work = compute_dtype(xp, q, k, v, *call.tables.values())
+    qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
+    if call.scale is not None:
+        qw = qw * call.scale
+    kw = mask_keys(xp, kw, key_mask)
+    vw = mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    fmap = call.fmap
+    if Lq == 0 or Lk == 0 or math.prod(call.out_lead) == 0 or (fmap.exponential and fmap.features(q.shape[-1]) == 0):
+        out, final, offset = _attend_nothing(call, kw, v, Lq, initial_state, work)
+    elif fmap.exponential:
+        out, final, offset = _attend_exponential(call, qw, kw, vw, key_mask, initial_state, work)
+    else:
+        out, final, offset = _attend_features(call, qw, kw, vw, key_mask, initial_state, work)
+    rpb_state = None
+    if rpb is not None and (initial_state is not None or call.return_state):  # the bias continues too
+        out, rpb_state = add_bias_streaming(xp, out, vw, rpb, rpb_skip, initial_state)
+    elif rpb_tables is not None and (initial_state is not None or call.return_state):  # the N-d bias too
+        out, rpb_state = add_bias_streaming_nd(xp, out, vw, rpb_tables, rpb_grid, rpb_skip, initial_state)
+    else:
+        out = add_bias(
+            xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=call.causal
+        )
+    out = xp.astype(out, result, copy=False)
+    if call.return_state:
+        return out, _state(xp, fmap, final, offset)._replace(rpb=rpb_state)
+    return out
+
+
+class _Call(NamedTuple):
+    """A checked ``linear_attention`` call: its namespace and its normalised options."""
+
+    xp: Any
+    fmap: FeatureMap
+    causal: bool
+    return_state: bool
+    normalize: bool
+    scale: float | None
+    eps: float
+    C: int  # chunk_size
+    tables: dict[str, Any]  # the bias arrays, by argument name
+    out_lead: tuple  # the output's leading dimensions
+
+
+def _checked_call(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    feature_map: Any,
+    causal: Any,
+    key_mask: Any,
+    eps: Any,
+    chunk_size: Any,
+    rpb: Any,
+    rpb_tables: Any,
+    rpb_grid: Any,
+    rpb_skip: Any,
+    initial_state: Any,
+    return_state: Any,
+    normalize: Any,
+    scale: Any,
+    cu_seqlens: Any,
+) -> _Call:
+    """Every check of ``linear_attention``'s arguments; resolves the namespace once."""
     fmap = resolve(feature_map)
     causal = _validate.flag("causal", causal)
     return_state = _validate.flag("return_state", return_state)
@@ -373,92 +487,77 @@ def linear_attention(
     lead = _validate.attention_inputs(xp, q, k, v)
     out_lead = _validate.key_mask(xp, key_mask, k.shape[-2], lead)
     fmap._check_width(q.shape[-1], "q")
-    Lq, Lk = q.shape[-2], k.shape[-2]
-    _validate.causal_lengths(causal, Lq, Lk)
+    _validate.causal_lengths(causal, q.shape[-2], k.shape[-2])
     if return_state and not causal:
         raise ValueError("return_state=True needs causal=True: a decoding state continues a causal sequence")
-    if cu_seqlens is not None:
-        attend = functools.partial(
-            linear_attention, feature_map=fmap, causal=causal, eps=eps, chunk_size=C, normalize=normalize, scale=scale
-        )
-        return packed_linear_attention(
-            xp,
-            attend,
-            q,
-            k,
-            v,
-            cu_seqlens,
-            key_mask=key_mask,
-            rpb=rpb,
-            rpb_tables=rpb_tables,
-            rpb_skip=rpb_skip,
-            causal=causal,
-            return_state=return_state,
-            chunk_size=C,
-        )
-    # -- compute
-    result, work = compute_dtype(xp, q, k, v, *tables.values())
-    qw, kw, vw = (xp.astype(x, work, copy=False) for x in (q, k, v))
-    if scale is not None:
-        qw = qw * scale
-    kw = mask_keys(xp, kw, key_mask)
-    vw = mask_values(xp, vw, key_mask, bias=rpb is not None or rpb_tables is not None)
-    offset = None
-    if Lq == 0 or Lk == 0 or math.prod(out_lead) == 0 or (fmap.exponential and fmap.features(q.shape[-1]) == 0):
-        # nothing to attend to (an empty batch or sequence, or no features: the kernel
-        # is 0): zeros, without reductions over empty axes
-        fk = fmap._keys(xp, kw)
-        shape = (*out_lead, Lq, v.shape[-1])
-        out = xp.zeros(shape, dtype=work, device=device_of(v))
-        final = xp.zeros((*shape[:-2], fk.shape[-1], v.shape[-1] + 1), dtype=work, device=device_of(v))
-        if fmap.exponential:
-            offset = neg_inf(xp, final[..., 0])
-        if initial_state is not None:  # nothing new: the state passes through
-            S0, offset0 = _carried(xp, fmap, initial_state, fk.shape[-1], v.shape[-1], out_lead, work)
-            final = final + S0
-            offset = None if offset0 is None else xp.maximum(offset, offset0)
-    elif fmap.exponential:
-        lq, lk, mq = log_features(xp, fmap, qw, kw, key_mask)
-        if causal:
-            v1, skipped = with_ones(xp, vw), 0
-            if initial_state is not None:  # the state enters as F pseudo-keys before the chunk
-                S0, offset0 = _carried(xp, fmap, initial_state, lk.shape[-1], v.shape[-1], out_lead, work)
-                skipped = lk.shape[-1]
-                lq = prepend(xp, xp.zeros((skipped, skipped), dtype=work, device=device_of(lq)), lq)
-                lk, v1 = prepend(xp, state_keys(xp, offset0), lk), prepend(xp, S0, v1)
-            total, eps_rows, final, offset, log_scale = causal_exp_attention(xp, lq, lk, v1, min(C, skipped + Lq), eps)
-            if skipped:
-                total, log_scale = total[..., skipped:, :], log_scale[..., skipped:, :]
-                eps_rows = eps_rows if isinstance(eps_rows, float) else eps_rows[..., skipped:, :]
-            num, den = total[..., :-1], total[..., -1:]
-        else:
-            num, den, eps_rows, log_scale = noncausal_exp_attention(xp, lq, lk, vw, eps)
-        # unnormalised: back to the true scale exp(l(q_i) . + l(k_j) .), which may overflow
-        out = normalise(xp, num, den, eps_rows) if normalize else num * xp.exp(log_scale + mq)
+    return _Call(xp, fmap, causal, return_state, normalize, scale, eps, C, tables, out_lead)
+
+
+def _attend_nothing(call: _Call, kw: Any, v: Any, Lq: int, initial_state: Any, work: Any) -> tuple[Any, Any, Any]:
+    """Nothing to attend to (an empty batch or sequence, or no features: the kernel is 0):
+    zeros, without reductions over empty axes. Returns ``(out, final state, offset)``."""
+    xp, fmap = call.xp, call.fmap
+    fk = fmap._keys(xp, kw)
+    shape = (*call.out_lead, Lq, v.shape[-1])
+    out = xp.zeros(shape, dtype=work, device=device_of(v))
+    final = xp.zeros((*shape[:-2], fk.shape[-1], v.shape[-1] + 1), dtype=work, device=device_of(v))
+    offset = neg_inf(xp, final[..., 0]) if fmap.exponential else None
+    if initial_state is not None:  # nothing new: the state passes through
+        S0, offset0 = _carried(xp, fmap, initial_state, fk.shape[-1], v.shape[-1], call.out_lead, work)
+        final = final + S0
+        offset = None if offset0 is None else xp.maximum(offset, offset0)
+    return out, final, offset
+
+
+def _attend_exponential(
+    call: _Call, qw: Any, kw: Any, vw: Any, key_mask: Any, initial_state: Any, work: Any
+) -> tuple[Any, Any, Any]:
+    """An exponential map (``sikf``, ``favor``) in its frame of offsets, causal or not;
+    returns ``(out, final state, offset)`` (the state ``None`` non-causal)."""
+    xp, fmap, eps = call.xp, call.fmap, call.eps
+    lq, lk, mq = log_features(xp, fmap, qw, kw, key_mask)
+    final = offset = None
+    if call.causal:
+        v1, skipped = with_ones(xp, vw), 0
+        if initial_state is not None:  # the state enters as F pseudo-keys before the chunk
+            S0, offset0 = _carried(xp, fmap, initial_state, lk.shape[-1], vw.shape[-1], call.out_lead, work)
+            skipped = lk.shape[-1]
+            lq = prepend(xp, xp.zeros((skipped, skipped), dtype=work, device=device_of(lq)), lq)
+            lk, v1 = prepend(xp, state_keys(xp, offset0), lk), prepend(xp, S0, v1)
+        Lq = qw.shape[-2]
+        total, eps_rows, final, offset, log_scale = causal_exp_attention(xp, lq, lk, v1, min(call.C, skipped + Lq), eps)
+        if skipped:
+            total, log_scale = total[..., skipped:, :], log_scale[..., skipped:, :]
+            eps_rows = eps_rows if isinstance(eps_rows, float) else eps_rows[..., skipped:, :]
+        num, den = total[..., :-1], total[..., -1:]
     else:
-        fq, fk = features(xp, fmap, qw, kw, key_mask)
-        if causal:
-            num, den, S_end, z_end = causal_attention(xp, fq, fk, vw, min(C, Lq), signed=not fmap.nonnegative)
-            if initial_state is not None:  # y += phi(Q) S0, den += phi(Q) . z0; the state += [S0, z0]
-                S0, _ = _carried(xp, fmap, initial_state, fk.shape[-1], v.shape[-1], out_lead, work)
-                carried_out = xp.matmul(fq, S0)
-                num, den = num + carried_out[..., :-1], den + carried_out[..., -1:]
-                S_end, z_end = S_end + S0[..., :-1], z_end + S0[..., -1]
-            final = (S_end, z_end)
-        else:
-            num, den = noncausal_attention(xp, fq, fk, vw)
-        out = normalise(xp, num, den, eps) if normalize else num
-    rpb_state = None
-    if rpb is not None and (initial_state is not None or return_state):  # the bias continues too
-        out, rpb_state = add_bias_streaming(xp, out, vw, rpb, rpb_skip, initial_state)
-    elif rpb_tables is not None and (initial_state is not None or return_state):  # the N-d bias too
-        out, rpb_state = add_bias_streaming_nd(xp, out, vw, rpb_tables, rpb_grid, rpb_skip, initial_state)
+        num, den, eps_rows, log_scale = noncausal_exp_attention(xp, lq, lk, vw, eps)
+    # unnormalised: back to the true scale exp(l(q_i) . + l(k_j) .), which may overflow
+    out = normalise(xp, num, den, eps_rows) if call.normalize else num * xp.exp(log_scale + mq)
+    return out, final, offset
+
+
+def _attend_features(
+    call: _Call, qw: Any, kw: Any, vw: Any, key_mask: Any, initial_state: Any, work: Any
+) -> tuple[Any, Any, Any]:
+    """A map with explicit features, non-causal or chunked causal; returns ``(out, final
+    state, None)`` (the state ``(S, z)``, ``None`` non-causal)."""
+    xp, fmap = call.xp, call.fmap
+    fq, fk = features(xp, fmap, qw, kw, key_mask)
+    final = None
+    if call.causal:
+        Lq = qw.shape[-2]
+        num, den, S_end, z_end = causal_attention(xp, fq, fk, vw, min(call.C, Lq), signed=not fmap.nonnegative)
+        if initial_state is not None:  # y += phi(Q) S0, den += phi(Q) . z0; the state += [S0, z0]
+            S0, _ = _carried(xp, fmap, initial_state, fk.shape[-1], vw.shape[-1], call.out_lead, work)
+            carried_out = xp.matmul(fq, S0)
+            num, den = num + carried_out[..., :-1], den + carried_out[..., -1:]
+            S_end, z_end = S_end + S0[..., :-1], z_end + S0[..., -1]
+        final = (S_end, z_end)
     else:
-        out = add_bias(xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=causal)
-    out = xp.astype(out, result, copy=False)
-    if return_state:
-        return out, _state(xp, fmap, final, offset)._replace(rpb=rpb_state)
-    return out
+        num, den = noncausal_attention(xp, fq, fk, vw)
+    out = normalise(xp, num, den, call.eps) if call.normalize else num
+    return out, final, None
 
 
 def linear_attention_step(

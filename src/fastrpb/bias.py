@@ -15,11 +15,12 @@ dimensions of the values (e.g. a per-head table ``(H, 2M - 1)`` with values
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from . import _online, _online_nd, _validate
+from . import _online, _online_nd, _packing, _validate
 from ._compat import (
     blocks_allowed,
     compute_dtype,
@@ -35,8 +36,6 @@ from ._compat import (
 from ._compat import pad_axis as _pad_rows
 from ._online import RPBState
 from ._online_nd import RPBndState
-from ._packing import array_argument as _packing_argument
-from ._packing import packed_rpb as _packed_rpb
 from ._random import seeded_normal
 from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
@@ -93,7 +92,10 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
         negative = w[..., M - L : M - 1]  # offsets -(L-1) .. -1, in that order
         zeros = xp.zeros((*w.shape[:-1], n - (2 * L - 1)), dtype=w.dtype, device=device_of(w))
         kernel = xp.concat([nonneg, zeros, negative], axis=-1)
-    kernel_f = rfft(xp, kernel, n=n)[..., None, :]  # (..., 1, n // 2 + 1)
+    # A spectrum is only ever made (rfft), multiplied and inverted, never reshaped or
+    # broadcast: torch.onnx lowers complex tensors through few operators (no unsqueeze,
+    # no expand), so the kernel gets its D axis, and its leading shape, while still real.
+    kernel = kernel[..., None, :]  # (..., 1, n) or (..., 1, L)
     columns = xp.matrix_transpose(v)  # (..., D, L): the sequence on the last axis
 
     def convolve(block: Any, k_f: Any) -> Any:
@@ -104,8 +106,10 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     per_row = (n // 2 + 1) * 2 * itemsize  # spectrum bytes of one (head, feature) row
     lead = _broadcast_lead(v.shape[:-2], w.shape[:-1])
     G = math.prod(lead)
-    if G * D * per_row <= _BLOCK_BYTES or not blocks_allowed(xp, v):  # engines: sharded JAX
-        return xp.matrix_transpose(convolve(columns, kernel_f))
+    if not _blocked(G * D * per_row) or not blocks_allowed(xp, v):  # engines: sharded JAX
+        # a copy of the cropped rows: the result owns its memory, and the padded
+        # irfft buffer (about twice the result) is freed at once
+        return xp.matrix_transpose(xp.asarray(convolve(columns, rfft(xp, kernel, n=n)), copy=True))
     # Long input: blocks of (leading index, feature column) rows. A block takes whole
     # cache lines of each row of v (a multiple of 64 bytes of features: reading a
     # few strided columns would drag in their neighbours every time), and as many
@@ -114,7 +118,7 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     cols = min(D, max(line, (_BLOCK_BYTES // per_row) // line * line))
     heads = max(1, _BLOCK_BYTES // (per_row * cols))
     columns = xp.reshape(xp.broadcast_to(columns, (*lead, D, L)), (G, D, L))
-    kernel_f = xp.reshape(xp.broadcast_to(kernel_f, (*lead, 1, n // 2 + 1)), (G, 1, n // 2 + 1))
+    kernel_f = rfft(xp, xp.reshape(xp.broadcast_to(kernel, (*lead, *kernel.shape[-2:])), (G, *kernel.shape[-2:])), n=n)
     rows = []
     for g in range(0, G, heads):
         g_end = min(g + heads, G)
@@ -129,6 +133,18 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
 # blocks are recycled instead of page-faulted in again), large enough that the
 # per-call overhead of an FFT is negligible. Inputs below it are not blocked.
 _BLOCK_BYTES = 32 * 2**20
+
+
+def _blocked(spectrum_bytes: Any) -> bool:
+    """Whether a transform of ``spectrum_bytes`` of spectrum goes in blocks.
+
+    Only a known size is blocked: under ``torch.export`` or ``jax.export`` with a
+    symbolic batch the size is an expression (a SymInt, a JAX dimension), which
+    cannot be compared with the budget (the answer would depend on the batch) nor
+    cut into a Python loop of blocks, so the transform is one call, as for small
+    inputs.
+    """
+    return isinstance(spectrum_bytes, int) and spectrum_bytes > _BLOCK_BYTES
 
 
 def _itemsize(xp: Any, dtype: Any) -> int:
@@ -180,9 +196,10 @@ def rpb(
     return_state : bool
         Causal only: also return the ``RPBState`` after the last token.
     cu_seqlens : int array, shape (N + 1,), optional
-        Packed sequences (flash-attention / fla convention): offsets ``0 = c_0 < ... <
+        Packed sequences (flash-attention / fla convention): offsets ``0 = c_0 <= ... <=
         c_N = L`` along ``v``'s length axis; every sequence is biased only within
-        itself, ``skip`` applied to each (see ``fastrpb.linear_attention``). Must be
+        itself, ``skip`` applied to each non-empty one (a zero-length sequence gives
+        no rows; see ``fastrpb.linear_attention``). Must be
         concrete (not traced under ``jax.jit``); each sequence of at most ``M`` tokens
         after ``skip[0]``.
 
@@ -229,7 +246,7 @@ def rpb(
     if cu_seqlens is not None:  # packed sequences (fastrpb._packing), each biased on its own
         if initial_state is not None or return_state:
             raise ValueError("cu_seqlens does not combine with initial_state/return_state (streaming one sequence)")
-        xp = namespace(v=v, w=w, cu_seqlens=_packing_argument(cu_seqlens))
+        xp = namespace(v=v, w=w, cu_seqlens=_packing.array_argument(cu_seqlens))
         return _packed_rpb(xp, v, w, causal=causal, skip=skip, cu_seqlens=cu_seqlens)
     if initial_state is not None or return_state:
         return _rpb_stream(v, w, causal, skip, initial_state, return_state)
@@ -248,9 +265,8 @@ def rpb(
         out = xp.zeros((*lead, L, v.shape[-1]), dtype=work, device=device_of(v))
     else:
         out = _toeplitz(xp, xp.astype(inner, work, copy=False), xp.astype(w, work, copy=False), causal=causal)
-    out = _pad_rows(xp, out, a, b)
-    shape = (*lead, *v.shape[-2:])
-    return xp.astype(xp.broadcast_to(out, shape), result, copy=False)
+    out = _pad_rows(xp, out, a, b)  # (*lead, *v.shape[-2:]): a plain array, writable, its own memory
+    return xp.astype(out, result, copy=False)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -272,6 +288,36 @@ def _check_stream(causal: Any, skip: Any, initial_state: Any, return_state: Any)
             "drop the trailing tokens' output rows yourself"
         )
     return a
+
+
+def _packed_rpb(xp: Any, v: Any, w: Any, *, causal: bool, skip: Any, cu_seqlens: Any) -> Any:
+    """``fastrpb.rpb`` of every packed sequence on its own, ``skip`` per sequence."""
+    _validate.values(xp, "v", v)
+    offsets = _packing.offsets_of(xp, cu_seqlens, v.shape[-2])
+    a, b = _validate.skip(skip)
+    lengths = [hi - lo for lo, hi in itertools.pairwise(offsets)]
+    for n, length in enumerate(lengths):
+        if 0 < length < a + b:  # an empty sequence has no token to skip
+            raise ValueError(
+                f"skip = ({a}, {b}) skips {a + b} tokens of every sequence but sequence {n} of cu_seqlens "
+                f"has only {length}"
+            )
+    pk = _packing.packing(xp, offsets, v)
+    outs = []
+    for g in pk.groups:
+        vu = _packing.unpack(xp, g, v)
+        keep = None
+        if b:
+            # the last b tokens of each sequence neither give nor receive the bias
+            t = xp.arange(g.longest, dtype=xp.int32, device=device_of(v))
+            ends = xp.asarray([lengths[n] - b for n in g.members], dtype=xp.int32, device=device_of(v))
+            keep = t[None, :] < ends[:, None]
+            vu = xp.where(keep[..., None], vu, xp.zeros((), dtype=vu.dtype, device=device_of(v)))
+        out = rpb(vu, _packing.per_sequence_table(w), causal=causal, skip=(a, 0))
+        if keep is not None:
+            out = xp.where(keep[..., None], out, xp.zeros((), dtype=out.dtype, device=device_of(v)))
+        outs.append(out)
+    return _packing.repack(xp, pk, outs)
 
 
 def _check_position(end: int, a: int, M: int, name: str) -> None:
@@ -848,8 +894,8 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
         kernel = line if kernel is None else kernel + line
     kernel = xp.where(mask, kernel, xp.zeros((), dtype=kernel.dtype, device=dev))
     axes = tuple(range(-k, 0))
-    kernel_f = rfftn(xp, kernel, s=n, axes=axes)
-    kernel_f = xp.reshape(kernel_f, (*kernel_f.shape[:-k], 1, *kernel_f.shape[-k:]))  # a D axis
+    # a D axis, added before the FFT (the spectrum is never reshaped: see ``_toeplitz``)
+    kernel = xp.reshape(kernel, (*kernel.shape[:-k], 1, *kernel.shape[-k:]))
     nlead = cube.ndim - k - 1
     columns = xp.permute_dims(cube, (*range(nlead), cube.ndim - 1, *range(nlead, nlead + k)))
     crop = (..., *(slice(0, g) for g in grid))
@@ -862,17 +908,16 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
     # the column: long inputs go in blocks of columns of at most _BLOCK_BYTES of
     # spectrum (as in ``_toeplitz``), so the work space stays bounded.
     D = cube.shape[-1]
-    spec = tuple(kernel_f.shape[-k:])
-    per_col = math.prod(spec) * 2 * _itemsize(xp, cube.dtype)
-    lead = _broadcast_lead(columns.shape[:nlead], kernel_f.shape[: -k - 1])
+    per_col = math.prod(n[:-1]) * (n[-1] // 2 + 1) * 2 * _itemsize(xp, cube.dtype)
+    lead = _broadcast_lead(columns.shape[:nlead], kernel.shape[: -k - 1])
     G = math.prod(lead)
-    if G * D * per_col <= _BLOCK_BYTES or not blocks_allowed(xp, cube):  # engines: sharded JAX
-        out = convolve(columns, kernel_f)
+    if not _blocked(G * D * per_col) or not blocks_allowed(xp, cube):  # engines: sharded JAX
+        out = convolve(columns, rfftn(xp, kernel, s=n, axes=axes))
     else:
         cols = max(1, min(D, _BLOCK_BYTES // per_col))
         heads = max(1, _BLOCK_BYTES // (per_col * cols))
         columns = xp.reshape(xp.broadcast_to(columns, (*lead, D, *grid)), (G, D, *grid))
-        kernel_f = xp.reshape(xp.broadcast_to(kernel_f, (*lead, 1, *spec)), (G, 1, *spec))
+        kernel_f = rfftn(xp, xp.reshape(xp.broadcast_to(kernel, (*lead, 1, *n)), (G, 1, *n)), s=n, axes=axes)
         rows = []
         for g in range(0, G, heads):
             g_end = min(g + heads, G)

@@ -33,7 +33,7 @@ from fastrpb._layers import (
     BiasNdLayer,
     LayerCache,
 )
-from fastrpb._validate import int_arg
+from fastrpb._validate import flag, int_arg, non_negative
 from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "FeatureMapArray", "LayerCache", "LinearAttention"]
@@ -86,7 +86,7 @@ def _init_table(
     elif rngs is None:
         raise TypeError("pass rngs=nnx.Rngs(...) (or an explicit seed=) to initialise the bias table")
     else:
-        table = _normal(rngs.params(), shape, scale).astype(param_dtype)
+        table = _normal(rngs.params(), shape, non_negative("scale", scale)).astype(param_dtype)
     # A symmetric table stores offsets 0 .. M-1 only: the non-negative half of the draw.
     return table[..., max_len - 1 :] if symmetric else table
 
@@ -121,7 +121,8 @@ class FastRPB(BiasLayer, nnx.Module):
     Raises
     ------
     TypeError
-        If ``heads``, ``max_len`` or ``seed`` is not an int.
+        If ``heads``, ``max_len`` or ``seed`` is not an int, or ``causal`` or
+        ``symmetric`` is not a bool (``True`` or ``False``: not ``1`` or ``"no"``).
     ValueError
         If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
         ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
@@ -209,8 +210,8 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
     Raises
     ------
     TypeError
-        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
-        something other than ints.
+        If ``grid`` is not a non-empty sequence of ints, ``heads`` or ``axes`` holds
+        something other than ints, or ``share`` or ``symmetric`` is not a bool.
     ValueError
         If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
         twice), or ``skip`` is not two non-negative ints. Calls raise as
@@ -317,8 +318,9 @@ class LinearAttention(AttentionLayer, nnx.Module):
     Raises
     ------
     TypeError
-        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
-        or ``rpb`` is of an unsupported kind.
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, ``causal`` is not a
+        bool (``True`` or ``False``: not ``1`` or ``"no"``), or ``feature_map`` or
+        ``rpb`` is of an unsupported kind.
     ValueError
         If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
         below 1, or ``feature_map`` is an unknown name. Calls raise as
@@ -360,7 +362,7 @@ class LinearAttention(AttentionLayer, nnx.Module):
             setattr(self, f"feature_map_{name}", kind(jnp.asarray(array, dtype=param_dtype)))
 
         self._own_feature_map(feature_map, jnp.empty((0,), dtype=param_dtype), own)
-        kw: dict[str, Any] = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw: dict[str, Any] = dict(use_bias=flag("use_bias", use_bias), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(self.d_model, inner, **kw)
         self.k_proj = nnx.Linear(self.d_model, inner, **kw)
         self.v_proj = nnx.Linear(self.d_model, inner, **kw)
@@ -414,7 +416,7 @@ class LinearAttention(AttentionLayer, nnx.Module):
             term included (its history lives in the cache).
         cu_seqlens : int array, shape (N + 1,), or tuple of ints, optional
             Packed sequences along the length axis (flash-attention / fla offsets
-            ``0 = c_0 < ... < c_N = L``): each sequence attends and is biased only
+            ``0 = c_0 <= ... <= c_N = L``, zero-length sequences allowed): each sequence attends and is biased only
             within itself, as ``fastrpb.linear_attention(..., cu_seqlens=)``.
             Self-attention only, without ``return_cache`` or ``cache``, and without an N-d bias.
 

@@ -395,7 +395,9 @@ def linear_attention(
     if Lq == 0 or Lk == 0:
         raise ValueError(f"each rank's block needs at least one token, got q with {Lq} and k with {Lk} rows")
     if causal and Lq != Lk:
-        raise ValueError(f"causal=True needs blocks of as many queries as keys, got q with Lqb = {Lq} and k with Lkb = {Lk}")
+        raise ValueError(
+            f"causal=True needs blocks of as many queries as keys, got q with Lqb = {Lq} and k with Lkb = {Lk}"
+        )
     if rpb is not None and Lq != Lk:
         raise ValueError(f"the FastRPB term (rpb=) needs as many queries as keys, got Lqb = {Lq} and Lkb = {Lk}")
     P = comm.size()

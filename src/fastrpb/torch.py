@@ -31,7 +31,7 @@ from fastrpb._layers import (
     BiasNdLayer,
     LayerCache,
 )
-from fastrpb._validate import int_arg
+from fastrpb._validate import finite, flag, int_arg
 from fastrpb.feature_maps import FeatureMapLike
 
 __all__ = ["FastRPB", "FastRPBnd", "LayerCache", "MultiheadAttention", "LinearAttention"]
@@ -87,7 +87,8 @@ class FastRPB(BiasLayer, nn.Module):
     Raises
     ------
     TypeError
-        If ``heads``, ``max_len`` or ``seed`` is not an int.
+        If ``heads``, ``max_len`` or ``seed`` is not an int, or ``causal`` or
+        ``symmetric`` is not a bool (``True`` or ``False``: not ``1`` or ``"no"``).
     ValueError
         If ``heads`` or ``max_len`` is below 1, or ``skip`` is not two non-negative
         ints. Calls raise as ``fastrpb.rpb`` does (e.g. a sequence longer than
@@ -167,8 +168,8 @@ class FastRPBnd(BiasNdLayer, nn.Module):
     Raises
     ------
     TypeError
-        If ``grid`` is not a non-empty sequence of ints, or ``heads`` or ``axes`` holds
-        something other than ints.
+        If ``grid`` is not a non-empty sequence of ints, ``heads`` or ``axes`` holds
+        something other than ints, or ``share`` or ``symmetric`` is not a bool.
     ValueError
         If an axis of ``grid`` is below 1, ``axes`` names an axis outside the grid (or
         twice), or ``skip`` is not two non-negative ints. Calls raise as
@@ -298,8 +299,9 @@ class LinearAttention(AttentionLayer, nn.Module):
     Raises
     ------
     TypeError
-        If ``d_model``, ``heads`` or ``head_dim`` is not an int, or ``feature_map``
-        or ``rpb`` is of an unsupported kind.
+        If ``d_model``, ``heads`` or ``head_dim`` is not an int, ``causal`` is not a
+        bool (``True`` or ``False``: not ``1`` or ``"no"``), or ``feature_map`` or
+        ``rpb`` is of an unsupported kind.
     ValueError
         If ``d_model`` is not divisible by ``heads`` (without ``head_dim``), a size is
         below 1, or ``feature_map`` is an unknown name. Calls raise as
@@ -383,7 +385,7 @@ class LinearAttention(AttentionLayer, nn.Module):
             term included (its history lives in the cache).
         cu_seqlens : int Tensor, shape (N + 1,), or tuple of ints, optional
             Packed sequences along the length axis (flash-attention / fla offsets
-            ``0 = c_0 < ... < c_N = L``): each sequence attends and is biased only
+            ``0 = c_0 <= ... <= c_N = L``, zero-length sequences allowed): each sequence attends and is biased only
             within itself, as ``fastrpb.linear_attention(..., cu_seqlens=)``.
             Self-attention only, without ``return_cache`` or ``cache``, and without an N-d bias.
 
@@ -565,9 +567,10 @@ class MultiheadAttention(AttentionLayer, nn.Module):
         chunk_size: int = 64,
     ) -> None:
         super().__init__()
-        if add_bias_kv:
+        bias = flag("bias", bias)
+        if flag("add_bias_kv", add_bias_kv):
             raise ValueError("add_bias_kv=True is not supported by MultiheadAttention (no learned extra key/value)")
-        if add_zero_attn:
+        if flag("add_zero_attn", add_zero_attn):
             raise ValueError("add_zero_attn=True is not supported by MultiheadAttention (no zero key/value)")
         self.embed_dim = int_arg("embed_dim", embed_dim, minimum=1)
         self.num_heads = int_arg("num_heads", num_heads, minimum=1)
@@ -576,11 +579,11 @@ class MultiheadAttention(AttentionLayer, nn.Module):
         self._configure(self.embed_dim, self.num_heads, None, causal, eps, chunk_size)
         self.kdim = self.embed_dim if kdim is None else int_arg("kdim", kdim, minimum=1)
         self.vdim = self.embed_dim if vdim is None else int_arg("vdim", vdim, minimum=1)
-        dropout = float(dropout)
+        dropout = finite("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout
-        self.batch_first = bool(batch_first)
+        self.batch_first = flag("batch_first", batch_first)
         _own_feature_map(self, feature_map, device, dtype)
         E = self.embed_dim
         kw: dict[str, Any] = dict(device=device, dtype=dtype)

@@ -30,7 +30,7 @@ This module re-exports their names: ``from fastrpb._compat import x`` is the imp
 from __future__ import annotations
 
 from .activations import elu_plus_one, softmax
-from .control import cond, contiguous, is_compiled, slices_compile
+from .control import cond, is_compiled, owned, slices_compile
 from .dispatch import (
     MIN_API_VERSION,
     compute_dtype,
@@ -43,15 +43,16 @@ from .dispatch import (
 )
 from .fft import blocks_allowed, fft_namespace, irfft, irfftn, next_fast_len, rfft, rfftn
 from .finite import known_finite, on_finite, split_nonfinite
-from .fused import add_into, multiply_add, multiply_add_into, multiply_into, tril_into
+from .fused import add_into, concat_rows, multiply_add, multiply_add_into, multiply_into, tril_into
 from .pad import along, pad_axis, pad_chunks, shift
 from .pytree import jax_pytree, register_pytrees
 from .scan import associative_scan, cumulative_max, cumulative_sum, exclusive_sum, rescaled_scan, scan
 
 __all__ = [
+    "concat_rows",
     "cond",
-    "contiguous",
     "is_compiled",
+    "owned",
     "slices_compile",
     "MIN_API_VERSION",
     "namespace",

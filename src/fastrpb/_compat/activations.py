@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .dispatch import _is, device_of
+from .dispatch import _compiling, _is, device_of
 
 __all__ = ["elu_plus_one", "softmax"]
 
@@ -22,10 +22,13 @@ def elu_plus_one(xp: Any, x: Any) -> Any:
     matmuls, so where a library has a faster way it is used:
 
     - PyTorch: its fused ``elu`` kernel plus one add, two passes (float32/float64
-      only: in half precision ``elu(x) + 1`` rounds ``exp(x) - 1`` first);
+      only: in half precision ``elu(x) + 1`` rounds ``exp(x) - 1`` first). Not under
+      ``torch.compile``, whose compiler fuses the portable form itself, and whose
+      backward of ``elu`` on a permuted tensor fails (``view size is not
+      compatible``, PyTorch 2.13);
     - NumPy: the same four passes, but in place: two allocations instead of four.
     """
-    if _is(xp, "torch") and x.dtype in (xp.float32, xp.float64):
+    if _is(xp, "torch") and x.dtype in (xp.float32, xp.float64) and not _compiling():
         import torch  # already imported: x is a torch.Tensor
 
         # in place on elu's fresh output (its backward reads the input, not the

@@ -57,12 +57,18 @@ def slices_compile(xp: Any) -> bool:
     return bool(_is(xp, "jax"))
 
 
-def contiguous(xp: Any, x: Any) -> Any:
-    """``x`` in row-major order (a copy only where it is not): the arrays a compiled
-    function receives are guarded by their strides, so a state made by a rebuild
-    (views, transposes) and one made by a compiled step must store the same layout."""
+def owned(xp: Any, x: Any) -> Any:
+    """A row-major array of its own with ``x``'s values: what a streaming state keeps
+    never shares memory with an array it was cut from (a larger buffer it would keep
+    alive, or a caller's array), and a state made by a rebuild (views, transposes)
+    stores the layout a compiled step does (a compiled function guards on strides).
+    JAX arrays are immutable and have no views: returned as they are."""
     if _is(xp, "torch"):
-        return x.contiguous()
+        import torch
+
+        return x.clone(memory_format=torch.contiguous_format)
     if _is(xp, "numpy"):
-        return np.ascontiguousarray(x)
-    return x
+        return np.array(x, order="C", copy=True)
+    if _is(xp, "jax") or _is(xp, "dask"):
+        return x
+    return xp.asarray(x, copy=True)

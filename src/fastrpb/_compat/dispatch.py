@@ -9,6 +9,7 @@ whether values are traced or lazy, whether PyTorch runs eager tensors.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -17,7 +18,16 @@ import numpy as np
 
 from .pytree import register_pytrees
 
-__all__ = ["MIN_API_VERSION", "namespace", "device_of", "compute_dtype", "wider_float", "is_traced", "is_lazy", "count_array"]
+__all__ = [
+    "MIN_API_VERSION",
+    "namespace",
+    "device_of",
+    "compute_dtype",
+    "wider_float",
+    "is_traced",
+    "is_lazy",
+    "count_array",
+]
 
 
 #: The oldest array API standard fastrpb runs on (``moveaxis``, ``cumulative_sum``
@@ -63,8 +73,7 @@ def namespace(**arrays: Any) -> Any:
     for name, x in given.items():
         if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
             raise TypeError(
-                f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any array API "
-                f"library), got {type(x).__name__}"
+                f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any array API library), got {type(x).__name__}"
             )
     try:
         xp = array_api_compat.array_namespace(*given.values())
@@ -142,8 +151,7 @@ def _check_devices(given: dict[str, Any]) -> None:
         for name, d in known.items():
             if d != first[1]:
                 raise ValueError(
-                    f"all arrays must be on one device: {first[0]} is on {first[1]!r} "
-                    f"but {name} is on {d!r}"
+                    f"all arrays must be on one device: {first[0]} is on {first[1]!r} but {name} is on {d!r}"
                 )
 
 
@@ -209,7 +217,13 @@ def compute_dtype(xp: Any, *arrays: Any) -> tuple[Any, Any]:
         key, known = None, None
     if known is not None:
         return known
-    result = xp.result_type(*arrays)
+    if _is(xp, "torch") and _compiling():
+        # Dynamo cannot put ``torch.result_type`` (it returns a dtype) in a graph:
+        # promote the dtypes, which is the same rule for tensors of one or more dims.
+        torch = sys.modules["torch"]
+        result = functools.reduce(torch.promote_types, (x.dtype for x in arrays))
+    else:
+        result = xp.result_type(*arrays)
     pair = (result, xp.float64 if result == xp.float64 else xp.float32)
     if key is not None:
         _PROMOTED[key] = pair

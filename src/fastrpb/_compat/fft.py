@@ -41,7 +41,9 @@ def next_fast_len(n: int) -> int:
     scipy_fft = None if _compiling() else _scipy_fft()
     # (inside torch.compile SciPy's C function cannot be traced: the portable version,
     # which gives the same values)
-    best = int(scipy_fft.next_fast_len(max(int(n), 1), real=True)) if scipy_fft is not None else _next_fast_len_portable(n)
+    best = (
+        int(scipy_fft.next_fast_len(max(int(n), 1), real=True)) if scipy_fft is not None else _next_fast_len_portable(n)
+    )
     if len(_FAST_LENGTHS) < 4096:
         _FAST_LENGTHS[n] = best
     return best

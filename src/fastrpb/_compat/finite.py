@@ -41,9 +41,15 @@ def known_finite(xp: Any, x: Any, *, negative_infinity: bool = False) -> bool:
                 return bool(x.numel() == 0 or x.amax() < math.inf)
             return bool(torch.isfinite(x.sum()))
     if _is(xp, "jax") and not is_traced(xp, x) and all(d.platform == "cpu" for d in x.devices()):
-        if negative_infinity:
-            return bool(x.size == 0 or xp.max(x) < math.inf)
-        return bool(xp.isfinite(xp.sum(x)))
+        import jax  # already imported: xp is jax.numpy
+
+        # A concrete array can meet a trace (closed over by a jitted function): there
+        # its reduction would be staged out as a tracer, which bool() refuses; evaluate
+        # it now instead, as eagerly.
+        with jax.ensure_compile_time_eval():
+            if negative_infinity:
+                return bool(x.size == 0 or xp.max(x) < math.inf)
+            return bool(xp.isfinite(xp.sum(x)))
     return False
 
 

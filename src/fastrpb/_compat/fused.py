@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .dispatch import _is, _torch_eager_tensors
+from .dispatch import _is, _torch_eager_tensors, device_of
 
-__all__ = ["multiply_into", "add_into", "tril_into", "multiply_add", "multiply_add_into"]
+__all__ = ["concat_rows", "multiply_into", "add_into", "tril_into", "multiply_add", "multiply_add_into"]
 
 
 def multiply_into(xp: Any, a: Any, b: Any) -> Any:
@@ -116,3 +116,25 @@ def multiply_add_into(xp: Any, acc: Any, a: Any, b: Any) -> Any:
     if kind == "torch":
         return acc.addcmul_(a, b)
     return acc + a * b
+
+
+def concat_rows(xp: Any, parts: list, rows: int) -> Any:
+    """``parts`` joined along axis -2, then rows up to ``rows`` whose values are
+    unspecified: the caller masks them or never reads them.
+
+    NumPy and eager PyTorch write the parts into an uninitialised array (the rows
+    after them cost nothing: a fixed-size buffer that grows by chunks pays for what
+    it holds, not for its capacity); everything else appends zeros.
+    """
+    first = parts[0]
+    shape = (*first.shape[:-2], rows, first.shape[-1])
+    filled = sum(int(x.shape[-2]) for x in parts)
+    if rows == filled or not all(_in_place(xp, x) for x in parts):
+        zeros = xp.zeros((*shape[:-2], rows - filled, shape[-1]), dtype=first.dtype, device=device_of(first))
+        return xp.concat([*parts, zeros], axis=-2)
+    out = xp.empty(shape, dtype=first.dtype, device=device_of(first))
+    row = 0
+    for x in parts:
+        out[..., row : row + x.shape[-2], :] = x
+        row += x.shape[-2]
+    return out

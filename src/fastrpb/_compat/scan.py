@@ -150,13 +150,16 @@ def scan(xp: Any, step: Callable[[Any, tuple], tuple[Any, Any]], carry: Any, xs:
         def at(i: Any) -> tuple:
             return tuple(lax.dynamic_index_in_dim(x, i, axis=x.ndim + axis, keepdims=False) for x in xs)
 
-        ys0 = tuple(xp.zeros((*y.shape[:y.ndim + axis + 1], n, *y.shape[y.ndim + axis + 1:]), dtype=y.dtype)
-                    for y in jax.eval_shape(step, carry, at(0))[1])
+        ys0 = tuple(
+            xp.zeros((*y.shape[: y.ndim + axis + 1], n, *y.shape[y.ndim + axis + 1 :]), dtype=y.dtype)
+            for y in jax.eval_shape(step, carry, at(0))[1]
+        )
 
         def body(i: Any, state: tuple) -> tuple:
             carry, y = step(state[0], at(i))
-            return carry, tuple(lax.dynamic_update_index_in_dim(s, t, i, axis=s.ndim + axis)
-                                for s, t in zip(state[1], y, strict=True))
+            return carry, tuple(
+                lax.dynamic_update_index_in_dim(s, t, i, axis=s.ndim + axis) for s, t in zip(state[1], y, strict=True)
+            )
 
         return lax.fori_loop(0, n, body, (carry, ys0))
     outs = []
@@ -169,14 +172,16 @@ def scan(xp: Any, step: Callable[[Any, tuple], tuple[Any, Any]], carry: Any, xs:
 def _in_order(xp: Any, x: Any, n: int) -> bool:
     """Whether ``associative_scan`` should combine in order: eager arrays on a CPU,
     with slices large enough (or few enough) that a Python step per position costs
-    less than the odd-even scan's passes over the whole array."""
-    if not (n <= 32 or math.prod(x.shape) // n >= 1024):
-        return False
+    less than the odd-even scan's passes over the whole array. The library first: a
+    traced array (JAX, torch.compile/export) may have symbolic sizes, which are never
+    compared here."""
     if _is(xp, "numpy"):
-        return True
-    if _is(xp, "torch"):
-        return bool(x.device.type == "cpu") and not _compiling()
-    return False
+        eager = True
+    elif _is(xp, "torch"):
+        eager = bool(x.device.type == "cpu") and not _compiling()
+    else:
+        eager = False
+    return eager and (n <= 32 or math.prod(x.shape) // n >= 1024)
 
 
 def cumulative_max(xp: Any, x: Any, axis: int) -> Any:

@@ -84,7 +84,9 @@ def _causal_chunks(
         (S, z), outs = block(None, chunks)
     else:
         full = N - N % G
-        S0 = xp.zeros((*_lead(fk.shape[:-2], v.shape[:-2]), fk.shape[-1], v.shape[-1]), dtype=v.dtype, device=device_of(v))
+        S0 = xp.zeros(
+            (*_lead(fk.shape[:-2], v.shape[:-2]), fk.shape[-1], v.shape[-1]), dtype=v.dtype, device=device_of(v)
+        )
         z0 = xp.zeros((*fk.shape[:-2], fk.shape[-1]), dtype=fk.dtype, device=device_of(fk))
         blocks = tuple(xp.reshape(x[..., :full, :, :], (*x.shape[:-3], full // G, G, *x.shape[-2:])) for x in chunks)
         (S, z), outs = scan(xp, block, (S0, z0), blocks, -4)
@@ -110,7 +112,10 @@ def block_chunks(kc: Any, vc: Any) -> int:
     JAX ``jit`` 147 / 564, 150 / 585, 137 / 517, 139 / 547, 143 / 548, 220 / 875 ms;
     PyTorch 201 / 848, 223-234 / 633-789, 181-191 / 735-803, 317 / 1079, 317 / 1085,
     277 / 1005 ms (2026-12-01)."""
-    lead = math.prod(_lead(kc.shape[:-3], vc.shape[:-3]))
+    # Known sizes only: under torch.export / jax.export a batch may be symbolic (a
+    # SymInt, a JAX dimension), and the count must be a Python int; a symbolic size
+    # counts as 1, so blocks are then sized from the static dimensions.
+    lead = math.prod([d for d in _lead(kc.shape[:-3], vc.shape[:-3]) if isinstance(d, int)])
     return max(1, BLOCK_ELEMENTS // max(1, lead * kc.shape[-1] * vc.shape[-1]))
 
 
@@ -188,6 +193,7 @@ def compensated_den(xp: Any, fq: Any, fk: Any) -> tuple[Any, Any]:
     unevaluated sum ``hi + lo`` (an ``associative_scan`` of TwoSums) and the dot
     product with Dekker's exact products summed by a pairwise TwoSum tree (Ogita, Rump
     & Oishi 2005, "Accurate sum and dot product", SIAM J. Sci. Comput.)."""
+
     def join(a: tuple, b: tuple) -> tuple:
         t, e = _two_sum(xp, a[0], b[0])
         lo = a[1] + b[1] + e

@@ -9,7 +9,20 @@ from .._compat import cumulative_sum, device_of, known_finite, split_nonfinite
 from .._validate import broadcast_shapes as _lead
 from ..feature_maps import FeatureMap
 
-__all__ = ["as_dtype", "neg_inf", "finite_or_zero", "prepend", "unchunk", "zero_padding", "mask_values", "mask_keys", "tril_product", "with_ones", "normalise", "features"]
+__all__ = [
+    "as_dtype",
+    "neg_inf",
+    "finite_or_zero",
+    "prepend",
+    "unchunk",
+    "zero_padding",
+    "mask_values",
+    "mask_keys",
+    "tril_product",
+    "with_ones",
+    "normalise",
+    "features",
+]
 
 
 def as_dtype(xp: Any, x: Any, dtype: Any) -> Any:

@@ -6,38 +6,53 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _packing
+from .. import bias as _bias
 from .common import zero_padding
 
 __all__ = ["packed_lengths", "packed_bias", "packed_linear_attention"]
 
 
-def packed_lengths(
-    xp: Any, cu_seqlens: Any, Lq: int, Lk: int, rpb_tables: Any, like: Any, *, align: int = 1
-) -> Any:
+def packed_lengths(xp: Any, cu_seqlens: Any, Lq: int, Lk: int, rpb_tables: Any, like: Any, *, align: int = 1) -> Any:
     """The packing of ``cu_seqlens`` for attention over ``Lq = Lk`` packed tokens."""
     if Lq != Lk:
         raise ValueError(f"cu_seqlens packs queries and keys alike: it needs Lq == Lk, got Lq = {Lq} and Lk = {Lk}")
     if rpb_tables is not None:
-        raise ValueError("cu_seqlens does not combine with the N-d bias (rpb_tables/rpb_grid): a grid spans one sequence")
+        raise ValueError(
+            "cu_seqlens does not combine with the N-d bias (rpb_tables/rpb_grid): a grid spans one sequence"
+        )
     return _packing.packing(xp, _packing.offsets_of(xp, cu_seqlens, Lq), like, align=align)
 
 
-def packed_bias(xp: Any, out: Any, v: Any, key_mask: Any, rpb: Any, rpb_skip: Any, causal: bool, cu_seqlens: Any) -> Any:
+def packed_bias(
+    xp: Any, out: Any, v: Any, key_mask: Any, rpb: Any, rpb_skip: Any, causal: bool, cu_seqlens: Any
+) -> Any:
     """``out`` plus the FastRPB term of every packed sequence on its own."""
     if rpb is None:
         return out
     if key_mask is not None:
         v = zero_padding(xp, v, key_mask)
     try:
-        term = _packing.packed_rpb(xp, v, rpb, causal=causal, skip=rpb_skip, cu_seqlens=cu_seqlens)
+        term = _bias.rpb(v, rpb, causal=causal, skip=rpb_skip, cu_seqlens=cu_seqlens)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
     return out + xp.astype(term, out.dtype, copy=False)
 
 
 def packed_linear_attention(
-    xp: Any, attend: Callable[..., Any], q: Any, k: Any, v: Any, cu_seqlens: Any, *, key_mask: Any, rpb: Any,
-    rpb_tables: Any, rpb_skip: Any, causal: bool, return_state: bool, chunk_size: int,
+    xp: Any,
+    attend: Callable[..., Any],
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens: Any,
+    *,
+    key_mask: Any,
+    rpb: Any,
+    rpb_tables: Any,
+    rpb_skip: Any,
+    causal: bool,
+    return_state: bool,
+    chunk_size: int,
 ) -> Any:
     """Linear attention of packed sequences: unpack, attend with the padding masked, repack.
 
