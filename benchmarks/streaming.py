@@ -300,7 +300,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             )
         if len(result["nd"]) > 1:
             first, last = result["nd"][0], result["nd"][-1]
-            print(f"rpb_nd_step per token, grid {last['grid']} / grid {first['grid']}: {last['nd_s'] / first['nd_s']:.2f} (target <= 1.5)")
+            print(
+                f"rpb_nd_step per token, grid {last['grid']} / grid {first['grid']}: {last['nd_s'] / first['nd_s']:.2f} (target <= 1.5)"
+            )
         worst = max(r["nd_s"] / r["1d_s"] for r in result["nd"])
         print(f"rpb_nd_step / rpb_step per token, worst grid: {worst:.2f} (target <= 3)")
     if args.prefill:

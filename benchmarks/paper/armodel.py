@@ -148,7 +148,9 @@ class FunctionalCausalAttention(nn.Module):
             b, cache["rpb"] = self.rpb(v, initial_state=cache.get("rpb"), step=True)
             o = o + b
         elif self.tables is not None:  # the streaming 2-d bias in raster order (token 0, BOS, is skipped)
-            b, cache["rpb2d"] = fastrpb.rpb_nd_step(cache.get("rpb2d"), v, list(self.tables), grid=self.grid, skip=(1, 0))
+            b, cache["rpb2d"] = fastrpb.rpb_nd_step(
+                cache.get("rpb2d"), v, list(self.tables), grid=self.grid, skip=(1, 0)
+            )
             o = o + b
         cache["t"] = t + 1
         return self.out_proj(o.flatten(-2)), cache

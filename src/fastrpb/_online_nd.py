@@ -227,7 +227,12 @@ def _finish_row(
     level above, cascade finished slabs upwards, restart the row."""
     grid, k = state.grid, len(state.grid)
     D = state.row.window.shape[-1]
-    values = _online._history(xp, state.row, grid[-1], work)  # (..., G_{k-1}, D): the row's tokens
+    # the row's tokens, (..., G_{k-1}, D); compiled, the row's last token came by a step,
+    # which builds the 1-d levels, so its blocks are where their bits put them
+    if is_compiled(xp, state.row.count):
+        values = _online._history_buffer(xp, state.row, grid[-1], grid[-1], work)
+    else:
+        values = _online._history(xp, state.row, grid[-1], work)
     margins: dict[int, Any] = {k - 1: values}
     total = xp.sum(values, axis=-2)
     sums, carry = list(state.sums), list(state.carry)
