@@ -230,22 +230,6 @@ def test_torch_layer_streams_a_causal_nd_bias(backend, rng):
         outs.append(y[:, None])
     outs.append(layer(x[:, 10:], cache=cache, return_cache=True)[0])
     assert_close(backend, torch.cat(outs, dim=1), whole, "float64")
-    # the same steps under torch.compile(fullgraph) from the eager prefill: at most two graphs
-    from torch._dynamo.backends.registry import lookup_backend
-
-    inner, count = lookup_backend("aot_eager"), [0]
-
-    def counted(gm, example_inputs):
-        count[0] += 1
-        return inner(gm, example_inputs)
-
-    step = torch.compile(layer.step, fullgraph=True, backend=counted)
-    _, cache = layer(x[:, :6], return_cache=True)
-    with torch.no_grad():
-        for t in range(6, 10):
-            y, cache = step(x[:, t], cache)
-            assert_close(backend, y, whole[:, t], "float64", rtol=1e-5, atol=1e-5)
-    assert count[0] <= 2
     with pytest.raises(ValueError, match=r"FastRPBnd\(\.\.\., causal=True\)"):
         LinearAttention(8, 2, causal=True, rpb=FastRPBnd(2, (3, 4)))
 
