@@ -153,8 +153,12 @@ def measure_nd(grid: tuple[int, int], *, span_rows: int, old_steps: int, rounds:
     tables = [fastrpb.rpb_init(HEADS, g, seed=seed + a, like=v) for a, g in enumerate(grid)]
     w = fastrpb.rpb_init(HEADS, N, seed=seed, like=v)
     with torch.no_grad():
-        _, nd_prefix = fastrpb.rpb_nd(v[:, :t], tables, grid, causal=True, return_state=True)
-        _, prefix = fastrpb.rpb(v[:, :t], w, causal=True, return_state=True)
+        # each prefix by a chunk of t - 1 tokens and one step: the first step after a chunk
+        # builds the 1-d levels once, which the rounds below must not count every time
+        _, nd_prefix = fastrpb.rpb_nd(v[:, : t - 1], tables, grid, causal=True, return_state=True)
+        _, nd_prefix = fastrpb.rpb_nd_step(nd_prefix, v[:, t - 1], tables, grid=grid)
+        _, prefix = fastrpb.rpb(v[:, : t - 1], w, causal=True, return_state=True)
+        _, prefix = fastrpb.rpb_step(prefix, v[:, t - 1], w)
 
         def nd_run() -> Any:
             state = nd_prefix
