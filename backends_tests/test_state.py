@@ -334,7 +334,7 @@ ERRORS = [
         "rpb-nd",
         lambda b, w: linear_attention(*_qkv(b), causal=True, rpb_tables=[w], rpb_grid=(2,), initial_state=_state_of(b)),
         ValueError,
-        r"initial_state cannot continue the N-d FastRPB term",
+        r"initial_state was made without rpb_tables=",
     ),
     (
         "step-rpb-missing",

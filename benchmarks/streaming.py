@@ -24,6 +24,14 @@ the same state (the state is immutable, so every round starts from the same pref
 causal=True, rpb=w)`` on L tokens in one call against ``--pieces`` calls (8) that pass
 the state along (target: within 1.2x).
 
+``--grids`` (default ``28x28,128x128``) times the causal 2-d bias in raster order
+from a prefix of half the grid: ``nd`` is ``fastrpb.rpb_nd_step`` averaged over whole
+rows (their row-end updates counted at their amortised share), ``1d`` the 1-d
+``rpb_step`` at the same t with the same heads and features, ``nd_old`` what a decoder
+without the N-d stream does (``rpb_nd`` over the value history padded with zeros to
+the grid, keeping the token's row). Targets: ``nd`` at 128 x 128 within 1.5x of ``nd``
+at 28 x 28, and ``nd`` within 3x of ``1d``.
+
 It imports fastrpb, torch, the targets of ``benchmarks.report`` and, for the plot,
 matplotlib. The committed run is ``docs/performance/streaming.json`` and
 ``streaming.png`` (``--json``, ``--plot``).
@@ -131,6 +139,55 @@ def measure(t: int, *, span: int, old_steps: int, rounds: int, seed: int = 0) ->
         return {"t": t, **_median_means(runs, rounds)}
 
 
+def measure_nd(grid: tuple[int, int], *, span_rows: int, old_steps: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+    """Per-token times of the causal 2-d bias on ``grid`` from a prefix of half its rows."""
+    import torch
+
+    import fastrpb
+
+    rng = np.random.default_rng(seed)
+    G0, G1 = grid
+    N, t = G0 * G1, (G0 // 2) * G1
+    span = min(span_rows * G1, N - t)
+    v = torch.tensor(rng.standard_normal((HEADS, N, FEATURES)), dtype=torch.float32)
+    tables = [fastrpb.rpb_init(HEADS, g, seed=seed + a, like=v) for a, g in enumerate(grid)]
+    w = fastrpb.rpb_init(HEADS, N, seed=seed, like=v)
+    with torch.no_grad():
+        # each prefix by a chunk of t - 1 tokens and one step: the first step after a chunk
+        # builds the 1-d levels once, which the rounds below must not count every time
+        _, nd_prefix = fastrpb.rpb_nd(v[:, : t - 1], tables, grid, causal=True, return_state=True)
+        _, nd_prefix = fastrpb.rpb_nd_step(nd_prefix, v[:, t - 1], tables, grid=grid)
+        _, prefix = fastrpb.rpb(v[:, : t - 1], w, causal=True, return_state=True)
+        _, prefix = fastrpb.rpb_step(prefix, v[:, t - 1], w)
+
+        def nd_run() -> Any:
+            state = nd_prefix
+            for i in range(t, t + span):
+                _, state = fastrpb.rpb_nd_step(state, v[:, i], tables, grid=grid)
+                yield
+
+        def one_d_run() -> Any:
+            state = prefix
+            for i in range(t, t + span):
+                _, state = fastrpb.rpb_step(state, v[:, i], w)
+                yield
+
+        def old_run() -> Any:
+            cache = torch.zeros_like(v)
+            cache[:, :t] = v[:, :t]
+            for i in range(t, t + span):
+                cache[:, i] = v[:, i]
+                fastrpb.rpb_nd(cache, tables, grid, causal=True)[..., i, :]
+                yield
+
+        for fn in (nd_run, one_d_run, old_run):  # warm-up
+            run = fn()
+            for _ in range(min(4, old_steps)):
+                next(run)
+        runs = {"nd_s": (nd_run, span), "1d_s": (one_d_run, span), "nd_old_s": (old_run, old_steps)}
+        return {"grid": list(grid), "t": t, "span": span, **_median_means(runs, rounds)}
+
+
 def prefill(L: int, pieces: int, *, rounds: int, seed: int = 0) -> dict[str, float]:
     """One causal call with the bias on ``L`` tokens against ``pieces`` calls passing the state."""
     import torch
@@ -202,6 +259,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--json", default=None, help="write the numbers here")
     parser.add_argument("--prefill", type=int, default=65536, help="tokens of the chunked-prefill timing (0: skip it)")
     parser.add_argument("--pieces", type=int, default=8, help="calls the chunked prefill is split into")
+    parser.add_argument("--grids", default="28x28,128x128", help="2-d grids of the N-d decoding rows ('' to skip)")
+    parser.add_argument("--nd-rows", type=int, default=4, help="grid rows of rpb_nd_step averaged per round")
     args = parser.parse_args(argv)
     import torch
 
@@ -232,6 +291,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ratio = by_t[16384]["step_rpb_s"] / by_t[16384]["attention_s"]
         print(f"linear_attention_step(rpb=) / without the bias at t = 16,384: {ratio:.2f} (target <= 2)")
     result: dict[str, Any] = {"decode": rows}
+    grids = [tuple(int(g) for g in x.split("x")) for x in args.grids.split(",") if x]
+    if grids:
+        print(f"{'grid':>9} {'t':>6} {'nd ms':>8} {'1d ms':>8} {'nd/1d':>6} {'nd old ms':>10} {'old/nd':>7}")
+        result["nd"] = []
+        for grid in grids:
+            row = measure_nd(grid, span_rows=args.nd_rows, old_steps=args.old_steps, rounds=args.rounds)
+            result["nd"].append(row)
+            print(
+                f"{'x'.join(map(str, grid)):>9} {row['t']:>6} {1e3 * row['nd_s']:>8.3f} {1e3 * row['1d_s']:>8.3f} "
+                f"{row['nd_s'] / row['1d_s']:>6.2f} {1e3 * row['nd_old_s']:>10.3f} {row['nd_old_s'] / row['nd_s']:>7.1f}"
+            )
+        if len(result["nd"]) > 1:
+            first, last = result["nd"][0], result["nd"][-1]
+            print(
+                f"rpb_nd_step per token, grid {last['grid']} / grid {first['grid']}: {last['nd_s'] / first['nd_s']:.2f} (target <= 1.5)"
+            )
+        worst = max(r["nd_s"] / r["1d_s"] for r in result["nd"])
+        print(f"rpb_nd_step / rpb_step per token, worst grid: {worst:.2f} (target <= 3)")
     if args.prefill:
         pre = prefill(args.prefill, args.pieces, rounds=args.rounds)
         result["prefill"] = pre

@@ -15,8 +15,8 @@ As in ``model.py``, no attention maths lives here: every attention output comes 
 * ``*+rpb2d``: the causal 2-d bias in raster order, ``rpb_tables=``/``rpb_grid=`` with
   ``causal=True`` (``fastrpb.rpb_nd(..., causal=True)``). Available only when the
   installed fastrpb's ``rpb_nd`` takes ``causal`` (`causal_2d_available`); decoding
-  applies ``rpb_nd`` to the value history padded with zeros (causal: the zeros of later
-  tokens do not reach earlier ones).
+  streams it with ``fastrpb.rpb_nd_step`` (per-axis running terms: amortised cost per
+  token flat in t, as the 1-d ``rpb_step``).
 
 The sequence is ``[BOS, p_0, ..., p_783]`` (785 tokens): the output at token ``t``
 predicts pixel ``p_t``; the last output is unused. The 1-d FastRPB covers all 785
@@ -147,9 +147,11 @@ class FunctionalCausalAttention(nn.Module):
         if self.rpb is not None:  # the streaming bias, as the linear layer's step: amortised O(D log^2 t)
             b, cache["rpb"] = self.rpb(v, initial_state=cache.get("rpb"), step=True)
             o = o + b
-        elif self.tables is not None and t >= 1:  # token 0 (BOS) is skipped
-            # the history padded with zeros to the full grid: causal, so later zeros add nothing
-            o = o + fastrpb.rpb_nd(cache["v"], list(self.tables), self.grid, skip=(1, 0), causal=True)[..., t, :]
+        elif self.tables is not None:  # the streaming 2-d bias in raster order (token 0, BOS, is skipped)
+            b, cache["rpb2d"] = fastrpb.rpb_nd_step(
+                cache.get("rpb2d"), v, list(self.tables), grid=self.grid, skip=(1, 0)
+            )
+            o = o + b
         cache["t"] = t + 1
         return self.out_proj(o.flatten(-2)), cache
 

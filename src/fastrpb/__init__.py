@@ -11,7 +11,7 @@ from types import ModuleType
 
 from . import feature_maps
 from .attention import LinearAttentionState, linear_attention, linear_attention_step, softmax_attention
-from .bias import RPBState, rpb, rpb_init, rpb_matrix, rpb_nd, rpb_step, symmetric_table
+from .bias import RPBndState, RPBState, rpb, rpb_init, rpb_matrix, rpb_nd, rpb_nd_step, rpb_step, symmetric_table
 from .feature_maps import random_projection
 
 __all__ = [
@@ -19,6 +19,8 @@ __all__ = [
     "rpb_step",
     "RPBState",
     "rpb_nd",
+    "rpb_nd_step",
+    "RPBndState",
     "rpb_matrix",
     "symmetric_table",
     "rpb_init",

@@ -18,7 +18,7 @@ from ._compat import device_of, namespace
 from ._typing import Array
 from ._validate import flag, grid_arg, int_arg, non_negative, skip_arg
 from .attention import linear_attention, linear_attention_step
-from .bias import rpb, rpb_matrix, rpb_nd, rpb_step, symmetric_table
+from .bias import rpb, rpb_matrix, rpb_nd, rpb_nd_step, rpb_step, symmetric_table
 from .feature_maps import FeatureMap, hedgehog, resolve
 
 __all__ = ["AttentionLayer", "BiasLayer", "BiasNdLayer", "LayerCache", "check_axes", "check_heads"]
@@ -137,9 +137,12 @@ class BiasNdLayer:
     share: bool
     symmetric: bool
     skip: tuple[int, int]
-    causal: bool = False  # the N-d bias looks in every direction
+    causal: bool  # raster order: only positions no later row-major bias a token
 
-    def _configure(self, heads: Any, grid: Any, axes: Any, share: Any, symmetric: Any, skip: Any) -> None:
+    def _configure(
+        self, heads: Any, grid: Any, axes: Any, share: Any, symmetric: Any, skip: Any, causal: Any = False
+    ) -> None:
+        self.causal = bool(causal)
         self.heads = check_heads(heads)
         self.grid = grid_arg(grid)
         self.axes = check_axes(axes, self.grid)
@@ -166,13 +169,31 @@ class BiasNdLayer:
             out[a] = full[0] if self.share else full[n]
         return out
 
-    def _bias_of(self, v: Any) -> Any:
-        return rpb_nd(v, self.weights(), self.grid, skip=self.skip)
+    def _bias_of(self, v: Any, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+        """``B @ v``; streaming (causal, raster order): continue ``initial_state`` and
+        return ``(out, state)``, for a piece ``v: (..., L, D)`` or, with ``step=True``,
+        one position ``v: (..., D)`` (``fastrpb.rpb_nd_step``)."""
+        tables = self.weights()
+        if step:
+            return rpb_nd_step(
+                initial_state, v, tables, grid=self.grid, skip=self.skip if initial_state is None else None
+            )
+        if initial_state is None and not return_state:
+            return rpb_nd(v, tables, self.grid, causal=self.causal, skip=self.skip)
+        return rpb_nd(
+            v,
+            tables,
+            self.grid,
+            causal=self.causal,
+            skip=self.skip,
+            initial_state=initial_state,
+            return_state=return_state,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"heads={self.heads}, grid={self.grid}, axes={self.axes}, share={self.share}, "
-            f"symmetric={self.symmetric}, skip={self.skip}"
+            f"symmetric={self.symmetric}, skip={self.skip}, causal={self.causal}"
         )
 
 
@@ -184,11 +205,10 @@ def check_layer_rpb(rpb: Any, heads: int, causal: bool) -> None:
         )
     if rpb.heads not in (None, heads):
         raise ValueError(f"rpb has {rpb.heads} heads but the attention layer has heads = {heads}")
-    if causal and isinstance(rpb, BiasNdLayer):
-        raise ValueError("a causal attention layer cannot use FastRPBnd: the N-d bias looks in every direction")
     if causal and not rpb.causal:
+        made = "FastRPBnd(..., causal=True)" if isinstance(rpb, BiasNdLayer) else "FastRPB(..., causal=True)"
         raise ValueError(
-            "a causal attention layer needs a causal FastRPB (FastRPB(..., causal=True)); "
+            f"a causal attention layer needs a causal FastRPB ({made}); "
             "a non-causal bias would let every token see the values of later tokens"
         )
 
@@ -385,7 +405,8 @@ class AttentionLayer:
             self._check_streaming_bias("a cache (return_cache=True, cache=)")
 
     def _check_streaming_bias(self, what: str) -> None:
-        if self.rpb is not None and self.rpb.skip[1]:
+        # the N-d bias knows where its trailing tokens are (after the grid); the 1-d does not
+        if isinstance(self.rpb, BiasLayer) and self.rpb.skip[1]:
             raise ValueError(
                 f"{what} cannot honour skip = {self.rpb.skip}: while decoding it is unknown which tokens "
                 "are the last ones; use skip=(a, 0)"

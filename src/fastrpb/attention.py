@@ -68,7 +68,10 @@ from ._kernels.exponential import causal_exp_attention, log_features, noncausal_
 from ._kernels.noncausal import noncausal_attention
 from ._kernels.packed import packed_bias, packed_lengths, packed_linear_attention
 from ._kernels.recurrent import recurrent_step, token_features
-from ._kernels.rpb import add_bias, add_bias_streaming, step_bias
+from ._kernels.rpb import add_bias, add_bias_streaming, add_bias_streaming_nd, step_bias, step_bias_nd
+from ._online import held as held_1d
+from ._online_nd import RPBndState
+from ._online_nd import held as held_nd
 from ._typing import Array
 from ._validate import broadcast_shapes as _lead
 from .feature_maps import FeatureMap, FeatureMapLike, resolve
@@ -112,7 +115,7 @@ class LinearAttentionState(NamedTuple):
     z: Array  # (..., F)
     offset: Array | None  # (..., F) or None
     feature_map: str
-    rpb: Any = None  # RPBState or None
+    rpb: Any = None  # RPBState, RPBndState or None
 
 
 def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentionState:
@@ -147,28 +150,33 @@ def _initial_arguments(fmap: FeatureMap, state: Any, causal: bool, rpb: Any, rpb
             f"initial_state was made by feature map {state.feature_map!r} but feature_map is {fmap.signature!r}; "
             "continue a sequence with the map that started it"
         )
-    if rpb_tables is not None:
-        raise ValueError(
-            "initial_state cannot continue the N-d FastRPB term (rpb_tables=/rpb_grid=): only the 1-d "
-            "causal bias (rpb=) streams"
-        )
-    if state.rpb is not None and rpb is None:
+    nd = isinstance(state.rpb, RPBndState)
+    if state.rpb is not None and rpb is None and not nd:
         raise ValueError(
             "initial_state carries a FastRPB history (it was made with rpb=) but rpb is None; pass the same table"
         )
-    if state.rpb is None and rpb is not None:
+    if nd and rpb_tables is None:
         raise ValueError(
-            "initial_state was made without rpb=, so it holds no bias history for the rpb= given; "
-            "pass rpb= from the start of the sequence (or start from initial_state=None)"
+            "initial_state carries an N-d FastRPB history (it was made with rpb_tables=/rpb_grid=) but rpb_tables "
+            "is None; pass the same tables and grid"
         )
-    from ._online import held
-
+    if (rpb is not None or rpb_tables is not None) and (state.rpb is None or nd != (rpb_tables is not None)):
+        given = "rpb_tables=" if rpb_tables is not None else "rpb="
+        raise ValueError(
+            f"initial_state was made without {given}, so it holds no bias history for the {given} given; "
+            f"pass {given} from the start of the sequence (or start from initial_state=None)"
+        )
     return {
         "initial_state": state.S,
         "initial_state.z": state.z,
         "initial_state.offset": state.offset,
-        "initial_state.rpb": held(state.rpb),
+        "initial_state.rpb": _held_bias(state.rpb),
     }
+
+
+def _held_bias(history: Any) -> Any:
+    """One array of a bias history (1-d or N-d), or None."""
+    return held_nd(history) if isinstance(history, RPBndState) else held_1d(history)
 
 
 def _carried(
@@ -261,13 +269,16 @@ def linear_attention(
         sequence, the FastRPB term included: a prompt can be prefilled in pieces.
         Costs one matrix product ``phi(Q) [S, z]`` more (``F`` pseudo-keys before the
         chunk for ``sikf``/``favor``, so their offsets and relative ``eps`` are those
-        of one call); the 1-d FastRPB term continues from the state's ``RPBState``.
+        of one call); the FastRPB term continues from the state's ``RPBState`` (or,
+        N-d, its ``RPBndState``: a prompt may stop anywhere on the grid).
         ``None`` starts a sequence.
     return_state : bool
         Causal only: also return the ``LinearAttentionState`` after the last token, so
         ``linear_attention_step`` or another call continues the sequence. With
         ``rpb=`` it carries the bias history (``rpb_skip`` must then be ``(a, 0)``);
-        the N-d term (``rpb_tables=``) is not carried.
+        with ``rpb_tables=``/``rpb_grid=`` (``causal=True``) the raster-order N-d
+        history (``fastrpb.rpb_nd_step``), the values may then stop before the end
+        of the grid.
     normalize : bool
         ``False``: return the unnormalised ``sum_j K_ij v_j`` with
         ``K_ij = phi(q_i) . phi(k_j)`` (fla's ``normalize=False``, the Performer's
@@ -400,6 +411,8 @@ def linear_attention(
     rpb_state = None
     if rpb is not None and (initial_state is not None or call.return_state):  # the bias continues too
         out, rpb_state = add_bias_streaming(xp, out, vw, rpb, rpb_skip, initial_state)
+    elif rpb_tables is not None and (initial_state is not None or call.return_state):  # the N-d bias too
+        out, rpb_state = add_bias_streaming_nd(xp, out, vw, rpb_tables, rpb_grid, rpb_skip, initial_state)
     else:
         out = add_bias(
             xp, out, vw, rpb=rpb, rpb_tables=rpb_tables, rpb_grid=rpb_grid, rpb_skip=rpb_skip, causal=call.causal
@@ -558,6 +571,8 @@ def linear_attention_step(
     normalize: bool = True,
     scale: float | None = None,
     rpb: Array | None = None,
+    rpb_tables: Sequence[Array | None] | None = None,
+    rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] | None = None,
 ) -> tuple[Array, LinearAttentionState]:
     r"""One decoding step of causal linear attention: O(F Dv) per token.
@@ -592,10 +607,16 @@ def linear_attention_step(
         the state carries (``fastrpb.rpb_step``: amortised O(Dv log^2 t) per token,
         O(M Dv) under ``jax.jit``), so stepping equals ``linear_attention(...,
         causal=True, rpb=w)``. Pass it at every step of a sequence, or at none.
+    rpb_tables, rpb_grid : optional
+        The N-d FastRPB term instead (``fastrpb.rpb_nd_step``: raster order on the
+        grid), from the N-d history the state carries, so stepping equals
+        ``linear_attention(..., causal=True, rpb_tables=, rpb_grid=)``. Pass them at
+        every step of a sequence, or at none.
     rpb_skip : (int, 0), optional
         When the bias history starts (``state`` is None): the first ``a`` tokens
         neither give nor receive the bias. Later steps take it from the state (a
-        value given must match it); ``b > 0`` is a ValueError while streaming.
+        value given must match it); ``b > 0`` is a ValueError while streaming the
+        1-d bias; with ``rpb_grid`` it counts the tokens after the grid.
 
     Returns
     -------
@@ -634,10 +655,10 @@ def linear_attention_step(
         raise TypeError(f"state must be a LinearAttentionState or None, got {type(state).__name__}")
     _validate.required(q_t=q_t, k_t=k_t, v_t=v_t)
     held = {} if state is None else {"state.S": state.S, "state.z": state.z, "state.offset": state.offset}
+    if rpb_tables is not None or rpb_grid is not None:
+        held = {**held, **_validate.bias_arguments(rpb, rpb_tables, rpb_grid, (0, 0) if rpb_skip is None else rpb_skip)}
     if rpb is not None or (state is not None and state.rpb is not None):  # the bias term's arrays too
-        from ._online import held as _held
-
-        held = {**held, "rpb": rpb, "state.rpb": None if state is None else _held(state.rpb)}
+        held = {**held, "rpb": rpb, "state.rpb": None if state is None else _held_bias(state.rpb)}
     xp = namespace(q_t=q_t, k_t=k_t, v_t=v_t, **held, **fmap._arrays())
     lead = _validate.attention_inputs(xp, q_t, k_t, v_t, token=True)
     fmap._check_width(q_t.shape[-1], "q_t")
@@ -663,7 +684,9 @@ def linear_attention_step(
         offset = None if offset is None else as_dtype(xp, offset, work)
     out, S, z, offset = recurrent_step(xp, token, S, z, offset, vw, eps=eps, normalize=normalize)
     history = None
-    if rpb is not None or (state is not None and state.rpb is not None):
+    if rpb_tables is not None or isinstance(None if state is None else state.rpb, RPBndState):
+        out, history = step_bias_nd(xp, out, state, vw, rpb_tables, rpb_grid, rpb_skip)
+    elif rpb is not None or (state is not None and state.rpb is not None):
         out, history = step_bias(xp, out, state, vw, rpb, rpb_skip)
     out = as_dtype(xp, out, result)
     if offset is not None:

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from . import _online, _packing, _validate
+from . import _online, _online_nd, _packing, _validate
 from ._compat import (
     blocks_allowed,
     compute_dtype,
@@ -35,11 +35,22 @@ from ._compat import (
 )
 from ._compat import pad_axis as _pad_rows
 from ._online import RPBState
+from ._online_nd import RPBndState
 from ._random import seeded_normal
 from ._typing import Array
 from ._validate import broadcast_shapes as _broadcast_lead
 
-__all__ = ["rpb", "rpb_step", "RPBState", "rpb_nd", "rpb_matrix", "symmetric_table", "rpb_init"]
+__all__ = [
+    "rpb",
+    "rpb_step",
+    "RPBState",
+    "rpb_nd",
+    "rpb_nd_step",
+    "RPBndState",
+    "rpb_matrix",
+    "symmetric_table",
+    "rpb_init",
+]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -540,7 +551,9 @@ def rpb_nd(
     *,
     causal: bool = False,
     skip: tuple[int, int] = (0, 0),
-) -> Array:
+    initial_state: RPBndState | None = None,
+    return_state: bool = False,
+) -> Any:
     r"""Separable N-d relative positional bias for tokens on a row-major grid.
 
     $$
@@ -577,11 +590,21 @@ def rpb_nd(
     skip : (int, int)
         Tokens at the start and end (e.g. a class token) outside the grid; their
         output rows are zero.
+    initial_state : RPBndState, optional
+        Causal only: continue the raster sequence that this state ends (from
+        ``return_state=True`` or ``rpb_nd_step``); ``v`` holds the next positions.
+        The sequence is the ``a + prod(grid) + b`` tokens of ``skip`` and the grid; a
+        piece (or, causal, a whole call) may be shorter than that, and pieces split
+        at any points equal one call. Amortised cost per token flat in the number
+        of tokens (see ``RPBndState``).
+    return_state : bool
+        Causal only: also return the ``RPBndState`` after the last token.
 
     Returns
     -------
     array, shape broadcast(v.shape[:-2], tables' leading dimensions) + (L, D)
-        In the promoted dtype of ``v`` and the tables, on their device.
+        In the promoted dtype of ``v`` and the tables, on their device; with
+        ``return_state=True`` the pair ``(out, state)``.
 
     Raises
     ------
@@ -589,9 +612,10 @@ def rpb_nd(
         If ``v`` or a table is not real floating, or they come from two libraries or
         devices.
     ValueError
-        If ``grid`` does not hold the ``L - skip[0] - skip[1]`` tokens, ``tables`` does
-        not give one entry per axis (or gives none), or a table is shorter than its
-        axis.
+        If ``grid`` does not hold the ``L - skip[0] - skip[1]`` tokens (causal: if the
+        tokens pass the end of the grid and ``skip[1]``), ``tables`` does not give one
+        entry per axis (or gives none), a table is shorter than its axis, or
+        ``initial_state`` does not fit the call.
 
     Examples
     --------
@@ -624,6 +648,9 @@ def rpb_nd(
             f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis"
         )
     _validate.required(v=v)
+    return_state = _validate.flag("return_state", return_state)
+    if initial_state is not None or return_state or (causal and _short(v, grid, skip)):
+        return _rpb_nd_stream(v, tables, grid, causal, skip, initial_state, return_state)
     named = {f"tables[{k}]": t for k, t in enumerate(tables)}
     xp = namespace(v=v, **named)
     _validate.values(xp, "v", v)
@@ -664,6 +691,172 @@ def rpb_nd(
     out = xp.reshape(total, (*lead, L, D))
     out = _pad_rows(xp, out, a, b)
     return xp.astype(out, result, copy=False)
+
+
+def _short(v: Any, grid: tuple, skip: Any) -> bool:
+    """A causal call with fewer tokens than the sequence (a prefix in raster order)."""
+    a, b = _validate.skip(skip)
+    return bool(getattr(v, "ndim", 0) >= 2) and v.shape[-2] < a + math.prod(grid) + b
+
+
+def _nd_stream_arguments(
+    v: Any, tables: Sequence[Any], grid: tuple, skip: tuple, state: Any, v_name: str, state_name: str, *, ndim: int
+) -> tuple[Any, tuple, tuple, Any, Any]:
+    """Validate a streaming N-d call; returns ``(xp, lead, lengths, result, work)``."""
+    named = {f"tables[{k}]": t for k, t in enumerate(tables)}
+    xp = namespace(**{v_name: v}, **named, **{state_name: _online_nd.held(state)})
+    _validate.values(xp, v_name, v, ndim=ndim)
+    lengths: list[int | None] = []
+    for k, (name, t) in enumerate(named.items()):
+        if t is None:
+            lengths.append(None)
+            continue
+        M = _validate.table(xp, name, t)
+        _validate.table_length(grid[k], M, name)
+        lengths.append(M)
+    present = {name: t for name, t in named.items() if t is not None}
+    lead = _validate.broadcast(
+        {v_name: v.shape[: v.ndim - ndim], **{name: t.shape[:-1] for name, t in present.items()}}
+    )
+    D = v.shape[-1]
+    if state is not None:
+        _online_nd.check_state(state, grid, skip, tuple(lengths), D, lead, state_name)
+    seen = 0 if state is None else _online_nd.tokens_seen(xp, state)
+    L = v.shape[-2] if ndim == 2 else 1
+    a, b = skip
+    end = a + math.prod(grid) + b
+    if seen is not None and seen + L > end:
+        raise ValueError(
+            f"{v_name} goes past the end of the sequence: {seen} tokens seen plus {L} new make {seen + L}, but "
+            f"grid {grid} with skip ({a}, {b}) holds {end} tokens in all"
+        )
+    result, work = compute_dtype(xp, v, *present.values())
+    return xp, lead, tuple(lengths), result, work
+
+
+def _rpb_nd_stream(
+    v: Any, tables: Sequence[Any], grid: tuple, causal: bool, skip: Any, state: Any, return_state: bool
+) -> Any:
+    if not causal:
+        given = "initial_state" if state is not None else "return_state=True"
+        raise ValueError(
+            f"{given} needs causal=True: only the raster-causal bias can be continued, got causal={causal!r}"
+        )
+    if state is not None and not isinstance(state, RPBndState):
+        raise TypeError(
+            f"initial_state must be an RPBndState (from rpb_nd(..., return_state=True) or rpb_nd_step) or None, got {type(state).__name__}"
+        )
+    skip = _validate.skip(skip)
+    xp, lead, lengths, result, work = _nd_stream_arguments(v, tables, grid, skip, state, "v", "initial_state", ndim=2)
+    works = tuple(None if t is None else _online.as_dtype(xp, t, work) for t in tables)
+    vw = _online.as_dtype(xp, v, work)
+    if state is None:
+        state = _nd_start(xp, lead, v.shape[-1], grid, skip, lengths, works, vw)
+    out, new = _online_nd.extend(xp, state, vw, works, lead=lead, work=work, toeplitz=_toeplitz)
+    out = xp.astype(out, result, copy=False)
+    return (out, new) if return_state else out
+
+
+def _nd_start(
+    xp: Any, lead: tuple, D: int, grid: tuple, skip: tuple, lengths: tuple, tables: tuple, like: Any
+) -> RPBndState:
+    cut = _online_nd.central(xp, tables, grid, like.dtype, like)
+    e_last = _online_nd.effective(xp, cut, grid, len(grid) - 1, like)
+    return _online_nd.start(xp, lead, D, grid, skip, lengths, e_last, like)
+
+
+def rpb_nd_step(
+    state: RPBndState | None,
+    v_t: Array,
+    tables: Sequence[Array | None],
+    *,
+    grid: Sequence[int],
+    skip: tuple[int, int] | None = None,
+) -> tuple[Array, RPBndState]:
+    r"""One raster position of the causal N-d bias: its output and the new state.
+
+    $$
+    y_p = \sum_{p' \preceq p} \Big(\sum_a w_a(p_a - p'_a)\Big) v_{p'}
+    $$
+
+    Stepping through the ``a + prod(grid) + b`` tokens equals ``rpb_nd(v, tables,
+    grid, causal=True, skip=(a, b))`` on the whole sequence. Within a row the bias is
+    a 1-d online convolution (``rpb_step``'s); the earlier rows enter through per-axis
+    running terms updated once per finished row (see ``RPBndState``), so the
+    amortised cost per token is flat in the number of tokens. The state has the
+    same structure and shapes after any number of tokens (``jax.jit`` /
+    ``torch.compile`` compile once) and keeps its own copy of ``v_t``. Compiled, a
+    position past the sequence gives NaN instead of an error.
+
+    Parameters
+    ----------
+    state : RPBndState or None
+        The state after the previous tokens, or ``None`` to start a sequence.
+    v_t : array, shape (..., D)
+        The new token's values.
+    tables : sequence of arrays or None
+        One table ``(..., 2M_a - 1)`` (``M_a >= G_a``) or ``None`` per grid axis, the
+        same in every step of a sequence.
+    grid : sequence of int
+        ``(G_1, ..., G_k)``, the same in every step.
+    skip : (int, int), optional
+        Only when starting (``state=None``): ``a`` tokens before the grid and ``b``
+        after it, which neither give nor receive bias (their output is zero). Later
+        steps take it from the state.
+
+    Returns
+    -------
+    (array of shape broadcast(v_t.shape[:-1], tables' leading dimensions) + (D,), RPBndState)
+
+    Raises
+    ------
+    TypeError
+        If ``v_t`` or a table is not real floating, or they come from two libraries or
+        devices, or ``state`` is not an ``RPBndState``.
+    ValueError
+        If ``grid``, ``tables``, ``skip``, ``v_t``'s width or leading dimensions do not
+        match ``state``, or the stream passes the end of the sequence.
+
+    Examples
+    --------
+    Token by token, the stream equals the causal bias over the whole grid:
+
+    >>> import numpy as np
+    >>> from fastrpb import rpb_nd, rpb_nd_step
+    >>> rng = np.random.default_rng(0)
+    >>> v = rng.standard_normal((6, 2))  # a 2 x 3 grid, row-major
+    >>> tables = (rng.standard_normal(3), rng.standard_normal(5))  # M = 2 and 3
+    >>> state, rows = None, []
+    >>> for t in range(6):
+    ...     y_t, state = rpb_nd_step(state, v[t], tables, grid=(2, 3))
+    ...     rows.append(y_t)
+    >>> bool(np.allclose(np.stack(rows), rpb_nd(v, tables, (2, 3), causal=True)))
+    True
+    """
+    if state is not None and not isinstance(state, RPBndState):
+        raise TypeError(
+            f"state must be an RPBndState (from rpb_nd(..., return_state=True) or rpb_nd_step) or None, got {type(state).__name__}"
+        )
+    if not isinstance(tables, (tuple, list)):
+        raise TypeError(
+            f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}"
+        )
+    grid = _validate.grid(grid)
+    if len(tables) != len(grid):
+        raise ValueError(
+            f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis"
+        )
+    _validate.required(v_t=v_t)
+    if skip is None:
+        skip = (0, 0) if state is None else state.skip
+    skip = _validate.skip(skip)
+    xp, lead, lengths, result, work = _nd_stream_arguments(v_t, tables, grid, skip, state, "v_t", "state", ndim=1)
+    works = tuple(None if t is None else _online.as_dtype(xp, t, work) for t in tables)
+    vw = _online.as_dtype(xp, v_t, work)
+    if state is None:
+        state = _nd_start(xp, lead, v_t.shape[-1], grid, skip, lengths, works, vw)
+    out, new = _online_nd.step(xp, state, vw, works, lead=lead, work=work, toeplitz=_toeplitz)
+    return _online.as_dtype(xp, out, result), new
 
 
 def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int, ...]) -> Any:

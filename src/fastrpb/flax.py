@@ -200,6 +200,10 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
         Learn ``h`` and use ``w(t) = h[|t|]``.
     skip : (int, int)
         Tokens before and after the grid without bias.
+    causal : bool
+        Raster order: a token receives bias only from the positions no later
+        row-major (``fastrpb.rpb_nd(..., causal=True)``); needed in a causal
+        attention layer, and it streams (``initial_state=``, ``step=True``).
     rngs, seed, scale, param_dtype :
         As in `FastRPB`.
 
@@ -232,12 +236,13 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
         share: bool = False,
         symmetric: bool = False,
         skip: tuple[int, int] = (0, 0),
+        causal: bool = False,
         rngs: nnx.Rngs | None = None,
         seed: int | None = None,
         scale: float = 1e-2,
         param_dtype: Any = jnp.float32,
     ) -> None:
-        self._configure(heads, grid, axes, share, symmetric, skip)
+        self._configure(heads, grid, axes, share, symmetric, skip, causal)
         self.tables = nnx.List(
             [
                 nnx.Param(
@@ -259,9 +264,16 @@ class FastRPBnd(BiasNdLayer, nnx.Module):
     def _tables(self) -> list[jax.Array]:
         return [_array(t) for t in self.tables]
 
-    def __call__(self, v: jax.Array) -> jax.Array:
-        """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``."""
-        return self._bias_of(v)
+    def __call__(self, v: jax.Array, initial_state: Any = None, return_state: bool = False, step: bool = False) -> Any:
+        """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``.
+
+        Causal tables stream in raster order: ``initial_state`` (a
+        ``fastrpb.RPBndState``) continues a sequence and ``return_state=True`` returns
+        ``(out, state)``, as ``fastrpb.rpb_nd`` (a piece may stop anywhere on the
+        grid); ``step=True`` takes one position ``v: (..., heads, D)`` and returns
+        ``(out, state)`` by ``fastrpb.rpb_nd_step``.
+        """
+        return self._bias_of(v, initial_state, return_state, step)
 
 
 class LinearAttention(AttentionLayer, nnx.Module):

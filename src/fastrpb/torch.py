@@ -158,6 +158,10 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         Learn ``h`` and use ``w(t) = h[|t|]``.
     skip : (int, int)
         Tokens before and after the grid (a class token) without bias.
+    causal : bool
+        Raster order: a token receives bias only from the positions no later
+        row-major (``fastrpb.rpb_nd(..., causal=True)``); needed in a causal
+        attention layer, and it streams (``initial_state=``, ``step=True``).
     seed, scale, device, dtype :
         As in `FastRPB`.
 
@@ -190,13 +194,14 @@ class FastRPBnd(BiasNdLayer, nn.Module):
         share: bool = False,
         symmetric: bool = False,
         skip: tuple[int, int] = (0, 0),
+        causal: bool = False,
         seed: int | None = None,
         scale: float = 1e-2,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self._configure(heads, grid, axes, share, symmetric, skip)
+        self._configure(heads, grid, axes, share, symmetric, skip, causal)
         seed = _seed(seed)
         like = _like(device, dtype)
         self.tables = nn.ParameterList(
@@ -207,9 +212,18 @@ class FastRPBnd(BiasNdLayer, nn.Module):
     def _tables(self) -> list[torch.Tensor]:
         return list(self.tables)
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``."""
-        return self._bias_of(v)
+    def forward(
+        self, v: torch.Tensor, initial_state: Any = None, return_state: bool = False, step: bool = False
+    ) -> Any:
+        """The N-d bias for values ``(..., heads, L, D)``, ``L = prod(grid) + sum(skip)``.
+
+        Causal tables stream in raster order: ``initial_state`` (a
+        ``fastrpb.RPBndState``) continues a sequence and ``return_state=True`` returns
+        ``(out, state)``, as ``fastrpb.rpb_nd`` (a piece may stop anywhere on the
+        grid); ``step=True`` takes one position ``v: (..., heads, D)`` and returns
+        ``(out, state)`` by ``fastrpb.rpb_nd_step``.
+        """
+        return self._bias_of(v, initial_state, return_state, step)
 
 
 def _own_feature_map(layer: AttentionLayer, feature_map: Any, device: Any, dtype: Any) -> None:

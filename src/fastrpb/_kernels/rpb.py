@@ -7,7 +7,7 @@ from typing import Any
 from .. import bias as _bias
 from .common import as_dtype
 
-__all__ = ["add_bias", "add_bias_streaming", "step_bias"]
+__all__ = ["add_bias", "add_bias_streaming", "add_bias_streaming_nd", "step_bias", "step_bias_nd"]
 
 
 def add_bias(
@@ -76,4 +76,40 @@ def step_bias(xp: Any, out: Any, state: Any, v_t: Any, w: Any, skip: Any) -> tup
         term, history = _bias._step(xp, None if state is None else state.rpb, v_t, w, skip)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
+    return out + as_dtype(xp, term, out.dtype), history
+
+
+def add_bias_streaming_nd(xp: Any, out: Any, v: Any, tables: Any, grid: Any, skip: Any, state: Any) -> tuple[Any, Any]:
+    """``out`` plus the causal N-d bias, continued from (and returning) the state's N-d history."""
+    try:
+        term, history = _bias.rpb_nd(
+            v,
+            tables,
+            grid,
+            causal=True,
+            skip=skip,
+            initial_state=None if state is None else state.rpb,
+            return_state=True,
+        )
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"in the FastRPB term (rpb_tables=/rpb_grid=, rpb_skip=, initial_state): {exc}") from exc
+    return out + xp.astype(term, out.dtype, copy=False), history
+
+
+def step_bias_nd(xp: Any, out: Any, state: Any, v_t: Any, tables: Any, grid: Any, skip: Any) -> tuple[Any, Any]:
+    """``out`` plus one raster position of the causal N-d bias (``rpb_nd_step``) from the state's history."""
+    if tables is None or grid is None:
+        raise ValueError(
+            "state carries an N-d FastRPB history (it was made with rpb_tables=/rpb_grid=) but rpb_tables or "
+            "rpb_grid is None; pass the same tables and grid"
+        )
+    if state is not None and not isinstance(state.rpb, _bias.RPBndState):
+        raise ValueError(
+            "state was made without rpb_tables=, so it holds no N-d bias history for the rpb_tables= given; "
+            "pass rpb_tables= and rpb_grid= from the start of the sequence (or start from state=None)"
+        )
+    try:
+        term, history = _bias.rpb_nd_step(None if state is None else state.rpb, v_t, tables, grid=grid, skip=skip)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"in the FastRPB term (rpb_tables=/rpb_grid=, rpb_skip=): {exc}") from exc
     return out + as_dtype(xp, term, out.dtype), history
