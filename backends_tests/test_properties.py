@@ -27,11 +27,31 @@ from fastrpb import (
 #: Zero-size batches, sequences and widths. They crash until empty inputs are handled
 #: everywhere (issue 12, item 4); the strategies are written, and switched on here.
 
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+#: Hypothesis examples per test: 25 where a call costs microseconds; 5 on JAX, whose
+#: eager calls compile each operation for every new shape and dtype, and every example
+#: draws new ones (about 2.5 s an example); the few still reach its code paths, as the
+#: library's code is one for all backends.
+EXAMPLES = {"jax": 5, "jax_gpu": 5}
+
+
+def property_test(**strategies):
+    """The pytest test, over ``backend``, of a Hypothesis test body: ``@given(**strategies)``
+    with ``EXAMPLES`` examples on that backend (25 where it is not named)."""
+
+    def make(body):
+        def test(backend):
+            settings(
+                max_examples=EXAMPLES.get(backend.name, 25),
+                deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+            )(given(**strategies)(body))(backend)
+
+        test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
+        return test
+
+    return make
+
+
 LOW = 0
 
 #: maps whose features are positive (denominators bounded away from zero): compared in
@@ -92,8 +112,7 @@ def _check(backend, got, expected, dtype):
 
 
 # ----------------------------------------------------------------- against the oracles
-@SETTINGS
-@given(
+@property_test(
     data=st.data(),
     lead=lead_shapes,
     L=lengths,
@@ -118,8 +137,7 @@ def test_linear_attention_property(backend, data, lead, L, dk, dv, chunk, name, 
     _check(backend, out, oracle(qn, kn, vn, causal=causal, key_mask=mask, eps=1e-6), dtype)
 
 
-@SETTINGS
-@given(
+@property_test(
     data=st.data(),
     lead=lead_shapes,
     Lq=lengths,
@@ -146,8 +164,7 @@ def test_softmax_attention_property(backend, data, lead, Lq, Lk, dk, dv, causal,
     )
 
 
-@SETTINGS
-@given(
+@property_test(
     data=st.data(),
     L=st.integers(1, 13),
     split=st.integers(0, 13),
@@ -182,8 +199,7 @@ def test_prefill_then_decode_property(backend, data, L, split, chunk, name, seed
 
 
 # ----------------------------------------------------------------- non-finite policy
-@SETTINGS
-@given(
+@property_test(
     data=st.data(),
     L=st.integers(2, 13),
     chunk=st.integers(1, 8),
@@ -219,8 +235,7 @@ def test_later_tokens_never_reach_earlier_outputs(backend, data, L, chunk, name,
     _check(backend, out[:, kept], expected[:, kept], "float64")
 
 
-@SETTINGS
-@given(
+@property_test(
     data=st.data(),
     lead=st.sampled_from([(), (1,), (2,)]),
     L=st.integers(1, 13),
