@@ -373,3 +373,32 @@ def check_gradients(
         np.testing.assert_allclose(
             backend.to_numpy(g), n, rtol=rtol, atol=atol * scale, err_msg=f"gradient with respect to argument {k}"
         )
+
+
+#: Hypothesis examples of a property test on the backends whose eager calls compile each
+#: operation for every new shape and dtype (JAX), where each example draws new ones and
+#: costs about 2.5 s; the library's code is one for all backends, so a few examples reach
+#: these backends' own paths, and the cheap backends run the full count.
+COMPILED_EXAMPLES = 5
+
+
+def property_test(examples: int, **strategies: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator: a Hypothesis test body ``body(backend, **drawn)`` becomes the pytest
+    test ``test(backend)``, run as ``@given(**strategies)`` with ``examples`` examples
+    (at most ``COMPILED_EXAMPLES`` on JAX), no deadline.
+
+    Each backend's run gets its own settings, which ``@settings`` above ``@given``
+    cannot give: it is fixed at import, before the ``backend`` fixture is known.
+    """
+    from hypothesis import HealthCheck, given, settings
+
+    def make(body: Callable[..., None]) -> Callable[..., None]:
+        def test(backend: Backend) -> None:
+            n = min(examples, COMPILED_EXAMPLES) if backend.name.startswith("jax") else examples
+            checks = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+            settings(max_examples=n, deadline=None, suppress_health_check=checks)(given(**strategies)(body))(backend)
+
+        test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
+        return test
+
+    return make

@@ -10,11 +10,11 @@ unchanged.
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume
 from hypothesis import strategies as st
 
 import oracles
-from backends_tests.backends import tolerance
+from backends_tests.backends import property_test, tolerance
 from fastrpb import feature_maps as fm
 from fastrpb import (
     linear_attention,
@@ -24,34 +24,9 @@ from fastrpb import (
     softmax_attention,
 )
 
-#: Zero-size batches, sequences and widths. They crash until empty inputs are handled
-#: everywhere (issue 12, item 4); the strategies are written, and switched on here.
-
-#: Hypothesis examples per test: 25 where a call costs microseconds; 5 on JAX, whose
-#: eager calls compile each operation for every new shape and dtype, and every example
-#: draws new ones (about 2.5 s an example); the few still reach its code paths, as the
-#: library's code is one for all backends.
-EXAMPLES = {"jax": 5, "jax_gpu": 5}
-
-
-def property_test(**strategies):
-    """The pytest test, over ``backend``, of a Hypothesis test body: ``@given(**strategies)``
-    with ``EXAMPLES`` examples on that backend (25 where it is not named)."""
-
-    def make(body):
-        def test(backend):
-            settings(
-                max_examples=EXAMPLES.get(backend.name, 25),
-                deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-            )(given(**strategies)(body))(backend)
-
-        test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
-        return test
-
-    return make
-
-
+#: Hypothesis examples per test (``property_test``: fewer on JAX)
+EXAMPLES = 25
+#: the least batch, length and width drawn: zero-size inputs are part of every property
 LOW = 0
 
 #: maps whose features are positive (denominators bounded away from zero): compared in
@@ -113,6 +88,7 @@ def _check(backend, got, expected, dtype):
 
 # ----------------------------------------------------------------- against the oracles
 @property_test(
+    EXAMPLES,
     data=st.data(),
     lead=lead_shapes,
     L=lengths,
@@ -138,6 +114,7 @@ def test_linear_attention_property(backend, data, lead, L, dk, dv, chunk, name, 
 
 
 @property_test(
+    EXAMPLES,
     data=st.data(),
     lead=lead_shapes,
     Lq=lengths,
@@ -165,6 +142,7 @@ def test_softmax_attention_property(backend, data, lead, Lq, Lk, dk, dv, causal,
 
 
 @property_test(
+    EXAMPLES,
     data=st.data(),
     L=st.integers(1, 13),
     split=st.integers(0, 13),
@@ -200,6 +178,7 @@ def test_prefill_then_decode_property(backend, data, L, split, chunk, name, seed
 
 # ----------------------------------------------------------------- non-finite policy
 @property_test(
+    EXAMPLES,
     data=st.data(),
     L=st.integers(2, 13),
     chunk=st.integers(1, 8),
@@ -236,6 +215,7 @@ def test_later_tokens_never_reach_earlier_outputs(backend, data, L, chunk, name,
 
 
 @property_test(
+    EXAMPLES,
     data=st.data(),
     lead=st.sampled_from([(), (1,), (2,)]),
     L=st.integers(1, 13),
