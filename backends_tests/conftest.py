@@ -82,7 +82,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the cases of a ``subset`` test that a backend outside FULL_MATRIX skips."""
+    """Deselect the cases of a ``subset`` test that a backend outside FULL_MATRIX skips;
+    put the tests marked ``slow`` first."""
     kept, dropped = [], []
     for item in items:
         marker = item.get_closest_marker("subset")
@@ -94,7 +95,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         (kept if keep(**{k: v for k, v in params.items() if k != "backend"}) else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+    # the long cases first (a stable sort keeps the order of the rest): under xdist each
+    # starts while there is other work left to share, so none of them ends the run alone
+    items[:] = sorted(kept, key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _unmet(node: pytest.Item, backend) -> str | None:
