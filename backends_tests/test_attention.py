@@ -65,10 +65,11 @@ def test_other_maps_match_dense_oracle(backend, rng, name):
 
 @pytest.mark.parametrize("name", ["elu", "sikf"])
 def test_causal_lengths_and_chunk_sizes(backend, rng, name):
-    # L = 1 (shorter than C), C = 1, L a multiple of C, L not a multiple of C
+    # L = 1 (shorter than C), C = 1, L a multiple of C, L not a multiple of C; compiled
+    # on JAX (backend.call: one compilation per shape, not one per operation)
     for L, C in ((1, 64), (5, 1), (8, 4), (13, 3)):
         (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", lead=(), Lq=L)
-        out = linear_attention(q, k, v, feature_map=name, causal=True, chunk_size=C)
+        out = backend.call(linear_attention, q, k, v, feature_map=name, causal=True, chunk_size=C)
         assert_close(backend, out, _oracle(name, qn, kn, vn, causal=True, eps=1e-6), "float64")
 
 
@@ -89,15 +90,23 @@ def test_causal_blocks_of_chunks(backend, monkeypatch, rng, name):
     run = backend.compile(lambda q, k, v: linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3))
     expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=True, eps=1e-6)
     assert_close(backend, run(q, k, v), expected, "float64")
-    out, state = linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3, return_state=True)
+    # the rest compiled on JAX too (backend.call), as the blocks are laid out from shapes
+    out, state = backend.call(linear_attention, q, k, v, feature_map=fmap, causal=True, chunk_size=3, return_state=True)
     assert_close(backend, out, expected, "float64")
     assert_close(backend, state.S, phi(kn).T @ vn, "float64")
     assert_close(backend, state.z, phi(kn).sum(0), "float64")
-    head, head_state = linear_attention(
-        q[:8, :], k[:8, :], v[:8, :], feature_map=fmap, causal=True, chunk_size=2, return_state=True
+    head, head_state = backend.call(
+        linear_attention, q[:8, :], k[:8, :], v[:8, :], feature_map=fmap, causal=True, chunk_size=2, return_state=True
     )
-    tail = linear_attention(
-        q[8:, :], k[8:, :], v[8:, :], feature_map=fmap, causal=True, chunk_size=2, initial_state=head_state
+    tail = backend.call(
+        linear_attention,
+        q[8:, :],
+        k[8:, :],
+        v[8:, :],
+        feature_map=fmap,
+        causal=True,
+        chunk_size=2,
+        initial_state=head_state,
     )
     assert_close(backend, head, expected[:8], "float64")
     assert_close(backend, tail, expected[8:], "float64")
