@@ -46,6 +46,7 @@ class Backend:
     native: Any = field(default=None, repr=False)  # the framework module itself
     gpu: bool = False  # the device is a GPU
     other_device: Any = None  # a second device of the same library, where there is one
+    _jitted: dict = field(default_factory=dict, repr=False)  # Backend.call's compiled functions
 
     def dtype(self, name: str) -> Any:
         return getattr(self.xp, name)
@@ -72,7 +73,16 @@ class Backend:
         """
         if self.jit is None:
             return fn(*arrays, **options)
-        return self.jit(functools.partial(fn, **options))(*arrays)
+        try:  # one jitted function per (fn, options): later calls of its shapes reuse it
+            key = (fn, tuple(sorted(options.items())))
+            jitted = self._jitted.get(key)
+        except TypeError:  # an unhashable option (an array): compiled for this call
+            key, jitted = None, None
+        if jitted is None:
+            jitted = self.jit(functools.partial(fn, **options))
+            if key is not None:
+                self._jitted[key] = jitted
+        return jitted(*arrays)
 
     def foreign(self, x: Any) -> Any:
         """``x`` (NumPy) as an array of another library than this backend's."""
