@@ -44,6 +44,9 @@ def _backend(name: str) -> Backend:
 
 
 # --------------------------------------------------------------------------- frameworks
+_FLAX_FORWARD: Any = None  # nnx.jit(lambda m, x: m(x)), made on first use (Framework.forward)
+
+
 @dataclass
 class Framework:
     """What differs between the PyTorch and Flax layers, for the tests."""
@@ -111,6 +114,18 @@ class Framework:
 
     def stack(self, xs: list[Any]) -> Any:
         return self.backend.xp.stack(xs, axis=1)
+
+    def forward(self, layer: Any, x: Any) -> Any:
+        """``layer(x)``; under ``nnx.jit`` for Flax, one compilation per shape instead of
+        one per eager operation (for tests that call a layer on many lengths)."""
+        if self.name == "torch":
+            return layer(x)
+        global _FLAX_FORWARD
+        if _FLAX_FORWARD is None:
+            from flax import nnx
+
+            _FLAX_FORWARD = nnx.jit(lambda m, x: m(x))
+        return _FLAX_FORWARD(layer, x)
 
     # ---- training
     def no_grad(self) -> Any:
