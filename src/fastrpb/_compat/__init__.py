@@ -32,6 +32,7 @@ from .activations import elu_plus_one, softmax
 from .dispatch import (
     MIN_API_VERSION,
     compute_dtype,
+    copy_of,
     count_array,
     device_of,
     is_lazy,
@@ -51,6 +52,7 @@ __all__ = [
     "namespace",
     "device_of",
     "compute_dtype",
+    "copy_of",
     "fft_namespace",
     "next_fast_len",
     "rfft",
