@@ -20,7 +20,12 @@ What a test needs from a backend is said by a marker, never by a skip in its bod
 The full combinatorics of a parametrised test run where they are cheap, on NumPy and
 array-api-strict (``FULL_MATRIX``). ``@pytest.mark.subset(keep)`` on a test says which
 cases the other backends run: those whose parameters satisfy ``keep(**params)`` (the
-cases each of their code paths needs); the rest are deselected there, not skipped.
+cases each of their code paths needs); the rest are deselected there, not skipped. Tests
+parametrised by ``dtype`` run every dtype of a backend but those of ``SWEEP_SKIPS``
+(float64 on JAX, which its tests without the parameter run).
+
+The tests marked ``slow`` are collected first, so that under ``-n`` (with ``--dist
+worksteal``, in ``pyproject.toml``) none of them is left to run alone at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ _SKIPPED: dict[str, str] = {}
 
 # the backends that run every case of a test marked ``subset`` (see the module docstring)
 FULL_MATRIX = ("numpy", "array_api_strict")
+
+# dtypes a backend leaves out of the tests parametrised by ``dtype``: JAX compiles each
+# eager operation for every new shape and dtype (seconds a case), and its float64 path
+# runs in every test without the parameter (float64 is the default there); the other
+# backends, and JAX's float32 and half precision, run every dtype they have
+SWEEP_SKIPS = {"jax": ("float64",), "jax_gpu": ("float64",)}
 
 # marker -> (what the backend must have, why a backend without it skips)
 CAPABILITIES = {
@@ -73,7 +84,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # header says why it is left out), and a dtype a backend lacks gives no id either
     names = list(_LOADED)
     if "backend" in metafunc.fixturenames and "dtype" in metafunc.fixturenames:
-        pairs = [(name, d) for name in names for d in DTYPES if d in _LOADED[name].dtypes]
+        pairs = [
+            (name, d)
+            for name in names
+            for d in DTYPES
+            if d in _LOADED[name].dtypes and d not in SWEEP_SKIPS.get(name, ())
+        ]
         metafunc.parametrize(("backend", "dtype"), pairs, indirect=True, ids=[f"{n}-{d}" for n, d in pairs])
     elif "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", names, indirect=True, ids=names)
@@ -82,7 +98,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the cases of a ``subset`` test that a backend outside FULL_MATRIX skips."""
+    """Deselect the cases of a ``subset`` test that a backend outside FULL_MATRIX skips;
+    put the tests marked ``slow`` first."""
     kept, dropped = [], []
     for item in items:
         marker = item.get_closest_marker("subset")
@@ -94,7 +111,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         (kept if keep(**{k: v for k, v in params.items() if k != "backend"}) else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+    # the long cases first (a stable sort keeps the order of the rest): under xdist each
+    # starts while there is other work left to share, so none of them ends the run alone
+    items[:] = sorted(kept, key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _unmet(node: pytest.Item, backend) -> str | None:

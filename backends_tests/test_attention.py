@@ -65,10 +65,11 @@ def test_other_maps_match_dense_oracle(backend, rng, name):
 
 @pytest.mark.parametrize("name", ["elu", "sikf"])
 def test_causal_lengths_and_chunk_sizes(backend, rng, name):
-    # L = 1 (shorter than C), C = 1, L a multiple of C, L not a multiple of C
+    # L = 1 (shorter than C), C = 1, L a multiple of C, L not a multiple of C; compiled
+    # on JAX (backend.call: one compilation per shape, not one per operation)
     for L, C in ((1, 64), (5, 1), (8, 4), (13, 3)):
         (q, k, v), (qn, kn, vn) = _inputs(backend, rng, "float64", lead=(), Lq=L)
-        out = linear_attention(q, k, v, feature_map=name, causal=True, chunk_size=C)
+        out = backend.call(linear_attention, q, k, v, feature_map=name, causal=True, chunk_size=C)
         assert_close(backend, out, _oracle(name, qn, kn, vn, causal=True, eps=1e-6), "float64")
 
 
@@ -89,15 +90,23 @@ def test_causal_blocks_of_chunks(backend, monkeypatch, rng, name):
     run = backend.compile(lambda q, k, v: linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3))
     expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=True, eps=1e-6)
     assert_close(backend, run(q, k, v), expected, "float64")
-    out, state = linear_attention(q, k, v, feature_map=fmap, causal=True, chunk_size=3, return_state=True)
+    # the rest compiled on JAX too (backend.call), as the blocks are laid out from shapes
+    out, state = backend.call(linear_attention, q, k, v, feature_map=fmap, causal=True, chunk_size=3, return_state=True)
     assert_close(backend, out, expected, "float64")
     assert_close(backend, state.S, phi(kn).T @ vn, "float64")
     assert_close(backend, state.z, phi(kn).sum(0), "float64")
-    head, head_state = linear_attention(
-        q[:8, :], k[:8, :], v[:8, :], feature_map=fmap, causal=True, chunk_size=2, return_state=True
+    head, head_state = backend.call(
+        linear_attention, q[:8, :], k[:8, :], v[:8, :], feature_map=fmap, causal=True, chunk_size=2, return_state=True
     )
-    tail = linear_attention(
-        q[8:, :], k[8:, :], v[8:, :], feature_map=fmap, causal=True, chunk_size=2, initial_state=head_state
+    tail = backend.call(
+        linear_attention,
+        q[8:, :],
+        k[8:, :],
+        v[8:, :],
+        feature_map=fmap,
+        causal=True,
+        chunk_size=2,
+        initial_state=head_state,
     )
     assert_close(backend, head, expected[:8], "float64")
     assert_close(backend, tail, expected[8:], "float64")
@@ -157,7 +166,7 @@ def test_broadcast_leading_dims(backend, rng):
     kn, vn = rng.standard_normal((2, 1, 5, 4)), rng.standard_normal((2, 1, 5, 2))
     q, k, v = (backend.asarray(a) for a in (qn, kn, vn))
     for causal in (False, True):
-        out = linear_attention(q, k, v, feature_map="sikf", causal=causal, chunk_size=2)
+        out = backend.call(linear_attention, q, k, v, feature_map="sikf", causal=causal, chunk_size=2)
         assert_close(backend, out, oracles.exp_kernel_attention(qn, kn, vn, causal=causal, eps=1e-6), "float64")
 
 
@@ -258,7 +267,9 @@ def test_sikf_decoding_rescales_without_overflow(backend, rng):
             assert np.all(np.isfinite(backend.to_numpy(part)))
         outs.append(out_t)
     assert_close(backend, backend.xp.stack(outs), expected, "float32")
-    out_p, state_p = linear_attention(q, k, v, feature_map="sikf", causal=True, chunk_size=3, return_state=True)
+    out_p, state_p = backend.call(
+        linear_attention, q, k, v, feature_map="sikf", causal=True, chunk_size=3, return_state=True
+    )
     assert_close(backend, out_p, expected, "float32")
     np.testing.assert_allclose(backend.to_numpy(state_p.offset), backend.to_numpy(state.offset), rtol=1e-6)
 
@@ -273,14 +284,14 @@ def test_sikf_large_logits_are_finite(backend, rng):
     qn, kn, vn = (backend.to_numpy(a).astype(np.float64) for a in (q, k, v))
     # each output is (up to float32 rounding of 1e4-sized logits) the value of one key
     tol = dict(atol=2e-2 * np.abs(vn).max())
-    full = backend.to_numpy(linear_attention(q, k, v, feature_map="sikf", chunk_size=4))
+    full = backend.to_numpy(backend.call(linear_attention, q, k, v, feature_map="sikf", chunk_size=4))
     np.testing.assert_allclose(full, oracles.exp_kernel_attention(qn, kn, vn), **tol)
-    causal = backend.to_numpy(linear_attention(q, k, v, feature_map="sikf", causal=True, chunk_size=4))
+    causal = backend.to_numpy(backend.call(linear_attention, q, k, v, feature_map="sikf", causal=True, chunk_size=4))
     assert np.all(np.isfinite(causal))
     # inside a chunk, a key ~90+ units (float32) above an earlier one can hide it from the
     # queries in between (documented); one-token chunks and decoding are exact at any scale
     expected = oracles.exp_kernel_attention(qn, kn, vn, causal=True)
-    exact = backend.to_numpy(linear_attention(q, k, v, feature_map="sikf", causal=True, chunk_size=1))
+    exact = backend.to_numpy(backend.call(linear_attention, q, k, v, feature_map="sikf", causal=True, chunk_size=1))
     np.testing.assert_allclose(exact, expected, **tol)
     state, outs = None, []
     for t in range(L):
@@ -301,7 +312,7 @@ def test_sikf_accurate_over_a_60_unit_spread(backend, rng, causal, level):
     vn = rng.standard_normal((2, L, 3))
     q, k, v = (backend.asarray(a, "float32") for a in (qn, kn, vn))
     qn, kn = backend.to_numpy(q).astype(np.float64), backend.to_numpy(k).astype(np.float64)
-    out = linear_attention(q, k, v, feature_map="sikf", causal=causal, chunk_size=4)
+    out = backend.call(linear_attention, q, k, v, feature_map="sikf", causal=causal, chunk_size=4)
     # eps is relative, so it cannot swamp a denominator that is small only because of
     # offsets: the result equals the eps-free oracle to float32 accuracy
     assert_close(backend, out, oracles.exp_kernel_attention(qn, kn, vn, causal=causal, eps=0.0), "float32")
@@ -310,9 +321,11 @@ def test_sikf_accurate_over_a_60_unit_spread(backend, rng, causal, level):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sikf_shift_invariance(backend, rng, causal):
     (q, k, v), (_qn, _kn, _vn) = _inputs(backend, rng, "float64", Lq=9, scale=2.0)
-    base = backend.to_numpy(linear_attention(q, k, v, feature_map="sikf", causal=causal, chunk_size=4))
+    base = backend.to_numpy(backend.call(linear_attention, q, k, v, feature_map="sikf", causal=causal, chunk_size=4))
     row_shift = backend.asarray(rng.uniform(-50, 50, (2, 9, 1)))
-    shifted = linear_attention(q + row_shift, k - 37.5, v, feature_map="sikf", causal=causal, chunk_size=4)
+    shifted = backend.call(
+        linear_attention, q + row_shift, k - 37.5, v, feature_map="sikf", causal=causal, chunk_size=4
+    )
     np.testing.assert_allclose(backend.to_numpy(shifted), base, rtol=1e-9, atol=1e-9)
     if causal:
         state, outs = None, []

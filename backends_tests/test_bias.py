@@ -9,7 +9,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends_tests.backends import assert_array, assert_close, check_gradients
+from backends_tests.backends import assert_array, assert_close, check_gradients, property_test
 
 # ----------------------------------------------------------------- oracle (NumPy, float64)
 # The dense Toeplitz oracle lives in oracles.py (one for the whole suite); these names
@@ -339,12 +339,11 @@ def test_two_devices_are_rejected(backend):
 
 
 # ----------------------------------------------------------------- properties
-from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
+@property_test(
+    20,
     L=st.integers(1, 40),
     extra=st.integers(0, 5),
     heads=st.sampled_from([(), (1,), (3,)]),

@@ -44,6 +44,10 @@ def _backend(name: str) -> Backend:
 
 
 # --------------------------------------------------------------------------- frameworks
+_FLAX_FORWARD: Any = None  # nnx.jit(lambda m, x: m(x)), made on first use (Framework.forward)
+_FLAX_PREFILL: Any = None  # the same for a call with a cache (Framework.prefill)
+
+
 @dataclass
 class Framework:
     """What differs between the PyTorch and Flax layers, for the tests."""
@@ -111,6 +115,30 @@ class Framework:
 
     def stack(self, xs: list[Any]) -> Any:
         return self.backend.xp.stack(xs, axis=1)
+
+    def forward(self, layer: Any, x: Any) -> Any:
+        """``layer(x)``; under ``nnx.jit`` for Flax, one compilation per shape instead of
+        one per eager operation (for tests that call a layer on many lengths)."""
+        if self.name == "torch":
+            return layer(x)
+        global _FLAX_FORWARD
+        if _FLAX_FORWARD is None:
+            from flax import nnx
+
+            _FLAX_FORWARD = nnx.jit(lambda m, x: m(x))
+        return _FLAX_FORWARD(layer, x)
+
+    def prefill(self, layer: Any, x: Any, cache: Any) -> tuple[Any, Any]:
+        """``layer(x, return_cache=True, cache=cache)``; under ``nnx.jit`` for Flax, as
+        ``forward``."""
+        if self.name == "torch":
+            return layer(x, return_cache=True, cache=cache)
+        global _FLAX_PREFILL
+        if _FLAX_PREFILL is None:
+            from flax import nnx
+
+            _FLAX_PREFILL = nnx.jit(lambda m, x, c: m(x, return_cache=True, cache=c))
+        return _FLAX_PREFILL(layer, x, cache)
 
     # ---- training
     def no_grad(self) -> Any:
@@ -558,8 +586,8 @@ def test_chunked_prefill_with_cache_equals_one_pass(framework, rng, bias):
     expected = layer_oracle(fw, layer, xn)
     with fw.no_grad():
         cache, start = None, 0
-        for end in (3, 3, 4, 20, 34):
-            y, cache = layer(x[:, start:end], return_cache=True, cache=cache)
+        for end in (3, 3, 4, 20, 34):  # compiled for Flax: one compilation per chunk length
+            y, cache = fw.prefill(layer, x[:, start:end], cache)
             assert_close(fw.backend, y, expected[:, start:end], "float64")
             start = end
         assert cache.values is None  # no value cache: the bias history is in the state
@@ -568,7 +596,7 @@ def test_chunked_prefill_with_cache_equals_one_pass(framework, rng, bias):
             y_t, cache = layer.step(x[:, t], cache)
             assert_close(fw.backend, y_t, expected[:, t], "float64")
         # the last chunk without return_cache: the output alone
-        _, cache = layer(x[:, :30], return_cache=True)
+        _, cache = fw.prefill(layer, x[:, :30], None)
         assert_close(fw.backend, layer(x[:, 30:], cache=cache), expected[:, 30:], "float64")
 
 

@@ -10,11 +10,11 @@ unchanged.
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume
 from hypothesis import strategies as st
 
 import oracles
-from backends_tests.backends import tolerance
+from backends_tests.backends import property_test, tolerance
 from fastrpb import feature_maps as fm
 from fastrpb import (
     linear_attention,
@@ -24,14 +24,9 @@ from fastrpb import (
     softmax_attention,
 )
 
-#: Zero-size batches, sequences and widths. They crash until empty inputs are handled
-#: everywhere (issue 12, item 4); the strategies are written, and switched on here.
-
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+#: Hypothesis examples per test (``property_test``: fewer on JAX)
+EXAMPLES = 25
+#: the least batch, length and width drawn: zero-size inputs are part of every property
 LOW = 0
 
 #: maps whose features are positive (denominators bounded away from zero): compared in
@@ -92,8 +87,8 @@ def _check(backend, got, expected, dtype):
 
 
 # ----------------------------------------------------------------- against the oracles
-@SETTINGS
-@given(
+@property_test(
+    EXAMPLES,
     data=st.data(),
     lead=lead_shapes,
     L=lengths,
@@ -118,8 +113,8 @@ def test_linear_attention_property(backend, data, lead, L, dk, dv, chunk, name, 
     _check(backend, out, oracle(qn, kn, vn, causal=causal, key_mask=mask, eps=1e-6), dtype)
 
 
-@SETTINGS
-@given(
+@property_test(
+    EXAMPLES,
     data=st.data(),
     lead=lead_shapes,
     Lq=lengths,
@@ -146,8 +141,8 @@ def test_softmax_attention_property(backend, data, lead, Lq, Lk, dk, dv, causal,
     )
 
 
-@SETTINGS
-@given(
+@property_test(
+    EXAMPLES,
     data=st.data(),
     L=st.integers(1, 13),
     split=st.integers(0, 13),
@@ -182,8 +177,8 @@ def test_prefill_then_decode_property(backend, data, L, split, chunk, name, seed
 
 
 # ----------------------------------------------------------------- non-finite policy
-@SETTINGS
-@given(
+@property_test(
+    EXAMPLES,
     data=st.data(),
     L=st.integers(2, 13),
     chunk=st.integers(1, 8),
@@ -219,8 +214,8 @@ def test_later_tokens_never_reach_earlier_outputs(backend, data, L, chunk, name,
     _check(backend, out[:, kept], expected[:, kept], "float64")
 
 
-@SETTINGS
-@given(
+@property_test(
+    EXAMPLES,
     data=st.data(),
     lead=st.sampled_from([(), (1,), (2,)]),
     L=st.integers(1, 13),

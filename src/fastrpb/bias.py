@@ -24,6 +24,7 @@ from . import _online, _online_nd, _packing, _validate
 from ._compat import (
     blocks_allowed,
     compute_dtype,
+    copy_of,
     device_of,
     irfft,
     irfftn,
@@ -109,7 +110,7 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     if not _blocked(G * D * per_row) or not blocks_allowed(xp, v):  # engines: sharded JAX
         # a copy of the cropped rows: the result owns its memory, and the padded
         # irfft buffer (about twice the result) is freed at once
-        return xp.matrix_transpose(xp.asarray(convolve(columns, rfft(xp, kernel, n=n)), copy=True))
+        return xp.matrix_transpose(copy_of(xp, convolve(columns, rfft(xp, kernel, n=n))))
     # Long input: blocks of (leading index, feature column) rows. A block takes whole
     # cache lines of each row of v (a multiple of 64 bytes of features: reading a
     # few strided columns would drag in their neighbours every time), and as many
@@ -923,7 +924,7 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
             g_end = min(g + heads, G)
             # a copy of each cropped block, so its padded output is freed at once
             parts = [
-                xp.asarray(convolve(columns[g:g_end, d : min(d + cols, D), ...], kernel_f[g:g_end, ...]), copy=True)
+                copy_of(xp, convolve(columns[g:g_end, d : min(d + cols, D), ...], kernel_f[g:g_end, ...]))
                 for d in range(0, D, cols)
             ]
             rows.append(parts[0] if len(parts) == 1 else xp.concat(parts, axis=1))

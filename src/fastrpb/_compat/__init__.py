@@ -34,6 +34,7 @@ from .control import cond, is_compiled, owned, slices_compile
 from .dispatch import (
     MIN_API_VERSION,
     compute_dtype,
+    copy_of,
     count_array,
     device_of,
     is_lazy,
@@ -58,6 +59,7 @@ __all__ = [
     "namespace",
     "device_of",
     "compute_dtype",
+    "copy_of",
     "fft_namespace",
     "next_fast_len",
     "rfft",
