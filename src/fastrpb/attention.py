@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from . import _packing, _validate
-from ._compat import compute_dtype, copy_of, device_of, jax_pytree, namespace
+from ._compat import compute_dtype, device_of, jax_pytree, namespace, owned
 from ._kernels.causal import causal_attention
 from ._kernels.common import (
     as_dtype,
@@ -126,10 +126,10 @@ def _state(xp: Any, fmap: FeatureMap, final: Any, offset: Any) -> LinearAttentio
     lead = _lead(tuple(S.shape[:-2]), tuple(z.shape[:-1]))
     # copies, so the state holds plain arrays of its own: a broadcast is a read-only
     # view on NumPy, a slice of [S, z] keeps the whole of it; O(F Dv) once per call
-    S = copy_of(xp, xp.broadcast_to(S, (*lead, *S.shape[-2:])))
-    z = copy_of(xp, xp.broadcast_to(z, (*lead, z.shape[-1])))
+    S = owned(xp, xp.broadcast_to(S, (*lead, *S.shape[-2:])))
+    z = owned(xp, xp.broadcast_to(z, (*lead, z.shape[-1])))
     if offset is not None:
-        offset = copy_of(xp, xp.broadcast_to(offset, z.shape))
+        offset = owned(xp, xp.broadcast_to(offset, z.shape))
     return LinearAttentionState(S=S, z=z, offset=offset, feature_map=fmap.signature)
 
 

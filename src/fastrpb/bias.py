@@ -24,13 +24,13 @@ from . import _online, _online_nd, _packing, _validate
 from ._compat import (
     blocks_allowed,
     compute_dtype,
-    copy_of,
     device_of,
     irfft,
     irfftn,
     multiply_into,
     namespace,
     next_fast_len,
+    owned,
     rfft,
     rfftn,
 )
@@ -110,7 +110,7 @@ def _toeplitz(xp: Any, v: Any, w: Any, *, causal: bool) -> Any:
     if not _blocked(G * D * per_row) or not blocks_allowed(xp, v):  # engines: sharded JAX
         # a copy of the cropped rows: the result owns its memory, and the padded
         # irfft buffer (about twice the result) is freed at once
-        return xp.matrix_transpose(copy_of(xp, convolve(columns, rfft(xp, kernel, n=n))))
+        return xp.matrix_transpose(owned(xp, convolve(columns, rfft(xp, kernel, n=n))))
     # Long input: blocks of (leading index, feature column) rows. A block takes whole
     # cache lines of each row of v (a multiple of 64 bytes of features: reading a
     # few strided columns would drag in their neighbours every time), and as many
@@ -639,15 +639,7 @@ def rpb_nd(
     """
     # -- validate, resolve the namespace once
     causal = _validate.flag("causal", causal)
-    if not isinstance(tables, (tuple, list)):
-        raise TypeError(
-            f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}"
-        )
-    grid = _validate.grid(grid)
-    if len(tables) != len(grid):
-        raise ValueError(
-            f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis"
-        )
+    grid = _tables_and_grid(tables, grid)
     _validate.required(v=v)
     return_state = _validate.flag("return_state", return_state)
     if initial_state is not None or return_state or (causal and _short(v, grid, skip)):
@@ -838,15 +830,7 @@ def rpb_nd_step(
         raise TypeError(
             f"state must be an RPBndState (from rpb_nd(..., return_state=True) or rpb_nd_step) or None, got {type(state).__name__}"
         )
-    if not isinstance(tables, (tuple, list)):
-        raise TypeError(
-            f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}"
-        )
-    grid = _validate.grid(grid)
-    if len(tables) != len(grid):
-        raise ValueError(
-            f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis"
-        )
+    grid = _tables_and_grid(tables, grid)
     _validate.required(v_t=v_t)
     if skip is None:
         skip = (0, 0) if state is None else state.skip
@@ -924,7 +908,7 @@ def _raster_causal(xp: Any, cube: Any, tables: list[Any | None], grid: tuple[int
             g_end = min(g + heads, G)
             # a copy of each cropped block, so its padded output is freed at once
             parts = [
-                copy_of(xp, convolve(columns[g:g_end, d : min(d + cols, D), ...], kernel_f[g:g_end, ...]))
+                owned(xp, convolve(columns[g:g_end, d : min(d + cols, D), ...], kernel_f[g:g_end, ...]))
                 for d in range(0, D, cols)
             ]
             rows.append(parts[0] if len(parts) == 1 else xp.concat(parts, axis=1))
@@ -984,3 +968,17 @@ def rpb_init(heads: int | None, max_len: int, *, seed: int, like: Array, scale: 
     _, work = compute_dtype(xp, xp.empty((0,), dtype=dtype, device=device_of(like)))
     table = seeded_normal(xp, shape, seed=seed, dtype=work, device=device_of(like)) * scale
     return xp.astype(table, dtype, copy=False)
+
+
+def _tables_and_grid(tables: Any, grid: Any) -> tuple:
+    """The checked grid, with one table (or None) per axis in ``tables``."""
+    if not isinstance(tables, (tuple, list)):
+        raise TypeError(
+            f"tables must be a sequence with one table (or None) per grid axis, got {type(tables).__name__}"
+        )
+    grid = _validate.grid(grid)
+    if len(tables) != len(grid):
+        raise ValueError(
+            f"tables has {len(tables)} entries but grid has {len(grid)} axes {grid}: give one table (or None) per axis"
+        )
+    return grid

@@ -34,7 +34,6 @@ from .control import cond, is_compiled, owned, slices_compile
 from .dispatch import (
     MIN_API_VERSION,
     compute_dtype,
-    copy_of,
     count_array,
     device_of,
     is_lazy,
@@ -59,7 +58,6 @@ __all__ = [
     "namespace",
     "device_of",
     "compute_dtype",
-    "copy_of",
     "fft_namespace",
     "next_fast_len",
     "rfft",

@@ -63,7 +63,9 @@ def owned(xp: Any, x: Any) -> Any:
     never shares memory with an array it was cut from (a larger buffer it would keep
     alive, or a caller's array), and a state made by a rebuild (views, transposes)
     stores the layout a compiled step does (a compiled function guards on strides).
-    JAX arrays are immutable and have no views: returned as they are."""
+    JAX arrays are immutable and have no views: returned as they are. On PyTorch a
+    ``clone`` (not ``torch.asarray(x, copy=True)``, which warns once per process for a
+    tensor that requires grad under 2.13) copies within the autograd graph."""
     if _is(xp, "torch"):
         import torch
 

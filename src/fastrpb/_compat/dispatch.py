@@ -19,7 +19,6 @@ import numpy as np
 from .pytree import register_pytrees
 
 __all__ = [
-    "copy_of",
     "MIN_API_VERSION",
     "namespace",
     "device_of",
@@ -104,18 +103,6 @@ _KINDS = {
     "jax": ("jax.numpy", "jax.experimental.array_api"),
     "dask": ("dask.array", "array_api_compat.dask.array"),
 }
-
-
-def copy_of(xp: Any, x: Any) -> Any:
-    """A copy of ``x`` that owns its memory (not a view of an intermediate or an input).
-
-    ``xp.asarray(x, copy=True)`` everywhere but PyTorch, where ``torch.asarray`` of a
-    tensor that requires grad warns (2.13: its ``requires_grad`` default changed) once
-    per process, in the user's program; ``clone`` copies within the autograd graph.
-    """
-    if _is(xp, "torch"):
-        return x.clone()
-    return xp.asarray(x, copy=True)
 
 
 def _is(xp: Any, kind: str) -> bool:
