@@ -267,6 +267,9 @@ def test_ar_quick_run_end_to_end(tmp_path: Path):
         "Linear decoding vs softmax decoding at 49 tokens",
     ):
         assert claim in md, claim
+    if any(v.endswith("rpb2d") for v in default_variants()):  # the 2-d rows decode through the streaming step
+        assert meta["decode_bias_2d"] == "streaming"
+        assert "`rpb_nd_step`" in md
     # the Experiments page takes the section
     page = tmp_path / "experiments.md"
     gen = subprocess.run(

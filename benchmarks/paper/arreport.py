@@ -366,9 +366,14 @@ def section(
             "(the library's streaming bias came later). "
         )
         + (
-            "The causal 2-d FastRPB has no decoding step in the library: its rows apply `rpb_nd(..., causal=True)` to "
-            "the whole zero-padded grid at every token (O(L log L) per token), so their sampling speed says nothing "
-            "about the 2-d bias itself. "
+            (
+                "The causal 2-d FastRPB term streams too, in raster order (`rpb_nd_step`: per-axis running terms, "
+                "its amortised cost per token flat in t, as the 1-d step's), so the 2-d rows compare with softmax as "
+                "the 1-d rows do. "
+                if meta.get("decode_bias_2d") == "streaming"
+                else "This sweep's 2-d rows applied `rpb_nd(..., causal=True)` to the whole zero-padded grid at every "
+                "token (O(L log L) per token), so their sampling speed says nothing about the 2-d bias itself. "
+            )
             if have_2d
             else ""
         )

@@ -358,6 +358,9 @@ def sweep(
         # how the sampling loop adds the 1-d bias: "streaming" = rpb_step from the state (every
         # variant); sweeps before it recomputed the bias over the value history per token
         "decode_bias": "streaming",
+        # how it adds the causal 2-d bias: "streaming" = rpb_nd_step from the state; sweeps before it
+        # reapplied rpb_nd(..., causal=True) to the whole zero-padded grid per token
+        "decode_bias_2d": "streaming",
     }
     _atomic_write(out / "results.json", json.dumps(runs))
     _atomic_write(out / "sweep.json", json.dumps(meta, indent=1))
