@@ -221,12 +221,6 @@ def torch_cpu() -> Backend:
     return _backend("torch")
 
 
-@pytest.fixture(params=["torch", "flax"])
-def framework_cpu(request: pytest.FixtureRequest) -> Framework:
-    """A framework on its CPU backend, for what runs once per framework (doctests)."""
-    return Framework(request.param, _backend("torch" if request.param == "torch" else "jax"))
-
-
 # --------------------------------------------------------------------------- oracles
 def full_table(raw: np.ndarray, symmetric: bool) -> np.ndarray:
     """``w`` from a stored table; a symmetric one stores ``h`` with ``w(t) = h[|t|]``."""
@@ -767,26 +761,6 @@ def test_flax_bias_needs_rngs_or_seed():
     _flax()
     with pytest.raises(TypeError, match="rngs"):
         frf.FastRPB(2, 8)
-
-
-# --------------------------------------------------------------------------- docstrings
-def _doctest(name: str, **extra: Any) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), extraglobs=extra, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0, (name, result)
-    assert result.failed == 0, (name, result)
-
-
-def test_docstring_examples(framework_cpu):
-    """The examples in the docstrings (shown in the API reference) run."""
-    if framework_cpu.name == "torch":
-        import torch
-
-        _doctest("fastrpb.torch", torch=torch)
-    else:
-        _doctest("fastrpb.flax")
 
 
 # --------------------------------------------------------------------------- drop-in (PyTorch)
