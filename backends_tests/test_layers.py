@@ -46,6 +46,7 @@ def _backend(name: str) -> Backend:
 # --------------------------------------------------------------------------- frameworks
 _FLAX_FORWARD: Any = None  # nnx.jit(lambda m, x: m(x)), made on first use (Framework.forward)
 _FLAX_PREFILL: Any = None  # the same for a call with a cache (Framework.prefill)
+_FLAX_STEP: Any = None  # the same for a decoding step (Framework.step)
 
 
 @dataclass
@@ -140,6 +141,18 @@ class Framework:
             _FLAX_PREFILL = nnx.jit(lambda m, x, c: m(x, return_cache=True, cache=c))
         return _FLAX_PREFILL(layer, x, cache)
 
+    def step(self, layer: Any, x_t: Any, cache: Any = None) -> tuple[Any, Any]:
+        """``layer.step(x_t, cache)``; under ``nnx.jit`` for Flax, as ``forward`` (a
+        decoding loop of many steps; the eager step keeps tests of its own)."""
+        if self.name == "torch":
+            return layer.step(x_t, cache)
+        global _FLAX_STEP
+        if _FLAX_STEP is None:
+            from flax import nnx
+
+            _FLAX_STEP = nnx.jit(lambda m, x, c: m.step(x, c))
+        return _FLAX_STEP(layer, x_t, cache)
+
     # ---- training
     def no_grad(self) -> Any:
         import contextlib
@@ -160,7 +173,8 @@ class Framework:
         import jax.numpy as jnp
         from flax import nnx
 
-        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(layer)
+        # under nnx.jit: one compilation of the backward pass, not one per operation
+        grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x) ** 2)))(layer)
         flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]
         return {jax.tree_util.keystr(path): np.asarray(g) for path, g in flat}
 
@@ -557,14 +571,14 @@ def test_step_reproduces_causal_forward(framework, rng):
     with fw.no_grad():
         cache, outs = None, []
         for t in range(8):
-            y_t, cache = layer.step(x[:, t], cache)
+            y_t, cache = fw.step(layer, x[:, t], cache)
             outs.append(y_t)
         assert_close(fw.backend, fw.stack(outs), expected, "float64")
         # prefill then decode
         prefix, cache = layer(x[:, :5], return_cache=True)
         assert_close(fw.backend, prefix, expected[:, :5], "float64")
         for t in range(5, 8):
-            y_t, cache = layer.step(x[:, t], cache)
+            y_t, cache = fw.step(layer, x[:, t], cache)
             assert_close(fw.backend, y_t, expected[:, t], "float64")
 
 
