@@ -614,7 +614,7 @@ ERRORS = {
         lambda fw: fw.mha(8, 2),
         lambda fw, m: m(
             fw.array(np.zeros((1, 3, 8))),
-            cache=fw.mha(8, 2, causal=True)(fw.array(np.zeros((1, 3, 8))), return_cache=True)[1],
+            cache=fw.prefill(fw.mha(8, 2, causal=True), fw.array(np.zeros((1, 3, 8))), None)[1],
         ),
         ValueError,
         "cache= continues a causal sequence",
@@ -741,7 +741,7 @@ def test_flax_same_rngs_same_table_under_jit():
     for a, b in zip(fw.raw_tables(nd_eager), fw.raw_tables(nd_traced), strict=True):
         np.testing.assert_array_equal(b, a)
     assert [t.shape for t in fw.raw_tables(nd_traced)] == [(2, 3), (2, 4)]
-    assert traced(fw.array(np.ones((1, 5, 12)), "float32")).shape == (1, 5, 12)
+    assert fw.forward(traced, fw.array(np.ones((1, 5, 12)), "float32")).shape == (1, 5, 12)
 
 
 def test_flax_restored_state_with_numpy_leaves(rng):
