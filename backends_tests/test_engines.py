@@ -42,7 +42,6 @@ def _selected(name: str) -> bool:
 @pytest.mark.skipif(not _selected("jax"), reason="jax is not in FASTRPB_BACKENDS")
 def test_jax_sharded_jit_keeps_the_work_local():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(HERE)])}
-    env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, str(HERE / "sharded_jax.py")],
         check=False,
@@ -523,7 +522,6 @@ def test_docs_data_parallel_example(tmp_path):
     script = tmp_path / "data_parallel.py"
     script.write_text(_scaling_examples()["jax"])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )

@@ -37,7 +37,6 @@ def _selected(name: str) -> bool:
 
 def _run(*args: str, ok: bool = True) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(HERE)])}
-    env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
