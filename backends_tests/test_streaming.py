@@ -101,9 +101,9 @@ SPLITS = {
 }
 
 
-@pytest.mark.subset(
-    lambda split, precision: (split, precision) in {("empty-and-size-1", "float32"), ("off-block", "float64")}
-)
+# elsewhere the split with empty, one-token and off-block pieces, in float32 (each piece
+# length is a new shape for eager JAX: 33 s a split on a loaded CPU)
+@pytest.mark.subset(lambda split, precision: split == "empty-and-size-1" and precision == "float32")
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_chunks_match_one_call(backend, rng, split, precision):
