@@ -27,9 +27,9 @@ def test_oracle_is_convolution_not_correlation():
 
 
 # ----------------------------------------------------------------- rpb
-# elsewhere than NumPy and array-api-strict: every length in float32, every dtype at
-# L = 1 and at the prime L = 97
-@pytest.mark.subset(lambda L, dtype: dtype == "float32" or L in (1, 97))
+# elsewhere than NumPy and array-api-strict: every dtype at L = 1 and at the prime L = 97,
+# and in float32 a short and a long length (the lengths pick FFT sizes, not code paths)
+@pytest.mark.subset(lambda L, dtype: L in (1, 97) or (dtype == "float32" and L in (7, 784)))
 @pytest.mark.parametrize("L", [1, 2, 3, 7, 64, 97, 784])
 def test_rpb_matches_dense(backend, dtype, rng, L):
     M = L + 3
@@ -39,6 +39,7 @@ def test_rpb_matches_dense(backend, dtype, rng, L):
     assert_close(backend, out, oracle_rpb(v, w), dtype, scale=np.abs(oracle_rpb(v, w)).max() + L**0.5)
 
 
+@pytest.mark.subset(lambda L: L in (1, 1567))  # elsewhere than NumPy and array-api-strict
 @pytest.mark.parametrize("L", [1, 5, 64, 1567])
 def test_rpb_causal_matches_dense(backend, rng, L):
     v = rng.standard_normal((L, 3))
@@ -64,7 +65,8 @@ def test_rpb_long_prime_lengths(backend, rng, L):
     v = rng.standard_normal((L, 2))
     w = rng.standard_normal((2 * L - 1,)) / L
     expected = oracle_rpb(v, w)
-    assert_close(backend, fastrpb.rpb(backend.asarray(v), backend.asarray(w)), expected, "float64")
+    # the FFT sizes' maths: compiled on JAX (backend.call); the eager calls are tested above
+    assert_close(backend, backend.call(fastrpb.rpb, backend.asarray(v), backend.asarray(w)), expected, "float64")
 
 
 def test_rpb_table_longer_than_sequence_uses_central_entries(backend, rng):
@@ -72,19 +74,20 @@ def test_rpb_table_longer_than_sequence_uses_central_entries(backend, rng):
     v = rng.standard_normal((L, 3))
     w = rng.standard_normal((2 * M - 1,))
     central = w[M - L : M + L - 1]
-    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w))
+    out = backend.call(fastrpb.rpb, backend.asarray(v), backend.asarray(w))
     assert_close(backend, out, oracle_rpb(v, central), "float64")
 
 
 def test_rpb_per_head_tables_broadcast(backend, rng):
     v = rng.standard_normal((2, 3, 9, 4))  # (B, H, L, D)
     w = rng.standard_normal((3, 2 * 9 - 1))  # (H, 2M-1)
-    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w))
+    # broadcasting is laid out from the shapes: compiled on JAX (backend.call)
+    out = backend.call(fastrpb.rpb, backend.asarray(v), backend.asarray(w))
     assert_close(backend, out, oracle_rpb(v, w), "float64")
     # a table with more leading dimensions than the values
     w2 = rng.standard_normal((2, 1, 2 * 9 - 1))
     v2 = rng.standard_normal((9, 4))
-    out2 = fastrpb.rpb(backend.asarray(v2), backend.asarray(w2))
+    out2 = backend.call(fastrpb.rpb, backend.asarray(v2), backend.asarray(w2))
     assert_close(backend, out2, oracle_rpb(v2, w2), "float64")
 
 
@@ -96,7 +99,7 @@ def test_rpb_skip(backend, rng, skip, causal):
     v = rng.standard_normal((2, L, 3))
     M = L - skip[0] - skip[1] + 1
     w = rng.standard_normal((2 * M - 1,))
-    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=skip)
+    out = backend.call(fastrpb.rpb, backend.asarray(v), backend.asarray(w), causal=causal, skip=skip)  # compiled on JAX
     expected = oracle_rpb(v, w, causal=causal, skip=skip)
     assert_close(backend, out, expected, "float64")
     got = backend.to_numpy(out)
@@ -169,8 +172,13 @@ def test_rpb_nd_matches_dense(backend, rng, grid, with_table, skip):
     L = int(np.prod(grid)) + sum(skip)
     v = rng.standard_normal((2, L, 3))
     tables = [rng.standard_normal((2, 2 * (g + 1) - 1)) if t else None for g, t in zip(grid, with_table, strict=True)]
-    out = fastrpb.rpb_nd(
-        backend.asarray(v), [None if t is None else backend.asarray(t) for t in tables], grid, skip=skip
+    # compiled on JAX (backend.call); the eager N-d calls are the dtype tests below
+    out = backend.call(
+        fastrpb.rpb_nd,
+        backend.asarray(v),
+        [None if t is None else backend.asarray(t) for t in tables],
+        grid=grid,
+        skip=skip,
     )
     assert_close(backend, out, oracle_rpb_nd(v, tables, grid, skip), "float64")
 
@@ -359,11 +367,13 @@ def test_rpb_property(backend, L, extra, heads, causal, a, b, seed):
     M = max(inner, 1) + extra
     v = rng.standard_normal((2, *heads, L, 2)) if heads else rng.standard_normal((L, 2))
     w = rng.standard_normal((*heads, 2 * M - 1))
+    # compiled on JAX (backend.call): each example has new shapes, one compilation
+    # instead of one per operation; the eager calls have the tests above
     if a + b > L:
         with pytest.raises(ValueError, match="skip"):
-            fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
+            backend.call(fastrpb.rpb, backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
         return
-    out = fastrpb.rpb(backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
+    out = backend.call(fastrpb.rpb, backend.asarray(v), backend.asarray(w), causal=causal, skip=(a, b))
     assert_close(backend, out, oracle_rpb(v, w, causal, (a, b)), "float64")
 
 
@@ -410,8 +420,14 @@ def test_rpb_nd_causal_matches_dense(backend, rng, grid, with_table, skip):
     v = rng.standard_normal((2, L, 3))
     # tables longer than their axis (M = G + 1): only the central entries are used
     tables = [rng.standard_normal((2, 2 * (g + 1) - 1)) if t else None for g, t in zip(grid, with_table, strict=True)]
-    out = fastrpb.rpb_nd(
-        backend.asarray(v), [None if t is None else backend.asarray(t) for t in tables], grid, causal=True, skip=skip
+    # compiled on JAX (backend.call); the eager N-d calls are the dtype tests below
+    out = backend.call(
+        fastrpb.rpb_nd,
+        backend.asarray(v),
+        [None if t is None else backend.asarray(t) for t in tables],
+        grid=grid,
+        causal=True,
+        skip=skip,
     )
     expected = oracle_rpb_nd_causal(v, tables, grid, skip) if any(with_table) else np.zeros_like(v)
     assert_close(backend, out, expected, "float64")
@@ -421,13 +437,14 @@ def test_rpb_nd_causal_per_head_tables_broadcast(backend, rng):
     grid = (3, 4)
     v = rng.standard_normal((2, 3, 12, 4))  # (batch, heads, L, D)
     tables = [rng.standard_normal((4, 1, 1, 5)), rng.standard_normal((7,))]  # a new leading axis, and shared
-    out = fastrpb.rpb_nd(backend.asarray(v), [backend.asarray(t) for t in tables], grid, causal=True)
+    # broadcasting is laid out from the shapes: compiled on JAX (backend.call)
+    out = backend.call(fastrpb.rpb_nd, backend.asarray(v), [backend.asarray(t) for t in tables], grid=grid, causal=True)
     expected = oracle_rpb_nd_causal(v, tables, grid)
     assert out.shape == (4, 2, 3, 12, 4) == expected.shape
     assert_close(backend, out, expected, "float64")
     # one table per head (H, 2M - 1) against values (B, H, L, D)
     heads = [rng.standard_normal((3, 5)), rng.standard_normal((3, 7))]
-    out = fastrpb.rpb_nd(backend.asarray(v), [backend.asarray(t) for t in heads], grid, causal=True)
+    out = backend.call(fastrpb.rpb_nd, backend.asarray(v), [backend.asarray(t) for t in heads], grid=grid, causal=True)
     assert_close(backend, out, oracle_rpb_nd_causal(v, heads, grid), "float64")
 
 

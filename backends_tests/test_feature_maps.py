@@ -272,6 +272,8 @@ def _attention_inputs(backend, rng, dtype, L=9, d=4):
     return arrays, [backend.to_numpy(a).astype(np.float64) for a in arrays]
 
 
+# elsewhere than NumPy and array-api-strict: the map objects (the name resolves to the same map)
+@pytest.mark.subset(lambda name, **_: name != "taylor_name")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("name", ["taylor", "taylor_name", "hedgehog"])
 def test_taylor_hedgehog_attention_match_dense_oracle(backend, dtype, rng, name, causal):
@@ -281,7 +283,8 @@ def test_taylor_hedgehog_attention_match_dense_oracle(backend, dtype, rng, name,
         fmap, phi = fm.hedgehog(w), lambda a: oracles.hedgehog(a, wn)
     else:
         fmap, phi = ("taylor" if name == "taylor_name" else fm.taylor()), oracles.taylor
-    out = linear_attention(q, k, v, feature_map=fmap, causal=causal, chunk_size=4)
+    # the maps' maths: compiled on JAX (backend.call); the eager call has its own tests
+    out = backend.call(linear_attention, q, k, v, feature_map=fmap, causal=causal, chunk_size=4)
     assert out.dtype == q.dtype
     assert out.shape == (2, 9, 3)
     expected = oracles.kernel_attention(phi(qn), phi(kn), vn, causal=causal, eps=1e-6)
