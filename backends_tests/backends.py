@@ -383,16 +383,21 @@ def check_gradients(
     import oracles
 
     args = [np.asarray(a, dtype=np.float64) for a in inputs]
-    # compiled on JAX: only the shape is needed, and an eager call costs 5x a compilation
-    probe = backend.to_numpy(backend.compile(fn)(*(backend.asarray(a) for a in args)))
-    r = backend.asarray(np.random.default_rng(seed).standard_normal(probe.shape))
+    xs = [backend.asarray(a) for a in args]
+    if backend.grad == "jax":  # only the shape is needed: traced, never compiled or run
+        import jax
+
+        shape = tuple(jax.eval_shape(fn, *xs).shape)
+    else:
+        shape = tuple(fn(*xs).shape)
+    r = backend.asarray(np.random.default_rng(seed).standard_normal(shape))
     xp = backend.xp
 
     def loss(*xs: Any) -> Any:
         return xp.sum(fn(*xs) * r)
 
     compiled = backend.compile(loss)  # on JAX: one compilation, not one per operation and call
-    grads = backend.gradient(compiled, *(backend.asarray(a) for a in args))
+    grads = backend.gradient(compiled, *xs)
     numeric = oracles.finite_differences(lambda *a: float(compiled(*(backend.asarray(x) for x in a))), *args, h=h)
     for k, (g, n) in enumerate(zip(grads, numeric, strict=True)):
         scale = max(1.0, float(np.max(np.abs(n))) if n.size else 1.0)
