@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import statistics
 import time
@@ -318,10 +319,13 @@ def main(argv: list[str] | None = None) -> None:
             "features": FEATURES,
             "steps": args.steps,
             "rounds": args.rounds,
+            "train_steps": args.train_steps,
+            "load_average_start": os.getloadavg(),
         },
     }
 
     def save() -> None:
+        result["machine"]["load_average_now"] = os.getloadavg()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
