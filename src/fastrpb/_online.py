@@ -347,7 +347,8 @@ def _push(xp: Any, window: Any, near: Any, v: Any, count: Any, *, a: int) -> tup
     one cached jitted computation."""
     r = (count - a) % _WINDOW
     window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
-    return owned(xp, _rows(xp, window[..., 0, :], r, 1)[..., 0, :]), window, count + 1
+    row = window[..., r, 0, :] if isinstance(r, int) else _rows(xp, window[..., 0, :], r, 1)[..., 0, :]
+    return owned(xp, row), window, count + 1
 
 
 @eager_jit(static=("a", "M"))

@@ -21,12 +21,10 @@ from .exponential import fold_queries, log_features
 __all__ = ["decode_token", "token_features", "recurrent_step"]
 
 
-@eager_jit(static=("fmap", "scale"))
 def token_features(xp: Any, q: Any, k: Any, *, fmap: FeatureMap, scale: float | None = None) -> tuple[Any, Any, Any]:
     """The features of one token's query (times ``scale``, if given) and key,
     ``(phi(q), phi(k), None)``; for an exponential map its log-features ``(l(q) - m,
-    l(k), m)``, ``m`` the query row's maximum (``log_features``). Eager JAX: one
-    cached jitted computation (``eager_jit``)."""
+    l(k), m)``, ``m`` the query row's maximum (``log_features``)."""
     if scale is not None:
         q = q * scale
     if fmap.exponential:
@@ -35,7 +33,6 @@ def token_features(xp: Any, q: Any, k: Any, *, fmap: FeatureMap, scale: float | 
     return fq, fk, None
 
 
-@eager_jit(static=("eps", "normalize"))
 def recurrent_step(
     xp: Any, token: tuple[Any, Any, Any], S: Any, z: Any, offset: Any, v: Any, *, eps: float, normalize: bool
 ) -> tuple[Any, Any, Any, Any]:
@@ -46,7 +43,6 @@ def recurrent_step(
     before any key, else ``None``); ``v`` is the token's value. All in the compute
     dtype. Returns ``(out, S, z, offset)``: ``out`` normalised (``eps`` added to the
     denominator) or, with ``normalize=False``, the numerator in the kernel's true scale.
-    Eager JAX: one cached jitted computation (``eager_jit``).
     """
     q_part, k_part, mq = token
     log_scale = None
