@@ -257,6 +257,45 @@ def test_step_honours_skip(backend, rng):
     assert_close(backend, backend.xp.stack(outs, axis=-2), expected, "float64")
 
 
+def test_eager_jax_steps_compile_once_per_piece(backend, rng):
+    """Eager JAX runs a step's pieces as cached jitted computations: the first step and
+    the first completion of each kind compile, every other step reuses them."""
+    if backend.grad != "jax" or backend.jit is None:
+        pytest.skip(f"{backend.name}: eager JAX only")
+    import logging
+
+    L = 70  # window completions at tokens 31 (one level) and 63 (two levels)
+    (q, k, v), (qn, kn, vn), _ = _data(backend, rng, "float64", L=L)
+    wn = rng.standard_normal((2 * L - 1,)) / 8
+    w = backend.asarray(wn)
+    tokens = [(q[:, t, :], k[:, t, :], v[:, t, :]) for t in range(L)]  # sliced before counting
+    compiled: list[str] = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Finished XLA compilation"):
+                compiled.append(record.getMessage())
+
+    handler, logger = Compiles(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    state, outs, per_step = None, [], []
+    try:
+        with backend.native.log_compiles():
+            for t in range(L):
+                before = len(compiled)
+                out_t, state = linear_attention_step(state, *tokens[t], feature_map="sikf", rpb=w)
+                outs.append(out_t)
+                per_step.append(len(compiled) - before)
+    finally:
+        logger.removeHandler(handler)
+    assert_close(backend, backend.xp.stack(outs, axis=-2), _oracle("sikf", lambda x: x, qn, kn, vn, wn=wn), "float64")
+    # the first step (which also makes the state) compiles; then only the first window
+    # completion of each kind, once (per operation it was twenty and more)
+    assert [t for t, n in enumerate(per_step) if n and t not in (0, 31, 63)] == []
+    assert per_step[31] <= 1
+    assert per_step[63] <= 1
+
+
 # --------------------------------------------------------------------------- jit, gradients
 @pytest.mark.jit
 @pytest.mark.parametrize("bias", [False, True], ids=["", "rpb"])

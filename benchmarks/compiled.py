@@ -1,6 +1,6 @@
-"""Decoding with the bias, eager against compiled: per-token time, compile time, recompiles.
+"""Eager against compiled, with the bias: decoding, a training step, compile time, recompiles.
 
-    python -m benchmarks.compiled [--ts 1024,16384] [--steps 64] [--json PATH]
+    python -m benchmarks.compiled [--ts 1024,16384] [--steps 64] [--train 4096] [--json PATH]
 
 One decoding step ``linear_attention_step(state, q_t, k_t, v_t, rpb=w)`` (elu, 8 heads x
 64 features, float32, one thread) after a prompt of ``t`` tokens (table ``M = t +
@@ -11,8 +11,19 @@ median over ``--rounds``. The compiled modes also report the first call (compile
 time) and the number of graphs compiled over all the steps (Dynamo's unique graphs;
 jit traces, counted by a Python side effect).
 
+``--train`` (default L = 4,096) also times one training step, forward and backward, of
+``fastrpb.torch.LinearAttention(512, 8, feature_map="elu", rpb=L, causal=True)`` (the
+layer with a causal FastRPB) on one sequence of ``L`` tokens: eager against
+``torch.compile`` (Inductor, ``fullgraph``), and its flax twin under ``jax.jit``
+(``nnx.value_and_grad``), with the first calls (the compiles) and the graphs compiled.
+
 ``--jax-prompt`` (default 4,096) also times eager JAX against eager NumPy over the
 first 50 steps after that prompt (4 heads, d = 32, sikf), the first step included.
+
+A compiled mode whose first call (the compile) runs past ``--compile-limit`` seconds
+is stopped and recorded as unfinished (``*_unfinished``); the JSON is rewritten after
+every measurement, so a run cut short keeps what finished. Rows run in this order:
+the eager JAX row, the training step, then the decode rows.
 
 The committed run is ``docs/performance/compiled.json``.
 """
@@ -20,14 +31,64 @@ The committed run is ``docs/performance/compiled.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 HEADS, FEATURES = 8, 64
+
+
+class Unfinished(Exception):
+    """A compile ran past the limit."""
+
+
+@contextlib.contextmanager
+def _limit(seconds: float) -> Iterator[None]:
+    """Raise ``Unfinished`` in this (main) thread after ``seconds``."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Unfinished
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _first_call(row: dict[str, Any], name: str, limit: float, call: Callable[[], Any], sync: Any) -> bool:
+    """Time ``call()`` (a compile) into ``row[name + "_first_s"]``; False if it ran past ``limit``."""
+    try:
+        with _limit(limit):
+            start = time.perf_counter()
+            sync(call())
+            row[f"{name}_first_s"] = time.perf_counter() - start
+    except Exception as exc:  # Dynamo wraps what its compiler raised
+        if not _stopped(exc):
+            raise
+        row[f"{name}_unfinished"] = f"the first call did not finish in {limit:.0f} s"
+        return False
+    return True
+
+
+def _stopped(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or was raised from, the limit's ``Unfinished``."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, Unfinished):
+            return True
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _mean_steps(step: Any, state: Any, tokens: list, steps: int, sync: Any) -> tuple[float, float]:
@@ -43,14 +104,24 @@ def _mean_steps(step: Any, state: Any, tokens: list, steps: int, sync: Any) -> t
     return first, (time.perf_counter() - start) / (steps - 1)
 
 
-def decode(t: int, steps: int, rounds: int, modes: list[str]) -> dict[str, Any]:
+def decode(
+    t: int,
+    steps: int,
+    rounds: int,
+    modes: list[str],
+    limit: float = 1e9,
+    save: Callable[[], None] = lambda: None,
+    row: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The decode row at ``t``, filled into ``row`` (if given) as each mode finishes."""
     import fastrpb
 
     rng = np.random.default_rng(0)
     M = t + steps
     q, k, v = (rng.standard_normal((HEADS, t + steps, FEATURES)).astype(np.float32) for _ in range(3))
     w = (rng.standard_normal((HEADS, 2 * M - 1)) / 8).astype(np.float32)
-    row: dict[str, Any] = {"t": t}
+    row = {} if row is None else row
+    row["t"] = t
     if any(m.startswith("torch") for m in modes):
         import torch
 
@@ -65,18 +136,19 @@ def decode(t: int, steps: int, rounds: int, modes: list[str]) -> dict[str, Any]:
             row["torch_eager_s"] = statistics.median(
                 _mean_steps(eager, state, tokens, steps, lambda o: None)[1] for _ in range(rounds)
             )
+            save()
         if "torch_compile" in modes:
             from torch._dynamo.utils import counters
 
             torch._dynamo.reset()
             counters.clear()
             compiled = torch.compile(eager, fullgraph=True)
-            first, _ = _mean_steps(compiled, state, tokens, steps, lambda o: None)
-            row["torch_compile_first_s"] = first
-            row["torch_compile_s"] = statistics.median(
-                _mean_steps(compiled, state, tokens, steps, lambda o: None)[1] for _ in range(rounds)
-            )
+            if _first_call(row, "torch_compile", limit, lambda: compiled(state, *tokens[0]), lambda o: None):
+                row["torch_compile_s"] = statistics.median(
+                    _mean_steps(compiled, state, tokens, steps, lambda o: None)[1] for _ in range(rounds)
+                )
             row["torch_compile_graphs"] = int(counters["stats"]["unique_graphs"])
+            save()
     if any(m.startswith("jax") for m in modes):
         import jax
         import jax.numpy as jnp
@@ -97,15 +169,100 @@ def decode(t: int, steps: int, rounds: int, modes: list[str]) -> dict[str, Any]:
             row["jax_eager_s"] = statistics.median(
                 _mean_steps(step, state, tokens, steps, sync)[1] for _ in range(rounds)
             )
+            save()
         if "jax_jit" in modes:
             traces.clear()
             jitted = jax.jit(step)
-            first, _ = _mean_steps(jitted, state, tokens, steps, sync)
-            row["jax_jit_first_s"] = first
-            row["jax_jit_s"] = statistics.median(
-                _mean_steps(jitted, state, tokens, steps, sync)[1] for _ in range(rounds)
-            )
+            if _first_call(row, "jax_jit", limit, lambda: jitted(state, *tokens[0]), sync):
+                row["jax_jit_s"] = statistics.median(
+                    _mean_steps(jitted, state, tokens, steps, sync)[1] for _ in range(rounds)
+                )
             row["jax_jit_traces"] = len(traces)
+            save()
+    return row
+
+
+def train(
+    L: int,
+    steps: int,
+    rounds: int,
+    modes: list[str],
+    limit: float = 1e9,
+    save: Callable[[], None] = lambda: None,
+    row: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A training step (forward, the mean square of the output as loss, backward) of the
+    attention layer with a causal FastRPB over one sequence of ``L`` tokens: eager,
+    ``torch.compile`` and (flax) ``jax.jit``; mean over ``steps`` calls, median over
+    ``rounds``; the compiled modes also give the first call and the graphs compiled."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, L, HEADS * FEATURES)).astype(np.float32)
+    row = {} if row is None else row
+    row["L"] = L
+
+    def mean(call: Any, sync: Any) -> float:
+        means = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = call()
+            sync(out)
+            means.append((time.perf_counter() - start) / steps)
+        return statistics.median(means)
+
+    if any(m.startswith("torch") for m in modes):
+        import torch
+
+        from fastrpb.torch import LinearAttention
+
+        torch.manual_seed(0)
+        layer = LinearAttention(HEADS * FEATURES, HEADS, feature_map="elu", rpb=L, causal=True)
+        tx = torch.from_numpy(x)
+
+        def loss_and_grads(model: Any) -> Any:
+            layer.zero_grad(set_to_none=True)
+            loss = model(tx).square().mean()
+            loss.backward()
+            return loss.detach()
+
+        losses = {}
+        if "torch" in modes:
+            losses["torch"] = float(loss_and_grads(layer))  # also the warm-up
+            row["torch_eager_s"] = mean(lambda: loss_and_grads(layer), lambda o: None)
+            save()
+        if "torch_compile" in modes:
+            from torch._dynamo.utils import counters
+
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = torch.compile(layer, fullgraph=True)
+            if _first_call(row, "torch_compile", limit, lambda: loss_and_grads(compiled), lambda o: None):
+                row["torch_compile_s"] = mean(lambda: loss_and_grads(compiled), lambda o: None)
+                losses["torch_compile"] = float(loss_and_grads(compiled))
+            row["torch_compile_graphs"] = int(counters["stats"]["unique_graphs"])
+            save()
+        if len(losses) == 2:  # the compiled step computes what the eager one does
+            row["torch_compile_loss_rel_diff"] = abs(losses["torch_compile"] / losses["torch"] - 1)
+    if "jax_jit" in modes:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from fastrpb.flax import LinearAttention as FlaxLinearAttention
+
+        model = FlaxLinearAttention(HEADS * FEATURES, HEADS, feature_map="elu", rpb=L, causal=True, rngs=nnx.Rngs(0))
+        jx = jnp.asarray(x)
+        traces: list[None] = []
+
+        @nnx.jit
+        def step(m: Any, inputs: Any) -> Any:
+            traces.append(None)
+            return nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(inputs))))(m)
+
+        if _first_call(row, "jax_jit", limit, lambda: step(model, jx), jax.block_until_ready):
+            row["jax_jit_s"] = mean(lambda: step(model, jx), jax.block_until_ready)
+        row["jax_jit_traces"] = len(traces)
+        save()
     return row
 
 
@@ -141,8 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=64, help="decoding steps timed from each prompt")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="torch,torch_compile,jax,jax_jit")
+    parser.add_argument("--train", type=int, default=4096, help="L of the training-step row (0: skip it)")
+    parser.add_argument("--train-steps", type=int, default=3, help="training steps timed per round")
     parser.add_argument("--jax-prompt", type=int, default=4096, help="0: skip the eager JAX row")
-    parser.add_argument("--json", default=None, help="write the numbers here")
+    parser.add_argument(
+        "--compile-limit", type=float, default=300, help="seconds a compiled mode's first call may take"
+    )
+    parser.add_argument("--json", default=None, help="write the numbers here (after every measurement)")
     args = parser.parse_args(argv)
     import torch
 
@@ -157,18 +319,31 @@ def main(argv: list[str] | None = None) -> None:
             "features": FEATURES,
             "steps": args.steps,
             "rounds": args.rounds,
+            "train_steps": args.train_steps,
+            "load_average_start": os.getloadavg(),
         },
     }
-    for t in (int(x) for x in args.ts.split(",")):
-        row = decode(t, args.steps, args.rounds, modes)
-        print(json.dumps(row), flush=True)
-        result["decode"].append(row)
+
+    def save() -> None:
+        result["machine"]["load_average_now"] = os.getloadavg()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
     if args.jax_prompt:
         result["jax_after_prompt"] = jax_after_prompt(args.jax_prompt)
         print(json.dumps(result["jax_after_prompt"]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        save()
+    if args.train:
+        result["train"] = {}
+        train(args.train, args.train_steps, args.rounds, modes, args.compile_limit, save, result["train"])
+        print(json.dumps(result["train"]), flush=True)
+        save()
+    for t in (int(x) for x in args.ts.split(",")):
+        result["decode"].append(row := {})
+        decode(t, args.steps, args.rounds, modes, args.compile_limit, save, row)
+        print(json.dumps(row), flush=True)
+        save()
 
 
 if __name__ == "__main__":

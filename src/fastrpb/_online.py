@@ -55,6 +55,7 @@ from ._compat import (
     cond,
     count_array,
     device_of,
+    eager_jit,
     irfft,
     is_compiled,
     is_lazy,
@@ -276,29 +277,27 @@ def _band_conv(xp: Any, x: Any, w: Any, d0: int, d1: int, n: int, lo: int, hi: i
 
 
 # --------------------------------------------------------------------------- online
-def _levels_complete(xp: Any, state_parts: tuple, q: Any, w: Any, M: int, done: Any = None) -> tuple:
+def _levels_complete(
+    xp: Any, carry: Any, blocks: tuple, future: tuple, q: Any, w: Any, M: int, done: Any = None
+) -> tuple[tuple, tuple]:
     """The levels that complete with window ``q`` (``q = E / B`` windows done, ``E`` an
-    aligned end), from ``(carry, *blocks, *future)``: ``carry`` the window's values.
+    aligned end): ``carry`` the window's values, ``blocks`` and ``future`` the state's.
 
     Level ``k`` completes iff ``q`` is a multiple of ``2^k``: its block (the carry: the
     lower blocks of the binary counter joined to the window) is convolved with its
     band of the kernel into the level's pending rows and becomes the counter's slot
     ``k`` (where level ``k + 1`` completes too, that slot's bit is clear and its
-    contents unused). Eagerly the loop stops at the first level that does not
-    complete; under a compiler (``done``: whether the window completes at all) each
-    level is one conditional, side by side: nested ones failed in Dynamo from three
-    levels deep. Returns ``(*blocks, *future)``.
+    contents unused). Eagerly ``blocks`` holds only the slots of the levels that
+    complete (``_fired``), and just those are computed; under a compiler (``done``:
+    whether the window completes at all) each level is one conditional, side by side:
+    nested ones failed in Dynamo from three levels deep. Returns ``(blocks, future)``.
     """
-    levels, n = _levels(M), _slots(M)
+    levels = _levels(M)
     counter = max(1, (M // _WINDOW).bit_length())  # the slots a carry reaches (t <= M)
-    carry, parts = state_parts[0], state_parts[1:]
-    old, blocks, future = parts[:n], list(parts[:n]), list(parts[n:])
-    for k in range(counter):
+    old, new_blocks, new_future = blocks, list(blocks), list(future)
+    for k in range(counter if done is not None else len(blocks)):
         if k:
             carry = xp.concat([old[k - 1], carry], axis=-2)
-        fires = q % (1 << k) == 0
-        if done is None and not bool(fires):
-            break
         has_level = k < len(levels)
 
         def fire(*ops: Any, carry: Any = carry, k: int = k) -> tuple:
@@ -306,12 +305,12 @@ def _levels_complete(xp: Any, state_parts: tuple, q: Any, w: Any, M: int, done: 
                 return (carry,)
             return (carry, _level_rows(xp, carry, ops[1], w, M, *levels[k]))
 
-        ops: tuple = (blocks[k], future[k]) if has_level else (blocks[k],)
-        ops = fire(*ops) if done is None else cond(xp, done & fires, fire, lambda *ops: ops, ops)
-        blocks[k] = ops[0]
+        ops: tuple = (new_blocks[k], new_future[k]) if has_level else (new_blocks[k],)
+        ops = fire(*ops) if done is None else cond(xp, done & (q % (1 << k) == 0), fire, lambda *ops: ops, ops)
+        new_blocks[k] = ops[0]
         if has_level:
-            future[k] = ops[1]
-    return (*blocks, *future)
+            new_future[k] = ops[1]
+    return tuple(new_blocks), tuple(new_future)
 
 
 def _level_rows(xp: Any, carry: Any, old: Any, w: Any, M: int, s: int, d0: int) -> Any:
@@ -332,13 +331,40 @@ def _window_rows(xp: Any, future: tuple, E: Any, like: Any) -> Any:
     return total
 
 
-def _complete(xp: Any, q: Any, w: Any, M: int, window: Any, *parts: Any) -> tuple:
-    """The window ``q`` (counting from 1) is complete: feed the levels and start the next
-    window from their pending rows. ``parts`` is ``(*blocks, *future)``; returns
-    ``(window, *blocks, *future)``."""
-    parts = _levels_complete(xp, (window[..., 1, :], *parts), q, w, M)
-    rows = _window_rows(xp, parts[_slots(M) :], q * _WINDOW, window[..., 0, :])
-    return (xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), *parts)
+def _fired(q: int, M: int) -> int:
+    """How many levels complete with window ``q`` (an int): those ``k`` (below the
+    counter's slots) with ``q`` a multiple of ``2^k``."""
+    counter = max(1, (M // _WINDOW).bit_length())
+    return min(counter, (q & -q).bit_length())
+
+
+@eager_jit(static=("a",))
+def _push(xp: Any, window: Any, near: Any, v: Any, count: Any, *, a: int) -> tuple:
+    """The token ``v`` after ``count`` tokens seen (an int, or a 0-d array on JAX and
+    under a compiler): its weights ``c_{i-r}`` pushed onto the window rows ``i >= r``
+    and the token written into row ``r`` (``r`` its position in the window); returns
+    ``(its bias, read from row r, window, count + 1)``. One multiply-add; eager JAX:
+    one cached jitted computation."""
+    r = (count - a) % _WINDOW
+    window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
+    row = window[..., r, 0, :] if isinstance(r, int) else _rows(xp, window[..., 0, :], r, 1)[..., 0, :]
+    return owned(xp, row), window, count + 1
+
+
+@eager_jit(static=("a", "M"))
+def _complete(xp: Any, window: Any, blocks: tuple, future: tuple, w: Any, count: Any, *, a: int, M: int) -> tuple:
+    """The window ending with token ``count - 1`` (``count`` the tokens seen: an int, or
+    a 0-d array on JAX) is complete, and with it the levels of the slots ``blocks``
+    (the first ``_fired`` of the state's): feed them and start the next window from
+    the pending rows of all levels (``future``, the state's). Returns ``(window,
+    blocks, future of the levels fed)``: only what changed, so that eager JAX, which
+    runs this as one cached jitted computation per number of levels (``eager_jit``),
+    does not copy the untouched levels (a jitted call returns fresh arrays, O(M D))."""
+    q = (count - a) // _WINDOW
+    blocks, future = _levels_complete(xp, window[..., 1, :], blocks, future, q, w, M)
+    rows = _window_rows(xp, future, q * _WINDOW, window[..., 0, :])
+    window = xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2)
+    return window, blocks, future[: len(blocks)]
 
 
 def step(
@@ -365,38 +391,42 @@ def step(
         state = _ready_compiled(xp, state, w, M, a, work)
     elif not int(state.ready):  # the first step after a chunk: the levels, once
         state = _rebuild(xp, _history(xp, state, seen - a, work), seen - a, state.count, a, w, M)
-    # positions as arrays under a compiler, and for libraries that compile one kernel per
-    # static slice (eager JAX: 32 window rows would be 32 compilations)
+    # the count as an array under a compiler, and for eager JAX, whose jitted kernels
+    # (``eager_jit``) then compile once, not once per position
     arrays = compiled or slices_compile(xp)
-    t = state.count - a if arrays else seen - a  # biased position of this token
-    if compiled and a:
-        v = xp.where(t < 0, _zeros(xp, (), v), v)
-    r = t % _WINDOW
+    count = state.count if arrays else seen
     near = as_dtype(xp, state.near, work)
     window = as_dtype(xp, state.window, work)
-    n = _slots(M)
-    # push: this token's weights c_{i-r} onto the window rows i >= r, and the token into row r
-    window = multiply_add(xp, window, _rows(xp, near, _WINDOW - 1 - r, _WINDOW, axis=-3), v[..., None, None, :])
+    if compiled and a:
+        v = xp.where(state.count < a, _zeros(xp, (), v), v)
+    out, window, after = _push(xp, window, near, v, count, a=a)
     if not compiled:  # the hot path: one multiply-add, then only every B tokens the levels
-        out = _rows(xp, window[..., 0, :], r, 1)[..., 0, :] if arrays else owned(xp, window[..., r, 0, :])
-        count = state.count + 1 if arrays else count_array(xp, seen + 1, like=v)
+        count = after if arrays else count_array(xp, after, like=v)
         if (seen - a) % _WINDOW != _WINDOW - 1:
             return out, state._replace(window=window, near=near, count=count)
-        parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
-        window, *rest = _complete(xp, (t + 1) // _WINDOW, w, M, window, *parts)
+        blocks = tuple(as_dtype(xp, b, work) for b in state.blocks)
+        future = tuple(as_dtype(xp, f, work) for f in state.future)
+        fired = _fired((seen - a + 1) // _WINDOW, M)
+        window, fed, pending = _complete(xp, window, blocks[:fired], future, w, after, a=a, M=M)
         return out, state._replace(
-            blocks=tuple(rest[:n]), window=window, future=tuple(rest[n:]), near=near, count=count
+            blocks=(*fed, *blocks[fired:]),
+            window=window,
+            future=(*pending, *future[len(pending) :]),
+            near=near,
+            count=count,
         )
-    out = _mask_positions(xp, _rows(xp, window[..., 0, :], r, 1)[..., 0, :], t, M)
-    parts = (*(as_dtype(xp, b, work) for b in state.blocks), *(as_dtype(xp, f, work) for f in state.future))
-    done = r == _WINDOW - 1
+    t = state.count - a  # biased position of this token
+    out = _mask_positions(xp, out, t, M)
+    blocks = tuple(as_dtype(xp, b, work) for b in state.blocks)
+    future = tuple(as_dtype(xp, f, work) for f in state.future)
+    done = t % _WINDOW == _WINDOW - 1
     if a:
         done = done & (t >= 0)
     q = (t + 1) // _WINDOW
-    levels = _levels_complete(xp, (window[..., 1, :], *parts), q, w, M, done=done)
-    rows = _window_rows(xp, levels[n:], q * _WINDOW, window[..., 0, :])
+    blocks, future = _levels_complete(xp, window[..., 1, :], blocks, future, q, w, M, done=done)
+    rows = _window_rows(xp, future, q * _WINDOW, window[..., 0, :])
     window = xp.where(done, xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), window)
-    return out, state._replace(blocks=levels[:n], window=window, future=levels[n:], near=near, count=state.count + 1)
+    return out, state._replace(blocks=blocks, window=window, future=future, near=near, count=state.count + 1)
 
 
 def _ready_compiled(xp: Any, state: RPBState, w: Any, M: int, a: int, work: Any) -> RPBState:

@@ -67,7 +67,7 @@ from ._kernels.common import (
 from ._kernels.exponential import causal_exp_attention, log_features, noncausal_exp_attention, state_keys
 from ._kernels.noncausal import noncausal_attention
 from ._kernels.packed import packed_bias, packed_lengths, packed_linear_attention
-from ._kernels.recurrent import recurrent_step, token_features
+from ._kernels.recurrent import decode_token, recurrent_step, token_features
 from ._kernels.rpb import add_bias, add_bias_streaming, add_bias_streaming_nd, step_bias, step_bias_nd
 from ._online import held as held_1d
 from ._online_nd import RPBndState
@@ -667,22 +667,28 @@ def linear_attention_step(
     # -- compute
     result, work = compute_dtype(xp, q_t, k_t, v_t)
     qw, kw, vw = (as_dtype(xp, x, work) for x in (q_t, k_t, v_t))
-    if scale is not None:
-        qw = qw * scale
     Dv = v_t.shape[-1]
-    token = token_features(xp, fmap, qw, kw)
-    F = token[1].shape[-1]
-    if state is None:
-        S = xp.zeros((F, Dv), dtype=work, device=device_of(v_t))
-        z = xp.zeros((F,), dtype=work, device=device_of(v_t))
-        offset = neg_inf(xp, z) if fmap.exponential else None
+    F = fmap.features(q_t.shape[-1])
+    token = None
+    if F is None:  # a plain callable declares no width: its features give it
+        token = token_features(xp, qw, kw, fmap=fmap, scale=scale)
+        F = token[1].shape[-1]
+    if state is None:  # the shapes of every later state: a jitted step compiles once
+        S = xp.zeros((*lead, F, Dv), dtype=work, device=device_of(v_t))
+        z = xp.zeros((*lead, F), dtype=work, device=device_of(v_t))
+        offset = xp.full((*lead, F), -math.inf, dtype=work, device=device_of(v_t)) if fmap.exponential else None
     elif _fits(state, fmap, F, Dv, lead, work):  # a state this function made for these shapes
         S, z, offset = state.S, state.z, state.offset
     else:
         S, z, offset = _check_state(xp, fmap, state, F, Dv, lead)
         S, z = as_dtype(xp, S, work), as_dtype(xp, z, work)
         offset = None if offset is None else as_dtype(xp, offset, work)
-    out, S, z, offset = recurrent_step(xp, token, S, z, offset, vw, eps=eps, normalize=normalize)
+    if token is None:  # one computation (eager JAX: ``eager_jit``)
+        out, S, z, offset = decode_token(
+            xp, qw, kw, vw, S, z, offset, fmap=fmap, scale=scale, eps=eps, normalize=normalize
+        )
+    else:
+        out, S, z, offset = recurrent_step(xp, token, S, z, offset, vw, eps=eps, normalize=normalize)
     history = None
     if rpb_tables is not None or isinstance(None if state is None else state.rpb, RPBndState):
         out, history = step_bias_nd(xp, out, state, vw, rpb_tables, rpb_grid, rpb_skip)

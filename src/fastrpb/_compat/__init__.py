@@ -22,7 +22,8 @@ branches on one. One module per concern:
 - ``pad``: padding, shifting, indexing along one axis;
 - ``activations``: ELU + 1 and softmax;
 - ``pytree``: JAX pytrees registered without importing JAX;
-- ``control``: conditionals and dynamic positions that compile (``cond``, ``is_compiled``).
+- ``control``: conditionals and dynamic positions that compile (``cond``, ``is_compiled``),
+  eager JAX kernels as cached jitted computations (``eager_jit``).
 
 This module re-exports their names: ``from fastrpb._compat import x`` is the import.
 """
@@ -30,7 +31,7 @@ This module re-exports their names: ``from fastrpb._compat import x`` is the imp
 from __future__ import annotations
 
 from .activations import elu_plus_one, softmax
-from .control import cond, is_compiled, owned, slices_compile
+from .control import cond, eager_jit, is_compiled, owned, slices_compile
 from .dispatch import (
     MIN_API_VERSION,
     compute_dtype,
@@ -51,6 +52,7 @@ from .scan import associative_scan, cumulative_max, cumulative_sum, exclusive_su
 __all__ = [
     "concat_rows",
     "cond",
+    "eager_jit",
     "is_compiled",
     "owned",
     "slices_compile",

@@ -1,14 +1,16 @@
 """Control flow that compiles: conditionals and positions under ``jax.jit`` and
-``torch.compile``, eagerly plain Python (the streaming FastRPB state, ``_online``)."""
+``torch.compile``, eagerly plain Python (the streaming FastRPB state, ``_online``),
+and eager JAX kernels run as cached ``jax.jit`` computations (``eager_jit``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from .dispatch import _is
+from .dispatch import _is, device_of
 
 
 def is_compiled(xp: Any, *arrays: Any) -> bool:
@@ -63,15 +65,75 @@ def owned(xp: Any, x: Any) -> Any:
     never shares memory with an array it was cut from (a larger buffer it would keep
     alive, or a caller's array), and a state made by a rebuild (views, transposes)
     stores the layout a compiled step does (a compiled function guards on strides).
-    JAX arrays are immutable and have no views: returned as they are. On PyTorch a
-    ``clone`` (not ``torch.asarray(x, copy=True)``, which warns once per process for a
-    tensor that requires grad under 2.13) copies within the autograd graph."""
+    JAX arrays are immutable and have no views: returned as they are, but committed to
+    their device (``jax.device_put``, no copy): an array computed from a caller's
+    uncommitted ones (``jnp.asarray`` of NumPy data) is uncommitted, a jitted step's
+    outputs are committed, and ``jax.jit`` compiles again for each placement, so a
+    state keeps one (a prompt's state then continues a jitted step without a second
+    compilation). On PyTorch a ``clone`` (not ``torch.asarray(x, copy=True)``, which
+    warns once per process for a tensor that requires grad under 2.13) copies within
+    the autograd graph."""
     if _is(xp, "torch"):
         import torch
 
         return x.clone(memory_format=torch.contiguous_format)
     if _is(xp, "numpy"):
         return np.array(x, order="C", copy=True)
-    if _is(xp, "jax") or _is(xp, "dask"):
+    if _is(xp, "jax"):
+        import jax  # already imported: xp is JAX's namespace
+
+        return x if isinstance(x, jax.core.Tracer) else jax.device_put(x, device_of(x))
+    if _is(xp, "dask"):
         return x
     return xp.asarray(x, copy=True)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def eager_jit(*, static: tuple[str, ...] = ()) -> Callable[[_F], _F]:
+    """Decorator for a private kernel ``fn(xp, *arrays, **static)``: called with eager
+    JAX arrays, it runs as one cached ``jax.jit`` computation; everywhere else (other
+    libraries, and inside a JAX trace, where it is traced into the caller's
+    computation) as it is.
+
+    Why: eager JAX compiles one XLA executable per operation and shape, tens of
+    milliseconds each on a CPU, and dispatches each operation on its own. A decoding
+    step is a hundred small operations: its first call took seconds and every later
+    one milliseconds (NumPy: a tenth of a millisecond). A JAX user expects what
+    ``jax.numpy``'s own functions do: they run as cached jitted computations. A
+    kernel so decorated compiles once per shape and per value of its ``static``
+    arguments (the Python decisions it takes: hashable values, always passed by
+    keyword), and then costs one dispatch.
+
+    A static argument compared by identity (its type keeps ``object.__eq__``: a feature
+    map holding arrays or a callable) would compile once per object, perhaps a new
+    one per call: such a call runs eagerly instead.
+    """
+
+    def decorate(fn: _F) -> _F:
+        compiled: list[Any] = []  # the jitted kernel, made on first use (JAX is imported then)
+
+        @functools.wraps(fn)
+        def run(xp: Any, *args: Any, **kwargs: Any) -> Any:
+            if not _is(xp, "jax"):
+                return fn(xp, *args, **kwargs)
+            import jax  # already imported: xp is JAX's namespace
+
+            if any(_by_identity(kwargs[n]) for n in static if n in kwargs):
+                return fn(xp, *args, **kwargs)
+            dynamic = (args, [v for n, v in kwargs.items() if n not in static])
+            if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(dynamic)):
+                return fn(xp, *args, **kwargs)
+            if not compiled:
+                compiled.append(jax.jit(fn, static_argnums=0, static_argnames=static))
+            return compiled[0](xp, *args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
+def _by_identity(value: Any) -> bool:
+    """Whether ``value``'s type compares by identity (keeps ``object.__eq__``; not None)."""
+    return value is not None and type(value).__eq__ is object.__dict__["__eq__"]

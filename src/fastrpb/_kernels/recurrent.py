@@ -13,18 +13,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._compat import device_of
+from .._compat import device_of, eager_jit
 from ..feature_maps import FeatureMap
 from .common import features, finite_or_zero
 from .exponential import fold_queries, log_features
 
-__all__ = ["token_features", "recurrent_step"]
+__all__ = ["decode_token", "token_features", "recurrent_step"]
 
 
-def token_features(xp: Any, fmap: FeatureMap, q: Any, k: Any) -> tuple[Any, Any, Any]:
-    """The features of one token's query and key, ``(phi(q), phi(k), None)``; for an
-    exponential map its log-features ``(l(q) - m, l(k), m)``, ``m`` the query row's
-    maximum (``log_features``)."""
+def token_features(xp: Any, q: Any, k: Any, *, fmap: FeatureMap, scale: float | None = None) -> tuple[Any, Any, Any]:
+    """The features of one token's query (times ``scale``, if given) and key,
+    ``(phi(q), phi(k), None)``; for an exponential map its log-features ``(l(q) - m,
+    l(k), m)``, ``m`` the query row's maximum (``log_features``)."""
+    if scale is not None:
+        q = q * scale
     if fmap.exponential:
         return log_features(xp, fmap, q, k, None)
     fq, fk = features(xp, fmap, q, k, None)
@@ -70,3 +72,24 @@ def recurrent_step(
     else:  # unnormalised: exponential maps back to the true scale of the kernel
         out = num if log_scale is None else num * xp.exp(log_scale)
     return out, S, z, offset
+
+
+@eager_jit(static=("fmap", "scale", "eps", "normalize"))
+def decode_token(
+    xp: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    S: Any,
+    z: Any,
+    offset: Any,
+    *,
+    fmap: FeatureMap,
+    scale: float | None,
+    eps: float,
+    normalize: bool,
+) -> tuple[Any, Any, Any, Any]:
+    """``token_features`` then ``recurrent_step``: ``(out, S, z, offset)`` after the
+    token ``(q, k, v)``. Eager JAX: one cached jitted computation, not two."""
+    token = token_features(xp, q, k, fmap=fmap, scale=scale)
+    return recurrent_step(xp, token, S, z, offset, v, eps=eps, normalize=normalize)
