@@ -471,6 +471,7 @@ def _torch_cases():
     }
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.skipif(not _selected("torch"), reason="torch is not in FASTRPB_BACKENDS")
 @pytest.mark.parametrize("backend_name", ["eager", "aot_eager"])
 def test_torch_compile_fullgraph_without_warnings(backend_name, recwarn):

@@ -93,6 +93,7 @@ def test_flax_classifier_learns():
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("torch")
 def test_onnx_deploy_matches_eager():
     pytest.importorskip("onnxruntime", reason="the export extra (pip install 'fastrpb[export]') is not installed")

@@ -220,6 +220,7 @@ def _check(got: np.ndarray, case: Case, inputs: tuple[np.ndarray, ...]) -> None:
 
 
 # --------------------------------------------------------------------------- torch.export
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("torch")
 @pytest.mark.parametrize("name", list(CASES))
 def test_torch_export_runs_another_batch(exported, name, rng):
@@ -289,6 +290,7 @@ def test_complex_tensor_check_finds_one():
     )
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("torch")
 @pytest.mark.parametrize("name", list(CASES))
 def test_onnx_graph_is_real_and_reaches_dft(onnx_models, name):
@@ -303,6 +305,7 @@ def test_onnx_graph_is_real_and_reaches_dft(onnx_models, name):
         assert value.type.tensor_type.shape.dim[0].dim_param, value
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("torch")
 @pytest.mark.parametrize("name", list(CASES))
 def test_onnx_runtime_runs_another_batch(onnx_models, name, rng):
@@ -341,6 +344,7 @@ JAX_CASES: dict[str, tuple[Callable[..., Any], Callable[..., np.ndarray], int]] 
 }
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("jax")
 @pytest.mark.parametrize("name", list(JAX_CASES))
 def test_jax_export_symbolic_batch(name, rng):
@@ -444,6 +448,7 @@ def _assert_compiled_equals_eager(name: str, precision: str, backend: str) -> No
         assert_close(tb, grad, expected_grads[key], precision, **tol)
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("torch")
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", COMPILE_CASES)
@@ -452,6 +457,7 @@ def test_fullgraph_compile_equals_eager(name, precision):
     _assert_compiled_equals_eager(name, precision, "aot_eager")
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.uses_backend("torch")
 def test_fullgraph_compile_with_inductor():
     """The default backend too (C++ code generation), forward and backward, on the causal

@@ -688,6 +688,7 @@ def test_layer_errors(framework, case):
 
 
 # --------------------------------------------------------------------------- PyTorch only
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_torch_compile_runs(torch_cpu, rng):
     import torch
 

@@ -483,6 +483,7 @@ _CALLABLE_UNDER_DYNAMO = pytest.mark.xfail(
 @pytest.mark.parametrize(
     "name", [pytest.param(m, marks=_CALLABLE_UNDER_DYNAMO) if m == "callable" else m for m in MAPS]
 )
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, name):
     # 36 tokens after a 4-token prompt cross a window completion (the level-32 FFT):
     # every feature map compiles at most twice (aot_eager) and equals eager steps to 1e-5
@@ -508,6 +509,7 @@ def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, 
     assert count[0] <= 2, count
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_step_under_torch_compile_compiles_once_from_an_empty_dtype_memo(backend, rng):
     # compute_dtype's memo is not read under Dynamo: a first trace that filled it made
     # Dynamo's guard on the dict fail at the next call, and the step compiled twice
@@ -529,6 +531,7 @@ def test_step_under_torch_compile_compiles_once_from_an_empty_dtype_memo(backend
     assert count[0] == 1, count
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_layer_step_under_torch_compile_compiles_at_most_twice(backend, rng):
     if backend.name != "torch":
         pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")

@@ -531,6 +531,7 @@ def compile_counter(backend="aot_eager"):
     return counted, count
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.parametrize("inductor", [False, True], ids=["aot_eager", "inductor"])
 def test_rpb_step_under_torch_compile_compiles_once(backend, rng, inductor):
     # 140 tokens after a prefill cross the windows and the levels 32, 64 and 128
@@ -556,6 +557,7 @@ def test_rpb_step_under_torch_compile_compiles_once(backend, rng, inductor):
     assert float((tail - fastrpb.rpb(v[..., L:, :], w, causal=True, initial_state=eager)).abs().max()) <= 1e-5
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_rpb_step_under_torch_compile_completes_every_level_at_once(backend, rng):
     # M = 256: the window that ends at token 256 completes the levels 32 .. 128 and the
     # counter's slots 0 .. 3 together; as nested conditionals (one per level) Dynamo

@@ -216,6 +216,7 @@ def test_jitted_steps_from_the_start(backend, rng):
     assert step._cache_size() == 1
 
 
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_steps_under_torch_compile_compile_at_most_twice(backend, rng):
     import torch
