@@ -509,6 +509,36 @@ def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, 
     assert count[0] <= 2, count
 
 
+@pytest.mark.parametrize("name", ["elu", "sikf"])
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
+def test_donated_step_with_rpb_under_torch_compile_equals_the_causal_call(backend, rng, name):
+    # donate=True under torch.compile (aot_eager): the bias levels are updated in place
+    # by the eager update inside the graph; 66 tokens after a 4-token prompt (windows
+    # complete at 32 and 64, the level 64 with them) equal the causal call over the
+    # whole sequence, and the loop compiles at most twice
+    if backend.name != "torch":
+        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
+    torch = backend.native
+    L = 70
+    (q, k, v), _, _ = _data(backend, rng, "float32", L=L)
+    w = backend.asarray(rng.standard_normal((2, 2 * L - 1)) / 8, "float32")
+    counted, count = _compile_counter()
+    torch._dynamo.reset()
+    step = torch.compile(
+        lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map=name, rpb=w, donate=True),
+        fullgraph=True,
+        backend=counted,
+    )
+    _, state = linear_attention(q[:, :4], k[:, :4], v[:, :4], feature_map=name, causal=True, rpb=w, return_state=True)
+    outs = []
+    for t in range(4, L):
+        out, state = step(state, q[:, t], k[:, t], v[:, t])
+        outs.append(out)
+    want = linear_attention(q, k, v, feature_map=name, causal=True, rpb=w)[:, 4:]
+    assert float((torch.stack(outs, dim=1) - want).abs().max()) <= 1e-4
+    assert count[0] <= 2, count
+
+
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_step_under_torch_compile_compiles_once_from_an_empty_dtype_memo(backend, rng):
     # compute_dtype's memo is not read under Dynamo: a first trace that filled it made

@@ -557,6 +557,54 @@ def test_rpb_step_under_torch_compile_compiles_once(backend, rng, inductor):
     assert float((tail - fastrpb.rpb(v[..., L:, :], w, causal=True, initial_state=eager)).abs().max()) <= 1e-5
 
 
+def test_donated_steps_equal_the_oracle(backend, rng):
+    # donate=True hands each state over; eagerly (every backend) the step is the same
+    # as without it: a prefill, then steps over the levels 32 and 64, equal the dense oracle
+    L, n, M = 100, 20, 104
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    _, state = fastrpb.rpb(vb[..., :n, :], wb, causal=True, return_state=True)
+    outs = []
+    for t in range(n, L):
+        o, state = fastrpb.rpb_step(state, vb[..., t, :], wb, donate=True)
+        outs.append(o)
+    assert_close(backend, backend.xp.stack(outs, axis=-2), causal_oracle(v, w)[..., n:, :], "float64")
+    with pytest.raises(TypeError, match="donate must be a bool"):
+        fastrpb.rpb_step(state, vb[..., 0, :], wb, donate=1)
+
+
+@pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
+@pytest.mark.parametrize("prefill", [20, 0], ids=["after_a_prefill", "from_none"])
+def test_donated_rpb_step_under_torch_compile_writes_the_levels_in_place(backend, rng, prefill):
+    # compiled (Inductor) with donate=True: every level array keeps its address from
+    # step to step (written in place, never copied), the loop compiles at most twice,
+    # the outputs equal the dense oracle over windows and the levels 32 .. 128
+    # completing (and, after a prefill, the rebuild of the levels at the first step),
+    # and the last donated state continues eagerly
+    torch = _torch_compile(backend)
+    L, M = 150, 154
+    v = rng.standard_normal((2, M, 3))
+    w = rng.standard_normal((2, 2 * M - 1)) / 8
+    vb, wb = backend.asarray(v, "float32"), backend.asarray(w, "float32")
+    counted, count = compile_counter("inductor")
+    torch._dynamo.reset()
+    step = torch.compile(lambda s, x: fastrpb.rpb_step(s, x, wb, donate=True), fullgraph=True, backend=counted)
+    state = fastrpb.rpb(vb[..., :prefill, :], wb, causal=True, return_state=True)[1] if prefill else None
+    outs, addresses = [], None
+    for t in range(prefill, L):
+        o, state = step(state, vb[..., t, :])
+        outs.append(o)
+        now = [x.data_ptr() for x in (*state.blocks, *state.future)]
+        assert addresses in (None, now), t
+        addresses = now
+    assert count[0] <= 2, count
+    expected = causal_oracle(v, w)
+    assert_close(backend, torch.stack(outs, dim=-2), expected[..., prefill:L, :], "float32")
+    tail = fastrpb.rpb(vb[..., L:, :], wb, causal=True, initial_state=state)
+    assert_close(backend, tail, expected[..., L:, :], "float32")
+
+
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_rpb_step_under_torch_compile_completes_every_level_at_once(backend, rng):
     # M = 256: the window that ends at token 256 completes the levels 32 .. 128 and the

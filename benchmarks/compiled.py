@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -113,7 +114,9 @@ def decode(
     save: Callable[[], None] = lambda: None,
     row: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The decode row at ``t``, filled into ``row`` (if given) as each mode finishes."""
+    """The decode row at ``t``, filled into ``row`` (if given): for each library, the
+    compiled modes' first calls, then ``rounds`` rounds that alternate its modes (so
+    the machine's load falls on all of them alike), the median round of each."""
     import fastrpb
 
     rng = np.random.default_rng(0)
@@ -124,6 +127,7 @@ def decode(
     row["t"] = t
     if any(m.startswith("torch") for m in modes):
         import torch
+        from torch._dynamo.utils import counters
 
         tq, tk, tv, tw = (torch.from_numpy(x) for x in (q, k, v, w))
         _, state = fastrpb.linear_attention(tq[:, :t], tk[:, :t], tv[:, :t], causal=True, rpb=tw, return_state=True)
@@ -132,54 +136,80 @@ def decode(
         def eager(s: Any, a: Any, b: Any, c: Any) -> Any:
             return fastrpb.linear_attention_step(s, a, b, c, rpb=tw)
 
-        if "torch" in modes:
-            row["torch_eager_s"] = statistics.median(
-                _mean_steps(eager, state, tokens, steps, lambda o: None)[1] for _ in range(rounds)
-            )
-            save()
-        if "torch_compile" in modes:
-            from torch._dynamo.utils import counters
+        def donating(s: Any, a: Any, b: Any, c: Any) -> Any:
+            return fastrpb.linear_attention_step(s, a, b, c, rpb=tw, donate=True)
 
-            torch._dynamo.reset()
-            counters.clear()
-            compiled = torch.compile(eager, fullgraph=True)
-            if _first_call(row, "torch_compile", limit, lambda: compiled(state, *tokens[0]), lambda o: None):
-                row["torch_compile_s"] = statistics.median(
-                    _mean_steps(compiled, state, tokens, steps, lambda o: None)[1] for _ in range(rounds)
-                )
-            row["torch_compile_graphs"] = int(counters["stats"]["unique_graphs"])
-            save()
+        def fresh() -> Any:  # a donated state is consumed: each round starts from a copy
+            return torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
+
+        torch._dynamo.reset()
+
+        def graphs() -> int:
+            return int(counters["stats"]["unique_graphs"])
+
+        runs: dict[str, Any] = {}
+        if "torch" in modes:
+            runs["torch_eager"] = eager
+        for mode, step in (("torch_compile", donating), ("torch_compile_copy", eager)):
+            if mode in modes:
+                compiled, before = torch.compile(step, fullgraph=True), graphs()
+                first = functools.partial(compiled, fresh(), *tokens[0])
+                if _first_call(row, mode, limit, first, lambda o: None):
+                    runs[mode] = compiled
+                row[f"{mode}_graphs"] = graphs() - before
+                save()
+        _alternate(row, runs, fresh, tokens, steps, rounds, lambda o: None, graphs)
+        save()
     if any(m.startswith("jax") for m in modes):
         import jax
         import jax.numpy as jnp
 
         jq, jk, jv, jw = (jnp.asarray(x) for x in (q, k, v, w))
-        _, state = fastrpb.linear_attention(jq[:, :t], jk[:, :t], jv[:, :t], causal=True, rpb=jw, return_state=True)
-        tokens = [(jq[:, i], jk[:, i], jv[:, i]) for i in range(t, t + steps)]
+        _, jstate = fastrpb.linear_attention(jq[:, :t], jk[:, :t], jv[:, :t], causal=True, rpb=jw, return_state=True)
+        jtokens = [(jq[:, i], jk[:, i], jv[:, i]) for i in range(t, t + steps)]
         traces: list[None] = []
 
         def step(s: Any, a: Any, b: Any, c: Any) -> Any:
             traces.append(None)
-            return fastrpb.linear_attention_step(s, a, b, c, rpb=jw)
+            return fastrpb.linear_attention_step(s, a, b, c, rpb=jw, donate=True)
 
         def sync(o: Any) -> None:
             jax.block_until_ready(o)
 
+        def jfresh() -> Any:
+            return jax.tree.map(jnp.copy, jstate)
+
+        jruns: dict[str, Any] = {}
         if "jax" in modes:
-            row["jax_eager_s"] = statistics.median(
-                _mean_steps(step, state, tokens, steps, sync)[1] for _ in range(rounds)
-            )
-            save()
+            jruns["jax_eager"] = step
         if "jax_jit" in modes:
-            traces.clear()
-            jitted = jax.jit(step)
-            if _first_call(row, "jax_jit", limit, lambda: jitted(state, *tokens[0]), sync):
-                row["jax_jit_s"] = statistics.median(
-                    _mean_steps(jitted, state, tokens, steps, sync)[1] for _ in range(rounds)
-                )
-            row["jax_jit_traces"] = len(traces)
+            jitted, before = jax.jit(step, donate_argnums=0), len(traces)
+            if _first_call(row, "jax_jit", limit, lambda: jitted(jfresh(), *jtokens[0]), sync):
+                jruns["jax_jit"] = jitted
+            row["jax_jit_traces"] = len(traces) - before
             save()
+        _alternate(row, jruns, jfresh, jtokens, steps, rounds, sync, lambda: len(traces) if "jax_jit" in jruns else 0)
+        save()
     return row
+
+
+def _alternate(
+    row: dict[str, Any], runs: dict[str, Any], fresh: Any, tokens: list, steps: int, rounds: int, sync: Any, count: Any
+) -> None:
+    """``rounds`` rounds of every mode in turn, each from a fresh copy of the prompt's
+    state; ``row[mode + "_s"]``: its median round. Compilations during the rounds (by
+    ``count``, Dynamo's graphs or JAX's traces, 0 for eager) add to the compiled
+    modes' counts."""
+    times: dict[str, list[float]] = {mode: [] for mode in runs}
+    for _ in range(rounds):
+        for mode, step in runs.items():
+            before = count()
+            times[mode].append(_mean_steps(step, fresh(), tokens, steps, sync)[1])
+            if not mode.endswith("eager"):
+                key = f"{mode}_traces" if mode.startswith("jax") else f"{mode}_graphs"
+                row[key] += count() - before
+    for mode, values in times.items():
+        row[f"{mode}_s"] = statistics.median(values)
 
 
 def train(
@@ -297,7 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ts", default="1024,16384", help="prompt lengths t (comma separated)")
     parser.add_argument("--steps", type=int, default=64, help="decoding steps timed from each prompt")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--modes", default="torch,torch_compile,jax,jax_jit")
+    parser.add_argument(
+        "--modes",
+        default="torch,torch_compile,jax,jax_jit",
+        help="of torch, torch_compile (donating), torch_compile_copy (the state copied per step), jax, jax_jit",
+    )
     parser.add_argument("--train", type=int, default=4096, help="L of the training-step row (0: skip it)")
     parser.add_argument("--train-steps", type=int, default=3, help="training steps timed per round")
     parser.add_argument("--jax-prompt", type=int, default=4096, help="0: skip the eager JAX row")

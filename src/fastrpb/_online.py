@@ -56,6 +56,7 @@ from ._compat import (
     count_array,
     device_of,
     eager_jit,
+    in_place_update,
     irfft,
     is_compiled,
     is_lazy,
@@ -67,6 +68,8 @@ from ._compat import (
     owned,
     rfft,
     slices_compile,
+    write_in_place,
+    writes_in_place,
 )
 from ._typing import Array, Namespace
 
@@ -368,19 +371,31 @@ def _complete(xp: Any, window: Any, blocks: tuple, future: tuple, w: Any, count:
 
 
 def step(
-    xp: Namespace, state: RPBState | None, v: Array, w: Array, *, lead: tuple, M: int, a: int, work: Array
+    xp: Namespace,
+    state: RPBState | None,
+    v: Array,
+    w: Array,
+    *,
+    lead: tuple,
+    M: int,
+    a: int,
+    work: Array,
+    donate: bool = False,
 ) -> tuple[Array, RPBState]:
     """One token ``v (..., D)`` (validated, compute dtype); returns ``(out, state)``.
 
     Eagerly the count is read (once) and Python decides whether the levels need a
     rebuild (after a chunk) and whether the window completes; under a compiler the
     decisions are compiled conditionals and positions past the table give NaN (no
-    error can be raised there). Dask: ``_step_history``.
+    error can be raised there). Dask: ``_step_history``. ``donate``: the state's
+    arrays may be overwritten (``_step_in_place`` under ``torch.compile``).
     """
     D = v.shape[-1]
     if state is None:
         state = start(xp, lead, D, M, a, w, v)
     v = xp.broadcast_to(v, (*lead, D)) if tuple(v.shape[:-1]) != lead else v
+    if donate and writes_in_place(xp, state.window, *state.blocks, *state.future, v, w) and state.window.dtype == work:
+        return _step_in_place(xp, state, v, w, M=M, a=a)
     compiled = is_compiled(xp, state.count, v, w)
     if not compiled and is_lazy(xp, v, w, state.window):
         return _step_history(xp, state, v, w, M=M, a=a, work=work)
@@ -427,6 +442,52 @@ def step(
     rows = _window_rows(xp, future, q * _WINDOW, window[..., 0, :])
     window = xp.where(done, xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), window)
     return out, state._replace(blocks=blocks, window=window, future=future, near=near, count=state.count + 1)
+
+
+def _step_in_place(xp: Any, state: RPBState, v: Any, w: Any, *, M: int, a: int) -> tuple[Any, RPBState]:
+    """A step under ``torch.compile`` that writes the donated state's levels in place.
+
+    The push is compiled (one multiply-add on the small window); what writes the
+    O(M D) levels, once per ``B`` tokens (and once after a chunk), is one eager update
+    of the state's own buffers (``write_in_place``), so no call copies the levels (the
+    compiled conditionals of ``step`` copy each of them at every call: ``torch.cond``
+    may not return its operands)."""
+    if a:
+        v = xp.where(state.count < a, _zeros(xp, (), v), v)
+    out, window, count = _push(xp, state.window, state.near, v, state.count, a=a)
+    buffers = (out, window, state.near, state.ready, *state.blocks, *state.future)
+    write_in_place(xp, _levels_in_place, buffers, (v, w, state.count), a, M)
+    return _mask_positions(xp, out, state.count - a, M), state._replace(window=window, count=count)
+
+
+@in_place_update
+def _levels_in_place(xp: Any, buffers: tuple, inputs: tuple, a: int, M: int) -> None:
+    """``_step_in_place``'s eager update after the push of token ``v`` (``count`` tokens
+    before it), written into ``buffers`` (its output, the window after its push, and
+    the state's near, ready, blocks, future): after a chunk (``ready`` 0) the levels
+    from the history and the token's push again (its output too); when the token
+    ends a window, the levels that complete and the next window; else nothing."""
+    _, window, near, ready, *rest = buffers
+    v, w, count = inputs
+    n, seen = _slots(M), int(count)
+    blocks, future = rest[:n], rest[n:]
+    if not int(ready):
+        stale = RPBState(tuple(blocks), window, tuple(future), near, count, ready, a, M)
+        t = max(seen - a, 0)
+        new = _rebuild(xp, _history(xp, stale, t, window.dtype), t, count, a, w, M)
+        row, pushed, _ = _push(xp, new.window, new.near, v, seen, a=a)
+        values = (row, pushed, new.near, new.ready, *new.blocks, *new.future)
+        for buffer, value in zip(buffers, values, strict=True):
+            buffer[...] = value
+    t = seen - a
+    if t < 0 or t % _WINDOW != _WINDOW - 1:
+        return
+    fired = _fired((t + 1) // _WINDOW, M)
+    next_window, fed, pending = _complete(xp, window, tuple(blocks[:fired]), tuple(future), w, seen + 1, a=a, M=M)
+    # the window last: the lowest block fed is a view of its value rows
+    fed_buffers = (*blocks[:fired], *future[: len(pending)], window)
+    for buffer, value in zip(fed_buffers, (*fed, *pending, next_window), strict=True):
+        buffer[...] = value
 
 
 def _ready_compiled(xp: Any, state: RPBState, w: Any, M: int, a: int, work: Any) -> RPBState:

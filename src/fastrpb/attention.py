@@ -574,6 +574,7 @@ def linear_attention_step(
     rpb_tables: Sequence[Array | None] | None = None,
     rpb_grid: Sequence[int] | None = None,
     rpb_skip: tuple[int, int] | None = None,
+    donate: bool = False,
 ) -> tuple[Array, LinearAttentionState]:
     r"""One decoding step of causal linear attention: O(F Dv) per token.
 
@@ -617,6 +618,11 @@ def linear_attention_step(
         neither give nor receive the bias. Later steps take it from the state (a
         value given must match it); ``b > 0`` is a ValueError while streaming the
         1-d bias; with ``rpb_grid`` it counts the tokens after the grid.
+    donate : bool, default False
+        Hand ``state`` over, as in ``fastrpb.rpb_step``: under ``torch.compile`` the
+        1-d bias history is updated in place instead of copied at every token, and
+        neither ``state`` nor an earlier state of the sequence may be used again.
+        Elsewhere the step is the same as without it.
 
     Returns
     -------
@@ -625,7 +631,8 @@ def linear_attention_step(
     Raises
     ------
     TypeError
-        If the tokens are not real floating or come from two libraries or devices.
+        If the tokens are not real floating or come from two libraries or devices,
+        or ``donate`` is not a bool.
     ValueError
         If the token widths disagree with each other or with ``state``, or
         ``feature_map`` is an unknown name or not the map that made ``state``.
@@ -650,6 +657,7 @@ def linear_attention_step(
     fmap = resolve(feature_map)
     eps = _validate.non_negative("eps", eps)
     normalize = _validate.flag("normalize", normalize)
+    donate = _validate.flag("donate", donate)
     scale = None if scale is None else _validate.finite("scale", scale)
     if state is not None and not isinstance(state, LinearAttentionState):
         raise TypeError(f"state must be a LinearAttentionState or None, got {type(state).__name__}")
@@ -693,7 +701,7 @@ def linear_attention_step(
     if rpb_tables is not None or isinstance(None if state is None else state.rpb, RPBndState):
         out, history = step_bias_nd(xp, out, state, vw, rpb_tables, rpb_grid, rpb_skip)
     elif rpb is not None or (state is not None and state.rpb is not None):
-        out, history = step_bias(xp, out, state, vw, rpb, rpb_skip)
+        out, history = step_bias(xp, out, state, vw, rpb, rpb_skip, donate)
     out = as_dtype(xp, out, result)
     if offset is not None:
         offset = xp.broadcast_to(offset, z.shape)

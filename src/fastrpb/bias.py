@@ -360,7 +360,7 @@ def _rpb_stream(v: Any, w: Any, causal: Any, skip: Any, state: RPBState | None, 
 
 
 def rpb_step(
-    state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, int] | None = None
+    state: RPBState | None, v_t: Array, w: Array, *, skip: tuple[int, int] | None = None, donate: bool = False
 ) -> tuple[Array, RPBState]:
     r"""One decoding step of the causal bias: the output of token ``t`` and the new state.
 
@@ -388,6 +388,16 @@ def rpb_step(
     skip : (int, 0), optional
         Only when starting (``state=None``): the first ``a`` tokens neither give nor
         receive bias (their output is zero). Later steps take it from the state.
+    donate : bool, default False
+        Hand ``state`` over: the step may write the new state into its arrays, so
+        neither ``state`` nor an earlier state of the same sequence (they share the
+        arrays a step leaves unchanged) may be used again. Under ``torch.compile`` the
+        levels (O(M D) numbers) are then updated in place, once per 32 tokens, where a
+        compiled step without it copies them at every token (``torch.cond`` may not
+        return its operands): the compiled step's cost stays flat in ``t``. Eagerly,
+        on JAX (immutable arrays: give the state to ``jax.jit(...,
+        donate_argnums=...)`` instead) and when a gradient flows through the step,
+        the step is the same as without it.
 
     Returns
     -------
@@ -401,6 +411,8 @@ def rpb_step(
     ValueError
         If ``skip[1] != 0`` (the end of a stream is unknown), ``v_t``'s width or leading
         dimensions do not match ``state``, or the stream outgrows the table.
+    TypeError
+        If ``donate`` is not a bool.
 
     Examples
     --------
@@ -430,10 +442,10 @@ def rpb_step(
     _validate.required(v_t=v_t, w=w)
     xp = namespace(v_t=v_t, w=w, state=_online.held(state))
     _validate.values(xp, "v_t", v_t, ndim=1)
-    return _step(xp, state, v_t, w, skip)
+    return _step(xp, state, v_t, w, skip, _validate.flag("donate", donate))
 
 
-def _step(xp: Any, state: RPBState | None, v_t: Any, w: Any, skip: Any) -> tuple[Any, RPBState]:
+def _step(xp: Any, state: RPBState | None, v_t: Any, w: Any, skip: Any, donate: bool = False) -> tuple[Any, RPBState]:
     """``rpb_step`` after its namespace and ``v_t`` checks (``linear_attention_step`` makes
     those for its own inputs, ``w`` and the state included, and calls this directly)."""
     M = _validate.table(xp, "w", w)
@@ -450,7 +462,15 @@ def _step(xp: Any, state: RPBState | None, v_t: Any, w: Any, skip: Any) -> tuple
         _check_position(1, a, M, "w")
     result, work = compute_dtype(xp, v_t, w)
     out, new = _online.step(
-        xp, state, _online.as_dtype(xp, v_t, work), _online.as_dtype(xp, w, work), lead=lead, M=M, a=a, work=work
+        xp,
+        state,
+        _online.as_dtype(xp, v_t, work),
+        _online.as_dtype(xp, w, work),
+        lead=lead,
+        M=M,
+        a=a,
+        work=work,
+        donate=donate,
     )
     return _online.as_dtype(xp, out, result), new
 

@@ -23,7 +23,8 @@ branches on one. One module per concern:
 - ``activations``: ELU + 1 and softmax;
 - ``pytree``: JAX pytrees registered without importing JAX;
 - ``control``: conditionals and dynamic positions that compile (``cond``, ``is_compiled``),
-  eager JAX kernels as cached jitted computations (``eager_jit``).
+  eager JAX kernels as cached jitted computations (``eager_jit``), eager updates that
+  write a donated state's buffers in place in a compiled PyTorch graph (``write_in_place``).
 
 This module re-exports their names: ``from fastrpb._compat import x`` is the import.
 """
@@ -31,7 +32,16 @@ This module re-exports their names: ``from fastrpb._compat import x`` is the imp
 from __future__ import annotations
 
 from .activations import elu_plus_one, softmax
-from .control import cond, eager_jit, is_compiled, owned, slices_compile
+from .control import (
+    cond,
+    eager_jit,
+    in_place_update,
+    is_compiled,
+    owned,
+    slices_compile,
+    write_in_place,
+    writes_in_place,
+)
 from .dispatch import (
     MIN_API_VERSION,
     compute_dtype,
@@ -53,9 +63,12 @@ __all__ = [
     "concat_rows",
     "cond",
     "eager_jit",
+    "in_place_update",
     "is_compiled",
     "owned",
     "slices_compile",
+    "write_in_place",
+    "writes_in_place",
     "MIN_API_VERSION",
     "namespace",
     "device_of",

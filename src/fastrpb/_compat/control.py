@@ -1,6 +1,8 @@
 """Control flow that compiles: conditionals and positions under ``jax.jit`` and
 ``torch.compile``, eagerly plain Python (the streaming FastRPB state, ``_online``),
-and eager JAX kernels run as cached ``jax.jit`` computations (``eager_jit``)."""
+eager JAX kernels run as cached ``jax.jit`` computations (``eager_jit``), and eager
+updates that write a state's buffers in place inside a compiled PyTorch graph
+(``write_in_place``)."""
 
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ def owned(xp: Any, x: Any) -> Any:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_G = TypeVar("_G", bound=Callable[..., None])
 
 
 def eager_jit(*, static: tuple[str, ...] = ()) -> Callable[[_F], _F]:
@@ -137,3 +140,50 @@ def eager_jit(*, static: tuple[str, ...] = ()) -> Callable[[_F], _F]:
 def _by_identity(value: Any) -> bool:
     """Whether ``value``'s type compares by identity (keeps ``object.__eq__``; not None)."""
     return value is not None and type(value).__eq__ is object.__dict__["__eq__"]
+
+
+def writes_in_place(xp: Any, *arrays: Any) -> bool:
+    """Whether ``write_in_place`` writes buffers in place: PyTorch under ``torch.compile``,
+    the one mode where a compiled step would otherwise copy what it leaves unchanged,
+    and none of ``arrays`` requires a gradient (autograd does not differentiate an
+    update in place: such a step stays functional)."""
+    if not (_is(xp, "torch") and is_compiled(xp)):
+        return False
+    return not any(x.requires_grad for x in arrays)
+
+
+# the in-place updates ``write_in_place`` runs, by name: a custom op takes no callable,
+# and the name is fixed where the function is defined (``in_place_update``), not
+# computed while Dynamo traces
+IN_PLACE: dict[str, Callable[..., None]] = {}
+
+
+def in_place_update(fn: _G) -> _G:
+    """Decorator: register ``fn`` for ``write_in_place``, by its module and name."""
+    IN_PLACE[f"{fn.__module__}.{fn.__qualname__}"] = fn
+    return fn
+
+
+def write_in_place(xp: Any, fn: Callable[..., None], buffers: tuple, inputs: tuple, *static: int) -> None:
+    """``fn(xp, buffers, inputs, *static)``: eager code that reads ``inputs`` and writes
+    into the arrays ``buffers`` in place (it may read their values first; it returns
+    nothing). ``fn`` is registered (``in_place_update``); ``static`` are Python ints.
+
+    Why: under ``torch.compile`` a conditional (``torch.cond``) may not write its
+    operands and may not return them, so a conditional update of a large buffer (a
+    streaming state's levels, every 32 tokens) copies the whole buffer at every call.
+    Here the update is one opaque operation (``torch_ops.write_in_place``, a custom op
+    declaring ``buffers`` mutated): the compiled graph calls it with the buffers
+    themselves, it runs ``fn`` eagerly (Python decides what to do from the values),
+    and Inductor copies nothing. Elsewhere (eagerly, and for arrays that are not
+    tensors) a call.
+    """
+    if not writes_in_place(xp, *buffers, *inputs):
+        fn(xp, buffers, inputs, *static)
+        return
+    # imported here, where PyTorch is: Dynamo runs an import as Python, so the op is
+    # registered even when this is first reached while compiling
+    from . import torch_ops
+
+    name = next(name for name, f in IN_PLACE.items() if f is fn)
+    torch_ops.write_in_place(list(buffers), list(inputs), name, list(static))

@@ -61,7 +61,7 @@ def add_bias_streaming(xp: Any, out: Any, v: Any, w: Any, skip: Any, state: Any)
     return out + xp.astype(term, out.dtype, copy=False), history
 
 
-def step_bias(xp: Any, out: Any, state: Any, v_t: Any, w: Any, skip: Any) -> tuple[Any, Any]:
+def step_bias(xp: Any, out: Any, state: Any, v_t: Any, w: Any, skip: Any, donate: bool = False) -> tuple[Any, Any]:
     """``out + sum_{j <= t} w[M - 1 + t - j] v_j`` through ``rpb_step`` and the state's history."""
     if w is None:
         raise ValueError("state carries a FastRPB history (it was made with rpb=) but rpb is None; pass the same table")
@@ -73,7 +73,7 @@ def step_bias(xp: Any, out: Any, state: Any, v_t: Any, w: Any, skip: Any) -> tup
     try:
         # not the public rpb_step: the namespace (w and the history included) and v_t are
         # already checked, and those checks were a third of the bias term's cost per token
-        term, history = _bias._step(xp, None if state is None else state.rpb, v_t, w, skip)
+        term, history = _bias._step(xp, None if state is None else state.rpb, v_t, w, skip, donate)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"in the FastRPB term (rpb=, rpb_skip=): {exc}") from exc
     return out + as_dtype(xp, term, out.dtype), history
