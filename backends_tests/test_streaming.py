@@ -477,6 +477,24 @@ def test_jitted_step_compiles_once_and_continues_both_ways(backend, rng):
     assert_close(backend, backend.xp.concat(outs, axis=-2), causal_oracle(v, w), "float64")
 
 
+def test_jitted_chunk_builds_the_levels_and_a_jitted_step_needs_them(backend, rng):
+    # on JAX a chunk builds the levels at its end, compiled too (ready is 1), so a
+    # jitted step has no rebuild branch, which made XLA copy the levels every token;
+    # a state without them gives NaN there, not a wrong value
+    jax = _jax(backend)
+    L, M = 40, 48
+    v = rng.standard_normal((2, L, 3))
+    w = rng.standard_normal((2 * M - 1,))
+    vb, wb = backend.asarray(v), backend.asarray(w)
+    _, state = jax.jit(lambda x, w: fastrpb.rpb(x, w, causal=True, return_state=True))(vb[..., :35, :], wb)
+    assert int(state.ready) == 1
+    step = jax.jit(fastrpb.rpb_step, donate_argnums=0)
+    o, state = step(state, vb[..., 35, :], wb)
+    assert_close(backend, o, causal_oracle(v, w)[..., 35, :], "float64")
+    o, _ = step(state._replace(ready=backend.xp.zeros((), dtype=backend.xp.int32)), vb[..., 36, :], wb)
+    assert bool(backend.xp.all(backend.xp.isnan(o)))
+
+
 def _writable(backend):
     if backend.name not in ("numpy", "torch"):
         pytest.skip(f"{backend.name} arrays are not written in place here")

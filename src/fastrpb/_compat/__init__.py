@@ -34,6 +34,7 @@ from __future__ import annotations
 from .activations import elu_plus_one, softmax
 from .control import (
     cond,
+    conditionals_nest,
     eager_jit,
     in_place_update,
     is_compiled,
@@ -62,6 +63,7 @@ from .scan import associative_scan, cumulative_max, cumulative_sum, exclusive_su
 __all__ = [
     "concat_rows",
     "cond",
+    "conditionals_nest",
     "eager_jit",
     "in_place_update",
     "is_compiled",

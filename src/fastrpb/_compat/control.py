@@ -54,6 +54,13 @@ def cond(xp: Any, pred: Any, true_fn: Callable[..., tuple], false_fn: Callable[.
     return tuple(true_fn(*operands) if bool(pred) else false_fn(*operands))
 
 
+def conditionals_nest(xp: Any) -> bool:
+    r"""Whether a compiled conditional (``cond``) may hold conditionals: under ``jax.jit``
+    it may; under ``torch.compile`` nested ``torch.cond``\ s failed in Dynamo from three
+    levels deep ("cond's output stride ... size u1"), so they stay side by side there."""
+    return not _is(xp, "torch")
+
+
 def slices_compile(xp: Any) -> bool:
     """Whether eager operations compile a kernel per shape and per static slice (JAX:
     one XLA executable each, tens of milliseconds on a CPU): positions that change per
