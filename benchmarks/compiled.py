@@ -1,15 +1,20 @@
 """Eager against compiled, with the bias: decoding, a training step, compile time, recompiles.
 
-    python -m benchmarks.compiled [--ts 1024,16384] [--steps 64] [--train 4096] [--json PATH]
+    python -m benchmarks.compiled [--ts 1024,16384] [--steps 64] [--rounds 7] [--train 4096] [--json PATH]
 
 One decoding step ``linear_attention_step(state, q_t, k_t, v_t, rpb=w)`` (elu, 8 heads x
 64 features, float32, one thread) after a prompt of ``t`` tokens (table ``M = t +
-steps``), in four modes: PyTorch eager, ``torch.compile`` (Inductor, ``fullgraph``),
-JAX eager, ``jax.jit``. Each time is the mean over ``--steps`` consecutive steps from
-the prompt's state (so window and level completions count at their share), the
-median over ``--rounds``. The compiled modes also report the first call (compile
-time) and the number of graphs compiled over all the steps (Dynamo's unique graphs;
-jit traces, counted by a Python side effect).
+steps``), in these modes: PyTorch eager, ``torch.compile`` (Inductor, ``fullgraph``) of
+the step with ``donate=True`` (the bias levels updated in place), ``torch.compile`` of
+the plain step (``torch_compile_copy``: the levels copied at every token), JAX eager,
+``jax.jit`` with the state donated (``donate_argnums=0``). Each time is the mean over
+``--steps`` consecutive steps from a fresh copy of the prompt's state (so window and
+level completions count at their share; the first step, which builds the levels
+after the prompt, is not in it), the median over ``--rounds`` rounds; the rounds
+alternate the modes of a library, so the machine's load falls on all of them alike.
+The compiled modes also report the first call (compile time) and the number of
+graphs compiled over all the steps (Dynamo's unique graphs; jit traces, counted by a
+Python side effect).
 
 ``--train`` (default L = 4,096) also times one training step, forward and backward, of
 ``fastrpb.torch.LinearAttention(512, 8, feature_map="elu", rpb=L, causal=True)`` (the
@@ -326,10 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ts", default="1024,16384", help="prompt lengths t (comma separated)")
     parser.add_argument("--steps", type=int, default=64, help="decoding steps timed from each prompt")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
         "--modes",
-        default="torch,torch_compile,jax,jax_jit",
+        default="torch,torch_compile,torch_compile_copy,jax,jax_jit",
         help="of torch, torch_compile (donating), torch_compile_copy (the state copied per step), jax, jax_jit",
     )
     parser.add_argument("--train", type=int, default=4096, help="L of the training-step row (0: skip it)")
