@@ -159,22 +159,18 @@ def writes_in_place(xp: Any, *arrays: Any) -> bool:
     return not any(x.requires_grad for x in arrays)
 
 
-# the in-place updates ``write_in_place`` runs, by name: a custom op takes no callable,
-# and the name is fixed where the function is defined (``in_place_update``), not
-# computed while Dynamo traces
-IN_PLACE: dict[str, Callable[..., None]] = {}
-
-
 def in_place_update(fn: _G) -> _G:
-    """Decorator: register ``fn`` for ``write_in_place``, by its module and name."""
-    IN_PLACE[f"{fn.__module__}.{fn.__qualname__}"] = fn
+    """Decorator: an update ``write_in_place`` may run, named by its module and name
+    (``module:name``; a custom op takes no callable). The name is fixed here, where
+    ``fn`` is defined: Dynamo traces ``__qualname__`` to another string."""
+    setattr(fn, "in_place_name", f"{fn.__module__}:{fn.__qualname__}")  # noqa: B010 (a function's own attribute)
     return fn
 
 
 def write_in_place(xp: Any, fn: Callable[..., None], buffers: tuple, inputs: tuple, *static: int) -> None:
     """``fn(xp, buffers, inputs, *static)``: eager code that reads ``inputs`` and writes
     into the arrays ``buffers`` in place (it may read their values first; it returns
-    nothing). ``fn`` is registered (``in_place_update``); ``static`` are Python ints.
+    nothing). ``fn`` is decorated with ``in_place_update``; ``static`` are Python ints.
 
     Why: under ``torch.compile`` a conditional (``torch.cond``) may not write its
     operands and may not return them, so a conditional update of a large buffer (a
@@ -192,5 +188,4 @@ def write_in_place(xp: Any, fn: Callable[..., None], buffers: tuple, inputs: tup
     # registered even when this is first reached while compiling
     from . import torch_ops
 
-    name = next(name for name, f in IN_PLACE.items() if f is fn)
-    torch_ops.write_in_place(list(buffers), list(inputs), name, list(static))
+    torch_ops.write_in_place(list(buffers), list(inputs), fn.in_place_name, list(static))  # type: ignore[attr-defined]

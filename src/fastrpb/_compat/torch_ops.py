@@ -13,20 +13,21 @@ no-op over 12 state tensors).
 
 from __future__ import annotations
 
-import torch
+import importlib
 
-from .control import IN_PLACE
+import torch
 
 _LIBRARY = torch.library.Library("fastrpb", "DEF")
 _LIBRARY.define("write_in_place(Tensor(a!)[] buffers, Tensor[] inputs, str name, int[] static) -> ()")
 
 
 def _write(buffers: list, inputs: list, name: str, static: list) -> None:
-    """Run the update registered as ``name`` (``control.in_place_update``) on the tensors,
-    eagerly (``control.write_in_place`` says why)."""
+    """Run the update ``name`` (``module:function``, ``control.in_place_update``) on the
+    tensors, eagerly (``control.write_in_place`` says why)."""
     import array_api_compat.torch as xp
 
-    IN_PLACE[name](xp, tuple(buffers), tuple(inputs), *static)
+    module, function = name.split(":")
+    getattr(importlib.import_module(module), function)(xp, tuple(buffers), tuple(inputs), *static)
 
 
 def _trace(buffers: list, inputs: list, name: str, static: list) -> None:
