@@ -22,6 +22,10 @@ layer with a causal FastRPB) on one sequence of ``L`` tokens: eager against
 ``torch.compile`` (Inductor, ``fullgraph``), and its flax twin under ``jax.jit``
 (``nnx.value_and_grad``), with the first calls (the compiles) and the graphs compiled.
 
+Compile times are from scratch: unless ``TORCHINDUCTOR_CACHE_DIR`` is set, Inductor
+caches into a new temporary directory (its default cache, kept between runs, would
+make a first call seconds where a cold one takes minutes).
+
 ``--jax-prompt`` (default 4,096) also times eager JAX against eager NumPy over the
 first 50 steps after that prompt (4 heads, d = 32, sikf), the first step included.
 
@@ -42,6 +46,7 @@ import json
 import os
 import signal
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -229,13 +234,14 @@ def train(
     """A training step (forward, the mean square of the output as loss, backward) of the
     attention layer with a causal FastRPB over one sequence of ``L`` tokens: eager,
     ``torch.compile`` and (flax) ``jax.jit``; mean over ``steps`` calls, median over
-    ``rounds``; the compiled modes also give the first call and the graphs compiled."""
+    ``rounds`` (eager and ``torch.compile`` alternate round by round); the compiled
+    modes also give the first call and the graphs compiled."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, L, HEADS * FEATURES)).astype(np.float32)
     row = {} if row is None else row
     row["L"] = L
 
-    def mean(call: Any, sync: Any) -> float:
+    def mean(call: Any, sync: Any, rounds: int = rounds) -> float:
         means = []
         for _ in range(rounds):
             start = time.perf_counter()
@@ -260,11 +266,10 @@ def train(
             loss.backward()
             return loss.detach()
 
-        losses = {}
+        losses, calls = {}, {}
         if "torch" in modes:
             losses["torch"] = float(loss_and_grads(layer))  # also the warm-up
-            row["torch_eager_s"] = mean(lambda: loss_and_grads(layer), lambda o: None)
-            save()
+            calls["torch_eager"] = functools.partial(loss_and_grads, layer)
         if "torch_compile" in modes:
             from torch._dynamo.utils import counters
 
@@ -272,10 +277,18 @@ def train(
             counters.clear()
             compiled = torch.compile(layer, fullgraph=True)
             if _first_call(row, "torch_compile", limit, lambda: loss_and_grads(compiled), lambda o: None):
-                row["torch_compile_s"] = mean(lambda: loss_and_grads(compiled), lambda o: None)
                 losses["torch_compile"] = float(loss_and_grads(compiled))
-            row["torch_compile_graphs"] = int(counters["stats"]["unique_graphs"])
+                calls["torch_compile"] = functools.partial(loss_and_grads, compiled)
             save()
+        times: dict[str, list[float]] = {mode: [] for mode in calls}
+        for _ in range(rounds):  # the modes alternate round by round, as the decode rows'
+            for mode, call in calls.items():
+                times[mode].append(mean(call, lambda o: None, 1))
+        for mode, values in times.items():
+            row[f"{mode}_s"] = statistics.median(values)
+        if "torch_compile" in modes:
+            row["torch_compile_graphs"] = int(counters["stats"]["unique_graphs"])
+        save()
         if len(losses) == 2:  # the compiled step computes what the eager one does
             row["torch_compile_loss_rel_diff"] = abs(losses["torch_compile"] / losses["torch"] - 1)
     if "jax_jit" in modes:
@@ -345,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", default=None, help="write the numbers here (after every measurement)")
     args = parser.parse_args(argv)
+    # compile times from scratch: Inductor's on-disk caches (kept between runs under
+    # /tmp/torchinductor_$USER) made a first call 8 s where a cold one took 96-203 s
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastrpb-inductor-"))
     import torch
 
     torch.set_num_threads(1)
