@@ -433,3 +433,17 @@ def property_test(examples: int, **strategies: Any) -> Callable[[Callable[..., N
         return test
 
     return make
+
+
+def compile_counter(backend: str = "aot_eager") -> tuple[Callable[..., Any], list[int]]:
+    """A ``torch.compile`` backend (``backend`` by name) that counts the graphs it
+    compiles, and the count (a one-item list)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner, count = lookup_backend(backend), [0]
+
+    def counted(gm: Any, example_inputs: Any) -> Any:
+        count[0] += 1
+        return inner(gm, example_inputs)
+
+    return counted, count

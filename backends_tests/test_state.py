@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import oracles
-from backends_tests.backends import assert_array, assert_close, check_gradients
+from backends_tests.backends import assert_array, assert_close, check_gradients, compile_counter
 from fastrpb import (
     LinearAttentionState,
     RPBState,
@@ -462,19 +462,6 @@ def test_state_is_a_jax_pytree():
 
 
 # --------------------------------------------------------------------------- compiled decoding loops
-def _compile_counter(backend_name="aot_eager"):
-    """A torch.compile backend that counts the graphs it compiles, and the count."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    inner, count = lookup_backend(backend_name), [0]
-
-    def counted(gm, example_inputs):
-        count[0] += 1
-        return inner(gm, example_inputs)
-
-    return counted, count
-
-
 _CALLABLE_UNDER_DYNAMO = pytest.mark.xfail(
     strict=True, reason="a plain callable's map signature reads __qualname__, which Dynamo traces to another string"
 )
@@ -495,7 +482,7 @@ def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, 
     (q, k, v), _, _ = _data(backend, rng, "float32", L=L)
     w = backend.asarray(rng.standard_normal((2, 2 * L - 1)) / 8, "float32")
     fmap, _ = _map(backend, name)
-    counted, count = _compile_counter()
+    counted, count = compile_counter()
     torch._dynamo.reset()
     step = torch.compile(
         lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map=fmap, rpb=w), fullgraph=True, backend=counted
@@ -522,7 +509,7 @@ def test_donated_step_with_rpb_under_torch_compile_equals_the_causal_call(backen
     L = 70
     (q, k, v), _, _ = _data(backend, rng, "float32", L=L)
     w = backend.asarray(rng.standard_normal((2, 2 * L - 1)) / 8, "float32")
-    counted, count = _compile_counter()
+    counted, count = compile_counter()
     torch._dynamo.reset()
     step = torch.compile(
         lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map=name, rpb=w, donate=True),
@@ -550,7 +537,7 @@ def test_step_under_torch_compile_compiles_once_from_an_empty_dtype_memo(backend
 
     (q, k, v), _, _ = _data(backend, rng, "float32", L=8)
     _, state = linear_attention(q[:, :4], k[:, :4], v[:, :4], feature_map="elu", causal=True, return_state=True)
-    counted, count = _compile_counter()
+    counted, count = compile_counter()
     torch._dynamo.reset()
     dispatch._PROMOTED.clear()
     step = torch.compile(
@@ -573,7 +560,7 @@ def test_layer_step_under_torch_compile_compiles_at_most_twice(backend, rng):
     L = 36
     layer = Layer(8, 2, feature_map="elu", rpb=FastRPB(2, L, causal=True), causal=True)
     x = backend.asarray(rng.standard_normal((1, L, 8)), "float32")
-    counted, count = _compile_counter()
+    counted, count = compile_counter()
     torch._dynamo.reset()
     step = torch.compile(layer.step, fullgraph=True, backend=counted)
     cache = eager = None

@@ -10,7 +10,7 @@ import pytest
 
 import fastrpb
 import oracles
-from backends_tests.backends import assert_close
+from backends_tests.backends import assert_close, compile_counter
 
 # lengths that cross the online convolution's block boundaries (blocks of 32, 64, ...)
 LENGTHS = [1, 2, 3, 63, 64, 65, 1000]
@@ -534,19 +534,6 @@ def _torch_compile(backend):
     if backend.name != "torch":
         pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
     return backend.native
-
-
-def compile_counter(backend="aot_eager"):
-    """A torch.compile backend that counts the graphs it compiles, and the count."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    inner, count = lookup_backend(backend), [0]
-
-    def counted(gm, example_inputs):
-        count[0] += 1
-        return inner(gm, example_inputs)
-
-    return counted, count
 
 
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")

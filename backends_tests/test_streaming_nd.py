@@ -13,7 +13,7 @@ import itertools
 import math
 
 import pytest
-from backends import assert_close
+from backends import assert_close, compile_counter
 
 import fastrpb
 import oracles
@@ -220,14 +220,8 @@ def test_jitted_steps_from_the_start(backend, rng):
 @pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_steps_under_torch_compile_compile_at_most_twice(backend, rng):
     import torch
-    from torch._dynamo.backends.registry import lookup_backend
 
-    inner, count = lookup_backend("aot_eager"), [0]
-
-    def counted(gm, example_inputs):
-        count[0] += 1
-        return inner(gm, example_inputs)
-
+    counted, count = compile_counter()
     # skip (0, 0): the compiled skip is a conditional around the whole step, which doubles
     # the trace (7 s here); the same conditional runs under jax.jit above
     v, tables, expected = _case(rng, _GRID, (0, 0), None)
