@@ -369,11 +369,19 @@ def _complete(xp: Any, window: Any, blocks: tuple, future: tuple, w: Any, count:
     blocks, future of the levels fed)``: only what changed, so that eager JAX, which
     runs this as one cached jitted computation per number of levels (``eager_jit``),
     does not copy the untouched levels (a jitted call returns fresh arrays, O(M D))."""
-    q = (count - a) // _WINDOW
-    blocks, future = _levels_complete(xp, window[..., 1, :], blocks, future, q, w, M)
-    rows = _window_rows(xp, future, q * _WINDOW, window[..., 0, :])
-    window = xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2)
+    window, blocks, future = _finish_window(xp, window, blocks, future, (count - a) // _WINDOW, w, M)
     return window, blocks, future[: len(blocks)]
+
+
+def _finish_window(
+    xp: Any, window: Any, blocks: tuple, future: tuple, q: Any, w: Any, M: int, done: Any = None
+) -> tuple[Any, tuple, tuple]:
+    """Window ``q`` (``q = E / B`` windows done) is complete: the levels it feeds
+    (``_levels_complete``, with its ``done``) and the next window, started from their
+    pending rows; returns ``(next window, blocks, future)``."""
+    blocks, future = _levels_complete(xp, window[..., 1, :], blocks, future, q, w, M, done=done)
+    rows = _window_rows(xp, future, q * _WINDOW, window[..., 0, :])
+    return xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), blocks, future
 
 
 def step(
@@ -445,10 +453,8 @@ def step(
     done = t % _WINDOW == _WINDOW - 1
     if a:
         done = done & (t >= 0)
-    q = (t + 1) // _WINDOW
-    blocks, future = _levels_complete(xp, window[..., 1, :], blocks, future, q, w, M, done=done)
-    rows = _window_rows(xp, future, q * _WINDOW, window[..., 0, :])
-    window = xp.where(done, xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2), window)
+    next_window, blocks, future = _finish_window(xp, window, blocks, future, (t + 1) // _WINDOW, w, M, done=done)
+    window = xp.where(done, next_window, window)
     return out, state._replace(blocks=blocks, window=window, future=future, near=near, count=state.count + 1)
 
 
@@ -473,9 +479,8 @@ def _step_nested(xp: Any, state: RPBState, v: Any, w: Any, *, M: int, a: int, wo
     q = (t + 1) // _WINDOW
 
     def complete(*ops: Any) -> tuple:
-        blocks, future = _levels_complete(xp, ops[-1][..., 1, :], ops[:n], ops[n:-1], q, w, M, done=done)
-        rows = _window_rows(xp, future, q * _WINDOW, ops[-1][..., 0, :])
-        return (*blocks, *future, xp.stack([rows, _zeros(xp, tuple(rows.shape), rows)], axis=-2))
+        window, blocks, future = _finish_window(xp, ops[-1], ops[:n], ops[n:-1], q, w, M, done=done)
+        return (*blocks, *future, window)
 
     ops = (*(as_dtype(xp, x, work) for x in (*state.blocks, *state.future)), window)
     ops = cond(xp, done, complete, lambda *ops: ops, ops)
