@@ -13,7 +13,9 @@ no-op over 12 state tensors).
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 
 import torch
 
@@ -21,13 +23,18 @@ _LIBRARY = torch.library.Library("fastrpb", "DEF")
 _LIBRARY.define("write_in_place(Tensor(a!)[] buffers, Tensor[] inputs, str name, int[] static) -> ()")
 
 
+@functools.cache
+def _update(name: str) -> Callable[..., None]:
+    """The update named ``module:function`` (``control.in_place_update``), resolved once."""
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _write(buffers: list, inputs: list, name: str, static: list) -> None:
-    """Run the update ``name`` (``module:function``, ``control.in_place_update``) on the
-    tensors, eagerly (``control.write_in_place`` says why)."""
+    """Run the update ``name`` on the tensors, eagerly (``control.write_in_place`` says why)."""
     import array_api_compat.torch as xp
 
-    module, function = name.split(":")
-    getattr(importlib.import_module(module), function)(xp, tuple(buffers), tuple(inputs), *static)
+    _update(name)(xp, tuple(buffers), tuple(inputs), *static)
 
 
 def _trace(buffers: list, inputs: list, name: str, static: list) -> None:
