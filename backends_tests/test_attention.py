@@ -482,6 +482,11 @@ def test_gradients_match_finite_differences(backend, rng):
 
 
 # --------------------------------------------------------------------------- errors
+def _squared(x):
+    """A plain callable feature map, named in error messages as ``callable(_squared)``."""
+    return x * x
+
+
 def _bad_inputs(backend):
     """The arrays the error cases below are built from."""
     a = lambda *shape, dtype="float64": backend.asarray(np.ones(shape), dtype)  # noqa: E731
@@ -620,6 +625,12 @@ _BAD_CALLS = [
         lambda c: linear_attention_step(c.elu_state, c.q[:, 0, :], c.k[:, 0, :], c.v[:, 0, :], feature_map="relu"),
         ValueError,
         r"state was made by feature map 'elu' but feature_map is 'relu'",
+    ),
+    (
+        "state map callable",
+        lambda c: linear_attention_step(c.elu_state, c.q[:, 0, :], c.k[:, 0, :], c.v[:, 0, :], feature_map=_squared),
+        ValueError,
+        r"state was made by feature map 'elu' but feature_map is 'callable\(_squared\)'",
     ),
     (
         "state map exp",

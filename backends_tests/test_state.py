@@ -462,14 +462,7 @@ def test_state_is_a_jax_pytree():
 
 
 # --------------------------------------------------------------------------- compiled decoding loops
-_CALLABLE_UNDER_DYNAMO = pytest.mark.xfail(
-    strict=True, reason="a plain callable's map signature reads __qualname__, which Dynamo traces to another string"
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(m, marks=_CALLABLE_UNDER_DYNAMO) if m == "callable" else m for m in MAPS]
-)
+@pytest.mark.parametrize("name", MAPS)
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, name):
     # 36 tokens after a 4-token prompt cross a window completion (the level-32 FFT):

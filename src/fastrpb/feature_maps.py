@@ -487,7 +487,14 @@ class _Callable(FeatureMap):
 
     @property
     def signature(self) -> str:
-        label = getattr(self.function, "__qualname__", None) or type(self.function).__qualname__
+        # a Python function's name from its code object: Dynamo (torch.compile) traces a
+        # function's ``__qualname__`` to the attribute's descriptor, not the string, and
+        # the label must be the same eagerly and compiled (a state records it)
+        code = getattr(self.function, "__code__", None)
+        if code is not None:
+            label = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11+
+        else:
+            label = getattr(self.function, "__qualname__", None) or type(self.function).__qualname__
         return f"callable({label})"
 
     def features(self, d: int) -> None:
