@@ -266,6 +266,13 @@ class DevTools:
             raise RuntimeError(f"{method} failed: {response['error']}")
         return response.get("result", {})
 
+    def settle(self, quiet: float, limit: float) -> None:
+        """Read what chromium sends until ``quiet`` seconds pass without a message (at
+        most ``limit`` seconds in all)."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and self.pump(min(quiet, max(0.0, deadline - time.monotonic()))):
+            pass
+
     def wait_event(self, method: str, session: str, since: int, timeout: float = 30) -> None:
         """Wait for ``method`` on ``session`` among the events from index ``since`` on."""
         deadline = time.monotonic() + timeout
@@ -337,9 +344,7 @@ def test_site_renders_offline_in_chromium(site, tmp_path):
             since = len(browser.events)
             browser.call("Page.navigate", {"url": url}, session=session)
             browser.wait_event("Page.loadEventFired", session, since)
-            quiet_until = time.monotonic() + 1.0  # let late requests (the search worker) show up
-            while time.monotonic() < quiet_until:
-                browser.pump(0.2)
+            browser.settle(quiet=0.3, limit=2.0)  # let late requests (the search worker) show up
             result = browser.call("Runtime.evaluate", {"expression": INSPECT, "returnByValue": True}, session=session)
             seen = json.loads(result["result"]["value"])
             browser.call("Target.closeTarget", {"targetId": target})
