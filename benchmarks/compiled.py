@@ -1,16 +1,20 @@
 """Eager against compiled, with the bias: decoding, a training step, compile time, recompiles.
 
-    python -m benchmarks.compiled [--ts 1024,16384] [--steps 64] [--rounds 7] [--train 4096] [--json PATH]
+    python -m benchmarks.compiled [--ts 1024,16384] [--warmup 8] [--steps 64] [--rounds 7] [--train 4096] [--json PATH]
 
 One decoding step ``linear_attention_step(state, q_t, k_t, v_t, rpb=w)`` (elu, 8 heads x
 64 features, float32, one thread) after a prompt of ``t`` tokens (table ``M = t +
-steps``), in these modes: PyTorch eager, ``torch.compile`` (Inductor, ``fullgraph``) of
+warmup + steps``), in these modes: PyTorch eager, ``torch.compile`` (Inductor, ``fullgraph``) of
 the step with ``donate=True`` (the bias levels updated in place), ``torch.compile`` of
 the plain step (``torch_compile_copy``: the levels copied at every token), JAX eager,
 ``jax.jit`` with the state donated (``donate_argnums=0``). Each time is the mean over
-``--steps`` consecutive steps from a fresh copy of the prompt's state (so window and
-level completions count at their share; the first step, which builds the levels
-after the prompt, is not in it), the median over ``--rounds`` rounds; the rounds
+``--steps`` consecutive steps (window and level completions at their share) after
+``--warmup`` untimed ones, from a fresh copy of the prompt's state, the median over
+``--rounds`` rounds. The untimed steps are the first one, which builds the levels
+after the prompt, and what follows it: on the benchmark machine (a virtual machine)
+single steps of 11-18 ms came within the first five after the compiled mode's
+rebuild, with no page fault counted in the process, and made one round in two of
+64 steps twice as long as the others at t = 16,384. The rounds
 alternate the modes of a library, so the machine's load falls on all of them alike.
 The compiled modes also report the first call (compile time) and the number of
 graphs compiled over all the steps (Dynamo's unique graphs; jit traces, counted by a
@@ -102,23 +106,28 @@ def _stopped(exc: BaseException | None) -> bool:
     return False
 
 
-def _mean_steps(step: Any, state: Any, tokens: list, steps: int, sync: Any) -> tuple[float, float]:
-    """(first call, mean of the following calls) of ``steps`` steps from ``state``."""
+def _mean_steps(step: Any, state: Any, tokens: list, warmup: int, sync: Any) -> tuple[float, float]:
+    """(first call, mean of the calls after the first ``warmup``) of the steps over
+    ``tokens`` from ``state``."""
     start = time.perf_counter()
     out, s = step(state, *tokens[0])
     sync(out)
     first = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in range(1, steps):
+    for i in range(1, warmup):
         out, s = step(s, *tokens[i])
     sync(out)
-    return first, (time.perf_counter() - start) / (steps - 1)
+    start = time.perf_counter()
+    for i in range(warmup, len(tokens)):
+        out, s = step(s, *tokens[i])
+    sync(out)
+    return first, (time.perf_counter() - start) / (len(tokens) - warmup)
 
 
 def decode(
     t: int,
     steps: int,
     rounds: int,
+    warmup: int,
     modes: list[str],
     limit: float = 1e9,
     save: Callable[[], None] = lambda: None,
@@ -130,8 +139,9 @@ def decode(
     import fastrpb
 
     rng = np.random.default_rng(0)
-    M = t + steps
-    q, k, v = (rng.standard_normal((HEADS, t + steps, FEATURES)).astype(np.float32) for _ in range(3))
+    n = warmup + steps  # the tokens stepped after the prompt
+    M = t + n
+    q, k, v = (rng.standard_normal((HEADS, t + n, FEATURES)).astype(np.float32) for _ in range(3))
     w = (rng.standard_normal((HEADS, 2 * M - 1)) / 8).astype(np.float32)
     row = {} if row is None else row
     row["t"] = t
@@ -141,7 +151,7 @@ def decode(
 
         tq, tk, tv, tw = (torch.from_numpy(x) for x in (q, k, v, w))
         _, state = fastrpb.linear_attention(tq[:, :t], tk[:, :t], tv[:, :t], causal=True, rpb=tw, return_state=True)
-        tokens = [(tq[:, i], tk[:, i], tv[:, i]) for i in range(t, t + steps)]
+        tokens = [(tq[:, i], tk[:, i], tv[:, i]) for i in range(t, t + n)]
 
         def eager(s: Any, a: Any, b: Any, c: Any) -> Any:
             return fastrpb.linear_attention_step(s, a, b, c, rpb=tw)
@@ -168,7 +178,7 @@ def decode(
                     runs[mode] = compiled
                 row[f"{mode}_graphs"] = graphs() - before
                 save()
-        _alternate(row, runs, fresh, tokens, steps, rounds, lambda o: None, graphs)
+        _alternate(row, runs, fresh, tokens, warmup, rounds, lambda o: None, graphs)
         save()
     if any(m.startswith("jax") for m in modes):
         import jax
@@ -176,7 +186,7 @@ def decode(
 
         jq, jk, jv, jw = (jnp.asarray(x) for x in (q, k, v, w))
         _, jstate = fastrpb.linear_attention(jq[:, :t], jk[:, :t], jv[:, :t], causal=True, rpb=jw, return_state=True)
-        jtokens = [(jq[:, i], jk[:, i], jv[:, i]) for i in range(t, t + steps)]
+        jtokens = [(jq[:, i], jk[:, i], jv[:, i]) for i in range(t, t + n)]
         traces: list[None] = []
 
         def step(s: Any, a: Any, b: Any, c: Any) -> Any:
@@ -198,13 +208,13 @@ def decode(
                 jruns["jax_jit"] = jitted
             row["jax_jit_traces"] = len(traces) - before
             save()
-        _alternate(row, jruns, jfresh, jtokens, steps, rounds, sync, lambda: len(traces) if "jax_jit" in jruns else 0)
+        _alternate(row, jruns, jfresh, jtokens, warmup, rounds, sync, lambda: len(traces) if "jax_jit" in jruns else 0)
         save()
     return row
 
 
 def _alternate(
-    row: dict[str, Any], runs: dict[str, Any], fresh: Any, tokens: list, steps: int, rounds: int, sync: Any, count: Any
+    row: dict[str, Any], runs: dict[str, Any], fresh: Any, tokens: list, warmup: int, rounds: int, sync: Any, count: Any
 ) -> None:
     """``rounds`` rounds of every mode in turn, each from a fresh copy of the prompt's
     state; ``row[mode + "_s"]``: its median round. Compilations during the rounds (by
@@ -214,7 +224,7 @@ def _alternate(
     for _ in range(rounds):
         for mode, step in runs.items():
             before = count()
-            times[mode].append(_mean_steps(step, fresh(), tokens, steps, sync)[1])
+            times[mode].append(_mean_steps(step, fresh(), tokens, warmup, sync)[1])
             if not mode.endswith("eager"):
                 key = f"{mode}_traces" if mode.startswith("jax") else f"{mode}_graphs"
                 row[key] += count() - before
@@ -343,7 +353,8 @@ def jax_after_prompt(L: int, steps: int = 50) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ts", default="1024,16384", help="prompt lengths t (comma separated)")
-    parser.add_argument("--steps", type=int, default=64, help="decoding steps timed from each prompt")
+    parser.add_argument("--steps", type=int, default=64, help="decoding steps timed after each prompt's warm-up")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed decoding steps after each prompt (at least 1)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
         "--modes",
@@ -358,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", default=None, help="write the numbers here (after every measurement)")
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (the first step after a prompt builds the levels)")
     # compile times from scratch: Inductor's on-disk caches (kept between runs under
     # /tmp/torchinductor_$USER) made a first call 8 s where a cold one took 96-203 s
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastrpb-inductor-"))
@@ -373,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
             "heads": HEADS,
             "features": FEATURES,
             "steps": args.steps,
+            "warmup": args.warmup,
             "rounds": args.rounds,
             "train_steps": args.train_steps,
             "load_average_start": os.getloadavg(),
@@ -396,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
     for t in (int(x) for x in args.ts.split(",")):
         result["decode"].append(row := {})
-        decode(t, args.steps, args.rounds, modes, args.compile_limit, save, row)
+        decode(t, args.steps, args.rounds, args.warmup, modes, args.compile_limit, save, row)
         print(json.dumps(row), flush=True)
         save()
 
