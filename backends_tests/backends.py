@@ -437,8 +437,12 @@ def property_test(examples: int, **strategies: Any) -> Callable[[Callable[..., N
 
 def compile_counter(backend: str = "aot_eager") -> tuple[Callable[..., Any], list[int]]:
     """A ``torch.compile`` backend (``backend`` by name) that counts the graphs it
-    compiles, and the count (a one-item list)."""
+    compiles, and the count (a one-item list). Dynamo's caches are reset first, so the
+    count starts from nothing compiled in this process."""
+    import torch
     from torch._dynamo.backends.registry import lookup_backend
+
+    torch._dynamo.reset()
 
     inner, count = lookup_backend(backend), [0]
 

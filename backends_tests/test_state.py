@@ -464,19 +464,17 @@ def test_state_is_a_jax_pytree():
 # --------------------------------------------------------------------------- compiled decoding loops
 @pytest.mark.parametrize("name", MAPS)
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
+@pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, name):
     # 36 tokens after a 4-token prompt cross a window completion (the level-32 FFT):
     # every feature map compiles at most twice (aot_eager) and equals eager steps to 1e-5
     # (the 300-token run over several levels is rpb_step's, test_streaming)
-    if backend.name != "torch":
-        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
     torch = backend.native
     L = 36
     (q, k, v), _, _ = _data(backend, rng, "float32", L=L)
     w = backend.asarray(rng.standard_normal((2, 2 * L - 1)) / 8, "float32")
     fmap, _ = _map(backend, name)
     counted, count = compile_counter()
-    torch._dynamo.reset()
     step = torch.compile(
         lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map=fmap, rpb=w), fullgraph=True, backend=counted
     )
@@ -491,19 +489,17 @@ def test_step_with_rpb_under_torch_compile_compiles_at_most_twice(backend, rng, 
 
 @pytest.mark.parametrize("name", ["elu", "sikf"])
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
+@pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_donated_step_with_rpb_under_torch_compile_equals_the_causal_call(backend, rng, name):
     # donate=True under torch.compile (aot_eager): the bias levels are updated in place
     # by the eager update inside the graph; 66 tokens after a 4-token prompt (windows
     # complete at 32 and 64, the level 64 with them) equal the causal call over the
     # whole sequence, and the loop compiles at most twice
-    if backend.name != "torch":
-        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
     torch = backend.native
     L = 70
     (q, k, v), _, _ = _data(backend, rng, "float32", L=L)
     w = backend.asarray(rng.standard_normal((2, 2 * L - 1)) / 8, "float32")
     counted, count = compile_counter()
-    torch._dynamo.reset()
     step = torch.compile(
         lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map=name, rpb=w, donate=True),
         fullgraph=True,
@@ -520,18 +516,16 @@ def test_donated_step_with_rpb_under_torch_compile_equals_the_causal_call(backen
 
 
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
+@pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_step_under_torch_compile_compiles_once_from_an_empty_dtype_memo(backend, rng):
     # compute_dtype's memo is not read under Dynamo: a first trace that filled it made
     # Dynamo's guard on the dict fail at the next call, and the step compiled twice
-    if backend.name != "torch":
-        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
     torch = backend.native
     from fastrpb._compat import dispatch
 
     (q, k, v), _, _ = _data(backend, rng, "float32", L=8)
     _, state = linear_attention(q[:, :4], k[:, :4], v[:, :4], feature_map="elu", causal=True, return_state=True)
     counted, count = compile_counter()
-    torch._dynamo.reset()
     dispatch._PROMOTED.clear()
     step = torch.compile(
         lambda s, a, b, c: linear_attention_step(s, a, b, c, feature_map="elu"), fullgraph=True, backend=counted
@@ -542,9 +536,8 @@ def test_step_under_torch_compile_compiles_once_from_an_empty_dtype_memo(backend
 
 
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
+@pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_layer_step_under_torch_compile_compiles_at_most_twice(backend, rng):
-    if backend.name != "torch":
-        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
     torch = backend.native
     from fastrpb.torch import FastRPB
     from fastrpb.torch import LinearAttention as Layer
@@ -554,7 +547,6 @@ def test_layer_step_under_torch_compile_compiles_at_most_twice(backend, rng):
     layer = Layer(8, 2, feature_map="elu", rpb=FastRPB(2, L, causal=True), causal=True)
     x = backend.asarray(rng.standard_normal((1, L, 8)), "float32")
     counted, count = compile_counter()
-    torch._dynamo.reset()
     step = torch.compile(layer.step, fullgraph=True, backend=counted)
     cache = eager = None
     with torch.no_grad():

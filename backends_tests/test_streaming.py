@@ -530,26 +530,20 @@ def test_overwriting_the_prompt_never_changes_later_outputs(backend, rng, n):
     assert_close(backend, rest, causal_oracle(v, w)[..., n:, :], "float64")
 
 
-def _torch_compile(backend):
-    if backend.name != "torch":
-        pytest.skip(f"{backend.name}: torch.compile runs on the torch CPU backend")
-    return backend.native
-
-
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.parametrize("inductor", [False, True], ids=["aot_eager", "inductor"])
+@pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_rpb_step_under_torch_compile_compiles_once(backend, rng, inductor):
     # 140 tokens after a prefill cross the windows and the levels 32, 64 and 128
     # (Inductor: 40 tokens, one window; both kept short, compiling is slow on a CPU);
     # the compiled decoding loop compiles once from the eager state, equals eager
     # steps, and its state continues eagerly
-    torch = _torch_compile(backend)
+    torch = backend.native
     L, n = (140, 20) if not inductor else (40, 20)
     M = L + 4
     v = backend.asarray(rng.standard_normal((2, M, 3)), "float32")
     w = backend.asarray(rng.standard_normal((2, 2 * M - 1)), "float32")
     counted, count = compile_counter("inductor" if inductor else "aot_eager")
-    torch._dynamo.reset()
     step = torch.compile(fastrpb.rpb_step, fullgraph=True, backend=counted)
     _, state = fastrpb.rpb(v[..., :n, :], w, causal=True, return_state=True)
     eager = state
@@ -581,19 +575,19 @@ def test_donated_steps_equal_the_oracle(backend, rng):
 
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
 @pytest.mark.parametrize("prefill", [20, 0], ids=["after_a_prefill", "from_none"])
+@pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_donated_rpb_step_under_torch_compile_writes_the_levels_in_place(backend, rng, prefill):
     # compiled (Inductor) with donate=True: every level array keeps its address from
     # step to step (written in place, never copied), the loop compiles at most twice,
     # the outputs equal the dense oracle over windows and the levels 32 .. 128
     # completing (and, after a prefill, the rebuild of the levels at the first step),
     # and the last donated state continues eagerly
-    torch = _torch_compile(backend)
+    torch = backend.native
     L, M = 150, 154
     v = rng.standard_normal((2, M, 3))
     w = rng.standard_normal((2, 2 * M - 1)) / 8
     vb, wb = backend.asarray(v, "float32"), backend.asarray(w, "float32")
     counted, count = compile_counter("inductor")
-    torch._dynamo.reset()
     step = torch.compile(lambda s, x: fastrpb.rpb_step(s, x, wb, donate=True), fullgraph=True, backend=counted)
     state = fastrpb.rpb(vb[..., :prefill, :], wb, causal=True, return_state=True)[1] if prefill else None
     outs, addresses = [], None
@@ -611,17 +605,17 @@ def test_donated_rpb_step_under_torch_compile_writes_the_levels_in_place(backend
 
 
 @pytest.mark.slow  # a subprocess or a compiler: out of the inner loop (-m "not slow")
+@pytest.mark.only_backends("torch", reason="torch.compile runs on the torch CPU backend")
 def test_rpb_step_under_torch_compile_completes_every_level_at_once(backend, rng):
     # M = 256: the window that ends at token 256 completes the levels 32 .. 128 and the
     # counter's slots 0 .. 3 together; as nested conditionals (one per level) Dynamo
     # failed from this depth on ("cond's output stride ... size u1"), so each level is
     # its own conditional. The compiled loop after an eager prefill equals eager steps.
-    torch = _torch_compile(backend)
+    torch = backend.native
     M, n = 256, 248
     v = backend.asarray(rng.standard_normal((2, M, 3)), "float32")
     w = backend.asarray(rng.standard_normal((2, 2 * M - 1)) / 8, "float32")
     counted, count = compile_counter("aot_eager")
-    torch._dynamo.reset()
     step = torch.compile(fastrpb.rpb_step, fullgraph=True, backend=counted)
     _, state = fastrpb.rpb(v[..., :n, :], w, causal=True, return_state=True)
     eager = state
